@@ -1,0 +1,31 @@
+# latentmill: `make demo` runs the pipeline offline on bundled samples; `make test` runs the test suite.
+# Both create .venv on first use and install everything into it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: setup test demo bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml .ci/install_pillow_simd.sh
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	bash .ci/install_pillow_simd.sh $(PY)
+	touch $@
+
+test: setup
+	NO_ALBUMENTATIONS_UPDATE=1 $(PY) -m pytest -q tests
+
+demo: setup
+	NO_ALBUMENTATIONS_UPDATE=1 $(VENV)/bin/latentmill demo --work demo-work
+
+bench: setup
+	NO_ALBUMENTATIONS_UPDATE=1 $(PY) bench/run_all.py
+
+lint: setup
+	$(VENV)/bin/ruff check latentmill curate filters train tests bench
+
+clean:
+	rm -rf $(VENV) demo-work build *.egg-info

@@ -1,0 +1,1 @@
+"""Formats, shard IO and executors: URL tables, downloads, image shards, buckets, latents."""

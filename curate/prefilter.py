@@ -1,0 +1,165 @@
+"""Metadata-only filtering of a URL table before download, with a funnel that says what each rule dropped.
+
+Rules run in a fixed order and a row is dropped by the first one it fails: invalid_url, private_address,
+short_caption, min_side, max_aspect, min_similarity, max_pwatermark, max_punsafe, min_aesthetic,
+duplicate_url (last, so the first copy of a URL that survives the other rules is the one kept).
+A row whose value is missing (null) for a requested threshold fails that rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from latentmill.curate.addresses import private_address_mask
+from latentmill.curate.atomic import atomic_path, write_json
+from latentmill.curate.dedupe import SeenUrls, hash_urls
+from latentmill.curate.errors import InputError
+from latentmill.curate.tables import UrlTable
+
+
+@dataclass
+class PrefilterConfig:
+    """Thresholds (None: rule off) and switches for `prefilter`."""
+
+    min_side_px: int | None = None
+    max_aspect: float | None = None
+    min_similarity: float | None = None
+    max_pwatermark: float | None = None
+    max_punsafe: float | None = None
+    min_aesthetic: float | None = None
+    min_caption_chars: int = 3
+    dedupe_urls: bool = True
+    allow_private_addresses: bool = False
+    columns: dict[str, str | None] = field(default_factory=dict)
+    batch_rows: int = 262_144
+
+
+# threshold option -> (rule name, roles it needs, option spelling)
+THRESHOLDS = {
+    "min_side_px": ("min_side", ("width", "height"), "--min-side"),
+    "max_aspect": ("max_aspect", ("width", "height"), "--max-aspect"),
+    "min_similarity": ("min_similarity", ("similarity",), "--min-similarity"),
+    "max_pwatermark": ("max_pwatermark", ("pwatermark",), "--max-pwatermark"),
+    "max_punsafe": ("max_punsafe", ("punsafe",), "--max-punsafe"),
+    "min_aesthetic": ("min_aesthetic", ("aesthetic",), "--min-aesthetic"),
+}
+
+Rule = Callable[[pa.RecordBatch], pa.Array]  # -> boolean "passes" mask
+
+
+def _col(batch: pa.RecordBatch, name: str) -> pa.Array:
+    return batch.column(batch.schema.get_field_index(name))
+
+
+def build_rules(config: PrefilterConfig, table: UrlTable) -> list[tuple[str, Rule]]:
+    """The ordered (name, passes) rules this config asks for; a missing column is an error now."""
+    cols = table.columns
+    for key, (_, roles, option) in THRESHOLDS.items():
+        if getattr(config, key) is not None and any(r not in cols for r in roles):
+            raise InputError(
+                f"{table.path}: {option} needs the {' and '.join(roles)} column(s), which this table lacks. "
+                f"Columns found: {', '.join(table.schema.names)}. Name them with "
+                f"{', '.join('--' + r + '-col' for r in roles)}, or drop {option}."
+            )
+    url = cols["url"]
+    rules: list[tuple[str, Rule]] = [
+        ("invalid_url", lambda b: pc.fill_null(pc.match_substring_regex(_col(b, url), r"^https?://[^/?#\s]+", ignore_case=True), False)),
+    ]
+    if not config.allow_private_addresses:
+        rules.append(("private_address", lambda b: pc.invert(private_address_mask(_col(b, url)))))
+    if "caption" in cols and config.min_caption_chars > 0:
+        cap, n = cols["caption"], config.min_caption_chars
+        rules.append(("short_caption", lambda b: pc.fill_null(pc.greater_equal(pc.utf8_length(pc.utf8_trim_whitespace(_col(b, cap))), n), False)))
+    w, h = cols.get("width"), cols.get("height")
+    if config.min_side_px is not None:
+        rules.append(("min_side", lambda b: pc.fill_null(pc.greater_equal(pc.min_element_wise(_col(b, w), _col(b, h)), config.min_side_px), False)))
+    if config.max_aspect is not None:
+        def aspect_ok(b):
+            long_side = pc.cast(pc.max_element_wise(_col(b, w), _col(b, h)), pa.float64())
+            short_side = pc.cast(pc.min_element_wise(_col(b, w), _col(b, h)), pa.float64())
+            ok = pc.and_(pc.greater(short_side, 0), pc.less_equal(long_side, pc.multiply(short_side, config.max_aspect)))
+            return pc.fill_null(ok, False)
+        rules.append(("max_aspect", aspect_ok))
+    for key, compare in (("min_similarity", pc.greater_equal), ("max_pwatermark", pc.less_equal),
+                         ("max_punsafe", pc.less_equal), ("min_aesthetic", pc.greater_equal)):
+        limit = getattr(config, key)
+        if limit is not None:
+            column = cols[THRESHOLDS[key][1][0]]
+            rules.append((key, lambda b, c=column, f=compare, v=limit: pc.fill_null(f(_col(b, c), v), False)))
+    return rules
+
+
+def prefilter(source: str | Path, output: str | Path, config: PrefilterConfig, progress=None) -> dict:
+    """Filter `source` into `output` (parquet, every column kept) and return the funnel.
+
+    Also writes `OUTPUT.dropped.parquet` (dropped rows with a `reason` column) and
+    `OUTPUT.funnel.json`, all atomically. `progress(rows)` is called after each batch.
+    """
+    output = Path(output)
+    table = UrlTable.open(source, config.columns)
+    rules = build_rules(config, table)
+    names = [name for name, _ in rules] + (["duplicate_url"] if config.dedupe_urls else [])
+    dropped = dict.fromkeys(names, 0)
+    seen = SeenUrls()
+    input_rows = kept_rows = 0
+    dropped_schema = table.schema.append(pa.field("reason", pa.string()))
+    dropped_path = output.with_name(output.stem + ".dropped.parquet")
+    with atomic_path(output) as tmp_kept, atomic_path(dropped_path) as tmp_dropped:
+        with pq.ParquetWriter(tmp_kept, table.schema) as kept_writer, pq.ParquetWriter(tmp_dropped, dropped_schema) as dropped_writer:
+            for batch in table.batches(batch_rows=config.batch_rows):
+                input_rows += batch.num_rows
+                alive = np.ones(batch.num_rows, dtype=bool)
+                reason = np.full(batch.num_rows, None, dtype=object)
+                for name, passes in rules:
+                    fails = alive & ~passes(batch).to_numpy(zero_copy_only=False)
+                    dropped[name] += int(fails.sum())
+                    reason[fails] = name
+                    alive &= ~fails
+                if config.dedupe_urls:
+                    idx = np.flatnonzero(alive)
+                    first = seen.first_seen(hash_urls(_col(batch, table.columns["url"]).take(idx)))
+                    duplicates = idx[~first]
+                    dropped["duplicate_url"] += len(duplicates)
+                    reason[duplicates] = "duplicate_url"
+                    alive[duplicates] = False
+                kept = batch.filter(pa.array(alive))
+                kept_rows += kept.num_rows
+                kept_writer.write_batch(kept)
+                if not alive.all():
+                    lost = batch.filter(pa.array(~alive))
+                    dropped_writer.write_batch(pa.RecordBatch.from_arrays(
+                        [*lost.columns, pa.array(reason[~alive], type=pa.string())], schema=dropped_schema))
+                if progress:
+                    progress(batch.num_rows)
+    remaining = input_rows
+    steps = []
+    for name in names:
+        remaining -= dropped[name]
+        steps.append({"rule": name, "dropped": dropped[name], "remaining": remaining})
+    funnel = {
+        "source": str(source),
+        "output": str(output),
+        "input_rows": input_rows,
+        "steps": steps,
+        "kept_rows": kept_rows,
+        "columns": table.columns,
+    }
+    assert remaining == kept_rows, "funnel does not add up"
+    write_json(output.with_name(output.stem + ".funnel.json"), funnel)
+    return funnel
+
+
+def format_funnel(funnel: dict) -> str:
+    """The funnel as an aligned text table."""
+    lines = [f"{'input rows':<18}{funnel['input_rows']:>12,}"]
+    for step in funnel["steps"]:
+        lines.append(f"  - {step['rule']:<14}{-step['dropped']:>12,}   -> {step['remaining']:,}")
+    lines.append(f"{'kept':<18}{funnel['kept_rows']:>12,}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""CLIP embeddings, predictor heads and selection rules."""

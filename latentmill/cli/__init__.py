@@ -1,0 +1,93 @@
+"""The `latentmill` command line: a thin layer over the library, subcommands imported on first use.
+
+Exit codes: 0 success, 2 bad usage or bad input (one message naming the file, column or option),
+1 any other failure (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from latentmill import __version__
+
+# command -> "module:attribute", imported only when that command runs (so --help never imports torch)
+COMMANDS = {
+    "urls": ("latentmill.cli.urls:urls", "Inspect and prefilter URL tables (parquet, csv, tsv, jsonl)."),
+    "download": ("latentmill.cli.download:download", "Download a URL table into WebDataset image shards (img2dataset)."),
+    "images": ("latentmill.cli.images:images", "Look inside image shards: counts, sizes, unreadable samples."),
+    "serve-images": ("latentmill.cli.serve:serve_images", "Serve test images (and failure cases) on 127.0.0.1."),
+    "demo": ("latentmill.cli.demo:demo", "Run the pipeline offline on bundled sample images."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported when invoked, not when the group is built."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name][0].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+@click.group(cls=LazyGroup, context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="latentmill")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """latentmill: from a table of image URLs to a trained latent-diffusion model.
+
+    \b
+    Example, from a LAION-style parquet to image shards:
+      latentmill urls inspect laion.parquet
+      latentmill urls prefilter laion.parquet -o kept.parquet --min-side 512 --max-pwatermark 0.5
+      latentmill download kept.parquet -o images/
+    """
+    ctx.obj = {"debug": debug}
+    if debug:
+        os.environ["LATENTMILL_DEBUG"] = "1"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the CLI and map failures to exit codes 2 (bad input) and 1 (other)."""
+    from latentmill.curate.errors import InputError
+
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("LATENTMILL_DEBUG") == "1"
+    try:
+        cli.main(args=args, prog_name="latentmill", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except InputError as err:
+        if debug:
+            raise
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("Interrupted; re-run the same command to resume.", err=True)
+        sys.exit(130)
+    except Exception as err:  # the last line of defence: one message, the traceback on --debug
+        if debug:
+            raise
+        click.echo(f"Error: {type(err).__name__}: {err} (run with --debug for the traceback)", err=True)
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,1 @@
+"""Streaming latent loader, U-Net construction, the training loop, sampling and export."""

@@ -1,0 +1,271 @@
+"""`download`: img2dataset into WebDataset image shards, with defaults for diffusion training.
+
+The URL table is first normalised into `OUT/_latentmill/input.parquet` (columns `url`, `caption` and every
+other column, carried into each sample's JSON), with private addresses removed and recorded. img2dataset
+then runs in its incremental mode: a shard counts as done when its `_stats.json` exists, so a killed
+download re-run redoes only unfinished shards (their partial tars are overwritten) and a finished one
+downloads nothing. `retry_failed` collects the rows that failed and downloads them into new shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from latentmill.curate.addresses import private_address_mask
+from latentmill.curate.atomic import atomic_path, write_json
+from latentmill.curate.errors import InputError
+from latentmill.curate.tables import UrlTable
+
+STATE_DIR = "_latentmill"  # inside the output folder; not a *.json at top level, which img2dataset reads as shards
+DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
+# names img2dataset writes itself: a table column with one of these is carried as `source_{name}`
+RESERVED = {"key", "url", "caption", "status", "error_message", "width", "height", "original_width",
+            "original_height", "exif", "sha256", "md5"}
+
+
+@dataclass
+class DownloadConfig:
+    """How to download. The defaults suit diffusion training, not img2dataset's own (256 px, border, files)."""
+
+    image_size_px: int = 1024  # the smaller side is capped here (kept ratio, never upscaled): above 512-px buckets
+    min_image_size_px: int = 256  # smaller side below this: dropped as too_small (the smallest 512-bucket side)
+    max_aspect_ratio: float = 4.0
+    processes: int = max(1, min(16, os.cpu_count() or 1))
+    threads: int = 64
+    distributor: str = "multiprocessing"
+    retries: int = 2
+    timeout_s: int = 10
+    user_agent_token: str | None = "latentmill"
+    shard_size: int = 10_000
+    encode_quality: int = 95
+    honour_opt_out: bool = True  # X-Robots-Tag: noai, noimageai, noindex, noimageindex
+    allow_private_addresses: bool = False
+    columns: dict[str, str | None] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.distributor not in DISTRIBUTORS:
+            raise InputError(f"--distributor {self.distributor!r} is not one of {', '.join(DISTRIBUTORS)}.")
+        for name in ("image_size_px", "processes", "threads", "shard_size", "timeout_s"):
+            if getattr(self, name) < 1:
+                raise InputError(f"download option {name} must be at least 1, got {getattr(self, name)}.")
+
+
+def prepare_input(source: str | Path, state: Path, config: DownloadConfig) -> tuple[Path, list[str], dict]:
+    """Write the normalised input table; return its path, the extra columns and the drop counts."""
+    table = UrlTable.open(source, config.columns)
+    url_col, caption_col = table.columns["url"], table.columns.get("caption")
+    extras = [c for c in table.schema.names if c not in (url_col, caption_col)]
+    renamed = {c: (f"source_{c}" if c in RESERVED else c) for c in extras}
+    names = ["url"] + (["caption"] if caption_col else []) + [renamed[c] for c in extras]
+    columns = [url_col] + ([caption_col] if caption_col else []) + extras
+    dropped = {"private_address": 0, "invalid_url": 0}
+    path = state / "input.parquet"
+    dropped_rows = []
+    with atomic_path(path) as tmp:
+        writer = None
+        for batch in table.batches(columns=columns):
+            batch = pa.RecordBatch.from_arrays(batch.columns, names=names)
+            urls = batch.column(0)
+            valid = pc.fill_null(pc.match_substring_regex(urls, r"^https?://", ignore_case=True), False)
+            keep = valid
+            if not config.allow_private_addresses:
+                private = pc.and_(valid, private_address_mask(urls))
+                keep = pc.and_(keep, pc.invert(private))
+                dropped["private_address"] += pc.sum(private).as_py() or 0
+                dropped_rows += [(u, "private_address") for u in urls.filter(private).to_pylist()]
+            dropped["invalid_url"] += pc.sum(pc.invert(valid)).as_py() or 0
+            dropped_rows += [(u, "invalid_url") for u in urls.filter(pc.invert(valid)).to_pylist()]
+            writer = writer or pq.ParquetWriter(tmp, batch.schema)
+            writer.write_batch(batch.filter(keep))
+        if writer is None:
+            raise InputError(f"{source}: the table has no rows to download.")
+        writer.close()
+    with atomic_path(state / "dropped.parquet") as tmp:
+        pq.write_table(pa.table({"url": pa.array([u for u, _ in dropped_rows], pa.string()),
+                                 "reason": pa.array([r for _, r in dropped_rows], pa.string())}), tmp)
+    return path, names[1 + bool(caption_col):], dropped
+
+
+def run_img2dataset(input_path: Path, output: Path, extras: list[str], has_caption: bool, config: DownloadConfig,
+                    incremental_mode: str = "incremental") -> None:
+    """Call img2dataset with the diffusion defaults on a normalised input parquet."""
+    from img2dataset import download as img2dataset_download
+
+    img2dataset_download(
+        url_list=str(input_path),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption" if has_caption else None,
+        save_additional_columns=extras or None,
+        output_folder=str(output),
+        output_format="webdataset",
+        image_size=config.image_size_px,
+        resize_mode="keep_ratio",
+        resize_only_if_bigger=True,
+        skip_reencode=True,
+        encode_quality=config.encode_quality,
+        min_image_size=config.min_image_size_px,
+        max_aspect_ratio=config.max_aspect_ratio,
+        processes_count=config.processes,
+        thread_count=config.threads,
+        distributor=config.distributor,
+        retries=config.retries,
+        timeout=config.timeout_s,
+        user_agent_token=config.user_agent_token,
+        disallowed_header_directives=None if config.honour_opt_out else [],
+        number_sample_per_shard=config.shard_size,
+        incremental_mode=incremental_mode,
+        enable_wandb=False,
+    )
+
+
+def download(source: str | Path, output: str | Path, config: DownloadConfig) -> dict:
+    """Download the URL table `source` into image shards under `output`; return the summary."""
+    config.validate()
+    output = Path(output)
+    state = output / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    input_path, extras, dropped = prepare_input(source, state, config)
+    write_json(state / "download.json", {"source": str(source), "extras": extras, "config": asdict(config)})
+    before = done_shards(output)
+    started = time.perf_counter()
+    run_img2dataset(input_path, output, extras, has_caption="caption" in pq.read_schema(input_path).names, config=config)
+    return _finish(output, state, before, time.perf_counter() - started)
+
+
+def retry_failed(output: str | Path, config: DownloadConfig, reasons: set[str] | None = None) -> dict:
+    """Download again the rows of `output`'s shards that failed (optionally only these reasons) into new shards."""
+    output = Path(output)
+    state = output / STATE_DIR
+    if not (state / "download.json").exists():
+        raise InputError(f"{output}: not a latentmill download folder (no {STATE_DIR}/download.json). "
+                         f"Run `latentmill download TABLE -o {output}` first.")
+    config.validate()
+    saved = json.loads((state / "download.json").read_text())
+    extras = saved["extras"]
+    failed = failed_rows(output, extras)
+    if reasons:
+        failed = failed.filter(pc.is_in(failed.column("reason"), value_set=pa.array(sorted(reasons))))
+    before = done_shards(output)
+    if failed.num_rows == 0:
+        return _finish(output, state, before, 0.0)
+    attempt = len(list(state.glob("retry-*.parquet"))) + 1
+    input_path = state / f"retry-{attempt}.parquet"
+    with atomic_path(input_path) as tmp:
+        pq.write_table(failed.drop(["reason"]), tmp)
+    started = time.perf_counter()
+    run_img2dataset(input_path, output, extras, "caption" in failed.schema.names, config, incremental_mode="extend")
+    return _finish(output, state, before, time.perf_counter() - started)
+
+
+def done_shards(output: Path) -> list[str]:
+    """Shard names whose `_stats.json` exists (img2dataset's own completion marker)."""
+    return sorted(p.name[: -len("_stats.json")] for p in output.glob("*_stats.json"))
+
+
+def _shard_tables(output: Path, columns: list[str]) -> list[pa.Table]:
+    tables = []
+    for shard in done_shards(output):
+        path = output / f"{shard}.parquet"
+        if path.exists():
+            present = pq.read_schema(path).names
+            tables.append(pq.read_table(path, columns=[c for c in columns if c in present]))
+    return tables
+
+
+def failed_rows(output: Path, extras: list[str]) -> pa.Table:
+    """The latest failure of every URL in the shards that never succeeded, with its `reason`."""
+    base = ["url", "caption", "status", "error_message"]
+    tables = _shard_tables(output, base + extras)
+    if not tables:
+        return pa.table({"url": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
+    rows = pa.concat_tables(tables, promote_options="default").to_pylist()
+    succeeded = {r["url"] for r in rows if r["status"] == "success"}
+    latest: dict[str, dict] = {}
+    for row in rows:
+        if row["status"] != "success" and row["url"] not in succeeded:
+            latest[row["url"]] = row
+    out = [{k: v for k, v in r.items() if k not in ("status", "error_message")} | {"reason": failure_reason(r["error_message"])}
+           for r in latest.values()]
+    return pa.Table.from_pylist(out) if out else pa.table({"url": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
+
+
+_REASONS = [
+    (re.compile(r"HTTP Error (\d{3})"), lambda m: f"http_{m.group(1)}"),
+    (re.compile(r"timed? ?out", re.I), lambda m: "timeout"),
+    (re.compile(r"X-Robots-Tag", re.I), lambda m: "opted_out"),
+    (re.compile(r"image too small", re.I), lambda m: "too_small"),
+    (re.compile(r"aspect ratio too large", re.I), lambda m: "aspect_too_large"),
+    (re.compile(r"image area too large|CV_IO_MAX_IMAGE_PIXELS|DecompressionBomb", re.I), lambda m: "too_large"),
+    (re.compile(r"Connection refused|Name or service not known|nodename nor servname|getaddrinfo|No route", re.I),
+     lambda m: "unreachable"),
+    (re.compile(r"SSL|certificate", re.I), lambda m: "tls_error"),
+    (re.compile(r"decod|NoneType|cannot identify|imread|image file|shape|channel|empty", re.I),
+     lambda m: "undecodable"),
+]
+
+
+def failure_reason(message: str | None) -> str:
+    """img2dataset's error message mapped to a short reason (the raw text is kept in the shard parquet)."""
+    if not message:
+        return "unknown"
+    for pattern, name in _REASONS:
+        match = pattern.search(message)
+        if match:
+            return name(match)
+    return "other: " + message.strip().splitlines()[0][:60]
+
+
+def summarize(output: Path) -> dict:
+    """Successes, failures grouped by reason and totals over every finished shard of `output`."""
+    tables = _shard_tables(output, ["url", "status", "error_message"])
+    success, failures = 0, {}
+    if tables:
+        rows = pa.concat_tables(tables).to_pylist()
+        succeeded = {r["url"] for r in rows if r["status"] == "success"}
+        success = len(succeeded)
+        latest = {r["url"]: r for r in rows if r["status"] != "success" and r["url"] not in succeeded}
+        for row in latest.values():
+            reason = failure_reason(row["error_message"])
+            failures[reason] = failures.get(reason, 0) + 1
+    state = output / STATE_DIR
+    if (state / "dropped.parquet").exists():
+        for reason in pq.read_table(state / "dropped.parquet", columns=["reason"]).column("reason").to_pylist():
+            failures[reason] = failures.get(reason, 0) + 1
+    return {"success": success, "failed": sum(failures.values()), "failures": dict(sorted(failures.items(), key=lambda kv: -kv[1]))}
+
+
+def _finish(output: Path, state: Path, shards_before: list[str], seconds: float) -> dict:
+    shards_after = done_shards(output)
+    new = sorted(set(shards_after) - set(shards_before))
+    new_images = sum(json.loads((output / f"{s}_stats.json").read_text()).get("successes", 0) for s in new)
+    summary = summarize(output) | {
+        "shards": len(shards_after),
+        "new_shards": len(new),
+        "new_images": new_images,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(new_images / seconds, 2) if seconds > 0 else 0.0,
+    }
+    write_json(state / "summary.json", summary)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"images {summary['success']:,} downloaded, {summary['failed']:,} failed, in {summary['shards']} shard(s)"]
+    for reason, count in summary["failures"].items():
+        lines.append(f"  {reason:<22}{count:>8,}")
+    if summary["new_shards"]:
+        lines.append(f"this run: {summary['new_images']:,} images in {summary['new_shards']} new shard(s), "
+                     f"{summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s")
+    else:
+        lines.append("this run: nothing to download, every shard was already done")
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""Reading image shards (img2dataset's WebDataset output): samples with key, caption, JSON metadata and
+the image decoded on demand.
+
+A truncated or corrupt tar yields the samples before the damage and counts the rest; an image that does
+not decode raises `ImageDecodeError` with a reason, for the caller to count, never a crash.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MAX_IMAGE_PIXELS = 178_956_970  # pillow's own default bomb limit, made explicit
+
+
+class ImageDecodeError(Exception):
+    """An image that cannot be used; `reason` is a short name for the stats (undecodable, truncated, ...)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode to an RGB image: EXIF orientation applied, alpha composited on white, CMYK/gray converted.
+
+    `draft_size` lets JPEG decode at a reduced scale (at least that size) when far fewer pixels are needed.
+    """
+    if not data:
+        raise ImageDecodeError("empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ImageDecodeError("too_large", f"{image.width}x{image.height} pixels")
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", draft_size)
+            image.load()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageDecodeError("too_large", str(err)) from None
+    except OSError as err:
+        reason = "truncated" if "truncated" in str(err) else "undecodable"
+        raise ImageDecodeError(reason, str(err)) from None
+    except (ValueError, SyntaxError) as err:
+        raise ImageDecodeError("undecodable", str(err)) from None
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+@dataclass
+class ImageSample:
+    """One sample of an image shard."""
+
+    key: str
+    shard: str
+    image_bytes: bytes
+    image_ext: str
+    caption: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    def image(self, draft_size: tuple[int, int] | None = None) -> Image.Image:
+        """The decoded RGB image (raises ImageDecodeError)."""
+        return decode_image(self.image_bytes, draft_size)
+
+
+@dataclass
+class ShardReadStats:
+    """What reading one shard met: samples yielded, samples lost and why."""
+
+    samples: int = 0
+    incomplete: int = 0  # members without an image
+    damaged: bool = False  # the tar ended early or is corrupt: what follows the damage is lost
+    damage: str = ""
+
+    def as_dict(self) -> dict:
+        return {"samples": self.samples, "incomplete": self.incomplete, "damaged": self.damaged, "damage": self.damage}
+
+
+def list_image_shards(folder: str | Path) -> list[Path]:
+    """The `.tar` shards of an image folder, sorted; img2dataset's `_tmp` and hidden files are skipped."""
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    return sorted(p for p in folder.glob("*.tar") if not p.name.startswith((".", "_")))
+
+
+def _sample_from(key: str, shard: str, members: dict[str, bytes], stats: ShardReadStats) -> ImageSample | None:
+    ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    if ext is None:
+        stats.incomplete += 1
+        return None
+    meta = {}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except ValueError:
+            meta = {}
+    caption = members["txt"].decode("utf-8", errors="replace") if "txt" in members else meta.get("caption")
+    stats.samples += 1
+    return ImageSample(key=key, shard=shard, image_bytes=members[ext], image_ext=ext, caption=caption, meta=meta)
+
+
+def iter_image_shard(path: str | Path, stats: ShardReadStats | None = None) -> Iterator[ImageSample]:
+    """Stream the samples of one tar shard in order (members grouped by key, as WebDataset does)."""
+    path = Path(path)
+    stats = stats if stats is not None else ShardReadStats()
+    key, members = None, {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name.rsplit("/", 1)[-1]
+                if "." not in name:
+                    continue
+                member_key, ext = name.split(".", 1)
+                if member_key != key:
+                    if key is not None:
+                        sample = _sample_from(key, path.stem, members, stats)
+                        if sample:
+                            yield sample
+                    key, members = member_key, {}
+                members[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+        stats.damaged, stats.damage = True, f"{type(err).__name__}: {err}"
+        if key is not None:
+            stats.incomplete += 1  # the sample being read when the damage came
+        return
+    if key is not None:
+        sample = _sample_from(key, path.stem, members, stats)
+        if sample:
+            yield sample
+
+
+def inspect_image_shards(folder: str | Path, decode: bool = False) -> dict:
+    """Per-shard sample counts and damage; with `decode`, the keys of images that fail, by reason."""
+    shards, errors = [], {}
+    for path in list_image_shards(folder):
+        stats = ShardReadStats()
+        for sample in iter_image_shard(path, stats):
+            if decode:
+                try:
+                    sample.image()
+                except ImageDecodeError as err:
+                    errors.setdefault(err.reason, []).append(sample.key)
+        shards.append({"shard": path.stem, **stats.as_dict()})
+    report = {
+        "shards": shards,
+        "samples": sum(s["samples"] for s in shards),
+        "incomplete": sum(s["incomplete"] for s in shards),
+        "damaged_shards": sum(s["damaged"] for s in shards),
+    }
+    if decode:
+        report["decode_errors"] = errors
+    return report

@@ -1,0 +1,41 @@
+"""`latentmill images inspect`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.group()
+def images():
+    """Look inside image shards (img2dataset's WebDataset output)."""
+
+
+@images.command()
+@click.argument("folder", type=click.Path(exists=True))
+@click.option("--decode", is_flag=True, help="Decode every image and count the ones that fail, by reason.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def inspect(folder, decode, as_json):
+    """Samples per shard, damaged shards and (with --decode) images that do not decode.
+
+    \b
+    Example:
+      latentmill images inspect images/ --decode
+    """
+    from latentmill.curate.errors import InputError
+    from latentmill.curate.imageshards import inspect_image_shards, list_image_shards
+
+    if not list_image_shards(folder):
+        raise InputError(f"{folder}: no .tar image shards here. Make them with `latentmill download`.")
+    report = inspect_image_shards(folder, decode=decode)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for shard in report["shards"]:
+        damage = f"  DAMAGED: {shard['damage']}" if shard["damaged"] else ""
+        click.echo(f"{shard['shard']:<12}{shard['samples']:>8} samples  {shard['incomplete']:>4} incomplete{damage}")
+    click.echo(f"total: {report['samples']:,} samples in {len(report['shards'])} shard(s), "
+               f"{report['damaged_shards']} damaged, {report['incomplete']} incomplete")
+    for reason, keys in report.get("decode_errors", {}).items():
+        click.echo(f"  not decodable ({reason}): {len(keys)}  e.g. {', '.join(keys[:3])}")

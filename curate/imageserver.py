@@ -8,6 +8,9 @@ Routes (GET):
   /fail/404, /fail/500, /fail/slow.jpg (answers after `slow_s`), /fail/truncated.jpg,
   /fail/html.jpg (HTML sent as image/jpeg), /fail/empty.jpg (zero bytes), /fail/bomb.png
   (a PNG declaring 60000x60000 pixels)
+  /hold/{image route}    blocks until `release_holds()` (signals `held` on arrival), then the image
+  /flaky/{id}/{image route}  answers 503 the first time per id, then the image
+Every request is counted in `requests`.
 It listens on 127.0.0.1 only.
 """
 
@@ -76,7 +79,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
-        route = _image_route(self.path)
+        self.server.count_request(self.path)
+        path = self.path
+        if path.startswith("/hold/"):
+            self.server.held.set()
+            self.server.holds_open.wait()
+            path = path[len("/hold"):]
+        elif path.startswith("/flaky/"):
+            flaky_id, _, rest = path[len("/flaky/"):].partition("/")
+            if self.server.first_visit(flaky_id):
+                return self._send(503, b"try again later", "text/plain")
+            path = "/" + rest
+        route = _image_route(path)
         try:
             if route:
                 args, headers = route
@@ -102,19 +116,52 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(404, b"not found", "text/plain")
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, slow_s: float):
+        super().__init__(address, _Handler)
+        self.slow_s = slow_s
+        self.release = threading.Event()  # set at shutdown: slow responses finish at once
+        self.held = threading.Event()  # a /hold/ request has arrived
+        self.holds_open = threading.Event()
+        self.requests: list[str] = []
+        self._visited: set[str] = set()
+        self._lock = threading.Lock()
+
+    def count_request(self, path: str) -> None:
+        with self._lock:
+            self.requests.append(path)
+
+    def first_visit(self, name: str) -> bool:
+        with self._lock:
+            first = name not in self._visited
+            self._visited.add(name)
+            return first
+
+
 class ImageServer:
     """Run the image server on 127.0.0.1 in a background thread: `with ImageServer() as server: server.url(...)`."""
 
     def __init__(self, port: int = 0, slow_s: float = 5.0):
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
-        self._httpd.daemon_threads = True
-        self._httpd.slow_s = slow_s
-        self._httpd.release = threading.Event()
+        self._httpd = _Server(("127.0.0.1", port), slow_s)
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="image-server", daemon=True)
 
     @property
     def port(self) -> int:
         return self._httpd.server_address[1]
+
+    @property
+    def requests(self) -> list[str]:
+        """Paths requested so far, in arrival order."""
+        return list(self._httpd.requests)
+
+    @property
+    def held(self) -> threading.Event:
+        return self._httpd.held
+
+    def release_holds(self) -> None:
+        self._httpd.holds_open.set()
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -124,7 +171,8 @@ class ImageServer:
         return self
 
     def stop(self) -> None:
-        self._httpd.release.set()  # let slow responses finish now
+        self._httpd.release.set()
+        self._httpd.holds_open.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 

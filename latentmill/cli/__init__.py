@@ -24,6 +24,12 @@ COMMANDS = {
 }
 
 
+class BadInput(click.ClickException):
+    """Bad input found by the library: one message, exit code 2."""
+
+    exit_code = 2
+
+
 class LazyGroup(click.Group):
     """A group whose subcommands are imported when invoked, not when the group is built."""
 
@@ -35,6 +41,16 @@ class LazyGroup(click.Group):
             return None
         module, attr = COMMANDS[name][0].split(":")
         return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx):
+        from latentmill.curate.errors import InputError
+
+        try:
+            return super().invoke(ctx)
+        except InputError as err:
+            if os.environ.get("LATENTMILL_DEBUG") == "1":
+                raise
+            raise BadInput(str(err)) from None
 
     def format_commands(self, ctx, formatter):
         rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
@@ -65,8 +81,6 @@ def cli(ctx, debug):
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and map failures to exit codes 2 (bad input) and 1 (other)."""
-    from latentmill.curate.errors import InputError
-
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("LATENTMILL_DEBUG") == "1"
     try:
@@ -77,11 +91,6 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except InputError as err:
-        if debug:
-            raise
-        click.echo(f"Error: {err}", err=True)
-        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("Interrupted; re-run the same command to resume.", err=True)
         sys.exit(130)

@@ -1,0 +1,5 @@
+"""`python -m latentmill`: the same as the `latentmill` command."""
+
+from latentmill.cli import main
+
+main()

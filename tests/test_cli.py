@@ -1,0 +1,73 @@
+"""The command-line root: lazy loading, help, version, exit codes."""
+
+import subprocess
+import sys
+
+import pytest
+
+from latentmill import __version__
+from latentmill.cli import COMMANDS
+
+SUBCOMMANDS = [["urls", "inspect"], ["urls", "prefilter"], ["download"], ["images", "inspect"],
+               ["serve-images"], ["demo"]]
+
+
+def test_every_command_is_listed_in_the_root_help(run_cli):
+    result = run_cli("--help")
+    assert result.exit_code == 0
+    for name in COMMANDS:
+        assert name in result.output
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS, ids=" ".join)
+def test_every_command_has_help_with_an_example(run_cli, command):
+    result = run_cli(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+    assert "latentmill" in result.output
+
+
+def test_short_help_flag_and_version(run_cli):
+    assert run_cli("-h").exit_code == 0
+    result = run_cli("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_root_help_imports_neither_torch_nor_img2dataset():
+    code = (
+        "import sys\n"
+        "from latentmill.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "print(sorted(m for m in ('torch', 'img2dataset', 'pyarrow', 'open_clip', 'diffusers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "latentmill", *map(str, args)], capture_output=True, text=True)
+
+
+def test_bad_input_exits_2_with_one_message(tmp_path):
+    result = _run("urls", "inspect", tmp_path / "missing.parquet")
+    assert result.returncode == 2
+    assert "missing.parquet: no such file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_usage_exits_2(tmp_path):
+    result = _run("urls", "prefilter", tmp_path / "x.parquet")  # no -o
+    assert result.returncode == 2
+    assert "-o" in result.stderr
+
+
+def test_other_failures_exit_1_and_debug_shows_the_traceback(tmp_path, sample_table):
+    table, _ = sample_table
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    result = _run("download", table, "-o", not_a_folder)
+    assert result.returncode == 1
+    assert "NotADirectoryError" in result.stderr and "--debug" in result.stderr
+    assert "Traceback" not in result.stderr
+    debug = _run("--debug", "download", table, "-o", not_a_folder)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

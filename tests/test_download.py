@@ -1,0 +1,134 @@
+"""Downloads with real img2dataset against the loopback image server."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from latentmill.curate.download import DownloadConfig, download, retry_failed
+from latentmill.curate.imageshards import iter_image_shard, list_image_shards
+from tests.conftest import write_table
+
+FAST = dict(processes=1, threads=16, timeout_s=2, retries=0, shard_size=16, allow_private_addresses=True)
+
+
+def shard_samples(folder):
+    return [s for shard in list_image_shards(folder) for s in iter_image_shard(shard)]
+
+
+def test_every_good_image_arrives_once_and_every_failure_is_counted(sample_table, tmp_path):
+    table, rows = sample_table
+    out = tmp_path / "images"
+    summary = download(table, out, DownloadConfig(**FAST))
+
+    good = [r for r in rows if r["expect"] == "ok"]
+    samples = shard_samples(out)
+    assert sorted(s.meta["url"] for s in samples) == sorted(r["URL"] for r in good)
+    by_url = {r["URL"]: r for r in rows}
+    for sample in samples:
+        source = by_url[sample.meta["url"]]
+        assert sample.caption == source["TEXT"]
+        assert sample.meta["AESTHETIC_SCORE"] == source["AESTHETIC_SCORE"]  # LAION metadata carried
+        assert sample.meta["WIDTH"] == source["WIDTH"] and sample.meta["variant"] == source["variant"]
+
+    expected_failures = Counter(r["expect"] for r in rows if r["expect"] != "ok")
+    assert summary["success"] == len(good)
+    assert summary["failures"] == dict(expected_failures)
+    assert summary["new_images"] == len(good)
+
+
+def test_a_second_run_downloads_nothing(sample_table, tmp_path, server):
+    table, _ = sample_table
+    out = tmp_path / "images"
+    first = download(table, out, DownloadConfig(**FAST))
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    requests_before = len(server.requests)
+    second = download(table, out, DownloadConfig(**FAST))
+    assert second["new_shards"] == 0 and second["new_images"] == 0
+    assert second["success"] == first["success"] and second["failures"] == first["failures"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == stamps
+    assert len(server.requests) == requests_before
+
+
+def test_the_guard_drops_private_addresses_without_sending_traffic(fresh_server, tmp_path):
+    rows = [{"URL": fresh_server.url(f"/gen/{i}/300x300.jpg"), "TEXT": "a loopback picture"} for i in range(3)]
+    rows += [{"URL": "http://10.0.0.1/a.jpg", "TEXT": "private"}, {"URL": "http://169.254.169.254/latest", "TEXT": "metadata"}]
+    table = write_table(tmp_path / "urls.parquet", rows)
+    summary = download(table, tmp_path / "images", DownloadConfig(**(FAST | {"allow_private_addresses": False})))
+    assert summary["success"] == 0 and summary["failures"] == {"private_address": 5}
+    assert fresh_server.requests == []
+
+
+def test_retry_failed_downloads_the_failures_into_new_shards(fresh_server, tmp_path, run_cli):
+    rows = [{"URL": fresh_server.url(f"/flaky/{i}/gen/{i}/320x320.jpg"), "TEXT": f"flaky picture {i}"} for i in range(3)]
+    rows += [{"URL": fresh_server.url(f"/gen/{i}/320x320.jpg"), "TEXT": f"steady picture {i}"} for i in range(10, 14)]
+    rows += [{"URL": fresh_server.url("/fail/404"), "TEXT": "gone for good"}]
+    table = write_table(tmp_path / "urls.parquet", rows)
+    out = tmp_path / "images"
+    first = download(table, out, DownloadConfig(**FAST))
+    assert first["success"] == 4 and first["failures"] == {"http_503": 3, "http_404": 1}
+
+    result = run_cli("download", "--retry-failed", out, "--only-reason", "http_503", "--processes", "1",
+                     "--min-image-size", "64")
+    assert result.exit_code == 0, result.output
+    after = json.loads((out / "_latentmill" / "summary.json").read_text())
+    assert after["success"] == 7 and after["failures"] == {"http_404": 1}
+    assert after["new_shards"] == 1
+    urls = [s.meta["url"] for s in shard_samples(out)]
+    assert sorted(urls) == sorted(r["URL"] for r in rows[:7])  # each good image exactly once
+    assert retry_failed(out, DownloadConfig(**FAST), {"http_503"})["new_shards"] == 0  # nothing left to retry
+
+
+def _download_cmd(table, out):
+    return [sys.executable, "-m", "latentmill", "download", str(table), "-o", str(out), "--processes", "1",
+            "--threads", "4", "--shard-size", "6", "--retries", "0", "--timeout", "5", "--allow-private-addresses",
+            "--min-image-size", "64"]
+
+
+def test_a_killed_download_resumes_to_the_same_keys_and_no_truncated_tar(fresh_server, tmp_path):
+    rows = [{"URL": fresh_server.url(f"/gen/{i}/320x256.jpg"), "TEXT": f"picture {i}"} for i in range(18)]
+    rows[9]["URL"] = fresh_server.url("/hold/gen/9/320x256.jpg")  # the second shard stops here until released
+    table = write_table(tmp_path / "urls.parquet", rows)
+    out = tmp_path / "killed"
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    process = subprocess.Popen(_download_cmd(table, out), start_new_session=True, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert fresh_server.held.wait(120), "the download never reached the held URL"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    fresh_server.release_holds()
+    assert (out / "00000_stats.json").exists() and not (out / "00001_stats.json").exists()
+
+    subprocess.run(_download_cmd(table, out), check=True, env=env, capture_output=True)
+    reference = tmp_path / "reference"
+    subprocess.run(_download_cmd(table, reference), check=True, env=env, capture_output=True)
+
+    def keys(folder):
+        return sorted(s.key for s in shard_samples(folder))
+
+    assert keys(out) == keys(reference) and len(keys(out)) == 18
+    for tar in list_image_shards(out):
+        with tarfile.open(tar) as handle:  # reads to the end: raises on a truncated tar
+            names = handle.getnames()
+        stats = json.loads(tar.with_name(tar.stem + "_stats.json").read_text())
+        assert len([n for n in names if n.endswith(".jpg")]) == stats["successes"]
+    assert not (out / "_tmp").exists()
+
+
+def test_download_cli_prints_a_summary_grouped_by_reason(sample_table, tmp_path, run_cli):
+    table, rows = sample_table
+    result = run_cli("download", table, "-o", tmp_path / "images", "--processes", "1", "--threads", "16",
+                     "--timeout", "2", "--retries", "0", "--allow-private-addresses")
+    assert result.exit_code == 0, result.output
+    good = sum(r["expect"] == "ok" for r in rows)
+    assert f"images {good} downloaded" in result.output
+    assert "http_404" in result.output and "timeout" in result.output and "images/s" in result.output
+    assert pa.Table.from_batches(pq.ParquetFile(tmp_path / "images" / "00000.parquet").iter_batches()).num_rows > 0

@@ -56,7 +56,7 @@ class Reservoir:
             "mean": self.total / self.count,
             "min": self.low,
             "max": self.high,
-            "percentiles": {f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(self.values, PERCENTILES))},
+            "percentiles": {f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(self.values, PERCENTILES), strict=True)},
             "sampled": self.count > self.capacity,
         }
 

@@ -44,9 +44,8 @@ def download(table, output, retry_folder, only_reason, image_size, min_image_siz
       latentmill download kept.parquet -o images/ --processes 16 --threads 128
       latentmill download --retry-failed images/ --only-reason timeout
     """
-    from latentmill.curate.download import DownloadConfig, format_summary
+    from latentmill.curate.download import DownloadConfig, format_summary, retry_failed
     from latentmill.curate.download import download as run_download
-    from latentmill.curate.download import retry_failed
 
     if bool(table) == bool(retry_folder):
         raise click.UsageError("give either TABLE (with -o) or --retry-failed FOLDER.")

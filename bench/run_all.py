@@ -1,0 +1,10 @@
+"""Run every benchmark in bench/ and print their results (`make bench`)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+for script, args in (("bench_prefilter.py", ["--rows", "10000000"]), ("bench_download.py", ["--urls", "2000"])):
+    print(f"== {script} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, str(HERE / script), *args], check=True, cwd=HERE)

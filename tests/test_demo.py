@@ -1,0 +1,15 @@
+"""The demo runs offline end to end on the bundled samples."""
+
+import json
+
+
+def test_demo_runs_the_existing_stages_offline(tmp_path, run_cli):
+    work = tmp_path / "work"
+    result = run_cli("demo", "--work", work, "--processes", "1")
+    assert result.exit_code == 0, result.output
+    report = json.loads((work / "report" / "demo.json").read_text())
+    assert report["prefilter"]["kept_rows"] < report["prefilter"]["input_rows"]
+    assert {s["rule"] for s in report["prefilter"]["steps"] if s["dropped"]} >= {"min_side", "max_pwatermark"}
+    assert report["download"]["success"] == report["image_shards"]["samples"] > 10
+    assert {"http_404", "timeout", "opted_out"} <= set(report["download"]["failures"])
+    assert report["image_shards"]["decode_errors"] == {}

@@ -4,7 +4,7 @@
 
 Both runs use the same img2dataset settings (webdataset, keep_ratio, skip_reencode, ...); latentmill adds
 reading the table, the private-address guard, the normalised input and the summary. Runs alternate
-(direct, wrapper, direct, wrapper, ...) and the best of each is compared.
+(who goes first alternates) and the best of each is compared.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--urls", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--processes", type=int, default=2)
     args = parser.parse_args()
     shutil.rmtree(OUT, ignore_errors=True)
@@ -45,16 +45,19 @@ def main() -> None:
         direct_input = OUT / "direct-input.parquet"
         pq.write_table(pq.read_table(table).rename_columns(["url", "caption", "WIDTH"]), direct_input)
         times = {"img2dataset": [], "latentmill": []}
-        for r in range(args.repeats):
-            target = OUT / f"direct-{r}"
-            start = time.perf_counter()
+        def direct(target):
             run_img2dataset(direct_input, target, ["WIDTH"], True, config)
-            times["img2dataset"].append(time.perf_counter() - start)
-            target = OUT / f"wrapper-{r}"
-            start = time.perf_counter()
+
+        def wrapper(target):
             summary = download(table, target, config)
-            times["latentmill"].append(time.perf_counter() - start)
             assert summary["success"] == args.urls, summary
+
+        runs = [("img2dataset", direct), ("latentmill", wrapper)]
+        for r in range(args.repeats):
+            for name, run in runs if r % 2 == 0 else runs[::-1]:  # alternate who goes first
+                start = time.perf_counter()
+                run(OUT / f"{name}-{r}")
+                times[name].append(time.perf_counter() - start)
     best = {k: min(v) for k, v in times.items()}
     print(json.dumps({
         "urls": args.urls,

@@ -54,3 +54,41 @@ class Cli:
 @pytest.fixture
 def run_cli():
     return Cli()
+
+
+def make_shard(path, entries):
+    """A tar in img2dataset's layout: {key}.jpg/.txt/.json per sample; entries are (key, {ext: bytes})."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, files in entries:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def image_entry(key, width, height, seed=0, fmt="jpg", **encode_args):
+    """One img2dataset-style sample of a synthetic picture."""
+    import json
+
+    from latentmill.curate import samples
+
+    image, caption = samples.synthetic(seed, width, height)
+    meta = json.dumps({"url": f"https://example.com/{key}.{fmt}", "caption": caption, "AESTHETIC_SCORE": 5.5,
+                       "width": width, "height": height}).encode()
+    return (key, {fmt: samples.encode(image, fmt, **encode_args), "txt": caption.encode(), "json": meta})
+
+
+@pytest.fixture
+def image_shards(tmp_path):
+    """Two image shards of pictures at several sizes and aspect ratios."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sizes = [(300, 300), (400, 240), (240, 400), (512, 256), (256, 512), (360, 280)]
+    for shard in range(2):
+        entries = [image_entry(f"{shard:05d}{i:04d}", w, h, seed=shard * 10 + i) for i, (w, h) in enumerate(sizes)]
+        make_shard(folder / f"{shard:05d}.tar", entries)
+    return folder

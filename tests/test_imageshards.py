@@ -2,7 +2,6 @@
 
 import io
 import json
-import tarfile
 
 import pytest
 from PIL import Image
@@ -14,17 +13,7 @@ from latentmill.curate.imageshards import (
     inspect_image_shards,
     iter_image_shard,
 )
-
-
-def make_shard(path, entries):
-    """A tar in img2dataset's layout: {key}.jpg/.txt/.json per sample."""
-    with tarfile.open(path, "w") as tar:
-        for key, files in entries:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
+from tests.conftest import make_shard
 
 
 def good_entry(i):

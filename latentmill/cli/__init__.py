@@ -18,6 +18,8 @@ from latentmill import __version__
 COMMANDS = {
     "urls": ("latentmill.cli.urls:urls", "Inspect and prefilter URL tables (parquet, csv, tsv, jsonl)."),
     "download": ("latentmill.cli.download:download", "Download a URL table into WebDataset image shards (img2dataset)."),
+    "buckets": ("latentmill.cli.buckets:buckets", "Print the aspect-ratio buckets, or how a dataset falls into them."),
+    "encode": ("latentmill.cli.encode:encode", "Bucket, resize, crop and VAE-encode images into latent shards."),
     "images": ("latentmill.cli.images:images", "Look inside image shards: counts, sizes, unreadable samples."),
     "serve-images": ("latentmill.cli.serve:serve_images", "Serve test images (and failure cases) on 127.0.0.1."),
     "demo": ("latentmill.cli.demo:demo", "Run the pipeline offline on bundled sample images."),

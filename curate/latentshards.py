@@ -1,0 +1,148 @@
+"""Latent shards (DESIGN §4): writing them byte-reproducibly, the manifest, and the checked reader.
+
+`{shard}.tar` holds per sample `{key}.latent.npy` (float16 (C, H/8, W/8) posterior mean, unscaled),
+optionally `{key}.latent_std.npy` and `{key}.latent_flip.npy`, `{key}.txt` and `{key}.json` (bucket,
+original_size, crop, scores, url). Beside it `{shard}.parquet` (key, bucket, caption) and
+`{shard}.stats.json` (the completion marker, written last). `manifest.json` describes the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from latentmill.curate.atomic import atomic_path, write_json
+from latentmill.curate.errors import InputError
+
+MANIFEST = "manifest.json"
+LATENT_DTYPE = np.float16
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+class LatentShardWriter:
+    """Collects samples, then writes the tar and parquet atomically with fixed tar metadata (same input,
+    same bytes)."""
+
+    def __init__(self, folder: Path, shard: str):
+        self.folder, self.shard = Path(folder), shard
+        self.samples: list[tuple[str, dict[str, bytes]]] = []
+        self.rows: list[dict] = []
+
+    def add(self, key: str, latent: np.ndarray, caption: str, meta: dict, std: np.ndarray | None = None,
+            flipped: np.ndarray | None = None) -> None:
+        files = {"latent.npy": npy_bytes(latent.astype(LATENT_DTYPE))}
+        if std is not None:
+            files["latent_std.npy"] = npy_bytes(std.astype(LATENT_DTYPE))
+        if flipped is not None:
+            files["latent_flip.npy"] = npy_bytes(flipped.astype(LATENT_DTYPE))
+        files["txt"] = (caption or "").encode("utf-8")
+        files["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
+        self.samples.append((key, files))
+        self.rows.append({"key": key, "bucket_width": meta["bucket"][0], "bucket_height": meta["bucket"][1],
+                          "caption": caption or ""})
+
+    def close(self) -> str:
+        """Write `{shard}.tar` and `{shard}.parquet`; return the tar's sha256."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tar_path = self.folder / f"{self.shard}.tar"
+        with atomic_path(tar_path) as tmp:
+            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for key, files in self.samples:
+                    for ext, data in files.items():
+                        info = tarfile.TarInfo(f"{key}.{ext}")
+                        info.size, info.mtime, info.mode = len(data), 0, 0o444
+                        info.uname = info.gname = ""
+                        tar.addfile(info, io.BytesIO(data))
+        schema = pa.schema([("key", pa.string()), ("bucket_width", pa.int32()), ("bucket_height", pa.int32()),
+                            ("caption", pa.string())])
+        with atomic_path(self.folder / f"{self.shard}.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(self.rows, schema=schema), tmp)
+        return hashlib.sha256(tar_path.read_bytes()).hexdigest()
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise InputError(f"{path}: no manifest. Latent folders are made by `latentmill encode`; "
+                         f"if that run was interrupted, run it again to finish.")
+    return json.loads(path.read_text())
+
+
+def check_vae(manifest: dict, fingerprint: str, folder: str | Path) -> None:
+    """Refuse latents made with another VAE than the one expected (stale latent caches)."""
+    made_with = manifest["vae"]["fingerprint"]
+    if made_with != fingerprint:
+        raise InputError(
+            f"{folder}: these latents were made with VAE {manifest['vae']['name']!r} (fingerprint {made_with}), "
+            f"but this run uses fingerprint {fingerprint}. Re-encode with `latentmill encode --vae ...` into a new "
+            f"folder, or use the VAE the latents were made with."
+        )
+
+
+def iter_latent_shard(path: str | Path, manifest: dict) -> Iterator[dict]:
+    """Samples of one latent shard, each checked against the manifest: shape (C, bucket_h/8, bucket_w/8), float16.
+
+    Yields dicts with key, latent (and latent_std / latent_flip when stored), caption, meta.
+    """
+    path = Path(path)
+    channels = manifest["latent_channels"]
+    factor = manifest["downsample_factor"]
+    buckets = {tuple(b) for b in manifest["buckets"]}
+    current, files = None, {}
+
+    def finish(key, files):
+        meta = json.loads(files.get("json", b"{}"))
+        bucket = tuple(meta.get("bucket", ()))
+        if bucket not in buckets:
+            raise InputError(f"{path}: sample {key} has bucket {list(bucket)}, not in the manifest's bucket list.")
+        sample = {"key": key, "caption": files.get("txt", b"").decode("utf-8"), "meta": meta}
+        for name in ("latent", "latent_std", "latent_flip"):
+            if f"{name}.npy" in files:
+                array = np.load(io.BytesIO(files[f"{name}.npy"]), allow_pickle=False)
+                expected = (channels, bucket[1] // factor, bucket[0] // factor)
+                if array.shape != expected or array.dtype != LATENT_DTYPE:
+                    raise InputError(f"{path}: sample {key} {name} is {array.dtype}{list(array.shape)}, expected "
+                                     f"float16{list(expected)} for bucket {list(bucket)} (manifest).")
+                sample[name] = array
+        if "latent" not in sample:
+            raise InputError(f"{path}: sample {key} has no latent.npy.")
+        return sample
+
+    with tarfile.open(path, "r|") as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if key != current and current is not None:
+                yield finish(current, files)
+                files = {}
+            current = key
+            files[ext] = tar.extractfile(member).read()
+    if current is not None:
+        yield finish(current, files)
+
+
+def write_manifest(folder: Path, header: dict, shard_stats: dict[str, dict]) -> dict:
+    """Aggregate the per-shard stats into `manifest.json` (per-bucket and per-shard counts, checksums)."""
+    per_bucket: dict[str, int] = {}
+    for stats in shard_stats.values():
+        for bucket, count in stats["per_bucket"].items():
+            per_bucket[bucket] = per_bucket.get(bucket, 0) + count
+    manifest = header | {
+        "samples": sum(s["written"] for s in shard_stats.values()),
+        "per_bucket": dict(sorted(per_bucket.items())),
+        "shards": {name: {"samples": s["written"], "sha256": s["sha256"]} for name, s in sorted(shard_stats.items())},
+    }
+    write_json(folder / MANIFEST, manifest)
+    return manifest

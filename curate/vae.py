@@ -1,0 +1,84 @@
+"""The VAE: named architectures (random weights, for tests and speed runs), local folders, or model ids.
+
+Every VAE has a fingerprint (a hash of its config and weights) recorded in the latent manifest, so
+latents made with one VAE are never read as if made with another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from latentmill.curate.errors import InputError
+
+# diffusers AutoencoderKL configs; "sd15" is Stable Diffusion 1.x/2.x's VAE architecture
+ARCHITECTURES = {
+    "tiny": dict(block_out_channels=(8, 16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8),
+    "sd15": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32),
+}
+
+
+@dataclass
+class LoadedVae:
+    model: object  # diffusers.AutoencoderKL
+    name: str
+    fingerprint: str
+    scaling_factor: float
+    shift_factor: float | None
+    latent_channels: int
+
+    def describe(self) -> dict:
+        return {"name": self.name, "fingerprint": self.fingerprint, "config": architecture_config(self.model)}
+
+
+def architecture_config(model) -> dict:
+    """The model's config without diffusers' bookkeeping keys (`_use_default_values` is a set: its order
+    changes from process to process)."""
+    return json.loads(json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith("_")}, default=str))
+
+
+def _fingerprint(model) -> str:
+    digest = hashlib.sha256(json.dumps(architecture_config(model), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_vae(spec: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0) -> LoadedVae:
+    """`spec`: an architecture name (random weights from `seed`), a local diffusers folder, or a model id."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    if spec in ARCHITECTURES:
+        blocks = len(ARCHITECTURES[spec]["block_out_channels"])
+        torch.manual_seed(seed)
+        model = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                              up_block_types=("UpDecoderBlock2D",) * blocks, **ARCHITECTURES[spec])
+        name = f"{spec} (random init, seed {seed})"
+    else:
+        path = Path(spec)
+        subfolder = "vae" if (path / "vae" / "config.json").exists() else None
+        try:
+            model = AutoencoderKL.from_pretrained(spec, subfolder=subfolder if path.exists() else "vae",
+                                                  local_files_only=not path.exists())
+        except (OSError, ValueError) as err:
+            raise InputError(
+                f"VAE '{spec}' could not be loaded ({str(err).splitlines()[0][:160]}). Give a local diffusers folder "
+                f"(with config.json and diffusion_pytorch_model.safetensors, or a pipeline folder with vae/), download "
+                f"it first (`huggingface-cli download {spec} --include 'vae/*'`), or use an architecture name: "
+                f"{', '.join(ARCHITECTURES)}."
+            ) from None
+        name = spec
+    model.eval().requires_grad_(False)
+    fingerprint = _fingerprint(model)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    model.to(device=device, dtype=torch_dtype)
+    if device.startswith("cuda"):
+        model.to(memory_format=torch.channels_last)
+    return LoadedVae(model=model, name=name, fingerprint=fingerprint,
+                     scaling_factor=float(model.config.scaling_factor),
+                     shift_factor=getattr(model.config, "shift_factor", None),
+                     latent_channels=int(model.config.latent_channels))

@@ -1,0 +1,63 @@
+"""`latentmill buckets`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command()
+@click.option("--resolution", default=512, show_default=True, help="Bucket area is at most RESOLUTION² px.")
+@click.option("--min-side", type=int, help="Smallest bucket side in px (default: resolution / 2).")
+@click.option("--max-side", type=int, help="Largest bucket side in px (default: resolution * 2).")
+@click.option("--step", default=64, show_default=True, help="Bucket sides are multiples of this (px).")
+@click.option("--images", type=click.Path(exists=True), help="Image shards: show how they fall into the buckets.")
+@click.option("--selection", type=click.Path(exists=True), help="With --images: count only the selected images.")
+@click.option("--plot", type=click.Path(), help="With --images: write a bar chart PNG here (default: buckets.png).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the bucket list, or the distribution.")
+def buckets(resolution, min_side, max_side, step, images, selection, plot, as_json):
+    """Print the aspect-ratio buckets for a resolution, or how a dataset falls into them.
+
+    The kohya-ss / NovelAI scheme: widths from min to max side in steps, each with the largest height
+    (a multiple of the step) that keeps the area within RESOLUTION²; transposes and the square.
+
+    \b
+    Examples:
+      latentmill buckets --resolution 512
+      latentmill buckets --resolution 1024 --json
+      latentmill buckets --resolution 512 --images images/ --selection selection/ --plot buckets.png
+    """
+    from latentmill.curate.buckets import make_buckets
+    from latentmill.curate.errors import InputError
+
+    try:
+        bucket_list = make_buckets(resolution, min_side, max_side, step)
+    except ValueError as err:
+        raise InputError(f"bucket options: {err}.") from None
+    if not images:
+        if as_json:
+            click.echo(json.dumps([list(b) for b in bucket_list]))
+            return
+        click.echo(f"{len(bucket_list)} buckets for resolution {resolution} (area <= {resolution * resolution:,} px)")
+        click.echo(f"{'width':>6} {'height':>6} {'aspect':>7} {'pixels':>9}")
+        for w, h in bucket_list:
+            click.echo(f"{w:>6} {h:>6} {w / h:>7.3f} {w * h:>9,}")
+        return
+    from latentmill.curate.bucketstats import bucket_distribution, plot_distribution
+
+    dist = bucket_distribution(images, bucket_list, selection)
+    if as_json:
+        click.echo(json.dumps(dist, indent=2))
+        return
+    click.echo(f"{'bucket':>10} {'images':>8} {'share':>7} {'aspect err':>11} {'too small':>10}")
+    for row in dist["buckets"]:
+        if row["count"]:
+            w, h = row["bucket"]
+            click.echo(f"{f'{w}x{h}':>10} {row['count']:>8} {row['count'] / dist['images']:>7.1%} "
+                       f"{row['mean_aspect_error']:>11.3f} {row['smaller_than_bucket']:>10}")
+    click.echo(f"{dist['images']} images in {sum(r['count'] > 0 for r in dist['buckets'])} of {len(bucket_list)} buckets; "
+               f"mean |log aspect error| {dist['mean_aspect_error']:.3f}; {dist['smaller_than_bucket']} smaller than "
+               f"their bucket; {dist['unreadable']} unreadable")
+    path = plot_distribution(dist, plot or "buckets.png")
+    click.echo(f"chart: {path}")

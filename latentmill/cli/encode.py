@@ -1,0 +1,53 @@
+"""`latentmill encode`."""
+
+from __future__ import annotations
+
+import click
+
+from latentmill.cli.options import progress_bar
+
+
+@click.command()
+@click.argument("images", type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder of latent shards.")
+@click.option("--selection", type=click.Path(exists=True), help="Selection folder (key, keep); default: keep all.")
+@click.option("--vae", default="tiny", show_default=True,
+              help="Diffusers model id or local folder, or an architecture with random weights: tiny, sd15.")
+@click.option("--resolution", default=512, show_default=True, help="Bucket area is at most RESOLUTION² px.")
+@click.option("--min-side", type=int, help="Smallest bucket side (default: resolution / 2).")
+@click.option("--max-side", type=int, help="Largest bucket side (default: resolution * 2).")
+@click.option("--step", default=64, show_default=True, help="Bucket side step in px.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--precision", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")
+@click.option("--batch-size", default=16, show_default=True, help="Images per VAE call (one bucket per batch).")
+@click.option("--flip", is_flag=True, help="Also store the latent of the horizontally flipped image.")
+@click.option("--std", is_flag=True, help="Also store the posterior std (fresh latent samples at train time).")
+@click.option("--crop", type=click.Choice(["center", "random"]), default="center", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed for random crops.")
+@click.option("--max-upscale", default=1.0, show_default=True,
+              help="Images that must be enlarged more than this to cover their bucket are dropped as too_small.")
+def encode(images, output, selection, vae, resolution, min_side, max_side, step, device, precision, batch_size, flip,
+           std, crop, seed, max_upscale):
+    """Bucket, resize, crop and VAE-encode IMAGES into latent shards with a manifest.
+
+    Per shard, atomic and resumable: re-run the same command after a stop and only unfinished shards
+    are encoded. A folder holds latents of one VAE and one bucket set.
+
+    \b
+    Examples:
+      latentmill encode images/ --selection selection/ -o latents-512/ --vae stabilityai/sd-vae-ft-mse --device cuda
+      latentmill encode images/ -o latents-256/ --resolution 256 --flip --std
+    """
+    from latentmill.curate.encode import EncodeConfig
+    from latentmill.curate.encode import encode as run_encode
+
+    config = EncodeConfig(resolution=resolution, min_side=min_side, max_side=max_side, step=step, vae=vae,
+                          device=device, precision=precision, batch_size=batch_size, flip=flip, std=std, crop=crop,
+                          seed=seed, max_upscale=max_upscale)
+    with progress_bar(None, "encode", unit="img") as bar:
+        manifest = run_encode(images, output, config, selection, progress=bar.update)
+    click.echo(f"{manifest['samples']:,} latents in {len(manifest['shards'])} shard(s) at {output}")
+    for bucket, count in sorted(manifest["per_bucket"].items(), key=lambda kv: -kv[1]):
+        click.echo(f"  {bucket:>10} {count:>8,}")
+    if manifest["dropped"]:
+        click.echo("dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(manifest["dropped"].items())))

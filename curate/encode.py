@@ -114,7 +114,7 @@ def encode_shard(image_shard: Path, output: Path, config: EncodeConfig, vae, sel
         order.append(sample.key)
 
     results: dict[str, tuple] = {}
-    for bucket, items in prepared.items():
+    for items in prepared.values():
         for start in range(0, len(items), config.batch_size):
             batch = items[start:start + config.batch_size]
             images = [pixels for _, _, pixels in batch]

@@ -45,6 +45,7 @@ class EncodeConfig:
     crop: str = "center"  # or "random" (seeded per sample)
     seed: int = 0
     max_upscale: float = 1.0  # images needing more enlargement than this are dropped as too_small
+    text_encoder: str | None = None  # precompute caption embeddings (see curate.textencoder)
 
     def resolved_precision(self) -> str:
         if self.precision == "auto":
@@ -83,7 +84,8 @@ def encode_batch(vae, images: list, device: str, with_std: bool):
     return mean, std
 
 
-def encode_shard(image_shard: Path, output: Path, config: EncodeConfig, vae, selection: str | Path | None = None) -> dict:
+def encode_shard(image_shard: Path, output: Path, config: EncodeConfig, vae, selection: str | Path | None = None,
+                 text_encoder=None) -> dict:
     """Encode one image shard into `output/{shard}.tar`; return its stats (every input sample accounted for)."""
     shard = image_shard.stem
     buckets = config.buckets()
@@ -128,18 +130,25 @@ def encode_shard(image_shard: Path, output: Path, config: EncodeConfig, vae, sel
                 results[sample.key] = (sample, placement, mean[i], None if std is None else std[i],
                                        None if flipped is None else flipped[i])
 
+    text = {}
+    if text_encoder is not None:
+        for start in range(0, len(order), config.batch_size):
+            keys = order[start:start + config.batch_size]
+            for key, emb in zip(keys, text_encoder.encode([results[k][0].caption or "" for k in keys]), strict=True):
+                text[key] = emb
+
     writer = LatentShardWriter(output, shard)
     per_bucket: Counter = Counter()
     for key in order:
         sample, placement, mean, std, flipped = results[key]
-        arrays = [a for a in (mean, std, flipped) if a is not None]
+        arrays = [a for a in (mean, std, flipped, text.get(key)) if a is not None]
         if not all(np.isfinite(a).all() and np.isfinite(a.astype(np.float16)).all() for a in arrays):
             dropped["nonfinite_latent"] += 1
             continue
         scores = {k: v for k, v in sample.meta.items() if k not in ("caption", "key", "status", "error_message", "exif")}
         meta = {"bucket": list(placement.bucket), "original_size": list(placement.original_size),
                 "crop": list(placement.crop), "resized_size": list(placement.resized_size), **scores}
-        writer.add(key, mean, sample.caption, meta, std=std, flipped=flipped)
+        writer.add(key, mean, sample.caption, meta, std=std, flipped=flipped, text_emb=text.get(key))
         per_bucket[f"{placement.bucket[0]}x{placement.bucket[1]}"] += 1
     sha256 = writer.close()
     stats = {
@@ -170,6 +179,11 @@ def encode(images: str | Path, output: str | Path, config: EncodeConfig, selecti
         raise InputError(f"--crop {config.crop!r}: use center or random.")
     precision = config.resolved_precision()
     vae = load_vae(config.vae, config.device, precision)
+    text_encoder = None
+    if config.text_encoder:
+        from latentmill.curate.textencoder import load_text_encoder
+
+        text_encoder = load_text_encoder(config.text_encoder, config.device)
     header = {
         "format": "latentmill.latents/1",
         "vae": vae.describe(),
@@ -181,6 +195,7 @@ def encode(images: str | Path, output: str | Path, config: EncodeConfig, selecti
         "buckets": [list(b) for b in buckets],
         "has_std": config.std,
         "has_flip": config.flip,
+        "text_encoder": text_encoder.describe() if text_encoder else None,
         "encode_config": asdict(config) | {"precision": precision},
         "source": str(images),
         "selection": str(selection) if selection else None,
@@ -193,7 +208,7 @@ def encode(images: str | Path, output: str | Path, config: EncodeConfig, selecti
         if done.exists():
             shard_stats[path.stem] = json.loads(done.read_text())
         else:
-            shard_stats[path.stem] = encode_shard(path, output, config, vae, selection)
+            shard_stats[path.stem] = encode_shard(path, output, config, vae, selection, text_encoder)
         if progress:
             progress(shard_stats[path.stem]["input"])
     manifest = write_manifest(output, header, shard_stats)
@@ -206,7 +221,7 @@ def encode(images: str | Path, output: str | Path, config: EncodeConfig, selecti
 def _check_same_settings(output: Path, header: dict) -> None:
     """A folder holds one VAE and one bucket set: resuming with other settings would mix latents."""
     settings = output / "encode_settings.json"
-    fixed = {k: header[k] for k in ("vae", "resolution", "buckets", "has_std", "has_flip")}
+    fixed = {k: header[k] for k in ("vae", "resolution", "buckets", "has_std", "has_flip", "text_encoder")}
     fixed["crop"] = header["encode_config"]["crop"], header["encode_config"]["seed"]
     fixed = json.loads(json.dumps(fixed))
     if settings.exists():

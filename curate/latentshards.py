@@ -1,7 +1,8 @@
 """Latent shards (DESIGN §4): writing them byte-reproducibly, the manifest, and the checked reader.
 
 `{shard}.tar` holds per sample `{key}.latent.npy` (float16 (C, H/8, W/8) posterior mean, unscaled),
-optionally `{key}.latent_std.npy` and `{key}.latent_flip.npy`, `{key}.txt` and `{key}.json` (bucket,
+optionally `{key}.latent_std.npy`, `{key}.latent_flip.npy` and `{key}.text_emb.npy` (float16
+(context_length, width) caption hidden states), `{key}.txt` and `{key}.json` (bucket,
 original_size, crop, scores, url). Beside it `{shard}.parquet` (key, bucket, caption) and
 `{shard}.stats.json` (the completion marker, written last). `manifest.json` describes the folder.
 """
@@ -40,12 +41,14 @@ class LatentShardWriter:
         self.rows: list[dict] = []
 
     def add(self, key: str, latent: np.ndarray, caption: str, meta: dict, std: np.ndarray | None = None,
-            flipped: np.ndarray | None = None) -> None:
+            flipped: np.ndarray | None = None, text_emb: np.ndarray | None = None) -> None:
         files = {"latent.npy": npy_bytes(latent.astype(LATENT_DTYPE))}
         if std is not None:
             files["latent_std.npy"] = npy_bytes(std.astype(LATENT_DTYPE))
         if flipped is not None:
             files["latent_flip.npy"] = npy_bytes(flipped.astype(LATENT_DTYPE))
+        if text_emb is not None:
+            files["text_emb.npy"] = npy_bytes(text_emb.astype(LATENT_DTYPE))
         files["txt"] = (caption or "").encode("utf-8")
         files["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
         self.samples.append((key, files))
@@ -95,7 +98,7 @@ def check_vae(manifest: dict, fingerprint: str, folder: str | Path) -> None:
 def iter_latent_shard(path: str | Path, manifest: dict) -> Iterator[dict]:
     """Samples of one latent shard, each checked against the manifest: shape (C, bucket_h/8, bucket_w/8), float16.
 
-    Yields dicts with key, latent (and latent_std / latent_flip when stored), caption, meta.
+    Yields dicts with key, latent (and latent_std / latent_flip / text_emb when stored), caption, meta.
     """
     path = Path(path)
     channels = manifest["latent_channels"]
@@ -117,6 +120,12 @@ def iter_latent_shard(path: str | Path, manifest: dict) -> Iterator[dict]:
                     raise InputError(f"{path}: sample {key} {name} is {array.dtype}{list(array.shape)}, expected "
                                      f"float16{list(expected)} for bucket {list(bucket)} (manifest).")
                 sample[name] = array
+        if "text_emb.npy" in files:
+            array = np.load(io.BytesIO(files["text_emb.npy"]), allow_pickle=False)
+            expected = tuple((manifest.get("text_encoder") or {}).get("shape", ()))
+            if array.shape != expected:
+                raise InputError(f"{path}: sample {key} text_emb is {list(array.shape)}, the manifest says {list(expected)}.")
+            sample["text_emb"] = array
         if "latent" not in sample:
             raise InputError(f"{path}: sample {key} has no latent.npy.")
         return sample

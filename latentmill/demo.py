@@ -1,5 +1,5 @@
 """The offline demo: a sample URL table served on loopback, run through the stages that exist so far
-(prefilter, download, image-shard check), into one work folder."""
+(prefilter, download, image-shard check, bucket chart, latent encoding), into one work folder."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from latentmill.curate.atomic import write_json
+from latentmill.curate.buckets import make_buckets
+from latentmill.curate.bucketstats import bucket_distribution, plot_distribution
 from latentmill.curate.download import DownloadConfig, download
+from latentmill.curate.encode import EncodeConfig, encode
 from latentmill.curate.imageserver import ImageServer, prerender, sample_rows
 from latentmill.curate.imageshards import inspect_image_shards
 from latentmill.curate.prefilter import PrefilterConfig, prefilter
@@ -24,15 +27,23 @@ def run_demo(work: str | Path, log=print, processes: int = 2) -> dict:
         rows = sample_rows(server.url(""))
         prerender(row["URL"] for row in rows)
         pq.write_table(pa.Table.from_pylist(rows), table)
-        log(f"[1/3] sample URL table: {table} (served on {server.url('/')})")
+        log(f"[1/5] sample URL table: {table} (served on {server.url('/')})")
         funnel = prefilter(table, work / "urls" / "kept.parquet",
                            PrefilterConfig(min_side_px=256, max_pwatermark=0.5, allow_private_addresses=True))
-        log(f"[2/3] prefilter: {funnel['input_rows']} rows -> {funnel['kept_rows']} kept")
+        log(f"[2/5] prefilter: {funnel['input_rows']} rows -> {funnel['kept_rows']} kept")
         summary = download(work / "urls" / "kept.parquet", work / "images",
                            DownloadConfig(processes=processes, threads=16, timeout_s=2, retries=0, shard_size=16,
                                           allow_private_addresses=True))
-        log(f"[3/3] download: {summary['success']} images, {summary['failed']} failed {summary['failures']}")
+        log(f"[3/5] download: {summary['success']} images, {summary['failed']} failed {summary['failures']}")
     shards = inspect_image_shards(work / "images", decode=True)
-    result = {"prefilter": funnel, "download": summary, "image_shards": shards}
+    buckets = make_buckets(256)
+    distribution = bucket_distribution(work / "images", buckets)
+    chart = plot_distribution(distribution, work / "report" / "buckets.png")
+    log(f"[4/5] buckets: {distribution['images']} images in "
+        f"{sum(r['count'] > 0 for r in distribution['buckets'])} of {len(buckets)} buckets at 256 px ({chart})")
+    manifest = encode(work / "images", work / "latents", EncodeConfig(resolution=256, vae="tiny", max_upscale=1.0))
+    log(f"[5/5] encode: {manifest['samples']} latents in {len(manifest['shards'])} shard(s), dropped {manifest['dropped']}")
+    result = {"prefilter": funnel, "download": summary, "image_shards": shards, "buckets": distribution,
+              "latents": {k: manifest[k] for k in ("samples", "per_bucket", "shards", "dropped")}}
     write_json(work / "report" / "demo.json", result)
     return result

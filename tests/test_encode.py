@@ -190,3 +190,40 @@ def test_buckets_command(image_shards, tmp_path, run_cli):
     dist = json.loads(run_cli("buckets", "--resolution", "256", "--images", image_shards, "--json").output)
     assert dist["images"] == 12 and sum(r["count"] for r in dist["buckets"]) == 12
     assert run_cli("buckets", "--resolution", "500").exit_code == 2
+
+
+def test_caption_embeddings_are_precomputed_with_a_text_encoder(image_shards, tmp_path):
+    from latentmill.curate.textencoder import load_text_encoder
+
+    out = tmp_path / "latents"
+    manifest = encode(image_shards, out, EncodeConfig(**SMALL, text_encoder="openclip:latentmill-tiny"))
+    assert manifest["text_encoder"]["shape"] == [77, 32]
+    encoder = load_text_encoder("openclip:latentmill-tiny")
+    samples = latents_by_key(out)
+    key, sample = sorted(samples.items())[0]
+    assert sample["text_emb"].shape == (77, 32) and sample["text_emb"].dtype == np.float16
+    expected = encoder.encode([sample["caption"]])[0]
+    np.testing.assert_allclose(sample["text_emb"], expected.astype(np.float16), atol=2e-3)
+    other = sorted(samples.items())[1][1]
+    assert other["caption"] != sample["caption"] and not np.allclose(other["text_emb"], sample["text_emb"])
+
+
+def test_a_pipeline_text_encoder_folder_is_loaded(tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from latentmill.curate.textencoder import load_text_encoder
+
+    folder = tmp_path / "pipeline"
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                                 vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                 pad_token_id=1)).save_pretrained(folder / "text_encoder")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "c": 3, "a": 4, "t</w>": 5, "t": 6, "c</w>": 7}
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt")).save_pretrained(folder / "tokenizer")
+    encoder = load_text_encoder(str(folder))
+    assert encoder.encode(["a cat", "cat"]).shape == (2, encoder.context_length, 32)
+    with pytest.raises(InputError, match="openclip:NAME"):
+        load_text_encoder("no/such/folder")

@@ -1,0 +1,125 @@
+"""Frozen text encoders for caption embeddings: open_clip's text tower or a pipeline's CLIPTextModel.
+
+Specs: `openclip:NAME[:PRETRAINED]` (an open_clip model name, with a pretrained tag or a local checkpoint
+file; `openclip:latentmill-tiny` is a tiny config shipped here, random weights), or a local diffusers
+pipeline folder (`text_encoder/` + `tokenizer/`) or transformers CLIP text model folder. The embedding
+is the per-token hidden state after the final layer norm: (context_length, width), what a U-Net's
+cross-attention reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from latentmill.curate.errors import InputError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+def register_model_configs() -> None:
+    """Make open_clip aware of the configs shipped with latentmill (latentmill-tiny)."""
+    import open_clip
+
+    if "latentmill-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+@dataclass
+class TextEncoder:
+    name: str
+    fingerprint: str
+    context_length: int
+    width: int
+    _encode: object
+
+    def encode(self, captions: list[str]) -> np.ndarray:
+        """(N, context_length, width) float32 hidden states."""
+        return self._encode(captions)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "fingerprint": self.fingerprint, "shape": [self.context_length, self.width]}
+
+
+def _fingerprint(name: str, module) -> str:
+    digest = hashlib.sha256(name.encode())
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _load_open_clip(spec: str, device: str, seed: int) -> TextEncoder:
+    import open_clip
+    import torch
+
+    register_model_configs()
+    name, _, pretrained = spec.partition(":")
+    if name not in open_clip.list_models():
+        raise InputError(f"--text-encoder openclip:{name}: unknown open_clip model. Known: latentmill-tiny, "
+                         f"ViT-L-14-quickgelu, ViT-H-14, ... (`python -c 'import open_clip; print(open_clip.list_models())'`).")
+    torch.manual_seed(seed)
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained or None, device=device)
+    except (RuntimeError, OSError, ValueError) as err:
+        raise InputError(
+            f"open_clip weights '{pretrained}' for {name} could not be loaded ({str(err).splitlines()[0][:160]}). "
+            f"Offline, pass a local checkpoint file: --text-encoder openclip:{name}:/path/to/open_clip_model.safetensors."
+        ) from None
+    model.eval().requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(name)
+
+    def encode(captions: list[str]) -> np.ndarray:
+        tokens = tokenizer(captions).to(device)
+        with torch.inference_mode():
+            cast = model.transformer.get_cast_dtype()
+            x = model.token_embedding(tokens).to(cast) + model.positional_embedding.to(cast)
+            x = model.transformer(x, attn_mask=model.attn_mask)
+            return model.ln_final(x).float().cpu().numpy()
+
+    text_modules = torch.nn.ModuleList([model.token_embedding, model.transformer, model.ln_final])
+    return TextEncoder(name=f"openclip:{spec}", fingerprint=_fingerprint(spec, text_modules),
+                       context_length=int(model.positional_embedding.shape[0]), width=int(model.ln_final.weight.shape[0]),
+                       _encode=encode)
+
+
+def _load_transformers(spec: str, device: str) -> TextEncoder:
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(spec)
+    text_dir = path / "text_encoder" if (path / "text_encoder").exists() else path
+    token_dir = path / "tokenizer" if (path / "tokenizer").exists() else path
+    try:
+        model = CLIPTextModel.from_pretrained(text_dir, local_files_only=True).to(device).eval().requires_grad_(False)
+        tokenizer = CLIPTokenizer.from_pretrained(token_dir, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise InputError(
+            f"--text-encoder {spec}: no CLIP text model found ({str(err).splitlines()[0][:160]}). Give a diffusers "
+            f"pipeline folder (text_encoder/ and tokenizer/) or openclip:NAME[:PRETRAINED]."
+        ) from None
+
+    # tokenizers saved without model_max_length report a huge sentinel: the position table is the real limit
+    context_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+
+    def encode(captions: list[str]) -> np.ndarray:
+        tokens = tokenizer(captions, padding="max_length", max_length=context_length, truncation=True,
+                           return_tensors="pt").input_ids.to(device)
+        with torch.inference_mode():
+            return model(tokens).last_hidden_state.float().cpu().numpy()
+
+    return TextEncoder(name=spec, fingerprint=_fingerprint(spec, model), context_length=context_length,
+                       width=int(model.config.hidden_size), _encode=encode)
+
+
+def load_text_encoder(spec: str, device: str = "cpu", seed: int = 0) -> TextEncoder:
+    """Load a frozen text encoder from `spec` (see the module docstring)."""
+    if spec.startswith("openclip:"):
+        return _load_open_clip(spec[len("openclip:"):], device, seed)
+    if Path(spec).exists():
+        return _load_transformers(spec, device)
+    raise InputError(f"--text-encoder {spec}: give openclip:NAME[:PRETRAINED] or a local pipeline folder "
+                     f"(with text_encoder/ and tokenizer/).")

@@ -74,8 +74,9 @@ def load_vae(spec: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0)
         name = spec
     model.eval().requires_grad_(False)
     fingerprint = _fingerprint(model)
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    model.to(device=device, dtype=torch_dtype)
+    model.to(device=device)
+    if dtype != "fp32":
+        model.to(dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
     if device.startswith("cuda"):
         model.to(memory_format=torch.channels_last)
     return LoadedVae(model=model, name=name, fingerprint=fingerprint,

@@ -13,6 +13,7 @@ from latentmill.cli import cli
 from latentmill.curate.imageserver import ImageServer, prerender, sample_rows
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
 
 
 @pytest.fixture(scope="session")

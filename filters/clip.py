@@ -1,0 +1,97 @@
+"""open_clip models for scoring: load by name and pretrained tag (or a local checkpoint file), with the
+QuickGELU correction for OpenAI weights, and embed images and captions (L2-normalised)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from latentmill.curate.errors import InputError
+from latentmill.curate.textencoder import register_model_configs
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ClipModel:
+    model: object
+    preprocess: object  # the model's own eval transform (PIL image -> tensor)
+    tokenizer: object
+    name: str
+    pretrained: str | None
+    embed_dim: int
+    image_size: int
+    device: str
+    dtype: object
+
+    def embed_images(self, pixels):
+        """Normalised image embeddings (float32, on CPU) of a preprocessed batch."""
+        import torch
+
+        with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=self.dtype,
+                                                    enabled=self.dtype != torch.float32):
+            features = self.model.encode_image(pixels.to(self.device))
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+    def embed_texts(self, captions: list[str]):
+        import torch
+
+        tokens = self.tokenizer(captions).to(self.device)
+        with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=self.dtype,
+                                                    enabled=self.dtype != torch.float32):
+            features = self.model.encode_text(tokens)
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+
+def resolve_model_name(name: str, pretrained: str | None) -> str:
+    """OpenAI weights were trained with QuickGELU: plain `ViT-L-14` + `openai` would use nn.GELU and shift
+    aesthetic scores by up to a point. Switch to the `-quickgelu` variant where open_clip has one."""
+    import open_clip
+
+    if pretrained == "openai" and not name.endswith("-quickgelu"):
+        fixed = f"{name}-quickgelu"
+        if fixed in open_clip.list_models():
+            log.warning("%s with OpenAI weights needs QuickGELU: using %s (plain %s shifts scores).", name, fixed, name)
+            return fixed
+        raise InputError(f"--clip-model {name} with --pretrained openai: OpenAI weights need QuickGELU and open_clip "
+                         f"has no {fixed}. Use a -quickgelu model name.")
+    return name
+
+
+def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision: str = "fp32") -> ClipModel:
+    """An open_clip model ready to embed. `pretrained`: a tag, a local checkpoint file, or None/'none'
+    for random weights (tests, speed runs)."""
+    import open_clip
+    import torch
+
+    register_model_configs()
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+    pretrained = None if pretrained in (None, "", "none") else pretrained
+    if name not in open_clip.list_models():
+        raise InputError(f"--clip-model {name!r} is not an open_clip model; e.g. ViT-L-14-quickgelu, ViT-B-32, "
+                         f"latentmill-tiny (all: `python -c 'import open_clip; print(open_clip.list_models())'`).")
+    name = resolve_model_name(name, pretrained)
+    if pretrained and not Path(pretrained).exists() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        raise InputError(f"--pretrained {pretrained!r}: neither a file nor a pretrained tag of {name} "
+                         f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}).")
+    torch.manual_seed(0)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    except (RuntimeError, OSError) as err:
+        raise InputError(
+            f"CLIP weights {name}/{pretrained} could not be loaded ({str(err).splitlines()[0][:160]}). Offline, "
+            f"download the checkpoint elsewhere and pass its path: --pretrained /path/to/open_clip_pytorch_model.bin."
+        ) from None
+    model.eval().requires_grad_(False)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if device == "cpu" and dtype == torch.float16:
+        raise InputError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU.")
+    embed_dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None else int(
+        model.visual.output_dim)
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
+    return ClipModel(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), name=name,
+                     pretrained=pretrained, embed_dim=embed_dim, image_size=image_size, device=device, dtype=dtype)

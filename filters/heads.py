@@ -1,0 +1,206 @@
+"""Predictor heads, each loaded from the file its authors published, keys and shapes checked.
+
+- aesthetic v2 (LAION "improved aesthetic predictor"): `layers.{0,2,4,6,7}` Linear 768→1024→128→64→16→1,
+  dropout between the first four, no activations; on normalised OpenAI ViT-L/14 embeddings.
+- aesthetic v1 (LAION-Aesthetics): one Linear(D, 1): keys `weight` (1, D), `bias` (1,).
+- unsafe (LAION's CLIP-based NSFW detector, ported to PyTorch): `norm.mean`, `norm.var` (D,) of its Keras
+  Normalization layer, then `layers.{0,2,4,6}` Linear D→64→512→256→1 with ReLU between and a sigmoid.
+- watermark (LAION-5B's detector, on pixels): timm `efficientnet_b3a` whose classifier is
+  Linear(1536,625) ReLU Dropout(0.3) Linear(625,256) ReLU Linear(256,2); 256×256 input, ImageNet
+  normalisation; pwatermark = softmax class 0. A plain state dict or {"weights": state dict}.
+- fitted (by `latentmill fit-head`): a safetensors file whose metadata names its column and kind.
+Files saved on `cuda:0` load with `map_location="cpu"`; pickles load with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from latentmill.curate.errors import InputError
+
+
+def load_state_dict(path: str | Path) -> dict:
+    """Tensors from a .pth/.pt/.bin (weights only, mapped to CPU) or a .safetensors file."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such head file. Download the published weights and pass their path.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for non-checkpoint files
+        raise InputError(f"{path}: not a PyTorch state dict ({str(err).splitlines()[0][:120]}).") from None
+    if isinstance(state, dict) and "weights" in state and isinstance(state["weights"], dict):
+        state = state["weights"]
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: expected a state dict (name -> tensor), found {type(state).__name__}.")
+    return state
+
+
+def check_layout(path, state: dict, expected: dict[str, tuple | None], what: str) -> None:
+    """Every expected key present with its shape (None: any shape); a clear message otherwise."""
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise InputError(f"{path}: not a {what} file: missing keys {', '.join(missing)}. Expected keys: "
+                         f"{', '.join(expected)}; found: {', '.join(list(state)[:12])}{' ...' if len(state) > 12 else ''}.")
+    for key, shape in expected.items():
+        if shape is not None and tuple(state[key].shape) != shape:
+            raise InputError(f"{path}: {what} key {key} has shape {list(state[key].shape)}, expected {list(shape)}.")
+
+
+@dataclass
+class Head:
+    """A head that maps normalised CLIP embeddings (N, D) to one score column."""
+
+    column: str
+    input_dim: int
+    module: object  # torch.nn.Module
+    on_pixels: bool = False
+
+    def __call__(self, embeddings):
+        import torch
+
+        with torch.inference_mode():
+            return self.module(embeddings.float()).reshape(-1).float().cpu().numpy()
+
+
+def aesthetic_v2_module(input_dim: int = 768):
+    from torch import nn
+
+    class AestheticV2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(
+                nn.Linear(input_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+        def forward(self, x):
+            return self.layers(x)
+
+    return AestheticV2()
+
+
+def load_aesthetic(path: str | Path, column: str = "aesthetic") -> Head:
+    """LAION aesthetic predictor v2 (MLP) or v1 (linear), told apart by their keys."""
+    from torch import nn
+
+    state = load_state_dict(path)
+    if "layers.0.weight" in state:
+        dim = int(state["layers.0.weight"].shape[1])
+        check_layout(path, state, {"layers.0.weight": (1024, dim), "layers.2.weight": (128, 1024),
+                                   "layers.4.weight": (64, 128), "layers.6.weight": (16, 64), "layers.7.weight": (1, 16),
+                                   "layers.7.bias": (1,)}, "LAION aesthetic v2")
+        module = aesthetic_v2_module(dim)
+    else:
+        check_layout(path, state, {"weight": None, "bias": (1,)}, "LAION aesthetic (v2 layers.* or v1 linear)")
+        dim = int(state["weight"].shape[-1])
+        check_layout(path, state, {"weight": (1, dim)}, "LAION aesthetic v1")
+        module = nn.Linear(dim, 1)
+    module.load_state_dict(state)
+    return Head(column, dim, module.eval())
+
+
+def unsafe_module(input_dim: int = 768):
+    import torch
+    from torch import nn
+
+    class UnsafeDetector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.Module()
+            self.norm.register_buffer("mean", torch.zeros(input_dim))
+            self.norm.register_buffer("var", torch.ones(input_dim))
+            self.layers = nn.Sequential(nn.Linear(input_dim, 64), nn.ReLU(), nn.Linear(64, 512), nn.ReLU(),
+                                        nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 1))
+
+        def forward(self, x):
+            x = (x - self.norm.mean) / torch.sqrt(self.norm.var + 1e-7)  # Keras Normalization's epsilon
+            return torch.sigmoid(self.layers(x))
+
+    return UnsafeDetector()
+
+
+def load_unsafe(path: str | Path, column: str = "punsafe") -> Head:
+    state = load_state_dict(path)
+    check_layout(path, state, {"norm.mean": None}, "LAION CLIP-based unsafe detector")
+    dim = int(state["norm.mean"].shape[0])
+    check_layout(path, state, {"norm.mean": (dim,), "norm.var": (dim,), "layers.0.weight": (64, dim),
+                               "layers.2.weight": (512, 64), "layers.4.weight": (256, 512), "layers.6.weight": (1, 256)},
+                 "LAION CLIP-based unsafe detector")
+    module = unsafe_module(dim)
+    module.load_state_dict(state)
+    return Head(column, dim, module.eval())
+
+
+def watermark_module():
+    import timm
+    from torch import nn
+
+    model = timm.create_model("efficientnet_b3", pretrained=False)  # timm's current name for efficientnet_b3a
+    model.classifier = nn.Sequential(nn.Linear(1536, 625), nn.ReLU(), nn.Dropout(0.3), nn.Linear(625, 256), nn.ReLU(),
+                                     nn.Linear(256, 2))
+    return model
+
+
+def load_watermark(path: str | Path, column: str = "pwatermark") -> Head:
+    """LAION-5B's watermark detector: runs on 256x256 ImageNet-normalised pixels, not on embeddings."""
+    state = load_state_dict(path)
+    check_layout(path, state, {"conv_stem.weight": None, "classifier.0.weight": (625, 1536),
+                               "classifier.3.weight": (256, 625), "classifier.5.weight": (2, 256)},
+                 "LAION-5B watermark detector (timm efficientnet_b3a)")
+    import torch
+    from torch import nn
+
+    net = watermark_module()
+    net.load_state_dict(state)
+
+    class WatermarkProbability(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, pixels):
+            return torch.softmax(self.net(pixels), dim=-1)[:, 0]
+
+    return Head(column, 0, WatermarkProbability().eval(), on_pixels=True)
+
+
+def load_fitted(path: str | Path) -> Head:
+    """A head saved by `latentmill fit-head` (safetensors, metadata: column, kind, input_dim, task)."""
+    from safetensors import safe_open
+    from torch import nn
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such head file.")
+    with safe_open(path, framework="pt") as handle:
+        meta = handle.metadata() or {}
+    if meta.get("format") != "latentmill.head/1":
+        raise InputError(f"{path}: not a head saved by `latentmill fit-head` (no latentmill.head/1 metadata).")
+    dim, kind = int(meta["input_dim"]), meta["kind"]
+    module = fitted_module(kind, dim, json.loads(meta.get("hidden", "[]")), meta["task"] == "classification")
+    module.load_state_dict(load_state_dict(path))
+    return Head(meta["column"], dim, module.eval())
+
+
+def fitted_module(kind: str, input_dim: int, hidden: list[int], sigmoid: bool):
+    """linear: Linear(D, 1); mlp: Linear/ReLU stack through `hidden`; a sigmoid for classification."""
+    from torch import nn
+
+    sizes = [input_dim, *(hidden if kind == "mlp" else []), 1]
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    if sigmoid:
+        layers.append(nn.Sigmoid())
+    return nn.Sequential(*layers)

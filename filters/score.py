@@ -1,0 +1,195 @@
+"""`score`: per image shard, CLIP embeddings (images and captions), predictor heads, one score parquet.
+
+Images are decoded in DataLoader workers (JPEG `draft` mode: decode at the smallest scale that still
+covers the model's input) and preprocessed with the model's own transform, so the model never waits on
+decoding. Output `scores/{shard}.parquet`, one row per image in shard order: key, url, caption, width,
+height (decoded, EXIF applied), original_width, original_height, one column per head, clip_similarity,
+error. `--save-embeddings` adds `embeddings/{shard}.npy` (float16, parquet row order, NaN rows for
+errors). A shard is done when `scores/{shard}.stats.json` exists.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentmill.curate.atomic import atomic_path, write_json
+from latentmill.curate.bucketstats import header_size
+from latentmill.curate.errors import InputError
+from latentmill.curate.imageshards import ImageDecodeError, ShardReadStats, iter_image_shard, list_image_shards
+
+WATERMARK_SIZE = 256
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ScoreConfig:
+    clip_model: str = "ViT-L-14-quickgelu"
+    pretrained: str | None = "openai"
+    device: str = "cpu"
+    precision: str = "fp32"
+    batch_size: int = 64
+    workers: int = 2
+    aesthetic_head: str | None = None
+    unsafe_head: str | None = None
+    watermark_head: str | None = None
+    fitted_heads: list[str] = field(default_factory=list)
+    save_embeddings: bool = False
+
+
+class ShardImages(torch.utils.data.IterableDataset):
+    """One shard's samples, decoded and preprocessed, split between DataLoader workers by position."""
+
+    def __init__(self, path: Path, preprocess, image_size: int, watermark: bool):
+        self.path, self.preprocess, self.image_size, self.watermark = path, preprocess, image_size, watermark
+
+    def __iter__(self):
+        from torchvision import transforms
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        wm_transform = transforms.Compose([transforms.Resize((WATERMARK_SIZE, WATERMARK_SIZE)), transforms.ToTensor(),
+                                           transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        stats = ShardReadStats()
+        for index, sample in enumerate(iter_image_shard(self.path, stats)):
+            if index % workers != worker:
+                continue
+            row = {"index": index, "key": sample.key, "url": sample.meta.get("url"), "caption": sample.caption,
+                   "original_width": sample.meta.get("original_width"), "original_height": sample.meta.get("original_height"),
+                   "width": None, "height": None, "error": None, "pixels": None, "wm_pixels": None}
+            try:
+                size = header_size(sample.image_bytes)
+                draft = max(self.image_size, WATERMARK_SIZE if self.watermark else 0)
+                image = sample.image(draft_size=(draft, draft))
+                row["width"], row["height"] = size or image.size
+                row["pixels"] = self.preprocess(image)
+                if self.watermark:
+                    row["wm_pixels"] = wm_transform(image)
+            except ImageDecodeError as err:
+                row["error"] = err.reason
+            yield row
+        if worker == 0 and (stats.damaged or stats.incomplete):
+            yield {"index": -1, "damaged": stats.damaged, "incomplete": stats.incomplete}
+
+
+def _collate(rows):
+    return rows
+
+
+def load_heads(config: ScoreConfig, embed_dim: int) -> list:
+    """Load every head asked for and check it fits the CLIP model, before any image is read."""
+    from latentmill.filters.heads import load_aesthetic, load_fitted, load_unsafe, load_watermark
+
+    heads = []
+    if config.aesthetic_head:
+        heads.append((config.aesthetic_head, load_aesthetic(config.aesthetic_head)))
+    if config.unsafe_head:
+        heads.append((config.unsafe_head, load_unsafe(config.unsafe_head)))
+    if config.watermark_head:
+        heads.append((config.watermark_head, load_watermark(config.watermark_head)))
+    for path in config.fitted_heads:
+        heads.append((path, load_fitted(path)))
+    for path, head in heads:
+        if not head.on_pixels and head.input_dim != embed_dim:
+            raise InputError(f"{path}: the {head.column} head takes {head.input_dim}-d embeddings but "
+                             f"--clip-model {config.clip_model} gives {embed_dim}-d. Use the CLIP model the head was "
+                             f"trained on (LAION heads: ViT-L-14-quickgelu with openai weights, 768-d).")
+    columns = [h.column for _, h in heads]
+    if len(set(columns)) != len(columns):
+        raise InputError(f"two heads write the same column ({', '.join(columns)}); fit-head --column names it.")
+    return [h for _, h in heads]
+
+
+def score_shard(path: Path, output: Path, config: ScoreConfig, clip, heads: list, embeddings_dir: Path | None) -> dict:
+    """Score one image shard into `output/{shard}.parquet` (+ embeddings); return its stats."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    watermark = any(h.on_pixels for h in heads)
+    loader = torch.utils.data.DataLoader(ShardImages(path, clip.preprocess, clip.image_size, watermark),
+                                         batch_size=config.batch_size, num_workers=config.workers, collate_fn=_collate)
+    rows, damage = [], {"damaged": False, "incomplete": 0}
+    embeddings: dict[int, np.ndarray] = {}
+    for batch in loader:
+        damage_rows = [r for r in batch if r["index"] == -1]
+        for r in damage_rows:
+            damage = {"damaged": r["damaged"], "incomplete": r["incomplete"]}
+        good = [r for r in batch if r["index"] >= 0 and r["error"] is None]
+        rows += [r for r in batch if r["index"] >= 0]
+        if not good:
+            continue
+        image_emb = clip.embed_images(torch.stack([r["pixels"] for r in good]))
+        captioned = [r for r in good if r["caption"]]
+        if captioned:
+            text_emb = clip.embed_texts([r["caption"] for r in captioned])
+            position = {id(r): i for i, r in enumerate(good)}
+            for r, t in zip(captioned, text_emb, strict=True):
+                r["clip_similarity"] = float(image_emb[position[id(r)]] @ t)
+        for head in heads:
+            if head.on_pixels:
+                values = head(torch.stack([r["wm_pixels"] for r in good]))
+            else:
+                values = head(image_emb)
+            for r, v in zip(good, values, strict=True):
+                r[head.column] = float(v)
+        for r, e in zip(good, image_emb.numpy(), strict=True):
+            embeddings[r["index"]] = e
+    rows.sort(key=lambda r: r["index"])
+    head_columns = [h.column for h in heads]
+    table = pa.table({
+        "key": [r["key"] for r in rows], "url": [r["url"] for r in rows], "caption": [r["caption"] for r in rows],
+        "width": pa.array([r["width"] for r in rows], pa.int32()), "height": pa.array([r["height"] for r in rows], pa.int32()),
+        "original_width": pa.array([r["original_width"] for r in rows], pa.int32()),
+        "original_height": pa.array([r["original_height"] for r in rows], pa.int32()),
+        **{c: pa.array([r.get(c) for r in rows], pa.float32()) for c in head_columns},
+        "clip_similarity": pa.array([r.get("clip_similarity") for r in rows], pa.float32()),
+        "error": pa.array([r["error"] for r in rows], pa.string()),
+    })
+    if embeddings_dir is not None:
+        matrix = np.full((len(rows), clip.embed_dim), np.nan, dtype=np.float16)
+        for i, r in enumerate(rows):
+            if r["index"] in embeddings:
+                matrix[i] = embeddings[r["index"]]
+        with atomic_path(embeddings_dir / f"{path.stem}.npy") as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, matrix)
+    with atomic_path(output / f"{path.stem}.parquet") as tmp:
+        pq.write_table(table, tmp)
+    errors = Counter(r["error"] for r in rows if r["error"])
+    stats = {"shard": path.stem, "images": len(rows), "scored": len(rows) - sum(errors.values()),
+             "errors": dict(errors), **damage}
+    write_json(output / f"{path.stem}.stats.json", stats)
+    return stats
+
+
+def score(images: str | Path, output: str | Path, config: ScoreConfig, progress=None) -> dict:
+    """Score every image shard of `images` into `output` (done shards skipped); return the totals."""
+    from latentmill.filters.clip import load_clip
+
+    images, output = Path(images), Path(output)
+    shards = list_image_shards(images)
+    if not shards:
+        raise InputError(f"{images}: no .tar image shards. Make them with `latentmill download`.")
+    clip = load_clip(config.clip_model, config.pretrained, config.device, config.precision)
+    heads = load_heads(config, clip.embed_dim)
+    output.mkdir(parents=True, exist_ok=True)
+    embeddings_dir = output.parent / "embeddings" if config.save_embeddings else None
+    if embeddings_dir:
+        embeddings_dir.mkdir(parents=True, exist_ok=True)
+    write_json(output / "score_config.json", asdict(config) | {"clip_model": clip.name, "embed_dim": clip.embed_dim,
+                                                               "columns": [h.column for h in heads]})
+    totals = Counter()
+    for path in shards:
+        done = output / f"{path.stem}.stats.json"
+        stats = json.loads(done.read_text()) if done.exists() else score_shard(path, output, config, clip, heads, embeddings_dir)
+        totals.update({"shards": 1, "images": stats["images"], "scored": stats["scored"]})
+        for reason, n in stats["errors"].items():
+            totals[f"error:{reason}"] += n
+        if progress:
+            progress(stats["images"])
+    return dict(totals)

@@ -176,7 +176,6 @@ def load_watermark(path: str | Path, column: str = "pwatermark") -> Head:
 def load_fitted(path: str | Path) -> Head:
     """A head saved by `latentmill fit-head` (safetensors, metadata: column, kind, input_dim, task)."""
     from safetensors import safe_open
-    from torch import nn
 
     path = Path(path)
     if not path.exists():

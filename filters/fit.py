@@ -1,0 +1,141 @@
+"""`fit-head`: fit a linear or MLP head on labelled CLIP embeddings and save it as a file `score` loads.
+
+Embeddings are `embeddings/{shard}.npy` (rows in the order of `scores/{shard}.parquet`); labels are a
+csv/parquet with `key` and the target column. Binary targets (0/1, true/false) make a classifier
+(sigmoid output, a probability; metrics: accuracy and ROC AUC), anything else a regressor (metrics:
+MAE and Spearman's rho). A seeded split holds out a validation fraction.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from latentmill.curate.errors import InputError
+
+
+@dataclass
+class FitConfig:
+    target: str
+    kind: str = "linear"  # or "mlp"
+    column: str | None = None  # the score column the head writes (default: the target's name)
+    hidden: tuple[int, ...] = (64,)
+    validation_fraction: float = 0.2
+    epochs: int = 300
+    learning_rate: float = 1e-2
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
+def load_labelled_embeddings(embeddings: str | Path, labels: str | Path, target: str, scores: str | Path | None = None):
+    """(X float32 (N, D), y float32 (N,)) for the labelled keys that have an embedding."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    embeddings = Path(embeddings)
+    scores = Path(scores) if scores else embeddings.parent / "scores"
+    labels = Path(labels)
+    if not labels.exists():
+        raise InputError(f"{labels}: no such labels file.")
+    table = pd.read_parquet(labels) if labels.suffix == ".parquet" else pd.read_csv(labels, dtype={"key": str})
+    for column in ("key", target):
+        if column not in table.columns:
+            raise InputError(f"{labels}: no column {column!r}. Columns found: {', '.join(map(str, table.columns))}.")
+    wanted = dict(zip(table["key"].astype(str), table[target], strict=True))
+    rows, ys = [], []
+    files = sorted(embeddings.glob("*.npy"))
+    if not files:
+        raise InputError(f"{embeddings}: no embeddings. Run `latentmill score --save-embeddings` first.")
+    for file in files:
+        parquet = scores / f"{file.stem}.parquet"
+        if not parquet.exists():
+            raise InputError(f"{parquet}: missing; embeddings rows are matched to keys through the score parquet "
+                             f"(give --scores).")
+        keys = pq.read_table(parquet, columns=["key"]).column("key").to_pylist()
+        matrix = np.load(file)
+        for key, row in zip(keys, matrix, strict=True):
+            if key in wanted and np.isfinite(row).all():
+                rows.append(row.astype(np.float32))
+                ys.append(float(wanted[key]))
+    if len(rows) < 10:
+        raise InputError(f"{labels}: only {len(rows)} labelled keys have embeddings; need at least 10.")
+    return np.stack(rows), np.asarray(ys, dtype=np.float32)
+
+
+def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve via the rank-sum (ties averaged)."""
+    from scipy.stats import rankdata
+
+    positives, negatives = y == 1, y == 0
+    if not positives.any() or not negatives.any():
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[positives].sum() - positives.sum() * (positives.sum() + 1) / 2) / (positives.sum() * negatives.sum()))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import rankdata
+
+    ra, rb = rankdata(a), rankdata(b)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, config: FitConfig):
+    """Train; return (module, metrics) with metrics on the held-out split."""
+    import torch
+
+    from latentmill.filters.heads import fitted_module
+
+    if config.kind not in ("linear", "mlp"):
+        raise InputError(f"--kind {config.kind!r}: use linear or mlp.")
+    classification = set(np.unique(y)) <= {0.0, 1.0}
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(y))
+    n_val = max(1, int(round(len(y) * config.validation_fraction)))
+    val, train = order[:n_val], order[n_val:]
+    torch.manual_seed(config.seed)
+    module = fitted_module(config.kind, x.shape[1], list(config.hidden), classification)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    # train on standardised features (normalised CLIP embeddings are tiny per dimension), then fold the
+    # standardisation into the first layer so the saved head takes raw normalised embeddings
+    mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+    xt, yt = torch.from_numpy((x[train] - mean) / std), torch.from_numpy(y[train])
+    loss_fn = torch.nn.BCELoss() if classification else torch.nn.MSELoss()
+    for _ in range(config.epochs):
+        optimizer.zero_grad()
+        loss = loss_fn(module(xt).reshape(-1), yt)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        first = module[0]
+        first.weight /= torch.from_numpy(std).to(first.weight.dtype)
+        first.bias -= first.weight @ torch.from_numpy(mean).to(first.weight.dtype)
+    module.eval()
+    with torch.no_grad():
+        predicted = module(torch.from_numpy(x[val])).reshape(-1).numpy()
+    truth = y[val]
+    if classification:
+        metrics = {"task": "classification", "accuracy": float(((predicted >= 0.5) == (truth == 1)).mean()),
+                   "auc": roc_auc(truth, predicted)}
+    else:
+        metrics = {"task": "regression", "mae": float(np.abs(predicted - truth).mean()), "spearman": spearman(predicted, truth)}
+    metrics |= {"train": int(len(train)), "validation": int(len(val))}
+    return module, metrics
+
+
+def save_head(module, path: str | Path, config: FitConfig, input_dim: int, metrics: dict) -> Path:
+    """safetensors weights with the metadata `heads.load_fitted` needs."""
+    from safetensors.torch import save_file
+
+    from latentmill.curate.atomic import atomic_path
+
+    path = Path(path)
+    meta = {"format": "latentmill.head/1", "column": config.column or config.target, "kind": config.kind,
+            "input_dim": str(input_dim), "task": metrics["task"], "hidden": json.dumps(list(config.hidden)),
+            "metrics": json.dumps(metrics)}
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp), metadata=meta)
+    return path

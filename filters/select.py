@@ -1,0 +1,131 @@
+"""`select`: apply rules to the score parquets; write `selection/{shard}.parquet` (key, keep, reason), the
+funnel, and one histogram per score with its threshold marked. Scores are never recomputed: change the
+rules and run again."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from latentmill.curate.atomic import atomic_path, write_json
+from latentmill.curate.errors import InputError
+from latentmill.filters.rules import PRESETS, Rule, derived_columns
+
+THRESHOLD_OPTIONS = {  # option -> (rule name, template)
+    "min_aesthetic": ("min_aesthetic", "aesthetic >= {}"), "max_pwatermark": ("max_pwatermark", "pwatermark <= {}"),
+    "max_punsafe": ("max_punsafe", "punsafe <= {}"), "min_similarity": ("min_similarity", "clip_similarity >= {}"),
+    "min_side": ("min_side", "min_side >= {}"), "max_aspect": ("max_aspect", "aspect <= {}"),
+    "min_area": ("min_area", "area >= {}"),
+}
+NON_SCORE = {"key", "url", "caption", "error", "original_width", "original_height"}
+
+
+def build_rules(thresholds: dict, where: list[str], preset: str | None, known: list[str]) -> list[Rule]:
+    """Rules in order: the preset's, then the threshold options', then each --where."""
+    specs: list[tuple[str, str]] = []
+    if preset:
+        if preset not in PRESETS:
+            raise InputError(f"--preset {preset!r}: use one of {', '.join(PRESETS)}.")
+        specs += PRESETS[preset]
+    for option, value in thresholds.items():
+        if value is not None:
+            name, template = THRESHOLD_OPTIONS[option]
+            specs.append((name, template.format(value)))
+    specs += [(expression.strip(), expression) for expression in where]
+    return [Rule(name, expression, known) for name, expression in specs]
+
+
+def select(scores: str | Path, output: str | Path, thresholds: dict | None = None, where: list[str] | None = None,
+           preset: str | None = None, plots: bool = True) -> dict:
+    """Select from every score shard; return the funnel (rows dropped by each rule, in order)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    scores, output = Path(scores), Path(output)
+    shards = sorted(p for p in scores.glob("*.parquet") if (scores / f"{p.stem}.stats.json").exists())
+    if not shards:
+        raise InputError(f"{scores}: no finished score shards ({{shard}}.parquet with {{shard}}.stats.json). "
+                         f"Run `latentmill score` first.")
+    known = sorted(set(derived_columns({c: np.zeros(1) for c in pq.read_schema(shards[0]).names if c not in NON_SCORE}))
+                   | {"width", "height"})
+    rules = build_rules(thresholds or {}, where or [], preset, known)
+    dropped = {"error": 0} | {r.name: 0 for r in rules}
+    total = kept_total = 0
+    values: dict[str, list] = {}
+    output.mkdir(parents=True, exist_ok=True)
+    for shard in shards:
+        table = pq.read_table(shard)
+        columns = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names if c not in NON_SCORE}
+        columns = derived_columns({c: np.asarray(v, dtype=float) for c, v in columns.items()})
+        for c, v in columns.items():
+            values.setdefault(c, []).append(v)
+        n = table.num_rows
+        reason = np.full(n, "", dtype=object)
+        alive = table.column("error").is_null().to_numpy(zero_copy_only=False).copy()
+        reason[~alive] = ["error:" + e for e in table.column("error").to_numpy(zero_copy_only=False)[~alive]]
+        dropped["error"] += int((~alive).sum())
+        for rule in rules:
+            fails = alive & ~rule.passes(columns)
+            reason[fails] = rule.name
+            dropped[rule.name] += int(fails.sum())
+            alive &= ~fails
+        total += n
+        kept_total += int(alive.sum())
+        with atomic_path(output / shard.name) as tmp:
+            pq.write_table(pa.table({"key": table.column("key"), "keep": pa.array(alive), "reason": pa.array(list(reason), pa.string())}), tmp)
+    remaining, steps = total, []
+    for name, count in dropped.items():
+        remaining -= count
+        steps.append({"rule": name, "dropped": count, "remaining": remaining})
+    funnel = {"input": total, "steps": steps, "kept": kept_total,
+              "rules": [{"name": r.name, "expression": r.expression} for r in rules]}
+    assert remaining == kept_total
+    if plots:
+        funnel["plots"] = [str(p) for p in plot_histograms(values, rules, output / "plots")]
+    write_json(output / "funnel.json", funnel)
+    return funnel
+
+
+def plot_histograms(values: dict[str, list], rules: list[Rule], folder: Path) -> list[Path]:
+    """One PNG per score column, with every threshold a rule puts on it drawn as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for column in sorted(values):
+        if column in ("width", "height", "max_side"):
+            continue
+        data = np.concatenate(values[column])
+        data = data[np.isfinite(data)]
+        if not len(data):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+        ax.hist(data, bins=min(60, max(10, len(data) // 5)), color="#4C72B0")
+        for rule in rules:
+            for match in re.finditer(rf"\b{re.escape(column)}\s*(<=|>=|<|>|==)\s*(-?[0-9.]+)", rule.expression):
+                ax.axvline(float(match.group(2)), color="#C44E52", linestyle="--")
+                ax.annotate(f"{match.group(1)} {match.group(2)}", (float(match.group(2)), ax.get_ylim()[1] * 0.9),
+                            color="#C44E52", fontsize=8)
+        ax.set_title(f"{column} ({len(data)} images)")
+        ax.set_xlabel(column)
+        ax.set_ylabel("images")
+        fig.tight_layout()
+        path = folder / f"{column}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def format_funnel(funnel: dict) -> str:
+    lines = [f"{'scored images':<28}{funnel['input']:>10,}"]
+    for step in funnel["steps"]:
+        lines.append(f"  - {step['rule'][:24]:<24}{-step['dropped']:>10,}   -> {step['remaining']:,}")
+    lines.append(f"{'kept':<28}{funnel['kept']:>10,}")
+    return "\n".join(lines)

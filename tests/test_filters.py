@@ -1,0 +1,283 @@
+"""Scoring with a tiny open_clip model and the LAION heads in their published layouts; selection; fit-head."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from latentmill.curate.download import DownloadConfig, download
+from latentmill.curate.errors import InputError
+from latentmill.filters.clip import load_clip, resolve_model_name
+from latentmill.filters.heads import aesthetic_v2_module, unsafe_module, watermark_module
+from latentmill.filters.score import ScoreConfig, score
+from tests.conftest import image_entry, make_shard, write_table
+
+TINY = dict(clip_model="latentmill-tiny", pretrained="none", workers=0, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def downloaded(server, tmp_path_factory):
+    """Real image shards from the loopback server, plus one shard with an undecodable image."""
+    from latentmill.curate.imageserver import sample_rows
+
+    root = tmp_path_factory.mktemp("filters")
+    rows = [r for r in sample_rows(server.url("")) if r["expect"] == "ok"][:20]
+    table = write_table(root / "urls.parquet", rows)
+    download(table, root / "images", DownloadConfig(processes=1, threads=16, timeout_s=5, retries=0, shard_size=10,
+                                                   allow_private_addresses=True))
+    make_shard(root / "images" / "99999.tar", [image_entry("999990000", 300, 200, seed=5),
+                                               ("999990001", {"jpg": b"<html>broken</html>", "txt": b"a broken image"})])
+    return root
+
+
+def write_heads(folder, dim=32):
+    torch.manual_seed(1)
+    aesthetic = aesthetic_v2_module(dim).state_dict()
+    unsafe = unsafe_module(dim)
+    with torch.no_grad():
+        unsafe.norm.mean.uniform_(-0.1, 0.1)
+        unsafe.norm.var.uniform_(0.5, 2.0)
+    paths = {"aesthetic": folder / "sac+logos+ava1-l14-linearMSE.pth", "unsafe": folder / "clip_autokeras_l14.pth",
+             "watermark": folder / "watermark_model_v1.pt"}
+    torch.save(aesthetic, paths["aesthetic"])
+    torch.save(unsafe.state_dict(), paths["unsafe"])
+    torch.save({"weights": watermark_module().state_dict()}, paths["watermark"])
+    return paths
+
+
+def test_score_end_to_end_with_the_laion_heads(downloaded, tmp_path):
+    heads = write_heads(tmp_path)
+    out = tmp_path / "scores"
+    totals = score(downloaded / "images", out, ScoreConfig(**TINY, aesthetic_head=str(heads["aesthetic"]),
+                                                            unsafe_head=str(heads["unsafe"]),
+                                                            watermark_head=str(heads["watermark"]), save_embeddings=True))
+    assert totals["images"] == 22 and totals["scored"] == 21 and totals["error:undecodable"] == 1
+    table = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("*.parquet"))]).to_pandas()
+    embeddings = np.concatenate([np.load(p) for p in sorted((tmp_path / "embeddings").glob("*.npy"))]).astype(np.float64)
+    ok = table["error"].isna().to_numpy()
+    assert table.loc[~ok, "aesthetic"].isna().all() and np.isnan(embeddings[~ok]).all()
+    e = embeddings[ok]
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=2e-3)
+
+    sd = {k: v.double().numpy() for k, v in torch.load(heads["aesthetic"], weights_only=True).items()}
+    x = e
+    for i in (0, 2, 4, 6, 7):  # the published MLP: linear layers, no activations
+        x = x @ sd[f"layers.{i}.weight"].T + sd[f"layers.{i}.bias"]
+    np.testing.assert_allclose(table.loc[ok, "aesthetic"], x[:, 0], atol=2e-3)
+
+    sd = {k: v.double().numpy() for k, v in torch.load(heads["unsafe"], weights_only=True).items()}
+    x = (e - sd["norm.mean"]) / np.sqrt(sd["norm.var"] + 1e-7)
+    for i in (0, 2, 4):
+        x = np.maximum(x @ sd[f"layers.{i}.weight"].T + sd[f"layers.{i}.bias"], 0)
+    x = 1 / (1 + np.exp(-(x @ sd["layers.6.weight"].T + sd["layers.6.bias"])))
+    np.testing.assert_allclose(table.loc[ok, "punsafe"], x[:, 0], atol=2e-3)
+
+    clip = load_clip("latentmill-tiny", "none")
+    text = clip.embed_texts(list(table.loc[ok, "caption"])).numpy()
+    np.testing.assert_allclose(table.loc[ok, "clip_similarity"], (e * text).sum(1), atol=5e-3)
+    assert table.loc[ok, "pwatermark"].between(0, 1).all()
+    assert (table.loc[ok, "width"] > 0).all() and table["key"].is_unique
+
+
+def test_the_watermark_column_is_the_detector_on_256px_imagenet_pixels(downloaded, tmp_path):
+    from torchvision import transforms
+
+    from latentmill.curate.imageshards import iter_image_shard
+
+    heads = write_heads(tmp_path)
+    out = tmp_path / "scores"
+    score(downloaded / "images", out, ScoreConfig(**TINY, watermark_head=str(heads["watermark"])))
+    net = watermark_module()
+    net.load_state_dict(torch.load(heads["watermark"], weights_only=True)["weights"])
+    net.eval()
+    scores = pq.read_table(out / "00000.parquet").to_pandas().set_index("key")
+    to_pixels = transforms.Compose([transforms.Resize((256, 256)), transforms.ToTensor(),
+                                    transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    for sample in list(iter_image_shard(downloaded / "images" / "00000.tar"))[:4]:
+        with torch.no_grad():
+            expected = torch.softmax(net(to_pixels(sample.image(draft_size=(256, 256)))[None]), -1)[0, 0].item()
+        assert scores.loc[sample.key, "pwatermark"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_heads_are_checked_before_any_work(downloaded, tmp_path, run_cli):
+    heads = write_heads(tmp_path, dim=768)  # the real ViT-L/14 size, not the tiny model's 32
+    result = run_cli("score", downloaded / "images", "-o", tmp_path / "s", "--clip-model", "latentmill-tiny",
+                     "--pretrained", "none", "--aesthetic-head", heads["aesthetic"])
+    assert result.exit_code == 2 and "768-d" in result.output and "32-d" in result.output
+    assert not (tmp_path / "s").exists()
+    bad = tmp_path / "bad.pth"
+    torch.save({"fc.weight": torch.zeros(1, 32)}, bad)
+    result = run_cli("score", downloaded / "images", "-o", tmp_path / "s", "--clip-model", "latentmill-tiny",
+                     "--pretrained", "none", "--unsafe-head", bad)
+    assert result.exit_code == 2 and "missing keys norm.mean" in result.output
+    result = run_cli("score", downloaded / "images", "-o", tmp_path / "s", "--clip-model", "latentmill-tiny",
+                     "--pretrained", "none", "--aesthetic-head", tmp_path / "nowhere.pth")
+    assert result.exit_code == 2 and "nowhere.pth: no such head file" in result.output
+
+
+def test_openai_weights_get_quickgelu():
+    assert resolve_model_name("ViT-L-14", "openai") == "ViT-L-14-quickgelu"
+    assert resolve_model_name("ViT-L-14", "laion2b_s32b_b82k") == "ViT-L-14"
+    with pytest.raises(InputError, match="pretrained tag"):
+        load_clip("latentmill-tiny", "no-such-tag")
+
+
+def _score_cmd(images, out):
+    return [sys.executable, "-m", "latentmill", "score", str(images), "-o", str(out), "--clip-model", "latentmill-tiny",
+            "--pretrained", "none", "--workers", "0", "--batch-size", "1"]
+
+
+def test_a_score_killed_midway_resumes_to_the_same_parquets(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for shard in range(6):
+        make_shard(images / f"{shard:05d}.tar", [image_entry(f"{shard:05d}{i:04d}", 200, 150, seed=shard * 10 + i)
+                                                 for i in range(8)])
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    process = subprocess.Popen(_score_cmd(images, killed), start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    marker = killed / "00000.stats.json"
+    try:
+        while process.poll() is None and not marker.exists():
+            try:
+                process.wait(timeout=0.01)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert marker.exists() and not (killed / "00005.stats.json").exists(), "the score run was not stopped mid-way"
+    subprocess.run(_score_cmd(images, killed), check=True, capture_output=True)
+    subprocess.run(_score_cmd(images, reference), check=True, capture_output=True)
+    for shard in range(6):
+        a = pq.read_table(killed / f"{shard:05d}.parquet")
+        b = pq.read_table(reference / f"{shard:05d}.parquet")
+        assert a.equals(b)
+
+
+# --- select -------------------------------------------------------------------------------------------
+
+def write_scores(folder, rows, shard="00000"):
+    folder.mkdir(exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / f"{shard}.parquet")
+    (folder / f"{shard}.stats.json").write_text("{}")
+
+
+def score_row(key, aesthetic=6.0, pwatermark=0.1, punsafe=0.0, sim=0.3, w=800, h=600, error=None):
+    return {"key": key, "url": f"https://x/{key}", "caption": "c", "width": w, "height": h, "original_width": w,
+            "original_height": h, "aesthetic": aesthetic, "pwatermark": pwatermark, "punsafe": punsafe,
+            "clip_similarity": sim, "error": error}
+
+
+def test_select_funnel_counts_are_exact(tmp_path, run_cli):
+    rows = [score_row("a"), score_row("b", aesthetic=4.0), score_row("c", pwatermark=0.9),
+            score_row("d", w=300, h=300), score_row("e", error="undecodable", aesthetic=None),
+            score_row("f", aesthetic=7.0, w=2000, h=600), score_row("g", aesthetic=None), score_row("h", sim=0.1)]
+    write_scores(tmp_path / "scores", rows)
+    result = run_cli("select", tmp_path / "scores", "-o", tmp_path / "sel", "--preset", "sd-v1", "--max-aspect", "2",
+                     "--where", "clip_similarity >= 0.28 and not punsafe > 0.5")
+    assert result.exit_code == 0, result.output
+    funnel = json.loads((tmp_path / "sel" / "funnel.json").read_text())
+    assert [(s["rule"], s["dropped"]) for s in funnel["steps"]] == [
+        ("error", 1), ("min_side", 1), ("min_aesthetic", 2), ("max_pwatermark", 1), ("max_aspect", 1),
+        ("clip_similarity >= 0.28 and not punsafe > 0.5", 1)]
+    assert funnel["kept"] == 1
+    selection = pq.read_table(tmp_path / "sel" / "00000.parquet").to_pylist()
+    assert {r["key"]: (r["keep"], r["reason"]) for r in selection} == {
+        "a": (True, ""), "b": (False, "min_aesthetic"), "c": (False, "max_pwatermark"), "d": (False, "min_side"),
+        "e": (False, "error:undecodable"), "f": (False, "max_aspect"), "g": (False, "min_aesthetic"),
+        "h": (False, "clip_similarity >= 0.28 and not punsafe > 0.5")}
+    png = tmp_path / "sel" / "plots" / "aesthetic.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("where, message", [
+    ("__import__('os').system('true')", "only comparisons"),
+    ("aesthetic.real > 5", "compare columns with numbers only"),
+    ("aesthtic >= 5", "Did you mean 'aesthetic'"),
+    ("aesthetic >= 'high'", "compare columns with numbers only"),
+    ("aesthetic + 1 > 5", "compare columns with numbers only"),
+    ("aesthetic >=", "not a valid expression"),
+    ("aesthetic in [1, 2]", "only <, <=, >, >=, ==, != compare"),
+])
+def test_where_accepts_only_comparisons_of_known_columns(tmp_path, run_cli, where, message):
+    write_scores(tmp_path / "scores", [score_row("a")])
+    result = run_cli("select", tmp_path / "scores", "-o", tmp_path / "sel", "--where", where)
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "sel" / "00000.parquet").exists()
+
+
+def test_chained_and_negative_comparisons(tmp_path):
+    from latentmill.filters.select import select
+
+    write_scores(tmp_path / "scores", [score_row("a", aesthetic=5.5), score_row("b", aesthetic=7.5), score_row("c", sim=-0.2)])
+    funnel = select(tmp_path / "scores", tmp_path / "sel", where=["5 <= aesthetic < 7", "clip_similarity > -0.1"], plots=False)
+    assert funnel["kept"] == 1 and [s["dropped"] for s in funnel["steps"]] == [0, 1, 1]
+
+
+# --- fit-head -----------------------------------------------------------------------------------------
+
+def write_embeddings(root, x, keys):
+    (root / "embeddings").mkdir(parents=True)
+    (root / "scores").mkdir()
+    np.save(root / "embeddings" / "00000.npy", x.astype(np.float16))
+    pq.write_table(pa.table({"key": keys}), root / "scores" / "00000.parquet")
+
+
+def test_fit_head_separates_separable_embeddings_and_not_shuffled_labels(tmp_path, run_cli):
+    rng = np.random.default_rng(0)
+    n, d = 400, 32
+    direction = rng.normal(size=d)
+    x = rng.normal(size=(n, d))
+    labels = (x @ direction > 0).astype(int)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    keys = [f"{i:09d}" for i in range(n)]
+    write_embeddings(tmp_path, x, keys)
+    write_table(tmp_path / "labels.parquet", [{"key": k, "watermark": int(v)} for k, v in zip(keys, labels, strict=True)])
+    result = run_cli("fit-head", "--embeddings", tmp_path / "embeddings", "--labels", tmp_path / "labels.parquet",
+                     "--target", "watermark", "--column", "wm_probe", "-o", tmp_path / "probe.safetensors")
+    assert result.exit_code == 0, result.output
+    accuracy = float(result.output.split("accuracy ")[1].split(",")[0])
+    assert accuracy >= 0.95
+
+    from latentmill.filters.fit import FitConfig, fit_head
+    shuffled = rng.permutation(labels).astype(np.float32)
+    _, metrics = fit_head(x.astype(np.float32), shuffled, FitConfig(target="watermark"))
+    assert 0.3 <= metrics["accuracy"] <= 0.7 and 0.3 <= metrics["auc"] <= 0.7
+
+    from latentmill.filters.heads import load_fitted
+    head = load_fitted(tmp_path / "probe.safetensors")
+    assert head.column == "wm_probe" and head.input_dim == 32
+    probabilities = head(torch.from_numpy(x.astype(np.float32)))
+    assert ((probabilities >= 0.5) == (labels == 1)).mean() >= 0.9
+
+
+def test_fit_head_regression_reports_mae_and_spearman(tmp_path):
+    from latentmill.filters.fit import FitConfig, fit_head
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    y = (x @ rng.normal(size=16) * 0.5 + 5).astype(np.float32)
+    _, metrics = fit_head(x, y, FitConfig(target="aesthetic", kind="mlp", epochs=400))
+    assert metrics["task"] == "regression" and metrics["spearman"] > 0.9
+
+
+def test_a_fitted_head_scores_as_its_own_column(downloaded, tmp_path):
+    from latentmill.filters.fit import FitConfig, fit_head, save_head
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(50, 32)).astype(np.float32)
+    module, metrics = fit_head(x, (x[:, 0] > 0).astype(np.float32), FitConfig(target="house_style", epochs=50))
+    save_head(module, tmp_path / "house.safetensors", FitConfig(target="house_style"), 32, metrics)
+    out = tmp_path / "scores"
+    score(downloaded / "images", out, ScoreConfig(**TINY, fitted_heads=[str(tmp_path / "house.safetensors")]))
+    table = pq.read_table(out / "00000.parquet")
+    assert "house_style" in table.column_names
+    assert all(0 <= v <= 1 for v in table.column("house_style").to_pylist())

@@ -281,3 +281,19 @@ def test_a_fitted_head_scores_as_its_own_column(downloaded, tmp_path):
     table = pq.read_table(out / "00000.parquet")
     assert "house_style" in table.column_names
     assert all(0 <= v <= 1 for v in table.column("house_style").to_pylist())
+
+
+def test_clip_weights_load_from_a_local_checkpoint_and_missing_ones_say_what_to_provide(tmp_path):
+    from PIL import Image
+
+    reference = load_clip("latentmill-tiny", "none")
+    torch.save(reference.model.state_dict(), tmp_path / "tiny.pt")
+    with torch.no_grad():
+        for p in reference.model.parameters():
+            p.add_(0.01)
+    torch.save(reference.model.state_dict(), tmp_path / "tiny-shifted.pt")
+    loaded = load_clip("latentmill-tiny", str(tmp_path / "tiny-shifted.pt"))
+    pixels = reference.preprocess(Image.new("RGB", (80, 60), (200, 30, 30)))[None]
+    np.testing.assert_allclose(loaded.embed_images(pixels), reference.embed_images(pixels), atol=1e-5)
+    with pytest.raises(InputError, match="pass its path: --pretrained"):
+        load_clip("ViT-B-32", "laion2b_s34b_b79k")  # not cached, and HF_HUB_OFFLINE is set

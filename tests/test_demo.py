@@ -13,7 +13,11 @@ def test_demo_runs_the_existing_stages_offline(tmp_path, run_cli):
     assert report["download"]["success"] == report["image_shards"]["samples"] > 10
     assert {"http_404", "timeout", "opted_out"} <= set(report["download"]["failures"])
     assert report["image_shards"]["decode_errors"] == {}
-    assert report["buckets"]["images"] == report["image_shards"]["samples"]
+    assert report["score"]["scored"] == report["image_shards"]["samples"]
+    kept = report["select"]["kept"]
+    assert 0 < kept < report["image_shards"]["samples"]
+    assert report["buckets"]["images"] == kept
+    assert report["latents"]["dropped"]["not_selected"] == report["image_shards"]["samples"] - kept
     assert report["latents"]["samples"] + sum(report["latents"]["dropped"].values()) == report["image_shards"]["samples"]
     assert report["latents"]["samples"] > 10 and (work / "latents" / "manifest.json").exists()
     assert (work / "report" / "buckets.png").stat().st_size > 1000

@@ -42,6 +42,7 @@ class DownloadConfig:
     processes: int = max(1, min(16, os.cpu_count() or 1))
     threads: int = 64
     distributor: str = "multiprocessing"
+    ray_address: str | None = None  # with distributor "ray": a cluster address or "auto"; None starts Ray locally
     retries: int = 2
     timeout_s: int = 10
     user_agent_token: str | None = "latentmill"
@@ -54,6 +55,12 @@ class DownloadConfig:
     def validate(self) -> None:
         if self.distributor not in DISTRIBUTORS:
             raise InputError(f"--distributor {self.distributor!r} is not one of {', '.join(DISTRIBUTORS)}.")
+        if self.distributor != "multiprocessing":
+            import importlib.util
+
+            if importlib.util.find_spec(self.distributor) is None:
+                raise InputError(f"--distributor {self.distributor} needs the {self.distributor} package: "
+                                 f"pip install {self.distributor}{'[default]' if self.distributor == 'ray' else ''}.")
         for name in ("image_size_px", "processes", "threads", "shard_size", "timeout_s"):
             if getattr(self, name) < 1:
                 raise InputError(f"download option {name} must be at least 1, got {getattr(self, name)}.")
@@ -100,6 +107,14 @@ def run_img2dataset(input_path: Path, output: Path, extras: list[str], has_capti
     """Call img2dataset with the diffusion defaults on a normalised input parquet."""
     from img2dataset import download as img2dataset_download
 
+    if config.distributor == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            if config.ray_address:
+                ray.init(address=config.ray_address)
+            else:  # a local instance, on loopback only
+                ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=config.processes)
     img2dataset_download(
         url_list=str(input_path),
         input_format="parquet",

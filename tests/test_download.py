@@ -132,3 +132,17 @@ def test_download_cli_prints_a_summary_grouped_by_reason(sample_table, tmp_path,
     assert f"images {good} downloaded" in result.output
     assert "http_404" in result.output and "timeout" in result.output and "images/s" in result.output
     assert pa.Table.from_batches(pq.ParquetFile(tmp_path / "images" / "00000.parquet").iter_batches()).num_rows > 0
+
+
+def test_the_ray_distributor_downloads_the_same_images(server, tmp_path):
+    import ray
+
+    rows = [{"URL": server.url(f"/gen/{i}/320x256.jpg"), "TEXT": f"picture {i}"} for i in range(12)]
+    table = write_table(tmp_path / "urls.parquet", rows)
+    try:
+        summary = download(table, tmp_path / "images", DownloadConfig(**(FAST | {"distributor": "ray", "processes": 2,
+                                                                                   "min_image_size_px": 64})))
+    finally:
+        ray.shutdown()
+    assert summary["success"] == 12 and summary["shards"] == 1
+    assert sorted(s.meta["url"] for s in shard_samples(tmp_path / "images")) == sorted(r["URL"] for r in rows)

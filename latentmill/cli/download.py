@@ -21,6 +21,7 @@ from latentmill.cli.options import column_options, columns_from
 @click.option("--threads", default=64, show_default=True, help="Download threads per process.")
 @click.option("--distributor", type=click.Choice(["multiprocessing", "pyspark", "ray"]), default="multiprocessing",
               show_default=True, help="img2dataset's distributor.")
+@click.option("--ray-address", help="With --distributor ray: the cluster to join ('auto', or ray://HOST:10001); default: a local Ray.")
 @click.option("--retries", default=2, show_default=True, help="Retries per URL.")
 @click.option("--timeout", default=10, show_default=True, help="Per-request timeout in seconds.")
 @click.option("--user-agent-token", default="latentmill", show_default=True,
@@ -31,7 +32,7 @@ from latentmill.cli.options import column_options, columns_from
               help="Fetch URLs on loopback/private/link-local hosts (only for your own test servers).")
 @column_options
 def download(table, output, retry_folder, only_reason, image_size, min_image_size, max_aspect_ratio, processes,
-             threads, distributor, retries, timeout, user_agent_token, shard_size, ignore_opt_out,
+             threads, distributor, ray_address, retries, timeout, user_agent_token, shard_size, ignore_opt_out,
              allow_private_addresses, **kwargs):
     """Download the URL TABLE into WebDataset image shards with img2dataset.
 
@@ -42,6 +43,7 @@ def download(table, output, retry_folder, only_reason, image_size, min_image_siz
     \b
     Examples:
       latentmill download kept.parquet -o images/ --processes 16 --threads 128
+      latentmill download kept.parquet -o /shared/images/ --distributor ray --ray-address auto
       latentmill download --retry-failed images/ --only-reason timeout
     """
     from latentmill.curate.download import DownloadConfig, format_summary, retry_failed
@@ -53,7 +55,7 @@ def download(table, output, retry_folder, only_reason, image_size, min_image_siz
         raise click.UsageError("missing -o/--output: the folder to write image shards to.")
     config = DownloadConfig(
         image_size_px=image_size, min_image_size_px=min_image_size, max_aspect_ratio=max_aspect_ratio,
-        threads=threads, distributor=distributor, retries=retries, timeout_s=timeout,
+        threads=threads, distributor=distributor, ray_address=ray_address, retries=retries, timeout_s=timeout,
         user_agent_token=user_agent_token or None, shard_size=shard_size, honour_opt_out=not ignore_opt_out,
         allow_private_addresses=allow_private_addresses, columns=columns_from(kwargs),
     )

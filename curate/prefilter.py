@@ -21,6 +21,7 @@ from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.dedupe import SeenUrls, hash_urls
 from latentmill.curate.errors import InputError
+from latentmill.curate.funnel import format_funnel, funnel_steps
 from latentmill.curate.tables import UrlTable
 
 
@@ -138,11 +139,7 @@ def prefilter(source: str | Path, output: str | Path, config: PrefilterConfig, p
                         [*lost.columns, pa.array(reason[~alive], type=pa.string())], schema=dropped_schema))
                 if progress:
                     progress(batch.num_rows)
-    remaining = input_rows
-    steps = []
-    for name in names:
-        remaining -= dropped[name]
-        steps.append({"rule": name, "dropped": dropped[name], "remaining": remaining})
+    steps = funnel_steps(input_rows, {name: dropped[name] for name in names})
     funnel = {
         "source": str(source),
         "output": str(output),
@@ -151,15 +148,10 @@ def prefilter(source: str | Path, output: str | Path, config: PrefilterConfig, p
         "kept_rows": kept_rows,
         "columns": table.columns,
     }
-    assert remaining == kept_rows, "funnel does not add up"
+    assert steps[-1]["remaining"] == kept_rows, "funnel does not add up"
     write_json(output.with_name(output.stem + ".funnel.json"), funnel)
     return funnel
 
 
-def format_funnel(funnel: dict) -> str:
-    """The funnel as an aligned text table."""
-    lines = [f"{'input rows':<18}{funnel['input_rows']:>12,}"]
-    for step in funnel["steps"]:
-        lines.append(f"  - {step['rule']:<14}{-step['dropped']:>12,}   -> {step['remaining']:,}")
-    lines.append(f"{'kept':<18}{funnel['kept_rows']:>12,}")
-    return "\n".join(lines)
+def format_prefilter_funnel(funnel: dict) -> str:
+    return format_funnel("input rows", funnel["input_rows"], funnel["steps"], funnel["kept_rows"])

@@ -11,6 +11,7 @@ import numpy as np
 
 from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.errors import InputError
+from latentmill.curate.funnel import format_funnel, funnel_steps
 from latentmill.filters.rules import PRESETS, Rule, derived_columns
 
 THRESHOLD_OPTIONS = {  # option -> (rule name, template)
@@ -75,13 +76,10 @@ def select(scores: str | Path, output: str | Path, thresholds: dict | None = Non
         kept_total += int(alive.sum())
         with atomic_path(output / shard.name) as tmp:
             pq.write_table(pa.table({"key": table.column("key"), "keep": pa.array(alive), "reason": pa.array(list(reason), pa.string())}), tmp)
-    remaining, steps = total, []
-    for name, count in dropped.items():
-        remaining -= count
-        steps.append({"rule": name, "dropped": count, "remaining": remaining})
+    steps = funnel_steps(total, dropped)
     funnel = {"input": total, "steps": steps, "kept": kept_total,
               "rules": [{"name": r.name, "expression": r.expression} for r in rules]}
-    assert remaining == kept_total
+    assert steps[-1]["remaining"] == kept_total
     if plots:
         funnel["plots"] = [str(p) for p in plot_histograms(values, rules, output / "plots")]
     write_json(output / "funnel.json", funnel)
@@ -123,9 +121,5 @@ def plot_histograms(values: dict[str, list], rules: list[Rule], folder: Path) ->
     return paths
 
 
-def format_funnel(funnel: dict) -> str:
-    lines = [f"{'scored images':<28}{funnel['input']:>10,}"]
-    for step in funnel["steps"]:
-        lines.append(f"  - {step['rule'][:24]:<24}{-step['dropped']:>10,}   -> {step['remaining']:,}")
-    lines.append(f"{'kept':<28}{funnel['kept']:>10,}")
-    return "\n".join(lines)
+def format_select_funnel(funnel: dict) -> str:
+    return format_funnel("scored images", funnel["input"], funnel["steps"], funnel["kept"])

@@ -93,3 +93,20 @@ def image_shards(tmp_path):
         entries = [image_entry(f"{shard:05d}{i:04d}", w, h, seed=shard * 10 + i) for i, (w, h) in enumerate(sizes)]
         make_shard(folder / f"{shard:05d}.tar", entries)
     return folder
+
+
+def kill_when_done(process, marker):
+    """SIGKILL `process`'s group as soon as `marker` exists (or the process ends by itself)."""
+    import os
+    import signal
+    import subprocess
+
+    try:
+        while process.poll() is None and not marker.exists():
+            try:  # wake on exit, or every 10 ms to look for the marker
+                process.wait(timeout=0.01)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

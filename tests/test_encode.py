@@ -1,8 +1,6 @@
 """Latent encoding with a tiny diffusers AutoencoderKL built from a config (no hub)."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -18,7 +16,7 @@ from latentmill.curate.errors import InputError
 from latentmill.curate.imageshards import iter_image_shard
 from latentmill.curate.latentshards import check_vae, iter_latent_shard, read_manifest
 from latentmill.curate.vae import load_vae
-from tests.conftest import image_entry, make_shard
+from tests.conftest import image_entry, kill_when_done, make_shard
 
 SMALL = dict(resolution=256, batch_size=4)
 
@@ -157,15 +155,7 @@ def test_an_encode_killed_midway_resumes_to_identical_bytes(tmp_path):
     process = subprocess.Popen(_encode_cmd(images, killed), start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = killed / "00000.stats.json"
-    try:
-        while process.poll() is None and not marker.exists():
-            try:  # wake on exit, or every 10 ms to look for the first finished shard
-                process.wait(timeout=0.01)
-            except subprocess.TimeoutExpired:
-                pass
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    kill_when_done(process, marker)
     assert marker.exists() and not (killed / "manifest.json").exists(), "the encode was not stopped mid-way"
     subprocess.run(_encode_cmd(images, killed), check=True, capture_output=True)
     subprocess.run(_encode_cmd(images, reference), check=True, capture_output=True)

@@ -1,8 +1,6 @@
 """Scoring with a tiny open_clip model and the LAION heads in their published layouts; selection; fit-head."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -17,7 +15,7 @@ from latentmill.curate.errors import InputError
 from latentmill.filters.clip import load_clip, resolve_model_name
 from latentmill.filters.heads import aesthetic_v2_module, unsafe_module, watermark_module
 from latentmill.filters.score import ScoreConfig, score
-from tests.conftest import image_entry, make_shard, write_table
+from tests.conftest import image_entry, kill_when_done, make_shard, write_table
 
 TINY = dict(clip_model="latentmill-tiny", pretrained="none", workers=0, batch_size=8)
 
@@ -144,15 +142,7 @@ def test_a_score_killed_midway_resumes_to_the_same_parquets(tmp_path):
     process = subprocess.Popen(_score_cmd(images, killed), start_new_session=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     marker = killed / "00000.stats.json"
-    try:
-        while process.poll() is None and not marker.exists():
-            try:
-                process.wait(timeout=0.01)
-            except subprocess.TimeoutExpired:
-                pass
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    kill_when_done(process, marker)
     assert marker.exists() and not (killed / "00005.stats.json").exists(), "the score run was not stopped mid-way"
     subprocess.run(_score_cmd(images, killed), check=True, capture_output=True)
     subprocess.run(_score_cmd(images, reference), check=True, capture_output=True)

@@ -69,13 +69,13 @@ def select(scores, output, preset, min_aesthetic, max_pwatermark, max_punsafe, m
       latentmill select scores/ -o selection/ --preset sd-v1
       latentmill select scores/ -o selection/ --where "aesthetic >= 6 and pwatermark < 0.5" --min-side 512
     """
-    from latentmill.filters.select import format_funnel
+    from latentmill.filters.select import format_select_funnel
     from latentmill.filters.select import select as run_select
 
     thresholds = {"min_aesthetic": min_aesthetic, "max_pwatermark": max_pwatermark, "max_punsafe": max_punsafe,
                   "min_similarity": min_similarity, "min_side": min_side, "min_area": min_area, "max_aspect": max_aspect}
     funnel = run_select(scores, output, thresholds, list(where), preset, plots=not no_plots)
-    click.echo(format_funnel(funnel))
+    click.echo(format_select_funnel(funnel))
     if funnel.get("plots"):
         click.echo(f"histograms: {output}/plots/")
 

@@ -66,7 +66,7 @@ def prefilter(table, output, min_side, max_aspect, min_similarity, max_pwatermar
       latentmill urls prefilter laion.parquet -o kept.parquet \\
           --min-side 512 --max-pwatermark 0.5 --min-aesthetic 5
     """
-    from latentmill.curate.prefilter import PrefilterConfig, format_funnel
+    from latentmill.curate.prefilter import PrefilterConfig, format_prefilter_funnel
     from latentmill.curate.prefilter import prefilter as run_prefilter
     from latentmill.curate.tables import UrlTable
 
@@ -78,5 +78,5 @@ def prefilter(table, output, min_side, max_aspect, min_similarity, max_pwatermar
     )
     with progress_bar(UrlTable.open(table, config.columns).num_rows(), "prefilter") as bar:
         funnel = run_prefilter(table, output, config, progress=bar.update)
-    click.echo(format_funnel(funnel))
+    click.echo(format_prefilter_funnel(funnel))
     click.echo(f"wrote {output} ({funnel['kept_rows']:,} rows)")

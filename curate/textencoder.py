@@ -18,6 +18,12 @@ import numpy as np
 from latentmill.curate.errors import InputError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+ALIASES = {"tiny": "latentmill-tiny"}  # short names for the configs shipped here
+
+
+def model_name(name: str) -> str:
+    """An open_clip model name, with latentmill's short aliases resolved (`tiny` -> `latentmill-tiny`)."""
+    return ALIASES.get(name, name)
 
 
 def register_model_configs() -> None:
@@ -58,6 +64,7 @@ def _load_open_clip(spec: str, device: str, seed: int) -> TextEncoder:
 
     register_model_configs()
     name, _, pretrained = spec.partition(":")
+    name = model_name(name)
     if name not in open_clip.list_models():
         raise InputError(f"--text-encoder openclip:{name}: unknown open_clip model. Known: latentmill-tiny, "
                          f"ViT-L-14-quickgelu, ViT-H-14, ... (`python -c 'import open_clip; print(open_clip.list_models())'`).")

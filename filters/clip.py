@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentmill.curate.errors import InputError
-from latentmill.curate.textencoder import register_model_configs
+from latentmill.curate.textencoder import model_name, register_model_configs
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -67,12 +67,13 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision:
     import torch
 
     register_model_configs()
+    name = model_name(name)
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
     pretrained = None if pretrained in (None, "", "none") else pretrained
     if name not in open_clip.list_models():
         raise InputError(f"--clip-model {name!r} is not an open_clip model; e.g. ViT-L-14-quickgelu, ViT-B-32, "
-                         f"latentmill-tiny (all: `python -c 'import open_clip; print(open_clip.list_models())'`).")
+                         f"tiny (all: `python -c 'import open_clip; print(open_clip.list_models())'`).")
     name = resolve_model_name(name, pretrained)
     if pretrained and not Path(pretrained).exists() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
         raise InputError(f"--pretrained {pretrained!r}: neither a file nor a pretrained tag of {name} "

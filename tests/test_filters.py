@@ -17,7 +17,7 @@ from latentmill.filters.heads import aesthetic_v2_module, unsafe_module, waterma
 from latentmill.filters.score import ScoreConfig, score
 from tests.conftest import image_entry, kill_when_done, make_shard, write_table
 
-TINY = dict(clip_model="latentmill-tiny", pretrained="none", workers=0, batch_size=8)
+TINY = dict(clip_model="tiny", pretrained="none", workers=0, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_openai_weights_get_quickgelu():
 
 
 def _score_cmd(images, out):
-    return [sys.executable, "-m", "latentmill", "score", str(images), "-o", str(out), "--clip-model", "latentmill-tiny",
+    return [sys.executable, "-m", "latentmill", "score", str(images), "-o", str(out), "--clip-model", "tiny",
             "--pretrained", "none", "--workers", "0", "--batch-size", "1"]
 
 
@@ -287,3 +287,16 @@ def test_clip_weights_load_from_a_local_checkpoint_and_missing_ones_say_what_to_
     np.testing.assert_allclose(loaded.embed_images(pixels), reference.embed_images(pixels), atol=1e-5)
     with pytest.raises(InputError, match="pass its path: --pretrained"):
         load_clip("ViT-B-32", "laion2b_s34b_b79k")  # not cached, and HF_HUB_OFFLINE is set
+
+
+def test_the_aesthetic_v1_linear_head(downloaded, tmp_path):
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(32, 1)
+    torch.save(linear.state_dict(), tmp_path / "sa_0_4_vit_l_14_linear.pth")
+    out = tmp_path / "scores"
+    score(downloaded / "images", out, ScoreConfig(**TINY, aesthetic_head=str(tmp_path / "sa_0_4_vit_l_14_linear.pth"),
+                                                  save_embeddings=True))
+    table = pq.read_table(out / "00000.parquet").to_pandas()
+    e = np.load(tmp_path / "embeddings" / "00000.npy").astype(np.float64)
+    expected = e @ linear.weight.detach().double().numpy().T + linear.bias.detach().double().numpy()
+    np.testing.assert_allclose(table["aesthetic"], expected[:, 0], atol=2e-3)

@@ -16,7 +16,7 @@ from latentmill.curate.errors import InputError
 from latentmill.curate.imageshards import iter_image_shard
 from latentmill.curate.latentshards import check_vae, iter_latent_shard, read_manifest
 from latentmill.curate.vae import load_vae
-from tests.conftest import image_entry, kill_when_done, make_shard
+from tests.conftest import image_entry, kill_when_done, make_shard, tiny_clip_text_pipeline
 
 SMALL = dict(resolution=256, batch_size=4)
 
@@ -199,20 +199,9 @@ def test_caption_embeddings_are_precomputed_with_a_text_encoder(image_shards, tm
 
 
 def test_a_pipeline_text_encoder_folder_is_loaded(tmp_path):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
     from latentmill.curate.textencoder import load_text_encoder
 
-    folder = tmp_path / "pipeline"
-    torch.manual_seed(0)
-    CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                                 vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                                 pad_token_id=1)).save_pretrained(folder / "text_encoder")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "c": 3, "a": 4, "t</w>": 5, "t": 6, "c</w>": 7}
-    (folder / "tokenizer").mkdir()
-    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt")).save_pretrained(folder / "tokenizer")
+    folder = tiny_clip_text_pipeline(tmp_path / "pipeline")
     encoder = load_text_encoder(str(folder))
     assert encoder.encode(["a cat", "cat"]).shape == (2, encoder.context_length, 32)
     with pytest.raises(InputError, match="openclip:NAME"):

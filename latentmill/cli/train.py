@@ -1,0 +1,83 @@
+"""`latentmill train` and `export`."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("shards")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Run folder (checkpoints, log.jsonl).")
+@click.option("--model", default="tiny", show_default=True, help="tiny, sd15, sd2-base, or a pretrained diffusers folder.")
+@click.option("--text-encoder", help="openclip:NAME[:PRETRAINED] or a pipeline folder; default: text_emb in the shards.")
+@click.option("--steps", default=1000, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", default=16, show_default=True, help="Per rank and micro-step.")
+@click.option("--grad-accum", default=1, show_default=True)
+@click.option("--lr", "learning_rate", default=1e-4, show_default=True)
+@click.option("--warmup-steps", default=100, show_default=True)
+@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
+@click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True)
+@click.option("--min-snr-gamma", type=float, default=5.0, show_default=True, help="0 turns min-SNR weighting off.")
+@click.option("--noise-offset", type=float, default=0.0, show_default=True)
+@click.option("--caption-dropout", type=float, default=0.1, show_default=True)
+@click.option("--ema-decay", type=float, default=0.9999, show_default=True)
+@click.option("--mode", type=click.Choice(["resampled", "epoch"]), default="resampled", show_default=True)
+@click.option("--checkpoint-every", default=500, show_default=True)
+@click.option("--keep-checkpoints", default=3, show_default=True)
+@click.option("--init-from", type=click.Path(exists=True), help="Start from another run's EMA weights (e.g. 256 px, then 512).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32.")
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the U-Net.")
+@click.option("--seed", default=0, show_default=True)
+def train(shards, output, model, text_encoder, steps, batch_size, grad_accum, learning_rate, warmup_steps, schedule,
+          prediction, min_snr_gamma, noise_offset, caption_dropout, ema_decay, mode, checkpoint_every, keep_checkpoints,
+          init_from, device, precision, gradient_checkpointing, compile_, seed):
+    """Train a U-Net straight from latent shards (SHARDS: a folder, a brace pattern or a file).
+
+    Re-running the same command resumes from the last checkpoint, exactly. Many GPUs: launch with torchrun.
+
+    \b
+    Examples:
+      latentmill train latents-256/ -o runs/stage1 --model sd15 --text-encoder sd15-pipeline/ --steps 20000
+      torchrun --nproc-per-node 8 -m latentmill train latents-512/ -o runs/stage2 --init-from runs/stage1 ...
+    """
+    from tqdm import tqdm
+
+    from latentmill.train.config import TrainConfig
+    from latentmill.train.loop import train as run_train
+
+    config = TrainConfig(shards=shards, output=output, model=model, text_encoder=text_encoder, steps=steps,
+                         batch_size=batch_size, grad_accum=grad_accum, learning_rate=learning_rate,
+                         warmup_steps=warmup_steps, schedule=schedule, prediction=prediction,
+                         min_snr_gamma=min_snr_gamma or None, noise_offset=noise_offset, caption_dropout=caption_dropout,
+                         ema_decay=ema_decay, mode=mode, checkpoint_every=checkpoint_every,
+                         keep_checkpoints=keep_checkpoints, init_from=init_from, device=device, precision=precision,
+                         gradient_checkpointing=gradient_checkpointing, compile=compile_, seed=seed)
+    with tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True, leave=False) as bar:
+        def progress(metrics):
+            bar.n = metrics["step"]
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.1f}")
+            bar.refresh()
+
+        metrics = run_train(config, progress=progress)
+    if metrics.get("rank", 0) == 0:
+        click.echo(f"step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}; checkpoints in {output}/checkpoints")
+
+
+@click.command()
+@click.argument("run", type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(), help="diffusers pipeline folder to write.")
+@click.option("--no-ema", is_flag=True, help="Export the raw weights instead of the EMA.")
+@click.option("--vae", help="VAE for the pipeline (default: the one the latents were made with).")
+def export(run, output, no_ema, vae):
+    """Write RUN's last checkpoint as a folder StableDiffusionPipeline.from_pretrained loads.
+
+    \b
+    Example:
+      latentmill export runs/stage2 -o my-model/
+    """
+    from latentmill.train.export import export_pipeline
+
+    path = export_pipeline(run, output, use_ema=not no_ema, vae=vae)
+    click.echo(f"wrote {path}")

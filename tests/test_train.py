@@ -1,0 +1,100 @@
+"""The streaming U-Net trainer on CPU with a tiny model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from latentmill.curate.encode import EncodeConfig, encode
+from latentmill.train.config import TrainConfig
+from latentmill.train.loader import LatentLoader, expand_shards
+from latentmill.train.loop import train
+from tests.conftest import image_entry, make_shard, tiny_clip_text_pipeline
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    """4 latent shards (16 images each, two buckets) at 128 px, and a tiny CLIP text pipeline folder."""
+    root = tmp_path_factory.mktemp("train")
+    (root / "images").mkdir()
+    for s in range(4):
+        make_shard(root / "images" / f"{s:05d}.tar",
+                   [image_entry(f"{s:05d}{i:04d}", 256, 256 if i % 2 else 192, seed=i % 4) for i in range(16)])
+    encode(root / "images", root / "latents", EncodeConfig(resolution=128, min_side=64, max_side=256, step=32, flip=True, std=True))
+    tiny_clip_text_pipeline(root / "pipeline")
+    return root
+
+
+def config(latents, run, **overrides):
+    base = dict(shards=str(latents / "latents"), output=str(run), text_encoder=str(latents / "pipeline"), batch_size=8,
+                learning_rate=1e-3, warmup_steps=10, checkpoint_every=1000, log_every=1)
+    return TrainConfig(**(base | overrides))
+
+
+def test_the_loss_falls_below_half(latents, tmp_path):
+    losses = []
+    train(config(latents, tmp_path / "run", steps=150), progress=lambda m: losses.append(m["loss"]))
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 150 and log[-1]["step"] == 150
+
+
+def test_a_resumed_run_repeats_the_uninterrupted_one_exactly(latents, tmp_path):
+    straight, resumed = [], []
+    train(config(latents, tmp_path / "a", steps=6, checkpoint_every=3), progress=lambda m: straight.append(m["loss"]))
+    train(config(latents, tmp_path / "b", steps=3, checkpoint_every=3), progress=lambda m: resumed.append(m["loss"]))
+    train(config(latents, tmp_path / "b", steps=6, checkpoint_every=3), progress=lambda m: resumed.append(m["loss"]))
+    assert resumed == straight  # bit-exact on CPU
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step-0000006" / "state.json").read_text())
+    assert state["step"] == 6 and state["loader"]["batches"] > 0
+
+
+def test_epoch_mode_visits_every_sample_once_in_one_bucket_batches(latents):
+    loader = LatentLoader(expand_shards(str(latents / "latents")), batch_size=5, mode="epoch", seed=3)
+    seen, buckets = [], []
+    for batch in loader:
+        if loader.state.epoch > 0:
+            break
+        seen += batch["keys"]
+        buckets.append({tuple(m["bucket"]) for m in batch["meta"]})
+        assert batch["latents"].shape[0] == len(batch["keys"])
+    assert sorted(seen) == sorted(f"{s:05d}{i:04d}" for s in range(4) for i in range(16))
+    assert all(len(b) == 1 for b in buckets) and len({next(iter(b)) for b in buckets}) == 2
+
+
+def test_fewer_shards_than_ranks_is_an_error(latents):
+    from latentmill.curate.errors import InputError
+
+    with pytest.raises(InputError, match="every rank needs at least one shard"):
+        LatentLoader(expand_shards(str(latents / "latents" / "0000{0..1}.tar")), batch_size=4, world_size=3)
+
+
+def test_two_processes_with_torchrun_read_disjoint_shards_and_take_equal_steps(latents, tmp_path):
+    run = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "latentmill",
+         "train", str(latents / "latents"), "-o", str(run), "--text-encoder", str(latents / "pipeline"), "--steps", "3",
+         "--batch-size", "4", "--checkpoint-every", "3"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((run / "ranks" / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 3
+    assert ranks[0]["world_size"] == 2
+    assert not set(ranks[0]["shards"]) & set(ranks[1]["shards"]) and len(ranks[0]["shards"]) == 2
+    assert (run / "checkpoints" / "step-0000003" / "ema.safetensors").exists()
+
+
+def test_the_export_loads_in_stable_diffusion_pipeline_and_generates(latents, tmp_path, run_cli):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    run = tmp_path / "run"
+    train(config(latents, run, steps=4, checkpoint_every=4))
+    result = run_cli("export", run, "-o", tmp_path / "pipeline")
+    assert result.exit_code == 0, result.output
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    image = pipe("a red circle", num_inference_steps=2, height=128, width=128,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (128, 128, 3)

@@ -1,0 +1,39 @@
+"""The training configuration: one dataclass, saved beside every checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    shards: str  # folder, brace pattern or list of latent shards
+    output: str  # runs/NAME
+    model: str = "tiny"  # tiny | sd15 | sd2-base | a pretrained diffusers folder or id
+    text_encoder: str | None = None  # openclip:NAME[:PRETRAINED] or a pipeline folder; None: text_emb in the shards
+    vae: str | None = None  # for sample grids and export (default: the manifest's)
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # per rank and micro-step
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-2
+    warmup_steps: int = 100
+    schedule: str = "constant"  # or cosine
+    max_grad_norm: float = 1.0
+    prediction: str = "epsilon"  # or v_prediction
+    min_snr_gamma: float | None = 5.0
+    noise_offset: float = 0.0
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.9999
+    mode: str = "resampled"  # or epoch
+    shuffle_buffer: int = 256
+    flip: bool = True
+    seed: int = 0
+    device: str = "auto"  # cuda when available
+    precision: str = "auto"  # bf16 on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    init_from: str | None = None  # another run: start from its (EMA) weights

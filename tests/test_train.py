@@ -98,3 +98,70 @@ def test_the_export_loads_in_stable_diffusion_pipeline_and_generates(latents, tm
     image = pipe("a red circle", num_inference_steps=2, height=128, width=128,
                  generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert image.shape == (128, 128, 3)
+
+
+def test_merge_arithmetic_is_exact(tmp_path, run_cli):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    tensors = [{"w": torch.randn(4, 3), "b": torch.randn(3)} for _ in range(3)]
+    for name, t in zip("abc", tensors, strict=True):
+        save_file(t, str(tmp_path / f"{name}.safetensors"))
+    a, b, c = tensors
+    result = run_cli("merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--alpha", "0.25", "-o", tmp_path / "ws")
+    assert result.exit_code == 0, result.output
+    merged = load_file(tmp_path / "ws" / "checkpoints" / "step-0000000" / "ema.safetensors")
+    for key in ("w", "b"):
+        expected = (0.75 * a[key].double() + 0.25 * b[key].double()).float()
+        assert torch.equal(merged[key], expected)
+    run_cli("merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--base", tmp_path / "c.safetensors",
+            "--alpha", "0.5", "-o", tmp_path / "ad")
+    merged = load_file(tmp_path / "ad" / "checkpoints" / "step-0000000" / "ema.safetensors")
+    assert torch.equal(merged["w"], (a["w"].double() + 0.5 * (b["w"].double() - c["w"].double())).float())
+    save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
+    result = run_cli("merge", tmp_path / "a.safetensors", tmp_path / "other.safetensors", "--alpha", "0.5", "-o", tmp_path / "x")
+    assert result.exit_code == 2 and "do not match" in result.output
+
+
+def test_sample_grids_during_training_and_the_sample_command(latents, tmp_path, run_cli):
+    from PIL import Image
+
+    run = tmp_path / "run"
+    train(config(latents, run, steps=4, checkpoint_every=4, sample_every=2, sample_steps=2))
+    grids = sorted((run / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["step-0000002.png", "step-0000004.png"]
+    assert Image.open(grids[0]).size == (4 * 128, 128)
+    result = run_cli("sample", run, "--prompt", "a cat", "--prompt", "a dog", "--steps", "2", "-o", tmp_path / "grid.png")
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "grid.png").size == (2 * 128, 128)
+
+
+def test_a_nan_loss_stops_with_the_step_and_the_keys(latents, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from latentmill.curate.errors import InputError
+    from latentmill.curate.latentshards import LatentShardWriter
+
+    bad = tmp_path / "latents"
+    shutil.copytree(latents / "latents", bad)
+    writer = LatentShardWriter(bad, "00000")
+    for i in range(16):
+        writer.add(f"nan{i:04d}", np.full((4, 16, 16), np.nan, np.float32), "broken", {"bucket": [128, 128]})
+    writer.close()
+    run = tmp_path / "run"
+    with pytest.raises(InputError, match=r"loss is nan at step \d+; batch keys: nan"):
+        train(config(latents, run, shards=str(bad / "00000.tar"), steps=5, checkpoint_every=1, mode="epoch",
+                     flip=False))
+    assert not (run / "checkpoints").exists() or all((c / "state.json").exists() for c in (run / "checkpoints").iterdir())
+
+
+def test_latents_from_another_vae_are_refused(latents, tmp_path):
+    from latentmill.curate.errors import InputError
+    from latentmill.curate.vae import load_vae
+
+    load_vae("tiny", seed=7).model.save_pretrained(tmp_path / "other-vae")
+    with pytest.raises(InputError, match="made with VAE"):
+        train(config(latents, tmp_path / "run", steps=1, vae=str(tmp_path / "other-vae")))

@@ -37,3 +37,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     init_from: str | None = None  # another run: start from its (EMA) weights
+    sample_every: int = 0  # 0: no sample grids
+    sample_prompts: tuple[str, ...] = ("a photograph of a cat", "a red circle on a blue background",
+                                       "a landscape with mountains", "an astronaut")
+    sample_steps: int = 20

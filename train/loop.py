@@ -58,7 +58,12 @@ def train(config: TrainConfig, progress=None) -> dict:
     loader = LatentLoader(expand_shards(config.shards), config.batch_size, seed=config.seed, rank=rank,
                           world_size=world, mode=config.mode, shuffle_buffer=config.shuffle_buffer, flip=config.flip)
     manifest = loader.manifest
-    encode_text, text_width = _text_conditioning(config, manifest, device)
+    encode_text, text_width, encode_prompts = _text_conditioning(config, manifest, device)
+    if config.vae:
+        from latentmill.curate.latentshards import check_vae
+        from latentmill.curate.vae import load_vae
+
+        check_vae(manifest, load_vae(config.vae).fingerprint, Path(loader.shards[0]).parent)
     sample_size = manifest["resolution"] // manifest["downsample_factor"]
     unet = build_unet(config.model, manifest["latent_channels"], text_width, sample_size, config.seed).to(device)
     if config.init_from:
@@ -134,6 +139,8 @@ def train(config: TrainConfig, progress=None) -> dict:
             log.flush()
         if progress:
             progress(metrics)
+        if rank == 0 and encode_prompts and config.sample_every and (step + 1) % config.sample_every == 0:
+            _sample_grid(run, step + 1, ema, encode_prompts, manifest, config)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             if rank == 0:
                 save_checkpoint(run, step + 1, unet, ema, optimizer, asdict(loader.state), asdict(config),
@@ -172,6 +179,19 @@ def _update_ema(ema, unet, decay: float, step: int) -> None:
         e.lerp_(p.detach(), 1 - decay)
 
 
+def _sample_grid(run: Path, step: int, ema, encode_prompts, manifest: dict, config: TrainConfig) -> Path:
+    """A grid of the fixed prompts at a fixed seed from the EMA weights: samples/step-NNNNNNN.png."""
+    from latentmill.curate.vae import load_vae
+    from latentmill.train.sampling import generate, save_grid
+
+    states, empty = encode_prompts(config.sample_prompts)
+    vae = load_vae(config.vae or manifest["encode_config"]["vae"]).model.to(next(ema.parameters()).device)
+    size = (manifest["resolution"], manifest["resolution"])
+    images = generate(ema, states, empty, vae, manifest["scaling_factor"], manifest.get("shift_factor") or 0.0, size,
+                      steps=config.sample_steps, seed=config.seed, prediction=config.prediction)
+    return save_grid(images, run / "samples" / f"step-{step:07d}.png")
+
+
 def _init_from(unet, run: Path) -> None:
     from safetensors.torch import load_file
 
@@ -195,7 +215,7 @@ def _text_conditioning(config: TrainConfig, manifest: dict, device: str):
             states[drop] = empty
             return states.to(device)
 
-        return encode, encoder.width
+        return encode, encoder.width, lambda prompts: (torch.from_numpy(encoder.encode(list(prompts))), empty)
     info = manifest.get("text_encoder")
     if not info:
         raise InputError("the latent shards hold no caption embeddings: give --text-encoder (openclip:NAME or a "
@@ -207,4 +227,4 @@ def _text_conditioning(config: TrainConfig, manifest: dict, device: str):
         states[drop] = 0
         return states.to(device)
 
-    return stored, info["shape"][1]
+    return stored, info["shape"][1], None

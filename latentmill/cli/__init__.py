@@ -25,6 +25,8 @@ COMMANDS = {
     "fit-head": ("latentmill.cli.filters:fit_head", "Fit a linear or MLP head on labelled CLIP embeddings."),
     "train": ("latentmill.cli.train:train", "Train a U-Net straight from latent shards (one GPU, or many with torchrun)."),
     "export": ("latentmill.cli.train:export", "Write a run as a diffusers StableDiffusionPipeline folder."),
+    "sample": ("latentmill.cli.train:sample", "Generate images from a run's last checkpoint."),
+    "merge": ("latentmill.cli.train:merge", "Merge checkpoints: weighted sum, or add-difference with a base."),
     "images": ("latentmill.cli.images:images", "Look inside image shards: counts, sizes, unreadable samples."),
     "serve-images": ("latentmill.cli.serve:serve_images", "Serve test images (and failure cases) on 127.0.0.1."),
     "demo": ("latentmill.cli.demo:demo", "Run the pipeline offline on bundled sample images."),

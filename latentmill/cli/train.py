@@ -30,9 +30,11 @@ import click
 @click.option("--gradient-checkpointing", is_flag=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the U-Net.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--sample-every", default=0, show_default=True, help="Write a sample grid of fixed prompts every N steps.")
+@click.option("--vae", help="VAE for sample grids; checked against the one the latents were made with.")
 def train(shards, output, model, text_encoder, steps, batch_size, grad_accum, learning_rate, warmup_steps, schedule,
           prediction, min_snr_gamma, noise_offset, caption_dropout, ema_decay, mode, checkpoint_every, keep_checkpoints,
-          init_from, device, precision, gradient_checkpointing, compile_, seed):
+          init_from, device, precision, gradient_checkpointing, compile_, seed, sample_every, vae):
     """Train a U-Net straight from latent shards (SHARDS: a folder, a brace pattern or a file).
 
     Re-running the same command resumes from the last checkpoint, exactly. Many GPUs: launch with torchrun.
@@ -53,7 +55,8 @@ def train(shards, output, model, text_encoder, steps, batch_size, grad_accum, le
                          min_snr_gamma=min_snr_gamma or None, noise_offset=noise_offset, caption_dropout=caption_dropout,
                          ema_decay=ema_decay, mode=mode, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints, init_from=init_from, device=device, precision=precision,
-                         gradient_checkpointing=gradient_checkpointing, compile=compile_, seed=seed)
+                         gradient_checkpointing=gradient_checkpointing, compile=compile_, seed=seed,
+                         sample_every=sample_every, vae=vae)
     with tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True, leave=False) as bar:
         def progress(metrics):
             bar.n = metrics["step"]
@@ -80,4 +83,48 @@ def export(run, output, no_ema, vae):
     from latentmill.train.export import export_pipeline
 
     path = export_pipeline(run, output, use_ema=not no_ema, vae=vae)
+    click.echo(f"wrote {path}")
+
+
+@click.command()
+@click.argument("a", type=click.Path(exists=True))
+@click.argument("b", type=click.Path(exists=True))
+@click.option("--alpha", type=float, required=True, help="Weight of B (weighted sum) or of B - BASE (add difference).")
+@click.option("--base", type=click.Path(exists=True), help="Add difference: A + alpha * (B - BASE).")
+@click.option("--no-ema", is_flag=True, help="Merge the raw weights instead of the EMA.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Run folder for the merged weights.")
+def merge(a, b, alpha, base, no_ema, output):
+    """Merge two runs (or .safetensors files): (1 - alpha) * A + alpha * B, or A + alpha * (B - BASE).
+
+    \b
+    Examples:
+      latentmill merge runs/photo runs/anime --alpha 0.3 -o runs/merged
+      latentmill merge runs/base-ft runs/style --base runs/base --alpha 1.0 -o runs/style-on-ft
+    """
+    from latentmill.train.merge import merge as run_merge
+
+    path = run_merge(a, b, output, alpha, base, use_ema=not no_ema)
+    click.echo(f"wrote {path} ({'add difference' if base else 'weighted sum'}, alpha {alpha})")
+
+
+@click.command()
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt (repeatable): one image each.")
+@click.option("-o", "--output", default="samples.png", show_default=True, type=click.Path(), help="Grid PNG.")
+@click.option("--steps", default=20, show_default=True, help="DDIM steps.")
+@click.option("--guidance", default=5.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--width", type=int, help="Image width in px (default: the training resolution).")
+@click.option("--height", type=int, help="Image height in px (default: the training resolution).")
+def sample(run, prompts, output, steps, guidance, seed, width, height):
+    """Generate images from RUN's last checkpoint (EMA weights) into one grid PNG.
+
+    \b
+    Example:
+      latentmill sample runs/stage2 --prompt "a lighthouse at dusk" --prompt "a bowl of fruit" -o grid.png
+    """
+    from latentmill.train.sampling import sample_run
+
+    size = (width, height) if width and height else None
+    path = sample_run(run, list(prompts), output, steps=steps, guidance=guidance, seed=seed, size=size)
     click.echo(f"wrote {path}")

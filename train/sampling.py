@@ -1,0 +1,89 @@
+"""Images from a U-Net: DDIM with classifier-free guidance, decoded by the VAE the latents were made with.
+Used for the periodic sample grid during training and by `latentmill sample`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def generate(unet, text_states, empty_state, vae, scaling_factor: float, shift_factor: float, size: tuple[int, int],
+             steps: int = 20, guidance: float = 5.0, seed: int = 0, prediction: str = "epsilon") -> np.ndarray:
+    """(N, H, W, 3) uint8 images for N prompts' text states; `size` is (width, height) in pixels."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler.set_timesteps(steps)
+    device = next(unet.parameters()).device
+    n = text_states.shape[0]
+    channels = unet.config.in_channels
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn((n, channels, size[1] // 8, size[0] // 8), generator=generator).to(device)
+    context = torch.cat([empty_state.expand(n, -1, -1), text_states]).to(device)
+    for t in scheduler.timesteps:
+        prediction_both = unet(torch.cat([latents, latents]), t, encoder_hidden_states=context).sample
+        unconditional, conditional = prediction_both.chunk(2)
+        guided = unconditional + guidance * (conditional - unconditional)
+        latents = scheduler.step(guided, t, latents).prev_sample
+    if vae is None:  # no VAE: show the first three latent channels
+        pixels = latents[:, :3]
+        pixels = (pixels - pixels.amin()) / (pixels.amax() - pixels.amin() + 1e-6) * 2 - 1
+    else:
+        pixels = vae.decode(latents / scaling_factor + shift_factor).sample
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images: np.ndarray, path: str | Path, columns: int = 4) -> Path:
+    """Tile images into one PNG."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    columns = min(columns, n)
+    rows = (n + columns - 1) // columns
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(Image.fromarray(image), ((i % columns) * w, (i // columns) * h))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def sample_run(run: str | Path, prompts: list[str], output: str | Path, steps: int = 20, guidance: float = 5.0,
+               seed: int = 0, size: tuple[int, int] | None = None, use_ema: bool = True) -> Path:
+    """Images from a run's last checkpoint, with its text encoder and the latents' VAE, as one grid PNG."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from latentmill.curate.errors import InputError
+    from latentmill.curate.latentshards import read_manifest
+    from latentmill.curate.textencoder import load_text_encoder
+    from latentmill.curate.vae import load_vae
+    from latentmill.train.checkpoint import checkpoints
+    from latentmill.train.loader import expand_shards
+
+    found = checkpoints(Path(run))
+    if not found:
+        raise InputError(f"{run}: no checkpoints. Train first.")
+    state = json.loads((found[-1] / "state.json").read_text())
+    config = state["config"]
+    if not config.get("text_encoder"):
+        raise InputError(f"{run} was trained on stored caption embeddings: sampling needs the text encoder that made "
+                         f"them; train with --text-encoder to sample.")
+    unet = UNet2DConditionModel.from_config(json.loads((found[-1] / "unet_config.json").read_text()))
+    unet.load_state_dict(load_file(found[-1] / ("ema.safetensors" if use_ema else "unet.safetensors")))
+    unet.eval()
+    encoder = load_text_encoder(config["text_encoder"])
+    manifest = read_manifest(Path(expand_shards(config["shards"])[0]).parent)
+    vae = load_vae(config.get("vae") or manifest["encode_config"]["vae"]).model
+    states, empty = torch.from_numpy(encoder.encode(prompts)), torch.from_numpy(encoder.encode([""]))[0]
+    size = size or (manifest["resolution"], manifest["resolution"])
+    images = generate(unet, states, empty, vae, manifest["scaling_factor"], manifest.get("shift_factor") or 0.0, size,
+                      steps=steps, guidance=guidance, seed=seed, prediction=config["prediction"])
+    return save_grid(images, output)

@@ -76,12 +76,31 @@ class LatentShardWriter:
         return hashlib.sha256(tar_path.read_bytes()).hexdigest()
 
 
+def is_url(spec: str | Path) -> bool:
+    """A location webdataset's gopen reads (http(s)://, s3 through pipe:, gs:// ...), not a local path."""
+    return "://" in str(spec) or str(spec).startswith("pipe:")
+
+
+def open_stream(spec: str | Path):
+    """A binary stream of a local file or of any URL webdataset accepts."""
+    if is_url(spec):
+        from webdataset import gopen
+
+        return gopen(str(spec), "rb")
+    return open(spec, "rb")
+
+
 def read_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / MANIFEST
-    if not path.exists():
-        raise InputError(f"{path}: no manifest. Latent folders are made by `latentmill encode`; "
+    """`folder/manifest.json`; `folder` may be a URL prefix (https://host/latents) read through gopen."""
+    location = f"{str(folder).rstrip('/')}/{MANIFEST}" if is_url(folder) else Path(folder) / MANIFEST
+    if not is_url(location) and not Path(location).exists():
+        raise InputError(f"{location}: no manifest. Latent folders are made by `latentmill encode`; "
                          f"if that run was interrupted, run it again to finish.")
-    return json.loads(path.read_text())
+    try:
+        with open_stream(location) as stream:
+            return json.loads(stream.read())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{location}: cannot read the manifest ({err}).") from None
 
 
 def check_vae(manifest: dict, fingerprint: str, folder: str | Path) -> None:
@@ -96,11 +115,11 @@ def check_vae(manifest: dict, fingerprint: str, folder: str | Path) -> None:
 
 
 def iter_latent_shard(path: str | Path, manifest: dict) -> Iterator[dict]:
-    """Samples of one latent shard, each checked against the manifest: shape (C, bucket_h/8, bucket_w/8), float16.
+    """Samples of one latent shard (a path or a URL), each checked against the manifest: shape
+    (C, bucket_h/8, bucket_w/8), float16.
 
     Yields dicts with key, latent (and latent_std / latent_flip / text_emb when stored), caption, meta.
     """
-    path = Path(path)
     channels = manifest["latent_channels"]
     factor = manifest["downsample_factor"]
     buckets = {tuple(b) for b in manifest["buckets"]}
@@ -130,7 +149,7 @@ def iter_latent_shard(path: str | Path, manifest: dict) -> Iterator[dict]:
             raise InputError(f"{path}: sample {key} has no latent.npy.")
         return sample
 
-    with tarfile.open(path, "r|") as tar:
+    with open_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             key, _, ext = member.name.partition(".")
             if key != current and current is not None:

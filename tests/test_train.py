@@ -67,7 +67,7 @@ def test_epoch_mode_visits_every_sample_once_in_one_bucket_batches(latents):
 def test_fewer_shards_than_ranks_is_an_error(latents):
     from latentmill.curate.errors import InputError
 
-    with pytest.raises(InputError, match="every rank needs at least one shard"):
+    with pytest.raises(InputError, match="every reader needs at least one shard"):
         LatentLoader(expand_shards(str(latents / "latents" / "0000{0..1}.tar")), batch_size=4, world_size=3)
 
 
@@ -165,3 +165,50 @@ def test_latents_from_another_vae_are_refused(latents, tmp_path):
     load_vae("tiny", seed=7).model.save_pretrained(tmp_path / "other-vae")
     with pytest.raises(InputError, match="made with VAE"):
         train(config(latents, tmp_path / "run", steps=1, vae=str(tmp_path / "other-vae")))
+
+
+def test_workers_split_the_shards_and_resume_exactly(latents):
+    shards = expand_shards(str(latents / "latents"))
+    loader = LatentLoader(shards, batch_size=4, mode="epoch", workers=2, seed=1)
+    keys, count = [], 0
+    for batch in loader:
+        if loader.state.epoch > 0:
+            break
+        keys += batch["keys"]
+        count += 1
+    assert sorted(keys) == sorted(f"{s:05d}{i:04d}" for s in range(4) for i in range(16))
+    resumed = LatentLoader(shards, batch_size=4, mode="epoch", workers=2, seed=1)
+    resumed.state.batches = 3
+    first = next(iter(resumed))
+    again = LatentLoader(shards, batch_size=4, mode="epoch", workers=2, seed=1)
+    stream = iter(again)
+    for _ in range(3):
+        next(stream)
+    expected = next(stream)
+    assert first["keys"] == expected["keys"] and torch_equal(first["latents"], expected["latents"])
+    with pytest.raises(Exception, match="every reader needs at least one shard"):
+        LatentLoader(shards, batch_size=4, workers=3, world_size=2)
+
+
+def torch_equal(a, b):
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_shards_are_read_from_urls(latents, tmp_path):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(latents / "latents"))
+    handler.log_message = lambda *a: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        loader = LatentLoader(expand_shards(base + "/{00000..00003}.tar"), batch_size=4, mode="epoch")
+        local = LatentLoader(expand_shards(str(latents / "latents")), batch_size=4, mode="epoch")
+        assert next(iter(loader))["keys"] == next(iter(local))["keys"]
+    finally:
+        server.shutdown()

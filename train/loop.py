@@ -56,7 +56,8 @@ def train(config: TrainConfig, progress=None) -> dict:
     run.mkdir(parents=True, exist_ok=True)
 
     loader = LatentLoader(expand_shards(config.shards), config.batch_size, seed=config.seed, rank=rank,
-                          world_size=world, mode=config.mode, shuffle_buffer=config.shuffle_buffer, flip=config.flip)
+                          world_size=world, mode=config.mode, shuffle_buffer=config.shuffle_buffer, flip=config.flip,
+                          workers=config.workers)
     manifest = loader.manifest
     encode_text, text_width, encode_prompts = _text_conditioning(config, manifest, device)
     if config.vae:
@@ -152,8 +153,8 @@ def train(config: TrainConfig, progress=None) -> dict:
     ranks = run / "ranks"
     ranks.mkdir(exist_ok=True)
     (ranks / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "world_size": world, "steps": config.steps - start,
-                                                         "shards": loader.my_shards, "skipped": loader.skipped}))
-    return metrics | {"skipped": loader.skipped, "rank": rank, "world_size": world, "shards": loader.my_shards}
+                                                         "shards": loader.my_shards, "skipped": loader.skipped_total()}))
+    return metrics | {"skipped": loader.skipped_total(), "rank": rank, "world_size": world, "shards": loader.my_shards}
 
 
 class _nullcontext:

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from latentmill.curate.encode import EncodeConfig, encode
+from latentmill.curate.errors import InputError
 from latentmill.train.config import TrainConfig
 from latentmill.train.loader import LatentLoader, expand_shards
 from latentmill.train.loop import train
@@ -39,13 +40,17 @@ def test_the_loss_falls_below_half(latents, tmp_path):
     assert last < 0.5 * first, (first, last)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 150 and log[-1]["step"] == 150
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_a_resumed_run_repeats_the_uninterrupted_one_exactly(latents, tmp_path):
     straight, resumed = [], []
     train(config(latents, tmp_path / "a", steps=6, checkpoint_every=3), progress=lambda m: straight.append(m["loss"]))
     train(config(latents, tmp_path / "b", steps=3, checkpoint_every=3), progress=lambda m: resumed.append(m["loss"]))
-    train(config(latents, tmp_path / "b", steps=6, checkpoint_every=3), progress=lambda m: resumed.append(m["loss"]))
+    with pytest.raises(InputError, match="pass --resume"):
+        train(config(latents, tmp_path / "b", steps=6, checkpoint_every=3))
+    train(config(latents, tmp_path / "b", steps=6, checkpoint_every=3, resume=True),
+          progress=lambda m: resumed.append(m["loss"]))
     assert resumed == straight  # bit-exact on CPU
     state = json.loads((tmp_path / "b" / "checkpoints" / "step-0000006" / "state.json").read_text())
     assert state["step"] == 6 and state["loader"]["batches"] > 0

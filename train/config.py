@@ -37,6 +37,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    resume: bool = False  # continue from the run's last checkpoint (without it, a run with checkpoints is refused)
     init_from: str | None = None  # another run: start from its (EMA) weights
     sample_every: int = 0  # 0: no sample grids
     sample_prompts: tuple[str, ...] = ("a photograph of a cat", "a red circle on a blue background",

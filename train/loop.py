@@ -80,6 +80,9 @@ def train(config: TrainConfig, progress=None) -> dict:
                                    beta_end=0.012, prediction_type=config.prediction)
     alphas = noise_schedule.alphas_cumprod.to(device)
     start = 0
+    if checkpoints(run) and not config.resume:
+        raise InputError(f"{run} already has checkpoints (last: {checkpoints(run)[-1].name}): pass --resume to continue "
+                         f"that run, or give a new -o.")
     if checkpoints(run):
         state = load_checkpoint(checkpoints(run)[-1], unet, ema, optimizer)
         start, loader.state = state["step"], LoaderState(**state["loader"])
@@ -89,6 +92,7 @@ def train(config: TrainConfig, progress=None) -> dict:
     scale, shift = manifest["scaling_factor"], manifest.get("shift_factor") or 0.0
     batches = iter(loader)
     log = open(run / "log.jsonl", "a") if rank == 0 else None  # noqa: SIM115 - open for the whole run
+    board = _tensorboard(run) if rank == 0 else None
     metrics: dict = {}
 
     # --- the loop: one optimizer step per iteration --------------------------------------------------
@@ -138,6 +142,9 @@ def train(config: TrainConfig, progress=None) -> dict:
         if log and ((step + 1) % config.log_every == 0 or step == start):
             log.write(json.dumps(metrics) + "\n")
             log.flush()
+            if board:
+                for name in ("loss", "lr", "grad_norm", "samples_per_s"):
+                    board.add_scalar(f"train/{name}", metrics[name], step + 1)
         if progress:
             progress(metrics)
         if rank == 0 and encode_prompts and config.sample_every and (step + 1) % config.sample_every == 0:
@@ -150,11 +157,22 @@ def train(config: TrainConfig, progress=None) -> dict:
                 torch.distributed.barrier()
     if log:
         log.close()
+    if board:
+        board.close()
     ranks = run / "ranks"
     ranks.mkdir(exist_ok=True)
     (ranks / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "world_size": world, "steps": config.steps - start,
                                                          "shards": loader.my_shards, "skipped": loader.skipped_total()}))
     return metrics | {"skipped": loader.skipped_total(), "rank": rank, "world_size": world, "shards": loader.my_shards}
+
+
+def _tensorboard(run: Path):
+    """A TensorBoard writer into RUN/tensorboard (None when tensorboard is not installed)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run / "tensorboard"))
 
 
 class _nullcontext:

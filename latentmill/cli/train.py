@@ -22,8 +22,10 @@ import click
 @click.option("--caption-dropout", type=float, default=0.1, show_default=True)
 @click.option("--ema-decay", type=float, default=0.9999, show_default=True)
 @click.option("--mode", type=click.Choice(["resampled", "epoch"]), default="resampled", show_default=True)
+@click.option("--workers", default=0, show_default=True, help="Loader processes per rank reading shards.")
 @click.option("--checkpoint-every", default=500, show_default=True)
 @click.option("--keep-checkpoints", default=3, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint, exactly.")
 @click.option("--init-from", type=click.Path(exists=True), help="Start from another run's EMA weights (e.g. 256 px, then 512).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32.")
@@ -33,11 +35,11 @@ import click
 @click.option("--sample-every", default=0, show_default=True, help="Write a sample grid of fixed prompts every N steps.")
 @click.option("--vae", help="VAE for sample grids; checked against the one the latents were made with.")
 def train(shards, output, model, text_encoder, steps, batch_size, grad_accum, learning_rate, warmup_steps, schedule,
-          prediction, min_snr_gamma, noise_offset, caption_dropout, ema_decay, mode, checkpoint_every, keep_checkpoints,
-          init_from, device, precision, gradient_checkpointing, compile_, seed, sample_every, vae):
+          prediction, min_snr_gamma, noise_offset, caption_dropout, ema_decay, mode, workers, checkpoint_every, keep_checkpoints,
+          resume, init_from, device, precision, gradient_checkpointing, compile_, seed, sample_every, vae):
     """Train a U-Net straight from latent shards (SHARDS: a folder, a brace pattern or a file).
 
-    Re-running the same command resumes from the last checkpoint, exactly. Many GPUs: launch with torchrun.
+    `--resume` continues a stopped run from its last checkpoint, exactly. Many GPUs: launch with torchrun.
 
     \b
     Examples:
@@ -53,8 +55,8 @@ def train(shards, output, model, text_encoder, steps, batch_size, grad_accum, le
                          batch_size=batch_size, grad_accum=grad_accum, learning_rate=learning_rate,
                          warmup_steps=warmup_steps, schedule=schedule, prediction=prediction,
                          min_snr_gamma=min_snr_gamma or None, noise_offset=noise_offset, caption_dropout=caption_dropout,
-                         ema_decay=ema_decay, mode=mode, checkpoint_every=checkpoint_every,
-                         keep_checkpoints=keep_checkpoints, init_from=init_from, device=device, precision=precision,
+                         ema_decay=ema_decay, mode=mode, workers=workers, checkpoint_every=checkpoint_every,
+                         keep_checkpoints=keep_checkpoints, resume=resume, init_from=init_from, device=device, precision=precision,
                          gradient_checkpointing=gradient_checkpointing, compile=compile_, seed=seed,
                          sample_every=sample_every, vae=vae)
     with tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True, leave=False) as bar:

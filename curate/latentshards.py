@@ -114,11 +114,13 @@ def check_vae(manifest: dict, fingerprint: str, folder: str | Path) -> None:
         )
 
 
-def iter_latent_shard(path: str | Path, manifest: dict) -> Iterator[dict]:
+def iter_latent_shard(path: str | Path, manifest: dict, errors: dict | None = None) -> Iterator[dict]:
     """Samples of one latent shard (a path or a URL), each checked against the manifest: shape
     (C, bucket_h/8, bucket_w/8), float16.
 
     Yields dicts with key, latent (and latent_std / latent_flip / text_emb when stored), caption, meta.
+    A sample that fails a check raises InputError, or, when `errors` is given, is skipped and counted
+    there (reason -> count); so is a damaged tar (what follows the damage is lost).
     """
     channels = manifest["latent_channels"]
     factor = manifest["downsample_factor"]
@@ -149,16 +151,36 @@ def iter_latent_shard(path: str | Path, manifest: dict) -> Iterator[dict]:
             raise InputError(f"{path}: sample {key} has no latent.npy.")
         return sample
 
-    with open_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if key != current and current is not None:
-                yield finish(current, files)
-                files = {}
-            current = key
-            files[ext] = tar.extractfile(member).read()
+    def checked(key, files):
+        try:
+            return finish(key, files)
+        except (InputError, ValueError, OSError) as err:
+            if errors is None:
+                raise
+            reason = "bad_sample" if isinstance(err, InputError) else "unreadable_sample"
+            errors[reason] = errors.get(reason, 0) + 1
+            return None
+
+    try:
+        with open_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if key != current and current is not None:
+                    sample = checked(current, files)
+                    if sample is not None:
+                        yield sample
+                    files = {}
+                current = key
+                files[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError) as err:
+        if errors is None:
+            raise InputError(f"{path}: damaged tar ({err}).") from None
+        errors["damaged_shard"] = errors.get("damaged_shard", 0) + 1
+        return
     if current is not None:
-        yield finish(current, files)
+        sample = checked(current, files)
+        if sample is not None:
+            yield sample
 
 
 def write_manifest(folder: Path, header: dict, shard_stats: dict[str, dict]) -> dict:

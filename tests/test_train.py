@@ -217,3 +217,26 @@ def test_shards_are_read_from_urls(latents, tmp_path):
         assert next(iter(loader))["keys"] == next(iter(local))["keys"]
     finally:
         server.shutdown()
+
+
+def test_corrupt_samples_are_skipped_and_counted(latents, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from latentmill.curate.latentshards import LatentShardWriter
+
+    folder = tmp_path / "latents"
+    shutil.copytree(latents / "latents", folder)
+    writer = LatentShardWriter(folder, "00000")
+    writer.add("good0000", np.zeros((4, 16, 16)), "fine", {"bucket": [128, 128]})
+    writer.add("bad00000", np.zeros((4, 8, 8)), "wrong shape for its bucket", {"bucket": [128, 128]})
+    writer.add("good0001", np.zeros((4, 16, 16)), "fine", {"bucket": [128, 128]})
+    writer.close()
+    data = (folder / "00001.tar").read_bytes()
+    (folder / "00001.tar").write_bytes(data[: len(data) // 2])  # a truncated shard
+    loader = LatentLoader(expand_shards(str(folder)), batch_size=4, mode="epoch")
+    keys = [key for batch in loader.epoch_batches(0) for key in batch["keys"]]
+    assert {"good0000", "good0001"} <= set(keys) and "bad00000" not in keys
+    assert loader.skipped_total() == {"bad_sample": 1, "damaged_shard": 1}
+    assert 32 + 2 < len(keys) < 32 + 2 + 16  # shards 2 and 3 whole, part of shard 1

@@ -62,11 +62,12 @@ class LatentLoader:
     flip: bool = True  # use stored flipped latents half of the time
     sample_posterior: bool = True  # mean + std * noise where the std is stored
     state: LoaderState = field(default_factory=LoaderState)
-    skipped: dict = field(default_factory=dict)  # this process's reader: reason -> shards skipped
+    skipped: dict = field(default_factory=dict)  # this process's reader: reason -> samples or shards skipped
     _worker_skipped: dict = field(default_factory=dict)
 
     def skipped_total(self) -> dict:
-        """Skipped shards by reason, over every worker."""
+        """Skipped samples (bad_sample, unreadable_sample) and shards (damaged_shard, unreadable_shard), over
+        every worker."""
         total: dict = {}
         for counts in [self.skipped, *self._worker_skipped.values()] if self.workers > 1 else [self.skipped]:
             for reason, n in counts.items():
@@ -94,13 +95,12 @@ class LatentLoader:
         buffer: list[dict] = []
         for shard in order:
             try:
-                for sample in iter_latent_shard(shard, self.manifest):
+                for sample in iter_latent_shard(shard, self.manifest, errors=self.skipped):
                     buffer.append(sample)
                     if len(buffer) >= self.shuffle_buffer:
                         yield buffer.pop(rng.randrange(len(buffer)))
-            except (InputError, OSError, ValueError) as err:
-                reason = type(err).__name__
-                self.skipped[reason] = self.skipped.get(reason, 0) + 1
+            except OSError:  # the shard cannot be opened at all (missing file, URL down)
+                self.skipped["unreadable_shard"] = self.skipped.get("unreadable_shard", 0) + 1
         rng.shuffle(buffer)
         yield from buffer
 

@@ -240,3 +240,29 @@ def test_corrupt_samples_are_skipped_and_counted(latents, tmp_path):
     assert {"good0000", "good0001"} <= set(keys) and "bad00000" not in keys
     assert loader.skipped_total() == {"bad_sample": 1, "damaged_shard": 1}
     assert 32 + 2 < len(keys) < 32 + 2 + 16  # shards 2 and 3 whole, part of shard 1
+
+
+def test_size_and_crop_conditioning_reaches_the_unet(latents, tmp_path, run_cli):
+    import torch
+
+    from latentmill.train.loop import size_condition
+    from latentmill.train.models import build_unet
+
+    unet = build_unet("tiny", 4, 32, 16, size_conditioning=True)
+    text = torch.randn(2, 77, 32)
+    noisy = torch.randn(2, 4, 16, 16)
+    metas = [{"original_size": [640, 480], "crop": [0, 80], "bucket": [128, 128]}] * 2
+    small = [{"original_size": [128, 128], "crop": [0, 0], "bucket": [128, 128]}] * 2
+    cond = size_condition(text, metas)
+    assert cond["time_ids"][0].tolist() == [480, 640, 0, 80, 128, 128]
+    with torch.no_grad():
+        a = unet(noisy, torch.tensor([500, 500]), encoder_hidden_states=text, added_cond_kwargs=cond).sample
+        b = unet(noisy, torch.tensor([500, 500]), encoder_hidden_states=text, added_cond_kwargs=size_condition(text, small)).sample
+    assert not torch.allclose(a, b)
+    run = tmp_path / "run"
+    losses = []
+    train(config(latents, run, steps=3, checkpoint_every=3, size_conditioning=True), progress=lambda m: losses.append(m["loss"]))
+    assert len(losses) == 3 and all(loss == loss for loss in losses)
+    assert run_cli("sample", run, "--prompt", "a cat", "--steps", "2", "-o", tmp_path / "g.png").exit_code == 0
+    result = run_cli("export", run, "-o", tmp_path / "pipe")
+    assert result.exit_code == 2 and "size/crop conditioning" in result.output

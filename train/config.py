@@ -24,6 +24,7 @@ class TrainConfig:
     min_snr_gamma: float | None = 5.0
     noise_offset: float = 0.0
     caption_dropout: float = 0.1
+    size_conditioning: bool = False  # SDXL-style conditioning on the stored original size and crop
     ema_decay: float = 0.9999
     mode: str = "resampled"  # or epoch
     shuffle_buffer: int = 256

@@ -33,6 +33,9 @@ def export_pipeline(run: str | Path, output: str | Path, use_ema: bool = True, v
     if not text_spec or text_spec.startswith("openclip:"):
         raise InputError(f"{run} was trained with text encoder {text_spec!r}; a StableDiffusionPipeline needs a "
                          f"transformers CLIPTextModel: train with --text-encoder PIPELINE_FOLDER to export.")
+    if config.get("size_conditioning"):
+        raise InputError(f"{run} was trained with size/crop conditioning, which StableDiffusionPipeline cannot feed; "
+                         f"use `latentmill sample {run}` to generate.")
     manifest = read_manifest(Path(expand_shards(config["shards"])[0]).parent)
     unet_config = json.loads((found[-1] / "unet_config.json").read_text())
     unet = UNet2DConditionModel.from_config(unet_config)

@@ -66,7 +66,8 @@ def train(config: TrainConfig, progress=None) -> dict:
 
         check_vae(manifest, load_vae(config.vae).fingerprint, Path(loader.shards[0]).parent)
     sample_size = manifest["resolution"] // manifest["downsample_factor"]
-    unet = build_unet(config.model, manifest["latent_channels"], text_width, sample_size, config.seed).to(device)
+    unet = build_unet(config.model, manifest["latent_channels"], text_width, sample_size, config.seed,
+                      config.size_conditioning).to(device)
     if config.init_from:
         _init_from(unet, Path(config.init_from))
     if config.gradient_checkpointing:
@@ -115,8 +116,9 @@ def train(config: TrainConfig, progress=None) -> dict:
             target = noise if config.prediction == "epsilon" else noise_schedule.get_velocity(latents, noise, timesteps)
             sync = micro == config.grad_accum - 1 or world == 1
             context = model.no_sync() if not sync and world > 1 else _nullcontext()
+            extra = {"added_cond_kwargs": size_condition(text, batch["meta"])} if config.size_conditioning else {}
             with context, torch.autocast(device.split(":")[0], dtype=autocast_dtype, enabled=precision != "fp32"):
-                prediction = model(noisy, timesteps, encoder_hidden_states=text).sample
+                prediction = model(noisy, timesteps, encoder_hidden_states=text, **extra).sample
                 loss_per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 if config.min_snr_gamma:
                     snr = alphas[timesteps] / (1 - alphas[timesteps])
@@ -164,6 +166,13 @@ def train(config: TrainConfig, progress=None) -> dict:
     (ranks / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "world_size": world, "steps": config.steps - start,
                                                          "shards": loader.my_shards, "skipped": loader.skipped_total()}))
     return metrics | {"skipped": loader.skipped_total(), "rank": rank, "world_size": world, "shards": loader.my_shards}
+
+
+def size_condition(text: torch.Tensor, metas: list[dict]) -> dict:
+    """SDXL's added conditions: the pooled caption, and (original h, w, crop top, left, target h, w) per sample."""
+    rows = [[m["original_size"][1], m["original_size"][0], m["crop"][0], m["crop"][1], m["bucket"][1], m["bucket"][0]]
+            for m in metas]
+    return {"text_embeds": text.mean(dim=1), "time_ids": torch.tensor(rows, dtype=text.dtype, device=text.device)}
 
 
 def _tensorboard(run: Path):

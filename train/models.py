@@ -19,15 +19,25 @@ UNET_CONFIGS = {
 }
 
 
-def build_unet(spec: str, latent_channels: int, cross_attention_dim: int, sample_size: int, seed: int = 0):
+def size_conditioning_config(cross_attention_dim: int, spec: str) -> dict:
+    """SDXL-style micro-conditioning: (original h, w, crop top, left, target h, w) Fourier-embedded and added
+    to the timestep embedding together with the pooled caption."""
+    time_dim = 8 if spec == "tiny" else 256
+    return dict(addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                projection_class_embeddings_input_dim=cross_attention_dim + 6 * time_dim)
+
+
+def build_unet(spec: str, latent_channels: int, cross_attention_dim: int, sample_size: int, seed: int = 0,
+               size_conditioning: bool = False):
     """A named architecture with fresh weights (seeded), or a pretrained diffusers folder/id (fine-tuning)."""
     import torch
     from diffusers import UNet2DConditionModel
 
     if spec in UNET_CONFIGS:
         torch.manual_seed(seed)
+        extra = size_conditioning_config(cross_attention_dim, spec) if size_conditioning else {}
         return UNet2DConditionModel(sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
-                                    cross_attention_dim=cross_attention_dim, **UNET_CONFIGS[spec])
+                                    cross_attention_dim=cross_attention_dim, **UNET_CONFIGS[spec], **extra)
     path = Path(spec)
     try:
         unet = UNet2DConditionModel.from_pretrained(spec, subfolder="unet" if (path / "unet").exists() or not path.exists() else None,
@@ -37,6 +47,9 @@ def build_unet(spec: str, latent_channels: int, cross_attention_dim: int, sample
                          f"locally ({str(err).splitlines()[0][:120]}). Download it first or give a local folder.") from None
     if unet.config.in_channels != latent_channels:
         raise InputError(f"--model {spec} takes {unet.config.in_channels}-channel latents; the shards hold {latent_channels}.")
+    if size_conditioning and unet.config.addition_embed_type != "text_time":
+        raise InputError(f"--model {spec} has no size/crop conditioning (addition_embed_type 'text_time'); "
+                         f"drop --size-conditioning or start from a named config.")
     if unet.config.cross_attention_dim != cross_attention_dim:
         raise InputError(f"--model {spec} cross-attends to {unet.config.cross_attention_dim}-d text; the text encoder "
                          f"gives {cross_attention_dim}-d.")

@@ -24,8 +24,13 @@ def generate(unet, text_states, empty_state, vae, scaling_factor: float, shift_f
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn((n, channels, size[1] // 8, size[0] // 8), generator=generator).to(device)
     context = torch.cat([empty_state.expand(n, -1, -1), text_states]).to(device)
+    extra = {}
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":  # size-conditioned: ask for an uncropped image
+        h, w = size[1], size[0]
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]] * (2 * n), dtype=context.dtype, device=device)
+        extra = {"added_cond_kwargs": {"text_embeds": context.mean(dim=1), "time_ids": time_ids}}
     for t in scheduler.timesteps:
-        prediction_both = unet(torch.cat([latents, latents]), t, encoder_hidden_states=context).sample
+        prediction_both = unet(torch.cat([latents, latents]), t, encoder_hidden_states=context, **extra).sample
         unconditional, conditional = prediction_both.chunk(2)
         guided = unconditional + guidance * (conditional - unconditional)
         latents = scheduler.step(guided, t, latents).prev_sample

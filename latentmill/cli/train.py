@@ -20,6 +20,7 @@ import click
 @click.option("--min-snr-gamma", type=float, default=5.0, show_default=True, help="0 turns min-SNR weighting off.")
 @click.option("--noise-offset", type=float, default=0.0, show_default=True)
 @click.option("--caption-dropout", type=float, default=0.1, show_default=True)
+@click.option("--size-conditioning", is_flag=True, help="SDXL-style conditioning on each image's original size and crop.")
 @click.option("--ema-decay", type=float, default=0.9999, show_default=True)
 @click.option("--mode", type=click.Choice(["resampled", "epoch"]), default="resampled", show_default=True)
 @click.option("--workers", default=0, show_default=True, help="Loader processes per rank reading shards.")
@@ -35,7 +36,7 @@ import click
 @click.option("--sample-every", default=0, show_default=True, help="Write a sample grid of fixed prompts every N steps.")
 @click.option("--vae", help="VAE for sample grids; checked against the one the latents were made with.")
 def train(shards, output, model, text_encoder, steps, batch_size, grad_accum, learning_rate, warmup_steps, schedule,
-          prediction, min_snr_gamma, noise_offset, caption_dropout, ema_decay, mode, workers, checkpoint_every, keep_checkpoints,
+          prediction, min_snr_gamma, noise_offset, caption_dropout, size_conditioning, ema_decay, mode, workers, checkpoint_every, keep_checkpoints,
           resume, init_from, device, precision, gradient_checkpointing, compile_, seed, sample_every, vae):
     """Train a U-Net straight from latent shards (SHARDS: a folder, a brace pattern or a file).
 
@@ -55,6 +56,7 @@ def train(shards, output, model, text_encoder, steps, batch_size, grad_accum, le
                          batch_size=batch_size, grad_accum=grad_accum, learning_rate=learning_rate,
                          warmup_steps=warmup_steps, schedule=schedule, prediction=prediction,
                          min_snr_gamma=min_snr_gamma or None, noise_offset=noise_offset, caption_dropout=caption_dropout,
+                         size_conditioning=size_conditioning,
                          ema_decay=ema_decay, mode=mode, workers=workers, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints, resume=resume, init_from=init_from, device=device, precision=precision,
                          gradient_checkpointing=gradient_checkpointing, compile=compile_, seed=seed,

@@ -206,3 +206,12 @@ def test_a_pipeline_text_encoder_folder_is_loaded(tmp_path):
     assert encoder.encode(["a cat", "cat"]).shape == (2, encoder.context_length, 32)
     with pytest.raises(InputError, match="openclip:NAME"):
         load_text_encoder("no/such/folder")
+
+
+def test_bf16_encoding_stays_close_to_fp32(image_shards, tmp_path):
+    encode(image_shards, tmp_path / "fp32", EncodeConfig(**SMALL))
+    encode(image_shards, tmp_path / "bf16", EncodeConfig(**SMALL, precision="bf16"))
+    a, b = latents_by_key(tmp_path / "fp32"), latents_by_key(tmp_path / "bf16")
+    for key in a:
+        diff = np.abs(a[key]["latent"].astype(np.float32) - b[key]["latent"].astype(np.float32)).max()
+        assert diff < 0.1 * (np.abs(a[key]["latent"]).max() + 1e-3)

@@ -266,3 +266,22 @@ def test_size_and_crop_conditioning_reaches_the_unet(latents, tmp_path, run_cli)
     assert run_cli("sample", run, "--prompt", "a cat", "--steps", "2", "-o", tmp_path / "g.png").exit_code == 0
     result = run_cli("export", run, "-o", tmp_path / "pipe")
     assert result.exit_code == 2 and "size/crop conditioning" in result.output
+
+
+def test_v_prediction_bf16_autocast_and_the_last_k_checkpoints(latents, tmp_path):
+    losses = []
+    run = tmp_path / "run"
+    train(config(latents, run, steps=4, checkpoint_every=1, keep_checkpoints=2, prediction="v_prediction",
+                 precision="bf16", grad_accum=2), progress=lambda m: losses.append(m["loss"]))
+    assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)
+    assert [c.name for c in sorted((run / "checkpoints").iterdir())] == ["step-0000003", "step-0000004"]
+
+
+def test_a_model_that_does_not_fit_the_latents_is_refused(latents, tmp_path):
+    from latentmill.train.models import build_unet
+
+    build_unet("tiny", 8, 32, 16).save_pretrained(tmp_path / "unet8")
+    with pytest.raises(InputError, match="takes 8-channel latents; the shards hold 4"):
+        train(config(latents, tmp_path / "run", steps=1, model=str(tmp_path / "unet8")))
+    with pytest.raises(InputError, match="no latent shards"):
+        train(config(latents, tmp_path / "run2", steps=1, shards=str(tmp_path / "nothing-here")))

@@ -35,7 +35,12 @@ def expand_shards(spec: str | list[str]) -> list[str]:
         if not is_url(item) and path.is_dir():
             shards += [str(p) for p in sorted(path.glob("*.tar"))]
         else:
-            shards += list(braceexpand.braceexpand(str(item)))
+            expanded = list(braceexpand.braceexpand(str(item)))
+            missing = [p for p in expanded if not is_url(p) and not Path(p).exists()]
+            if missing:
+                raise InputError(f"{item}: no latent shards at {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
+                                 f"no such file or folder. Give the folder `latentmill encode` wrote, a brace pattern, or URLs.")
+            shards += expanded
     if not shards:
         raise InputError(f"{spec}: no latent shards (.tar). Make them with `latentmill encode`.")
     return shards

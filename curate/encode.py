@@ -46,6 +46,7 @@ class EncodeConfig:
     seed: int = 0
     max_upscale: float = 1.0  # images needing more enlargement than this are dropped as too_small
     text_encoder: str | None = None  # precompute caption embeddings (see curate.textencoder)
+    threads: int | None = None  # torch CPU threads per worker; CPU float sums depend on it, so fix it for identical bytes
 
     def resolved_precision(self) -> str:
         if self.precision == "auto":
@@ -165,10 +166,41 @@ def encode_shard(image_shard: Path, output: Path, config: EncodeConfig, vae, sel
     return stats
 
 
+@dataclass
+class EncodeStage:
+    """`encode` as a shard stage for the executors: the VAE (and text encoder) loaded once per worker."""
+
+    config: EncodeConfig
+    output: Path
+    selection: str | Path | None
+
+    def setup(self):
+        from latentmill.curate.vae import load_vae
+
+        if self.config.threads:
+            import torch
+
+            torch.set_num_threads(self.config.threads)
+        vae = load_vae(self.config.vae, self.config.device, self.config.resolved_precision())
+        text_encoder = None
+        if self.config.text_encoder:
+            from latentmill.curate.textencoder import load_text_encoder
+
+            text_encoder = load_text_encoder(self.config.text_encoder, self.config.device)
+        return vae, text_encoder
+
+    def stats_path(self, shard: Path) -> Path:
+        return self.output / f"{shard.stem}.stats.json"
+
+    def process(self, shard: Path, state) -> dict:
+        vae, text_encoder = state
+        return encode_shard(shard, self.output, self.config, vae, self.selection, text_encoder)
+
+
 def encode(images: str | Path, output: str | Path, config: EncodeConfig, selection: str | Path | None = None,
-           progress=None) -> dict:
+           progress=None, executor=None) -> dict:
     """Encode every image shard of `images` (skipping done ones) and write `manifest.json`; return it."""
-    from latentmill.curate.vae import load_vae
+    from latentmill.curate.executors import ExecutorConfig, run_shards
 
     images, output = Path(images), Path(output)
     shards = list_image_shards(images)
@@ -178,12 +210,8 @@ def encode(images: str | Path, output: str | Path, config: EncodeConfig, selecti
     if config.crop not in ("center", "random"):
         raise InputError(f"--crop {config.crop!r}: use center or random.")
     precision = config.resolved_precision()
-    vae = load_vae(config.vae, config.device, precision)
-    text_encoder = None
-    if config.text_encoder:
-        from latentmill.curate.textencoder import load_text_encoder
-
-        text_encoder = load_text_encoder(config.text_encoder, config.device)
+    stage = EncodeStage(config, output, selection)
+    vae, text_encoder = stage.setup()  # here too: the manifest records what made the latents
     header = {
         "format": "latentmill.latents/1",
         "vae": vae.describe(),
@@ -202,15 +230,8 @@ def encode(images: str | Path, output: str | Path, config: EncodeConfig, selecti
     }
     output.mkdir(parents=True, exist_ok=True)
     _check_same_settings(output, header)
-    shard_stats = {}
-    for path in shards:
-        done = output / f"{path.stem}.stats.json"
-        if done.exists():
-            shard_stats[path.stem] = json.loads(done.read_text())
-        else:
-            shard_stats[path.stem] = encode_shard(path, output, config, vae, selection, text_encoder)
-        if progress:
-            progress(shard_stats[path.stem]["input"])
+    shard_stats = run_shards(stage, shards, executor or ExecutorConfig(), local_state=(vae, text_encoder),
+                             progress=(lambda s: progress(s["input"])) if progress else None)
     manifest = write_manifest(output, header, shard_stats)
     dropped: Counter = Counter()
     for stats in shard_stats.values():

@@ -10,7 +10,6 @@ errors). A shard is done when `scores/{shard}.stats.json` exists.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ class ScoreConfig:
     watermark_head: str | None = None
     fitted_heads: list[str] = field(default_factory=list)
     save_embeddings: bool = False
+    threads: int | None = None  # torch CPU threads per worker (CPU float sums depend on it)
 
 
 class ShardImages(torch.utils.data.IterableDataset):
@@ -172,29 +172,51 @@ def score_shard(path: Path, output: Path, config: ScoreConfig, clip, heads: list
     return stats
 
 
-def score(images: str | Path, output: str | Path, config: ScoreConfig, progress=None) -> dict:
+@dataclass
+class ScoreStage:
+    """`score` as a shard stage for the executors: CLIP and the heads loaded once per worker."""
+
+    config: ScoreConfig
+    output: Path
+    embeddings_dir: Path | None
+
+    def setup(self):
+        from latentmill.filters.clip import load_clip
+
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        clip = load_clip(self.config.clip_model, self.config.pretrained, self.config.device, self.config.precision)
+        return clip, load_heads(self.config, clip.embed_dim)
+
+    def stats_path(self, shard: Path) -> Path:
+        return self.output / f"{shard.stem}.stats.json"
+
+    def process(self, shard: Path, state) -> dict:
+        clip, heads = state
+        return score_shard(shard, self.output, self.config, clip, heads, self.embeddings_dir)
+
+
+def score(images: str | Path, output: str | Path, config: ScoreConfig, progress=None, executor=None) -> dict:
     """Score every image shard of `images` into `output` (done shards skipped); return the totals."""
-    from latentmill.filters.clip import load_clip
+    from latentmill.curate.executors import ExecutorConfig, run_shards
 
     images, output = Path(images), Path(output)
     shards = list_image_shards(images)
     if not shards:
         raise InputError(f"{images}: no .tar image shards. Make them with `latentmill download`.")
-    clip = load_clip(config.clip_model, config.pretrained, config.device, config.precision)
-    heads = load_heads(config, clip.embed_dim)
     output.mkdir(parents=True, exist_ok=True)
     embeddings_dir = output.parent / "embeddings" if config.save_embeddings else None
+    stage = ScoreStage(config, output, embeddings_dir)
+    clip, heads = stage.setup()  # here too: bad heads are refused before any shard is handed out
     if embeddings_dir:
         embeddings_dir.mkdir(parents=True, exist_ok=True)
     write_json(output / "score_config.json", asdict(config) | {"clip_model": clip.name, "embed_dim": clip.embed_dim,
                                                                "columns": [h.column for h in heads]})
+    all_stats = run_shards(stage, shards, executor or ExecutorConfig(), local_state=(clip, heads),
+                           progress=(lambda s: progress(s["images"])) if progress else None)
     totals = Counter()
-    for path in shards:
-        done = output / f"{path.stem}.stats.json"
-        stats = json.loads(done.read_text()) if done.exists() else score_shard(path, output, config, clip, heads, embeddings_dir)
+    for stats in all_stats.values():
         totals.update({"shards": 1, "images": stats["images"], "scored": stats["scored"]})
         for reason, n in stats["errors"].items():
             totals[f"error:{reason}"] += n
-        if progress:
-            progress(stats["images"])
     return dict(totals)

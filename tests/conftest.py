@@ -135,3 +135,25 @@ def tiny_clip_text_pipeline(folder):
                               model_max_length=77)
     tokenizer.save_pretrained(folder / "tokenizer")
     return folder
+
+
+class FlakyStage:
+    """A shard stage for executor tests: writes {shard}.stats.json, and always fails on the shard `fail`."""
+
+    def __init__(self, folder, fail):
+        self.folder, self.fail = folder, fail
+
+    def setup(self):
+        return None
+
+    def stats_path(self, shard):
+        return self.folder / f"{shard.stem}.stats.json"
+
+    def process(self, shard, state):
+        import json
+
+        if shard.stem == self.fail:
+            raise ValueError(f"shard {shard.stem} is broken")
+        stats = {"shard": shard.stem}
+        self.stats_path(shard).write_text(json.dumps(stats))
+        return stats

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import progress_bar
+from latentmill.cli.options import executor_from, executor_options, progress_bar
 
 
 @click.command()
@@ -27,8 +27,9 @@ from latentmill.cli.options import progress_bar
 @click.option("--max-upscale", default=1.0, show_default=True,
               help="Images that must be enlarged more than this to cover their bucket are dropped as too_small.")
 @click.option("--text-encoder", help="Also store caption embeddings: openclip:NAME[:PRETRAINED] or a pipeline folder.")
+@executor_options
 def encode(images, output, selection, vae, resolution, min_side, max_side, step, device, precision, batch_size, flip,
-           std, crop, seed, max_upscale, text_encoder):
+           std, crop, seed, max_upscale, text_encoder, **kwargs):
     """Bucket, resize, crop and VAE-encode IMAGES into latent shards with a manifest.
 
     Per shard, atomic and resumable: re-run the same command after a stop and only unfinished shards
@@ -39,15 +40,16 @@ def encode(images, output, selection, vae, resolution, min_side, max_side, step,
       latentmill encode images/ --selection selection/ -o latents-512/ --vae stabilityai/sd-vae-ft-mse --device cuda
       latentmill encode images/ -o latents-256/ --resolution 256 --flip --std
       latentmill encode images/ -o latents/ --text-encoder openclip:ViT-H-14:laion2b_s32b_b79k
+      latentmill encode /shared/images/ -o /shared/latents/ --device cuda --executor ray --address auto
     """
     from latentmill.curate.encode import EncodeConfig
     from latentmill.curate.encode import encode as run_encode
 
     config = EncodeConfig(resolution=resolution, min_side=min_side, max_side=max_side, step=step, vae=vae,
                           device=device, precision=precision, batch_size=batch_size, flip=flip, std=std, crop=crop,
-                          seed=seed, max_upscale=max_upscale, text_encoder=text_encoder)
+                          seed=seed, max_upscale=max_upscale, text_encoder=text_encoder, threads=kwargs.pop("threads"))
     with progress_bar(None, "encode", unit="img") as bar:
-        manifest = run_encode(images, output, config, selection, progress=bar.update)
+        manifest = run_encode(images, output, config, selection, progress=bar.update, executor=executor_from(kwargs))
     click.echo(f"{manifest['samples']:,} latents in {len(manifest['shards'])} shard(s) at {output}")
     for bucket, count in sorted(manifest["per_bucket"].items(), key=lambda kv: -kv[1]):
         click.echo(f"  {bucket:>10} {count:>8,}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import progress_bar
+from latentmill.cli.options import executor_from, executor_options, progress_bar
 
 
 @click.command()
@@ -22,8 +22,9 @@ from latentmill.cli.options import progress_bar
 @click.option("--watermark-head", type=click.Path(), help="LAION-5B watermark detector (efficientnet_b3a) weights.")
 @click.option("--head", "fitted_heads", multiple=True, type=click.Path(), help="A head made by `latentmill fit-head`.")
 @click.option("--save-embeddings", is_flag=True, help="Also write embeddings/{shard}.npy beside the output.")
+@executor_options
 def score(images, output, clip_model, pretrained, device, precision, batch_size, workers, aesthetic_head, unsafe_head,
-          watermark_head, fitted_heads, save_embeddings):
+          watermark_head, fitted_heads, save_embeddings, **kwargs):
     """Score every image with CLIP and predictor heads: one parquet per image shard.
 
     \b
@@ -37,9 +38,10 @@ def score(images, output, clip_model, pretrained, device, precision, batch_size,
 
     config = ScoreConfig(clip_model=clip_model, pretrained=pretrained, device=device, precision=precision,
                          batch_size=batch_size, workers=workers, aesthetic_head=aesthetic_head, unsafe_head=unsafe_head,
-                         watermark_head=watermark_head, fitted_heads=list(fitted_heads), save_embeddings=save_embeddings)
+                         watermark_head=watermark_head, fitted_heads=list(fitted_heads), save_embeddings=save_embeddings,
+                         threads=kwargs.pop("threads"))
     with progress_bar(None, "score", unit="img") as bar:
-        totals = run_score(images, output, config, progress=bar.update)
+        totals = run_score(images, output, config, progress=bar.update, executor=executor_from(kwargs))
     errors = {k[6:]: v for k, v in totals.items() if k.startswith("error:")}
     click.echo(f"scored {totals['scored']:,} of {totals['images']:,} images in {totals['shards']} shard(s) -> {output}"
                + (f"; not decodable: {errors}" if errors else ""))

@@ -26,3 +26,22 @@ def progress_bar(total: int | None, desc: str, unit: str = "rows"):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, leave=False)
+
+
+def executor_options(func):
+    """--executor local|ray, --address, --actors, --shard-retries: where the shard stages run."""
+    func = click.option("--threads", type=int, help="torch CPU threads per worker; the same number gives byte-identical "
+                        "outputs across executors and machines.")(func)
+    func = click.option("--shard-retries", default=2, show_default=True, help="Ray: retries of a failed shard.")(func)
+    func = click.option("--actors", type=int, help="Ray: actors (default: one per GPU, or 2 on CPUs).")(func)
+    func = click.option("--address", help="Ray: the cluster ('auto', ray://HOST:10001); default: Ray on 127.0.0.1.")(func)
+    func = click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                        help="Run shards here, or on a Ray cluster (an actor per GPU holding the model).")(func)
+    return func
+
+
+def executor_from(kwargs: dict):
+    from latentmill.curate.executors import ExecutorConfig
+
+    return ExecutorConfig(kind=kwargs.pop("executor"), address=kwargs.pop("address"), actors=kwargs.pop("actors"),
+                          retries=kwargs.pop("shard_retries"))

@@ -116,8 +116,10 @@ def encode_shard(image_shard: Path, output: Path, config: EncodeConfig, vae, sel
         prepared.setdefault(bucket, []).append((sample, placement, pixels))
         order.append(sample.key)
 
+    order.sort()  # key order throughout: the same batches, so the same bytes, whatever order the tar has
     results: dict[str, tuple] = {}
     for items in prepared.values():
+        items.sort(key=lambda item: item[0].key)
         for start in range(0, len(items), config.batch_size):
             batch = items[start:start + config.batch_size]
             images = [pixels for _, _, pixels in batch]

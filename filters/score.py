@@ -4,7 +4,7 @@ Images are decoded in DataLoader workers (JPEG `draft` mode: decode at the small
 covers the model's input) and preprocessed with the model's own transform, so the model never waits on
 decoding. Output `scores/{shard}.parquet`, one row per image in shard order: key, url, caption, width,
 height (decoded, EXIF applied), original_width, original_height, one column per head, clip_similarity,
-error. `--save-embeddings` adds `embeddings/{shard}.npy` (float16, parquet row order, NaN rows for
+error; rows sorted by key, so the output does not depend on the order img2dataset happened to write. `--save-embeddings` adds `embeddings/{shard}.npy` (float16, parquet row order, NaN rows for
 errors). A shard is done when `scores/{shard}.stats.json` exists.
 """
 
@@ -144,7 +144,7 @@ def score_shard(path: Path, output: Path, config: ScoreConfig, clip, heads: list
                 r[head.column] = float(v)
         for r, e in zip(good, image_emb.numpy(), strict=True):
             embeddings[r["index"]] = e
-    rows.sort(key=lambda r: r["index"])
+    rows.sort(key=lambda r: r["key"])  # key order: img2dataset writes a shard in download-completion order
     head_columns = [h.column for h in heads]
     table = pa.table({
         "key": [r["key"] for r in rows], "url": [r["url"] for r in rows], "caption": [r["caption"] for r in rows],
@@ -204,10 +204,10 @@ def score(images: str | Path, output: str | Path, config: ScoreConfig, progress=
     shards = list_image_shards(images)
     if not shards:
         raise InputError(f"{images}: no .tar image shards. Make them with `latentmill download`.")
-    output.mkdir(parents=True, exist_ok=True)
     embeddings_dir = output.parent / "embeddings" if config.save_embeddings else None
     stage = ScoreStage(config, output, embeddings_dir)
-    clip, heads = stage.setup()  # here too: bad heads are refused before any shard is handed out
+    clip, heads = stage.setup()  # here too: bad heads are refused before anything is written
+    output.mkdir(parents=True, exist_ok=True)
     if embeddings_dir:
         embeddings_dir.mkdir(parents=True, exist_ok=True)
     write_json(output / "score_config.json", asdict(config) | {"clip_model": clip.name, "embed_dim": clip.embed_dim,

@@ -7,12 +7,14 @@ import click
 
 @click.command()
 @click.option("-w", "--work", default="demo-work", show_default=True, type=click.Path(), help="Work folder.")
-@click.option("--processes", default=2, show_default=True, help="Download processes.")
-def demo(work, processes):
-    """Run the pipeline offline on bundled sample images (scikit-image photos and generated pictures).
+@click.option("--steps", type=int, help="Training steps (default: the demo recipe's 200).")
+def demo(work, steps):
+    """Run the whole pipeline offline on bundled sample images with tiny models.
 
-    A loopback server serves the samples, including broken links; the demo prefilters the URL table,
-    downloads it with img2dataset and checks the image shards. No network is needed.
+    A loopback server serves scikit-image photographs and generated pictures (some watermarked, some too
+    small, some broken links); the `demo` recipe prefilters, downloads with img2dataset, scores with a
+    tiny CLIP model, selects, encodes with a tiny VAE, trains a tiny U-Net and writes sample grids.
+    No network is needed. Re-running continues a stopped demo.
 
     \b
     Example:
@@ -20,5 +22,5 @@ def demo(work, processes):
     """
     from latentmill.demo import run_demo
 
-    result = run_demo(work, log=click.echo, processes=processes)
-    click.echo(f"done: {result['image_shards']['samples']} images in {work}/images; summary in {work}/report/demo.json")
+    run_demo(work, log=click.echo, overrides=[f"train.steps={steps}"] if steps else [])
+    click.echo(f"done: summary in {work}/report/demo.json, sample grids in {work}/runs/main/samples/")

@@ -1,0 +1,63 @@
+"""`latentmill recipes`, `run` and `status`."""
+
+from __future__ import annotations
+
+import click
+
+from latentmill.cli.options import executor_from, executor_options
+
+
+@click.command()
+def recipes():
+    """List the shipped recipes, one line each.
+
+    \b
+    Example:
+      latentmill recipes
+    """
+    from latentmill.recipe import list_recipes
+
+    for name, description in list_recipes().items():
+        click.echo(f"{name:<28}{description}")
+
+
+@click.command()
+@click.argument("recipe")
+@click.option("--urls", type=click.Path(exists=True), help="The URL table (for recipes that read one).")
+@click.option("-w", "--work", default="work", show_default=True, type=click.Path(), help="Work folder.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe value.")
+@click.option("--until", help="Stop after this stage: prefilter, download, score, select, encode, train, export.")
+@executor_options
+def run(recipe, urls, work, overrides, until, **kwargs):
+    """Run RECIPE (a shipped name or a YAML file) stage by stage into WORK; re-run to continue a stopped run.
+
+    \b
+    Examples:
+      latentmill run laion-aesthetics-v2-5plus --urls laion.parquet -w work/ --executor ray --address auto
+      latentmill run demo -w demo-work --set train.steps=50 --until train
+    """
+    from latentmill.recipe import load_recipe
+    from latentmill.runner import run_recipe
+
+    loaded = load_recipe(recipe, list(overrides))
+    executor = executor_from(kwargs)
+    kwargs.pop("threads", None)
+    if executor.kind == "local" and "executor" in loaded:
+        executor = None  # the recipe's own executor section applies
+    run_recipe(loaded, work, urls=urls, until=until, executor=executor, log=click.echo)
+    click.echo(f"done: {work}")
+
+
+@click.command()
+@click.argument("work", type=click.Path(exists=True))
+def status(work):
+    """Every stage's progress in WORK: shards done of total, samples kept.
+
+    \b
+    Example:
+      latentmill status work/
+    """
+    from latentmill.runner import status as run_status
+
+    for row in run_status(work):
+        click.echo(f"{row['stage']:<22}{row['done']:<18}{row['detail']}")

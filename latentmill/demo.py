@@ -25,4 +25,7 @@ def run_demo(work: str | Path, log=print, overrides: list[str] = ()) -> dict:
         f"{sum(r['count'] > 0 for r in distribution['buckets'])} buckets at {resolution} px: {chart}")
     report["buckets"] = distribution
     write_json(work / "report" / "demo.json", report)
+    from latentmill.report import build_report
+
+    log(f"[report] {build_report(work)}")
     return report

@@ -1,6 +1,7 @@
 """`latentmill demo` runs the demo recipe offline end to end."""
 
 import json
+import shutil
 
 
 def test_demo_runs_every_stage_offline(tmp_path, run_cli):
@@ -21,3 +22,33 @@ def test_demo_runs_every_stage_offline(tmp_path, run_cli):
     assert report["train"]["main"]["step"] == 4
     assert report["buckets"]["images"] == kept
     assert (work / "report" / "buckets.png").stat().st_size > 1000
+
+    # the report of the same work folder: every section, rendered by headless Chromium without errors
+    result = run_cli("report", work)
+    assert result.exit_code == 0, result.output
+    page = (work / "report" / "index.html").read_text()
+    for section in ("funnel", "scores", "buckets", "thumbnails", "loss", "samples"):
+        assert f'<section id="{section}">' in page
+    assert "Dropped: min_side" in page and "Kept" in page and page.count("data:image/png;base64,") > 15
+    assert "src=\"http" not in page  # self-contained: every image inline
+    render_in_chromium(work / "report" / "index.html", tmp_path)
+
+
+def render_in_chromium(page, tmp_path):
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Chromium is needed for this test: .ci/run installs Debian's chromium package"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium'}", "--enable-logging=stderr", "--v=0"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0
+    for section in ("funnel", "scores", "buckets", "thumbnails", "loss", "samples"):
+        assert f'id="{section}"' in dom.stdout
+    console_errors = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console_errors == []
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, *flags, "--window-size=1200,2000", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 20_000  # a rendered page, not a blank one

@@ -23,4 +23,4 @@ def demo(work, steps):
     from latentmill.demo import run_demo
 
     run_demo(work, log=click.echo, overrides=[f"train.steps={steps}"] if steps else [])
-    click.echo(f"done: summary in {work}/report/demo.json, sample grids in {work}/runs/main/samples/")
+    click.echo(f"done: open {work}/report/index.html (summary in {work}/report/demo.json)")

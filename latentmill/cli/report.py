@@ -1,0 +1,20 @@
+"""`latentmill report`."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("work", type=click.Path(exists=True))
+@click.option("-o", "--output", type=click.Path(), help="HTML file (default: WORK/report/index.html).")
+def report(work, output):
+    """One self-contained HTML page of WORK: funnel, score histograms, buckets, thumbnails, loss, samples.
+
+    \b
+    Example:
+      latentmill report demo-work && xdg-open demo-work/report/index.html
+    """
+    from latentmill.report import build_report
+
+    click.echo(f"wrote {build_report(work, output)}")

@@ -1,0 +1,186 @@
+"""`latentmill report WORK`: one self-contained HTML page (images inline as data URIs) of a work folder:
+the funnel from URLs to latents, score histograms with their thresholds, the bucket chart, thumbnails of
+kept and dropped images by reason, the loss curve and the sample grids."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from latentmill.curate.atomic import atomic_path
+from latentmill.curate.errors import InputError
+
+THUMBS_PER_GROUP = 8
+
+
+def _png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _figure_uri(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return _png_uri(buffer.getvalue())
+
+
+def funnel_rows(work: Path) -> list[tuple[str, int]]:
+    """(stage, rows remaining) from URLs to latents."""
+    rows = []
+    prefilter = work / "urls" / "kept.funnel.json"
+    if prefilter.exists():
+        f = json.loads(prefilter.read_text())
+        rows += [("URLs", f["input_rows"]), ("after prefilter", f["kept_rows"])]
+    summary = work / "images" / "_latentmill" / "summary.json"
+    if summary.exists():
+        rows.append(("downloaded", json.loads(summary.read_text())["success"]))
+    selection = work / "selection" / "funnel.json"
+    if selection.exists():
+        rows.append(("selected", json.loads(selection.read_text())["kept"]))
+    for latents in sorted(work.glob("latents-*")):
+        if (latents / "manifest.json").exists():
+            rows.append((f"latents ({latents.name[8:]} px)", json.loads((latents / "manifest.json").read_text())["samples"]))
+    return rows
+
+
+def _funnel_chart(rows) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows)))
+    labels = [r[0] for r in rows][::-1]
+    values = [r[1] for r in rows][::-1]
+    ax.barh(labels, values, color="#4C72B0")
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:,}", va="center", fontsize=8)
+    ax.set_xlabel("images / rows")
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+def _loss_chart(log: Path) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if not entries:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot([e["step"] for e in entries], [e["loss"] for e in entries], color="#C44E52", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+def _thumbnails(work: Path) -> dict[str, list[tuple[str, str, str]]]:
+    """reason ('kept' or why dropped) -> [(key, caption, data URI)], a few of each."""
+    import pyarrow.parquet as pq
+
+    from latentmill.curate.imageshards import ImageDecodeError, iter_image_shard, list_image_shards
+
+    groups: dict[str, list] = {}
+    for shard in list_image_shards(work / "images"):
+        selection = work / "selection" / f"{shard.stem}.parquet"
+        reasons = {}
+        if selection.exists():
+            table = pq.read_table(selection).to_pylist()
+            reasons = {r["key"]: ("kept" if r["keep"] else r["reason"]) for r in table}
+        for sample in iter_image_shard(shard):
+            group = reasons.get(sample.key, "kept")
+            if len(groups.setdefault(group, [])) >= THUMBS_PER_GROUP:
+                continue
+            try:
+                image = sample.image(draft_size=(128, 128))
+            except ImageDecodeError:
+                continue
+            image.thumbnail((128, 128))
+            buffer = io.BytesIO()
+            image.save(buffer, "PNG")
+            groups[group].append((sample.key, sample.caption or "", _png_uri(buffer.getvalue())))
+    return groups
+
+
+def build_report(work: str | Path, output: str | Path | None = None) -> Path:
+    """Write WORK/report/index.html (or `output`); return its path."""
+    from latentmill.curate.buckets import make_buckets
+    from latentmill.curate.bucketstats import bucket_distribution, plot_distribution
+
+    work = Path(work)
+    if not (work / "urls").exists() and not (work / "images").exists():
+        raise InputError(f"{work}: not a latentmill work folder (no urls/ or images/). Run `latentmill run RECIPE -w {work}`.")
+    sections: list[tuple[str, str, str]] = []  # (id, title, html)
+
+    rows = funnel_rows(work)
+    table = "".join(f"<tr><td>{html.escape(n)}</td><td>{v:,}</td></tr>" for n, v in rows)
+    body = f'<table class="funnel">{table}</table>' + (f'<img alt="funnel" src="{_funnel_chart(rows)}">' if rows else "")
+    download = work / "images" / "_latentmill" / "summary.json"
+    if download.exists():
+        failures = json.loads(download.read_text())["failures"]
+        body += "<h3>Download failures</h3><ul>" + "".join(
+            f"<li>{html.escape(k)}: {v}</li>" for k, v in failures.items()) + "</ul>"
+    sections.append(("funnel", "Funnel: from URLs to latents", body))
+
+    plots = sorted((work / "selection" / "plots").glob("*.png")) if (work / "selection" / "plots").exists() else []
+    body = "".join(f'<figure><img alt="{p.stem}" src="{_png_uri(p.read_bytes())}"><figcaption>{p.stem}</figcaption></figure>'
+                   for p in plots) or "<p>No scores yet.</p>"
+    sections.append(("scores", "Score histograms and thresholds", body))
+
+    latents = sorted(work.glob("latents-*"))
+    body = "<p>No latents yet.</p>"
+    if latents and (work / "images").exists():
+        resolution = int(latents[-1].name[8:])
+        selection = work / "selection" if (work / "selection").exists() else None
+        distribution = bucket_distribution(work / "images", make_buckets(resolution), selection)
+        chart = plot_distribution(distribution, work / "report" / f"buckets-{resolution}.png")
+        body = f'<img alt="buckets" src="{_png_uri(chart.read_bytes())}">'
+    sections.append(("buckets", "Aspect buckets", body))
+
+    body = ""
+    if (work / "images").exists():
+        for group, items in sorted(_thumbnails(work).items(), key=lambda kv: (kv[0] != "kept", kv[0])):
+            cells = "".join(f'<figure><img alt="{html.escape(k)}" src="{uri}"><figcaption>{html.escape(c[:60])}</figcaption></figure>'
+                            for k, c, uri in items)
+            body += f'<h3>{"Kept" if group == "kept" else "Dropped: " + html.escape(group)}</h3><div class="grid">{cells}</div>'
+    sections.append(("thumbnails", "Kept and dropped images", body or "<p>No images yet.</p>"))
+
+    body = ""
+    for run in sorted((work / "runs").iterdir()) if (work / "runs").exists() else []:
+        if (run / "log.jsonl").exists():
+            chart = _loss_chart(run / "log.jsonl")
+            if chart:
+                body += f'<h3>{html.escape(run.name)}</h3><img alt="loss {html.escape(run.name)}" src="{chart}">'
+    sections.append(("loss", "Training loss", body or "<p>No training yet.</p>"))
+
+    body = ""
+    for run in sorted((work / "runs").iterdir()) if (work / "runs").exists() else []:
+        for grid in sorted((run / "samples").glob("*.png")) if (run / "samples").exists() else []:
+            body += f'<figure><img alt="{grid.stem}" src="{_png_uri(grid.read_bytes())}"><figcaption>{html.escape(run.name)} {grid.stem}</figcaption></figure>'
+    sections.append(("samples", "Sample grids", body or "<p>No sample grids yet.</p>"))
+
+    nav = "".join(f'<a href="#{i}">{html.escape(t)}</a>' for i, t, _ in sections)
+    content = "".join(f'<section id="{i}"><h2>{html.escape(t)}</h2>{b}</section>' for i, t, b in sections)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>latentmill report: {html.escape(work.name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }}
+nav a {{ margin-right: 1rem; }} section {{ margin-top: 2rem; }} img {{ max-width: 100%; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: .5rem; }} figure {{ margin: 0; display: inline-block; }}
+figcaption {{ font-size: .75rem; max-width: 128px; color: #555; }} table.funnel td {{ padding: .1rem .8rem; }}
+</style></head>
+<body><h1>latentmill report: {html.escape(str(work))}</h1><nav>{nav}</nav>{content}</body></html>
+"""
+    output = Path(output) if output else work / "report" / "index.html"
+    with atomic_path(output) as tmp:
+        tmp.write_text(page)
+    return output

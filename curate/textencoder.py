@@ -2,7 +2,8 @@
 
 Specs: `openclip:NAME[:PRETRAINED]` (an open_clip model name, with a pretrained tag or a local checkpoint
 file; `openclip:latentmill-tiny` is a tiny config shipped here, random weights), or a local diffusers
-pipeline folder (`text_encoder/` + `tokenizer/`) or transformers CLIP text model folder. The embedding
+pipeline folder (`text_encoder/` + `tokenizer/`) or transformers CLIP text model folder (`clip-tiny`: a
+tiny random one, made on first use, for tests and the demo). The embedding
 is the per-token hidden state after the final layer norm: (context_length, width), what a U-Net's
 cross-attention reads.
 """
@@ -10,6 +11,7 @@ cross-attention reads.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,11 +124,50 @@ def _load_transformers(spec: str, device: str) -> TextEncoder:
                        width=int(model.config.hidden_size), _encode=encode)
 
 
+TINY_CLIP = "clip-tiny"  # a tiny random CLIPTextModel pipeline folder, made on demand (tests, the demo)
+
+
+def write_tiny_clip_pipeline(folder: str | Path) -> Path:
+    """Write text_encoder/ (a 32-d, 2-layer CLIPTextModel, seeded) and tokenizer/ (letters) into `folder`."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from latentmill.curate.atomic import atomic_path
+
+    folder = Path(folder)
+    if (folder / "tokenizer" / "tokenizer_config.json").exists():
+        return folder
+    with atomic_path(folder) as tmp:
+        torch.manual_seed(0)
+        CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                                     vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                     pad_token_id=1)).save_pretrained(tmp / "text_encoder")
+        vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+        for c in "abcdefghijklmnopqrstuvwxyz0123456789":
+            vocab[c] = len(vocab)
+            vocab[c + "</w>"] = len(vocab)
+        (tmp / "tokenizer").mkdir(parents=True)
+        (tmp / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+        (tmp / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+        CLIPTokenizer(str(tmp / "tokenizer" / "vocab.json"), str(tmp / "tokenizer" / "merges.txt"),
+                      model_max_length=77).save_pretrained(tmp / "tokenizer")
+    return folder
+
+
+def text_encoder_folder(spec: str) -> Path:
+    """The local folder behind a pipeline-style spec (`clip-tiny` is made on first use)."""
+    if spec == TINY_CLIP:
+        import tempfile
+
+        return write_tiny_clip_pipeline(Path(tempfile.gettempdir()) / "latentmill-clip-tiny")
+    return Path(spec)
+
+
 def load_text_encoder(spec: str, device: str = "cpu", seed: int = 0) -> TextEncoder:
     """Load a frozen text encoder from `spec` (see the module docstring)."""
     if spec.startswith("openclip:"):
         return _load_open_clip(spec[len("openclip:"):], device, seed)
-    if Path(spec).exists():
-        return _load_transformers(spec, device)
+    if spec == TINY_CLIP or Path(spec).exists():
+        return _load_transformers(str(text_encoder_folder(spec)), device)
     raise InputError(f"--text-encoder {spec}: give openclip:NAME[:PRETRAINED] or a local pipeline folder "
                      f"(with text_encoder/ and tokenizer/).")

@@ -102,7 +102,9 @@ def fit_head(x: np.ndarray, y: np.ndarray, config: FitConfig):
     # train on standardised features (normalised CLIP embeddings are tiny per dimension), then fold the
     # standardisation into the first layer so the saved head takes raw normalised embeddings
     mean, std = x[train].mean(0), x[train].std(0) + 1e-6
-    xt, yt = torch.from_numpy((x[train] - mean) / std), torch.from_numpy(y[train])
+    # regression targets are standardised too (an aesthetic score near 6 is far from a fresh layer's 0)
+    y_mean, y_std = (0.0, 1.0) if classification else (float(y[train].mean()), float(y[train].std() + 1e-6))
+    xt, yt = torch.from_numpy((x[train] - mean) / std), torch.from_numpy((y[train] - y_mean) / y_std)
     loss_fn = torch.nn.BCELoss() if classification else torch.nn.MSELoss()
     for _ in range(config.epochs):
         optimizer.zero_grad()
@@ -113,6 +115,10 @@ def fit_head(x: np.ndarray, y: np.ndarray, config: FitConfig):
         first = module[0]
         first.weight /= torch.from_numpy(std).to(first.weight.dtype)
         first.bias -= first.weight @ torch.from_numpy(mean).to(first.weight.dtype)
+        if not classification:  # the last layer is the output Linear (classifiers end in a Sigmoid)
+            last = module[-1]
+            last.weight *= y_std
+            last.bias.mul_(y_std).add_(y_mean)
     module.eval()
     with torch.no_grad():
         predicted = module(torch.from_numpy(x[val])).reshape(-1).numpy()
@@ -139,3 +145,42 @@ def save_head(module, path: str | Path, config: FitConfig, input_dim: int, metri
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp), metadata=meta)
     return path
+
+
+def labels_from_image_shards(images: str | Path, target: str) -> dict[str, float]:
+    """key -> the `target` value carried in each sample's JSON (a URL-table column such as AESTHETIC_SCORE)."""
+    from latentmill.curate.imageshards import iter_image_shard, list_image_shards
+
+    labels = {}
+    for shard in list_image_shards(images):
+        for sample in iter_image_shard(shard):
+            value = sample.meta.get(target)
+            if isinstance(value, (int, float)) and np.isfinite(value):
+                labels[sample.key] = float(value)
+    if not labels:
+        raise InputError(f"{images}: no sample carries a numeric {target!r} in its JSON to learn from.")
+    return labels
+
+
+def add_head_column(head_path: str | Path, scores: str | Path, embeddings: str | Path) -> str:
+    """Apply a fitted head to the saved embeddings and add its column to every score parquet (atomically).
+    Thresholds on a new head need no new pass over the images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from latentmill.curate.atomic import atomic_path
+    from latentmill.filters.heads import load_fitted
+
+    head = load_fitted(head_path)
+    for parquet in sorted(Path(scores).glob("*.parquet")):
+        matrix = np.load(Path(embeddings) / f"{parquet.stem}.npy").astype(np.float32)
+        values = head(torch.from_numpy(np.nan_to_num(matrix)))
+        values = np.where(np.isnan(matrix).any(axis=1), np.nan, values).astype(np.float32)
+        table = pq.read_table(parquet)
+        if head.column in table.column_names:
+            table = table.drop([head.column])
+        table = table.append_column(head.column, pa.array(values, mask=np.isnan(values)))
+        with atomic_path(parquet) as tmp:
+            pq.write_table(table, tmp)
+    return head.column

@@ -37,6 +37,14 @@ class SelectSection:
 
 
 @dataclasses.dataclass
+class FitHead:
+    target: str  # a numeric column carried in the image shards' JSON (from the URL table)
+    column: str  # the score column the fitted head writes
+    kind: str = "linear"
+    epochs: int = 300
+
+
+@dataclasses.dataclass
 class TrainStage:
     name: str
     resolution: int
@@ -61,7 +69,7 @@ SECTIONS = {
     "train": _train_config, "executor": lambda: ExecutorConfig,
 }
 SCALARS = {"description"}
-LISTS = {"stages": TrainStage}
+LISTS = {"stages": TrainStage, "fit_heads": FitHead}
 RUN_MANAGED = {"train": {"shards", "output", "init_from", "resume"}}  # set by the runner, not by recipes
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from latentmill.curate.errors import InputError
 from latentmill.recipe import section
 
-STAGES = ("prefilter", "download", "score", "select", "encode", "train", "export")
+STAGES = ("prefilter", "download", "score", "select", "encode", "train", "export")  # fit_heads run with score
 
 
 def run_recipe(recipe: dict, work: str | Path, urls: str | None = None, until: str | None = None,
@@ -49,6 +49,8 @@ def run_recipe(recipe: dict, work: str | Path, urls: str | None = None, until: s
         return report
     report["score"] = score(work / "images", work / "scores", section(recipe, "score"), executor=executor)
     log(f"[score] {report['score']['scored']:,} of {report['score']['images']:,} images scored")
+    for spec in recipe.get("fit_heads") or []:
+        report.setdefault("fit_heads", {})[spec["column"]] = _fit_head(spec, work, log)
     if last < 3:
         return report
     sel = section(recipe, "select")
@@ -65,6 +67,9 @@ def run_recipe(recipe: dict, work: str | Path, urls: str | None = None, until: s
                           selection=work / "selection", executor=executor)
         report["encode"][resolution] = {k: manifest[k] for k in ("samples", "per_bucket", "dropped")}
         log(f"[encode] {manifest['samples']:,} latents at {resolution} px, dropped {manifest['dropped']}")
+    if last >= 5 and "train" in recipe and not all(e["samples"] for e in report["encode"].values()):
+        raise InputError("no latents to train on: the selection kept nothing. Loosen the select thresholds "
+                         "(latentmill select ... or --set select.KEY=VALUE) and run again.")
     if last < 5 or "train" not in recipe:
         return report
     from latentmill.train.loop import train
@@ -90,6 +95,47 @@ def run_recipe(recipe: dict, work: str | Path, urls: str | None = None, until: s
     return report
 
 
+def _fit_head(spec: dict, work: Path, log) -> dict:
+    """Fit a head on the sample's own labels (a URL-table column carried in the shards), save it in
+    WORK/heads/, and add its column to the scores from the saved embeddings."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from latentmill.filters.fit import (
+        FitConfig,
+        add_head_column,
+        fit_head,
+        labels_from_image_shards,
+        save_head,
+    )
+
+    path = work / "heads" / f"{spec['column']}.safetensors"
+    if not (work / "embeddings").exists():
+        raise InputError("fit_heads needs the embeddings: set score.save_embeddings: true in the recipe.")
+    if not path.exists():
+        labels = labels_from_image_shards(work / "images", spec["target"])
+        rows, ys = [], []
+        for parquet in sorted((work / "scores").glob("*.parquet")):
+            keys = pq.read_table(parquet, columns=["key"]).column("key").to_pylist()
+            matrix = np.load(work / "embeddings" / f"{parquet.stem}.npy").astype(np.float32)
+            for key, row in zip(keys, matrix, strict=True):
+                if key in labels and np.isfinite(row).all():
+                    rows.append(row)
+                    ys.append(labels[key])
+        config = FitConfig(target=spec["target"], column=spec["column"], kind=spec.get("kind", "linear"),
+                           epochs=spec.get("epochs", 300))
+        module, metrics = fit_head(np.stack(rows), np.asarray(ys, dtype=np.float32), config)
+        save_head(module, path, config, len(rows[0]), metrics)
+    column = add_head_column(path, work / "scores", work / "embeddings")
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        metrics = json.loads(handle.metadata()["metrics"])
+    log(f"[fit-head] {column} from {spec['target']}: " + ", ".join(
+        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    return metrics
+
+
 def _url_table(recipe: dict, work: Path, urls: str | None, stack: ExitStack, log) -> Path:
     source = section(recipe, "urls")
     if source.source == "sample-server":
@@ -102,7 +148,7 @@ def _url_table(recipe: dict, work: Path, urls: str | None, stack: ExitStack, log
         port_file = work / "urls" / "server-port.txt"
         port = int(port_file.read_text()) if port_file.exists() else 0
         try:
-            server = stack.enter_context(ImageServer(port=port, slow_s=4))
+            server = stack.enter_context(ImageServer(port=port, slow_s=10))
         except OSError as err:
             raise InputError(f"the demo's image server cannot listen on 127.0.0.1:{port} again ({err}); free the "
                              f"port, or start over in a new work folder.") from None

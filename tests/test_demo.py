@@ -19,7 +19,13 @@ def test_demo_runs_every_stage_offline(tmp_path, run_cli):
     latents = report["encode"]["256"]
     assert latents["dropped"]["not_selected"] == downloaded - kept
     assert latents["samples"] + sum(latents["dropped"].values()) == downloaded
+    assert report["fit_heads"]["aesthetic_fit"]["task"] == "regression"
     assert report["train"]["main"]["step"] == 4
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(work / "export")
+    image = pipe("a cat", num_inference_steps=2, height=256, width=256, output_type="np").images[0]
+    assert image.shape == (256, 256, 3)
     assert report["buckets"]["images"] == kept
     assert (work / "report" / "buckets.png").stat().st_size > 1000
 

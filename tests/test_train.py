@@ -285,3 +285,16 @@ def test_a_model_that_does_not_fit_the_latents_is_refused(latents, tmp_path):
         train(config(latents, tmp_path / "run", steps=1, model=str(tmp_path / "unet8")))
     with pytest.raises(InputError, match="no latent shards"):
         train(config(latents, tmp_path / "run2", steps=1, shards=str(tmp_path / "nothing-here")))
+
+
+def test_shards_without_samples_stop_with_a_message(latents, tmp_path):
+    import shutil
+
+    from latentmill.curate.latentshards import LatentShardWriter
+
+    folder = tmp_path / "latents"
+    shutil.copytree(latents / "latents", folder)
+    for shard in range(4):
+        LatentShardWriter(folder, f"{shard:05d}").close()  # empty shards
+    with pytest.raises(InputError, match="hold no readable samples"):
+        next(iter(LatentLoader(expand_shards(str(folder)), batch_size=4)))

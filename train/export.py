@@ -41,7 +41,9 @@ def export_pipeline(run: str | Path, output: str | Path, use_ema: bool = True, v
     unet = UNet2DConditionModel.from_config(unet_config)
     unet.load_state_dict(load_file(found[-1] / ("ema.safetensors" if use_ema else "unet.safetensors")))
     vae_model = load_vae(vae or manifest["encode_config"]["vae"]).model
-    text_path = Path(text_spec)
+    from latentmill.curate.textencoder import text_encoder_folder
+
+    text_path = text_encoder_folder(text_spec)
     text_encoder = CLIPTextModel.from_pretrained(text_path / "text_encoder" if (text_path / "text_encoder").exists() else text_path)
     tokenizer = CLIPTokenizer.from_pretrained(text_path / "tokenizer" if (text_path / "tokenizer").exists() else text_path)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,

@@ -154,12 +154,17 @@ class LatentLoader:
         """Batches forever, epoch after epoch, from the current state on."""
         while True:
             epoch, skip = self.state.epoch, self.state.batches
+            produced = 0
             for index, batch in enumerate(self.epoch_batches(epoch)):
+                produced += 1
                 if index < skip:
                     continue
                 self.state.batches = index + 1
                 self._worker_skipped[batch["worker"]] = batch["skipped"]
                 yield batch
+            if produced == 0:
+                raise InputError(f"the latent shards of rank {self.rank} hold no readable samples "
+                                 f"({len(self.my_shards)} shard(s), skipped: {self.skipped_total() or 'none'}).")
             self.state = LoaderState(epoch=epoch + 1, batches=0)
 
 

@@ -30,13 +30,10 @@ class FitConfig:
     seed: int = 0
 
 
-def load_labelled_embeddings(embeddings: str | Path, labels: str | Path, target: str, scores: str | Path | None = None):
-    """(X float32 (N, D), y float32 (N,)) for the labelled keys that have an embedding."""
+def read_labels(labels: str | Path, target: str) -> dict[str, float]:
+    """key -> target from a csv or parquet with `key` and the target column."""
     import pandas as pd
-    import pyarrow.parquet as pq
 
-    embeddings = Path(embeddings)
-    scores = Path(scores) if scores else embeddings.parent / "scores"
     labels = Path(labels)
     if not labels.exists():
         raise InputError(f"{labels}: no such labels file.")
@@ -44,24 +41,33 @@ def load_labelled_embeddings(embeddings: str | Path, labels: str | Path, target:
     for column in ("key", target):
         if column not in table.columns:
             raise InputError(f"{labels}: no column {column!r}. Columns found: {', '.join(map(str, table.columns))}.")
-    wanted = dict(zip(table["key"].astype(str), table[target], strict=True))
-    rows, ys = [], []
+    return dict(zip(table["key"].astype(str), table[target].astype(float), strict=True))
+
+
+def labelled_embeddings(embeddings: str | Path, labels: dict[str, float], scores: str | Path | None = None,
+                        source: str = "labels"):
+    """(X float32 (N, D), y float32 (N,)) for the labelled keys that have an embedding; embedding rows are
+    matched to keys through the score parquets (default: ../scores beside the embeddings)."""
+    import pyarrow.parquet as pq
+
+    embeddings = Path(embeddings)
+    scores = Path(scores) if scores else embeddings.parent / "scores"
     files = sorted(embeddings.glob("*.npy"))
     if not files:
         raise InputError(f"{embeddings}: no embeddings. Run `latentmill score --save-embeddings` first.")
+    rows, ys = [], []
     for file in files:
         parquet = scores / f"{file.stem}.parquet"
         if not parquet.exists():
             raise InputError(f"{parquet}: missing; embeddings rows are matched to keys through the score parquet "
                              f"(give --scores).")
         keys = pq.read_table(parquet, columns=["key"]).column("key").to_pylist()
-        matrix = np.load(file)
-        for key, row in zip(keys, matrix, strict=True):
-            if key in wanted and np.isfinite(row).all():
+        for key, row in zip(keys, np.load(file), strict=True):
+            if key in labels and np.isfinite(row).all():
                 rows.append(row.astype(np.float32))
-                ys.append(float(wanted[key]))
+                ys.append(float(labels[key]))
     if len(rows) < 10:
-        raise InputError(f"{labels}: only {len(rows)} labelled keys have embeddings; need at least 10.")
+        raise InputError(f"{source}: only {len(rows)} labelled keys have embeddings; need at least 10.")
     return np.stack(rows), np.asarray(ys, dtype=np.float32)
 
 

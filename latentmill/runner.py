@@ -98,13 +98,11 @@ def run_recipe(recipe: dict, work: str | Path, urls: str | None = None, until: s
 def _fit_head(spec: dict, work: Path, log) -> dict:
     """Fit a head on the sample's own labels (a URL-table column carried in the shards), save it in
     WORK/heads/, and add its column to the scores from the saved embeddings."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
     from latentmill.filters.fit import (
         FitConfig,
         add_head_column,
         fit_head,
+        labelled_embeddings,
         labels_from_image_shards,
         save_head,
     )
@@ -114,18 +112,11 @@ def _fit_head(spec: dict, work: Path, log) -> dict:
         raise InputError("fit_heads needs the embeddings: set score.save_embeddings: true in the recipe.")
     if not path.exists():
         labels = labels_from_image_shards(work / "images", spec["target"])
-        rows, ys = [], []
-        for parquet in sorted((work / "scores").glob("*.parquet")):
-            keys = pq.read_table(parquet, columns=["key"]).column("key").to_pylist()
-            matrix = np.load(work / "embeddings" / f"{parquet.stem}.npy").astype(np.float32)
-            for key, row in zip(keys, matrix, strict=True):
-                if key in labels and np.isfinite(row).all():
-                    rows.append(row)
-                    ys.append(labels[key])
+        x, y = labelled_embeddings(work / "embeddings", labels, work / "scores", source=f"{work}/images")
         config = FitConfig(target=spec["target"], column=spec["column"], kind=spec.get("kind", "linear"),
                            epochs=spec.get("epochs", 300))
-        module, metrics = fit_head(np.stack(rows), np.asarray(ys, dtype=np.float32), config)
-        save_head(module, path, config, len(rows[0]), metrics)
+        module, metrics = fit_head(x, y, config)
+        save_head(module, path, config, x.shape[1], metrics)
     column = add_head_column(path, work / "scores", work / "embeddings")
     from safetensors import safe_open
 

@@ -101,12 +101,12 @@ def fit_head(embeddings, scores, labels, target, kind, column, validation_fracti
       latentmill fit-head --embeddings embeddings/ --labels labels.csv --target watermark --kind mlp -o wm-probe.safetensors
       latentmill score images/ -o scores/ --head wm-probe.safetensors
     """
-    from latentmill.filters.fit import FitConfig, load_labelled_embeddings, save_head
+    from latentmill.filters.fit import FitConfig, labelled_embeddings, read_labels, save_head
     from latentmill.filters.fit import fit_head as run_fit
 
     config = FitConfig(target=target, kind=kind, column=column, validation_fraction=validation_fraction, epochs=epochs,
                        seed=seed)
-    x, y = load_labelled_embeddings(embeddings, labels, target, scores)
+    x, y = labelled_embeddings(embeddings, read_labels(labels, target), scores, source=labels)
     module, metrics = run_fit(x, y, config)
     save_head(module, output, config, x.shape[1], metrics)
     shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())

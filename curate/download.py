@@ -105,6 +105,11 @@ def prepare_input(source: str | Path, state: Path, config: DownloadConfig) -> tu
 def run_img2dataset(input_path: Path, output: Path, extras: list[str], has_caption: bool, config: DownloadConfig,
                     incremental_mode: str = "incremental") -> None:
     """Call img2dataset with the diffusion defaults on a normalised input parquet."""
+    import os
+
+    # img2dataset imports albumentations, which otherwise checks PyPI for updates in every worker (offline: a
+    # warning per process); the workers inherit this
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download as img2dataset_download
 
     if config.distributor == "ray":

@@ -4,7 +4,7 @@ Routes (GET):
   /gen/{seed}/{w}x{h}.{jpg|png|webp}     a seeded synthetic picture
   /photo/{name}/{w}x{h}.{jpg|png|webp}   a scikit-image photograph (see samples.PHOTOS)
       query: mode=RGB|RGBA|L|CMYK, orientation=1..8 (EXIF, JPEG), wm=1 (watermarked), noai=1
-      (sends `X-Robots-Tag: noai`)
+      (sends `X-Robots-Tag: noai`), view=K (photos: a seeded zoomed-in crop instead of the centre)
   /fail/404, /fail/500, /fail/slow.jpg (answers after `slow_s`), /fail/truncated.jpg,
   /fail/html.jpg (HTML sent as image/jpeg), /fail/empty.jpg (zero bytes), /fail/bomb.png
   (a PNG declaring 60000x60000 pixels)
@@ -29,12 +29,13 @@ _IMAGE_ROUTE = re.compile(r"^/(gen|photo)/([A-Za-z0-9_]+)/(\d+)x(\d+)\.(jpg|png|
 
 
 @lru_cache(maxsize=4096)
-def render(kind: str, name: str, width: int, height: int, fmt: str, mode: str, orientation: int, watermark: bool) -> bytes:
+def render(kind: str, name: str, width: int, height: int, fmt: str, mode: str, orientation: int, watermark: bool,
+           view: int = 0) -> bytes:
     """The bytes served for an image route (cached: the same URL always gets the same bytes)."""
     if kind == "gen":
         image, _ = samples.synthetic(int(name), width, height)
     else:
-        image = samples.photo(name, width, height)
+        image = samples.photo(name, width, height, view)
     if watermark:
         image = samples.add_watermark(image)
     return samples.encode(image, fmt, mode=mode, orientation=orientation or None)
@@ -50,7 +51,8 @@ def _image_route(path_and_query: str):
     kind, name, w, h, fmt = match.groups()
     if kind == "photo" and name not in samples.PHOTOS:
         return None
-    args = (kind, name, int(w), int(h), fmt, query.get("mode", "RGB"), int(query.get("orientation", 0)), query.get("wm") == "1")
+    args = (kind, name, int(w), int(h), fmt, query.get("mode", "RGB"), int(query.get("orientation", 0)), query.get("wm") == "1",
+            int(query.get("view", 0)))
     return args, ({"X-Robots-Tag": "noai"} if query.get("noai") == "1" else {})
 
 
@@ -197,11 +199,13 @@ FAILURES = {  # path -> the reason latentmill's download summary gives it
 }
 
 
-def sample_rows(base_url: str, n_synthetic: int = 24, seed: int = 0, failures: bool = True) -> list[dict]:
+def sample_rows(base_url: str, n_synthetic: int = 24, seed: int = 0, failures: bool = True,
+                photo_views: int = 1) -> list[dict]:
     """Rows of a LAION-like URL table served by an ImageServer at `base_url`.
 
     Columns: URL, TEXT, WIDTH, HEIGHT, pwatermark, punsafe, similarity, AESTHETIC_SCORE, plus
     `expect` ("ok" or the reason the row should fail) and `variant` (what the URL exercises).
+    `photo_views` > 1 adds zoomed-in crops of each photograph (`view=K`) for a larger labelled sample.
     Photographs get higher aesthetic scores than synthetic pictures; watermarked variants get high
     pwatermark, so that metadata filters and the demo's heads have something real to find.
     """
@@ -221,11 +225,12 @@ def sample_rows(base_url: str, n_synthetic: int = 24, seed: int = 0, failures: b
     sizes = [(512, 512), (640, 448), (448, 640), (768, 384), (384, 768), (576, 512), (320, 320), (704, 320)]
     variants = [("jpg", "", "plain"), ("png", "mode=RGBA", "png_alpha"), ("jpg", "mode=L", "grayscale"),
                 ("jpg", "mode=CMYK", "cmyk"), ("webp", "", "webp"), ("jpg", "orientation=6", "exif_rotated")]
-    for i, (name, caption) in enumerate(samples.PHOTOS.items()):
+    photos = [(view, name, caption) for view in range(photo_views) for name, caption in samples.PHOTOS.items()]
+    for i, (view, name, caption) in enumerate(photos):
         w, h = sizes[i % len(sizes)]
         fmt, query, variant = variants[i % len(variants)]
         watermark = i % 4 == 3
-        q = "&".join(x for x in (query, "wm=1" if watermark else "") if x)
+        q = "&".join(x for x in (query, "wm=1" if watermark else "", f"view={view}" if view else "") if x)
         add(f"/photo/{name}/{w}x{h}.{fmt}" + (f"?{q}" if q else ""), caption, w, h, variant=variant,
             watermark=watermark, aesthetic=6.3)
     for i in range(n_synthetic):

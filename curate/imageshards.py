@@ -115,10 +115,53 @@ def _sample_from(key: str, shard: str, members: dict[str, bytes], stats: ShardRe
     return ImageSample(key=key, shard=shard, image_bytes=members[ext], image_ext=ext, caption=caption, meta=meta)
 
 
-def iter_image_shard(path: str | Path, stats: ShardReadStats | None = None) -> Iterator[ImageSample]:
-    """Stream the samples of one tar shard in order (members grouped by key, as WebDataset does)."""
+def iter_image_shard(path: str | Path, stats: ShardReadStats | None = None, key_order: bool = False) -> Iterator[ImageSample]:
+    """Stream the samples of one tar shard in order (members grouped by key, as WebDataset does).
+
+    `key_order` reads them sorted by key instead (an index of the tar's headers first, then a seek per
+    sample): img2dataset writes a shard in download-completion order, so batches formed in tar order differ
+    between two downloads of the same URLs, and CPU float sums with them. A damaged shard (cut off, or
+    unreadable headers) is streamed in tar order instead, reading what it can."""
     path = Path(path)
     stats = stats if stats is not None else ShardReadStats()
+    if key_order:
+        yield from _iter_in_key_order(path, stats)
+        return
+    yield from _iter_in_tar_order(path, stats)
+
+
+def _iter_in_key_order(path: Path, stats: ShardReadStats) -> Iterator[ImageSample]:
+    try:
+        tar = tarfile.open(path, mode="r:*")
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        for member in tar.getmembers():
+            name = member.name.rsplit("/", 1)[-1]
+            if member.isfile() and "." in name:
+                member_key, ext = name.split(".", 1)
+                groups.setdefault(member_key, {})[ext.lower()] = member
+        # tarfile ends an index quietly at a cut-off header or member: an archive that does not end in its
+        # two zero blocks after the last member's data is damaged, and the stream counts that damage
+        size = path.stat().st_size
+        intact = tar.offset + 2 * tarfile.BLOCKSIZE <= size and all(
+            m.offset_data + m.size <= size for group in groups.values() for m in group.values())
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        intact = False
+    if not intact:
+        yield from _iter_in_tar_order(path, stats)
+        return
+    with tar:
+        for key in sorted(groups):
+            try:
+                members = {ext: tar.extractfile(member).read() for ext, member in groups[key].items()}
+            except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+                stats.damaged, stats.damage, stats.incomplete = True, f"{type(err).__name__}: {err}", stats.incomplete + 1
+                continue  # a cut-off member: the others are indexed and still readable
+            sample = _sample_from(key, path.stem, members, stats)
+            if sample:
+                yield sample
+
+
+def _iter_in_tar_order(path: Path, stats: ShardReadStats) -> Iterator[ImageSample]:
     key, members = None, {}
     try:
         with tarfile.open(path, mode="r|*") as tar:

@@ -20,7 +20,9 @@ import numpy as np
 from latentmill.curate.errors import InputError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
-ALIASES = {"tiny": "latentmill-tiny"}  # short names for the configs shipped here
+# short names for the configs shipped here: a tiny ViT (tests) and a tiny ModifiedResNet at 128 px, whose
+# random convolutional features keep enough texture statistics for a fitted head to find something (the demo)
+ALIASES = {"tiny": "latentmill-tiny", "tiny-rn": "latentmill-tiny-rn"}
 
 
 def model_name(name: str) -> str:
@@ -29,10 +31,10 @@ def model_name(name: str) -> str:
 
 
 def register_model_configs() -> None:
-    """Make open_clip aware of the configs shipped with latentmill (latentmill-tiny)."""
+    """Make open_clip aware of the configs shipped with latentmill (latentmill-tiny, latentmill-tiny-rn)."""
     import open_clip
 
-    if "latentmill-tiny" not in open_clip.list_models():
+    if not set(ALIASES.values()) <= set(open_clip.list_models()):
         open_clip.add_model_config(CONFIG_DIR)
 
 
@@ -68,7 +70,7 @@ def _load_open_clip(spec: str, device: str, seed: int) -> TextEncoder:
     name, _, pretrained = spec.partition(":")
     name = model_name(name)
     if name not in open_clip.list_models():
-        raise InputError(f"--text-encoder openclip:{name}: unknown open_clip model. Known: latentmill-tiny, "
+        raise InputError(f"--text-encoder openclip:{name}: unknown open_clip model. Known: latentmill-tiny, latentmill-tiny-rn, "
                          f"ViT-L-14-quickgelu, ViT-H-14, ... (`python -c 'import open_clip; print(open_clip.list_models())'`).")
     torch.manual_seed(seed)
     try:

@@ -73,7 +73,7 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision:
     pretrained = None if pretrained in (None, "", "none") else pretrained
     if name not in open_clip.list_models():
         raise InputError(f"--clip-model {name!r} is not an open_clip model; e.g. ViT-L-14-quickgelu, ViT-B-32, "
-                         f"tiny (all: `python -c 'import open_clip; print(open_clip.list_models())'`).")
+                         f"tiny, tiny-rn (all: `python -c 'import open_clip; print(open_clip.list_models())'`).")
     name = resolve_model_name(name, pretrained)
     if pretrained and not Path(pretrained).exists() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
         raise InputError(f"--pretrained {pretrained!r}: neither a file nor a pretrained tag of {name} "

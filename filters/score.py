@@ -61,7 +61,7 @@ class ShardImages(torch.utils.data.IterableDataset):
         wm_transform = transforms.Compose([transforms.Resize((WATERMARK_SIZE, WATERMARK_SIZE)), transforms.ToTensor(),
                                            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         stats = ShardReadStats()
-        for index, sample in enumerate(iter_image_shard(self.path, stats)):
+        for index, sample in enumerate(iter_image_shard(self.path, stats, key_order=True)):
             if index % workers != worker:
                 continue
             row = {"index": index, "key": sample.key, "url": sample.meta.get("url"), "caption": sample.caption,

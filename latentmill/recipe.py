@@ -21,6 +21,8 @@ from latentmill.curate.prefilter import PrefilterConfig
 class UrlsSection:
     source: str = "file"  # file (the table given with --urls or `path`) or sample-server (the demo's)
     path: str | None = None
+    photo_views: int = 1  # sample-server: crops per bundled photograph (12 photographs)
+    synthetic: int = 24  # sample-server: synthetic pictures
 
 
 @dataclasses.dataclass
@@ -42,6 +44,7 @@ class FitHead:
     column: str  # the score column the fitted head writes
     kind: str = "linear"
     epochs: int = 300
+    alpha: float | None = None  # ridge penalty of a linear regressor (None: cross-validated)
 
 
 @dataclasses.dataclass

@@ -1,6 +1,7 @@
 """`latentmill report WORK`: one self-contained HTML page (images inline as data URIs) of a work folder:
-the funnel from URLs to latents, score histograms with their thresholds, the bucket chart, thumbnails of
-kept and dropped images by reason, the loss curve and the sample grids."""
+the funnel from URLs to latents, score histograms with their thresholds, the fitted heads against their
+labels, the bucket chart, thumbnails of kept and dropped images by reason, the loss curve and the sample
+grids."""
 
 from __future__ import annotations
 
@@ -83,6 +84,46 @@ def _loss_chart(log: Path) -> str | None:
     return _figure_uri(fig)
 
 
+def _head_section(work: Path) -> str:
+    """Each head fitted in WORK/heads/: its held-out metrics, and its score against the label it learned
+    from for every scored image that carries one (a cloud along the diagonal: the head learned the labels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pyarrow.parquet as pq
+    from safetensors import safe_open
+
+    from latentmill.filters.fit import labels_from_image_shards
+
+    body = ""
+    for path in sorted((work / "heads").glob("*.safetensors")) if (work / "heads").exists() else []:
+        with safe_open(path, framework="pt") as handle:
+            meta = handle.metadata() or {}
+        column, target, metrics = meta.get("column", path.stem), meta.get("target"), json.loads(meta.get("metrics", "{}"))
+        shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        body += f"<h3>{html.escape(column)}" + (f" from {html.escape(target)}" if target else "") + \
+            f"</h3><p>metrics on the held-out labels: {html.escape(shown)}</p>"
+        if not target or not (work / "scores").exists():
+            continue
+        labels = labels_from_image_shards(work / "images", target)
+        pairs = [(labels[k], v) for parquet in sorted((work / "scores").glob("*.parquet"))
+                 for k, v in zip(*pq.read_table(parquet, columns=["key", column]).to_pydict().values(), strict=True)
+                 if k in labels and v is not None]
+        if not pairs:
+            continue
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.scatter([p[0] for p in pairs], [p[1] for p in pairs], s=10, alpha=0.6, color="#4C72B0")
+        low, high = min(min(p) for p in pairs), max(max(p) for p in pairs)
+        ax.plot([low, high], [low, high], color="#999", linewidth=0.8, linestyle="--")
+        ax.set_xlabel(f"label ({target})")
+        ax.set_ylabel(f"fitted score ({column})")
+        ax.set_title(f"{column}: {len(pairs)} images")
+        fig.tight_layout()
+        body += f'<img alt="{html.escape(column)} against {html.escape(target)}" src="{_figure_uri(fig)}">'
+    return body
+
+
 def _thumbnails(work: Path) -> dict[str, list[tuple[str, str, str]]]:
     """reason ('kept' or why dropped) -> [(key, caption, data URI)], a few of each."""
     import pyarrow.parquet as pq
@@ -135,6 +176,7 @@ def build_report(work: str | Path, output: str | Path | None = None) -> Path:
     body = "".join(f'<figure><img alt="{p.stem}" src="{_png_uri(p.read_bytes())}"><figcaption>{p.stem}</figcaption></figure>'
                    for p in plots) or "<p>No scores yet.</p>"
     sections.append(("scores", "Score histograms and thresholds", body))
+    sections.append(("heads", "Fitted heads against their labels", _head_section(work) or "<p>No fitted heads.</p>"))
 
     latents = sorted(work.glob("latents-*"))
     body = "<p>No latents yet.</p>"

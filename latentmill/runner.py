@@ -114,7 +114,7 @@ def _fit_head(spec: dict, work: Path, log) -> dict:
         labels = labels_from_image_shards(work / "images", spec["target"])
         x, y = labelled_embeddings(work / "embeddings", labels, work / "scores", source=f"{work}/images")
         config = FitConfig(target=spec["target"], column=spec["column"], kind=spec.get("kind", "linear"),
-                           epochs=spec.get("epochs", 300))
+                           epochs=spec.get("epochs", 300), alpha=spec.get("alpha"))
         module, metrics = fit_head(x, y, config)
         save_head(module, path, config, x.shape[1], metrics)
     column = add_head_column(path, work / "scores", work / "embeddings")
@@ -146,7 +146,8 @@ def _url_table(recipe: dict, work: Path, urls: str | None, stack: ExitStack, log
         port_file.write_text(str(server.port))
         table = work / "urls" / "sample.parquet"
         if not table.exists():
-            pq.write_table(pa.Table.from_pylist(sample_rows(server.url(""))), table)
+            rows = sample_rows(server.url(""), n_synthetic=source.synthetic, photo_views=source.photo_views)
+            pq.write_table(pa.Table.from_pylist(rows), table)
         prerender(pq.read_table(table, columns=["URL"]).column("URL").to_pylist())
         log(f"[urls] sample URLs served on {server.url('/')}")
         return table

@@ -19,7 +19,10 @@ def test_demo_runs_every_stage_offline(tmp_path, run_cli):
     latents = report["encode"]["256"]
     assert latents["dropped"]["not_selected"] == downloaded - kept
     assert latents["samples"] + sum(latents["dropped"].values()) == downloaded
-    assert report["fit_heads"]["aesthetic_fit"]["task"] == "regression"
+    fitted = report["fit_heads"]["aesthetic_fit"]
+    assert fitted["task"] == "regression" and fitted["validation"] >= 20
+    assert fitted["spearman"] > 0.3  # held out: the head ranks unseen images by their labels, well above chance
+    assert_fitted_head_decides(work)
     assert report["train"]["main"]["step"] == 4
     from diffusers import StableDiffusionPipeline
 
@@ -33,11 +36,29 @@ def test_demo_runs_every_stage_offline(tmp_path, run_cli):
     result = run_cli("report", work)
     assert result.exit_code == 0, result.output
     page = (work / "report" / "index.html").read_text()
-    for section in ("funnel", "scores", "buckets", "thumbnails", "loss", "samples"):
+    for section in ("funnel", "scores", "heads", "buckets", "thumbnails", "loss", "samples"):
         assert f'<section id="{section}">' in page
     assert "Dropped: min_side" in page and "Kept" in page and page.count("data:image/png;base64,") > 15
+    assert "aesthetic_fit from AESTHETIC_SCORE" in page and 'alt="aesthetic_fit against AESTHETIC_SCORE"' in page
     assert "src=\"http" not in page  # self-contained: every image inline
     render_in_chromium(work / "report" / "index.html", tmp_path)
+
+
+def assert_fitted_head_decides(work):
+    """The sample labels photographs higher than flat synthetic pictures: the rule on the fitted head must
+    keep photographs and drop synthetic pictures, not cut at random."""
+    import pandas as pd
+
+    scores = pd.concat(pd.read_parquet(p) for p in sorted((work / "scores").glob("*.parquet")))
+    selection = pd.concat(pd.read_parquet(p) for p in sorted((work / "selection").glob("*.parquet")))
+    table = scores.merge(selection, on="key")
+    table["photo"] = table["url"].str.contains("/photo/")
+    by_head = table["reason"] == "aesthetic_fit >= 5.5"
+    assert by_head.sum() > 10
+    assert (~table.loc[by_head, "photo"]).mean() > 0.9  # what the head drops is synthetic
+    judged = table[table["reason"].isin(["", "aesthetic_fit >= 5.5"])]  # images the head decided on
+    photos, synthetic = judged[judged["photo"]], judged[~judged["photo"]]
+    assert photos["keep"].mean() > 0.8 and synthetic["keep"].mean() < 0.5
 
 
 def render_in_chromium(page, tmp_path):
@@ -50,7 +71,7 @@ def render_in_chromium(page, tmp_path):
              f"--user-data-dir={tmp_path / 'chromium'}", "--enable-logging=stderr", "--v=0"]
     dom = subprocess.run([chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0
-    for section in ("funnel", "scores", "buckets", "thumbnails", "loss", "samples"):
+    for section in ("funnel", "scores", "heads", "buckets", "thumbnails", "loss", "samples"):
         assert f'id="{section}"' in dom.stdout
     console_errors = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert console_errors == []

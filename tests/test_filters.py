@@ -259,6 +259,35 @@ def test_fit_head_regression_reports_mae_and_spearman(tmp_path):
     assert metrics["task"] == "regression" and metrics["spearman"] > 0.9
 
 
+def test_a_linear_regressor_is_cross_validated_ridge(tmp_path):
+    """Few labels, many dimensions: the penalty the CV picks is small for a clean linear target and large
+    for noise, and the saved head reproduces the solution on raw (unstandardised) embeddings."""
+    from latentmill.filters.fit import FitConfig, fit_head, ridge_solve
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(120, 64)).astype(np.float32) * rng.uniform(0.01, 1.0, 64).astype(np.float32)
+    y = (x[:, :4].sum(1) * 2 + 5 + rng.normal(0, 0.05, 120)).astype(np.float32)
+    module, clean = fit_head(x, y, FitConfig(target="aesthetic"))
+    assert clean["spearman"] > 0.95 and clean["mae"] < 0.2 and clean["alpha"] <= 1.0
+    noise = rng.permutation(y)
+    _, noisy = fit_head(x, noise, FitConfig(target="aesthetic"))
+    assert noisy["alpha"] >= 100 and abs(noisy["spearman"]) < 0.5
+
+    # the module is the closed-form solution on standardised features, folded back to raw ones
+    _, fixed = fit_head(x, y, FitConfig(target="aesthetic", alpha=2.0))
+    assert fixed["alpha"] == 2.0
+    order = np.random.default_rng(0).permutation(len(y))
+    train = order[int(round(len(y) * 0.2)):]
+    mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+    y_mean, y_std = y[train].mean(), y[train].std() + 1e-6
+    w = ridge_solve(((x[train] - mean) / std).astype(np.float64), ((y[train] - y_mean) / y_std).astype(np.float64), 2.0)
+    expected = ((x - mean) / std) @ w * y_std + y_mean
+    module2, _ = fit_head(x, y, FitConfig(target="aesthetic", alpha=2.0))
+    with torch.no_grad():
+        got = module2(torch.from_numpy(x)).reshape(-1).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+
+
 def test_a_fitted_head_scores_as_its_own_column(downloaded, tmp_path):
     from latentmill.filters.fit import FitConfig, fit_head, save_head
 

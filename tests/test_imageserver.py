@@ -33,6 +33,23 @@ def test_exif_rotated_and_noai_routes(server):
     assert headers["X-Robots-Tag"] == "noai"
 
 
+def test_photo_views_are_distinct_crops_and_sample_rows_use_them(server):
+    import numpy as np
+
+    from latentmill.curate.imageserver import sample_rows
+
+    def pixels(path):
+        return np.asarray(Image.open(io.BytesIO(fetch(server.url(path))[1])).convert("RGB"), dtype=float)
+
+    centre, view1, view1_again, view2 = (pixels(f"/photo/coffee/256x256.png{q}") for q in ("", "?view=1", "?view=1", "?view=2"))
+    assert view1.shape == centre.shape == (256, 256, 3)
+    assert np.array_equal(view1, view1_again)  # seeded: the same URL, the same bytes
+    assert np.abs(view1 - centre).mean() > 5 and np.abs(view1 - view2).mean() > 5
+    rows = sample_rows(server.url(""), n_synthetic=4, failures=False, photo_views=3)
+    photos = [r["URL"] for r in rows if "/photo/" in r["URL"]]
+    assert len(photos) == 36 and len(set(photos)) == 36 and sum("view=2" in u for u in photos) == 12
+
+
 def test_failure_routes(server):
     for path, code in (("/fail/404", 404), ("/fail/500", 500), ("/photo/nope/10x10.jpg", 404)):
         with pytest.raises(urllib.error.HTTPError) as err:

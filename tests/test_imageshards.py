@@ -43,6 +43,22 @@ def test_a_truncated_tar_yields_the_readable_samples_and_counts_the_rest(tmp_pat
     assert all(s.image().size == (64, 48) for s in got)
 
 
+def test_key_order_reads_a_completion_ordered_shard_sorted_by_key(tmp_path):
+    order = [3, 0, 5, 1, 4, 2]  # img2dataset writes in download-completion order
+    shard = make_shard(tmp_path / "00000.tar", [good_entry(i) for i in order])
+    assert [s.key for s in iter_image_shard(shard)] == [f"{i:09d}" for i in order]
+    stats = ShardReadStats()
+    got = list(iter_image_shard(shard, stats, key_order=True))
+    assert [s.key for s in got] == [f"{i:09d}" for i in range(6)]
+    assert got[4].caption == samples.synthetic(4, 64, 48)[1] and stats.samples == 6 and not stats.damaged
+
+    data = shard.read_bytes()  # cut off: read as the stream reads it (tar order), the damage counted
+    shard.write_bytes(data[: int(len(data) * 0.6)])
+    ordered, streamed = ShardReadStats(), ShardReadStats()
+    assert [s.key for s in iter_image_shard(shard, ordered, key_order=True)] == [s.key for s in iter_image_shard(shard, streamed)]
+    assert ordered == streamed and 1 <= ordered.samples < 6
+
+
 def test_a_sample_without_image_is_counted_as_incomplete(tmp_path):
     shard = make_shard(tmp_path / "00000.tar", [good_entry(0), ("000000001", {"txt": b"orphan caption"}), good_entry(2)])
     report = inspect_image_shards(tmp_path)

@@ -90,10 +90,11 @@ def select(scores, output, preset, min_aesthetic, max_pwatermark, max_punsafe, m
 @click.option("--kind", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True)
 @click.option("--column", help="Score column the head will write (default: the target's name).")
 @click.option("--validation-fraction", default=0.2, show_default=True)
-@click.option("--epochs", default=300, show_default=True)
+@click.option("--epochs", default=300, show_default=True, help="AdamW epochs (classifiers and MLPs).")
+@click.option("--alpha", type=float, help="Ridge penalty of a linear regressor (default: chosen by 5-fold CV).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Head file (.safetensors).")
-def fit_head(embeddings, scores, labels, target, kind, column, validation_fraction, epochs, seed, output):
+def fit_head(embeddings, scores, labels, target, kind, column, validation_fraction, epochs, alpha, seed, output):
     """Fit a head on labelled CLIP embeddings; print held-out metrics; save it for `score --head`.
 
     \b
@@ -105,7 +106,7 @@ def fit_head(embeddings, scores, labels, target, kind, column, validation_fracti
     from latentmill.filters.fit import fit_head as run_fit
 
     config = FitConfig(target=target, kind=kind, column=column, validation_fraction=validation_fraction, epochs=epochs,
-                       seed=seed)
+                       seed=seed, alpha=alpha)
     x, y = labelled_embeddings(embeddings, read_labels(labels, target), scores, source=labels)
     module, metrics = run_fit(x, y, config)
     save_head(module, output, config, x.shape[1], metrics)

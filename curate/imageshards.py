@@ -115,6 +115,15 @@ def _sample_from(key: str, shard: str, members: dict[str, bytes], stats: ShardRe
     return ImageSample(key=key, shard=shard, image_bytes=members[ext], image_ext=ext, caption=caption, meta=meta)
 
 
+def _member_key_ext(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(key, lower-case extension) of a sample's file in a shard, or None for anything else."""
+    name = member.name.rsplit("/", 1)[-1]
+    if not member.isfile() or "." not in name:
+        return None
+    key, ext = name.split(".", 1)
+    return key, ext.lower()
+
+
 def iter_image_shard(path: str | Path, stats: ShardReadStats | None = None, key_order: bool = False) -> Iterator[ImageSample]:
     """Stream the samples of one tar shard in order (members grouped by key, as WebDataset does).
 
@@ -135,10 +144,8 @@ def _iter_in_key_order(path: Path, stats: ShardReadStats) -> Iterator[ImageSampl
         tar = tarfile.open(path, mode="r:*")
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
         for member in tar.getmembers():
-            name = member.name.rsplit("/", 1)[-1]
-            if member.isfile() and "." in name:
-                member_key, ext = name.split(".", 1)
-                groups.setdefault(member_key, {})[ext.lower()] = member
+            if named := _member_key_ext(member):
+                groups.setdefault(named[0], {})[named[1]] = member
         # tarfile ends an index quietly at a cut-off header or member: an archive that does not end in its
         # two zero blocks after the last member's data is damaged, and the stream counts that damage
         size = path.stat().st_size
@@ -166,19 +173,16 @@ def _iter_in_tar_order(path: Path, stats: ShardReadStats) -> Iterator[ImageSampl
     try:
         with tarfile.open(path, mode="r|*") as tar:
             for member in tar:
-                if not member.isfile():
+                if not (named := _member_key_ext(member)):
                     continue
-                name = member.name.rsplit("/", 1)[-1]
-                if "." not in name:
-                    continue
-                member_key, ext = name.split(".", 1)
+                member_key, ext = named
                 if member_key != key:
                     if key is not None:
                         sample = _sample_from(key, path.stem, members, stats)
                         if sample:
                             yield sample
                     key, members = member_key, {}
-                members[ext.lower()] = tar.extractfile(member).read()
+                members[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, ValueError) as err:
         stats.damaged, stats.damage = True, f"{type(err).__name__}: {err}"
         if key is not None:

@@ -92,6 +92,11 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def format_metrics(metrics: dict) -> str:
+    """`task regression, mae 0.536, spearman 0.503, ...` for logs and the report."""
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
 def ridge_solve(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
     """argmin_w |xw - y|^2 + alpha |w|^2 (x, y centred)."""
     return np.linalg.solve(x.T @ x + alpha * np.eye(x.shape[1]), x.T @ y)
@@ -104,10 +109,10 @@ def ridge_alpha(x: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 5) -> 
     errors = np.zeros(len(grid))
     for k in np.unique(fold):
         fit, held = fold != k, fold == k
-        xf, yf = x[fit] - x[fit].mean(0), y[fit] - y[fit].mean()
+        x_mean, y_mean = x[fit].mean(0), y[fit].mean()
+        xf, yf, xh = x[fit] - x_mean, y[fit] - y_mean, x[held] - x_mean
         for i, alpha in enumerate(grid):
-            w = ridge_solve(xf, yf, alpha)
-            errors[i] += (((x[held] - x[fit].mean(0)) @ w + y[fit].mean() - y[held]) ** 2).sum()
+            errors[i] += ((xh @ ridge_solve(xf, yf, alpha) + y_mean - y[held]) ** 2).sum()
     return float(grid[int(np.argmin(errors))])
 
 
@@ -126,7 +131,6 @@ def fit_head(x: np.ndarray, y: np.ndarray, config: FitConfig):
     val, train = order[:n_val], order[n_val:]
     torch.manual_seed(config.seed)
     module = fitted_module(config.kind, x.shape[1], list(config.hidden), classification)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     # train on standardised features (normalised CLIP embeddings are tiny per dimension), then fold the
     # standardisation into the first layer so the saved head takes raw normalised embeddings
     mean, std = x[train].mean(0), x[train].std(0) + 1e-6
@@ -143,6 +147,7 @@ def fit_head(x: np.ndarray, y: np.ndarray, config: FitConfig):
             module[0].weight.copy_(torch.from_numpy(ridge_solve(xs, ys, alpha))[None])
             module[0].bias.zero_()  # standardised features and targets have mean 0
     else:
+        optimizer = torch.optim.AdamW(module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         loss_fn = torch.nn.BCELoss() if classification else torch.nn.MSELoss()
         for _ in range(config.epochs):
             optimizer.zero_grad()

@@ -173,8 +173,9 @@ def load_watermark(path: str | Path, column: str = "pwatermark") -> Head:
     return Head(column, 0, WatermarkProbability().eval(), on_pixels=True)
 
 
-def load_fitted(path: str | Path) -> Head:
-    """A head saved by `latentmill fit-head` (safetensors, metadata: column, kind, input_dim, task)."""
+def fitted_metadata(path: str | Path) -> dict:
+    """The metadata of a head saved by `latentmill fit-head` (column, target, kind, input_dim, task, and
+    `metrics`, decoded), checked to be one."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -184,6 +185,12 @@ def load_fitted(path: str | Path) -> Head:
         meta = handle.metadata() or {}
     if meta.get("format") != "latentmill.head/1":
         raise InputError(f"{path}: not a head saved by `latentmill fit-head` (no latentmill.head/1 metadata).")
+    return meta | {"metrics": json.loads(meta.get("metrics", "{}"))}
+
+
+def load_fitted(path: str | Path) -> Head:
+    """A head saved by `latentmill fit-head` (safetensors, metadata: column, kind, input_dim, task)."""
+    meta = fitted_metadata(path)
     dim, kind = int(meta["input_dim"]), meta["kind"]
     module = fitted_module(kind, dim, json.loads(meta.get("hidden", "[]")), meta["task"] == "classification")
     module.load_state_dict(load_state_dict(path))

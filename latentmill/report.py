@@ -92,16 +92,14 @@ def _head_section(work: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pyarrow.parquet as pq
-    from safetensors import safe_open
 
-    from latentmill.filters.fit import labels_from_image_shards
+    from latentmill.filters.fit import format_metrics, labels_from_image_shards
+    from latentmill.filters.heads import fitted_metadata
 
     body = ""
     for path in sorted((work / "heads").glob("*.safetensors")) if (work / "heads").exists() else []:
-        with safe_open(path, framework="pt") as handle:
-            meta = handle.metadata() or {}
-        column, target, metrics = meta.get("column", path.stem), meta.get("target"), json.loads(meta.get("metrics", "{}"))
-        shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        meta = fitted_metadata(path)
+        column, target, shown = meta["column"], meta.get("target"), format_metrics(meta["metrics"])
         body += f"<h3>{html.escape(column)}" + (f" from {html.escape(target)}" if target else "") + \
             f"</h3><p>metrics on the held-out labels: {html.escape(shown)}</p>"
         if not target or not (work / "scores").exists():

@@ -102,10 +102,12 @@ def _fit_head(spec: dict, work: Path, log) -> dict:
         FitConfig,
         add_head_column,
         fit_head,
+        format_metrics,
         labelled_embeddings,
         labels_from_image_shards,
         save_head,
     )
+    from latentmill.filters.heads import fitted_metadata
 
     path = work / "heads" / f"{spec['column']}.safetensors"
     if not (work / "embeddings").exists():
@@ -118,12 +120,8 @@ def _fit_head(spec: dict, work: Path, log) -> dict:
         module, metrics = fit_head(x, y, config)
         save_head(module, path, config, x.shape[1], metrics)
     column = add_head_column(path, work / "scores", work / "embeddings")
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as handle:
-        metrics = json.loads(handle.metadata()["metrics"])
-    log(f"[fit-head] {column} from {spec['target']}: " + ", ".join(
-        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    metrics = fitted_metadata(path)["metrics"]
+    log(f"[fit-head] {column} from {spec['target']}: {format_metrics(metrics)}")
     return metrics
 
 

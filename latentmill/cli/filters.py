@@ -102,7 +102,7 @@ def fit_head(embeddings, scores, labels, target, kind, column, validation_fracti
       latentmill fit-head --embeddings embeddings/ --labels labels.csv --target watermark --kind mlp -o wm-probe.safetensors
       latentmill score images/ -o scores/ --head wm-probe.safetensors
     """
-    from latentmill.filters.fit import FitConfig, labelled_embeddings, read_labels, save_head
+    from latentmill.filters.fit import FitConfig, format_metrics, labelled_embeddings, read_labels, save_head
     from latentmill.filters.fit import fit_head as run_fit
 
     config = FitConfig(target=target, kind=kind, column=column, validation_fraction=validation_fraction, epochs=epochs,
@@ -110,6 +110,5 @@ def fit_head(embeddings, scores, labels, target, kind, column, validation_fracti
     x, y = labelled_embeddings(embeddings, read_labels(labels, target), scores, source=labels)
     module, metrics = run_fit(x, y, config)
     save_head(module, output, config, x.shape[1], metrics)
-    shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-    click.echo(f"{kind} head on {x.shape[1]}-d embeddings: {shown}")
+    click.echo(f"{kind} head on {x.shape[1]}-d embeddings: {format_metrics(metrics)}")
     click.echo(f"saved {output} (column {config.column or target})")

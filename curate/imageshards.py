@@ -84,11 +84,13 @@ class ShardReadStats:
 
     samples: int = 0
     incomplete: int = 0  # members without an image
+    duplicate_key: int = 0  # a key seen again later in the tar: the first sample is kept
     damaged: bool = False  # the tar ended early or is corrupt: what follows the damage is lost
     damage: str = ""
 
     def as_dict(self) -> dict:
-        return {"samples": self.samples, "incomplete": self.incomplete, "damaged": self.damaged, "damage": self.damage}
+        return {"samples": self.samples, "incomplete": self.incomplete, "duplicate_key": self.duplicate_key,
+                "damaged": self.damaged, "damage": self.damage}
 
 
 def list_image_shards(folder: str | Path) -> list[Path]:
@@ -130,7 +132,11 @@ def iter_image_shard(path: str | Path, stats: ShardReadStats | None = None, key_
     `key_order` reads them sorted by key instead (an index of the tar's headers first, then a seek per
     sample): img2dataset writes a shard in download-completion order, so batches formed in tar order differ
     between two downloads of the same URLs, and CPU float sums with them. A damaged shard (cut off, or
-    unreadable headers) is streamed in tar order instead, reading what it can."""
+    unreadable headers) is streamed, reading what it can, and its readable samples are sorted in memory
+    (their encoded bytes only: a damaged shard is the exception).
+
+    A key that comes back later in the tar (two samples with one key) keeps its first sample; the later
+    ones are counted in `stats.duplicate_key`, in both orders."""
     path = Path(path)
     stats = stats if stats is not None else ShardReadStats()
     if key_order:
@@ -143,9 +149,16 @@ def _iter_in_key_order(path: Path, stats: ShardReadStats) -> Iterator[ImageSampl
     try:
         tar = tarfile.open(path, mode="r:*")
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        previous, duplicates = None, 0
         for member in tar.getmembers():
             if named := _member_key_ext(member):
-                groups.setdefault(named[0], {})[named[1]] = member
+                key, ext = named
+                if key != previous and key in groups:  # the key's files come back after another key's
+                    duplicates += 1
+                previous = key
+                group = groups.setdefault(key, {})
+                if ext not in group:
+                    group[ext] = member
         # tarfile ends an index quietly at a cut-off header or member: an archive that does not end in its
         # two zero blocks after the last member's data is damaged, and the stream counts that damage
         size = path.stat().st_size
@@ -154,8 +167,9 @@ def _iter_in_key_order(path: Path, stats: ShardReadStats) -> Iterator[ImageSampl
     except (tarfile.TarError, EOFError, OSError, ValueError):
         intact = False
     if not intact:
-        yield from _iter_in_tar_order(path, stats)
+        yield from sorted(_iter_in_tar_order(path, stats), key=lambda sample: sample.key)
         return
+    stats.duplicate_key += duplicates
     with tar:
         for key in sorted(groups):
             try:
@@ -169,7 +183,7 @@ def _iter_in_key_order(path: Path, stats: ShardReadStats) -> Iterator[ImageSampl
 
 
 def _iter_in_tar_order(path: Path, stats: ShardReadStats) -> Iterator[ImageSample]:
-    key, members = None, {}
+    key, members, seen = None, {}, set()
     try:
         with tarfile.open(path, mode="r|*") as tar:
             for member in tar:
@@ -177,18 +191,21 @@ def _iter_in_tar_order(path: Path, stats: ShardReadStats) -> Iterator[ImageSampl
                     continue
                 member_key, ext = named
                 if member_key != key:
-                    if key is not None:
+                    if key is not None and key not in seen:
+                        seen.add(key)
                         sample = _sample_from(key, path.stem, members, stats)
                         if sample:
                             yield sample
+                    if member_key in seen:
+                        stats.duplicate_key += 1
                     key, members = member_key, {}
-                members[ext] = tar.extractfile(member).read()
+                members.setdefault(ext, tar.extractfile(member).read())
     except (tarfile.TarError, EOFError, OSError, ValueError) as err:
         stats.damaged, stats.damage = True, f"{type(err).__name__}: {err}"
         if key is not None:
             stats.incomplete += 1  # the sample being read when the damage came
         return
-    if key is not None:
+    if key is not None and key not in seen:
         sample = _sample_from(key, path.stem, members, stats)
         if sample:
             yield sample

@@ -32,16 +32,35 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 class LatentShardWriter:
-    """Collects samples, then writes the tar and parquet atomically with fixed tar metadata (same input,
-    same bytes)."""
+    """Collects samples in any order and writes the tar (in key order, fixed tar metadata: same input, same
+    bytes) and the parquet atomically.
+
+    A sample's files go to an anonymous spill file as they are added, so memory holds only a small index
+    per sample, whatever the shard's size. Keys longer than a ustar name takes get a PAX header; a key
+    added twice keeps its first sample (`duplicates` counts the rest).
+    """
+
+    FILE_ORDER = ("latent.npy", "latent_std.npy", "latent_flip.npy", "text_emb.npy", "txt", "json")
 
     def __init__(self, folder: Path, shard: str):
+        import tempfile
+
         self.folder, self.shard = Path(folder), shard
-        self.samples: list[tuple[str, dict[str, bytes]]] = []
-        self.rows: list[dict] = []
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._spill = tempfile.TemporaryFile(dir=self.folder, prefix=f".{shard}.spill-")  # gone if we are killed
+        self._index: dict[str, list[tuple[str, int, int]]] = {}  # key -> [(ext, offset, size)]
+        self._rows: dict[str, dict] = {}
+        self.duplicates = 0
+
+    @property
+    def rows(self) -> list[dict]:
+        return [self._rows[key] for key in sorted(self._rows)]
 
     def add(self, key: str, latent: np.ndarray, caption: str, meta: dict, std: np.ndarray | None = None,
             flipped: np.ndarray | None = None, text_emb: np.ndarray | None = None) -> None:
+        if key in self._index:
+            self.duplicates += 1
+            return
         files = {"latent.npy": npy_bytes(latent.astype(LATENT_DTYPE))}
         if std is not None:
             files["latent_std.npy"] = npy_bytes(std.astype(LATENT_DTYPE))
@@ -51,9 +70,14 @@ class LatentShardWriter:
             files["text_emb.npy"] = npy_bytes(text_emb.astype(LATENT_DTYPE))
         files["txt"] = (caption or "").encode("utf-8")
         files["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
-        self.samples.append((key, files))
-        self.rows.append({"key": key, "bucket_width": meta["bucket"][0], "bucket_height": meta["bucket"][1],
-                          "caption": caption or ""})
+        entries = []
+        for ext in self.FILE_ORDER:
+            if ext in files:
+                entries.append((ext, self._spill.tell(), len(files[ext])))
+                self._spill.write(files[ext])
+        self._index[key] = entries
+        self._rows[key] = {"key": key, "bucket_width": meta["bucket"][0], "bucket_height": meta["bucket"][1],
+                           "caption": caption or ""}
 
     def close(self) -> str:
         """Write `{shard}.tar` and `{shard}.parquet`; return the tar's sha256."""
@@ -61,19 +85,37 @@ class LatentShardWriter:
         import pyarrow.parquet as pq
 
         tar_path = self.folder / f"{self.shard}.tar"
+        digest = hashlib.sha256()
         with atomic_path(tar_path) as tmp:
-            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, files in self.samples:
-                    for ext, data in files.items():
+            with open(tmp, "wb") as raw, tarfile.open(fileobj=_Hashing(raw, digest), mode="w",
+                                                      format=tarfile.PAX_FORMAT) as tar:
+                for key in sorted(self._index):
+                    for ext, offset, size in self._index[key]:
+                        self._spill.seek(offset)
                         info = tarfile.TarInfo(f"{key}.{ext}")
-                        info.size, info.mtime, info.mode = len(data), 0, 0o444
+                        info.size, info.mtime, info.mode = size, 0, 0o444
                         info.uname = info.gname = ""
-                        tar.addfile(info, io.BytesIO(data))
+                        tar.addfile(info, io.BytesIO(self._spill.read(size)))
+        self._spill.close()
         schema = pa.schema([("key", pa.string()), ("bucket_width", pa.int32()), ("bucket_height", pa.int32()),
                             ("caption", pa.string())])
         with atomic_path(self.folder / f"{self.shard}.parquet") as tmp:
             pq.write_table(pa.Table.from_pylist(self.rows, schema=schema), tmp)
-        return hashlib.sha256(tar_path.read_bytes()).hexdigest()
+        return digest.hexdigest()
+
+
+class _Hashing:
+    """A write-only file that hashes what passes through it (the tar's sha256 without reading it back)."""
+
+    def __init__(self, raw, digest):
+        self.raw, self.digest = raw, digest
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.raw.tell()
 
 
 def is_url(spec: str | Path) -> bool:

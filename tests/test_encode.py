@@ -74,8 +74,9 @@ def test_the_flipped_latent_is_the_encoding_of_the_flipped_image(image_shards, t
     placement = place(image.width, image.height, tuple(meta["bucket"]))
     assert list(placement.crop) == meta["crop"] and list(placement.original_size) == meta["original_size"]
     pixels = resize_and_crop(image, placement)
-    flipped, _ = encode_batch(vae, [ImageOps.mirror(pixels)], "cpu", False)
-    plain, _ = encode_batch(vae, [pixels], "cpu", False)
+    flipped, _, _ = encode_batch(vae, [ImageOps.mirror(pixels)], "cpu", False)
+    plain, _, on_device = encode_batch(vae, [pixels], "cpu", False, with_flip=True)
+    assert np.array_equal(on_device, flipped)  # mirroring the batch on the device = encoding the mirrored image
     np.testing.assert_allclose(stored[sample.key]["latent_flip"], flipped[0].astype(np.float16), atol=2e-3)
     np.testing.assert_allclose(stored[sample.key]["latent"], plain[0].astype(np.float16), atol=2e-3)
     assert not np.allclose(flipped[0], plain[0], atol=1e-2)
@@ -215,3 +216,119 @@ def test_bf16_encoding_stays_close_to_fp32(image_shards, tmp_path):
     for key in a:
         diff = np.abs(a[key]["latent"].astype(np.float32) - b[key]["latent"].astype(np.float32)).max()
         assert diff < 0.1 * (np.abs(a[key]["latent"]).max() + 1e-3)
+
+
+def reference_encode_shard(image_shard, output, config, vae, text_encoder=None):
+    """The encoder as it was before streaming (session 2), kept here as the specification of the bytes:
+    decode the whole shard, sort by key, batch each bucket in key order, mirror with PIL for a second VAE
+    pass, write a ustar tar in key order."""
+    import io
+    import tarfile
+    import zlib
+
+    from PIL import ImageOps
+
+    from latentmill.curate.buckets import assign_bucket, make_buckets, needed_upscale
+    from latentmill.curate.latentshards import npy_bytes
+
+    buckets = make_buckets(config.resolution, config.min_side, config.max_side, config.step)
+    prepared, order = {}, []
+    for sample in iter_image_shard(image_shard):
+        try:
+            image = sample.image()
+        except Exception:
+            continue
+        bucket = assign_bucket(image.width, image.height, buckets)
+        if needed_upscale(image.width, image.height, bucket) > config.max_upscale + 1e-9:
+            continue
+        rng = None
+        if config.crop == "random":
+            rng = np.random.default_rng([config.seed, zlib.crc32(f"{image_shard.stem}/{sample.key}".encode())])
+        placement = place(image.width, image.height, bucket, rng)
+        prepared.setdefault(bucket, []).append((sample, placement, resize_and_crop(image, placement)))
+        order.append(sample.key)
+    order.sort()
+    results = {}
+    for items in prepared.values():
+        items.sort(key=lambda item: item[0].key)
+        for start in range(0, len(items), config.batch_size):
+            batch = items[start:start + config.batch_size]
+            images = [pixels for _, _, pixels in batch]
+            mean, std, _ = encode_batch(vae, images, "cpu", config.std)
+            flipped = encode_batch(vae, [ImageOps.mirror(im) for im in images], "cpu", False)[0] if config.flip else None
+            for i, (sample, placement, _) in enumerate(batch):
+                results[sample.key] = (sample, placement, mean[i], None if std is None else std[i],
+                                       None if flipped is None else flipped[i])
+    text = {}
+    if text_encoder is not None:
+        for start in range(0, len(order), config.batch_size):
+            keys = order[start:start + config.batch_size]
+            text.update(zip(keys, text_encoder.encode([results[k][0].caption or "" for k in keys]), strict=True))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key in order:
+            sample, placement, mean, std, flipped = results[key]
+            scores = {k: v for k, v in sample.meta.items() if k not in ("caption", "key", "status", "error_message", "exif")}
+            meta = {"bucket": list(placement.bucket), "original_size": list(placement.original_size),
+                    "crop": list(placement.crop), "resized_size": list(placement.resized_size), **scores}
+            files = {"latent.npy": npy_bytes(mean.astype(np.float16))}
+            if std is not None:
+                files["latent_std.npy"] = npy_bytes(std.astype(np.float16))
+            if flipped is not None:
+                files["latent_flip.npy"] = npy_bytes(flipped.astype(np.float16))
+            if key in text:
+                files["text_emb.npy"] = npy_bytes(text[key].astype(np.float16))
+            files["txt"] = (sample.caption or "").encode()
+            files["json"] = json.dumps(meta, sort_keys=True).encode()
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def mixed_shards(tmp_path):
+    """Two shards of 20 pictures over five aspect ratios, written in a shuffled (download-completion) order."""
+    import random
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    sizes = [(300, 300), (420, 240), (240, 420), (512, 256), (330, 280)]
+    for shard in range(2):
+        entries = [image_entry(f"{shard:05d}{i:04d}", *sizes[i % 5], seed=shard * 100 + i) for i in range(20)]
+        random.Random(shard).shuffle(entries)
+        make_shard(folder / f"{shard:05d}.tar", entries)
+    return folder
+
+
+def test_streamed_encode_is_byte_identical_across_workers_and_to_the_in_memory_encoder(mixed_shards, tmp_path):
+    from latentmill.curate.textencoder import load_text_encoder
+
+    settings = dict(resolution=256, batch_size=3, flip=True, std=True, crop="random", seed=5,
+                    text_encoder="openclip:latentmill-tiny")
+    outputs = {}
+    for workers in (0, 1, 2):
+        out = tmp_path / f"w{workers}"
+        manifest = encode(mixed_shards, out, EncodeConfig(**settings, workers=workers))
+        outputs[workers] = {name: (out / f"{name}.tar").read_bytes() for name in manifest["shards"]}
+        assert manifest["samples"] == 40 and len(manifest["per_bucket"]) == 3
+    assert outputs[0] == outputs[1] == outputs[2]
+    vae, text_encoder = load_vae("tiny"), load_text_encoder("openclip:latentmill-tiny")
+    for name, data in outputs[0].items():
+        expected = reference_encode_shard(mixed_shards / f"{name}.tar", None, EncodeConfig(**settings), vae, text_encoder)
+        assert data == expected, f"shard {name} differs from the in-memory encoder's bytes"
+
+
+def test_a_key_longer_than_a_ustar_name_and_a_repeated_key_are_handled(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    long_key = "k" * 150
+    make_shard(images / "00000.tar", [image_entry(long_key, 256, 256), image_entry("a", 256, 256, seed=1),
+                                      image_entry("b", 256, 256, seed=2), image_entry("a", 256, 256, seed=3)])
+    manifest = encode(images, tmp_path / "out", EncodeConfig(resolution=256, workers=0))
+    assert manifest["samples"] == 3 and manifest["dropped"] == {"duplicate_key": 1}
+    assert manifest["per_bucket"] == {"256x256": 3}
+    samples = latents_by_key(tmp_path / "out")
+    assert set(samples) == {long_key, "a", "b"}

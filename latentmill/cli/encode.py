@@ -27,9 +27,12 @@ from latentmill.cli.options import executor_from, executor_options, progress_bar
 @click.option("--max-upscale", default=1.0, show_default=True,
               help="Images that must be enlarged more than this to cover their bucket are dropped as too_small.")
 @click.option("--text-encoder", help="Also store caption embeddings: openclip:NAME[:PRETRAINED] or a pipeline folder.")
+@click.option("--workers", type=click.IntRange(min=0),
+              help="Processes decoding and resizing while the VAE works (default: the cores available, at most 8; "
+                   "0: decode in the encoding process). Outputs are the same bytes whatever the number.")
 @executor_options
 def encode(images, output, selection, vae, resolution, min_side, max_side, step, device, precision, batch_size, flip,
-           std, crop, seed, max_upscale, text_encoder, **kwargs):
+           std, crop, seed, max_upscale, text_encoder, workers, **kwargs):
     """Bucket, resize, crop and VAE-encode IMAGES into latent shards with a manifest.
 
     Per shard, atomic and resumable: re-run the same command after a stop and only unfinished shards
@@ -47,7 +50,8 @@ def encode(images, output, selection, vae, resolution, min_side, max_side, step,
 
     config = EncodeConfig(resolution=resolution, min_side=min_side, max_side=max_side, step=step, vae=vae,
                           device=device, precision=precision, batch_size=batch_size, flip=flip, std=std, crop=crop,
-                          seed=seed, max_upscale=max_upscale, text_encoder=text_encoder, threads=kwargs.pop("threads"))
+                          seed=seed, max_upscale=max_upscale, text_encoder=text_encoder, threads=kwargs.pop("threads"),
+                          workers=workers)
     with progress_bar(None, "encode", unit="img") as bar:
         manifest = run_encode(images, output, config, selection, progress=bar.update, executor=executor_from(kwargs))
     click.echo(f"{manifest['samples']:,} latents in {len(manifest['shards'])} shard(s) at {output}")

@@ -248,7 +248,8 @@ class EncodeStage:
         if self.config.text_encoder:
             from latentmill.curate.textencoder import load_text_encoder
 
-            text_encoder = load_text_encoder(self.config.text_encoder, self.config.device)
+            text_encoder = load_text_encoder(self.config.text_encoder, self.config.device,
+                                             dtype=self.config.resolved_precision())
         return vae, text_encoder, PreparePool(self.config.resolved_workers())
 
     def stats_path(self, shard: Path) -> Path:

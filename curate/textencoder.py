@@ -44,10 +44,14 @@ class TextEncoder:
     fingerprint: str
     context_length: int
     width: int
-    _encode: object
+    _encode: object  # captions -> (N, context_length, width) tensor on the encoder's device
 
     def encode(self, captions: list[str]) -> np.ndarray:
-        """(N, context_length, width) float32 hidden states."""
+        """(N, context_length, width) float32 hidden states, on the host."""
+        return self._encode(captions).float().cpu().numpy()
+
+    def encode_tensor(self, captions: list[str]):
+        """The same as a tensor left on the encoder's device (in its dtype): for a trainer on that device."""
         return self._encode(captions)
 
     def describe(self) -> dict:
@@ -62,7 +66,13 @@ def _fingerprint(name: str, module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _load_open_clip(spec: str, device: str, seed: int) -> TextEncoder:
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+def _load_open_clip(spec: str, device: str, seed: int, dtype: str = "fp32") -> TextEncoder:
     import open_clip
     import torch
 
@@ -82,22 +92,24 @@ def _load_open_clip(spec: str, device: str, seed: int) -> TextEncoder:
         ) from None
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(name)
+    text_modules = torch.nn.ModuleList([model.token_embedding, model.transformer, model.ln_final])
+    fingerprint = _fingerprint(spec, text_modules)  # of the stored weights, before any cast
+    model.to(_torch_dtype(dtype))
 
-    def encode(captions: list[str]) -> np.ndarray:
-        tokens = tokenizer(captions).to(device)
+    def encode(captions: list[str]):
+        tokens = tokenizer(captions).to(device, non_blocking=True)
         with torch.inference_mode():
             cast = model.transformer.get_cast_dtype()
             x = model.token_embedding(tokens).to(cast) + model.positional_embedding.to(cast)
             x = model.transformer(x, attn_mask=model.attn_mask)
-            return model.ln_final(x).float().cpu().numpy()
+            return model.ln_final(x)
 
-    text_modules = torch.nn.ModuleList([model.token_embedding, model.transformer, model.ln_final])
-    return TextEncoder(name=f"openclip:{spec}", fingerprint=_fingerprint(spec, text_modules),
+    return TextEncoder(name=f"openclip:{spec}", fingerprint=fingerprint,
                        context_length=int(model.positional_embedding.shape[0]), width=int(model.ln_final.weight.shape[0]),
                        _encode=encode)
 
 
-def _load_transformers(spec: str, device: str) -> TextEncoder:
+def _load_transformers(spec: str, device: str, dtype: str = "fp32") -> TextEncoder:
     import torch
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -116,13 +128,16 @@ def _load_transformers(spec: str, device: str) -> TextEncoder:
     # tokenizers saved without model_max_length report a huge sentinel: the position table is the real limit
     context_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
 
-    def encode(captions: list[str]) -> np.ndarray:
-        tokens = tokenizer(captions, padding="max_length", max_length=context_length, truncation=True,
-                           return_tensors="pt").input_ids.to(device)
-        with torch.inference_mode():
-            return model(tokens).last_hidden_state.float().cpu().numpy()
+    fingerprint = _fingerprint(spec, model)
+    model.to(_torch_dtype(dtype))
 
-    return TextEncoder(name=spec, fingerprint=_fingerprint(spec, model), context_length=context_length,
+    def encode(captions: list[str]):
+        tokens = tokenizer(captions, padding="max_length", max_length=context_length, truncation=True,
+                           return_tensors="pt").input_ids.to(device, non_blocking=True)
+        with torch.inference_mode():
+            return model(tokens).last_hidden_state
+
+    return TextEncoder(name=spec, fingerprint=fingerprint, context_length=context_length,
                        width=int(model.config.hidden_size), _encode=encode)
 
 
@@ -165,11 +180,12 @@ def text_encoder_folder(spec: str) -> Path:
     return Path(spec)
 
 
-def load_text_encoder(spec: str, device: str = "cpu", seed: int = 0) -> TextEncoder:
-    """Load a frozen text encoder from `spec` (see the module docstring)."""
+def load_text_encoder(spec: str, device: str = "cpu", seed: int = 0, dtype: str = "fp32") -> TextEncoder:
+    """Load a frozen text encoder from `spec` (see the module docstring) onto `device`, in `dtype` (fp32, bf16,
+    fp16; the fingerprint is always of the stored weights)."""
     if spec.startswith("openclip:"):
-        return _load_open_clip(spec[len("openclip:"):], device, seed)
+        return _load_open_clip(spec[len("openclip:"):], device, seed, dtype)
     if spec == TINY_CLIP or Path(spec).exists():
-        return _load_transformers(str(text_encoder_folder(spec)), device)
+        return _load_transformers(str(text_encoder_folder(spec)), device, dtype)
     raise InputError(f"--text-encoder {spec}: give openclip:NAME[:PRETRAINED] or a local pipeline folder "
                      f"(with text_encoder/ and tokenizer/).")

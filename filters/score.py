@@ -78,8 +78,9 @@ class ShardImages(torch.utils.data.IterableDataset):
             except ImageDecodeError as err:
                 row["error"] = err.reason
             yield row
-        if worker == 0 and (stats.damaged or stats.incomplete):
-            yield {"index": -1, "damaged": stats.damaged, "incomplete": stats.incomplete}
+        if worker == 0 and (stats.damaged or stats.incomplete or stats.duplicate_key):
+            yield {"index": -1, "damaged": stats.damaged, "incomplete": stats.incomplete,
+                   "duplicate_key": stats.duplicate_key}
 
 
 def _collate(rows):
@@ -118,12 +119,12 @@ def score_shard(path: Path, output: Path, config: ScoreConfig, clip, heads: list
     watermark = any(h.on_pixels for h in heads)
     loader = torch.utils.data.DataLoader(ShardImages(path, clip.preprocess, clip.image_size, watermark),
                                          batch_size=config.batch_size, num_workers=config.workers, collate_fn=_collate)
-    rows, damage = [], {"damaged": False, "incomplete": 0}
+    rows, damage = [], {"damaged": False, "incomplete": 0, "duplicate_key": 0}
     embeddings: dict[int, np.ndarray] = {}
     for batch in loader:
         damage_rows = [r for r in batch if r["index"] == -1]
         for r in damage_rows:
-            damage = {"damaged": r["damaged"], "incomplete": r["incomplete"]}
+            damage = {"damaged": r["damaged"], "incomplete": r["incomplete"], "duplicate_key": r["duplicate_key"]}
         good = [r for r in batch if r["index"] >= 0 and r["error"] is None]
         rows += [r for r in batch if r["index"] >= 0]
         if not good:

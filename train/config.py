@@ -28,7 +28,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     mode: str = "resampled"  # or epoch
     shuffle_buffer: int = 256
-    workers: int = 0  # loader processes per rank (0: read in the training process)
+    workers: int | None = None  # loader processes per rank (None: several on CUDA, none on CPU; 0: in the training process)
     flip: bool = True
     seed: int = 0
     device: str = "auto"  # cuda when available

@@ -3,8 +3,10 @@ resumable exactly.
 
 The stream of an epoch is a pure function of (seed, epoch, rank, world size, workers): each worker
 reads its own shards and batches them, and torch's DataLoader takes batches from the workers in
-turn. So the loader's state is just (epoch, batches taken this epoch): resuming replays the epoch's
-stream and skips what was taken (re-reading those shards, which is cheap next to training).
+turn. Every batch carries its worker's exact position after it (shard, offset in the shard, the
+samples in the shuffle buffer and in unfilled batches, the RNG state), and the loader's state keeps the
+position of the last batch taken from each worker. Resuming reads from there: its cost is a few
+shards, whatever the step, instead of replaying the epoch.
 Epoch mode yields every sample of the rank's shards once per epoch (incomplete per-bucket batches are
 yielded at the end of the epoch); resampled mode draws shards with replacement, forever, and the
 training loop bounds it with `--steps`. Corrupt samples and unreadable shards are skipped and counted.
@@ -48,13 +50,45 @@ def expand_shards(spec: str | list[str]) -> list[str]:
 
 @dataclass
 class LoaderState:
+    """Where the loader stands: the epoch, batches taken in it, and per worker the position after the last
+    batch the trainer took from it (`WorkerPosition` as a dict), plus which worker gives the next batch."""
+
     epoch: int = 0
     batches: int = 0  # taken in this epoch
+    next_worker: int = 0
+    positions: dict = field(default_factory=dict)  # str(worker) -> WorkerPosition fields
+
+
+@dataclass
+class WorkerPosition:
+    """A worker's exact place in its stream: the shard (index in this epoch's shard order) and how many of its
+    samples were read, the shuffle buffer's and the unfilled batches' samples (as (shard, key): re-read on
+    resume), the RNG state, and how many batches it made. Resuming from it costs reading the shards these
+    samples come from, whatever the step."""
+
+    shard_index: int = 0
+    offset: int = 0
+    buffer: list = field(default_factory=list)  # [[shard, key], ...]
+    pending: dict = field(default_factory=dict)  # "WxH" -> [[shard, key], ...]
+    rng: list | None = None  # random.Random.getstate(), JSON-able
+    batches: int = 0
+    draining: bool = False  # the shards are read; the buffer (already shuffled) is being emptied
+
+
+def _json_rng_state(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng_from(state: list) -> random.Random:
+    rng = random.Random()
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+    return rng
 
 
 @dataclass
 class LatentLoader:
-    """Batches of one bucket: {"keys", "latents" (B,C,h,w float32), "captions", "text_emb"?, "meta"}."""
+    """Batches of one bucket: {"keys", "latents" (B,C,h,w float32), "captions", "text_emb"? (float16), "meta"}."""
 
     shards: list[str]
     batch_size: int
@@ -66,6 +100,8 @@ class LatentLoader:
     workers: int = 0  # DataLoader worker processes reading shards (0: in the training process)
     flip: bool = True  # use stored flipped latents half of the time
     sample_posterior: bool = True  # mean + std * noise where the std is stored
+    pin_memory: bool = False  # page-locked batches, for non-blocking copies to a GPU
+    prefetch: int = 4  # batches each worker prepares ahead
     state: LoaderState = field(default_factory=LoaderState)
     skipped: dict = field(default_factory=dict)  # this process's reader: reason -> samples or shards skipped
     _worker_skipped: dict = field(default_factory=dict)
@@ -80,45 +116,108 @@ class LatentLoader:
         return total
 
     def __post_init__(self):
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size {self.batch_size}: use 1 or more.")
+        if self.workers < 0:
+            raise InputError(f"--workers {self.workers}: use 0 (read in the training process) or more.")
         readers = self.world_size * max(1, self.workers)
         if len(self.shards) < readers:
             raise InputError(f"{len(self.shards)} latent shard(s) for {self.world_size} rank(s) x {max(1, self.workers)} "
                              f"worker(s): every reader needs at least one shard. Use fewer --workers, or encode into "
                              f"more, smaller shards (download --shard-size).")
-        folder = self.shards[0].rsplit("/", 1)[0] if is_url(self.shards[0]) else Path(self.shards[0]).parent
-        self.manifest = read_manifest(folder)
+        self.folder = self.shards[0].rsplit("/", 1)[0] if is_url(self.shards[0]) else Path(self.shards[0]).parent
+        self.manifest = read_manifest(self.folder)
         self.my_shards = self.shards[self.rank::self.world_size]
 
-    def _samples(self, epoch: int, worker: int = 0) -> Iterator[dict]:
+    @property
+    def logical_workers(self) -> int:
+        return max(1, self.workers)
+
+    # --- one worker's stream ---------------------------------------------------------------------------
+
+    def _shard_order(self, epoch: int, worker: int) -> tuple[list[str], random.Random]:
         rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
-        mine = self.my_shards[worker::max(1, self.workers)]
+        mine = self.my_shards[worker::self.logical_workers]
         if self.mode == "epoch":
             order = list(mine)
             rng.shuffle(order)
         else:
             order = [rng.choice(mine) for _ in range(10_000)]
+        return order, rng
+
+    def _read(self, shard: str) -> Iterator[dict]:
+        try:
+            yield from iter_latent_shard(shard, self.manifest, errors=self.skipped)
+        except OSError:  # the shard cannot be opened at all (missing file, URL down)
+            self.skipped["unreadable_shard"] = self.skipped.get("unreadable_shard", 0) + 1
+
+    def _fetch(self, refs: list) -> dict[tuple[str, str], dict]:
+        """The samples named by [shard, key] pairs, each shard read once (resume only)."""
+        wanted: dict[str, set] = {}
+        for shard, key in refs:
+            wanted.setdefault(shard, set()).add(key)
+        found: dict[tuple[str, str], dict] = {}
+        for shard, keys in wanted.items():
+            for sample in iter_latent_shard(shard, self.manifest, errors={}):
+                if sample["key"] in keys and (shard, sample["key"]) not in found:
+                    sample["shard"] = shard
+                    found[(shard, sample["key"])] = sample
+        return found
+
+    def worker_stream(self, epoch: int, worker: int, start: dict | None = None) -> Iterator[tuple[list[dict], dict]]:
+        """(samples of one batch, the worker's position after it) for one worker and epoch, from `start`
+        (a WorkerPosition as a dict) or the epoch's beginning. Samples pass through a shuffle buffer, then
+        wait in their bucket until a batch is full; in epoch mode the unfilled batches end the epoch."""
+        order, rng = self._shard_order(epoch, worker)
+        position = WorkerPosition(**start) if start else WorkerPosition()
         buffer: list[dict] = []
-        for shard in order:
-            try:
-                for sample in iter_latent_shard(shard, self.manifest, errors=self.skipped):
+        pending: dict[str, list[dict]] = {}
+        if start:
+            rng = _rng_from(position.rng)
+            found = self._fetch(position.buffer + [ref for refs in position.pending.values() for ref in refs])
+            buffer = [found[tuple(ref)] for ref in position.buffer if tuple(ref) in found]
+            pending = {b: [found[tuple(r)] for r in refs if tuple(r) in found] for b, refs in position.pending.items()}
+        batches = position.batches
+
+        def snapshot(shard_index: int, offset: int, draining: bool) -> dict:
+            return {"shard_index": shard_index, "offset": offset, "draining": draining, "batches": batches,
+                    "buffer": [[s["shard"], s["key"]] for s in buffer],
+                    "pending": {b: [[s["shard"], s["key"]] for s in items] for b, items in pending.items() if items},
+                    "rng": _json_rng_state(rng)}
+
+        def place(sample: dict) -> list[dict] | None:
+            bucket = "{}x{}".format(*sample["meta"]["bucket"])
+            items = pending.setdefault(bucket, [])
+            items.append(sample)
+            if len(items) == self.batch_size:
+                return pending.pop(bucket)
+            return None
+
+        if not position.draining:
+            for shard_index in range(position.shard_index, len(order)):
+                skip = position.offset if shard_index == position.shard_index else 0
+                for offset, sample in enumerate(self._read(order[shard_index]), start=1):
+                    if offset <= skip:
+                        continue
+                    sample["shard"] = order[shard_index]
                     buffer.append(sample)
                     if len(buffer) >= self.shuffle_buffer:
-                        yield buffer.pop(rng.randrange(len(buffer)))
-            except OSError:  # the shard cannot be opened at all (missing file, URL down)
-                self.skipped["unreadable_shard"] = self.skipped.get("unreadable_shard", 0) + 1
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def _batches(self, epoch: int, worker: int = 0) -> Iterator[list[dict]]:
-        pending: dict[tuple, list[dict]] = {}
-        for sample in self._samples(epoch, worker):
-            bucket = tuple(sample["meta"]["bucket"])
-            pending.setdefault(bucket, []).append(sample)
-            if len(pending[bucket]) == self.batch_size:
-                yield pending.pop(bucket)
+                        batch = place(buffer.pop(rng.randrange(len(buffer))))
+                        if batch:
+                            batches += 1
+                            yield batch, snapshot(shard_index, offset, False)
+            rng.shuffle(buffer)
+        while buffer:
+            batch = place(buffer.pop(0))
+            if batch:
+                batches += 1
+                yield batch, snapshot(len(order), 0, True)
         if self.mode == "epoch":
             for bucket in sorted(pending):
-                yield pending[bucket]
+                if pending[bucket]:
+                    items, pending[bucket] = pending[bucket], []
+                    batches += 1
+                    yield items, snapshot(len(order), 0, True)
 
     def _collate(self, samples: list[dict], epoch: int, worker: int, index: int) -> dict:
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker, index])
@@ -133,47 +232,70 @@ class LatentLoader:
                  "captions": [s["caption"] for s in samples], "meta": [s["meta"] for s in samples],
                  "worker": worker, "skipped": dict(self.skipped)}  # a worker's counts travel with its batches
         if all("text_emb" in s for s in samples):
-            batch["text_emb"] = torch.from_numpy(np.stack([s["text_emb"].astype(np.float32) for s in samples]))
+            batch["text_emb"] = torch.from_numpy(np.stack([s["text_emb"] for s in samples]))  # float16: half the copy
         return batch
 
-    def worker_batches(self, epoch: int, worker: int) -> Iterator[dict]:
-        """The collated batches of one worker's shards in one epoch."""
-        for index, samples in enumerate(self._batches(epoch, worker)):
-            yield self._collate(samples, epoch, worker, index)
+    def worker_batches(self, epoch: int, worker: int, start: dict | None = None) -> Iterator[dict]:
+        """The collated batches of one worker's shards in one epoch, each with the position after it."""
+        for samples, position in self.worker_stream(epoch, worker, start):
+            batch = self._collate(samples, epoch, worker, position["batches"] - 1)
+            batch["position"] = position
+            yield batch
 
-    def epoch_batches(self, epoch: int) -> Iterator[dict]:
-        """One epoch's batches: in this process, or from `workers` DataLoader processes taken in turn."""
+    # --- the rank's stream: workers taken in turn -------------------------------------------------------
+
+    def epoch_batches(self, epoch: int, state: LoaderState | None = None) -> Iterator[dict]:
+        """One epoch's batches from `state` on: in this process, or from `workers` DataLoader processes taken
+        in turn (the worker that gives the next batch first, those that have finished skipped)."""
+        state = state or LoaderState(epoch=epoch)
         if self.workers <= 1:
-            yield from self.worker_batches(epoch, 0)
+            yield from self.worker_batches(epoch, 0, state.positions.get("0"))
             return
-        loader = torch.utils.data.DataLoader(_EpochDataset(self, epoch), batch_size=None, num_workers=self.workers,
-                                             prefetch_factor=4, persistent_workers=False)
+        loader = torch.utils.data.DataLoader(_EpochDataset(self, epoch, state), batch_size=None,
+                                             num_workers=self.workers, prefetch_factor=self.prefetch,
+                                             pin_memory=self.pin_memory, persistent_workers=False)
         yield from loader
 
     def __iter__(self) -> Iterator[dict]:
         """Batches forever, epoch after epoch, from the current state on."""
         while True:
-            epoch, skip = self.state.epoch, self.state.batches
-            produced = 0
-            for index, batch in enumerate(self.epoch_batches(epoch)):
+            epoch = self.state.epoch
+            if self.state.batches and not self.state.positions:
+                stream = self._replayed(epoch, self.state.batches)  # a checkpoint from before positions were saved
+            else:
+                stream = self.epoch_batches(epoch, self.state)
+            produced = self.state.batches
+            for batch in stream:
                 produced += 1
-                if index < skip:
-                    continue
-                self.state.batches = index + 1
-                self._worker_skipped[batch["worker"]] = batch["skipped"]
+                worker = batch["worker"]
+                self.state.batches += 1
+                self.state.positions[str(worker)] = batch.pop("position")
+                self.state.next_worker = (worker + 1) % self.logical_workers
+                self._worker_skipped[worker] = batch["skipped"]
+                if self.pin_memory and self.workers <= 1:
+                    batch["latents"] = batch["latents"].pin_memory()
                 yield batch
             if produced == 0:
                 raise InputError(f"the latent shards of rank {self.rank} hold no readable samples "
                                  f"({len(self.my_shards)} shard(s), skipped: {self.skipped_total() or 'none'}).")
-            self.state = LoaderState(epoch=epoch + 1, batches=0)
+            self.state = LoaderState(epoch=epoch + 1)
+
+    def _replayed(self, epoch: int, skip: int) -> Iterator[dict]:
+        for index, batch in enumerate(self.epoch_batches(epoch)):
+            if index >= skip:
+                yield batch
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):
-    """One epoch of a LatentLoader, each DataLoader worker reading its own shards."""
+    """One epoch of a LatentLoader from a state: DataLoader worker p serves logical worker
+    (p + state.next_worker) % workers, so the DataLoader's first request goes to the worker whose batch
+    comes next, and taking workers in turn continues the interrupted order."""
 
-    def __init__(self, loader: LatentLoader, epoch: int):
-        self.loader, self.epoch = loader, epoch
+    def __init__(self, loader: LatentLoader, epoch: int, state: LoaderState):
+        self.loader, self.epoch, self.state = loader, epoch, state
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        yield from self.loader.worker_batches(self.epoch, info.id if info else 0)
+        physical = info.id if info else 0
+        worker = (physical + self.state.next_worker) % self.loader.logical_workers
+        yield from self.loader.worker_batches(self.epoch, worker, self.state.positions.get(str(worker)))

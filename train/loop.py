@@ -55,11 +55,13 @@ def train(config: TrainConfig, progress=None) -> dict:
     run = Path(config.output)
     run.mkdir(parents=True, exist_ok=True)
 
-    loader = LatentLoader(expand_shards(config.shards), config.batch_size, seed=config.seed, rank=rank,
-                          world_size=world, mode=config.mode, shuffle_buffer=config.shuffle_buffer, flip=config.flip,
-                          workers=config.workers)
+    shards = expand_shards(config.shards)
+    loader = LatentLoader(shards, config.batch_size, seed=config.seed, rank=rank, world_size=world, mode=config.mode,
+                          shuffle_buffer=config.shuffle_buffer, flip=config.flip,
+                          workers=_loader_workers(config, device, len(shards) // world),
+                          pin_memory=device.startswith("cuda"))
     manifest = loader.manifest
-    encode_text, text_width, encode_prompts = _text_conditioning(config, manifest, device)
+    encode_text, text_width, encode_prompts = _text_conditioning(config, manifest, loader.folder, device, precision)
     if config.vae:
         from latentmill.curate.latentshards import check_vae
         from latentmill.curate.vae import load_vae
@@ -75,6 +77,7 @@ def train(config: TrainConfig, progress=None) -> dict:
     if device.startswith("cuda"):
         unet.to(memory_format=torch.channels_last)
     ema = _copy(unet)
+    ema_params, params = list(ema.parameters()), list(unet.parameters())
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   fused=device.startswith("cuda"))
     noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
@@ -95,17 +98,21 @@ def train(config: TrainConfig, progress=None) -> dict:
     log = open(run / "log.jsonl", "a") if rank == 0 else None  # noqa: SIM115 - open for the whole run
     board = _tensorboard(run) if rank == 0 else None
     metrics: dict = {}
+    # the loss and the gradient norm stay on the device; the host reads them back on logging and
+    # checkpoint steps only, so it can queue the next step while the device works
+    first_bad = torch.full((2,), -1.0, device=device)  # (step, loss) of the first non-finite loss
+    recent_keys: dict[int, list[str]] = {}
+    interval_samples, interval_start = 0, time.perf_counter()
 
     # --- the loop: one optimizer step per iteration --------------------------------------------------
     for step in range(start, config.steps):
-        started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * _lr_factor(step, config)
-        total_loss, samples, keys = 0.0, 0, []
+        total_loss, keys = torch.zeros((), device=device), []
         for micro in range(config.grad_accum):
             batch = next(batches)
             generator = torch.Generator().manual_seed(hash((config.seed, step, micro, rank)) & (2**62 - 1))
-            latents = ((batch["latents"] - shift) * scale).to(device)
+            latents = ((batch["latents"].to(device, non_blocking=True) - shift) * scale)
             b = latents.shape[0]
             text = encode_text(batch, generator)
             noise = torch.randn(latents.shape, generator=generator).to(device)
@@ -126,32 +133,39 @@ def train(config: TrainConfig, progress=None) -> dict:
                     loss_per_sample = loss_per_sample * weight
                 loss = loss_per_sample.mean() / config.grad_accum
                 loss.backward()
-            total_loss += loss.item()
-            samples += b
+            total_loss += loss.detach()
+            interval_samples += b
             keys += batch["keys"]
-        if not math.isfinite(total_loss):
-            last = checkpoints(run)[-1].name if checkpoints(run) else "none yet"
-            raise InputError(f"the loss is {total_loss} at step {step + 1}; batch keys: {', '.join(keys[:8])}"
-                             f"{' ...' if len(keys) > 8 else ''}. The last good checkpoint stays: {last}.")
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
+        recent_keys[step + 1] = keys
+        first_bad = torch.where((first_bad[0] < 0) & ~torch.isfinite(total_loss),
+                                torch.stack([torch.tensor(step + 1.0, device=device), total_loss.float()]), first_bad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _update_ema(ema, unet, config.ema_decay, step)
+        _update_ema(ema_params, params, config.ema_decay, step)
 
-        metrics = {"step": step + 1, "loss": total_loss, "lr": optimizer.param_groups[0]["lr"],
-                   "grad_norm": float(grad_norm), "samples_per_s": samples * world / (time.perf_counter() - started),
+        logging = (step + 1) % config.log_every == 0 or step == start
+        checkpointing = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
+        if not (logging or checkpointing):
+            continue
+        _stop_on_nonfinite(first_bad, recent_keys, run)  # before any checkpoint could save damaged weights
+        recent_keys.clear()
+        elapsed = time.perf_counter() - interval_start
+        metrics = {"step": step + 1, "loss": total_loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                   "grad_norm": grad_norm.item(), "samples_per_s": interval_samples * world / max(elapsed, 1e-9),
                    "epoch": loader.state.epoch}
-        if log and ((step + 1) % config.log_every == 0 or step == start):
+        interval_samples, interval_start = 0, time.perf_counter()
+        if log and logging:
             log.write(json.dumps(metrics) + "\n")
             log.flush()
             if board:
                 for name in ("loss", "lr", "grad_norm", "samples_per_s"):
                     board.add_scalar(f"train/{name}", metrics[name], step + 1)
-        if progress:
+        if progress and logging:
             progress(metrics)
         if rank == 0 and encode_prompts and config.sample_every and (step + 1) % config.sample_every == 0:
             _sample_grid(run, step + 1, ema, encode_prompts, manifest, config)
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+        if checkpointing:
             if rank == 0:
                 save_checkpoint(run, step + 1, unet, ema, optimizer, asdict(loader.state), asdict(config),
                                 config.keep_checkpoints)
@@ -201,10 +215,37 @@ def _copy(unet):
 
 
 @torch.no_grad()
-def _update_ema(ema, unet, decay: float, step: int) -> None:
+def _update_ema(ema_params: list, params: list, decay: float, step: int) -> None:
+    """One multi-tensor lerp over every parameter (one kernel launch per group, not one per tensor)."""
     decay = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), unet.parameters(), strict=True):
-        e.lerp_(p.detach(), 1 - decay)
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
+def _stop_on_nonfinite(first_bad: torch.Tensor, recent_keys: dict, run: Path) -> None:
+    """Raise with the step and the batch keys where the loss first stopped being finite, if it did."""
+    step, loss = first_bad.tolist()
+    if step < 0:
+        return
+    keys = recent_keys.get(int(step), [])
+    last = checkpoints(run)[-1].name if checkpoints(run) else "none yet"
+    raise InputError(f"the loss is {loss} at step {int(step)}; batch keys: {', '.join(keys[:8])}"
+                     f"{' ...' if len(keys) > 8 else ''}. The last good checkpoint stays: {last}.")
+
+
+def _loader_workers(config: TrainConfig, device: str, shards_per_rank: int) -> int:
+    """Loader processes per rank: as given, or on CUDA several (cores shared between the node's ranks, at
+    most 4, at most one per shard), on CPU none (the cores are busy with the model)."""
+    if config.workers is not None:
+        return config.workers
+    if not device.startswith("cuda"):
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = min(4, max(1, cores // ranks_here - 1), shards_per_rank)
+    return workers if workers > 1 else 0
 
 
 def _sample_grid(run: Path, step: int, ema, encode_prompts, manifest: dict, config: TrainConfig) -> Path:
@@ -229,30 +270,61 @@ def _init_from(unet, run: Path) -> None:
     unet.load_state_dict(load_file(found[-1] / "ema.safetensors"))
 
 
-def _text_conditioning(config: TrainConfig, manifest: dict, device: str):
-    """(encode(batch, generator) -> (B, tokens, width) text states with caption dropout, width)."""
+def _text_conditioning(config: TrainConfig, manifest: dict, folder, device: str, precision: str):
+    """(encode(batch, generator) -> (B, tokens, width) text states on `device` with caption dropout to the
+    empty caption's states, width, prompts encoder for sample grids or None)."""
+    def dropout(states, empty, generator):
+        drop = (torch.rand(states.shape[0], generator=generator) < config.caption_dropout).to(device)
+        return torch.where(drop[:, None, None], empty, states)
+
     if config.text_encoder:
         from latentmill.curate.textencoder import load_text_encoder
 
-        encoder = load_text_encoder(config.text_encoder, "cpu")
-        empty = torch.from_numpy(encoder.encode([""]))[0]
+        # on the U-Net's device, in bf16 on CUDA: a CPU text tower would take longer than the U-Net step
+        encoder = load_text_encoder(config.text_encoder, device, dtype="bf16" if precision == "bf16" else "fp32")
+        empty = encoder.encode_tensor([""])[0].float()  # once
 
         def encode(batch, generator):
-            states = torch.from_numpy(encoder.encode(batch["captions"]))
-            drop = torch.rand(len(batch["captions"]), generator=generator) < config.caption_dropout
-            states[drop] = empty
-            return states.to(device)
+            return dropout(encoder.encode_tensor(batch["captions"]).float(), empty, generator)
 
-        return encode, encoder.width, lambda prompts: (torch.from_numpy(encoder.encode(list(prompts))), empty)
+        def prompts(texts):
+            return encoder.encode_tensor(list(texts)).float().cpu(), empty.cpu()
+
+        return encode, encoder.width, prompts
     info = manifest.get("text_encoder")
     if not info:
         raise InputError("the latent shards hold no caption embeddings: give --text-encoder (openclip:NAME or a "
                          "pipeline folder), or encode with `latentmill encode --text-encoder ...`.")
+    empty = _stored_empty_caption(info, folder).to(device)
 
-    def stored(batch, generator):  # dropout to zeros: the empty caption's states were not stored
-        states = batch["text_emb"].clone()
-        drop = torch.rand(states.shape[0], generator=generator) < config.caption_dropout
-        states[drop] = 0
-        return states.to(device)
+    def stored(batch, generator):
+        return dropout(batch["text_emb"].to(device, non_blocking=True).float(), empty, generator)
 
     return stored, info["shape"][1], None
+
+
+def _stored_empty_caption(info: dict, folder) -> torch.Tensor:
+    """The empty caption's embedding that `encode --text-encoder` stored beside the shards."""
+    import io
+    import warnings
+
+    import numpy as np
+
+    from latentmill.curate.latentshards import is_url, open_stream
+
+    if not info.get("empty"):
+        warnings.warn("these latents were encoded before the empty caption's embedding was stored: caption dropout "
+                      "uses zeros. Re-encode with `latentmill encode --text-encoder ...` to drop to the empty caption.",
+                      stacklevel=2)
+        return torch.zeros(info["shape"])
+    location = f"{str(folder).rstrip('/')}/{info['empty']}" if is_url(folder) else Path(folder) / info["empty"]
+    try:
+        with open_stream(location) as stream:
+            array = np.load(io.BytesIO(stream.read()), allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{location}: cannot read the empty caption's embedding ({err}); the manifest names it. "
+                         f"Copy it with the shards, or re-encode.") from None
+    if list(array.shape) != list(info["shape"]):
+        raise InputError(f"{location}: the empty caption's embedding is {list(array.shape)}, the manifest says "
+                         f"{info['shape']}.")
+    return torch.from_numpy(array.astype(np.float32))

@@ -23,7 +23,8 @@ import click
 @click.option("--size-conditioning", is_flag=True, help="SDXL-style conditioning on each image's original size and crop.")
 @click.option("--ema-decay", type=float, default=0.9999, show_default=True)
 @click.option("--mode", type=click.Choice(["resampled", "epoch"]), default="resampled", show_default=True)
-@click.option("--workers", default=0, show_default=True, help="Loader processes per rank reading shards.")
+@click.option("--workers", type=click.IntRange(min=0),
+              help="Loader processes per rank reading shards (default: up to 4 on CUDA, with pinned memory; 0 on CPU).")
 @click.option("--checkpoint-every", default=500, show_default=True)
 @click.option("--keep-checkpoints", default=3, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint, exactly.")

@@ -298,3 +298,102 @@ def test_shards_without_samples_stop_with_a_message(latents, tmp_path):
         LatentShardWriter(folder, f"{shard:05d}").close()  # empty shards
     with pytest.raises(InputError, match="hold no readable samples"):
         next(iter(LatentLoader(expand_shards(str(folder)), batch_size=4)))
+
+
+def _stream(loader, count):
+    it = iter(loader)
+    return [next(it) for _ in range(count)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_a_loader_resumed_from_its_saved_position_continues_the_same_stream(latents, workers, mode):
+    """The saved state (JSON, as in a checkpoint) locates the exact place: mid-shard, mid-buffer, mid-epoch
+    and in the next epoch, with and without worker processes."""
+    import dataclasses
+
+    from latentmill.train.loader import LoaderState
+
+    shards = expand_shards(str(latents / "latents"))
+    settings = dict(batch_size=3, mode=mode, workers=workers, seed=4, shuffle_buffer=10)
+    straight = _stream(LatentLoader(shards, **settings), 40)  # an epoch here is 64 samples: 22-23 batches
+    for taken in (1, 7, 25):
+        loader = LatentLoader(shards, **settings)
+        it = iter(loader)
+        for _ in range(taken):
+            next(it)
+        saved = json.loads(json.dumps(dataclasses.asdict(loader.state)))
+        assert saved["positions"], "a position per worker is saved"
+        resumed = LatentLoader(shards, **settings, state=LoaderState(**saved))
+        again = _stream(resumed, 40 - taken)
+        for expected, got in zip(straight[taken:], again, strict=True):
+            assert got["keys"] == expected["keys"], (taken, got["keys"], expected["keys"])
+            assert torch_equal(got["latents"], expected["latents"])
+
+
+def test_resume_reads_a_few_shards_however_far_the_run_went(latents, monkeypatch):
+    """Constant-time resume: restoring a late position reads no more shards than an early one."""
+    import dataclasses
+
+    from latentmill.train import loader as loader_module
+    from latentmill.train.loader import LoaderState
+
+    shards = expand_shards(str(latents / "latents"))
+    settings = dict(batch_size=4, mode="resampled", seed=1, shuffle_buffer=8)
+    reads = []
+    original = loader_module.iter_latent_shard
+    monkeypatch.setattr(loader_module, "iter_latent_shard", lambda *a, **k: (reads.append(a[0]), original(*a, **k))[1])
+    costs = {}
+    for taken in (2, 300):
+        loader = LatentLoader(shards, **settings)
+        it = iter(loader)
+        for _ in range(taken):
+            next(it)
+        state = LoaderState(**json.loads(json.dumps(dataclasses.asdict(loader.state))))
+        reads.clear()
+        next(iter(LatentLoader(shards, **settings, state=state)))
+        costs[taken] = len(reads)
+    assert 0 < costs[300] <= costs[2] + 3, costs  # 300 batches = 1,200 samples = 75 shard reads if replayed
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_resumed_from_an_early_or_a_late_checkpoint_repeats_the_straight_run(latents, tmp_path, workers):
+    straight = []
+    train(config(latents, tmp_path / "a", steps=24, checkpoint_every=4, workers=workers, keep_checkpoints=10),
+          progress=lambda m: straight.append(m["loss"]))
+    for stop in (4, 20):
+        run = tmp_path / f"b{stop}"
+        resumed = []
+        train(config(latents, run, steps=stop, checkpoint_every=4, workers=workers), progress=lambda m: resumed.append(m["loss"]))
+        train(config(latents, run, steps=24, checkpoint_every=4, workers=workers, resume=True),
+              progress=lambda m: resumed.append(m["loss"]))
+        assert resumed == straight, stop
+
+
+def test_caption_dropout_uses_the_stored_empty_caption(latents, tmp_path):
+    import numpy as np
+    import torch
+
+    from latentmill.curate.latentshards import read_manifest
+    from latentmill.curate.textencoder import load_text_encoder
+    from latentmill.train.loop import _text_conditioning
+
+    out = tmp_path / "latents"
+    encode(latents / "images", out, EncodeConfig(resolution=128, min_side=64, max_side=256, step=32,
+                                                 text_encoder=str(latents / "pipeline")))
+    manifest = read_manifest(out)
+    stored_empty = np.load(out / manifest["text_encoder"]["empty"])
+    expected = load_text_encoder(str(latents / "pipeline")).encode([""])[0]
+    np.testing.assert_array_equal(stored_empty, expected.astype(np.float16))
+    assert np.abs(stored_empty).max() > 0.1  # not zeros
+
+    loader = LatentLoader(expand_shards(str(out)), batch_size=8, mode="epoch")
+    batch = next(iter(loader))
+    cfg = TrainConfig(shards=str(out), output=str(tmp_path / "r"), caption_dropout=1.0)
+    encode_text, width, _ = _text_conditioning(cfg, manifest, out, "cpu", "fp32")
+    states = encode_text(batch, torch.Generator().manual_seed(0))
+    assert width == 32 and states.shape == (8, 77, 32)
+    for row in states:
+        assert torch.equal(row, torch.from_numpy(stored_empty.astype(np.float32)))
+    kept = _text_conditioning(TrainConfig(shards=str(out), output="x", caption_dropout=0.0), manifest, out, "cpu", "fp32")[0]
+    assert torch.equal(kept(batch, torch.Generator().manual_seed(0)), batch["text_emb"].float())

@@ -68,17 +68,48 @@ def prepare_sample(shard: str, key: str, image_bytes: bytes, settings: PrepareSe
     return Prepared(key, pixels=pixels, placement=placement)
 
 
-def _prepare_chunk(shard: str, items: list[tuple[str, bytes]], settings: PrepareSettings) -> list[Prepared]:
-    return [prepare_sample(shard, key, data, settings) for key, data in items]
+def _prepare_chunk(shard: str, items: list[tuple[str, bytes]], settings: PrepareSettings,
+                   slot: str | None = None, slot_image_bytes: int = 0) -> list[Prepared]:
+    """Prepare a few samples; with `slot` (a shared-memory block's name) the pixels go there, image i at
+    offset i * slot_image_bytes, and only their shapes travel back: pickling pixels through a pipe costs
+    about as much as decoding them."""
+    results = [prepare_sample(shard, key, data, settings) for key, data in items]
+    if slot is None:
+        return results
+    block = _attached(slot)
+    for i, prepared in enumerate(results):
+        if prepared.pixels is not None:
+            shape = prepared.pixels.shape
+            np.ndarray(shape, np.uint8, buffer=block.buf, offset=i * slot_image_bytes)[...] = prepared.pixels
+            prepared.pixels = shape  # the pixels are in the slot
+    return results
+
+
+_ATTACHED: dict = {}
+
+
+def _attached(name: str):
+    """A worker's handle on a parent's shared-memory block, opened once. The parent owns and unlinks it
+    (spawned workers share the parent's resource tracker, so attaching registers nothing new)."""
+    if name not in _ATTACHED:
+        from multiprocessing import shared_memory
+
+        _ATTACHED[name] = shared_memory.SharedMemory(name=name)
+    return _ATTACHED[name]
 
 
 class PreparePool:
-    """Worker processes that prepare samples; results come back in input order, a bounded window ahead."""
+    """Worker processes that prepare samples; results come back in input order, a bounded window ahead.
 
-    def __init__(self, workers: int, chunk: int = 4, window_per_worker: int = 4):
+    Pixels travel through shared-memory slots (one per chunk in flight, sized for the largest bucket), so
+    the parent copies each image once, into its batch."""
+
+    def __init__(self, workers: int, chunk: int = 8, window_per_worker: int = 4):
         self.workers, self.chunk = workers, chunk
         self.window = max(2, workers * window_per_worker)
         self._pool = None
+        self._slots: list = []
+        self._slot_image_bytes = 0
         if workers > 0:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
@@ -86,30 +117,67 @@ class PreparePool:
             # spawn: the parent may hold torch's thread pools, which a forked child must not inherit
             self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
+    def _ensure_slots(self, settings: PrepareSettings) -> None:
+        from multiprocessing import shared_memory
+
+        largest = max(w * h for w, h in settings.buckets) * 3
+        if largest <= self._slot_image_bytes and len(self._slots) >= self.window + 1:
+            return
+        self._free_slots()
+        self._slot_image_bytes = largest
+        self._slots = [shared_memory.SharedMemory(create=True, size=largest * self.chunk) for _ in range(self.window + 1)]
+
     def map(self, shard: str, samples: Iterable[tuple[str, bytes]], settings: PrepareSettings) -> Iterator[Prepared]:
         """Prepared samples of (key, image bytes) pairs, in the order given."""
         if self._pool is None:
             for key, data in samples:
                 yield prepare_sample(shard, key, data, settings)
             return
+        self._ensure_slots(settings)
+        free = deque(range(len(self._slots)))
         pending: deque = deque()
+
+        def submit(chunk):
+            slot = free.popleft()
+            future = self._pool.submit(_prepare_chunk, shard, chunk, settings, self._slots[slot].name,
+                                       self._slot_image_bytes)
+            pending.append((future, slot))
+
+        def collect():
+            future, slot = pending.popleft()
+            results = future.result()
+            buffer = self._slots[slot].buf
+            for i, prepared in enumerate(results):
+                if prepared.pixels is not None:
+                    view = np.ndarray(prepared.pixels, np.uint8, buffer=buffer, offset=i * self._slot_image_bytes)
+                    prepared.pixels = view.copy()
+            free.append(slot)
+            return results
+
         chunk: list[tuple[str, bytes]] = []
         for item in samples:
             chunk.append(item)
             if len(chunk) == self.chunk:
-                pending.append(self._pool.submit(_prepare_chunk, shard, chunk, settings))
+                submit(chunk)
                 chunk = []
                 while len(pending) >= self.window:
-                    yield from pending.popleft().result()
+                    yield from collect()
         if chunk:
-            pending.append(self._pool.submit(_prepare_chunk, shard, chunk, settings))
+            submit(chunk)
         while pending:
-            yield from pending.popleft().result()
+            yield from collect()
+
+    def _free_slots(self) -> None:
+        for block in self._slots:
+            block.close()
+            block.unlink()
+        self._slots = []
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+        self._free_slots()
 
     def __enter__(self):
         return self

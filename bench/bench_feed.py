@@ -120,7 +120,7 @@ def prepare_rate(args) -> dict:
     runs: dict[int, list[float]] = {0: [], 1: [], 2: []}
     pools = {workers: PreparePool(workers) for workers in runs}
     try:
-        for workers, pool in pools.items():
+        for pool in pools.values():
             list(pool.map("x", items[:16], settings))  # start the workers
         for _ in range(args.repeats):  # alternate: the machine's noise hits every setting alike
             for workers, pool in pools.items():

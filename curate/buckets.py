@@ -36,10 +36,26 @@ def make_buckets(resolution: int, min_side: int | None = None, max_side: int | N
     return sorted(buckets, key=lambda b: (b[0] / b[1], b[0]))
 
 
-def assign_bucket(width: int, height: int, buckets: list[Bucket]) -> Bucket:
-    """The bucket nearest in log aspect ratio (ties: the larger area)."""
-    target = math.log(width / height)
-    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1]))
+ASSIGN_RULES = ("kohya", "log")
+
+
+def assign_bucket(width: int, height: int, buckets: list[Bucket], rule: str = "kohya") -> Bucket:
+    """The bucket an image of width x height goes to.
+
+    `kohya` (kohya-ss sd-scripts' BucketManager): a bucket of exactly the image's size if there is one, else
+    the nearest in linear aspect ratio (w / h), ties to the first in (width, height) order. `log`: the
+    nearest in log aspect ratio (ties: the larger area), symmetric between tall and wide images: 2:1 and
+    1:2 are equally far from 1:1, where linear ratios put 2:1 twice as far.
+    """
+    if rule == "kohya":
+        if (width, height) in buckets:
+            return (width, height)
+        target = width / height
+        return min(sorted(buckets), key=lambda b: abs(b[0] / b[1] - target))  # min keeps the first of ties
+    if rule == "log":
+        target = math.log(width / height)
+        return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1]))
+    raise ValueError(f"bucket assignment {rule!r}: use {' or '.join(ASSIGN_RULES)}")
 
 
 @dataclass(frozen=True)
@@ -60,11 +76,18 @@ class Placement:
         return self.resized_size[0] / self.original_size[0]
 
 
-def place(width: int, height: int, bucket: Bucket, rng=None) -> Placement:
-    """Scale (width, height) to cover `bucket`, then crop: centred, or uniformly at random with `rng`."""
+def place(width: int, height: int, bucket: Bucket, rng=None, rule: str = "kohya") -> Placement:
+    """Scale (width, height) to cover `bucket`, then crop: centred, or uniformly at random with `rng`.
+
+    The side that fits the bucket exactly sets the scale; the other is rounded to the nearest pixel under
+    `kohya` (as its BucketManager does), rounded up under `log`."""
     bw, bh = bucket
-    scale = max(bw / width, bh / height)
-    rw, rh = max(bw, math.ceil(width * scale - 1e-6)), max(bh, math.ceil(height * scale - 1e-6))
+    if rule == "kohya":
+        scale = bh / height if width / height > bw / bh else bw / width
+        rw, rh = max(bw, int(width * scale + 0.5)), max(bh, int(height * scale + 0.5))
+    else:
+        scale = max(bw / width, bh / height)
+        rw, rh = max(bw, math.ceil(width * scale - 1e-6)), max(bh, math.ceil(height * scale - 1e-6))
     if rng is None:
         top, left = (rh - bh) // 2, (rw - bw) // 2
     else:

@@ -29,7 +29,8 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     return (height, width) if orientation in ROTATED else (width, height)
 
 
-def bucket_distribution(images: str | Path, buckets: list[Bucket], selection: str | Path | None = None) -> dict:
+def bucket_distribution(images: str | Path, buckets: list[Bucket], selection: str | Path | None = None,
+                        rule: str = "kohya") -> dict:
     """Per bucket: images, mean |log aspect| error, images smaller than their bucket."""
     rows = {b: {"bucket": list(b), "count": 0, "aspect_error_sum": 0.0, "smaller_than_bucket": 0} for b in buckets}
     unreadable = total = 0
@@ -43,7 +44,7 @@ def bucket_distribution(images: str | Path, buckets: list[Bucket], selection: st
                 unreadable += 1
                 continue
             total += 1
-            bucket = assign_bucket(*size, buckets)
+            bucket = assign_bucket(*size, buckets, rule)
             row = rows[bucket]
             row["count"] += 1
             row["aspect_error_sum"] += abs(math.log(size[0] / size[1]) - math.log(bucket[0] / bucket[1]))

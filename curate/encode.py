@@ -38,6 +38,7 @@ class EncodeConfig:
     flip: bool = False
     std: bool = False
     crop: str = "center"  # or "random" (seeded per sample)
+    bucket_assign: str = "kohya"  # or "log": see curate.buckets.assign_bucket
     seed: int = 0
     max_upscale: float = 1.0  # images needing more enlargement than this are dropped as too_small
     text_encoder: str | None = None  # precompute caption embeddings (see curate.textencoder)
@@ -181,7 +182,8 @@ def encode_shard(image_shard: Path, output: Path, config: EncodeConfig, vae, sel
     are encoded as they fill, and encoded samples go to the writer's spill file, so memory is bounded by
     the batches in flight, not by the shard."""
     shard = image_shard.stem
-    settings = PrepareSettings(tuple(config.buckets()), config.max_upscale, config.crop, config.seed)
+    settings = PrepareSettings(tuple(config.buckets()), config.max_upscale, config.crop, config.seed,
+                               config.bucket_assign)
     keep = kept_keys(selection, shard)
     read_stats = ShardReadStats()
     writer = LatentShardWriter(output, shard)
@@ -272,6 +274,8 @@ def encode(images: str | Path, output: str | Path, config: EncodeConfig, selecti
     buckets = config.buckets()
     if config.crop not in ("center", "random"):
         raise InputError(f"--crop {config.crop!r}: use center or random.")
+    if config.bucket_assign not in ("kohya", "log"):
+        raise InputError(f"--bucket-assign {config.bucket_assign!r}: use kohya or log.")
     precision = config.resolved_precision()
     config.resolved_workers()
     stage = EncodeStage(config, output, selection)
@@ -327,6 +331,8 @@ def _check_same_settings(output: Path, header: dict) -> None:
     settings = output / "encode_settings.json"
     fixed = {k: header[k] for k in ("vae", "resolution", "buckets", "has_std", "has_flip", "text_encoder")}
     fixed["crop"] = header["encode_config"]["crop"], header["encode_config"]["seed"]
+    if header["encode_config"]["bucket_assign"] != "log":  # folders made before the rule existed used log
+        fixed["bucket_assign"] = header["encode_config"]["bucket_assign"]
     fixed = json.loads(json.dumps(fixed))
     if settings.exists():
         before = json.loads(settings.read_text())

@@ -39,6 +39,7 @@ class PrepareSettings:
     max_upscale: float = 1.0
     crop: str = "center"  # or "random": seeded per (seed, shard, key)
     seed: int = 0
+    assign: str = "kohya"  # bucket assignment and resize rounding: kohya or log (curate.buckets)
 
 
 @dataclass
@@ -57,13 +58,13 @@ def prepare_sample(shard: str, key: str, image_bytes: bytes, settings: PrepareSe
         image = decode_image(image_bytes)
     except ImageDecodeError as err:
         return Prepared(key, reason=err.reason)
-    bucket = assign_bucket(image.width, image.height, list(settings.buckets))
+    bucket = assign_bucket(image.width, image.height, list(settings.buckets), settings.assign)
     if needed_upscale(image.width, image.height, bucket) > settings.max_upscale + 1e-9:
         return Prepared(key, reason="too_small")
     rng = None
     if settings.crop == "random":
         rng = np.random.default_rng([settings.seed, zlib.crc32(f"{shard}/{key}".encode())])
-    placement = place(image.width, image.height, bucket, rng)
+    placement = place(image.width, image.height, bucket, rng, settings.assign)
     pixels = np.asarray(resize_and_crop(image, placement), dtype=np.uint8)
     return Prepared(key, pixels=pixels, placement=placement)
 

@@ -1,5 +1,7 @@
 """Aspect buckets follow the kohya-ss / NovelAI scheme; assignment and crop bookkeeping are exact."""
 
+import math
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -45,7 +47,7 @@ def test_512_buckets_match_the_published_list():
 ])
 def test_assignment_is_nearest_in_log_aspect(size, bucket):
     buckets = make_buckets(512)
-    assert assign_bucket(*size, buckets) == bucket
+    assert assign_bucket(*size, buckets, "log") == bucket
     ratios = np.log([w / h for w, h in buckets])
     assert abs(np.log(bucket[0] / bucket[1]) - np.log(size[0] / size[1])) == pytest.approx(np.min(np.abs(ratios - np.log(size[0] / size[1]))))
 
@@ -83,3 +85,57 @@ def test_random_crops_repeat_with_the_same_seed_and_vary_across_seeds():
 def test_upscale_needed_is_reported_for_small_images():
     assert needed_upscale(256, 256, (512, 512)) == 2.0
     assert needed_upscale(1024, 1024, (512, 512)) == 0.5
+
+
+def kohya_bucket_resolutions(max_area: int, min_size: int, max_size: int, divisible: int) -> list:
+    """kohya-ss sd-scripts' make_bucket_resolutions, from its description: the square of the largest multiple of
+    `divisible` within sqrt(area), and for each width from min to max size in steps the largest height
+    (a multiple of `divisible`, at most max size) within the area, with its transpose; sorted."""
+    side = int(math.sqrt(max_area) // divisible) * divisible
+    resos = {(side, side)}
+    for width in range(min_size, max_size + 1, divisible):
+        height = min(max_size, int((max_area // width) // divisible) * divisible)
+        if height >= min_size:
+            resos |= {(width, height), (height, width)}
+    return sorted(resos)
+
+
+def kohya_select(width: int, height: int, resos: list) -> tuple:
+    """kohya's BucketManager.select_bucket, from its description: the image's own size if it is a bucket, else
+    argmin of |bucket w/h - image w/h| over the sorted buckets (numpy argmin: the first of ties); the scale
+    fits the side that binds and both sides are rounded to the nearest pixel."""
+    if (width, height) in set(resos):
+        reso = (width, height)
+    else:
+        ratios = np.array([w / h for w, h in resos])
+        reso = resos[int(np.abs(ratios - width / height).argmin())]
+    if width / height > reso[0] / reso[1]:
+        scale = reso[1] / height
+    else:
+        scale = reso[0] / width
+    return reso, (int(width * scale + 0.5), int(height * scale + 0.5))
+
+
+@pytest.mark.parametrize("resolution, step", [(512, 64), (768, 64), (1024, 64), (256, 32)])
+def test_kohya_rule_matches_kohyas_bucket_manager_on_random_sizes(resolution, step):
+    rng = np.random.default_rng(resolution)
+    buckets = make_buckets(resolution, step=step)
+    resos = kohya_bucket_resolutions(resolution * resolution, resolution // 2, resolution * 2, step)
+    assert sorted(buckets) == resos
+    sizes = [(int(w), int(h)) for w, h in rng.integers(64, 4096, (3000, 2))]
+    sizes += [b for b in buckets]  # exact bucket sizes take their own bucket
+    differ = 0
+    for w, h in sizes:
+        expected_bucket, expected_resized = kohya_select(w, h, resos)
+        bucket = assign_bucket(w, h, buckets, "kohya")
+        assert bucket == expected_bucket, (w, h)
+        placement = place(w, h, bucket, rule="kohya")
+        assert placement.resized_size == (max(bucket[0], expected_resized[0]), max(bucket[1], expected_resized[1])), (w, h)
+        differ += assign_bucket(w, h, buckets, "log") != bucket
+    assert 0 < differ / len(sizes) < 0.1  # the two rules disagree near bucket boundaries only
+
+
+def test_unknown_bucket_rule_is_refused(tmp_path, run_cli):
+    with pytest.raises(ValueError, match="kohya or log"):
+        assign_bucket(100, 100, make_buckets(512), "nearest")
+    assert run_cli("buckets", "--bucket-assign", "nearest").exit_code == 2

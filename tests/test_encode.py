@@ -71,7 +71,7 @@ def test_the_flipped_latent_is_the_encoding_of_the_flipped_image(image_shards, t
     sample = next(iter_image_shard(image_shards / "00000.tar"))
     meta = stored[sample.key]["meta"]
     image = sample.image()
-    placement = place(image.width, image.height, tuple(meta["bucket"]))
+    placement = place(image.width, image.height, tuple(meta["bucket"]), rule="kohya")
     assert list(placement.crop) == meta["crop"] and list(placement.original_size) == meta["original_size"]
     pixels = resize_and_crop(image, placement)
     flipped, _, _ = encode_batch(vae, [ImageOps.mirror(pixels)], "cpu", False)
@@ -238,13 +238,13 @@ def reference_encode_shard(image_shard, output, config, vae, text_encoder=None):
             image = sample.image()
         except Exception:
             continue
-        bucket = assign_bucket(image.width, image.height, buckets)
+        bucket = assign_bucket(image.width, image.height, buckets, config.bucket_assign)
         if needed_upscale(image.width, image.height, bucket) > config.max_upscale + 1e-9:
             continue
         rng = None
         if config.crop == "random":
             rng = np.random.default_rng([config.seed, zlib.crc32(f"{image_shard.stem}/{sample.key}".encode())])
-        placement = place(image.width, image.height, bucket, rng)
+        placement = place(image.width, image.height, bucket, rng, config.bucket_assign)
         prepared.setdefault(bucket, []).append((sample, placement, resize_and_crop(image, placement)))
         order.append(sample.key)
     order.sort()
@@ -307,7 +307,7 @@ def test_streamed_encode_is_byte_identical_across_workers_and_to_the_in_memory_e
     from latentmill.curate.textencoder import load_text_encoder
 
     settings = dict(resolution=256, batch_size=3, flip=True, std=True, crop="random", seed=5,
-                    text_encoder="openclip:latentmill-tiny")
+                    text_encoder="openclip:latentmill-tiny", bucket_assign="log")  # "log": the rule before kohya's
     outputs = {}
     for workers in (0, 1, 2):
         out = tmp_path / f"w{workers}"

@@ -15,8 +15,10 @@ import click
 @click.option("--images", type=click.Path(exists=True), help="Image shards: show how they fall into the buckets.")
 @click.option("--selection", type=click.Path(exists=True), help="With --images: count only the selected images.")
 @click.option("--plot", type=click.Path(), help="With --images: write a bar chart PNG here (default: buckets.png).")
+@click.option("--bucket-assign", type=click.Choice(["kohya", "log"]), default="kohya", show_default=True,
+              help="With --images: kohya-ss's rule (nearest linear aspect ratio) or nearest log aspect ratio.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the bucket list, or the distribution.")
-def buckets(resolution, min_side, max_side, step, images, selection, plot, as_json):
+def buckets(resolution, min_side, max_side, step, images, selection, plot, bucket_assign, as_json):
     """Print the aspect-ratio buckets for a resolution, or how a dataset falls into them.
 
     The kohya-ss / NovelAI scheme: widths from min to max side in steps, each with the largest height
@@ -46,7 +48,7 @@ def buckets(resolution, min_side, max_side, step, images, selection, plot, as_js
         return
     from latentmill.curate.bucketstats import bucket_distribution, plot_distribution
 
-    dist = bucket_distribution(images, bucket_list, selection)
+    dist = bucket_distribution(images, bucket_list, selection, bucket_assign)
     if as_json:
         click.echo(json.dumps(dist, indent=2))
         return

@@ -24,6 +24,9 @@ from latentmill.cli.options import executor_from, executor_options, progress_bar
 @click.option("--std", is_flag=True, help="Also store the posterior std (fresh latent samples at train time).")
 @click.option("--crop", type=click.Choice(["center", "random"]), default="center", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Seed for random crops.")
+@click.option("--bucket-assign", type=click.Choice(["kohya", "log"]), default="kohya", show_default=True,
+              help="kohya: kohya-ss's rule (nearest linear aspect ratio, nearest-pixel resize); log: nearest log "
+                   "aspect ratio (symmetric between tall and wide), resize rounded up.")
 @click.option("--max-upscale", default=1.0, show_default=True,
               help="Images that must be enlarged more than this to cover their bucket are dropped as too_small.")
 @click.option("--text-encoder", help="Also store caption embeddings: openclip:NAME[:PRETRAINED] or a pipeline folder.")
@@ -32,7 +35,7 @@ from latentmill.cli.options import executor_from, executor_options, progress_bar
                    "0: decode in the encoding process). Outputs are the same bytes whatever the number.")
 @executor_options
 def encode(images, output, selection, vae, resolution, min_side, max_side, step, device, precision, batch_size, flip,
-           std, crop, seed, max_upscale, text_encoder, workers, **kwargs):
+           std, crop, seed, bucket_assign, max_upscale, text_encoder, workers, **kwargs):
     """Bucket, resize, crop and VAE-encode IMAGES into latent shards with a manifest.
 
     Per shard, atomic and resumable: re-run the same command after a stop and only unfinished shards
@@ -50,7 +53,7 @@ def encode(images, output, selection, vae, resolution, min_side, max_side, step,
 
     config = EncodeConfig(resolution=resolution, min_side=min_side, max_side=max_side, step=step, vae=vae,
                           device=device, precision=precision, batch_size=batch_size, flip=flip, std=std, crop=crop,
-                          seed=seed, max_upscale=max_upscale, text_encoder=text_encoder, threads=kwargs.pop("threads"),
+                          seed=seed, bucket_assign=bucket_assign, max_upscale=max_upscale, text_encoder=text_encoder, threads=kwargs.pop("threads"),
                           workers=workers)
     with progress_bar(None, "encode", unit="img") as bar:
         manifest = run_encode(images, output, config, selection, progress=bar.update, executor=executor_from(kwargs))

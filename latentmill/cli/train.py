@@ -25,6 +25,8 @@ import click
 @click.option("--mode", type=click.Choice(["resampled", "epoch"]), default="resampled", show_default=True)
 @click.option("--workers", type=click.IntRange(min=0),
               help="Loader processes per rank reading shards (default: up to 4 on CUDA, with pinned memory; 0 on CPU).")
+@click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Read the loss back from the device and log it every N steps.")
 @click.option("--checkpoint-every", default=500, show_default=True)
 @click.option("--keep-checkpoints", default=3, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint, exactly.")
@@ -37,7 +39,7 @@ import click
 @click.option("--sample-every", default=0, show_default=True, help="Write a sample grid of fixed prompts every N steps.")
 @click.option("--vae", help="VAE for sample grids; checked against the one the latents were made with.")
 def train(shards, output, model, text_encoder, steps, batch_size, grad_accum, learning_rate, warmup_steps, schedule,
-          prediction, min_snr_gamma, noise_offset, caption_dropout, size_conditioning, ema_decay, mode, workers, checkpoint_every, keep_checkpoints,
+          prediction, min_snr_gamma, noise_offset, caption_dropout, size_conditioning, ema_decay, mode, workers, log_every, checkpoint_every, keep_checkpoints,
           resume, init_from, device, precision, gradient_checkpointing, compile_, seed, sample_every, vae):
     """Train a U-Net straight from latent shards (SHARDS: a folder, a brace pattern or a file).
 
@@ -58,7 +60,7 @@ def train(shards, output, model, text_encoder, steps, batch_size, grad_accum, le
                          warmup_steps=warmup_steps, schedule=schedule, prediction=prediction,
                          min_snr_gamma=min_snr_gamma or None, noise_offset=noise_offset, caption_dropout=caption_dropout,
                          size_conditioning=size_conditioning,
-                         ema_decay=ema_decay, mode=mode, workers=workers, checkpoint_every=checkpoint_every,
+                         ema_decay=ema_decay, mode=mode, workers=workers, log_every=log_every, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints, resume=resume, init_from=init_from, device=device, precision=precision,
                          gradient_checkpointing=gradient_checkpointing, compile=compile_, seed=seed,
                          sample_every=sample_every, vae=vae)

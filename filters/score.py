@@ -1,7 +1,7 @@
 """`score`: per image shard, CLIP embeddings (images and captions), predictor heads, one score parquet.
 
-Images are decoded in DataLoader workers (JPEG `draft` mode: decode at the smallest scale that still
-covers the model's input) and preprocessed with the model's own transform, so the model never waits on
+Images are decoded in DataLoader workers (for CLIP alone, JPEG `draft` mode: decode at the smallest scale
+that still covers the model's input; a full decode when a pixel head is scored or with `exact_decode`) and preprocessed with the model's own transform, so the model never waits on
 decoding. Output `scores/{shard}.parquet`, one row per image in shard order: key, url, caption, width,
 height (decoded, EXIF applied), original_width, original_height, one column per head, clip_similarity,
 error; rows sorted by key, so the output does not depend on the order img2dataset happened to write. `--save-embeddings` adds `embeddings/{shard}.npy` (float16, parquet row order, NaN rows for
@@ -45,13 +45,24 @@ class ScoreConfig:
     fitted_heads: list[str] = field(default_factory=list)
     save_embeddings: bool = False
     threads: int | None = None  # torch CPU threads per worker (CPU float sums depend on it)
+    exact_decode: bool = False  # decode JPEGs at full size for the CLIP branch too (pixel heads always are)
+
+
+def decode_modes(config: ScoreConfig, pixel_heads: bool) -> dict[str, str]:
+    """How each branch's images are decoded. A pixel head (the watermark detector) sees what its authors'
+    code gives: a full decode, then its own resize; a JPEG draft (decoded at a reduced scale) would change
+    its input by up to 1.05 normalised units. With a pixel head the one full decode serves CLIP too; without
+    one, CLIP takes the draft unless `exact_decode`."""
+    clip = "full" if config.exact_decode or pixel_heads else "draft"
+    return {"clip": clip, **({"watermark": "full"} if pixel_heads else {})}
 
 
 class ShardImages(torch.utils.data.IterableDataset):
     """One shard's samples, decoded and preprocessed, split between DataLoader workers by position."""
 
-    def __init__(self, path: Path, preprocess, image_size: int, watermark: bool):
+    def __init__(self, path: Path, preprocess, image_size: int, watermark: bool, draft: bool):
         self.path, self.preprocess, self.image_size, self.watermark = path, preprocess, image_size, watermark
+        self.draft = draft and not watermark  # a pixel head needs the full decode
 
     def __iter__(self):
         from torchvision import transforms
@@ -69,8 +80,7 @@ class ShardImages(torch.utils.data.IterableDataset):
                    "width": None, "height": None, "error": None, "pixels": None, "wm_pixels": None}
             try:
                 size = header_size(sample.image_bytes)
-                draft = max(self.image_size, WATERMARK_SIZE if self.watermark else 0)
-                image = sample.image(draft_size=(draft, draft))
+                image = sample.image(draft_size=(self.image_size, self.image_size) if self.draft else None)
                 row["width"], row["height"] = size or image.size
                 row["pixels"] = self.preprocess(image)
                 if self.watermark:
@@ -117,7 +127,8 @@ def score_shard(path: Path, output: Path, config: ScoreConfig, clip, heads: list
     import pyarrow.parquet as pq
 
     watermark = any(h.on_pixels for h in heads)
-    loader = torch.utils.data.DataLoader(ShardImages(path, clip.preprocess, clip.image_size, watermark),
+    draft = decode_modes(config, watermark)["clip"] == "draft"
+    loader = torch.utils.data.DataLoader(ShardImages(path, clip.preprocess, clip.image_size, watermark, draft),
                                          batch_size=config.batch_size, num_workers=config.workers, collate_fn=_collate)
     rows, damage = [], {"damaged": False, "incomplete": 0, "duplicate_key": 0}
     embeddings: dict[int, np.ndarray] = {}
@@ -216,6 +227,7 @@ def score(images: str | Path, output: str | Path, config: ScoreConfig, progress=
     all_stats = run_shards(stage, shards, executor or ExecutorConfig(), local_state=(clip, heads),
                            progress=(lambda s: progress(s["images"])) if progress else None)
     totals = Counter()
+    totals["decode"] = decode_modes(config, any(h.on_pixels for h in heads))
     for stats in all_stats.values():
         totals.update({"shards": 1, "images": stats["images"], "scored": stats["scored"]})
         for reason, n in stats["errors"].items():

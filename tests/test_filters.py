@@ -13,6 +13,7 @@ import torch
 from latentmill.curate.download import DownloadConfig, download
 from latentmill.curate.errors import InputError
 from latentmill.filters.clip import load_clip, resolve_model_name
+from latentmill.curate.imageshards import iter_image_shard
 from latentmill.filters.heads import aesthetic_v2_module, unsafe_module, watermark_module
 from latentmill.filters.score import ScoreConfig, score
 from tests.conftest import image_entry, kill_when_done, make_shard, write_table
@@ -100,8 +101,51 @@ def test_the_watermark_column_is_the_detector_on_256px_imagenet_pixels(downloade
                                     transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     for sample in list(iter_image_shard(downloaded / "images" / "00000.tar"))[:4]:
         with torch.no_grad():
-            expected = torch.softmax(net(to_pixels(sample.image(draft_size=(256, 256)))[None]), -1)[0, 0].item()
+            expected = torch.softmax(net(to_pixels(sample.image())[None]), -1)[0, 0].item()
         assert scores.loc[sample.key, "pwatermark"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_watermark_head_sees_laions_full_decode_on_large_jpegs(tmp_path, run_cli):
+    """LAION-5B-WatermarkDetection opens the image at full size, then Resize((256, 256)): a draft decode
+    (reduced scale) changes that input, so a pixel head must never get one; CLIP alone may."""
+    import io
+
+    from PIL import Image
+    from torchvision import transforms
+
+    from latentmill.curate import samples
+    from tests.conftest import make_shard
+
+    images = tmp_path / "images"
+    images.mkdir()
+    sizes = [(2048, 1024), (1280, 960), (640, 480)]
+    make_shard(images / "00000.tar", [(f"{i:04d}", {"jpg": samples.encode(samples.photo("astronaut", w, h, view=i), "jpg"),
+                                                    "txt": b"a photo"}) for i, (w, h) in enumerate(sizes)])
+    heads = write_heads(tmp_path)
+    result = run_cli("score", images, "-o", tmp_path / "scores", "--clip-model", "latentmill-tiny", "--pretrained", "none",
+                     "--workers", "0", "--watermark-head", heads["watermark"])
+    assert result.exit_code == 0, result.output
+    assert "decode: clip full, watermark full" in result.output
+    net = watermark_module()
+    net.load_state_dict(torch.load(heads["watermark"], weights_only=True)["weights"])
+    net.eval()
+    to_pixels = transforms.Compose([transforms.Resize((256, 256)), transforms.ToTensor(),
+                                    transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    scores = pq.read_table(tmp_path / "scores" / "00000.parquet").to_pandas().set_index("key")
+    for sample in iter_image_shard(images / "00000.tar"):
+        full = to_pixels(Image.open(io.BytesIO(sample.image_bytes)).convert("RGB"))  # LAION's own preprocessing
+        draft = to_pixels(sample.image(draft_size=(256, 256)))
+        with torch.no_grad():
+            expected = torch.softmax(net(full[None]), -1)[0, 0].item()
+        assert scores.loc[sample.key, "pwatermark"] == pytest.approx(expected, abs=1e-5)
+        if sample.image_bytes and Image.open(io.BytesIO(sample.image_bytes)).width >= 1280:
+            assert (full - draft).abs().max() > 0.05  # what the draft shortcut would have changed
+    plain = run_cli("score", images, "-o", tmp_path / "clip-only", "--clip-model", "latentmill-tiny", "--pretrained",
+                    "none", "--workers", "0")
+    assert "decode: clip draft" in plain.output
+    exact = run_cli("score", images, "-o", tmp_path / "exact", "--clip-model", "latentmill-tiny", "--pretrained",
+                    "none", "--workers", "0", "--exact-decode")
+    assert "decode: clip full" in exact.output
 
 
 def test_heads_are_checked_before_any_work(downloaded, tmp_path, run_cli):

@@ -22,9 +22,12 @@ from latentmill.cli.options import executor_from, executor_options, progress_bar
 @click.option("--watermark-head", type=click.Path(), help="LAION-5B watermark detector (efficientnet_b3a) weights.")
 @click.option("--head", "fitted_heads", multiple=True, type=click.Path(), help="A head made by `latentmill fit-head`.")
 @click.option("--save-embeddings", is_flag=True, help="Also write embeddings/{shard}.npy beside the output.")
+@click.option("--exact-decode", is_flag=True,
+              help="Decode JPEGs at full size for CLIP too (default: a reduced-scale draft decode for CLIP alone; "
+                   "the watermark head always gets the full decode its authors used).")
 @executor_options
 def score(images, output, clip_model, pretrained, device, precision, batch_size, workers, aesthetic_head, unsafe_head,
-          watermark_head, fitted_heads, save_embeddings, **kwargs):
+          watermark_head, fitted_heads, save_embeddings, exact_decode, **kwargs):
     """Score every image with CLIP and predictor heads: one parquet per image shard.
 
     \b
@@ -39,12 +42,13 @@ def score(images, output, clip_model, pretrained, device, precision, batch_size,
     config = ScoreConfig(clip_model=clip_model, pretrained=pretrained, device=device, precision=precision,
                          batch_size=batch_size, workers=workers, aesthetic_head=aesthetic_head, unsafe_head=unsafe_head,
                          watermark_head=watermark_head, fitted_heads=list(fitted_heads), save_embeddings=save_embeddings,
-                         threads=kwargs.pop("threads"))
+                         threads=kwargs.pop("threads"), exact_decode=exact_decode)
     with progress_bar(None, "score", unit="img") as bar:
         totals = run_score(images, output, config, progress=bar.update, executor=executor_from(kwargs))
     errors = {k[6:]: v for k, v in totals.items() if k.startswith("error:")}
     click.echo(f"scored {totals['scored']:,} of {totals['images']:,} images in {totals['shards']} shard(s) -> {output}"
                + (f"; not decodable: {errors}" if errors else ""))
+    click.echo("decode: " + ", ".join(f"{branch} {mode}" for branch, mode in totals["decode"].items()))
 
 
 @click.command()

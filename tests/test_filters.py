@@ -12,8 +12,8 @@ import torch
 
 from latentmill.curate.download import DownloadConfig, download
 from latentmill.curate.errors import InputError
-from latentmill.filters.clip import load_clip, resolve_model_name
 from latentmill.curate.imageshards import iter_image_shard
+from latentmill.filters.clip import load_clip, resolve_model_name
 from latentmill.filters.heads import aesthetic_v2_module, unsafe_module, watermark_module
 from latentmill.filters.score import ScoreConfig, score
 from tests.conftest import image_entry, kill_when_done, make_shard, write_table

@@ -363,10 +363,11 @@ def test_a_run_resumed_from_an_early_or_a_late_checkpoint_repeats_the_straight_r
           progress=lambda m: straight.append(m["loss"]))
     for stop in (4, 20):
         run = tmp_path / f"b{stop}"
-        resumed = []
-        train(config(latents, run, steps=stop, checkpoint_every=4, workers=workers), progress=lambda m: resumed.append(m["loss"]))
+        resumed: list = []
+        collect = resumed.append
+        train(config(latents, run, steps=stop, checkpoint_every=4, workers=workers), progress=lambda m, c=collect: c(m["loss"]))
         train(config(latents, run, steps=24, checkpoint_every=4, workers=workers, resume=True),
-              progress=lambda m: resumed.append(m["loss"]))
+              progress=lambda m, c=collect: c(m["loss"]))
         assert resumed == straight, stop
 
 

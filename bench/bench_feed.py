@@ -150,9 +150,10 @@ def tiny_latents(folder: Path, images: int = 64, shards: int = 8) -> Path:
     for s in range(shards):
         make_shard(folder / "images" / f"{s:05d}.tar",
                    [image_entry(f"{s:05d}{i:04d}", 256, 256 if i % 2 else 192, seed=i % 8) for i in range(per)])
-    encode(folder / "images", folder / "latents",
-           EncodeConfig(resolution=128, min_side=64, max_side=256, step=32, flip=True, std=True, workers=0))
     tiny_clip_text_pipeline(folder / "pipeline")
+    encode(folder / "images", folder / "latents",
+           EncodeConfig(resolution=128, min_side=64, max_side=256, step=32, flip=True, std=True, workers=0,
+                        text_encoder=str(folder / "pipeline")))
     return folder
 
 
@@ -161,9 +162,9 @@ def resume_startup(args) -> dict:
     from latentmill.train.loop import train
 
     data = tiny_latents(OUT / "tiny", images=256, shards=16)
-    run = OUT / "resume-run"
+    run = OUT / "resume-run-resampled"
     base = dict(shards=str(data / "latents"), text_encoder=str(data / "pipeline"), batch_size=8, warmup_steps=10,
-                checkpoint_every=10_000_000, keep_checkpoints=10, log_every=100, mode="epoch", workers=0)
+                checkpoint_every=10_000_000, keep_checkpoints=10, log_every=100, mode="resampled", workers=0)
     if not (run / "checkpoints" / f"step-{args.late:07d}").exists():
         shutil.rmtree(run, ignore_errors=True)
         train(TrainConfig(output=str(run), steps=10, **base))
@@ -245,7 +246,7 @@ def plain_loop(data: Path, steps: int, batch_size: int) -> float:
     batches = []
     for _ in range(steps + 5):
         batch = next(it)
-        batches.append((batch["latents"] * 0.18215, torch.from_numpy(encoder.encode(batch["captions"]))))
+        batches.append((batch["latents"] * 0.18215, batch["text_emb"].float()))
     unet = build_unet("tiny", 4, encoder.width, 16, 0, False)
     ema = build_unet("tiny", 4, encoder.width, 16, 0, False).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
@@ -274,8 +275,7 @@ def ours(data: Path, steps: int, batch_size: int) -> float:
     run = OUT / "overhead-run"
     shutil.rmtree(run, ignore_errors=True)
     times = []
-    train(TrainConfig(shards=str(data / "latents"), output=str(run), text_encoder=str(data / "pipeline"),
-                      batch_size=batch_size, steps=steps + 5, log_every=1, checkpoint_every=10_000, workers=0),
+    train(TrainConfig(shards=str(data / "latents"), output=str(run), batch_size=batch_size, steps=steps + 5, log_every=1, checkpoint_every=10_000, workers=0),
           progress=lambda m: times.append(time.perf_counter()))
     return (times[-1] - times[4]) / steps
 
@@ -284,7 +284,7 @@ def loop_overhead(args) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    data = tiny_latents(OUT / "tiny", images=256, shards=16)
+    data = tiny_latents(OUT / "tiny-text", images=256, shards=16)  # stored caption embeddings, as the plain loop
     results = {"plain_s_per_step": [], "latentmill_s_per_step": []}
     for _ in range(args.repeats):  # alternate, best of each
         results["plain_s_per_step"].append(round(plain_loop(data, args.steps, 16), 4))

@@ -22,7 +22,9 @@ def latents(tmp_path_factory):
     for s in range(4):
         make_shard(root / "images" / f"{s:05d}.tar",
                    [image_entry(f"{s:05d}{i:04d}", 256, 256 if i % 2 else 192, seed=i % 4) for i in range(16)])
-    encode(root / "images", root / "latents", EncodeConfig(resolution=128, min_side=64, max_side=256, step=32, flip=True, std=True))
+    # "log": 256x192 ties between 128x128 and 160x96 in linear aspect (kohya takes 128x128); two buckets here
+    encode(root / "images", root / "latents", EncodeConfig(resolution=128, min_side=64, max_side=256, step=32, flip=True,
+                                                           std=True, bucket_assign="log"))
     tiny_clip_text_pipeline(root / "pipeline")
     return root
 
@@ -381,7 +383,7 @@ def test_caption_dropout_uses_the_stored_empty_caption(latents, tmp_path):
 
     out = tmp_path / "latents"
     encode(latents / "images", out, EncodeConfig(resolution=128, min_side=64, max_side=256, step=32,
-                                                 text_encoder=str(latents / "pipeline")))
+                                                 text_encoder=str(latents / "pipeline"), bucket_assign="log"))
     manifest = read_manifest(out)
     stored_empty = np.load(out / manifest["text_encoder"]["empty"])
     expected = load_text_encoder(str(latents / "pipeline")).encode([""])[0]

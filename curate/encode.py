@@ -76,8 +76,7 @@ def _to_tensor(pixels: np.ndarray, device: str, dtype):
     tensor = tensor.permute(0, 3, 1, 2).to(dtype=torch.float32) / 127.5 - 1.0
     # contiguous NCHW on CPU: a permuted (NHWC-strided) batch takes other conv kernels whose rounding
     # depends on the batch, and a sample's latent must not depend on its batch-mates
-    memory_format = torch.channels_last if device.startswith("cuda") else torch.contiguous_format
-    return tensor.to(dtype).contiguous(memory_format=memory_format)
+    return tensor.to(dtype).contiguous(memory_format=_memory_format(device))
 
 
 def encode_batch(vae, images, device: str, with_std: bool, with_flip: bool = False):
@@ -277,7 +276,6 @@ def encode(images: str | Path, output: str | Path, config: EncodeConfig, selecti
     if config.bucket_assign not in ("kohya", "log"):
         raise InputError(f"--bucket-assign {config.bucket_assign!r}: use kohya or log.")
     precision = config.resolved_precision()
-    config.resolved_workers()
     stage = EncodeStage(config, output, selection)
     vae, text_encoder, pool = stage.setup()  # here too: the manifest records what made the latents
     header = {

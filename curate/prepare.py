@@ -22,13 +22,17 @@ from latentmill.curate.imageshards import ImageDecodeError, decode_image
 MAX_DEFAULT_WORKERS = 8
 
 
-def default_workers() -> int:
-    """The cores this process may use, capped: decoding scales with cores until the VAE is the bottleneck."""
+def available_cores() -> int:
+    """The cores this process may use (its CPU affinity where the OS has one)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_DEFAULT_WORKERS))
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """The cores available, capped: decoding scales with cores until the VAE is the bottleneck."""
+    return max(1, min(available_cores(), MAX_DEFAULT_WORKERS))
 
 
 @dataclass(frozen=True)

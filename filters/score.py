@@ -62,7 +62,7 @@ class ShardImages(torch.utils.data.IterableDataset):
 
     def __init__(self, path: Path, preprocess, image_size: int, watermark: bool, draft: bool):
         self.path, self.preprocess, self.image_size, self.watermark = path, preprocess, image_size, watermark
-        self.draft = draft and not watermark  # a pixel head needs the full decode
+        self.draft = draft  # decided by decode_modes: never with a pixel head
 
     def __iter__(self):
         from torchvision import transforms

@@ -239,10 +239,9 @@ def _loader_workers(config: TrainConfig, device: str, shards_per_rank: int) -> i
         return config.workers
     if not device.startswith("cuda"):
         return 0
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
+    from latentmill.curate.prepare import available_cores
+
+    cores = available_cores()
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     workers = min(4, max(1, cores // ranks_here - 1), shards_per_rank)
     return workers if workers > 1 else 0

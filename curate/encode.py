@@ -73,10 +73,12 @@ def _to_tensor(pixels: np.ndarray, device: str, dtype):
     tensor = torch.from_numpy(pixels)
     if device.startswith("cuda"):
         tensor = tensor.pin_memory().to(device, non_blocking=True)
-    tensor = tensor.permute(0, 3, 1, 2).to(dtype=torch.float32) / 127.5 - 1.0
-    # contiguous NCHW on CPU: a permuted (NHWC-strided) batch takes other conv kernels whose rounding
-    # depends on the batch, and a sample's latent must not depend on its batch-mates
-    return tensor.to(dtype).contiguous(memory_format=_memory_format(device))
+    # the layout is fixed on the uint8 batch (a quarter of the float one), then scaled in place: one float
+    # copy of the batch at a time. Contiguous NCHW on CPU: a permuted (NHWC-strided) batch takes other conv
+    # kernels whose rounding depends on the batch, and a sample's latent must not depend on its batch-mates
+    tensor = tensor.permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(device))
+    tensor = tensor.to(dtype=torch.float32).div_(127.5).sub_(1.0)
+    return tensor.to(dtype)
 
 
 def encode_batch(vae, images, device: str, with_std: bool, with_flip: bool = False):

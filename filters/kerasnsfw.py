@@ -51,7 +51,7 @@ class KerasNsfw:
         x = np.array(x, dtype=np.float32, copy=True)
         for column, table in self.lookups.items():
             values = x[:, column].astype(np.float64)
-            x[:, column] = [table.get("%f" % v, 0) for v in values]
+            x[:, column] = [table.get(f"{v:f}", 0) for v in values]
         return np.where(np.isnan(x), np.float32(0), x)
 
     def forward_numpy(self, x: np.ndarray) -> np.ndarray:
@@ -171,7 +171,7 @@ def _vocabularies(saved_model: bytes, count: int) -> tuple[list[tuple[np.ndarray
     ops = {name: _sub(node, 2)[0].decode() for name, node in nodes.items()}
     # a table initialiser: a call on (table handle, string constant, int64 constant)
     initialised = {}
-    for name, args in inputs.items():
+    for args in inputs.values():
         if len(args) == 3 and all(a in ops for a in args) and ops[args[1]] == ops[args[2]] == "Const":
             keys, values = _const_value(nodes[args[1]]), _const_value(nodes[args[2]])
             if keys is not None and keys.dtype == object and values is not None and values.dtype == np.int64:

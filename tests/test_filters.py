@@ -14,7 +14,8 @@ from latentmill.curate.download import DownloadConfig, download
 from latentmill.curate.errors import InputError
 from latentmill.curate.imageshards import iter_image_shard
 from latentmill.filters.clip import load_clip, resolve_model_name
-from latentmill.filters.heads import aesthetic_v2_module, unsafe_module, watermark_module
+from latentmill.filters.heads import aesthetic_v2_module, save_keras_nsfw, watermark_module
+from latentmill.filters.kerasnsfw import KerasNsfw
 from latentmill.filters.score import ScoreConfig, score
 from tests.conftest import image_entry, kill_when_done, make_shard, write_table
 
@@ -36,17 +37,23 @@ def downloaded(server, tmp_path_factory):
     return root
 
 
+def tiny_nsfw(dim=32):
+    """A small detector in the converted Keras layout: one categorical column, Dense 64-1, a sigmoid."""
+    rng = np.random.default_rng(1)
+    lookups = {5: {f"{v:f}": i + 1 for i, v in enumerate(np.linspace(-0.2, 0.2, 401, dtype=np.float32).astype(float))}}
+    dense = [(rng.normal(0, 0.3, (64, dim)).astype(np.float32), rng.normal(0, 0.1, 64).astype(np.float32)),
+             (rng.normal(0, 0.3, (1, 64)).astype(np.float32), np.zeros(1, np.float32))]
+    return KerasNsfw(dim, lookups, rng.uniform(-0.1, 0.1, dim).astype(np.float32),
+                     rng.uniform(0.5, 2.0, dim).astype(np.float32), dense, ["relu", "sigmoid"])
+
+
 def write_heads(folder, dim=32):
     torch.manual_seed(1)
     aesthetic = aesthetic_v2_module(dim).state_dict()
-    unsafe = unsafe_module(dim)
-    with torch.no_grad():
-        unsafe.norm.mean.uniform_(-0.1, 0.1)
-        unsafe.norm.var.uniform_(0.5, 2.0)
-    paths = {"aesthetic": folder / "sac+logos+ava1-l14-linearMSE.pth", "unsafe": folder / "clip_autokeras_l14.pth",
+    paths = {"aesthetic": folder / "sac+logos+ava1-l14-linearMSE.pth", "unsafe": folder / "punsafe.safetensors",
              "watermark": folder / "watermark_model_v1.pt"}
     torch.save(aesthetic, paths["aesthetic"])
-    torch.save(unsafe.state_dict(), paths["unsafe"])
+    save_keras_nsfw(tiny_nsfw(dim), paths["unsafe"])
     torch.save({"weights": watermark_module().state_dict()}, paths["watermark"])
     return paths
 
@@ -71,11 +78,7 @@ def test_score_end_to_end_with_the_laion_heads(downloaded, tmp_path):
         x = x @ sd[f"layers.{i}.weight"].T + sd[f"layers.{i}.bias"]
     np.testing.assert_allclose(table.loc[ok, "aesthetic"], x[:, 0], atol=2e-3)
 
-    sd = {k: v.double().numpy() for k, v in torch.load(heads["unsafe"], weights_only=True).items()}
-    x = (e - sd["norm.mean"]) / np.sqrt(sd["norm.var"] + 1e-7)
-    for i in (0, 2, 4):
-        x = np.maximum(x @ sd[f"layers.{i}.weight"].T + sd[f"layers.{i}.bias"], 0)
-    x = 1 / (1 + np.exp(-(x @ sd["layers.6.weight"].T + sd["layers.6.bias"])))
+    x = tiny_nsfw().forward_numpy(e.astype(np.float32))[:, None]  # the Keras forward, lookup included
     np.testing.assert_allclose(table.loc[ok, "punsafe"], x[:, 0], atol=2e-3)
 
     clip = load_clip("latentmill-tiny", "none")
@@ -158,7 +161,7 @@ def test_heads_are_checked_before_any_work(downloaded, tmp_path, run_cli):
     torch.save({"fc.weight": torch.zeros(1, 32)}, bad)
     result = run_cli("score", downloaded / "images", "-o", tmp_path / "s", "--clip-model", "latentmill-tiny",
                      "--pretrained", "none", "--unsafe-head", bad)
-    assert result.exit_code == 2 and "missing keys norm.mean" in result.output
+    assert result.exit_code == 2 and "not a LAION NSFW detector" in result.output and "Accepted:" in result.output
     result = run_cli("score", downloaded / "images", "-o", tmp_path / "s", "--clip-model", "latentmill-tiny",
                      "--pretrained", "none", "--aesthetic-head", tmp_path / "nowhere.pth")
     assert result.exit_code == 2 and "nowhere.pth: no such head file" in result.output

@@ -23,6 +23,7 @@ COMMANDS = {
     "score": ("latentmill.cli.filters:score", "Score images with CLIP and predictor heads (aesthetic, unsafe, watermark)."),
     "select": ("latentmill.cli.filters:select", "Apply thresholds to the scores; selection parquets and the funnel."),
     "fit-head": ("latentmill.cli.filters:fit_head", "Fit a linear or MLP head on labelled CLIP embeddings."),
+    "convert-head": ("latentmill.cli.filters:convert_head", "Convert a published predictor (LAION's Keras NSFW zip) to safetensors."),
     "train": ("latentmill.cli.train:train", "Train a U-Net straight from latent shards (one GPU, or many with torchrun)."),
     "export": ("latentmill.cli.train:export", "Write a run as a diffusers StableDiffusionPipeline folder."),
     "sample": ("latentmill.cli.train:sample", "Generate images from a run's last checkpoint."),

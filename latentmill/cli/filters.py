@@ -1,4 +1,4 @@
-"""`latentmill score`, `select` and `fit-head`."""
+"""`latentmill score`, `select`, `fit-head` and `convert-head`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from latentmill.cli.options import executor_from, executor_options, progress_bar
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--workers", default=2, show_default=True, help="DataLoader workers decoding images.")
 @click.option("--aesthetic-head", type=click.Path(), help="LAION aesthetic predictor (v2 MLP or v1 linear) state dict.")
-@click.option("--unsafe-head", type=click.Path(), help="LAION CLIP-based unsafe detector state dict.")
+@click.option("--unsafe-head", type=click.Path(),
+              help="LAION's CLIP-based NSFW detector: its published zip (clip_autokeras_binary_nsfw.zip, "
+                   "clip_autokeras_nsfw_b32.zip), a `convert-head` output, h14_nsfw.pth, or the PyTorch port.")
 @click.option("--watermark-head", type=click.Path(), help="LAION-5B watermark detector (efficientnet_b3a) weights.")
 @click.option("--head", "fitted_heads", multiple=True, type=click.Path(), help="A head made by `latentmill fit-head`.")
 @click.option("--save-embeddings", is_flag=True, help="Also write embeddings/{shard}.npy beside the output.")
@@ -33,7 +35,7 @@ def score(images, output, clip_model, pretrained, device, precision, batch_size,
     \b
     Example (LAION's predictors on OpenAI ViT-L/14):
       latentmill score images/ -o scores/ --clip-model ViT-L-14-quickgelu --pretrained openai \\
-          --aesthetic-head sac+logos+ava1-l14-linearMSE.pth --unsafe-head clip_autokeras_l14.pth \\
+          --aesthetic-head sac+logos+ava1-l14-linearMSE.pth --unsafe-head clip_autokeras_binary_nsfw.zip \\
           --watermark-head watermark_model_v1.pt --device cuda --precision bf16 --save-embeddings
     """
     from latentmill.filters.score import ScoreConfig
@@ -116,3 +118,32 @@ def fit_head(embeddings, scores, labels, target, kind, column, validation_fracti
     save_head(module, output, config, x.shape[1], metrics)
     click.echo(f"{kind} head on {x.shape[1]}-d embeddings: {format_metrics(metrics)}")
     click.echo(f"saved {output} (column {config.column or target})")
+
+
+@click.command("convert-head")
+@click.argument("kind", type=click.Choice(["laion-nsfw"]))
+@click.argument("source", type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(), help="Head file to write (.safetensors).")
+def convert_head(kind, source, output):
+    """Convert LAION's published NSFW detector (a Keras SavedModel zip) to one safetensors file.
+
+    No TensorFlow needed: the checkpoint, the vocabularies of its categorical columns and the layer
+    sequence are read from the SavedModel's files. `score --unsafe-head` takes the output (or the zip).
+
+    \b
+    Example:
+      latentmill convert-head laion-nsfw clip_autokeras_binary_nsfw.zip -o punsafe-l14.safetensors
+      latentmill score images/ -o scores/ --unsafe-head punsafe-l14.safetensors
+    """
+    from pathlib import Path
+
+    from latentmill.curate.errors import InputError
+    from latentmill.filters.heads import read_laion_nsfw, save_keras_nsfw
+
+    if Path(output).suffix != ".safetensors":
+        raise InputError(f"-o {output}: the converted head is a .safetensors file; name it e.g. punsafe.safetensors.")
+    model = read_laion_nsfw(Path(source))
+    save_keras_nsfw(model, output)
+    lookups = ", ".join(f"{c} ({len(t):,} values)" for c, t in sorted(model.lookups.items()))
+    click.echo(f"{source}: {model.input_dim}-d input, categorical columns {lookups or 'none'}, dense "
+               f"{' -> '.join(str(w.shape[0]) for w, _ in model.dense)}, {model.activations[-1]} output -> {output}")

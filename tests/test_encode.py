@@ -61,6 +61,35 @@ def test_plain_webdataset_reads_the_shards(image_shards, tmp_path):
     assert (first["latent_std.npy"] > 0).all()
 
 
+def test_a_stored_latent_becomes_what_diffusers_scripts_feed_the_unet(image_shards, tmp_path):
+    """float16 -> float32, + std * noise where the std was stored, minus shift, times the scaling factor:
+    diffusers' `vae.encode(x).latent_dist.sample() * scaling_factor`, from the shards."""
+    import webdataset as wds
+
+    from latentmill.train.latentspace import from_unet_space, unet_input
+
+    out = tmp_path / "latents"
+    encode(image_shards, out, EncodeConfig(**SMALL, std=True))
+    manifest = read_manifest(out) | {"shift_factor": 0.0609}  # an SD3-style shift, to see it applied
+    scale = manifest["scaling_factor"]
+    sample = next(iter(wds.WebDataset(str(out / "00000.tar"), shardshuffle=False).decode()))
+    stored = {"latent": sample["latent.npy"], "latent_std": sample["latent_std.npy"]}
+    image = next(s for s in iter_image_shard(image_shards / "00000.tar") if s.key == sample["__key__"]).image()
+    meta = sample["json"]
+    pixels = resize_and_crop(image, place(image.width, image.height, tuple(meta["bucket"]), rule="kohya"))
+    vae = load_vae("tiny")
+    with torch.inference_mode():
+        batch = torch.from_numpy(np.asarray(pixels)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        dist = vae.model.encode(batch).latent_dist
+    mean = unet_input({"latent": stored["latent"]}, manifest)
+    assert mean.dtype == np.float32
+    np.testing.assert_allclose(mean, (dist.mean[0].numpy() - 0.0609) * scale, atol=3e-3 * scale)
+    draws = np.stack([unet_input(stored, manifest, np.random.default_rng(i)) for i in range(200)])
+    z = (draws - mean) / (stored["latent_std"].astype(np.float32) * scale)  # the posterior's noise, recovered
+    assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05
+    np.testing.assert_allclose(from_unet_space(mean, scale, 0.0609), stored["latent"].astype(np.float32), atol=1e-5)
+
+
 def test_the_flipped_latent_is_the_encoding_of_the_flipped_image(image_shards, tmp_path):
     from PIL import ImageOps
 

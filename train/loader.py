@@ -24,6 +24,7 @@ import torch
 
 from latentmill.curate.errors import InputError
 from latentmill.curate.latentshards import is_url, iter_latent_shard, read_manifest
+from latentmill.train.latentspace import posterior_sample
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
@@ -224,10 +225,8 @@ class LatentLoader:
         latents = []
         for sample in samples:
             flipped = self.flip and "latent_flip" in sample and rng.random() < 0.5
-            latent = (sample["latent_flip"] if flipped else sample["latent"]).astype(np.float32)
-            if self.sample_posterior and "latent_std" in sample and not flipped:
-                latent = latent + sample["latent_std"].astype(np.float32) * rng.standard_normal(latent.shape, dtype=np.float32)
-            latents.append(latent)
+            std = sample.get("latent_std") if self.sample_posterior and not flipped else None
+            latents.append(posterior_sample(sample["latent_flip"] if flipped else sample["latent"], std, rng))
         batch = {"keys": [s["key"] for s in samples], "latents": torch.from_numpy(np.stack(latents)),
                  "captions": [s["caption"] for s in samples], "meta": [s["meta"] for s in samples],
                  "worker": worker, "skipped": dict(self.skipped)}  # a worker's counts travel with its batches

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from latentmill.curate.errors import InputError
 from latentmill.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from latentmill.train.config import TrainConfig
+from latentmill.train.latentspace import to_unet_space
 from latentmill.train.loader import LatentLoader, LoaderState, expand_shards
 from latentmill.train.models import build_unet
 
@@ -112,7 +113,7 @@ def train(config: TrainConfig, progress=None) -> dict:
         for micro in range(config.grad_accum):
             batch = next(batches)
             generator = torch.Generator().manual_seed(hash((config.seed, step, micro, rank)) & (2**62 - 1))
-            latents = ((batch["latents"].to(device, non_blocking=True) - shift) * scale)
+            latents = to_unet_space(batch["latents"].to(device, non_blocking=True), scale, shift)
             b = latents.shape[0]
             text = encode_text(batch, generator)
             noise = torch.randn(latents.shape, generator=generator).to(device)

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from latentmill.train.latentspace import from_unet_space
+
 
 @torch.no_grad()
 def generate(unet, text_states, empty_state, vae, scaling_factor: float, shift_factor: float, size: tuple[int, int],
@@ -38,7 +40,7 @@ def generate(unet, text_states, empty_state, vae, scaling_factor: float, shift_f
         pixels = latents[:, :3]
         pixels = (pixels - pixels.amin()) / (pixels.amax() - pixels.amin() + 1e-6) * 2 - 1
     else:
-        pixels = vae.decode(latents / scaling_factor + shift_factor).sample
+        pixels = vae.decode(from_unet_space(latents, scaling_factor, shift_factor)).sample
     return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -72,12 +72,14 @@ def run_recipe(recipe: dict, work: str | Path, urls: str | None = None, until: s
                          "(latentmill select ... or --set select.KEY=VALUE) and run again.")
     if last < 5 or "train" not in recipe:
         return report
+    from latentmill.train.checkpoint import checkpoints
     from latentmill.train.loop import train
 
     report["train"], previous = {}, None
     for stage in stages:
         run = work / "runs" / stage["name"]
-        overrides = {"shards": str(work / f"latents-{stage['resolution']}"), "output": str(run), "resume": True,
+        overrides = {"shards": str(work / f"latents-{stage['resolution']}"), "output": str(run),
+                     "resume": bool(checkpoints(run)),  # a stopped run continues, a new one starts
                      "init_from": str(previous) if previous else None}
         if stage.get("steps"):
             overrides["steps"] = stage["steps"]

@@ -400,3 +400,34 @@ def test_caption_dropout_uses_the_stored_empty_caption(latents, tmp_path):
         assert torch.equal(row, torch.from_numpy(stored_empty.astype(np.float32)))
     kept = _text_conditioning(TrainConfig(shards=str(out), output="x", caption_dropout=0.0), manifest, out, "cpu", "fp32")[0]
     assert torch.equal(kept(batch, torch.Generator().manual_seed(0)), batch["text_emb"].float())
+
+
+def test_resume_truncates_the_log_clears_stale_temporaries_and_falls_back_past_a_damaged_checkpoint(latents, tmp_path,
+                                                                                                     run_cli, caplog):
+    import logging
+
+    straight = tmp_path / "straight"
+    train(config(latents, straight, steps=6, checkpoint_every=2))
+    run = tmp_path / "run"
+    with pytest.raises(InputError, match="has no checkpoints to resume from"):
+        train(config(latents, run, steps=6, checkpoint_every=2, resume=True))
+    train(config(latents, run, steps=6, checkpoint_every=2, keep_checkpoints=3))
+    # a run killed after logging step 6 but while writing checkpoint 6, whose newest intact checkpoint is 4:
+    (run / "checkpoints" / "step-0000006" / "ema.safetensors").unlink()
+    stale = run / "checkpoints" / ".step-0000008.tmp-999"
+    stale.mkdir()
+    with open(run / "log.jsonl", "a") as log:
+        log.write('{"step": 7, "loss": 0.1')  # cut off by the kill
+    for command in (["export", run, "-o", tmp_path / "pipe"], ["sample", run, "--prompt", "a red circle", "-o", tmp_path / "grid.png"],
+                    ["merge", run, straight, "--alpha", "0.5", "-o", tmp_path / "merged"]):
+        result = run_cli(*command)
+        assert result.exit_code == 2 and "step-0000006" in result.output and "ema.safetensors is missing" in result.output
+    with caplog.at_level(logging.WARNING):
+        train(config(latents, run, steps=6, checkpoint_every=2, resume=True, keep_checkpoints=3))
+    assert "step-0000006: damaged checkpoint (ema.safetensors is missing)" in caplog.text
+    assert not stale.exists()
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # each step once: 5 and 6 of the killed run were dropped, then redone
+    ours = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in ours] == [m["loss"] for m in theirs]  # and the redone steps equal a straight run

@@ -4,9 +4,17 @@ the rest (step, loader position, config). Written to a temporary folder, then re
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import struct
 from pathlib import Path
+
+from latentmill.curate.errors import InputError
+
+log = logging.getLogger(__name__)
+TRAINING_FILES = ("unet.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json", "state.json",
+                  "unet_config.json")
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
@@ -42,6 +50,83 @@ def save_checkpoint(run: Path, step: int, unet, ema, optimizer, loader_state: di
 def checkpoints(run: Path) -> list[Path]:
     folder = run / "checkpoints"
     return sorted(p for p in folder.glob("step-*") if (p / "state.json").exists()) if folder.exists() else []
+
+
+def remove_stale_temporaries(run: Path) -> list[Path]:
+    """Remove the temporary folders of checkpoints whose writer was killed before the rename."""
+    folder = run / "checkpoints"
+    stale = sorted(folder.glob(".step-*.tmp-*")) if folder.exists() else []
+    for tmp in stale:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stale
+
+
+def damage(folder: Path, needed=TRAINING_FILES) -> str | None:
+    """What is wrong with a checkpoint folder (a missing, empty or cut-off file), or None if intact."""
+    for name in needed:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        try:
+            data_size = path.stat().st_size
+            if name.endswith(".safetensors"):
+                with open(path, "rb") as f:
+                    head = f.read(8)
+                    if len(head) < 8:
+                        return f"{name} is cut off"
+                    (header,) = struct.unpack("<Q", head)
+                    meta = json.loads(f.read(header))
+                ends = [v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"]
+                if 8 + header + max(ends, default=0) > data_size:
+                    return f"{name} is cut off"
+            else:
+                json.loads(path.read_text())
+        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+            return f"{name} is unreadable"
+    return None
+
+
+def latest_checkpoint(run: Path, needed=TRAINING_FILES, fallback: bool = False) -> Path | None:
+    """The newest checkpoint of `run` (None if it has none). A damaged newest one is an InputError naming
+    the file, or, with `fallback` (resuming), skipped with a warning for the newest intact one."""
+    found = checkpoints(run)
+    for folder in reversed(found):
+        problem = damage(folder, needed)
+        if problem is None:
+            return folder
+        if not fallback:
+            older = [f.name for f in found if f != folder]
+            raise InputError(f"{folder}: damaged checkpoint ({problem}). Delete that folder to use the previous one"
+                             f"{f' ({older[-1]})' if older else ''}.")
+        log.warning("%s: damaged checkpoint (%s); falling back to the previous one.", folder, problem)
+    if found:
+        raise InputError(f"{run}: every checkpoint is damaged (newest: {found[-1].name}: {damage(found[-1], needed)}).")
+    return None
+
+
+def weights_needed(use_ema: bool) -> tuple[str, ...]:
+    """The files export, sample and merge read from a checkpoint."""
+    return ("ema.safetensors" if use_ema else "unet.safetensors", "unet_config.json", "state.json")
+
+
+def truncate_log(run: Path, step: int) -> None:
+    """Drop `log.jsonl` lines past `step` (written after the checkpoint a resume starts from) and a cut-off
+    last line, so a resumed run's log has each step once."""
+    path = run / "log.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict) or entry.get("step", 0) <= step:
+            kept.append(line)
+    from latentmill.curate.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in kept))
 
 
 def load_checkpoint(folder: Path, unet, ema, optimizer) -> dict:

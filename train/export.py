@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from latentmill.curate.errors import InputError
-from latentmill.train.checkpoint import checkpoints
+from latentmill.train.checkpoint import latest_checkpoint, weights_needed
 
 
 def export_pipeline(run: str | Path, output: str | Path, use_ema: bool = True, vae: str | None = None) -> Path:
@@ -24,10 +24,10 @@ def export_pipeline(run: str | Path, output: str | Path, use_ema: bool = True, v
     from latentmill.train.loader import expand_shards
 
     run = Path(run)
-    found = checkpoints(run)
+    found = latest_checkpoint(run, weights_needed(use_ema))
     if not found:
         raise InputError(f"{run}: no checkpoints to export. Train first (`latentmill train ... -o {run}`).")
-    state = json.loads((found[-1] / "state.json").read_text())
+    state = json.loads((found / "state.json").read_text())
     config = state["config"]
     text_spec = config.get("text_encoder")
     if not text_spec or text_spec.startswith("openclip:"):
@@ -37,9 +37,9 @@ def export_pipeline(run: str | Path, output: str | Path, use_ema: bool = True, v
         raise InputError(f"{run} was trained with size/crop conditioning, which StableDiffusionPipeline cannot feed; "
                          f"use `latentmill sample {run}` to generate.")
     manifest = read_manifest(Path(expand_shards(config["shards"])[0]).parent)
-    unet_config = json.loads((found[-1] / "unet_config.json").read_text())
+    unet_config = json.loads((found / "unet_config.json").read_text())
     unet = UNet2DConditionModel.from_config(unet_config)
-    unet.load_state_dict(load_file(found[-1] / ("ema.safetensors" if use_ema else "unet.safetensors")))
+    unet.load_state_dict(load_file(found / ("ema.safetensors" if use_ema else "unet.safetensors")))
     vae_model = load_vae(vae or manifest["encode_config"]["vae"]).model
     from latentmill.curate.textencoder import text_encoder_folder
 

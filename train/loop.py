@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from latentmill.curate.errors import InputError
-from latentmill.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from latentmill.train.checkpoint import (
+    checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+    truncate_log,
+    weights_needed,
+)
 from latentmill.train.config import TrainConfig
 from latentmill.train.latentspace import to_unet_space
 from latentmill.train.loader import LatentLoader, LoaderState, expand_shards
@@ -88,9 +96,16 @@ def train(config: TrainConfig, progress=None) -> dict:
     if checkpoints(run) and not config.resume:
         raise InputError(f"{run} already has checkpoints (last: {checkpoints(run)[-1].name}): pass --resume to continue "
                          f"that run, or give a new -o.")
-    if checkpoints(run):
-        state = load_checkpoint(checkpoints(run)[-1], unet, ema, optimizer)
+    if config.resume and not checkpoints(run):
+        raise InputError(f"--resume: {run} has no checkpoints to resume from. Check -o, or drop --resume to start a new run.")
+    if rank == 0:
+        remove_stale_temporaries(run)
+    resume_from = latest_checkpoint(run, fallback=True) if config.resume else None
+    if resume_from:
+        state = load_checkpoint(resume_from, unet, ema, optimizer)
         start, loader.state = state["step"], LoaderState(**state["loader"])
+        if rank == 0:
+            truncate_log(run, start)
     model = torch.nn.parallel.DistributedDataParallel(unet) if world > 1 else unet
     if config.compile:
         model = torch.compile(model)
@@ -264,10 +279,10 @@ def _sample_grid(run: Path, step: int, ema, encode_prompts, manifest: dict, conf
 def _init_from(unet, run: Path) -> None:
     from safetensors.torch import load_file
 
-    found = checkpoints(run)
+    found = latest_checkpoint(run, weights_needed(use_ema=True))
     if not found:
         raise InputError(f"--init-from {run}: no checkpoints there.")
-    unet.load_state_dict(load_file(found[-1] / "ema.safetensors"))
+    unet.load_state_dict(load_file(found / "ema.safetensors"))
 
 
 def _text_conditioning(config: TrainConfig, manifest: dict, folder, device: str, precision: str):

@@ -12,16 +12,16 @@ import shutil
 from pathlib import Path
 
 from latentmill.curate.errors import InputError
-from latentmill.train.checkpoint import checkpoints
+from latentmill.train.checkpoint import latest_checkpoint, weights_needed
 
 
 def _weights_file(source: Path, use_ema: bool) -> Path:
     if source.suffix == ".safetensors":
         return source
-    found = checkpoints(source)
+    found = latest_checkpoint(source, weights_needed(use_ema))
     if not found:
         raise InputError(f"{source}: neither a .safetensors file nor a run with checkpoints.")
-    return found[-1] / ("ema.safetensors" if use_ema else "unet.safetensors")
+    return found / ("ema.safetensors" if use_ema else "unet.safetensors")
 
 
 def merge(a: str | Path, b: str | Path, output: str | Path, alpha: float, base: str | Path | None = None,
@@ -46,7 +46,7 @@ def merge(a: str | Path, b: str | Path, output: str | Path, alpha: float, base: 
     save_file(merged, str(folder / "ema.safetensors"))
     save_file(merged, str(folder / "unet.safetensors"))
     if Path(a).suffix != ".safetensors":  # carry the first run's config so export can rebuild the pipeline
-        source = checkpoints(Path(a))[-1]
+        source = latest_checkpoint(Path(a), weights_needed(use_ema))
         for name in ("unet_config.json", "state.json"):
             shutil.copy(source / name, folder / name)
     recipe = {"a": str(a), "b": str(b), "base": str(base) if base else None, "alpha": alpha,

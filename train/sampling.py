@@ -72,19 +72,19 @@ def sample_run(run: str | Path, prompts: list[str], output: str | Path, steps: i
     from latentmill.curate.latentshards import read_manifest
     from latentmill.curate.textencoder import load_text_encoder
     from latentmill.curate.vae import load_vae
-    from latentmill.train.checkpoint import checkpoints
+    from latentmill.train.checkpoint import latest_checkpoint, weights_needed
     from latentmill.train.loader import expand_shards
 
-    found = checkpoints(Path(run))
+    found = latest_checkpoint(Path(run), weights_needed(use_ema))
     if not found:
         raise InputError(f"{run}: no checkpoints. Train first.")
-    state = json.loads((found[-1] / "state.json").read_text())
+    state = json.loads((found / "state.json").read_text())
     config = state["config"]
     if not config.get("text_encoder"):
         raise InputError(f"{run} was trained on stored caption embeddings: sampling needs the text encoder that made "
                          f"them; train with --text-encoder to sample.")
-    unet = UNet2DConditionModel.from_config(json.loads((found[-1] / "unet_config.json").read_text()))
-    unet.load_state_dict(load_file(found[-1] / ("ema.safetensors" if use_ema else "unet.safetensors")))
+    unet = UNet2DConditionModel.from_config(json.loads((found / "unet_config.json").read_text()))
+    unet.load_state_dict(load_file(found / ("ema.safetensors" if use_ema else "unet.safetensors")))
     unet.eval()
     encoder = load_text_encoder(config["text_encoder"])
     manifest = read_manifest(Path(expand_shards(config["shards"])[0]).parent)

@@ -181,7 +181,10 @@ def save_head(module, path: str | Path, config: FitConfig, input_dim: int, metri
 
     from latentmill.curate.atomic import atomic_path
 
+    from latentmill.filters.heads import check_column
+
     path = Path(path)
+    check_column(config.column or config.target, "fit-head --column" if config.column else f"fit-head --target {config.target}")
     meta = {"format": "latentmill.head/1", "column": config.column or config.target, "target": config.target,
             "kind": config.kind,
             "input_dim": str(input_dim), "task": metrics["task"], "hidden": json.dumps(list(config.hidden)),

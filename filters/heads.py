@@ -24,6 +24,17 @@ from pathlib import Path
 from latentmill.curate.errors import InputError
 
 log = logging.getLogger(__name__)
+# the columns `score` writes for every image: a head writing one of them would overwrite it
+RESERVED_COLUMNS = ("key", "url", "caption", "width", "height", "original_width", "original_height", "clip_similarity",
+                    "error")
+
+
+def check_column(column: str, source: str) -> str:
+    """A head's output column: not one of the score table's own columns, not empty."""
+    if not column or column in RESERVED_COLUMNS:
+        raise InputError(f"{source}: a head cannot write column {column!r}: {', '.join(RESERVED_COLUMNS)} are the score "
+                         f"table's own. Name it something else (fit-head --column NAME).")
+    return column
 
 
 def load_state_dict(path: str | Path) -> dict:
@@ -361,6 +372,7 @@ def fitted_metadata(path: str | Path) -> dict:
 def load_fitted(path: str | Path) -> Head:
     """A head saved by `latentmill fit-head` (safetensors, metadata: column, kind, input_dim, task)."""
     meta = fitted_metadata(path)
+    check_column(meta.get("column", ""), str(path))
     dim, kind = int(meta["input_dim"]), meta["kind"]
     module = fitted_module(kind, dim, json.loads(meta.get("hidden", "[]")), meta["task"] == "classification")
     module.load_state_dict(load_state_dict(path))

@@ -349,6 +349,33 @@ def test_a_fitted_head_scores_as_its_own_column(downloaded, tmp_path):
     assert all(0 <= v <= 1 for v in table.column("house_style").to_pylist())
 
 
+def test_a_head_may_not_write_a_reserved_column(downloaded, tmp_path, run_cli):
+    from safetensors.torch import load_file, save_file
+
+    from latentmill.filters.fit import FitConfig, fit_head, save_head
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(50, 32)).astype(np.float32)
+    module, metrics = fit_head(x, (x[:, 0] > 0).astype(np.float32), FitConfig(target="house_style", epochs=5))
+    with pytest.raises(InputError, match="cannot write column 'key'"):
+        save_head(module, tmp_path / "key.safetensors", FitConfig(target="house_style", column="key"), 32, metrics)
+    assert not (tmp_path / "key.safetensors").exists()
+    # a head file whose metadata was edited to write `key` is refused before any image is read
+    save_head(module, tmp_path / "ok.safetensors", FitConfig(target="house_style"), 32, metrics)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "ok.safetensors", framework="pt") as handle:
+        meta = handle.metadata()
+    save_file(load_file(tmp_path / "ok.safetensors"), str(tmp_path / "tampered.safetensors"), metadata=meta | {"column": "key"})
+    out = tmp_path / "scores"
+    result = run_cli("score", downloaded / "images", "-o", out, "--clip-model", "latentmill-tiny", "--pretrained", "none",
+                     "--head", tmp_path / "tampered.safetensors")
+    assert result.exit_code == 2 and "cannot write column 'key'" in result.output and not out.exists()
+    result = run_cli("fit-head", "--embeddings", tmp_path, "--labels", tmp_path / "ok.safetensors", "--target", "url",
+                     "-o", tmp_path / "x.safetensors")
+    assert result.exit_code == 2 and "cannot write column 'url'" in result.output
+
+
 def test_clip_weights_load_from_a_local_checkpoint_and_missing_ones_say_what_to_provide(tmp_path):
     from PIL import Image
 

@@ -156,6 +156,26 @@ def check_vae(manifest: dict, fingerprint: str, folder: str | Path) -> None:
         )
 
 
+def checked_npy(data: bytes, shape: tuple, what: str, why: str) -> np.ndarray:
+    """A float16 .npy of exactly `shape`, its header checked before anything is allocated (a header may
+    claim any shape; numpy would allocate it before noticing the data is short)."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        header = read_header(stream)
+    except (ValueError, SyntaxError, TypeError, EOFError) as err:
+        raise InputError(f"{what}: not a .npy array ({err}).") from None
+    found_shape, fortran, dtype = header
+    if tuple(found_shape) != tuple(shape) or dtype != LATENT_DTYPE or fortran:
+        raise InputError(f"{what} is {dtype}{list(found_shape)}{' (Fortran order)' if fortran else ''}, expected "
+                         f"float16{list(shape)} {why}.")
+    body = data[stream.tell():]
+    if len(body) != int(np.prod(shape)) * np.dtype(LATENT_DTYPE).itemsize:
+        raise InputError(f"{what}: {len(body)} bytes of data for float16{list(shape)}.")
+    return np.frombuffer(body, dtype=LATENT_DTYPE).reshape(shape).copy()
+
+
 def iter_latent_shard(path: str | Path, manifest: dict, errors: dict | None = None) -> Iterator[dict]:
     """Samples of one latent shard (a path or a URL), each checked against the manifest: shape
     (C, bucket_h/8, bucket_w/8), float16.
@@ -177,18 +197,13 @@ def iter_latent_shard(path: str | Path, manifest: dict, errors: dict | None = No
         sample = {"key": key, "caption": files.get("txt", b"").decode("utf-8"), "meta": meta}
         for name in ("latent", "latent_std", "latent_flip"):
             if f"{name}.npy" in files:
-                array = np.load(io.BytesIO(files[f"{name}.npy"]), allow_pickle=False)
                 expected = (channels, bucket[1] // factor, bucket[0] // factor)
-                if array.shape != expected or array.dtype != LATENT_DTYPE:
-                    raise InputError(f"{path}: sample {key} {name} is {array.dtype}{list(array.shape)}, expected "
-                                     f"float16{list(expected)} for bucket {list(bucket)} (manifest).")
-                sample[name] = array
+                sample[name] = checked_npy(files[f"{name}.npy"], expected, f"{path}: sample {key} {name}",
+                                           f"for bucket {list(bucket)} (manifest)")
         if "text_emb.npy" in files:
-            array = np.load(io.BytesIO(files["text_emb.npy"]), allow_pickle=False)
             expected = tuple((manifest.get("text_encoder") or {}).get("shape", ()))
-            if array.shape != expected:
-                raise InputError(f"{path}: sample {key} text_emb is {list(array.shape)}, the manifest says {list(expected)}.")
-            sample["text_emb"] = array
+            sample["text_emb"] = checked_npy(files["text_emb.npy"], expected, f"{path}: sample {key} text_emb",
+                                             "(the manifest's text encoder shape)")
         if "latent" not in sample:
             raise InputError(f"{path}: sample {key} has no latent.npy.")
         return sample

@@ -180,7 +180,6 @@ def save_head(module, path: str | Path, config: FitConfig, input_dim: int, metri
     from safetensors.torch import save_file
 
     from latentmill.curate.atomic import atomic_path
-
     from latentmill.filters.heads import check_column
 
     path = Path(path)

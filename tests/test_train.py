@@ -237,11 +237,21 @@ def test_corrupt_samples_are_skipped_and_counted(latents, tmp_path):
     writer.close()
     data = (folder / "00001.tar").read_bytes()
     (folder / "00001.tar").write_bytes(data[: len(data) // 2])  # a truncated shard
+    import io
+
+    from latentmill.curate.latentshards import npy_bytes
+    header = io.BytesIO()  # a header claiming 7 TiB: refused before numpy allocates it
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f2", "fortran_order": False, "shape": (4, 10**6, 10**6)})
+    meta = json.dumps({"bucket": [128, 128]}).encode()
+    make_shard(folder / "00004.tar", [
+        ("huge0000", {"latent.npy": header.getvalue() + bytes(2048), "json": meta}),
+        ("notnpy00", {"latent.npy": b"\x93NUMPY garbage", "json": meta}),
+        ("good0002", {"latent.npy": npy_bytes(np.zeros((4, 16, 16), np.float16)), "json": meta})])
     loader = LatentLoader(expand_shards(str(folder)), batch_size=4, mode="epoch")
     keys = [key for batch in loader.epoch_batches(0) for key in batch["keys"]]
-    assert {"good0000", "good0001"} <= set(keys) and "bad00000" not in keys
-    assert loader.skipped_total() == {"bad_sample": 1, "damaged_shard": 1}
-    assert 32 + 2 < len(keys) < 32 + 2 + 16  # shards 2 and 3 whole, part of shard 1
+    assert {"good0000", "good0001", "good0002"} <= set(keys) and not {"bad00000", "huge0000", "notnpy00"} & set(keys)
+    assert loader.skipped_total() == {"bad_sample": 3, "damaged_shard": 1}
+    assert 32 + 3 < len(keys) < 32 + 3 + 16  # shards 2 and 3 whole, part of shard 1
 
 
 def test_size_and_crop_conditioning_reaches_the_unet(latents, tmp_path, run_cli):

@@ -110,7 +110,6 @@ def fit_head(embeddings, scores, labels, target, kind, column, validation_fracti
     """
     from latentmill.filters.fit import FitConfig, format_metrics, labelled_embeddings, read_labels, save_head
     from latentmill.filters.fit import fit_head as run_fit
-
     from latentmill.filters.heads import check_column
 
     check_column(column or target, "--column" if column else f"--target {target} (the default column name)")

@@ -223,6 +223,7 @@ def encode_shard(image_shard: Path, output: Path, config: EncodeConfig, vae, sel
         "written": len(writer.rows),
         "dropped": dict(sorted(dropped.items())),
         "damaged_tar": read_stats.damaged,
+        "bad_metadata": read_stats.bad_metadata,  # read without their unusable .json fields or caption
         "per_bucket": dict(sorted(encoder.per_bucket.items())),
         "sha256": sha256,
     }

@@ -85,12 +85,13 @@ class ShardReadStats:
     samples: int = 0
     incomplete: int = 0  # members without an image
     duplicate_key: int = 0  # a key seen again later in the tar: the first sample is kept
+    bad_metadata: int = 0  # a sample whose .json or caption was unusable: read without the bad part
     damaged: bool = False  # the tar ended early or is corrupt: what follows the damage is lost
     damage: str = ""
 
     def as_dict(self) -> dict:
         return {"samples": self.samples, "incomplete": self.incomplete, "duplicate_key": self.duplicate_key,
-                "damaged": self.damaged, "damage": self.damage}
+                "bad_metadata": self.bad_metadata, "damaged": self.damaged, "damage": self.damage}
 
 
 def list_image_shards(folder: str | Path) -> list[Path]:
@@ -106,15 +107,41 @@ def _sample_from(key: str, shard: str, members: dict[str, bytes], stats: ShardRe
     if ext is None:
         stats.incomplete += 1
         return None
-    meta = {}
+    meta, bad = {}, False
     if "json" in members:
         try:
             meta = json.loads(members["json"])
-        except ValueError:
-            meta = {}
+        except (ValueError, RecursionError):
+            meta = None
+        if not isinstance(meta, dict):
+            meta, bad = {}, True
+    meta, cleaned = _clean_meta(meta)
     caption = members["txt"].decode("utf-8", errors="replace") if "txt" in members else meta.get("caption")
+    if caption is not None and not isinstance(caption, str):
+        caption, bad = None, True
     stats.samples += 1
+    stats.bad_metadata += bad or cleaned
     return ImageSample(key=key, shard=shard, image_bytes=members[ext], image_ext=ext, caption=caption, meta=meta)
+
+
+SIZE_FIELDS = ("width", "height", "original_width", "original_height")
+MAX_SIDE = 2**31 - 1
+
+
+def _clean_meta(meta: dict) -> tuple[dict, bool]:
+    """The sample's metadata with the fields latentmill reads made safe: sizes are positive int32 or absent,
+    `url` and `caption` strings or absent. Returns (metadata, whether anything was removed)."""
+    bad = []
+    for name in SIZE_FIELDS:
+        value = meta.get(name)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SIDE):
+            bad.append(name)
+    for name in ("url", "caption"):
+        if meta.get(name) is not None and not isinstance(meta[name], str):
+            bad.append(name)
+    if not bad:
+        return meta, False
+    return {k: v for k, v in meta.items() if k not in bad}, True
 
 
 def _member_key_ext(member: tarfile.TarInfo) -> tuple[str, str] | None:

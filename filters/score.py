@@ -88,9 +88,9 @@ class ShardImages(torch.utils.data.IterableDataset):
             except ImageDecodeError as err:
                 row["error"] = err.reason
             yield row
-        if worker == 0 and (stats.damaged or stats.incomplete or stats.duplicate_key):
+        if worker == 0 and (stats.damaged or stats.incomplete or stats.duplicate_key or stats.bad_metadata):
             yield {"index": -1, "damaged": stats.damaged, "incomplete": stats.incomplete,
-                   "duplicate_key": stats.duplicate_key}
+                   "duplicate_key": stats.duplicate_key, "bad_metadata": stats.bad_metadata}
 
 
 def _collate(rows):
@@ -130,12 +130,12 @@ def score_shard(path: Path, output: Path, config: ScoreConfig, clip, heads: list
     draft = decode_modes(config, watermark)["clip"] == "draft"
     loader = torch.utils.data.DataLoader(ShardImages(path, clip.preprocess, clip.image_size, watermark, draft),
                                          batch_size=config.batch_size, num_workers=config.workers, collate_fn=_collate)
-    rows, damage = [], {"damaged": False, "incomplete": 0, "duplicate_key": 0}
+    rows, damage = [], {"damaged": False, "incomplete": 0, "duplicate_key": 0, "bad_metadata": 0}
     embeddings: dict[int, np.ndarray] = {}
     for batch in loader:
         damage_rows = [r for r in batch if r["index"] == -1]
         for r in damage_rows:
-            damage = {"damaged": r["damaged"], "incomplete": r["incomplete"], "duplicate_key": r["duplicate_key"]}
+            damage = {name: r[name] for name in damage}
         good = [r for r in batch if r["index"] >= 0 and r["error"] is None]
         rows += [r for r in batch if r["index"] >= 0]
         if not good:

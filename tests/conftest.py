@@ -157,3 +157,21 @@ class FlakyStage:
         stats = {"shard": shard.stem}
         self.stats_path(shard).write_text(json.dumps(stats))
         return stats
+
+
+def hostile_metadata_entries(prefix="77"):
+    """Samples with good images and hostile metadata: (key, files) pairs, the image always decodable."""
+    import json
+
+    hostile = [b"[1, 2, 3]", b'"just a string"', b"null", b"{not json", b"[" * 5000 + b"]" * 5000,
+               json.dumps({"caption": ["a", "list"], "url": {"an": "object"}}).encode(),
+               json.dumps({"original_width": "wide", "original_height": 10**30, "width": -4, "height": True}).encode(),
+               json.dumps({"url": "https://example.com/x.jpg", "extra": "x" * 200_000}).encode()]
+    entries = []
+    for i, meta in enumerate(hostile):
+        key, files = image_entry(f"{prefix}{i:07d}", 160, 120, seed=i)
+        files = {"jpg": files["jpg"], "json": meta}
+        if i == 0:
+            files["txt"] = b"caption \xff\xfe not utf-8"
+        entries.append((key, files))
+    return entries

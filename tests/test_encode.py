@@ -152,6 +152,22 @@ def test_undecodable_images_and_nonfinite_latents_are_dropped_with_a_reason(tmp_
     assert stats["dropped"] == {"nonfinite_latent": 1, "undecodable": 1} and stats["samples"] == 0
 
 
+def test_hostile_sample_metadata_still_encodes(tmp_path):
+    import webdataset as wds
+
+    from tests.conftest import hostile_metadata_entries
+
+    (tmp_path / "images").mkdir()
+    entries = hostile_metadata_entries()
+    make_shard(tmp_path / "images" / "00000.tar", entries)
+    encode(tmp_path / "images", tmp_path / "latents", EncodeConfig(resolution=128, min_side=64, max_side=256, step=32,
+                                                                   max_upscale=2.0))
+    stats = json.loads((tmp_path / "latents" / "00000.stats.json").read_text())
+    assert stats["written"] == len(entries) and stats["bad_metadata"] == 7
+    samples = list(wds.WebDataset(str(tmp_path / "latents" / "00000.tar"), shardshuffle=False).decode())
+    assert len(samples) == len(entries) and all(isinstance(s["json"], dict) for s in samples)
+
+
 def test_latents_from_another_vae_are_refused(image_shards, tmp_path, run_cli):
     out = tmp_path / "latents"
     encode(image_shards, out, EncodeConfig(**SMALL))

@@ -376,6 +376,22 @@ def test_a_head_may_not_write_a_reserved_column(downloaded, tmp_path, run_cli):
     assert result.exit_code == 2 and "cannot write column 'url'" in result.output
 
 
+def test_hostile_sample_metadata_is_a_counted_read_not_a_failed_shard(tmp_path):
+    from tests.conftest import hostile_metadata_entries
+
+    (tmp_path / "images").mkdir()
+    entries = hostile_metadata_entries()
+    make_shard(tmp_path / "images" / "00000.tar", entries)
+    out = tmp_path / "scores"
+    score(tmp_path / "images", out, ScoreConfig(**TINY))
+    table = pq.read_table(out / "00000.parquet").to_pandas()
+    assert len(table) == len(entries) and table["error"].isna().all() and table["clip_similarity"].notna().sum() == 1
+    assert table["caption"].iloc[0].startswith("caption ") and table["original_width"].isna().all()
+    assert table["url"].iloc[-1] == "https://example.com/x.jpg"
+    stats = json.loads((out / "00000.stats.json").read_text())
+    assert stats["bad_metadata"] == 7 and stats["scored"] == len(entries)
+
+
 def test_clip_weights_load_from_a_local_checkpoint_and_missing_ones_say_what_to_provide(tmp_path):
     from PIL import Image
 

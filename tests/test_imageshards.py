@@ -29,7 +29,7 @@ def test_samples_carry_key_caption_meta_and_decode(tmp_path):
     assert [s.key for s in got] == [f"{i:09d}" for i in range(5)]
     assert got[2].caption == samples.synthetic(2, 64, 48)[1] and got[2].meta["url"] == "https://x/2.jpg"
     assert got[0].image().size == (64, 48)
-    assert stats.as_dict() == {"samples": 5, "incomplete": 0, "duplicate_key": 0, "damaged": False, "damage": ""}
+    assert stats.as_dict() == {"samples": 5, "incomplete": 0, "duplicate_key": 0, "bad_metadata": 0, "damaged": False, "damage": ""}
 
 
 def test_a_truncated_tar_yields_the_readable_samples_and_counts_the_rest(tmp_path):

@@ -6,12 +6,14 @@ import json
 
 import click
 
+from latentmill.cli.options import POSITIVE
+
 
 @click.command()
-@click.option("--resolution", default=512, show_default=True, help="Bucket area is at most RESOLUTION² px.")
-@click.option("--min-side", type=int, help="Smallest bucket side in px (default: resolution / 2).")
-@click.option("--max-side", type=int, help="Largest bucket side in px (default: resolution * 2).")
-@click.option("--step", default=64, show_default=True, help="Bucket sides are multiples of this (px).")
+@click.option("--resolution", default=512, show_default=True, type=POSITIVE, help="Bucket area is at most RESOLUTION² px.")
+@click.option("--min-side", type=POSITIVE, help="Smallest bucket side in px (default: resolution / 2).")
+@click.option("--max-side", type=POSITIVE, help="Largest bucket side in px (default: resolution * 2).")
+@click.option("--step", default=64, show_default=True, type=POSITIVE, help="Bucket sides are multiples of this (px).")
 @click.option("--images", type=click.Path(exists=True), help="Image shards: show how they fall into the buckets.")
 @click.option("--selection", type=click.Path(exists=True), help="With --images: count only the selected images.")
 @click.option("--plot", type=click.Path(), help="With --images: write a bar chart PNG here (default: buckets.png).")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import column_options, columns_from
+from latentmill.cli.options import COUNT, POSITIVE, Finite, column_options, columns_from
 
 
 @click.command()
@@ -13,20 +13,20 @@ from latentmill.cli.options import column_options, columns_from
 @click.option("--retry-failed", "retry_folder", type=click.Path(),
               help="Instead of TABLE: download again the rows that failed in this image folder, into new shards.")
 @click.option("--only-reason", multiple=True, help="With --retry-failed: retry only these reasons (e.g. timeout, http_503).")
-@click.option("--image-size", default=1024, show_default=True,
+@click.option("--image-size", default=1024, show_default=True, type=POSITIVE,
               help="Cap on the smaller side in px (ratio kept, never upscaled); set above your largest bucket side.")
-@click.option("--min-image-size", default=256, show_default=True, help="Drop images whose smaller side is below this (px).")
-@click.option("--max-aspect-ratio", default=4.0, show_default=True, help="Drop images more elongated than this.")
-@click.option("--processes", type=int, help="Download processes (default: CPU count, at most 16).")
-@click.option("--threads", default=64, show_default=True, help="Download threads per process.")
+@click.option("--min-image-size", default=256, show_default=True, type=COUNT, help="Drop images whose smaller side is below this (px).")
+@click.option("--max-aspect-ratio", default=4.0, show_default=True, type=Finite(min=1.0), help="Drop images more elongated than this.")
+@click.option("--processes", type=POSITIVE, help="Download processes (default: CPU count, at most 16).")
+@click.option("--threads", default=64, show_default=True, type=POSITIVE, help="Download threads per process.")
 @click.option("--distributor", type=click.Choice(["multiprocessing", "pyspark", "ray"]), default="multiprocessing",
               show_default=True, help="img2dataset's distributor.")
 @click.option("--ray-address", help="With --distributor ray: the cluster to join ('auto', or ray://HOST:10001); default: a local Ray.")
-@click.option("--retries", default=2, show_default=True, help="Retries per URL.")
-@click.option("--timeout", default=10, show_default=True, help="Per-request timeout in seconds.")
+@click.option("--retries", default=2, show_default=True, type=COUNT, help="Retries per URL.")
+@click.option("--timeout", default=10, show_default=True, type=POSITIVE, help="Per-request timeout in seconds.")
 @click.option("--user-agent-token", default="latentmill", show_default=True,
               help="Token added to the User-Agent, so site owners can identify and opt out.")
-@click.option("--shard-size", default=10_000, show_default=True, help="Samples per shard.")
+@click.option("--shard-size", default=10_000, show_default=True, type=POSITIVE, help="Samples per shard.")
 @click.option("--ignore-opt-out", is_flag=True, help="Do not honour X-Robots-Tag noai/noimageai/noindex headers.")
 @click.option("--allow-private-addresses", is_flag=True,
               help="Fetch URLs on loopback/private/link-local hosts (only for your own test servers).")

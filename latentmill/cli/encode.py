@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import executor_from, executor_options, progress_bar
+from latentmill.cli.options import POSITIVE, executor_from, executor_options, progress_bar
 
 
 @click.command()
@@ -13,13 +13,13 @@ from latentmill.cli.options import executor_from, executor_options, progress_bar
 @click.option("--selection", type=click.Path(exists=True), help="Selection folder (key, keep); default: keep all.")
 @click.option("--vae", default="tiny", show_default=True,
               help="Diffusers model id or local folder, or an architecture with random weights: tiny, sd15.")
-@click.option("--resolution", default=512, show_default=True, help="Bucket area is at most RESOLUTION² px.")
-@click.option("--min-side", type=int, help="Smallest bucket side (default: resolution / 2).")
-@click.option("--max-side", type=int, help="Largest bucket side (default: resolution * 2).")
-@click.option("--step", default=64, show_default=True, help="Bucket side step in px.")
+@click.option("--resolution", default=512, show_default=True, type=POSITIVE, help="Bucket area is at most RESOLUTION² px.")
+@click.option("--min-side", type=POSITIVE, help="Smallest bucket side (default: resolution / 2).")
+@click.option("--max-side", type=POSITIVE, help="Largest bucket side (default: resolution * 2).")
+@click.option("--step", default=64, show_default=True, type=POSITIVE, help="Bucket side step in px.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--precision", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")
-@click.option("--batch-size", default=16, show_default=True, help="Images per VAE call (one bucket per batch).")
+@click.option("--batch-size", default=16, show_default=True, type=POSITIVE, help="Images per VAE call (one bucket per batch).")
 @click.option("--flip", is_flag=True, help="Also store the latent of the horizontally flipped image.")
 @click.option("--std", is_flag=True, help="Also store the posterior std (fresh latent samples at train time).")
 @click.option("--crop", type=click.Choice(["center", "random"]), default="center", show_default=True)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import executor_from, executor_options, progress_bar
+from latentmill.cli.options import (
+    COUNT,
+    POSITIVE,
+    POSITIVE_FLOAT,
+    Finite,
+    executor_from,
+    executor_options,
+    progress_bar,
+)
 
 
 @click.command()
@@ -15,8 +23,8 @@ from latentmill.cli.options import executor_from, executor_options, progress_bar
               help="open_clip pretrained tag, a local checkpoint file, or 'none' (random weights).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--workers", default=2, show_default=True, help="DataLoader workers decoding images.")
+@click.option("--batch-size", default=64, show_default=True, type=POSITIVE)
+@click.option("--workers", default=2, show_default=True, type=COUNT, help="DataLoader workers decoding images.")
 @click.option("--aesthetic-head", type=click.Path(), help="LAION aesthetic predictor (v2 MLP or v1 linear) state dict.")
 @click.option("--unsafe-head", type=click.Path(),
               help="LAION's CLIP-based NSFW detector: its published zip (clip_autokeras_binary_nsfw.zip, "
@@ -57,13 +65,13 @@ def score(images, output, clip_model, pretrained, device, precision, batch_size,
 @click.argument("scores", type=click.Path(exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder of selection parquets.")
 @click.option("--preset", help="Published cuts: laion-aesthetics-v2-5plus, -6plus, -6.5plus, sd-v1.")
-@click.option("--min-aesthetic", type=float)
-@click.option("--max-pwatermark", type=float)
-@click.option("--max-punsafe", type=float)
-@click.option("--min-similarity", type=float, help="Minimum CLIP image-caption cosine (LAION used 0.28 on ViT-B/32).")
-@click.option("--min-side", type=int, help="Minimum decoded smaller side, px.")
-@click.option("--min-area", type=int, help="Minimum decoded area, px.")
-@click.option("--max-aspect", type=float, help="Maximum long/short side ratio.")
+@click.option("--min-aesthetic", type=Finite())
+@click.option("--max-pwatermark", type=Finite())
+@click.option("--max-punsafe", type=Finite())
+@click.option("--min-similarity", type=Finite(), help="Minimum CLIP image-caption cosine (LAION used 0.28 on ViT-B/32).")
+@click.option("--min-side", type=POSITIVE, help="Minimum decoded smaller side, px.")
+@click.option("--min-area", type=POSITIVE, help="Minimum decoded area, px.")
+@click.option("--max-aspect", type=Finite(min=1.0), help="Maximum long/short side ratio.")
 @click.option("--where", multiple=True, help='A rule such as "aesthetic >= 6 and pwatermark < 0.5" (repeatable).')
 @click.option("--no-plots", is_flag=True, help="Skip the histogram PNGs.")
 def select(scores, output, preset, min_aesthetic, max_pwatermark, max_punsafe, min_similarity, min_side, min_area,
@@ -95,9 +103,9 @@ def select(scores, output, preset, min_aesthetic, max_pwatermark, max_punsafe, m
 @click.option("--target", required=True, help="Label column to fit.")
 @click.option("--kind", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True)
 @click.option("--column", help="Score column the head will write (default: the target's name).")
-@click.option("--validation-fraction", default=0.2, show_default=True)
-@click.option("--epochs", default=300, show_default=True, help="AdamW epochs (classifiers and MLPs).")
-@click.option("--alpha", type=float, help="Ridge penalty of a linear regressor (default: chosen by 5-fold CV).")
+@click.option("--validation-fraction", default=0.2, show_default=True, type=Finite(0.0, 1.0, min_open=True, max_open=True))
+@click.option("--epochs", default=300, show_default=True, type=POSITIVE, help="AdamW epochs (classifiers and MLPs).")
+@click.option("--alpha", type=POSITIVE_FLOAT, help="Ridge penalty of a linear regressor (default: chosen by 5-fold CV).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Head file (.safetensors).")
 def fit_head(embeddings, scores, labels, target, kind, column, validation_fraction, epochs, alpha, seed, output):

@@ -4,31 +4,33 @@ from __future__ import annotations
 
 import click
 
+from latentmill.cli.options import COUNT, NONNEGATIVE, POSITIVE, POSITIVE_FLOAT, PROBABILITY, Finite
+
 
 @click.command()
 @click.argument("shards")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Run folder (checkpoints, log.jsonl).")
 @click.option("--model", default="tiny", show_default=True, help="tiny, sd15, sd2-base, or a pretrained diffusers folder.")
 @click.option("--text-encoder", help="openclip:NAME[:PRETRAINED] or a pipeline folder; default: text_emb in the shards.")
-@click.option("--steps", default=1000, show_default=True, help="Optimizer steps.")
-@click.option("--batch-size", default=16, show_default=True, help="Per rank and micro-step.")
-@click.option("--grad-accum", default=1, show_default=True)
-@click.option("--lr", "learning_rate", default=1e-4, show_default=True)
-@click.option("--warmup-steps", default=100, show_default=True)
+@click.option("--steps", default=1000, show_default=True, type=POSITIVE, help="Optimizer steps.")
+@click.option("--batch-size", default=16, show_default=True, type=POSITIVE, help="Per rank and micro-step.")
+@click.option("--grad-accum", default=1, show_default=True, type=POSITIVE)
+@click.option("--lr", "learning_rate", default=1e-4, show_default=True, type=POSITIVE_FLOAT)
+@click.option("--warmup-steps", default=100, show_default=True, type=COUNT)
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
 @click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True)
-@click.option("--min-snr-gamma", type=float, default=5.0, show_default=True, help="0 turns min-SNR weighting off.")
-@click.option("--noise-offset", type=float, default=0.0, show_default=True)
-@click.option("--caption-dropout", type=float, default=0.1, show_default=True)
+@click.option("--min-snr-gamma", type=NONNEGATIVE, default=5.0, show_default=True, help="0 turns min-SNR weighting off.")
+@click.option("--noise-offset", type=NONNEGATIVE, default=0.0, show_default=True)
+@click.option("--caption-dropout", type=PROBABILITY, default=0.1, show_default=True)
 @click.option("--size-conditioning", is_flag=True, help="SDXL-style conditioning on each image's original size and crop.")
-@click.option("--ema-decay", type=float, default=0.9999, show_default=True)
+@click.option("--ema-decay", type=PROBABILITY, default=0.9999, show_default=True)
 @click.option("--mode", type=click.Choice(["resampled", "epoch"]), default="resampled", show_default=True)
 @click.option("--workers", type=click.IntRange(min=0),
               help="Loader processes per rank reading shards (default: up to 4 on CUDA, with pinned memory; 0 on CPU).")
 @click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=1),
               help="Read the loss back from the device and log it every N steps.")
-@click.option("--checkpoint-every", default=500, show_default=True)
-@click.option("--keep-checkpoints", default=3, show_default=True)
+@click.option("--checkpoint-every", default=500, show_default=True, type=POSITIVE)
+@click.option("--keep-checkpoints", default=3, show_default=True, type=POSITIVE)
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint, exactly.")
 @click.option("--init-from", type=click.Path(exists=True), help="Start from another run's EMA weights (e.g. 256 px, then 512).")
 @click.option("--device", default="auto", show_default=True)
@@ -36,7 +38,7 @@ import click
 @click.option("--gradient-checkpointing", is_flag=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the U-Net.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--sample-every", default=0, show_default=True, help="Write a sample grid of fixed prompts every N steps.")
+@click.option("--sample-every", default=0, show_default=True, type=COUNT, help="Write a sample grid of fixed prompts every N steps.")
 @click.option("--vae", help="VAE for sample grids; checked against the one the latents were made with.")
 def train(shards, output, model, text_encoder, steps, batch_size, grad_accum, learning_rate, warmup_steps, schedule,
           prediction, min_snr_gamma, noise_offset, caption_dropout, size_conditioning, ema_decay, mode, workers, log_every, checkpoint_every, keep_checkpoints,
@@ -96,7 +98,7 @@ def export(run, output, no_ema, vae):
 @click.command()
 @click.argument("a", type=click.Path(exists=True))
 @click.argument("b", type=click.Path(exists=True))
-@click.option("--alpha", type=float, required=True, help="Weight of B (weighted sum) or of B - BASE (add difference).")
+@click.option("--alpha", type=Finite(), required=True, help="Weight of B (weighted sum) or of B - BASE (add difference).")
 @click.option("--base", type=click.Path(exists=True), help="Add difference: A + alpha * (B - BASE).")
 @click.option("--no-ema", is_flag=True, help="Merge the raw weights instead of the EMA.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Run folder for the merged weights.")
@@ -118,11 +120,11 @@ def merge(a, b, alpha, base, no_ema, output):
 @click.argument("run", type=click.Path(exists=True))
 @click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt (repeatable): one image each.")
 @click.option("-o", "--output", default="samples.png", show_default=True, type=click.Path(), help="Grid PNG.")
-@click.option("--steps", default=20, show_default=True, help="DDIM steps.")
-@click.option("--guidance", default=5.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--steps", default=20, show_default=True, type=POSITIVE, help="DDIM steps.")
+@click.option("--guidance", default=5.0, show_default=True, type=Finite(), help="Classifier-free guidance scale.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--width", type=int, help="Image width in px (default: the training resolution).")
-@click.option("--height", type=int, help="Image height in px (default: the training resolution).")
+@click.option("--width", type=POSITIVE, help="Image width in px (default: the training resolution).")
+@click.option("--height", type=POSITIVE, help="Image height in px (default: the training resolution).")
 def sample(run, prompts, output, steps, guidance, seed, width, height):
     """Generate images from RUN's last checkpoint (EMA weights) into one grid PNG.
 

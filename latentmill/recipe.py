@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from importlib import resources
 from pathlib import Path
 
@@ -105,6 +106,9 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> dict:
         recipe = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise InputError(f"{source}: not valid YAML ({err}).") from None
+    if not isinstance(recipe, dict):
+        raise InputError(f"{source}: a recipe is a mapping of sections (urls:, download:, train: ...), not a "
+                         f"{type(recipe).__name__}. See recipes/demo.yaml.")
     for override in overrides:
         key, sep, value = override.partition("=")
         section, dot, field = key.partition(".")
@@ -127,12 +131,19 @@ def validate(recipe: dict, source: str) -> None:
             continue
         if section in LISTS:
             fields = {f.name for f in dataclasses.fields(LISTS[section])}
+            if not isinstance(body or [], list):
+                raise InputError(f"{source}: {section} is a list of stages (- name: ...), not a {type(body).__name__}.")
             for i, item in enumerate(body or []):
+                if not isinstance(item, dict):
+                    raise InputError(f"{source}: {section}[{i}] is a mapping of keys ({', '.join(sorted(fields))}), "
+                                     f"not a {type(item).__name__}.")
                 for key in item:
                     if key not in fields:
                         raise InputError(f"{source}: unknown key {section}[{i}].{key}.{_nearest(key, fields)}")
             continue
         schema = SECTIONS[section]()
+        if not isinstance(body or {}, dict):
+            raise InputError(f"{source}: section {section} is a mapping of keys (key: value), not a {type(body).__name__}.")
         fields = {f.name: f for f in dataclasses.fields(schema)}
         allowed = set(fields) - RUN_MANAGED.get(section, set())
         for key, value in (body or {}).items():
@@ -142,8 +153,9 @@ def validate(recipe: dict, source: str) -> None:
             default = fields[key].default
             if isinstance(default, bool) and not isinstance(value, bool):
                 raise InputError(f"{source}: {section}.{key} must be true or false, got {value!r}.")
-            if isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(value, (int, float)):
-                raise InputError(f"{source}: {section}.{key} must be a number, got {value!r}.")
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                    isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+                raise InputError(f"{source}: {section}.{key} must be a finite number, got {value!r}.")
 
 
 def section(recipe: dict, name: str, **extra):

@@ -44,3 +44,35 @@ class TrainConfig:
     sample_prompts: tuple[str, ...] = ("a photograph of a cat", "a red circle on a blue background",
                                        "a landscape with mountains", "an astronaut")
     sample_steps: int = 20
+
+    def check(self) -> TrainConfig:
+        """Every number in its range, named as the recipe key (train.KEY) and the flag (--key) spell it."""
+        import math
+
+        from latentmill.curate.errors import InputError
+
+        at_least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "log_every": 1, "checkpoint_every": 1,
+                    "keep_checkpoints": 1, "sample_steps": 1, "shuffle_buffer": 1, "warmup_steps": 0, "sample_every": 0}
+        if self.workers is not None:
+            at_least["workers"] = 0
+        between = {"caption_dropout": (0.0, 1.0), "ema_decay": (0.0, 1.0)}
+        positive = ("learning_rate", "max_grad_norm")
+        non_negative = ("weight_decay", "noise_offset") + (("min_snr_gamma",) if self.min_snr_gamma is not None else ())
+        for key, low in at_least.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"train.{key} ({_flag(key)}) = {value!r}: use a whole number >= {low}.")
+        for key in (*between, *positive, *non_negative):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"train.{key} ({_flag(key)}) = {value!r}: use a finite number.")
+            low, high = between.get(key, (0.0, math.inf))
+            if not low <= value <= high or (key in positive and value <= 0):
+                bound = f"between {low} and {high}" if key in between else "> 0" if key in positive else ">= 0"
+                raise InputError(f"train.{key} ({_flag(key)}) = {value!r}: use a number {bound}.")
+        return self
+
+
+def _flag(key: str) -> str:
+    """The command-line flag of a train key (they match, but for --lr)."""
+    return "--lr" if key == "learning_rate" else f"--{key.replace('_', '-')}"

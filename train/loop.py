@@ -55,6 +55,7 @@ def train(config: TrainConfig, progress=None) -> dict:
     from diffusers import DDPMScheduler
 
     # --- setup ------------------------------------------------------------------------------------
+    config.check()
     rank, world = _distributed()
     device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and world > 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -153,8 +154,14 @@ def download(source: str | Path, output: str | Path, config: DownloadConfig) -> 
     config.validate()
     output = Path(output)
     state = output / STATE_DIR
+    created = not output.exists()
     state.mkdir(parents=True, exist_ok=True)
-    input_path, extras, dropped = prepare_input(source, state, config)
+    try:
+        input_path, extras, dropped = prepare_input(source, state, config)
+    except InputError:
+        if created:  # a table refused before any download leaves nothing behind
+            shutil.rmtree(output, ignore_errors=True)
+        raise
     write_json(state / "download.json", {"source": str(source), "extras": extras, "config": asdict(config)})
     before = done_shards(output)
     started = time.perf_counter()

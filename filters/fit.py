@@ -40,11 +40,24 @@ def read_labels(labels: str | Path, target: str) -> dict[str, float]:
     labels = Path(labels)
     if not labels.exists():
         raise InputError(f"{labels}: no such labels file.")
-    table = pd.read_parquet(labels) if labels.suffix == ".parquet" else pd.read_csv(labels, dtype={"key": str})
+    try:
+        table = pd.read_parquet(labels) if labels.suffix == ".parquet" else pd.read_csv(labels, dtype={"key": str})
+    except (ValueError, OSError, pd.errors.ParserError) as err:
+        raise InputError(f"{labels}: cannot be read as {'parquet' if labels.suffix == '.parquet' else 'csv'} "
+                         f"({str(err).splitlines()[0][:160]}).") from None
     for column in ("key", target):
         if column not in table.columns:
             raise InputError(f"{labels}: no column {column!r}. Columns found: {', '.join(map(str, table.columns))}.")
-    return dict(zip(table["key"].astype(str), table[target].astype(float), strict=True))
+    values = pd.to_numeric(table[target], errors="coerce")
+    bad = table[values.isna() | ~np.isfinite(values.fillna(0))]
+    if len(bad):
+        row = bad.index[0]
+        raise InputError(f"{labels}: column {target!r} must hold numbers (0/1 for a classifier), but row {row + 2} "
+                         f"(key {table['key'].iloc[row]}) has {table[target].iloc[row]!r}"
+                         f"{f' ({len(bad) - 1} more such rows)' if len(bad) > 1 else ''}.")
+    if table.empty:
+        raise InputError(f"{labels}: no labelled rows.")
+    return dict(zip(table["key"].astype(str), values.astype(float), strict=True))
 
 
 def labelled_embeddings(embeddings: str | Path, labels: dict[str, float], scores: str | Path | None = None,

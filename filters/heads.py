@@ -44,14 +44,19 @@ def load_state_dict(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such head file. Download the published weights and pass their path.")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty. Download the published weights again.")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise InputError(f"{path}: not a readable safetensors file ({_first_line(err)}).") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for non-checkpoint files
-        raise InputError(f"{path}: not a PyTorch state dict ({str(err).splitlines()[0][:120]}).") from None
+        raise InputError(f"{path}: not a PyTorch state dict ({_first_line(err)}).") from None
     if isinstance(state, dict) and "weights" in state and isinstance(state["weights"], dict):
         state = state["weights"]
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -59,6 +64,10 @@ def load_state_dict(path: str | Path) -> dict:
     if not isinstance(state, dict):
         raise InputError(f"{path}: expected a state dict (name -> tensor), found {type(state).__name__}.")
     return state
+
+
+def _first_line(err: BaseException) -> str:
+    return ((str(err).splitlines() or [""])[0] or type(err).__name__)[:120]
 
 
 def check_layout(path, state: dict, expected: dict[str, tuple | None], what: str) -> None:
@@ -245,8 +254,11 @@ def load_unsafe(path: str | Path, column: str = "punsafe") -> Head:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(path, framework="pt") as handle:
-            meta = handle.metadata() or {}
+        try:
+            with safe_open(path, framework="pt") as handle:
+                meta = handle.metadata() or {}
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise InputError(f"{path}: not a readable safetensors file ({_first_line(err)}).") from None
         if meta.get("format") == NSFW_FORMAT:
             model = read_converted_nsfw(path, load_state_dict(path), meta)
             return Head(column, model.input_dim, keras_nsfw_module(model).eval())
@@ -362,8 +374,11 @@ def fitted_metadata(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such head file.")
-    with safe_open(path, framework="pt") as handle:
-        meta = handle.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise InputError(f"{path}: not a head saved by `latentmill fit-head` ({_first_line(err)}).") from None
     if meta.get("format") != "latentmill.head/1":
         raise InputError(f"{path}: not a head saved by `latentmill fit-head` (no latentmill.head/1 metadata).")
     return meta | {"metrics": json.loads(meta.get("metrics", "{}"))}

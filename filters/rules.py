@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ast
 import difflib
+import math
 import operator
+import re
 
 import numpy as np
 
@@ -29,15 +31,31 @@ def derived_columns(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return columns
 
 
+MAX_RULE_LENGTH = 2_000
+MAX_RULE_DEPTH = 50
+
+
+def _as_float(value) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
 class Rule:
     """A named boolean expression over columns; `passes(columns)` gives the mask of rows that pass."""
 
     def __init__(self, name: str, expression: str, known: list[str]):
         self.name, self.expression = name, expression
+        shown = expression if len(expression) <= 80 else expression[:77] + "..."
+        if len(expression) > MAX_RULE_LENGTH:
+            raise InputError(f"rule {shown!r}: {len(expression):,} characters; a rule may have {MAX_RULE_LENGTH:,}.")
+        if expression.count("(") + len(re.findall(r"\bnot\b", expression)) > MAX_RULE_DEPTH:
+            raise InputError(f"rule {shown!r}: nested too deeply (at most {MAX_RULE_DEPTH} levels of not and parentheses).")
         try:
             tree = ast.parse(expression, mode="eval")
-        except SyntaxError as err:
-            raise InputError(f"rule {expression!r}: not a valid expression ({err.msg}).") from None
+        except (SyntaxError, RecursionError, MemoryError) as err:
+            raise InputError(f"rule {shown!r}: not a valid expression ({getattr(err, 'msg', type(err).__name__)}).") from None
         self._check(tree.body, known)
         self.tree = tree.body
 
@@ -66,6 +84,8 @@ class Rule:
             self._check_operand(node.operand, known)
         elif not (isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool)):
             raise InputError(f"rule {self.expression!r}: compare columns with numbers only (found {ast.unparse(node)!r}).")
+        elif not math.isfinite(_as_float(node.value)):
+            raise InputError(f"rule {self.expression[:80]!r}: the number {str(node.value)[:20]}... is not a finite float.")
 
     def passes(self, columns: dict[str, np.ndarray]) -> np.ndarray:
         return self._eval(self.tree, columns)

@@ -156,6 +156,11 @@ def validate(recipe: dict, source: str) -> None:
             if isinstance(default, (int, float)) and not isinstance(default, bool) and (
                     isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
                 raise InputError(f"{source}: {section}.{key} must be a finite number, got {value!r}.")
+        if section == "train":  # ranges too, before any stage runs
+            try:
+                schema(**{"shards": "-", "output": "-", **(body or {})}).check()
+            except InputError as err:
+                raise InputError(f"{source}: {err}") from None
 
 
 def section(recipe: dict, name: str, **extra):

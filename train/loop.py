@@ -63,9 +63,7 @@ def train(config: TrainConfig, progress=None) -> dict:
     precision = config.precision if config.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     run = Path(config.output)
-    run.mkdir(parents=True, exist_ok=True)
-
-    shards = expand_shards(config.shards)
+    shards = expand_shards(config.shards)  # before anything is written: bad input leaves no run folder
     loader = LatentLoader(shards, config.batch_size, seed=config.seed, rank=rank, world_size=world, mode=config.mode,
                           shuffle_buffer=config.shuffle_buffer, flip=config.flip,
                           workers=_loader_workers(config, device, len(shards) // world),
@@ -80,6 +78,7 @@ def train(config: TrainConfig, progress=None) -> dict:
     sample_size = manifest["resolution"] // manifest["downsample_factor"]
     unet = build_unet(config.model, manifest["latent_channels"], text_width, sample_size, config.seed,
                       config.size_conditioning).to(device)
+    run.mkdir(parents=True, exist_ok=True)
     if config.init_from:
         _init_from(unet, Path(config.init_from))
     if config.gradient_checkpointing:

@@ -1,0 +1,184 @@
+"""The bad-input corpus: every case is exit 2, a message that names the culprit, and nothing written or
+changed (the zoo folder, which holds the earlier outputs, is byte-identical afterwards)."""
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.conftest import image_entry, make_shard
+
+
+def tree_digest(root):
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    z = tmp_path_factory.mktemp("zoo")
+    (z / "nourl.csv").write_text("foo,bar\n1,2\n")
+    (z / "bad.jsonl").write_text('{"URL": "http://a.com/1.jpg"}\n{broken\n')
+    (z / "empty.csv").write_text("")
+    (z / "notparquet.parquet").write_text("hello")
+    (z / "emptydir").mkdir()
+    (z / "list.yaml").write_text("- a\n- b\n")
+    (z / "sectionlist.yaml").write_text("train: [1, 2]\n")
+    (z / "unknown.yaml").write_text("train:\n  bogus_key: 3\n")
+    (z / "evil.yaml").write_text('train: !!python/object/apply:os.system ["echo hi"]\n')
+    (z / "bs0.yaml").write_text("train:\n  batch_size: 0\n")
+    (z / "steps-text.yaml").write_text("train:\n  steps: many\n")
+    (z / "stages-map.yaml").write_text("stages:\n  name: a\n")
+    (z / "stage-item.yaml").write_text("stages:\n  - 3\n")
+    (z / "badyaml.yaml").write_text("train: [unclosed\n")
+    (z / "empty.pth").write_bytes(b"")
+    (z / "text.pth").write_text("text")
+    (z / "text.safetensors").write_text("text")
+    torch.save({"layers.0.weight": torch.zeros(3, 3)}, z / "wrongshape.pth")
+    (z / "images").mkdir()
+    make_shard(z / "images" / "00000.tar", [image_entry("000000000", 160, 120)])
+    (z / "lat").mkdir()
+    (z / "lat" / "manifest.json").write_text('{"format": "latentmill.latents/1"}')
+    scores = z / "scores"
+    scores.mkdir()
+    table = pa.table({"key": ["000000000"], "url": ["u"], "caption": ["c"], "width": pa.array([160], pa.int32()),
+                      "height": pa.array([120], pa.int32()), "original_width": pa.array([160], pa.int32()),
+                      "original_height": pa.array([120], pa.int32()), "aesthetic": pa.array([5.0], pa.float32()),
+                      "clip_similarity": pa.array([0.3], pa.float32()), "error": pa.array([None], pa.string())})
+    pq.write_table(table, scores / "00000.parquet")
+    (scores / "00000.stats.json").write_text(json.dumps({"shard": "00000", "images": 1}))
+    (z / "labels.csv").write_text("key,target\n000000000,hello\n")
+    np.save(z / "emb.npy", np.zeros((1, 32), np.float16))
+    return z
+
+
+def cases():
+    """(id, args with {z} for the zoo, what the message must name)."""
+    L, R, IM, S = "{z}/lat", "{z}/run", "{z}/images", "{z}/scores"
+    train = ["train", L, "-o", R]
+    sample = ["sample", "{z}/emptydir", "--prompt", "x"]
+    score = ["score", IM, "-o", "{z}/out", "--clip-model", "latentmill-tiny", "--pretrained", "none"]
+    select = ["select", S, "-o", "{z}/sel"]
+    download = ["download", "{z}/nourl.csv", "-o", "{z}/img"]
+    fit = ["fit-head", "--embeddings", "{z}", "--labels", "{z}/labels.csv", "--target", "target", "-o", "{z}/h.safetensors"]
+    return [
+        # options: ranges, finiteness, choices
+        ("train-batch-0", [*train, "--batch-size", "0"], "--batch-size"),
+        ("train-lr-nan", [*train, "--lr", "nan"], "--lr"),
+        ("train-lr-0", [*train, "--lr", "0"], "--lr"),
+        ("train-steps-neg", [*train, "--steps", "-1"], "--steps"),
+        ("train-accum-0", [*train, "--grad-accum", "0"], "--grad-accum"),
+        ("train-ckpt-0", [*train, "--checkpoint-every", "0"], "--checkpoint-every"),
+        ("train-dropout", [*train, "--caption-dropout", "1.5"], "--caption-dropout"),
+        ("train-ema", [*train, "--ema-decay", "-0.1"], "--ema-decay"),
+        ("train-keep-0", [*train, "--keep-checkpoints", "0"], "--keep-checkpoints"),
+        ("train-workers", [*train, "--workers", "-1"], "--workers"),
+        ("train-warmup", [*train, "--warmup-steps", "-5"], "--warmup-steps"),
+        ("train-offset-inf", [*train, "--noise-offset", "inf"], "--noise-offset"),
+        ("train-log-0", [*train, "--log-every", "0"], "--log-every"),
+        ("train-mode", [*train, "--mode", "sometimes"], "--mode"),
+        ("train-steps-text", [*train, "--steps", "ten"], "--steps"),
+        ("sample-steps-0", [*sample, "--steps", "0"], "--steps"),
+        ("sample-width-0", [*sample, "--width", "0"], "--width"),
+        ("sample-guidance-nan", [*sample, "--guidance", "nan"], "--guidance"),
+        ("buckets-res-0", ["buckets", "--resolution", "0"], "--resolution"),
+        ("buckets-step-0", ["buckets", "--step", "0"], "--step"),
+        ("buckets-min-side", ["buckets", "--resolution", "512", "--min-side", "600"], "min side 600"),
+        ("encode-batch-0", ["encode", IM, "-o", "{z}/o", "--batch-size", "0"], "--batch-size"),
+        ("encode-res-neg", ["encode", IM, "-o", "{z}/o", "--resolution", "-1"], "--resolution"),
+        ("encode-crop", ["encode", IM, "-o", "{z}/o", "--crop", "diagonal"], "crop"),
+        ("encode-assign", ["encode", IM, "-o", "{z}/o", "--bucket-assign", "nearest"], "bucket-assign"),
+        ("score-batch-0", [*score, "--batch-size", "0"], "--batch-size"),
+        ("score-workers", [*score, "--workers", "-1"], "--workers"),
+        ("score-threads", [*score, "--threads", "0"], "--threads"),
+        ("score-actors", [*score, "--actors", "0"], "--actors"),
+        ("select-aspect", [*select, "--max-aspect", "0.5"], "--max-aspect"),
+        ("select-punsafe-nan", [*select, "--max-punsafe", "nan"], "--max-punsafe"),
+        ("select-min-side", [*select, "--min-side", "0"], "--min-side"),
+        ("fit-epochs", [*fit, "--epochs", "0"], "--epochs"),
+        ("fit-validation", [*fit, "--validation-fraction", "1.0"], "--validation-fraction"),
+        ("download-threads", [*download, "--threads", "0"], "--threads"),
+        ("download-timeout", [*download, "--timeout", "0"], "--timeout"),
+        ("download-shard-size", [*download, "--shard-size", "0"], "--shard-size"),
+        ("download-retries", [*download, "--retries", "-1"], "--retries"),
+        ("download-aspect-nan", [*download, "--max-aspect-ratio", "nan"], "--max-aspect-ratio"),
+        ("merge-alpha-nan", ["merge", "{z}/emptydir", "{z}/emptydir", "--alpha", "nan", "-o", "{z}/m"], "--alpha"),
+        # tables
+        ("table-no-url", ["urls", "inspect", "{z}/nourl.csv"], "no URL column"),
+        ("table-bad-jsonl", ["urls", "inspect", "{z}/bad.jsonl"], "bad.jsonl"),
+        ("table-empty", ["urls", "inspect", "{z}/empty.csv"], "empty.csv: the file is empty"),
+        ("table-not-parquet", ["urls", "inspect", "{z}/notparquet.parquet"], "notparquet.parquet: cannot be read as parquet"),
+        ("table-empty-folder", ["urls", "inspect", "{z}/emptydir"], "holds no .parquet"),
+        ("prefilter-no-url", ["urls", "prefilter", "{z}/nourl.csv", "-o", "{z}/out.parquet"], "--url-col"),
+        ("download-no-url", download, "--url-col"),
+        # recipes
+        ("recipe-list", ["run", "{z}/list.yaml", "--work", "{z}/w"], "a recipe is a mapping"),
+        ("recipe-section-list", ["run", "{z}/sectionlist.yaml", "--work", "{z}/w"], "section train is a mapping"),
+        ("recipe-unknown-key", ["run", "{z}/unknown.yaml", "--work", "{z}/w"], "train.bogus_key"),
+        ("recipe-python-tag", ["run", "{z}/evil.yaml", "--work", "{z}/w"], "not valid YAML"),
+        ("recipe-batch-0", ["run", "{z}/bs0.yaml", "--work", "{z}/w"], "train.batch_size"),
+        ("recipe-steps-text", ["run", "{z}/steps-text.yaml", "--work", "{z}/w"], "train.steps"),
+        ("recipe-stages-map", ["run", "{z}/stages-map.yaml", "--work", "{z}/w"], "stages is a list"),
+        ("recipe-stage-item", ["run", "{z}/stage-item.yaml", "--work", "{z}/w"], "stages[0]"),
+        ("recipe-bad-yaml", ["run", "{z}/badyaml.yaml", "--work", "{z}/w"], "badyaml.yaml: not valid YAML"),
+        ("recipe-unknown-name", ["run", "no-such-recipe", "--work", "{z}/w"], "no-such-recipe"),
+        ("recipe-bad-set", ["run", "demo", "--work", "{z}/w", "--set", "trainsteps"], "section.key=value"),
+        # heads
+        ("head-aesthetic-empty", [*score, "--aesthetic-head", "{z}/empty.pth"], "empty.pth"),
+        ("head-aesthetic-text", [*score, "--aesthetic-head", "{z}/text.pth"], "text.pth: not a PyTorch state dict"),
+        ("head-aesthetic-shape", [*score, "--aesthetic-head", "{z}/wrongshape.pth"], "wrongshape.pth"),
+        ("head-unsafe-text", [*score, "--unsafe-head", "{z}/text.pth"], "text.pth"),
+        ("head-unsafe-missing", [*score, "--unsafe-head", "{z}/nowhere.zip"], "nowhere.zip: no such unsafe-head file"),
+        ("head-watermark-empty", [*score, "--watermark-head", "{z}/empty.pth"], "empty.pth"),
+        ("head-fitted-text", [*score, "--head", "{z}/text.safetensors"], "text.safetensors"),
+        ("convert-not-zip", ["convert-head", "laion-nsfw", "{z}/text.pth", "-o", "{z}/h.safetensors"], "text.pth: not LAION's"),
+        ("convert-out-suffix", ["convert-head", "laion-nsfw", "{z}/text.pth", "-o", "{z}/h.pt"], "-o"),
+        ("fit-reserved-column", [*fit, "--column", "caption"], "cannot write column 'caption'"),
+        ("fit-text-labels", fit, "row 2 (key 000000000) has 'hello'"),
+        # folders, runs, latents
+        ("images-empty", ["images", "inspect", "{z}/emptydir"], "no .tar image shards"),
+        ("encode-empty", ["encode", "{z}/emptydir", "-o", "{z}/o"], "no .tar image shards"),
+        ("score-empty", ["score", "{z}/emptydir", "-o", "{z}/o", "--clip-model", "latentmill-tiny", "--pretrained", "none"],
+         "emptydir"),
+        ("select-empty", ["select", "{z}/emptydir", "-o", "{z}/sel"], "no finished score shards"),
+        ("report-empty", ["report", "{z}/emptydir"], "not a latentmill work folder"),
+        ("export-no-ckpt", ["export", "{z}/emptydir", "-o", "{z}/p"], "no checkpoints"),
+        ("sample-no-ckpt", sample, "no checkpoints"),
+        ("merge-no-ckpt", ["merge", "{z}/emptydir", "{z}/emptydir", "--alpha", "0.5", "-o", "{z}/m"], "neither a .safetensors"),
+        ("train-no-tars", train, "no latent shards"),
+        ("train-missing-pattern", ["train", "{z}/lat/{00000..00003}.tar", "-o", R], "no latent shards at"),
+        ("train-resume-new-run", [*train, "--resume"], "no latent shards"),
+        # selection rules
+        ("where-import", [*select, "--where", "import os"], "rule 'import os'"),
+        ("where-dunder", [*select, "--where", "__import__('os').system('x')"], "found Call"),
+        ("where-unknown-column", [*select, "--where", "beauty > 3"], "beauty"),
+        ("where-huge-literal", [*select, "--where", "aesthetic > 0x" + "f" * 300], "not a finite float"),
+        ("where-deep-nesting", [*select, "--where", "not " * 400 + "aesthetic > 1"], "nested too deeply"),
+        ("where-too-long", [*select, "--where", "not " * 3000 + "aesthetic > 1"], "a rule may have 2,000"),
+        ("select-preset", [*select, "--preset", "laion-best"], "laion-best"),
+    ]
+
+
+CASES = cases()
+
+
+def test_the_corpus_is_large():
+    assert len(CASES) >= 80 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("name, args, culprit", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_exit_2_naming_the_culprit_and_changes_nothing(zoo, run_cli, name, args, culprit):
+    before = tree_digest(zoo)
+    result = run_cli(*[a.replace("{z}", str(zoo)) for a in args])
+    assert result.exit_code == 2, (name, result.exit_code, result.output[-600:])
+    assert culprit in result.output, (name, result.output[-600:])
+    assert "Traceback" not in result.output
+    assert tree_digest(zoo) == before, f"{name} changed the folder"

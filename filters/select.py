@@ -4,7 +4,9 @@ rules and run again."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +43,6 @@ def build_rules(thresholds: dict, where: list[str], preset: str | None, known: l
 def select(scores: str | Path, output: str | Path, thresholds: dict | None = None, where: list[str] | None = None,
            preset: str | None = None, plots: bool = True) -> dict:
     """Select from every score shard; return the funnel (rows dropped by each rule, in order)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     scores, output = Path(scores), Path(output)
@@ -53,11 +54,41 @@ def select(scores: str | Path, output: str | Path, thresholds: dict | None = Non
                    | {"width", "height"})
     rules = build_rules(thresholds or {}, where or [], preset, known)
     dropped = {"error": 0} | {r.name: 0 for r in rules}
-    total = kept_total = 0
     values: dict[str, list] = {}
-    output.mkdir(parents=True, exist_ok=True)
+    final, output = output, output.parent / f".{output.name}.tmp-{os.getpid()}"  # written whole, then swapped in
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True)
+    try:
+        funnel = _select_into(output, shards, rules, dropped, values, plots)
+    except BaseException:
+        shutil.rmtree(output, ignore_errors=True)  # the previous selection stays as it was
+        raise
+    _swap_in(output, final)
+    if funnel.get("plots"):
+        funnel["plots"] = [str(final / "plots" / Path(p).name) for p in funnel["plots"]]
+    return funnel
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Replace the folder `final` with `new`: two renames, the old selection removed only after."""
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _select_into(output: Path, shards: list[Path], rules: list, dropped: dict, values: dict, plots: bool) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    total = kept_total = 0
     for shard in shards:
-        table = pq.read_table(shard)
+        try:
+            table = pq.read_table(shard)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise InputError(f"{shard}: cannot be read as parquet ({str(err)[:120]}). Score that shard again: delete "
+                             f"{shard.stem}.stats.json beside it and re-run `latentmill score`.") from None
         columns = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names if c not in NON_SCORE}
         columns = derived_columns({c: np.asarray(v, dtype=float) for c, v in columns.items()})
         for c, v in columns.items():

@@ -392,6 +392,22 @@ def test_hostile_sample_metadata_is_a_counted_read_not_a_failed_shard(tmp_path):
     assert stats["bad_metadata"] == 7 and stats["scored"] == len(entries)
 
 
+def test_a_failed_select_leaves_the_previous_selection_intact(tmp_path, run_cli):
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    for shard in ("00000", "00001"):
+        write_table(scores / f"{shard}.parquet", [score_row(f"{shard}{i:04d}", aesthetic=4.0 + i) for i in range(4)])
+        (scores / f"{shard}.stats.json").write_text("{}")
+    result = run_cli("select", scores, "-o", tmp_path / "sel", "--min-aesthetic", "5")
+    assert result.exit_code == 0, result.output
+    before = {p.name: p.read_bytes() for p in (tmp_path / "sel").rglob("*") if p.is_file()}
+    (scores / "00001.parquet").write_bytes(b"PAR1 cut off")
+    result = run_cli("select", scores, "-o", tmp_path / "sel", "--min-aesthetic", "7")
+    assert result.exit_code == 2 and "00001.parquet: cannot be read as parquet" in result.output
+    after = {p.name: p.read_bytes() for p in (tmp_path / "sel").rglob("*") if p.is_file()}
+    assert after == before and not list(tmp_path.glob(".sel.*"))
+
+
 def test_clip_weights_load_from_a_local_checkpoint_and_missing_ones_say_what_to_provide(tmp_path):
     from PIL import Image
 

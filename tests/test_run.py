@@ -25,7 +25,7 @@ def test_every_shipped_recipe_validates_and_is_listed(run_cli):
 @pytest.mark.parametrize("override, message", [
     ("train.stepz=5", "unknown key train.stepz. Did you mean 'steps'?"),
     ("trian.steps=5", "unknown section 'trian'. Did you mean 'train'?"),
-    ("train.steps=many", "train.steps must be a number"),
+    ("train.steps=many", "train.steps must be a finite number"),
     ("train.output=/elsewhere", "unknown key train.output"),
     ("steps=5", "write section.key=value"),
 ])

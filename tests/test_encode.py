@@ -168,6 +168,25 @@ def test_hostile_sample_metadata_still_encodes(tmp_path):
     assert len(samples) == len(entries) and all(isinstance(s["json"], dict) for s in samples)
 
 
+def test_latents_verify_checks_every_shard_against_the_manifest(image_shards, tmp_path, run_cli):
+    import shutil
+
+    out = tmp_path / "latents"
+    encode(image_shards, out, EncodeConfig(**SMALL))
+    result = run_cli("latents", "verify", out)
+    assert result.exit_code == 0 and "2 shard(s), 12 samples: all match" in result.output, result.output
+    data = bytearray((out / "00000.tar").read_bytes())
+    data[600] ^= 0xFF  # one flipped byte inside the first sample's latent
+    (out / "00000.tar").write_bytes(bytes(data))
+    shutil.copy(out / "00001.tar", out / "00002.tar")
+    (out / "00001.tar").unlink()
+    result = run_cli("latents", "verify", out)
+    assert result.exit_code == 2, result.output
+    assert "00000.tar: sha256" in result.output and "00001.tar: missing" in result.output
+    assert "00002.tar: not in the manifest" in result.output and "5 problem(s)" in result.output
+    assert "00000.tar: 1 bad_sample" in result.output and "00000.tar: 5 readable samples, the manifest records 6" in result.output
+
+
 def test_latents_from_another_vae_are_refused(image_shards, tmp_path, run_cli):
     out = tmp_path / "latents"
     encode(image_shards, out, EncodeConfig(**SMALL))

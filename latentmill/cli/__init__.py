@@ -33,6 +33,7 @@ COMMANDS = {
     "status": ("latentmill.cli.run:status", "Show each stage's progress in a work folder."),
     "report": ("latentmill.cli.report:report", "One self-contained HTML page of a work folder."),
     "images": ("latentmill.cli.images:images", "Look inside image shards: counts, sizes, unreadable samples."),
+    "latents": ("latentmill.cli.latents:latents", "Check latent shards against their manifest (latents verify)."),
     "serve-images": ("latentmill.cli.serve:serve_images", "Serve test images (and failure cases) on 127.0.0.1."),
     "demo": ("latentmill.cli.demo:demo", "Run the pipeline offline on bundled sample images."),
 }

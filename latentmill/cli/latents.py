@@ -1,0 +1,36 @@
+"""`latentmill latents verify`."""
+
+from __future__ import annotations
+
+import click
+
+from latentmill.cli.options import progress_bar
+
+
+@click.group()
+def latents():
+    """Check latent shards (what `latentmill encode` wrote)."""
+
+
+@latents.command()
+@click.argument("folder", type=click.Path(exists=True))
+def verify(folder):
+    """Every shard against the manifest: present, its sha256, its sample count, every sample readable.
+
+    Exit 0 when all hold, 2 with the list of problems otherwise (copy a shard again, or re-encode it by
+    deleting its .stats.json and running `latentmill encode` again).
+
+    \b
+    Example:
+      latentmill latents verify latents-512/
+    """
+    from latentmill.curate.errors import InputError
+    from latentmill.curate.latentshards import verify_latents
+
+    with progress_bar(None, "verify", unit="shard") as bar:
+        report = verify_latents(folder, progress=bar.update)
+    if report["problems"]:
+        for problem in report["problems"]:
+            click.echo(f"  {problem}", err=True)
+        raise InputError(f"{folder}: {len(report['problems'])} problem(s) in {report['shards']} shard(s), listed above.")
+    click.echo(f"{folder}: {report['shards']} shard(s), {report['samples']:,} samples: all match the manifest.")

@@ -9,7 +9,12 @@ from latentmill.cli.options import progress_bar
 
 @click.group()
 def latents():
-    """Check latent shards (what `latentmill encode` wrote)."""
+    """Check latent shards (what `latentmill encode` wrote).
+
+    \b
+    Example:
+      latentmill latents verify latents-512/
+    """
 
 
 @latents.command()

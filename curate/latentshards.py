@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,9 +141,52 @@ def read_manifest(folder: str | Path) -> dict:
                          f"if that run was interrupted, run it again to finish.")
     try:
         with open_stream(location) as stream:
-            return json.loads(stream.read())
-    except (OSError, ValueError) as err:
+            manifest = json.loads(stream.read())
+    except (OSError, ValueError, RecursionError) as err:
         raise InputError(f"{location}: cannot read the manifest ({err}).") from None
+    check_manifest(manifest, location)
+    return manifest
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 20
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bucket(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_positive_int(v) for v in value)
+
+
+def _shape(value) -> bool:
+    return isinstance(value, list) and 0 < len(value) <= 4 and all(_positive_int(v) for v in value)
+
+
+MANIFEST_SCHEMA = {  # key -> (check, what it must be)
+    "latent_channels": (_positive_int, "a positive integer"),
+    "downsample_factor": (_positive_int, "a positive integer"),
+    "resolution": (_positive_int, "a positive integer"),
+    "scaling_factor": (lambda v: _finite(v) and v != 0, "a finite non-zero number"),
+    "shift_factor": (lambda v: v is None or _finite(v), "a finite number or null"),
+    "buckets": (lambda v: isinstance(v, list) and len(v) > 0 and all(_bucket(b) for b in v), "a list of [width, height]"),
+    "vae": (lambda v: isinstance(v, dict) and isinstance(v.get("fingerprint"), str), "an object with a fingerprint"),
+    "encode_config": (lambda v: isinstance(v, dict), "an object"),
+    "text_encoder": (lambda v: v is None or (isinstance(v, dict) and _shape(v.get("shape"))), "null or an object with a shape"),
+}
+
+
+def check_manifest(manifest, location) -> None:
+    """The keys readers use, with their types: a tampered or foreign manifest is an InputError naming the key."""
+    if not isinstance(manifest, dict):
+        raise InputError(f"{location}: not a latentmill manifest (a JSON object is expected).")
+    for key, (check, what) in MANIFEST_SCHEMA.items():
+        if key not in manifest and key != "shift_factor":
+            raise InputError(f"{location}: no {key!r}; not a complete latentmill manifest. Re-run `latentmill encode` "
+                             f"into this folder to rewrite it.")
+        if key in manifest and not check(manifest[key]):
+            raise InputError(f"{location}: {key!r} is {json.dumps(manifest[key])[:80]}, expected {what}.")
 
 
 def check_vae(manifest: dict, fingerprint: str, folder: str | Path) -> None:

@@ -47,6 +47,16 @@ def zoo(tmp_path_factory):
     make_shard(z / "images" / "00000.tar", [image_entry("000000000", 160, 120)])
     (z / "lat").mkdir()
     (z / "lat" / "manifest.json").write_text('{"format": "latentmill.latents/1"}')
+    good = {"format": "latentmill.latents/1", "latent_channels": 4, "downsample_factor": 8, "resolution": 128,
+            "scaling_factor": 0.18215, "shift_factor": 0.0, "buckets": [[128, 128]], "vae": {"fingerprint": "x"},
+            "encode_config": {}, "text_encoder": None, "shards": {"00000": {"samples": 0, "sha256": "0"}}}
+    tampered = {"list": [1, 2], "channels": {k: v for k, v in good.items() if k != "latent_channels"},
+                "buckets": good | {"buckets": [[128, "wide"]]}, "scale": good | {"scaling_factor": "big"},
+                "text": good | {"text_encoder": {"shape": [77, -1]}}, "resolution": good | {"resolution": 10**30}}
+    for name, manifest in tampered.items():
+        (z / f"lat-{name}").mkdir()
+        make_shard(z / f"lat-{name}" / "00000.tar", [])
+        (z / f"lat-{name}" / "manifest.json").write_text(json.dumps(manifest))
     scores = z / "scores"
     scores.mkdir()
     table = pa.table({"key": ["000000000"], "url": ["u"], "caption": ["c"], "width": pa.array([160], pa.int32()),
@@ -156,6 +166,13 @@ def cases():
         ("train-no-tars", train, "no latent shards"),
         ("train-missing-pattern", ["train", "{z}/lat/{00000..00003}.tar", "-o", R], "no latent shards at"),
         ("train-resume-new-run", [*train, "--resume"], "no latent shards"),
+        # tampered manifests
+        ("manifest-list", ["train", "{z}/lat-list", "-o", R], "not a latentmill manifest"),
+        ("manifest-no-channels", ["train", "{z}/lat-channels", "-o", R], "no 'latent_channels'"),
+        ("manifest-buckets", ["latents", "verify", "{z}/lat-buckets"], "'buckets' is"),
+        ("manifest-scale", ["train", "{z}/lat-scale", "-o", R], "'scaling_factor' is \"big\""),
+        ("manifest-text-shape", ["latents", "verify", "{z}/lat-text"], "'text_encoder' is"),
+        ("manifest-resolution", ["train", "{z}/lat-resolution", "-o", R], "'resolution' is"),
         # selection rules
         ("where-import", [*select, "--where", "import os"], "rule 'import os'"),
         ("where-dunder", [*select, "--where", "__import__('os').system('x')"], "found Call"),

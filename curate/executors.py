@@ -4,13 +4,14 @@ on a Ray cluster.
 A stage is a picklable object with `setup()` (load the models once per worker), `process(shard, state)`
 (one input shard -> its outputs and stats, atomically) and `done(shard)` (its stats file exists).
 `local` runs the shards here, one after the other, with one model. `ray` starts one actor per GPU (or
-`actors` CPU actors), each holding its model, hands shards out as actors free up, and retries a failed
-shard up to `retries` times on another free actor.
+`actors` CPU actors), each holding its model, hands shards out as actors free up, retries a failed
+shard up to `retries` times on another free actor, and replaces an actor whose process dies.
 """
 
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -55,6 +56,27 @@ def run_shards(stage: ShardStage, shards: list[Path], executor: ExecutorConfig, 
     return results | _run_on_ray(stage, todo, executor, progress)
 
 
+def _pick(idle: deque, avoid):
+    """An idle actor, another than `avoid` (the one a shard just failed on) when there is one."""
+    for _ in range(len(idle)):
+        actor = idle.popleft()
+        if actor is not avoid or not idle:
+            return actor
+        idle.append(actor)
+    return idle.popleft()
+
+
+def _retry_or_fail(queue: deque, failures: dict, shard: str, attempt: int, actor, retries: int, why: str) -> None:
+    if attempt < retries:
+        queue.append((shard, attempt + 1, actor))
+    else:
+        failures[shard] = why
+
+
+def _last_line(err: BaseException) -> str:
+    return ((str(err).strip().splitlines() or [type(err).__name__])[-1])[:200]
+
+
 def _run_on_ray(stage: ShardStage, shards: list[Path], executor: ExecutorConfig, progress) -> dict[str, dict]:
     import ray
 
@@ -78,28 +100,38 @@ def _run_on_ray(stage: ShardStage, shards: list[Path], executor: ExecutorConfig,
             def process(self, shard):
                 return self.stage.process(Path(shard), self.state)
 
-        actors = [StageActor.options(**options).remote(stage) for _ in range(min(count, len(shards)))]
-        queue = [(str(s), 0) for s in shards]
+        def start_actor():
+            return StageActor.options(**options).remote(stage)
+
+        idle = deque(start_actor() for _ in range(min(count, len(shards))))
+        replacements = len(idle) * (executor.retries + 1)  # a bound, so a shard that kills every actor stops
+        queue = deque((str(s), 0, None) for s in shards)  # (shard, attempt, the actor it failed on)
         running: dict = {}
         results: dict[str, dict] = {}
         failures: dict[str, str] = {}
-        idle = list(actors)
         while queue or running:
             while queue and idle:
-                shard, attempt = queue.pop(0)
-                actor = idle.pop()
+                shard, attempt, failed_on = queue.popleft()
+                actor = _pick(idle, failed_on)
                 running[actor.process.remote(shard)] = (shard, attempt, actor)
             finished, _ = ray.wait(list(running), num_returns=1)
             shard, attempt, actor = running.pop(finished[0])
-            idle.append(actor)
             try:
                 stats = ray.get(finished[0])
-            except Exception as err:  # a shard failed on its actor: retry elsewhere, then report
-                if attempt < executor.retries:
-                    queue.append((shard, attempt + 1))
-                else:
-                    failures[shard] = str(err).splitlines()[-1][:200]
+            except ray.exceptions.RayActorError as err:  # the actor's process died: replace it, retry the shard
+                if replacements > 0:
+                    replacements -= 1
+                    idle.append(start_actor())
+                _retry_or_fail(queue, failures, shard, attempt, None, executor.retries, f"its actor died ({_last_line(err)})")
+                if not idle and not running and queue:
+                    failures.update({s: "no live actor left" for s, _, _ in queue})
+                    queue.clear()
                 continue
+            except Exception as err:  # the shard failed on a live actor: retry it on another one, then report
+                idle.append(actor)
+                _retry_or_fail(queue, failures, shard, attempt, actor, executor.retries, _last_line(err))
+                continue
+            idle.append(actor)
             results[Path(shard).stem] = stats
             if progress:
                 progress(stats)

@@ -175,3 +175,25 @@ def hostile_metadata_entries(prefix="77"):
             files["txt"] = b"caption \xff\xfe not utf-8"
         entries.append((key, files))
     return entries
+
+
+class DyingStage:
+    """Wraps a shard stage: the actor processing shard `die_on` kills its own process once (a marker file
+    records it), as an out-of-memory kill or a lost node would."""
+
+    def __init__(self, stage, die_on, marker):
+        self.stage, self.die_on, self.marker = stage, die_on, marker
+
+    def setup(self):
+        return self.stage.setup()
+
+    def stats_path(self, shard):
+        return self.stage.stats_path(shard)
+
+    def process(self, shard, state):
+        import os
+
+        if shard.stem == self.die_on and not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+        return self.stage.process(shard, state)

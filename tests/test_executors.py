@@ -53,3 +53,22 @@ def test_a_shard_that_keeps_failing_is_reported_and_the_others_are_kept(tmp_path
     assert sorted(p.name for p in tmp_path.glob("*.stats.json")) == ["00000.stats.json", "00002.stats.json"]
     done = run_shards(FlakyStage(tmp_path, fail=None), shards, ExecutorConfig(kind="ray", actors=2, retries=1))
     assert sorted(done) == ["00000", "00001", "00002"]
+
+
+def test_an_actor_that_dies_is_replaced_and_the_run_equals_a_local_one(image_shards, tmp_path, ray_local):
+    from latentmill.curate.encode import EncodeStage
+    from latentmill.curate.executors import run_shards
+    from latentmill.curate.imageshards import list_image_shards
+    from tests.conftest import DyingStage
+
+    config = EncodeConfig(resolution=256, batch_size=4, threads=1, workers=0)
+    local = encode(image_shards, tmp_path / "local", config)
+    out = tmp_path / "ray"
+    out.mkdir()
+    stage = DyingStage(EncodeStage(config, out, None), die_on="00001", marker=tmp_path / "died")
+    done = run_shards(stage, list_image_shards(image_shards), ExecutorConfig(kind="ray", actors=2, retries=1))
+    assert (tmp_path / "died").exists()  # an actor's process did die mid-run
+    assert sorted(done) == ["00000", "00001"]
+    for shard in ("00000", "00001"):
+        assert done[shard]["sha256"] == local["shards"][shard]["sha256"]
+        assert (out / f"{shard}.tar").read_bytes() == (tmp_path / "local" / f"{shard}.tar").read_bytes()

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.errors import InputError
+from latentmill.curate.netguard import parse_allow_hosts
 from latentmill.curate.tables import UrlTable
 
 STATE_DIR = "_latentmill"  # inside the output folder; not a *.json at top level, which img2dataset reads as shards
@@ -50,10 +51,12 @@ class DownloadConfig:
     shard_size: int = 10_000
     encode_quality: int = 95
     honour_opt_out: bool = True  # X-Robots-Tag: noai, noimageai, noindex, noimageindex
-    allow_private_addresses: bool = False
+    allow_hosts: tuple[str, ...] = ()  # HOST:PORT exceptions to the private-address guard (your own test server)
+    resolver: str | None = None  # "module:function" with getaddrinfo's signature, for the guard (tests)
     columns: dict[str, str | None] = field(default_factory=dict)
 
     def validate(self) -> None:
+        parse_allow_hosts(self.allow_hosts)
         if self.distributor not in DISTRIBUTORS:
             raise InputError(f"--distributor {self.distributor!r} is not one of {', '.join(DISTRIBUTORS)}.")
         if self.distributor != "multiprocessing":
@@ -84,12 +87,10 @@ def prepare_input(source: str | Path, state: Path, config: DownloadConfig) -> tu
             batch = pa.RecordBatch.from_arrays(batch.columns, names=names)
             urls = batch.column(0)
             valid = pc.fill_null(pc.match_substring_regex(urls, r"^https?://", ignore_case=True), False)
-            keep = valid
-            if not config.allow_private_addresses:
-                private = pc.and_(valid, private_address_mask(urls))
-                keep = pc.and_(keep, pc.invert(private))
-                dropped["private_address"] += pc.sum(private).as_py() or 0
-                dropped_rows += [(u, "private_address") for u in urls.filter(private).to_pylist()]
+            private = pc.and_(valid, private_address_mask(urls, parse_allow_hosts(config.allow_hosts)))
+            keep = pc.and_(valid, pc.invert(private))
+            dropped["private_address"] += pc.sum(private).as_py() or 0
+            dropped_rows += [(u, "private_address") for u in urls.filter(private).to_pylist()]
             dropped["invalid_url"] += pc.sum(pc.invert(valid)).as_py() or 0
             dropped_rows += [(u, "invalid_url") for u in urls.filter(pc.invert(valid)).to_pylist()]
             writer = writer or pq.ParquetWriter(tmp, batch.schema)
@@ -111,7 +112,15 @@ def run_img2dataset(input_path: Path, output: Path, extras: list[str], has_capti
     # img2dataset imports albumentations, which otherwise checks PyPI for updates in every worker (offline: a
     # warning per process); the workers inherit this
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import importlib
+
     from img2dataset import download as img2dataset_download
+
+    from latentmill.curate.netguard import guarded_downloader
+
+    # every connection the workers open is checked after name resolution and on every redirect hop
+    # (the module by its full name: the package's `main` attribute is img2dataset's main *function*)
+    importlib.import_module("img2dataset.main").Downloader = guarded_downloader(config.allow_hosts, config.resolver)
 
     if config.distributor == "ray":
         import ray
@@ -227,6 +236,7 @@ def failed_rows(output: Path, extras: list[str]) -> pa.Table:
 
 
 _REASONS = [
+    (re.compile(r"private_address:"), lambda m: "private_address"),  # the connect-time guard (netguard)
     (re.compile(r"HTTP Error (\d{3})"), lambda m: f"http_{m.group(1)}"),
     (re.compile(r"timed? ?out", re.I), lambda m: "timeout"),
     (re.compile(r"X-Robots-Tag", re.I), lambda m: "opted_out"),

@@ -10,6 +10,7 @@ Routes (GET):
   (a PNG declaring 60000x60000 pixels)
   /hold/{image route}    blocks until `release_holds()` (signals `held` on arrival), then the image
   /flaky/{id}/{image route}  answers 503 the first time per id, then the image
+  /redirect?to=URL       a 302 redirect to URL (for the private-address guard's tests)
 Every request is counted in `requests`.
 It listens on 127.0.0.1 only.
 """
@@ -87,6 +88,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.held.set()
             self.server.holds_open.wait()
             path = path[len("/hold"):]
+        elif path.startswith("/redirect?"):
+            target = parse_qs(urlsplit(path).query).get("to", [""])[0]
+            return self._send(302, b"", "text/plain", {"Location": target})
         elif path.startswith("/flaky/"):
             flaky_id, _, rest = path[len("/flaky/"):].partition("/")
             if self.server.first_visit(flaky_id):

@@ -22,6 +22,7 @@ from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.dedupe import SeenUrls, hash_urls
 from latentmill.curate.errors import InputError
 from latentmill.curate.funnel import format_funnel, funnel_steps
+from latentmill.curate.netguard import parse_allow_hosts
 from latentmill.curate.tables import UrlTable
 
 
@@ -37,7 +38,7 @@ class PrefilterConfig:
     min_aesthetic: float | None = None
     min_caption_chars: int = 3
     dedupe_urls: bool = True
-    allow_private_addresses: bool = False
+    allow_hosts: tuple[str, ...] = ()  # HOST:PORT exceptions to the private-address rule (your own test server)
     columns: dict[str, str | None] = field(default_factory=dict)
     batch_rows: int = 262_144
 
@@ -73,8 +74,8 @@ def build_rules(config: PrefilterConfig, table: UrlTable) -> list[tuple[str, Rul
     rules: list[tuple[str, Rule]] = [
         ("invalid_url", lambda b: pc.fill_null(pc.match_substring_regex(_col(b, url), r"^https?://[^/?#\s]+", ignore_case=True), False)),
     ]
-    if not config.allow_private_addresses:
-        rules.append(("private_address", lambda b: pc.invert(private_address_mask(_col(b, url)))))
+    allowed = parse_allow_hosts(config.allow_hosts)
+    rules.append(("private_address", lambda b: pc.invert(private_address_mask(_col(b, url), allowed))))
     if "caption" in cols and config.min_caption_chars > 0:
         cap, n = cols["caption"], config.min_caption_chars
         rules.append(("short_caption", lambda b: pc.fill_null(pc.greater_equal(pc.utf8_length(pc.utf8_trim_whitespace(_col(b, cap))), n), False)))

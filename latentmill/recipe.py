@@ -74,7 +74,8 @@ SECTIONS = {
 }
 SCALARS = {"description"}
 LISTS = {"stages": TrainStage, "fit_heads": FitHead}
-RUN_MANAGED = {"train": {"shards", "output", "init_from", "resume"}}  # set by the runner, not by recipes
+RUN_MANAGED = {"train": {"shards", "output", "init_from", "resume"},  # set by the runner, not by recipes
+               "download": {"resolver"}}
 
 
 def list_recipes() -> dict[str, str]:

@@ -35,15 +35,19 @@ def run_recipe(recipe: dict, work: str | Path, urls: str | None = None, until: s
     report: dict = {}
     with ExitStack() as stack:
         table = _url_table(recipe, work, urls, stack, log)
+        # the demo's own loopback server, and only it, is an exception to the private-address guard
+        port_file = work / "urls" / "server-port.txt"
+        allowed = {"allow_hosts": (f"127.0.0.1:{port_file.read_text().strip()}",)} \
+            if section(recipe, "urls").source == "sample-server" else {}
         kept = work / "urls" / "kept.parquet"
         if (work / "urls" / "kept.funnel.json").exists():
             report["prefilter"] = json.loads((work / "urls" / "kept.funnel.json").read_text())
         else:
-            report["prefilter"] = prefilter(table, kept, section(recipe, "prefilter"))
+            report["prefilter"] = prefilter(table, kept, section(recipe, "prefilter", **allowed))
         log(f"[prefilter] {report['prefilter']['input_rows']:,} rows -> {report['prefilter']['kept_rows']:,} kept")
         if last < 1:
             return report
-        report["download"] = download(kept, work / "images", section(recipe, "download"))
+        report["download"] = download(kept, work / "images", section(recipe, "download", **allowed))
         log(f"[download] {report['download']['success']:,} images, failures {report['download']['failures']}")
     if last < 2:
         return report

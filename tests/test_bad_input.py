@@ -26,6 +26,7 @@ def tree_digest(root):
 def zoo(tmp_path_factory):
     z = tmp_path_factory.mktemp("zoo")
     (z / "nourl.csv").write_text("foo,bar\n1,2\n")
+    (z / "ok.csv").write_text("URL,TEXT\nhttp://example.com/a.jpg,a picture\n")
     (z / "bad.jsonl").write_text('{"URL": "http://a.com/1.jpg"}\n{broken\n')
     (z / "empty.csv").write_text("")
     (z / "notparquet.parquet").write_text("hello")
@@ -129,6 +130,9 @@ def cases():
         ("table-empty-folder", ["urls", "inspect", "{z}/emptydir"], "holds no .parquet"),
         ("prefilter-no-url", ["urls", "prefilter", "{z}/nourl.csv", "-o", "{z}/out.parquet"], "--url-col"),
         ("download-no-url", download, "--url-col"),
+        ("download-allow-host-no-port", ["download", "{z}/ok.csv", "-o", "{z}/img", "--allow-host", "127.0.0.1"], "--allow-host '127.0.0.1': write HOST:PORT"),
+        ("prefilter-allow-host-port", ["urls", "prefilter", "{z}/ok.csv", "-o", "{z}/o.parquet", "--allow-host",
+                                       "127.0.0.1:99999"], "write HOST:PORT"),
         # recipes
         ("recipe-list", ["run", "{z}/list.yaml", "--work", "{z}/w"], "a recipe is a mapping"),
         ("recipe-section-list", ["run", "{z}/sectionlist.yaml", "--work", "{z}/w"], "section train is a mapping"),

@@ -15,17 +15,22 @@ from latentmill.curate.download import DownloadConfig, download, retry_failed
 from latentmill.curate.imageshards import iter_image_shard, list_image_shards
 from tests.conftest import write_table
 
-FAST = dict(processes=1, threads=16, timeout_s=2, retries=0, shard_size=16, allow_private_addresses=True)
+FAST = dict(processes=1, threads=16, timeout_s=2, retries=0, shard_size=16)
+
+
+def fast(server, **more):
+    """Quick download settings that allow the test's own loopback server, and only it."""
+    return DownloadConfig(**(FAST | {"allow_hosts": (f"127.0.0.1:{server.port}",)} | more))
 
 
 def shard_samples(folder):
     return [s for shard in list_image_shards(folder) for s in iter_image_shard(shard)]
 
 
-def test_every_good_image_arrives_once_and_every_failure_is_counted(sample_table, tmp_path):
+def test_every_good_image_arrives_once_and_every_failure_is_counted(sample_table, tmp_path, server):
     table, rows = sample_table
     out = tmp_path / "images"
-    summary = download(table, out, DownloadConfig(**FAST))
+    summary = download(table, out, fast(server))
 
     good = [r for r in rows if r["expect"] == "ok"]
     samples = shard_samples(out)
@@ -46,10 +51,10 @@ def test_every_good_image_arrives_once_and_every_failure_is_counted(sample_table
 def test_a_second_run_downloads_nothing(sample_table, tmp_path, server):
     table, _ = sample_table
     out = tmp_path / "images"
-    first = download(table, out, DownloadConfig(**FAST))
+    first = download(table, out, fast(server))
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
     requests_before = len(server.requests)
-    second = download(table, out, DownloadConfig(**FAST))
+    second = download(table, out, fast(server))
     assert second["new_shards"] == 0 and second["new_images"] == 0
     assert second["success"] == first["success"] and second["failures"] == first["failures"]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == stamps
@@ -60,7 +65,7 @@ def test_the_guard_drops_private_addresses_without_sending_traffic(fresh_server,
     rows = [{"URL": fresh_server.url(f"/gen/{i}/300x300.jpg"), "TEXT": "a loopback picture"} for i in range(3)]
     rows += [{"URL": "http://10.0.0.1/a.jpg", "TEXT": "private"}, {"URL": "http://169.254.169.254/latest", "TEXT": "metadata"}]
     table = write_table(tmp_path / "urls.parquet", rows)
-    summary = download(table, tmp_path / "images", DownloadConfig(**(FAST | {"allow_private_addresses": False})))
+    summary = download(table, tmp_path / "images", DownloadConfig(**FAST))
     assert summary["success"] == 0 and summary["failures"] == {"private_address": 5}
     assert fresh_server.requests == []
 
@@ -71,24 +76,24 @@ def test_retry_failed_downloads_the_failures_into_new_shards(fresh_server, tmp_p
     rows += [{"URL": fresh_server.url("/fail/404"), "TEXT": "gone for good"}]
     table = write_table(tmp_path / "urls.parquet", rows)
     out = tmp_path / "images"
-    first = download(table, out, DownloadConfig(**FAST))
+    first = download(table, out, fast(fresh_server))
     assert first["success"] == 4 and first["failures"] == {"http_503": 3, "http_404": 1}
 
     result = run_cli("download", "--retry-failed", out, "--only-reason", "http_503", "--processes", "1",
-                     "--min-image-size", "64")
+                     "--min-image-size", "64", "--allow-host", f"127.0.0.1:{fresh_server.port}")
     assert result.exit_code == 0, result.output
     after = json.loads((out / "_latentmill" / "summary.json").read_text())
     assert after["success"] == 7 and after["failures"] == {"http_404": 1}
     assert after["new_shards"] == 1
     urls = [s.meta["url"] for s in shard_samples(out)]
     assert sorted(urls) == sorted(r["URL"] for r in rows[:7])  # each good image exactly once
-    assert retry_failed(out, DownloadConfig(**FAST), {"http_503"})["new_shards"] == 0  # nothing left to retry
+    assert retry_failed(out, fast(fresh_server), {"http_503"})["new_shards"] == 0  # nothing left to retry
 
 
-def _download_cmd(table, out):
+def _download_cmd(table, out, server):
     return [sys.executable, "-m", "latentmill", "download", str(table), "-o", str(out), "--processes", "1",
-            "--threads", "4", "--shard-size", "6", "--retries", "0", "--timeout", "5", "--allow-private-addresses",
-            "--min-image-size", "64"]
+            "--threads", "4", "--shard-size", "6", "--retries", "0", "--timeout", "5",
+            "--allow-host", f"127.0.0.1:{server.port}", "--min-image-size", "64"]
 
 
 def test_a_killed_download_resumes_to_the_same_keys_and_no_truncated_tar(fresh_server, tmp_path):
@@ -97,7 +102,7 @@ def test_a_killed_download_resumes_to_the_same_keys_and_no_truncated_tar(fresh_s
     table = write_table(tmp_path / "urls.parquet", rows)
     out = tmp_path / "killed"
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
-    process = subprocess.Popen(_download_cmd(table, out), start_new_session=True, env=env,
+    process = subprocess.Popen(_download_cmd(table, out, fresh_server), start_new_session=True, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert fresh_server.held.wait(120), "the download never reached the held URL"
@@ -107,9 +112,9 @@ def test_a_killed_download_resumes_to_the_same_keys_and_no_truncated_tar(fresh_s
     fresh_server.release_holds()
     assert (out / "00000_stats.json").exists() and not (out / "00001_stats.json").exists()
 
-    subprocess.run(_download_cmd(table, out), check=True, env=env, capture_output=True)
+    subprocess.run(_download_cmd(table, out, fresh_server), check=True, env=env, capture_output=True)
     reference = tmp_path / "reference"
-    subprocess.run(_download_cmd(table, reference), check=True, env=env, capture_output=True)
+    subprocess.run(_download_cmd(table, reference, fresh_server), check=True, env=env, capture_output=True)
 
     def keys(folder):
         return sorted(s.key for s in shard_samples(folder))
@@ -123,10 +128,10 @@ def test_a_killed_download_resumes_to_the_same_keys_and_no_truncated_tar(fresh_s
     assert not (out / "_tmp").exists()
 
 
-def test_download_cli_prints_a_summary_grouped_by_reason(sample_table, tmp_path, run_cli):
+def test_download_cli_prints_a_summary_grouped_by_reason(sample_table, tmp_path, run_cli, server):
     table, rows = sample_table
     result = run_cli("download", table, "-o", tmp_path / "images", "--processes", "1", "--threads", "16",
-                     "--timeout", "2", "--retries", "0", "--allow-private-addresses")
+                     "--timeout", "2", "--retries", "0", "--allow-host", f"127.0.0.1:{server.port}")
     assert result.exit_code == 0, result.output
     good = sum(r["expect"] == "ok" for r in rows)
     assert f"images {good} downloaded" in result.output
@@ -140,8 +145,8 @@ def test_the_ray_distributor_downloads_the_same_images(server, tmp_path):
     rows = [{"URL": server.url(f"/gen/{i}/320x256.jpg"), "TEXT": f"picture {i}"} for i in range(12)]
     table = write_table(tmp_path / "urls.parquet", rows)
     try:
-        summary = download(table, tmp_path / "images", DownloadConfig(**(FAST | {"distributor": "ray", "processes": 2,
-                                                                                   "min_image_size_px": 64})))
+        summary = download(table, tmp_path / "images", fast(server, distributor="ray", processes=2,
+                                                                min_image_size_px=64))
     finally:
         ray.shutdown()
     assert summary["success"] == 12 and summary["shards"] == 1

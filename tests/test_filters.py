@@ -31,7 +31,7 @@ def downloaded(server, tmp_path_factory):
     rows = [r for r in sample_rows(server.url("")) if r["expect"] == "ok"][:20]
     table = write_table(root / "urls.parquet", rows)
     download(table, root / "images", DownloadConfig(processes=1, threads=16, timeout_s=5, retries=0, shard_size=10,
-                                                   allow_private_addresses=True))
+                                                   allow_hosts=(f"127.0.0.1:{server.port}",)))
     make_shard(root / "images" / "99999.tar", [image_entry("999990000", 300, 200, seed=5),
                                                ("999990001", {"jpg": b"<html>broken</html>", "txt": b"a broken image"})])
     return root

@@ -90,7 +90,9 @@ def test_column_options_rename_roles(tmp_path, run_cli):
 
 PRIVATE = ["127.0.0.1", "127.8.9.10", "10.1.2.3", "172.16.0.1", "172.31.255.255", "192.168.0.1", "169.254.169.254",
            "[::1]", "[fc00::1]", "[fd12:3456::1]", "[fe80::1]", "localhost", "LOCALHOST.", "metadata.google.internal",
-           "0.0.0.0", "2130706433", "0x7f.0.0.1", "0177.0.0.1", "127.1", "[::ffff:127.0.0.1]", "app.localhost"]
+           "0.0.0.0", "2130706433", "0x7f.0.0.1", "0177.0.0.1", "127.1", "[::ffff:127.0.0.1]", "app.localhost",
+           "localhost.localdomain", "224.0.0.1", "[2002:7f00:1::]", "127.0.0.1 ", "１２７.０.０.１", "①②⑦.0.0.1",
+           "[ff02::1]", "240.0.0.1"]
 PUBLIC = ["8.8.8.8", "172.32.0.1", "192.169.0.1", "example.com", "10.example.com", "[2001:4860:4860::8888]",
           "metadata.example.com", "deadbeef.com", "1e100.net"]
 
@@ -110,5 +112,9 @@ def test_prefilter_drops_private_addresses_unless_allowed(tmp_path):
     table = write_table(tmp_path / "urls.parquet", [{"URL": u} for u in urls])
     funnel = prefilter(table, tmp_path / "kept.parquet", PrefilterConfig())
     assert funnel["steps"][1] == {"rule": "private_address", "dropped": len(PRIVATE), "remaining": len(PUBLIC)}
-    allowed = prefilter(table, tmp_path / "all.parquet", PrefilterConfig(allow_private_addresses=True))
-    assert allowed["kept_rows"] == len(urls)
+    allowed = prefilter(table, tmp_path / "all.parquet", PrefilterConfig(allow_hosts=("127.0.0.1:80", "localhost:80")))
+    kept = set(pq.read_table(tmp_path / "all.parquet").column("URL").to_pylist())
+    # exactly the two allowed host:port pairs, however spelled (urllib connects to them alike), nothing else
+    same = ["127.0.0.1", "localhost", "LOCALHOST.", "127.0.0.1 ", "１２７.０.０.１", "①②⑦.0.0.1"]
+    assert kept == {f"http://{h}/a.jpg" for h in same} | {f"https://{h}:8080/b.png" for h in PUBLIC}
+    assert allowed["kept_rows"] == len(same) + len(PUBLIC)

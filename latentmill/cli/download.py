@@ -28,12 +28,13 @@ from latentmill.cli.options import COUNT, POSITIVE, Finite, column_options, colu
               help="Token added to the User-Agent, so site owners can identify and opt out.")
 @click.option("--shard-size", default=10_000, show_default=True, type=POSITIVE, help="Samples per shard.")
 @click.option("--ignore-opt-out", is_flag=True, help="Do not honour X-Robots-Tag noai/noimageai/noindex headers.")
-@click.option("--allow-private-addresses", is_flag=True,
-              help="Fetch URLs on loopback/private/link-local hosts (only for your own test servers).")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST:PORT",
+              help="Allow this one loopback/private host and port (repeatable), e.g. your own test server "
+                   "127.0.0.1:8765; every other private address stays refused.")
 @column_options
 def download(table, output, retry_folder, only_reason, image_size, min_image_size, max_aspect_ratio, processes,
              threads, distributor, ray_address, retries, timeout, user_agent_token, shard_size, ignore_opt_out,
-             allow_private_addresses, **kwargs):
+             allow_hosts, **kwargs):
     """Download the URL TABLE into WebDataset image shards with img2dataset.
 
     Shards are exactly img2dataset's (`{key}.jpg/.txt/.json` in `{shard}.tar`, with `{shard}.parquet`
@@ -57,7 +58,7 @@ def download(table, output, retry_folder, only_reason, image_size, min_image_siz
         image_size_px=image_size, min_image_size_px=min_image_size, max_aspect_ratio=max_aspect_ratio,
         threads=threads, distributor=distributor, ray_address=ray_address, retries=retries, timeout_s=timeout,
         user_agent_token=user_agent_token or None, shard_size=shard_size, honour_opt_out=not ignore_opt_out,
-        allow_private_addresses=allow_private_addresses, columns=columns_from(kwargs),
+        allow_hosts=tuple(allow_hosts), columns=columns_from(kwargs),
     )
     if processes:
         config.processes = processes

@@ -12,12 +12,12 @@ import click
 def serve_images(port, write_table, slow_seconds):
     """Serve test images and failure cases on 127.0.0.1 until Ctrl-C.
 
-    Useful to try `download` offline (add --allow-private-addresses: the server is on loopback).
+    Useful to try `download` offline (add --allow-host 127.0.0.1:PORT: the server is on loopback).
 
     \b
     Example:
       latentmill serve-images --port 8765 --write-table sample.parquet
-      latentmill download sample.parquet -o images/ --allow-private-addresses
+      latentmill download sample.parquet -o images/ --allow-host 127.0.0.1:8765
     """
     import threading
 

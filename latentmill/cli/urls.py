@@ -49,11 +49,12 @@ def inspect(table, sample_rows, as_json, **kwargs):
 @click.option("--min-caption-chars", type=int, default=3, show_default=True,
               help="Drop captions shorter than this after trimming (0: keep empty captions).")
 @click.option("--keep-duplicates", is_flag=True, help="Do not drop repeated URLs.")
-@click.option("--allow-private-addresses", is_flag=True,
-              help="Keep URLs on loopback/private/link-local hosts (only for your own test servers).")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST:PORT",
+              help="Keep URLs of this one loopback/private host and port (repeatable), e.g. your own test server "
+                   "127.0.0.1:8765; every other private address is still dropped.")
 @column_options
 def prefilter(table, output, min_side, max_aspect, min_similarity, max_pwatermark, max_punsafe, min_aesthetic,
-              min_caption_chars, keep_duplicates, allow_private_addresses, **kwargs):
+              min_caption_chars, keep_duplicates, allow_hosts, **kwargs):
     """Filter TABLE on its metadata before downloading, and print the funnel.
 
     Each rule runs only when asked for and its column exists (asking for one whose column is missing is
@@ -74,7 +75,7 @@ def prefilter(table, output, min_side, max_aspect, min_similarity, max_pwatermar
         min_side_px=min_side, max_aspect=max_aspect, min_similarity=min_similarity,
         max_pwatermark=max_pwatermark, max_punsafe=max_punsafe, min_aesthetic=min_aesthetic,
         min_caption_chars=min_caption_chars, dedupe_urls=not keep_duplicates,
-        allow_private_addresses=allow_private_addresses, columns=columns_from(kwargs),
+        allow_hosts=tuple(allow_hosts), columns=columns_from(kwargs),
     )
     with progress_bar(UrlTable.open(table, config.columns).num_rows(), "prefilter") as bar:
         funnel = run_prefilter(table, output, config, progress=bar.update)

@@ -58,6 +58,17 @@ def zoo(tmp_path_factory):
         (z / f"lat-{name}").mkdir()
         make_shard(z / f"lat-{name}" / "00000.tar", [])
         (z / f"lat-{name}" / "manifest.json").write_text(json.dumps(manifest))
+    for name, damage in (("missing", None), ("cut", b"\xff" * 8), ("state", "bad")):  # damaged checkpoints
+        folder = z / f"ck-{name}" / "checkpoints" / "step-0000002"
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text("{not json" if damage == "bad" else '{"step": 2, "config": {}}')
+        (folder / "unet_config.json").write_text("{}")
+        if isinstance(damage, bytes):
+            (folder / "ema.safetensors").write_bytes(damage)
+        elif damage == "bad":
+            from safetensors.torch import save_file
+
+            save_file({"w": torch.zeros(2)}, str(folder / "ema.safetensors"))
     scores = z / "scores"
     scores.mkdir()
     table = pa.table({"key": ["000000000"], "url": ["u"], "caption": ["c"], "width": pa.array([160], pa.int32()),
@@ -177,6 +188,11 @@ def cases():
         ("manifest-scale", ["train", "{z}/lat-scale", "-o", R], "'scaling_factor' is \"big\""),
         ("manifest-text-shape", ["latents", "verify", "{z}/lat-text"], "'text_encoder' is"),
         ("manifest-resolution", ["train", "{z}/lat-resolution", "-o", R], "'resolution' is"),
+        # damaged checkpoints
+        ("ckpt-export-missing", ["export", "{z}/ck-missing", "-o", "{z}/p"], "ema.safetensors is missing"),
+        ("ckpt-sample-cut", ["sample", "{z}/ck-cut", "--prompt", "x"], "ema.safetensors is cut off"),
+        ("ckpt-merge-missing", ["merge", "{z}/ck-missing", "{z}/ck-cut", "--alpha", "0.5", "-o", "{z}/m"], "step-0000002"),
+        ("ckpt-export-state", ["export", "{z}/ck-state", "-o", "{z}/p"], "state.json is unreadable"),
         # selection rules
         ("where-import", [*select, "--where", "import os"], "rule 'import os'"),
         ("where-dunder", [*select, "--where", "__import__('os').system('x')"], "found Call"),

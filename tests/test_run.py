@@ -1,5 +1,6 @@
 """Recipes and the runner: validation, overrides, and the demo recipe end to end, killed and resumed."""
 
+import json
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ from latentmill.recipe import list_recipes, load_recipe, section
 from tests.conftest import kill_when_done
 
 SMALL = ["--set", "train.steps=6", "--set", "train.checkpoint_every=3", "--set", "train.sample_every=3",
-         "--set", "train.sample_steps=2", "--set", "download.processes=1"]
+         "--set", "train.sample_steps=2", "--set", "download.processes=1", "--set", "train.log_every=1"]
 
 
 def test_every_shipped_recipe_validates_and_is_listed(run_cli):
@@ -56,6 +57,10 @@ def test_the_demo_recipe_killed_midway_finishes_with_the_same_outputs(tmp_path, 
                                stderr=subprocess.DEVNULL)
     kill_when_done(process, killed / "scores" / "00000.stats.json")
     assert not (killed / "latents-256").exists(), "the run was not stopped mid-way"
+    process = subprocess.Popen(_run_cmd(killed), start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # killed again, mid-training this time
+    kill_when_done(process, killed / "runs" / "main" / "checkpoints" / "step-0000003" / "state.json")
+    assert not (killed / "runs" / "main" / "checkpoints" / "step-0000006").exists(), "training was not stopped mid-way"
     subprocess.run(_run_cmd(killed), check=True, capture_output=True)
     (reference / "urls").mkdir(parents=True)  # the same server port, so the same URLs in the metadata
     (reference / "urls" / "server-port.txt").write_text((killed / "urls" / "server-port.txt").read_text())
@@ -69,6 +74,13 @@ def test_the_demo_recipe_killed_midway_finishes_with_the_same_outputs(tmp_path, 
     a, b = outputs(killed), outputs(reference)
     assert a.keys() == b.keys() and len(a) > 3
     assert a == b
+
+    def log(work):  # every step logged once, with the same loss (the rate and the time are the run's own)
+        lines = (work / "runs" / "main" / "log.jsonl").read_text().splitlines()
+        return [(m["step"], m["loss"], m["lr"], m["grad_norm"]) for m in map(json.loads, lines)]
+
+    assert [step for step, *_ in log(killed)] == [1, 2, 3, 4, 5, 6]
+    assert log(killed) == log(reference)
     status = run_cli("status", killed)
     shards = len(list((killed / "images").glob("*.tar")))
     assert status.exit_code == 0 and "step 6/6" in status.output and f"{shards}/{shards} shards" in status.output and shards > 1

@@ -75,13 +75,15 @@ def damage(folder: Path, needed=TRAINING_FILES) -> str | None:
                     if len(head) < 8:
                         return f"{name} is cut off"
                     (header,) = struct.unpack("<Q", head)
+                    if header > data_size:
+                        return f"{name} is cut off"
                     meta = json.loads(f.read(header))
                 ends = [v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"]
                 if 8 + header + max(ends, default=0) > data_size:
                     return f"{name} is cut off"
             else:
                 json.loads(path.read_text())
-        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        except (OSError, ValueError, KeyError, TypeError, IndexError, OverflowError, struct.error):
             return f"{name} is unreadable"
     return None
 

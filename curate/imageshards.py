@@ -29,6 +29,18 @@ class ImageDecodeError(Exception):
         self.reason = reason
 
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit integer / float) gray image as 8-bit gray: 16-bit integers scaled by 255/65535,
+    as 8-bit viewers show them (PIL's convert would clip every value above 255 to white)."""
+    import numpy as np
+
+    values = np.asarray(image, dtype=np.float64)
+    scale = 255.0 / 65535.0 if image.mode.startswith("I") else 255.0
+    if image.mode == "F" and np.nanmax(values, initial=0) > 1.0:  # float data not in [0, 1]: its own range
+        scale = 255.0 / max(np.nanmax(values), 1e-12)
+    return Image.fromarray(np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8), "L")
+
+
 def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode to an RGB image: EXIF orientation applied, alpha composited on white, CMYK/gray converted.
 
@@ -55,6 +67,8 @@ def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Imag
     except (ValueError, SyntaxError) as err:
         raise ImageDecodeError("undecodable", str(err)) from None
     image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # 16-bit or float gray: scale, do not clip
+        image = _to_8bit(image)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

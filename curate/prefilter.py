@@ -80,14 +80,24 @@ def build_rules(config: PrefilterConfig, table: UrlTable) -> list[tuple[str, Rul
         cap, n = cols["caption"], config.min_caption_chars
         rules.append(("short_caption", lambda b: pc.fill_null(pc.greater_equal(pc.utf8_length(pc.utf8_trim_whitespace(_col(b, cap))), n), False)))
     w, h = cols.get("width"), cols.get("height")
+
+    def sides(b):
+        """(short, long, both finite) in float64; NaN, inf and null sizes fail the size rules (arrow's
+        element-wise min/max would otherwise skip a NaN and compare the other side with itself)."""
+        fw, fh = (pc.cast(_col(b, c), pa.float64(), safe=False) for c in (w, h))
+        finite = pc.fill_null(pc.and_(pc.is_finite(fw), pc.is_finite(fh)), False)
+        return pc.min_element_wise(fw, fh), pc.max_element_wise(fw, fh), finite
+
     if config.min_side_px is not None:
-        rules.append(("min_side", lambda b: pc.fill_null(pc.greater_equal(pc.min_element_wise(_col(b, w), _col(b, h)), config.min_side_px), False)))
+        def side_ok(b):
+            short_side, _, finite = sides(b)
+            return pc.and_(finite, pc.fill_null(pc.greater_equal(short_side, config.min_side_px), False))
+        rules.append(("min_side", side_ok))
     if config.max_aspect is not None:
         def aspect_ok(b):
-            long_side = pc.cast(pc.max_element_wise(_col(b, w), _col(b, h)), pa.float64())
-            short_side = pc.cast(pc.min_element_wise(_col(b, w), _col(b, h)), pa.float64())
+            short_side, long_side, finite = sides(b)
             ok = pc.and_(pc.greater(short_side, 0), pc.less_equal(long_side, pc.multiply(short_side, config.max_aspect)))
-            return pc.fill_null(ok, False)
+            return pc.and_(finite, pc.fill_null(ok, False))
         rules.append(("max_aspect", aspect_ok))
     for key, compare in (("min_similarity", pc.greater_equal), ("max_pwatermark", pc.less_equal),
                          ("max_punsafe", pc.less_equal), ("min_aesthetic", pc.greater_equal)):

@@ -110,3 +110,19 @@ def test_images_inspect_command(tmp_path, run_cli):
     assert result.exit_code == 0
     assert "total: 2 samples" in result.output and "not decodable (undecodable): 1" in result.output
     assert run_cli("images", "inspect", tmp_path / "nothing").exit_code == 2
+
+
+def test_a_16_bit_png_is_scaled_not_clipped():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from latentmill.curate.imageshards import decode_image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    data = io.BytesIO()
+    Image.fromarray(ramp).save(data, "PNG")
+    pixels = np.asarray(decode_image(data.getvalue()))
+    assert pixels.shape == (64, 64, 3) and (pixels == 255).mean() < 0.01
+    np.testing.assert_allclose(pixels[..., 0], ramp / 257.0, atol=0.51)

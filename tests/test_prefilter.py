@@ -118,3 +118,15 @@ def test_prefilter_drops_private_addresses_unless_allowed(tmp_path):
     same = ["127.0.0.1", "localhost", "LOCALHOST.", "127.0.0.1 ", "１２７.０.０.１", "①②⑦.0.0.1"]
     assert kept == {f"http://{h}/a.jpg" for h in same} | {f"https://{h}:8080/b.png" for h in PUBLIC}
     assert allowed["kept_rows"] == len(same) + len(PUBLIC)
+
+
+def test_sizes_that_are_nan_infinite_or_huge_fail_the_size_rules(tmp_path):
+    rows = [{"URL": f"http://example.com/{i}.jpg", "TEXT": "a cat photo", "WIDTH": w, "HEIGHT": h}
+            for i, (w, h) in enumerate([(float("nan"), 100.0), (float("inf"), 600.0), (9.2e18, 1.0), (800.0, 600.0)])]
+    table = write_table(tmp_path / "urls.parquet", rows)
+    funnel = prefilter(table, tmp_path / "kept.parquet", PrefilterConfig(max_aspect=2.0))
+    assert funnel["kept_rows"] == 1 and dict((s["rule"], s["dropped"]) for s in funnel["steps"])["max_aspect"] == 3
+    huge = write_table(tmp_path / "huge.parquet", [{"URL": "http://example.com/h.jpg", "TEXT": "a cat photo",
+                                                    "WIDTH": 2**63 - 1, "HEIGHT": 1}])
+    funnel = prefilter(huge, tmp_path / "kept2.parquet", PrefilterConfig(max_aspect=2.0, min_side_px=10))
+    assert funnel["kept_rows"] == 0

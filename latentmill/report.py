@@ -72,7 +72,14 @@ def _loss_chart(log: Path) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    entries = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line cut off by a kill, or damage: the chart shows the rest
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), (int, float)) and isinstance(entry.get("loss"), (int, float)):
+            entries.append(entry)
     if not entries:
         return None
     fig, ax = plt.subplots(figsize=(7, 3))

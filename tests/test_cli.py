@@ -72,3 +72,12 @@ def test_other_failures_exit_1_and_debug_shows_the_traceback(tmp_path, sample_ta
     assert "Traceback" not in result.stderr
     debug = _run("--debug", "download", table, "-o", not_a_folder)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_the_report_loss_chart_reads_past_a_cut_off_log_line(tmp_path):
+    from latentmill.report import _loss_chart
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5}\n[1, 2]\n{"step": 2, "loss": "x"}\n{"step": 3, "loss": 0.4}\n{"step": 4, "lo')
+    chart = _loss_chart(log)
+    assert chart is not None

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup browser test demo bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -15,7 +15,11 @@ $(VENV)/.installed: pyproject.toml .ci/install_pillow_simd.sh
 	bash .ci/install_pillow_simd.sh $(PY)
 	touch $@
 
-test: setup
+# the report test renders the report in headless Chromium: installed here when missing (root or sudo)
+browser:
+	bash .ci/install_chromium.sh
+
+test: setup browser
 	NO_ALBUMENTATIONS_UPDATE=1 $(PY) -m pytest -q tests
 
 demo: setup

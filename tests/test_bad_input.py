@@ -36,6 +36,7 @@ def zoo(tmp_path_factory):
     (z / "unknown.yaml").write_text("train:\n  bogus_key: 3\n")
     (z / "evil.yaml").write_text('train: !!python/object/apply:os.system ["echo hi"]\n')
     (z / "bs0.yaml").write_text("train:\n  batch_size: 0\n")
+    (z / "fp16.yaml").write_text("train:\n  precision: fp16\n")
     (z / "steps-text.yaml").write_text("train:\n  steps: many\n")
     (z / "stages-map.yaml").write_text("stages:\n  name: a\n")
     (z / "stage-item.yaml").write_text("stages:\n  - 3\n")
@@ -106,6 +107,7 @@ def cases():
         ("train-warmup", [*train, "--warmup-steps", "-5"], "--warmup-steps"),
         ("train-offset-inf", [*train, "--noise-offset", "inf"], "--noise-offset"),
         ("train-log-0", [*train, "--log-every", "0"], "--log-every"),
+        ("train-precision", [*train, "--precision", "fp8"], "--precision"),
         ("train-mode", [*train, "--mode", "sometimes"], "--mode"),
         ("train-steps-text", [*train, "--steps", "ten"], "--steps"),
         ("sample-steps-0", [*sample, "--steps", "0"], "--steps"),
@@ -151,6 +153,7 @@ def cases():
         ("recipe-python-tag", ["run", "{z}/evil.yaml", "--work", "{z}/w"], "not valid YAML"),
         ("recipe-batch-0", ["run", "{z}/bs0.yaml", "--work", "{z}/w"], "train.batch_size"),
         ("recipe-steps-text", ["run", "{z}/steps-text.yaml", "--work", "{z}/w"], "train.steps"),
+        ("recipe-precision-fp16", ["run", "{z}/fp16.yaml", "--work", "{z}/w"], "fp16 training would need a gradient scaler"),
         ("recipe-stages-map", ["run", "{z}/stages-map.yaml", "--work", "{z}/w"], "stages is a list"),
         ("recipe-stage-item", ["run", "{z}/stage-item.yaml", "--work", "{z}/w"], "stages[0]"),
         ("recipe-bad-yaml", ["run", "{z}/badyaml.yaml", "--work", "{z}/w"], "badyaml.yaml: not valid YAML"),

@@ -58,6 +58,13 @@ class TrainConfig:
         between = {"caption_dropout": (0.0, 1.0), "ema_decay": (0.0, 1.0)}
         positive = ("learning_rate", "max_grad_norm")
         non_negative = ("weight_decay", "noise_offset") + (("min_snr_gamma",) if self.min_snr_gamma is not None else ())
+        choices = {"precision": ("auto", "bf16", "fp32"), "mode": ("resampled", "epoch"), "schedule": ("constant", "cosine"),
+                   "prediction": ("epsilon", "v_prediction")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                hint = (" (fp16 training would need a gradient scaler: use bf16 on CUDA, fp32 on CPU)"
+                        if getattr(self, key) == "fp16" else "")
+                raise InputError(f"train.{key} ({_flag(key)}) = {getattr(self, key)!r}: use {', '.join(allowed)}{hint}.")
         for key, low in at_least.items():
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -34,7 +34,8 @@ from latentmill.cli.options import COUNT, NONNEGATIVE, POSITIVE, POSITIVE_FLOAT,
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint, exactly.")
 @click.option("--init-from", type=click.Path(exists=True), help="Start from another run's EMA weights (e.g. 256 px, then 512).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--precision", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32"]),
+              help="auto: bf16 on CUDA, fp32 on CPU. (No fp16: it would need a gradient scaler.)")
 @click.option("--gradient-checkpointing", is_flag=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the U-Net.")
 @click.option("--seed", default=0, show_default=True)

@@ -116,7 +116,7 @@ def run_img2dataset(input_path: Path, output: Path, extras: list[str], has_capti
 
     from img2dataset import download as img2dataset_download
 
-    from latentmill.curate.netguard import guarded_downloader
+    from latentmill.curate.guarded_downloader import guarded_downloader
 
     # every connection the workers open is checked after name resolution and on every redirect hop
     # (the module by its full name: the package's `main` attribute is img2dataset's main *function*)

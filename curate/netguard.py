@@ -11,9 +11,9 @@ Exceptions are explicit: `allow_hosts` holds `HOST:PORT` entries (a test's own l
 connection to that host, spelled so in the URL, on that port, is allowed, and nothing else private is (a
 name that resolves to an allowed address is still refused).
 
-img2dataset runs its downloads in spawned worker processes; `GuardedDownloader` (img2dataset's
-Downloader, which img2dataset pickles to each worker) installs the guard in the worker before its first
-download. The resolver is injectable (`resolver`: "module:function", getaddrinfo's signature) so tests
+img2dataset runs its downloads in spawned worker processes; `guarded_downloader.GuardedDownloader`
+(img2dataset's Downloader, which img2dataset pickles to each worker) installs the guard in the worker
+before its first download. The resolver is injectable (`resolver`: "module:function", getaddrinfo's signature) so tests
 can map names to loopback without touching /etc/hosts.
 """
 
@@ -103,32 +103,3 @@ def uninstall() -> None:
     """Put socket.create_connection back (tests that install the guard in their own process)."""
     socket.create_connection = _state["original"]
     _state.update(installed=False, allowed=frozenset(), resolver=None)
-
-
-def guarded_downloader(allow_hosts=(), resolver: str | None = None):
-    """img2dataset's Downloader class, guarded: pass it where img2dataset builds its Downloader."""
-    from img2dataset.downloader import Downloader
-
-    class GuardedDownloader(Downloader):
-        def __call__(self, row):
-            install(self.allow_hosts, self.resolver)
-            return super().__call__(row)
-
-    GuardedDownloader.__module__ = __name__
-    GuardedDownloader.__qualname__ = "GuardedDownloader"
-    globals()["GuardedDownloader"] = GuardedDownloader  # picklable by name in the workers
-
-    def build(*args, **kwargs):
-        downloader = GuardedDownloader(*args, **kwargs)
-        downloader.allow_hosts, downloader.resolver = tuple(allow_hosts), resolver
-        return downloader
-
-    return build
-
-
-def __getattr__(name: str):
-    """A worker unpickling a GuardedDownloader imports this module and asks for the class by name."""
-    if name == "GuardedDownloader":
-        guarded_downloader()
-        return globals()["GuardedDownloader"]
-    raise AttributeError(name)

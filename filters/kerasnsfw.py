@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ KERAS_EPSILON = 1e-7  # keras.backend.epsilon(), Normalization's floor on the st
 
 @dataclass
 class KerasNsfw:
-    """The detector's parameters: apply with `forward_numpy` (reference) or `heads.keras_nsfw_module`."""
+    """The detector's parameters: apply with `forward_numpy` (reference) or `unsafehead.keras_nsfw_module`."""
 
     input_dim: int
     lookups: dict[int, dict[str, int]]  # categorical column -> {"%f" text of the value: index}
@@ -44,7 +44,6 @@ class KerasNsfw:
     activations: list[str]  # after each dense layer: relu, sigmoid or linear
     epsilon: float = KERAS_EPSILON
     source: str = ""
-    notes: list[str] = field(default_factory=list)
 
     def encode_categorical(self, x: np.ndarray) -> np.ndarray:
         """Step 1: float32 copy of `x` (N, D) with NaN -> 0 and each categorical column replaced by its index."""

@@ -99,7 +99,8 @@ def _collate(rows):
 
 def load_heads(config: ScoreConfig, embed_dim: int) -> list:
     """Load every head asked for and check it fits the CLIP model, before any image is read."""
-    from latentmill.filters.heads import load_aesthetic, load_fitted, load_unsafe, load_watermark
+    from latentmill.filters.heads import load_aesthetic, load_fitted, load_watermark
+    from latentmill.filters.unsafehead import load_unsafe
 
     heads = []
     if config.aesthetic_head:

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from latentmill.curate.errors import InputError
-from latentmill.filters.heads import h14_nsfw_module, load_aesthetic, load_unsafe, save_keras_nsfw
+from latentmill.filters.heads import load_aesthetic
 from latentmill.filters.kerasnsfw import KerasNsfw, read_keras_nsfw
+from latentmill.filters.unsafehead import h14_nsfw_module, load_unsafe, save_keras_nsfw
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("LATENTMILL_LAION_FIXTURES", ROOT.parent / "shared" / "fixtures" / "laion"))

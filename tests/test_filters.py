@@ -14,9 +14,10 @@ from latentmill.curate.download import DownloadConfig, download
 from latentmill.curate.errors import InputError
 from latentmill.curate.imageshards import iter_image_shard
 from latentmill.filters.clip import load_clip, resolve_model_name
-from latentmill.filters.heads import aesthetic_v2_module, save_keras_nsfw, watermark_module
+from latentmill.filters.heads import aesthetic_v2_module, watermark_module
 from latentmill.filters.kerasnsfw import KerasNsfw
 from latentmill.filters.score import ScoreConfig, score
+from latentmill.filters.unsafehead import save_keras_nsfw
 from tests.conftest import image_entry, kill_when_done, make_shard, write_table
 
 TINY = dict(clip_model="tiny", pretrained="none", workers=0, batch_size=8)

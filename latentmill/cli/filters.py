@@ -148,7 +148,7 @@ def convert_head(kind, source, output):
     from pathlib import Path
 
     from latentmill.curate.errors import InputError
-    from latentmill.filters.heads import read_laion_nsfw, save_keras_nsfw
+    from latentmill.filters.unsafehead import read_laion_nsfw, save_keras_nsfw
 
     if Path(output).suffix != ".safetensors":
         raise InputError(f"-o {output}: the converted head is a .safetensors file; name it e.g. punsafe.safetensors.")

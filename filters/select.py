@@ -53,19 +53,15 @@ def select(scores: str | Path, output: str | Path, thresholds: dict | None = Non
     known = sorted(set(derived_columns({c: np.zeros(1) for c in pq.read_schema(shards[0]).names if c not in NON_SCORE}))
                    | {"width", "height"})
     rules = build_rules(thresholds or {}, where or [], preset, known)
-    dropped = {"error": 0} | {r.name: 0 for r in rules}
-    values: dict[str, list] = {}
-    final, output = output, output.parent / f".{output.name}.tmp-{os.getpid()}"  # written whole, then swapped in
-    shutil.rmtree(output, ignore_errors=True)
-    output.mkdir(parents=True)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"  # written whole, then swapped in
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     try:
-        funnel = _select_into(output, shards, rules, dropped, values, plots)
+        funnel = _select_into(tmp, output, shards, rules, plots)
     except BaseException:
-        shutil.rmtree(output, ignore_errors=True)  # the previous selection stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous selection stays as it was
         raise
-    _swap_in(output, final)
-    if funnel.get("plots"):
-        funnel["plots"] = [str(final / "plots" / Path(p).name) for p in funnel["plots"]]
+    _swap_in(tmp, output)
     return funnel
 
 
@@ -78,10 +74,13 @@ def _swap_in(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _select_into(output: Path, shards: list[Path], rules: list, dropped: dict, values: dict, plots: bool) -> dict:
+def _select_into(output: Path, final: Path, shards: list[Path], rules: list, plots: bool) -> dict:
+    """Write the selection into `output`, the funnel naming its plots where they will be: under `final`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    dropped = {"error": 0} | {r.name: 0 for r in rules}
+    values: dict[str, list] = {}
     total = kept_total = 0
     for shard in shards:
         try:
@@ -112,7 +111,7 @@ def _select_into(output: Path, shards: list[Path], rules: list, dropped: dict, v
               "rules": [{"name": r.name, "expression": r.expression} for r in rules]}
     assert steps[-1]["remaining"] == kept_total
     if plots:
-        funnel["plots"] = [str(p) for p in plot_histograms(values, rules, output / "plots")]
+        funnel["plots"] = [str(final / "plots" / p.name) for p in plot_histograms(values, rules, output / "plots")]
     write_json(output / "funnel.json", funnel)
     return funnel
 

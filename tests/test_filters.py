@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -401,6 +402,8 @@ def test_a_failed_select_leaves_the_previous_selection_intact(tmp_path, run_cli)
         (scores / f"{shard}.stats.json").write_text("{}")
     result = run_cli("select", scores, "-o", tmp_path / "sel", "--min-aesthetic", "5")
     assert result.exit_code == 0, result.output
+    plots = json.loads((tmp_path / "sel" / "funnel.json").read_text())["plots"]
+    assert plots and all(Path(p).parent == tmp_path / "sel" / "plots" and Path(p).exists() for p in plots)
     before = {p.name: p.read_bytes() for p in (tmp_path / "sel").rglob("*") if p.is_file()}
     (scores / "00001.parquet").write_bytes(b"PAR1 cut off")
     result = run_cli("select", scores, "-o", tmp_path / "sel", "--min-aesthetic", "7")

@@ -81,13 +81,14 @@ def prepare_input(source: str | Path, state: Path, config: DownloadConfig) -> tu
     dropped = {"private_address": 0, "invalid_url": 0}
     path = state / "input.parquet"
     dropped_rows = []
+    allowed = parse_allow_hosts(config.allow_hosts)
     with atomic_path(path) as tmp:
         writer = None
         for batch in table.batches(columns=columns):
             batch = pa.RecordBatch.from_arrays(batch.columns, names=names)
             urls = batch.column(0)
             valid = pc.fill_null(pc.match_substring_regex(urls, r"^https?://", ignore_case=True), False)
-            private = pc.and_(valid, private_address_mask(urls, parse_allow_hosts(config.allow_hosts)))
+            private = pc.and_(valid, private_address_mask(urls, allowed))
             keep = pc.and_(valid, pc.invert(private))
             dropped["private_address"] += pc.sum(private).as_py() or 0
             dropped_rows += [(u, "private_address") for u in urls.filter(private).to_pylist()]

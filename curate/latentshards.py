@@ -214,10 +214,10 @@ def checked_npy(data: bytes, shape: tuple, what: str, why: str) -> np.ndarray:
     if tuple(found_shape) != tuple(shape) or dtype != LATENT_DTYPE or fortran:
         raise InputError(f"{what} is {dtype}{list(found_shape)}{' (Fortran order)' if fortran else ''}, expected "
                          f"float16{list(shape)} {why}.")
-    body = data[stream.tell():]
-    if len(body) != int(np.prod(shape)) * np.dtype(LATENT_DTYPE).itemsize:
-        raise InputError(f"{what}: {len(body)} bytes of data for float16{list(shape)}.")
-    return np.frombuffer(body, dtype=LATENT_DTYPE).reshape(shape).copy()
+    offset = stream.tell()
+    if len(data) - offset != int(np.prod(shape)) * np.dtype(LATENT_DTYPE).itemsize:
+        raise InputError(f"{what}: {len(data) - offset} bytes of data for float16{list(shape)}.")
+    return np.frombuffer(data, dtype=LATENT_DTYPE, offset=offset).reshape(shape).copy()  # one copy: writable
 
 
 def iter_latent_shard(path: str | Path, manifest: dict, errors: dict | None = None) -> Iterator[dict]:

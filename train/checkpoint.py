@@ -92,6 +92,7 @@ def latest_checkpoint(run: Path, needed=TRAINING_FILES, fallback: bool = False) 
     """The newest checkpoint of `run` (None if it has none). A damaged newest one is an InputError naming
     the file, or, with `fallback` (resuming), skipped with a warning for the newest intact one."""
     found = checkpoints(run)
+    newest_problem = None
     for folder in reversed(found):
         problem = damage(folder, needed)
         if problem is None:
@@ -101,8 +102,9 @@ def latest_checkpoint(run: Path, needed=TRAINING_FILES, fallback: bool = False) 
             raise InputError(f"{folder}: damaged checkpoint ({problem}). Delete that folder to use the previous one"
                              f"{f' ({older[-1]})' if older else ''}.")
         log.warning("%s: damaged checkpoint (%s); falling back to the previous one.", folder, problem)
+        newest_problem = newest_problem or problem
     if found:
-        raise InputError(f"{run}: every checkpoint is damaged (newest: {found[-1].name}: {damage(found[-1], needed)}).")
+        raise InputError(f"{run}: every checkpoint is damaged (newest: {found[-1].name}: {newest_problem}).")
     return None
 
 

@@ -61,7 +61,7 @@ def train(config: TrainConfig, progress=None) -> dict:
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     precision = config.precision if config.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    autocast_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]  # fp16 is refused by config.check()
     run = Path(config.output)
     shards = expand_shards(config.shards)  # before anything is written: bad input leaves no run folder
     loader = LatentLoader(shards, config.batch_size, seed=config.seed, rank=rank, world_size=world, mode=config.mode,

@@ -23,13 +23,19 @@ _SUSPECT_PATTERN = (r"^(\[.*\]|[0-9a-fA-FxX.\s]+|.*localhost\.?\s*|localhost\.lo
                     r"|metadata(\.google\.internal)?\.?\s*|.*[^\x00-\x7F].*)$")
 
 
+def normalize_host(host: str) -> str:
+    """A host as urllib and the resolver see it: NFKC (full-width, circled digits), no surrounding spaces,
+    no IPv6 brackets, lower case, no trailing dots. The table check, the allow-list and the connect-time
+    guard all compare hosts in this form."""
+    host = unicodedata.normalize("NFKC", str(host)).strip().lower().rstrip(".").strip()
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def is_private_host(host: str) -> bool:
     """Is `host` (from a URL, IPv6 possibly in brackets) a loopback/private/link-local/multicast/reserved/
     metadata address? Normalised first as urllib and the resolver would: NFKC (full-width and circled
     digits), case, surrounding spaces, trailing dots."""
-    host = unicodedata.normalize("NFKC", host).strip().lower().rstrip(".").strip()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+    host = normalize_host(host)
     if host in PRIVATE_HOSTNAMES or host.endswith(".localhost"):
         return True
     try:
@@ -83,5 +89,4 @@ def _host_port(url: str) -> tuple[str, int] | None:
         port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower(), 0)
     except ValueError:
         return None
-    host = unicodedata.normalize("NFKC", parts.hostname or "").strip().lower().rstrip(".")
-    return host, port
+    return normalize_host(parts.hostname or ""), port

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import socket
 
-from latentmill.curate.addresses import is_private_host
+from latentmill.curate.addresses import is_private_host, normalize_host
 from latentmill.curate.errors import InputError
 
 REFUSED = "private_address"
@@ -42,7 +42,7 @@ def parse_allow_hosts(entries) -> frozenset[tuple[str, int]]:
         host, sep, port = str(entry).strip().rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise InputError(f"--allow-host {entry!r}: write HOST:PORT, e.g. 127.0.0.1:8765.")
-        allowed.add((host.strip("[]").lower().rstrip("."), int(port)))
+        allowed.add((normalize_host(host), int(port)))
     return frozenset(allowed)
 
 
@@ -57,7 +57,7 @@ def _resolver():
 def check_connection(host: str, port: int) -> list[tuple]:
     """The addresses to connect to for (host, port): getaddrinfo results, every one checked. Raises
     PrivateAddressRefused if any is private and the host is not allowed."""
-    name = str(host).strip("[]").lower().rstrip(".")
+    name = normalize_host(host)
     infos = _resolver()(host, port, 0, socket.SOCK_STREAM)
     allowed = _state["allowed"]
     if (name, port) in allowed:

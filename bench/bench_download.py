@@ -33,8 +33,8 @@ def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
     with ImageServer() as server:
-        config = DownloadConfig(processes=args.processes, threads=32, timeout_s=30, retries=0, shard_size=500,
-                                allow_hosts=(f"127.0.0.1:{server.port}",), min_image_size_px=64)
+        config = DownloadConfig(processes=args.processes, http_threads=32, timeout=30, retries=0, shard_size=500,
+                                allow_hosts=(f"127.0.0.1:{server.port}",), min_image_size=64)
         sizes = [(320, 256), (256, 320), (384, 256), (288, 288)]
         urls = [server.url(f"/gen/{i % 200}/{sizes[i % 4][0]}x{sizes[i % 4][1]}.jpg?v={i}") for i in range(args.urls)]
         prerender(urls)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).parent / "out"
-RULES = dict(min_side_px=512, max_aspect=2.0, max_pwatermark=0.5, max_punsafe=0.5, min_aesthetic=5.0, min_similarity=0.28)
+RULES = dict(min_side=512, max_aspect=2.0, max_pwatermark=0.5, max_punsafe=0.5, min_aesthetic=5.0, min_similarity=0.28)
 
 
 def generate(path: Path, rows: int, chunk: int = 1_000_000) -> None:
@@ -62,7 +62,7 @@ def run_pandas(table: str, out: str) -> None:
     w, h = df["WIDTH"], df["HEIGHT"]
     keep = (
         df["URL"].str.match(r"^https?://") & (df["TEXT"].str.strip().str.len() >= 3)
-        & (pd.concat([w, h], axis=1).min(axis=1) >= RULES["min_side_px"])
+        & (pd.concat([w, h], axis=1).min(axis=1) >= RULES["min_side"])
         & (pd.concat([w, h], axis=1).max(axis=1) <= RULES["max_aspect"] * pd.concat([w, h], axis=1).min(axis=1))
         & (df["similarity"] >= RULES["min_similarity"]) & (df["pwatermark"] <= RULES["max_pwatermark"])
         & (df["punsafe"] <= RULES["max_punsafe"]) & (df["AESTHETIC_SCORE"] >= RULES["min_aesthetic"])

@@ -14,13 +14,14 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from latentmill.configs import StageConfig, opt
 from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.errors import InputError
@@ -35,39 +36,44 @@ RESERVED = {"key", "url", "caption", "status", "error_message", "width", "height
 
 
 @dataclass
-class DownloadConfig:
+class DownloadConfig(StageConfig):
     """How to download. The defaults suit diffusion training, not img2dataset's own (256 px, border, files)."""
 
-    image_size_px: int = 1024  # the smaller side is capped here (kept ratio, never upscaled): above 512-px buckets
-    min_image_size_px: int = 256  # smaller side below this: dropped as too_small (the smallest 512-bucket side)
-    max_aspect_ratio: float = 4.0
-    processes: int = max(1, min(16, os.cpu_count() or 1))
-    threads: int = 64
-    distributor: str = "multiprocessing"
-    ray_address: str | None = None  # with distributor "ray": a cluster address or "auto"; None starts Ray locally
-    retries: int = 2
-    timeout_s: int = 10
-    user_agent_token: str | None = "latentmill"
-    shard_size: int = 10_000
-    encode_quality: int = 95
-    honour_opt_out: bool = True  # X-Robots-Tag: noai, noimageai, noindex, noimageindex
-    allow_hosts: tuple[str, ...] = ()  # HOST:PORT exceptions to the private-address guard (your own test server)
-    resolver: str | None = None  # "module:function" with getaddrinfo's signature, for the guard (tests)
-    columns: dict[str, str | None] = field(default_factory=dict)
+    SECTION = "download"
+    image_size: int = opt(1024, "Cap on the smaller side in px (ratio kept, never upscaled); set above your largest "
+                          "bucket side.", low=1, old_key="image_size_px")
+    min_image_size: int = opt(256, "Drop images whose smaller side is below this (px).", low=0,
+                              old_key="min_image_size_px")
+    max_aspect: float = opt(4.0, "Drop images more elongated than this (long/short side).", low=1.0,
+                            old=("--max-aspect-ratio",), old_key="max_aspect_ratio")
+    processes: int = opt(max(1, min(16, os.cpu_count() or 1)), "Download processes (default: CPU count, at most 16).",
+                         low=1)
+    http_threads: int = opt(64, "Download threads per process.", low=1, old=("--threads",), old_key="threads")
+    distributor: str = opt("multiprocessing", "img2dataset's distributor.", choices=DISTRIBUTORS)
+    ray_address: str | None = opt(None, "With --distributor ray: the cluster to join ('auto', or ray://HOST:10001); "
+                                  "default: a local Ray.")
+    retries: int = opt(2, "Retries per URL.", low=0)
+    timeout: int = opt(10, "Per-request timeout in seconds.", low=1, old_key="timeout_s")
+    user_agent_token: str | None = opt("latentmill", "Token added to the User-Agent, so site owners can identify and "
+                                       "opt out.")
+    shard_size: int = opt(10_000, "Samples per shard.", low=1)
+    encode_quality: int = opt(95, "JPEG quality of the stored images.", low=1, high=100)
+    ignore_opt_out: bool = opt(False, "Do not honour X-Robots-Tag noai/noimageai/noindex headers.")
+    allow_hosts: list[str] = opt(
+        factory=list, flag="--allow-host", metavar="HOST:PORT",
+        help="Allow this one loopback/private host and port (repeatable), e.g. your own test server "
+             "127.0.0.1:8765; every other private address stays refused.")
+    resolver: str | None = opt(None, "module:function with getaddrinfo's signature, for the guard (tests).", cli=False)
+    columns: dict[str, str | None] = opt(factory=dict, cli=False, help="role -> column name (the --ROLE-col options).")
 
-    def validate(self) -> None:
+    def check_more(self) -> None:
         parse_allow_hosts(self.allow_hosts)
-        if self.distributor not in DISTRIBUTORS:
-            raise InputError(f"--distributor {self.distributor!r} is not one of {', '.join(DISTRIBUTORS)}.")
         if self.distributor != "multiprocessing":
             import importlib.util
 
             if importlib.util.find_spec(self.distributor) is None:
                 raise InputError(f"--distributor {self.distributor} needs the {self.distributor} package: "
                                  f"pip install {self.distributor}{'[default]' if self.distributor == 'ray' else ''}.")
-        for name in ("image_size_px", "processes", "threads", "shard_size", "timeout_s"):
-            if getattr(self, name) < 1:
-                raise InputError(f"download option {name} must be at least 1, got {getattr(self, name)}.")
 
 
 def prepare_input(source: str | Path, state: Path, config: DownloadConfig) -> tuple[Path, list[str], dict]:
@@ -139,20 +145,20 @@ def run_img2dataset(input_path: Path, output: Path, extras: list[str], has_capti
         save_additional_columns=extras or None,
         output_folder=str(output),
         output_format="webdataset",
-        image_size=config.image_size_px,
+        image_size=config.image_size,
         resize_mode="keep_ratio",
         resize_only_if_bigger=True,
         skip_reencode=True,
         encode_quality=config.encode_quality,
-        min_image_size=config.min_image_size_px,
-        max_aspect_ratio=config.max_aspect_ratio,
+        min_image_size=config.min_image_size,
+        max_aspect_ratio=config.max_aspect,
         processes_count=config.processes,
-        thread_count=config.threads,
+        thread_count=config.http_threads,
         distributor=config.distributor,
         retries=config.retries,
-        timeout=config.timeout_s,
+        timeout=config.timeout,
         user_agent_token=config.user_agent_token,
-        disallowed_header_directives=None if config.honour_opt_out else [],
+        disallowed_header_directives=None if not config.ignore_opt_out else [],
         number_sample_per_shard=config.shard_size,
         incremental_mode=incremental_mode,
         enable_wandb=False,

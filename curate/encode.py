@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from latentmill.configs import PRECISIONS, StageConfig, opt, resolve_device_precision
 from latentmill.curate.atomic import write_json
 from latentmill.curate.buckets import make_buckets
 from latentmill.curate.errors import InputError
@@ -26,44 +27,49 @@ DOWNSAMPLE = 8  # SD-family VAEs: latent side = image side / 8
 
 
 @dataclass
-class EncodeConfig:
-    resolution: int = 512
-    min_side: int | None = None  # default resolution / 2
-    max_side: int | None = None  # default resolution * 2
-    step: int = 64
-    vae: str = "tiny"
-    device: str = "cpu"
-    precision: str = "auto"  # bf16 on CUDA, fp32 on CPU
-    batch_size: int = 16
-    flip: bool = False
-    std: bool = False
-    crop: str = "center"  # or "random" (seeded per sample)
-    bucket_assign: str = "kohya"  # or "log": see curate.buckets.assign_bucket
-    seed: int = 0
-    max_upscale: float = 1.0  # images needing more enlargement than this are dropped as too_small
-    text_encoder: str | None = None  # precompute caption embeddings (see curate.textencoder)
-    threads: int | None = None  # torch CPU threads per worker; CPU float sums depend on it, so fix it for identical bytes
-    workers: int | None = None  # decode+resize processes (default: the cores available, capped); 0: in-process
+class EncodeConfig(StageConfig):
+    SECTION = "encode"
+    resolution: int = opt(512, "Bucket area is at most RESOLUTION² px.", low=1)
+    bucket_min_side: int | None = opt(None, "Smallest bucket side in px (default: resolution / 2).", low=1,
+                                      old=("--min-side",), old_key="min_side")
+    bucket_max_side: int | None = opt(None, "Largest bucket side in px (default: resolution * 2).", low=1,
+                                      old=("--max-side",), old_key="max_side")
+    step: int = opt(64, "Bucket sides are multiples of this (px).", low=1)
+    vae: str = opt("stabilityai/sd-vae-ft-mse", "Diffusers model id or local folder, or an architecture with random "
+                   "weights: tiny, sd15 (tests, speed runs).")
+    device: str = opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
+    precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.", choices=PRECISIONS)
+    batch_size: int = opt(16, "Images per VAE call (one bucket per batch).", low=1)
+    flip: bool = opt(False, "Also store the latent of the horizontally flipped image.")
+    std: bool = opt(False, "Also store the posterior std (fresh latent samples at train time).")
+    crop: str = opt("center", "Where a bucket's crop is taken (random: seeded per sample).", choices=("center", "random"))
+    bucket_assign: str = opt("kohya", "kohya: kohya-ss's rule (nearest linear aspect ratio, nearest-pixel resize); log: "
+                             "nearest log aspect ratio (symmetric between tall and wide), resize rounded up.",
+                             choices=("kohya", "log"))
+    seed: int = opt(0, "Seed for random crops.")
+    max_upscale: float = opt(1.0, "Images that must be enlarged more than this to cover their bucket are dropped as "
+                             "too_small.", low=1.0)
+    text_encoder: str | None = opt(None, "Also store caption embeddings: openclip:NAME[:PRETRAINED] or a pipeline folder.")
+    torch_threads: int | None = opt(None, "torch CPU threads per worker; CPU float sums depend on it, so the same "
+                                    "number gives byte-identical outputs.", low=1, old=("--threads",), old_key="threads")
+    workers: int | None = opt(None, "Processes decoding and resizing while the VAE works (default: the cores available, "
+                              "at most 8; 0: decode in the encoding process). Outputs are the same bytes whatever the "
+                              "number.", low=0)
 
     def resolved_workers(self) -> int:
-        if self.workers is None:
-            return default_workers()
-        if self.workers < 0:
-            raise InputError(f"--workers {self.workers}: use 0 (decode in the encoding process) or more.")
-        return self.workers
+        return default_workers() if self.workers is None else self.workers
 
-    def resolved_precision(self) -> str:
-        if self.precision == "auto":
-            return "bf16" if self.device.startswith("cuda") else "fp32"
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise InputError(f"--precision {self.precision!r}: use auto, fp32, bf16 or fp16.")
-        return self.precision
+    def resolved_device_precision(self) -> tuple[str, str]:
+        return resolve_device_precision(self.device, self.precision)
 
     def buckets(self) -> list[tuple[int, int]]:
         try:
-            return make_buckets(self.resolution, self.min_side, self.max_side, self.step)
+            return make_buckets(self.resolution, self.bucket_min_side, self.bucket_max_side, self.step)
         except ValueError as err:
             raise InputError(f"bucket options: {err}.") from None
+
+    def check_more(self) -> None:
+        self.buckets()
 
 
 def _to_tensor(pixels: np.ndarray, device: str, dtype):
@@ -243,25 +249,27 @@ class EncodeStage:
     def setup(self):
         from latentmill.curate.vae import load_vae
 
-        if self.config.threads:
+        if self.config.torch_threads:
             import torch
 
-            torch.set_num_threads(self.config.threads)
-        vae = load_vae(self.config.vae, self.config.device, self.config.resolved_precision())
+            torch.set_num_threads(self.config.torch_threads)
+        # "auto" resolved where the model runs (a Ray actor may have the GPU the driver lacks)
+        device, precision = self.config.resolved_device_precision()
+        vae = load_vae(self.config.vae, device, precision)
         text_encoder = None
         if self.config.text_encoder:
             from latentmill.curate.textencoder import load_text_encoder
 
-            text_encoder = load_text_encoder(self.config.text_encoder, self.config.device,
-                                             dtype=self.config.resolved_precision())
-        return vae, text_encoder, PreparePool(self.config.resolved_workers())
+            text_encoder = load_text_encoder(self.config.text_encoder, device, dtype=precision)
+        resolved = replace(self.config, device=device, precision=precision)
+        return vae, text_encoder, PreparePool(self.config.resolved_workers()), resolved
 
     def stats_path(self, shard: Path) -> Path:
         return self.output / f"{shard.stem}.stats.json"
 
     def process(self, shard: Path, state) -> dict:
-        vae, text_encoder, pool = state
-        return encode_shard(shard, self.output, self.config, vae, self.selection, text_encoder, pool)
+        vae, text_encoder, pool, config = state
+        return encode_shard(shard, self.output, config, vae, self.selection, text_encoder, pool)
 
 
 def encode(images: str | Path, output: str | Path, config: EncodeConfig, selection: str | Path | None = None,
@@ -273,14 +281,10 @@ def encode(images: str | Path, output: str | Path, config: EncodeConfig, selecti
     shards = list_image_shards(images)
     if not shards:
         raise InputError(f"{images}: no .tar image shards. Make them with `latentmill download`.")
+    config.validate()
     buckets = config.buckets()
-    if config.crop not in ("center", "random"):
-        raise InputError(f"--crop {config.crop!r}: use center or random.")
-    if config.bucket_assign not in ("kohya", "log"):
-        raise InputError(f"--bucket-assign {config.bucket_assign!r}: use kohya or log.")
-    precision = config.resolved_precision()
     stage = EncodeStage(config, output, selection)
-    vae, text_encoder, pool = stage.setup()  # here too: the manifest records what made the latents
+    vae, text_encoder, pool, resolved = stage.setup()  # here too: the manifest records what made the latents
     header = {
         "format": "latentmill.latents/1",
         "vae": vae.describe(),
@@ -293,7 +297,7 @@ def encode(images: str | Path, output: str | Path, config: EncodeConfig, selecti
         "has_std": config.std,
         "has_flip": config.flip,
         "text_encoder": text_encoder.describe() if text_encoder else None,
-        "encode_config": {k: v for k, v in asdict(config).items() if k != "workers"} | {"precision": precision},
+        "encode_config": {k: v for k, v in asdict(resolved).items() if k != "workers"},
         "source": str(images),
         "selection": str(selection) if selection else None,
     }
@@ -302,7 +306,7 @@ def encode(images: str | Path, output: str | Path, config: EncodeConfig, selecti
     if text_encoder is not None:
         header["text_encoder"]["empty"] = _write_empty_caption(output, text_encoder)
     try:
-        shard_stats = run_shards(stage, shards, executor or ExecutorConfig(), local_state=(vae, text_encoder, pool),
+        shard_stats = run_shards(stage, shards, executor or ExecutorConfig(), local_state=(vae, text_encoder, pool, resolved),
                                  progress=(lambda s: progress(s["input"])) if progress else None)
     finally:
         pool.close()
@@ -343,3 +347,14 @@ def _check_same_settings(output: Path, header: dict) -> None:
                              f"Encode into a new folder, or delete this one.")
     else:
         write_json(settings, fixed)
+
+
+def format_encode_summary(manifest: dict, output: str | Path = "") -> str:
+    """What `encode` (the command and the run stage) prints: latents per bucket and what was dropped."""
+    lines = [f"{manifest['samples']:,} latents in {len(manifest['shards'])} shard(s) at {manifest['resolution']} px"
+             + (f" in {output}" if output else "")]
+    for bucket, count in sorted(manifest["per_bucket"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {bucket:>10} {count:>8,}")
+    if manifest["dropped"]:
+        lines.append("dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(manifest["dropped"].items())))
+    return "\n".join(lines)

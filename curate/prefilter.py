@@ -9,7 +9,7 @@ A row whose value is missing (null) for a requested threshold fails that rule.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from latentmill.configs import StageConfig, opt
 from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.dedupe import SeenUrls, hash_urls
@@ -27,30 +28,38 @@ from latentmill.curate.tables import UrlTable
 
 
 @dataclass
-class PrefilterConfig:
+class PrefilterConfig(StageConfig):
     """Thresholds (None: rule off) and switches for `prefilter`."""
 
-    min_side_px: int | None = None
-    max_aspect: float | None = None
-    min_similarity: float | None = None
-    max_pwatermark: float | None = None
-    max_punsafe: float | None = None
-    min_aesthetic: float | None = None
-    min_caption_chars: int = 3
-    dedupe_urls: bool = True
-    allow_hosts: tuple[str, ...] = ()  # HOST:PORT exceptions to the private-address rule (your own test server)
-    columns: dict[str, str | None] = field(default_factory=dict)
-    batch_rows: int = 262_144
+    SECTION = "prefilter"
+    min_side: int | None = opt(None, "Drop rows whose smaller side (WIDTH/HEIGHT) is below this, in px.", low=1,
+                               old_key="min_side_px")
+    max_aspect: float | None = opt(None, "Drop rows whose long/short side ratio exceeds this.", low=1.0)
+    min_similarity: float | None = opt(None, "Drop rows whose CLIP similarity is below this.")
+    max_pwatermark: float | None = opt(None, "Drop rows whose watermark probability exceeds this.")
+    max_punsafe: float | None = opt(None, "Drop rows whose unsafe probability exceeds this.")
+    min_aesthetic: float | None = opt(None, "Drop rows whose aesthetic score is below this.")
+    min_caption_chars: int = opt(3, "Drop captions shorter than this after trimming (0: keep empty captions).", low=0)
+    keep_duplicates: bool = opt(False, "Do not drop repeated URLs.")
+    allow_hosts: list[str] = opt(
+        factory=list, flag="--allow-host", metavar="HOST:PORT",
+        help="Keep URLs of this one loopback/private host and port (repeatable), e.g. your own test server "
+             "127.0.0.1:8765; every other private address is still dropped.")
+    columns: dict[str, str | None] = opt(factory=dict, cli=False, help="role -> column name (the --ROLE-col options).")
+    batch_rows: int = opt(262_144, "Rows read per batch.", low=1, cli=False)
+
+    def check_more(self) -> None:
+        parse_allow_hosts(self.allow_hosts)
 
 
-# threshold option -> (rule name, roles it needs, option spelling)
+# threshold option -> (rule name, roles it needs)
 THRESHOLDS = {
-    "min_side_px": ("min_side", ("width", "height"), "--min-side"),
-    "max_aspect": ("max_aspect", ("width", "height"), "--max-aspect"),
-    "min_similarity": ("min_similarity", ("similarity",), "--min-similarity"),
-    "max_pwatermark": ("max_pwatermark", ("pwatermark",), "--max-pwatermark"),
-    "max_punsafe": ("max_punsafe", ("punsafe",), "--max-punsafe"),
-    "min_aesthetic": ("min_aesthetic", ("aesthetic",), "--min-aesthetic"),
+    "min_side": ("width", "height"),
+    "max_aspect": ("width", "height"),
+    "min_similarity": ("similarity",),
+    "max_pwatermark": ("pwatermark",),
+    "max_punsafe": ("punsafe",),
+    "min_aesthetic": ("aesthetic",),
 }
 
 Rule = Callable[[pa.RecordBatch], pa.Array]  # -> boolean "passes" mask
@@ -63,7 +72,8 @@ def _col(batch: pa.RecordBatch, name: str) -> pa.Array:
 def build_rules(config: PrefilterConfig, table: UrlTable) -> list[tuple[str, Rule]]:
     """The ordered (name, passes) rules this config asks for; a missing column is an error now."""
     cols = table.columns
-    for key, (_, roles, option) in THRESHOLDS.items():
+    for key, roles in THRESHOLDS.items():
+        option = "--" + key.replace("_", "-")
         if getattr(config, key) is not None and any(r not in cols for r in roles):
             raise InputError(
                 f"{table.path}: {option} needs the {' and '.join(roles)} column(s), which this table lacks. "
@@ -88,10 +98,10 @@ def build_rules(config: PrefilterConfig, table: UrlTable) -> list[tuple[str, Rul
         finite = pc.fill_null(pc.and_(pc.is_finite(fw), pc.is_finite(fh)), False)
         return pc.min_element_wise(fw, fh), pc.max_element_wise(fw, fh), finite
 
-    if config.min_side_px is not None:
+    if config.min_side is not None:
         def side_ok(b):
             short_side, _, finite = sides(b)
-            return pc.and_(finite, pc.fill_null(pc.greater_equal(short_side, config.min_side_px), False))
+            return pc.and_(finite, pc.fill_null(pc.greater_equal(short_side, config.min_side), False))
         rules.append(("min_side", side_ok))
     if config.max_aspect is not None:
         def aspect_ok(b):
@@ -103,7 +113,7 @@ def build_rules(config: PrefilterConfig, table: UrlTable) -> list[tuple[str, Rul
                          ("max_punsafe", pc.less_equal), ("min_aesthetic", pc.greater_equal)):
         limit = getattr(config, key)
         if limit is not None:
-            column = cols[THRESHOLDS[key][1][0]]
+            column = cols[THRESHOLDS[key][0]]
             rules.append((key, lambda b, c=column, f=compare, v=limit: pc.fill_null(f(_col(b, c), v), False)))
     return rules
 
@@ -117,7 +127,7 @@ def prefilter(source: str | Path, output: str | Path, config: PrefilterConfig, p
     output = Path(output)
     table = UrlTable.open(source, config.columns)
     rules = build_rules(config, table)
-    names = [name for name, _ in rules] + (["duplicate_url"] if config.dedupe_urls else [])
+    names = [name for name, _ in rules] + (["duplicate_url"] if not config.keep_duplicates else [])
     dropped = dict.fromkeys(names, 0)
     seen = SeenUrls()
     input_rows = kept_rows = 0
@@ -134,7 +144,7 @@ def prefilter(source: str | Path, output: str | Path, config: PrefilterConfig, p
                     dropped[name] += int(fails.sum())
                     reason[fails] = name
                     alive &= ~fails
-                if config.dedupe_urls:
+                if not config.keep_duplicates:
                     idx = np.flatnonzero(alive)
                     first = seen.first_seen(hash_urls(_col(batch, table.columns["url"]).take(idx)))
                     duplicates = idx[~first]

@@ -7,11 +7,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from latentmill.configs import PRECISIONS, resolve_device_precision, torch_dtype
 from latentmill.curate.errors import InputError
 from latentmill.curate.textencoder import model_name, register_model_configs
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -70,6 +70,7 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision:
     name = model_name(name)
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+    device, precision = resolve_device_precision(device, precision)
     pretrained = None if pretrained in (None, "", "none") else pretrained
     if name not in open_clip.list_models():
         raise InputError(f"--clip-model {name!r} is not an open_clip model; e.g. ViT-L-14-quickgelu, ViT-B-32, "
@@ -87,7 +88,7 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision:
             f"download the checkpoint elsewhere and pass its path: --pretrained /path/to/open_clip_pytorch_model.bin."
         ) from None
     model.eval().requires_grad_(False)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = torch_dtype(precision)
     if device == "cpu" and dtype == torch.float16:
         raise InputError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU.")
     embed_dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None else int(

@@ -16,21 +16,28 @@ from pathlib import Path
 
 import numpy as np
 
+from latentmill.configs import StageConfig, opt
 from latentmill.curate.errors import InputError
 
 
 @dataclass
-class FitConfig:
-    target: str
-    kind: str = "linear"  # or "mlp"
-    column: str | None = None  # the score column the head writes (default: the target's name)
-    hidden: tuple[int, ...] = (64,)
-    validation_fraction: float = 0.2
-    epochs: int = 300
-    learning_rate: float = 1e-2
-    weight_decay: float = 1e-4
-    seed: int = 0
-    alpha: float | None = None  # linear regression: the ridge penalty (None: chosen by 5-fold CV on the training split)
+class FitConfig(StageConfig):
+    """One head to fit: `latentmill fit-head`'s options, and one item of a recipe's `fit_heads:` list."""
+
+    SECTION = "fit_heads"
+    target: str = opt(help="Label column to fit (a labels file's column, or a URL-table column carried in the image "
+                      "shards' JSON such as AESTHETIC_SCORE).")
+    column: str | None = opt(None, "Score column the head will write (default: the target's name).")
+    kind: str = opt("linear", "linear (ridge regression or logistic) or mlp.", choices=("linear", "mlp"))
+    hidden: list[int] = opt(factory=lambda: [64], cli=False, help="Hidden layer widths of an mlp head.")
+    validation_fraction: float = opt(0.2, "Held-out share of the labelled rows for the metrics.", low=0.0,
+                                     low_open=True, high=0.99)
+    epochs: int = opt(300, "AdamW epochs (classifiers and MLPs).", low=1)
+    learning_rate: float = opt(1e-2, "AdamW learning rate.", low=0.0, low_open=True, cli=False)
+    weight_decay: float = opt(1e-4, "AdamW weight decay.", low=0.0, cli=False)
+    seed: int = opt(0, "Seed of the split and the initialisation.")
+    alpha: float | None = opt(None, "Ridge penalty of a linear regressor (default: chosen by 5-fold CV).", low=0.0,
+                              low_open=True)
 
 
 def read_labels(labels: str | Path, target: str) -> dict[str, float]:
@@ -243,3 +250,24 @@ def add_head_column(head_path: str | Path, scores: str | Path, embeddings: str |
         with atomic_path(parquet) as tmp:
             pq.write_table(table, tmp)
     return head.column
+
+
+def fit_and_add(config: FitConfig, labels: str | Path, embeddings: str | Path, scores: str | Path | None,
+                output: str | Path, add_column: bool = False) -> dict:
+    """Fit one head on the embeddings' labelled rows and save it to `output`; with `add_column`, add its
+    column to the score parquets. `labels`: a csv/parquet with `key` and the target, or a folder of image
+    shards whose sample JSON carries the target. An existing `output` is not fitted again (a resumed run)."""
+    from latentmill.filters.heads import check_column, fitted_metadata
+
+    config.validate()
+    check_column(config.column or config.target, "--column" if config.column else f"--target {config.target}")
+    output, scores = Path(output), Path(scores) if scores else Path(embeddings).parent / "scores"
+    if not output.exists():
+        labels = Path(labels)
+        table = labels_from_image_shards(labels, config.target) if labels.is_dir() else read_labels(labels, config.target)
+        x, y = labelled_embeddings(embeddings, table, scores, source=str(labels))
+        module, metrics = fit_head(x, y, config)
+        save_head(module, output, config, x.shape[1], metrics)
+    if add_column:
+        add_head_column(output, scores, embeddings)
+    return fitted_metadata(output)["metrics"] | {"column": config.column or config.target}

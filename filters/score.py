@@ -11,12 +11,13 @@ errors). A shard is done when `scores/{shard}.stats.json` exists.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from latentmill.configs import PRECISIONS, StageConfig, opt
 from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.bucketstats import header_size
 from latentmill.curate.errors import InputError
@@ -32,20 +33,26 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass
-class ScoreConfig:
-    clip_model: str = "ViT-L-14-quickgelu"
-    pretrained: str | None = "openai"
-    device: str = "cpu"
-    precision: str = "fp32"
-    batch_size: int = 64
-    workers: int = 2
-    aesthetic_head: str | None = None
-    unsafe_head: str | None = None
-    watermark_head: str | None = None
-    fitted_heads: list[str] = field(default_factory=list)
-    save_embeddings: bool = False
-    threads: int | None = None  # torch CPU threads per worker (CPU float sums depend on it)
-    exact_decode: bool = False  # decode JPEGs at full size for the CLIP branch too (pixel heads always are)
+class ScoreConfig(StageConfig):
+    SECTION = "score"
+    clip_model: str = opt("ViT-L-14-quickgelu", "open_clip model name.")
+    pretrained: str | None = opt("openai", "open_clip pretrained tag, a local checkpoint file, or 'none' (random weights).")
+    device: str = opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
+    precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.", choices=PRECISIONS)
+    batch_size: int = opt(64, "Images per CLIP call.", low=1)
+    workers: int = opt(2, "DataLoader workers decoding images.", low=0)
+    aesthetic_head: str | None = opt(None, "LAION aesthetic predictor (v2 MLP or v1 linear) state dict.", path=True)
+    unsafe_head: str | None = opt(None, "LAION's CLIP-based NSFW detector: its published zip "
+                                  "(clip_autokeras_binary_nsfw.zip, clip_autokeras_nsfw_b32.zip), a `convert-head` "
+                                  "output, h14_nsfw.pth, or the PyTorch port.", path=True)
+    watermark_head: str | None = opt(None, "LAION-5B watermark detector (efficientnet_b3a) weights.", path=True)
+    heads: list[str] = opt(factory=list, flag="--head", path=True, old_key="fitted_heads",
+                           help="A head made by `latentmill fit-head` (repeatable).")
+    save_embeddings: bool = opt(False, "Also write embeddings/{shard}.npy beside the output.")
+    torch_threads: int | None = opt(None, "torch CPU threads per worker; the same number gives byte-identical outputs "
+                                    "across executors and machines.", low=1, old=("--threads",), old_key="threads")
+    exact_decode: bool = opt(False, "Decode JPEGs at full size for CLIP too (default: a reduced-scale draft decode for "
+                             "CLIP alone; the watermark head always gets the full decode its authors used).")
 
 
 def decode_modes(config: ScoreConfig, pixel_heads: bool) -> dict[str, str]:
@@ -109,7 +116,7 @@ def load_heads(config: ScoreConfig, embed_dim: int) -> list:
         heads.append((config.unsafe_head, load_unsafe(config.unsafe_head)))
     if config.watermark_head:
         heads.append((config.watermark_head, load_watermark(config.watermark_head)))
-    for path in config.fitted_heads:
+    for path in config.heads:
         heads.append((path, load_fitted(path)))
     for path, head in heads:
         if not head.on_pixels and head.input_dim != embed_dim:
@@ -196,8 +203,8 @@ class ScoreStage:
     def setup(self):
         from latentmill.filters.clip import load_clip
 
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
         clip = load_clip(self.config.clip_model, self.config.pretrained, self.config.device, self.config.precision)
         return clip, load_heads(self.config, clip.embed_dim)
 
@@ -234,3 +241,11 @@ def score(images: str | Path, output: str | Path, config: ScoreConfig, progress=
         for reason, n in stats["errors"].items():
             totals[f"error:{reason}"] += n
     return dict(totals)
+
+
+def format_score_totals(totals: dict, output: str | Path = "") -> str:
+    """What `score` (the command and the run stage) prints."""
+    errors = {k[6:]: v for k, v in totals.items() if k.startswith("error:")}
+    return (f"scored {totals['scored']:,} of {totals['images']:,} images in {totals['shards']} shard(s)"
+            + (f" -> {output}" if output else "") + (f"; not decodable: {errors}" if errors else "")
+            + "\ndecode: " + ", ".join(f"{branch} {mode}" for branch, mode in totals["decode"].items()))

@@ -7,44 +7,54 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from latentmill.configs import StageConfig, opt
 from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.errors import InputError
 from latentmill.curate.funnel import format_funnel, funnel_steps
 from latentmill.filters.rules import PRESETS, Rule, derived_columns
 
-THRESHOLD_OPTIONS = {  # option -> (rule name, template)
-    "min_aesthetic": ("min_aesthetic", "aesthetic >= {}"), "max_pwatermark": ("max_pwatermark", "pwatermark <= {}"),
-    "max_punsafe": ("max_punsafe", "punsafe <= {}"), "min_similarity": ("min_similarity", "clip_similarity >= {}"),
-    "min_side": ("min_side", "min_side >= {}"), "max_aspect": ("max_aspect", "aspect <= {}"),
-    "min_area": ("min_area", "area >= {}"),
+THRESHOLDS = {  # option -> the rule it stands for (the rule is named after the option)
+    "min_aesthetic": "aesthetic >= {}", "max_pwatermark": "pwatermark <= {}", "max_punsafe": "punsafe <= {}",
+    "min_similarity": "clip_similarity >= {}", "min_side": "min_side >= {}", "min_area": "area >= {}",
+    "max_aspect": "aspect <= {}",
 }
 NON_SCORE = {"key", "url", "caption", "error", "original_width", "original_height"}
 
 
-def build_rules(thresholds: dict, where: list[str], preset: str | None, known: list[str]) -> list[Rule]:
-    """Rules in order: the preset's, then the threshold options', then each --where."""
-    specs: list[tuple[str, str]] = []
-    if preset:
-        if preset not in PRESETS:
-            raise InputError(f"--preset {preset!r}: use one of {', '.join(PRESETS)}.")
-        specs += PRESETS[preset]
-    for option, value in thresholds.items():
-        if value is not None:
-            name, template = THRESHOLD_OPTIONS[option]
-            specs.append((name, template.format(value)))
-    specs += [(expression.strip(), expression) for expression in where]
-    return [Rule(name, expression, known) for name, expression in specs]
+@dataclass
+class SelectConfig(StageConfig):
+    """The rules of `select`, in the order they run: the preset's, the thresholds', then each `where`."""
+
+    SECTION = "select"
+    preset: str | None = opt(None, "Published cuts.", choices=tuple(PRESETS))
+    min_aesthetic: float | None = opt(None, "Minimum aesthetic score.")
+    max_pwatermark: float | None = opt(None, "Maximum watermark probability.")
+    max_punsafe: float | None = opt(None, "Maximum unsafe probability.")
+    min_similarity: float | None = opt(None, "Minimum CLIP image-caption cosine (LAION used 0.28 on ViT-B/32).")
+    min_side: int | None = opt(None, "Minimum decoded smaller side, px.", low=1)
+    min_area: int | None = opt(None, "Minimum decoded area, px.", low=1)
+    max_aspect: float | None = opt(None, "Maximum long/short side ratio.", low=1.0)
+    where: list[str] = opt(factory=list, help='A rule such as "aesthetic >= 6 and pwatermark < 0.5" (repeatable).')
+    plots: bool = opt(True, "Draw one histogram PNG per score with its threshold marked.")
+
+    def rule_specs(self) -> list[tuple[str, str]]:
+        """(name, expression) of every rule, in order."""
+        specs = list(PRESETS[self.preset]) if self.preset else []
+        specs += [(key, template.format(getattr(self, key))) for key, template in THRESHOLDS.items()
+                  if getattr(self, key) is not None]
+        return specs + [(expression.strip(), expression) for expression in self.where]
 
 
-def select(scores: str | Path, output: str | Path, thresholds: dict | None = None, where: list[str] | None = None,
-           preset: str | None = None, plots: bool = True) -> dict:
+def select(scores: str | Path, output: str | Path, config: SelectConfig | None = None) -> dict:
     """Select from every score shard; return the funnel (rows dropped by each rule, in order)."""
     import pyarrow.parquet as pq
 
+    config = (config or SelectConfig()).validate()
     scores, output = Path(scores), Path(output)
     shards = sorted(p for p in scores.glob("*.parquet") if (scores / f"{p.stem}.stats.json").exists())
     if not shards:
@@ -52,12 +62,12 @@ def select(scores: str | Path, output: str | Path, thresholds: dict | None = Non
                          f"Run `latentmill score` first.")
     known = sorted(set(derived_columns({c: np.zeros(1) for c in pq.read_schema(shards[0]).names if c not in NON_SCORE}))
                    | {"width", "height"})
-    rules = build_rules(thresholds or {}, where or [], preset, known)
+    rules = [Rule(name, expression, known) for name, expression in config.rule_specs()]
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"  # written whole, then swapped in
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        funnel = _select_into(tmp, output, shards, rules, plots)
+        funnel = _select_into(tmp, output, shards, rules, config.plots)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous selection stays as it was
         raise

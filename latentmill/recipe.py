@@ -1,81 +1,67 @@
 """Recipes: YAML shipped as package data, validated against a closed schema (the stages' own config
-dataclasses), with `section.key=value` overrides. An unknown section or key is an error naming the nearest."""
+dataclasses: a section's keys are its stage's flags), with `section.key=value` overrides. Every section is
+checked, names, types, ranges and choices, before the first stage runs; an unknown key is an error naming
+the nearest."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
+import sys
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
+from latentmill.configs import StageConfig, from_section, opt, spec_of
 from latentmill.curate.download import DownloadConfig
 from latentmill.curate.encode import EncodeConfig
 from latentmill.curate.errors import InputError
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.curate.prefilter import PrefilterConfig
+from latentmill.filters.fit import FitConfig
+from latentmill.filters.select import SelectConfig
+from latentmill.train.config import ExportConfig, TrainConfig
 
 
 @dataclasses.dataclass
-class UrlsSection:
-    source: str = "file"  # file (the table given with --urls or `path`) or sample-server (the demo's)
-    path: str | None = None
-    photo_views: int = 1  # sample-server: crops per bundled photograph (12 photographs)
-    synthetic: int = 24  # sample-server: synthetic pictures
+class UrlsSection(StageConfig):
+    """Where the URL table comes from."""
+
+    SECTION = "urls"
+    source: str = opt("file", "file: the table given with --urls (or `path`); sample-server: the demo's own.",
+                      choices=("file", "sample-server"), cli=False)
+    path: str | None = opt(None, "The URL table, when --urls is not given.", cli=False)
+    photo_views: int = opt(1, "sample-server: crops per bundled photograph (12 photographs).", low=1, cli=False)
+    synthetic: int = opt(24, "sample-server: synthetic pictures.", low=0, cli=False)
 
 
 @dataclasses.dataclass
-class SelectSection:
-    preset: str | None = None
-    where: list = dataclasses.field(default_factory=list)
-    min_aesthetic: float | None = None
-    max_pwatermark: float | None = None
-    max_punsafe: float | None = None
-    min_similarity: float | None = None
-    min_side: int | None = None
-    min_area: int | None = None
-    max_aspect: float | None = None
+class TrainStage(StageConfig):
+    """One item of `stages:`: a training stage at one resolution, started from the previous stage's weights."""
 
-
-@dataclasses.dataclass
-class FitHead:
-    target: str  # a numeric column carried in the image shards' JSON (from the URL table)
-    column: str  # the score column the fitted head writes
-    kind: str = "linear"
-    epochs: int = 300
-    alpha: float | None = None  # ridge penalty of a linear regressor (None: cross-validated)
-
-
-@dataclasses.dataclass
-class TrainStage:
-    name: str
-    resolution: int
-    steps: int | None = None
+    SECTION = "stages"
+    name: str = opt(help="The run's name: WORK/runs/NAME.")
+    resolution: int = opt(help="Latents of this resolution (encoded once per resolution).", low=1)
+    steps: int | None = opt(None, "Steps of this stage (default: train.steps).", low=1)
 
 
 def _score_config():
-    from latentmill.filters.score import ScoreConfig
+    from latentmill.filters.score import ScoreConfig  # imports torch: only when a recipe is loaded
 
     return ScoreConfig
 
 
-def _train_config():
-    from latentmill.train.config import TrainConfig
-
-    return TrainConfig
-
-
 SECTIONS = {
     "urls": lambda: UrlsSection, "prefilter": lambda: PrefilterConfig, "download": lambda: DownloadConfig,
-    "score": _score_config, "select": lambda: SelectSection, "encode": lambda: EncodeConfig,
-    "train": _train_config, "executor": lambda: ExecutorConfig,
+    "score": _score_config, "select": lambda: SelectConfig, "encode": lambda: EncodeConfig,
+    "train": lambda: TrainConfig, "export": lambda: ExportConfig, "executor": lambda: ExecutorConfig,
 }
 SCALARS = {"description"}
-LISTS = {"stages": TrainStage, "fit_heads": FitHead}
+LISTS = {"stages": TrainStage, "fit_heads": FitConfig}
 RUN_MANAGED = {"train": {"shards", "output", "init_from", "resume"},  # set by the runner, not by recipes
                "download": {"resolver"}}
+PLACEHOLDERS = {"train": {"shards": "-", "output": "-"}}  # required fields the runner fills in
 
 
 def list_recipes() -> dict[str, str]:
@@ -124,49 +110,50 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> dict:
 
 
 def validate(recipe: dict, source: str) -> None:
+    """Every section and list item checked as its stage config checks it: names, types, ranges, choices.
+    Renamed keys are accepted (in place) with a warning."""
     known = set(SECTIONS) | SCALARS | set(LISTS)
-    for section, body in recipe.items():
-        if section not in known:
-            raise InputError(f"{source}: unknown section {section!r}.{_nearest(section, known)} Sections: {', '.join(sorted(known))}.")
-        if section in SCALARS:
+    for name, body in recipe.items():
+        if name not in known:
+            raise InputError(f"{source}: unknown section {name!r}.{_nearest(name, known)} Sections: {', '.join(sorted(known))}.")
+        if name in SCALARS:
             continue
-        if section in LISTS:
-            fields = {f.name for f in dataclasses.fields(LISTS[section])}
+        if name in LISTS:
             if not isinstance(body or [], list):
-                raise InputError(f"{source}: {section} is a list of stages (- name: ...), not a {type(body).__name__}.")
+                raise InputError(f"{source}: {name} is a list (- key: value ...), not a {type(body).__name__}.")
             for i, item in enumerate(body or []):
-                if not isinstance(item, dict):
-                    raise InputError(f"{source}: {section}[{i}] is a mapping of keys ({', '.join(sorted(fields))}), "
-                                     f"not a {type(item).__name__}.")
-                for key in item:
-                    if key not in fields:
-                        raise InputError(f"{source}: unknown key {section}[{i}].{key}.{_nearest(key, fields)}")
+                _check_mapping(LISTS[name], item, source, f"{name}[{i}]")
             continue
-        schema = SECTIONS[section]()
-        if not isinstance(body or {}, dict):
-            raise InputError(f"{source}: section {section} is a mapping of keys (key: value), not a {type(body).__name__}.")
-        fields = {f.name: f for f in dataclasses.fields(schema)}
-        allowed = set(fields) - RUN_MANAGED.get(section, set())
-        for key, value in (body or {}).items():
-            if key not in allowed:
-                raise InputError(f"{source}: unknown key {section}.{key}.{_nearest(key, allowed)} "
-                                 f"Valid keys of {section}: {', '.join(sorted(allowed))}.")
-            default = fields[key].default
-            if isinstance(default, bool) and not isinstance(value, bool):
-                raise InputError(f"{source}: {section}.{key} must be true or false, got {value!r}.")
-            if isinstance(default, (int, float)) and not isinstance(default, bool) and (
-                    isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
-                raise InputError(f"{source}: {section}.{key} must be a finite number, got {value!r}.")
-        if section == "train":  # ranges too, before any stage runs
-            try:
-                schema(**{"shards": "-", "output": "-", **(body or {})}).check()
-            except InputError as err:
-                raise InputError(f"{source}: {err}") from None
+        _check_mapping(SECTIONS[name](), body, source, name)
+    if recipe.get("fit_heads") and not (recipe.get("score") or {}).get("save_embeddings"):
+        raise InputError(f"{source}: fit_heads fits heads on the saved CLIP embeddings; set score.save_embeddings: true.")
+
+
+def _check_mapping(schema, body, source: str, where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    allowed = set(fields) - RUN_MANAGED.get(where, set())
+    if not isinstance(body or {}, dict):
+        label = where if "[" in where else f"section {where}"
+        raise InputError(f"{source}: {label} is a mapping of keys (key: value), not a {type(body).__name__}. "
+                         f"Its keys: {', '.join(sorted(allowed))}.")
+    renamed = {spec_of(f).old_key: f.name for f in fields.values() if spec_of(f) and spec_of(f).old_key}
+    for key in list(body or {}):
+        if key in renamed and renamed[key] not in body:
+            print(f"Warning: {source}: {where}.{key} is now {where}.{renamed[key]}; the old key goes in the next "
+                  f"release.", file=sys.stderr)
+            body[renamed[key]] = body.pop(key)
+    for key in body or {}:
+        if key not in allowed:
+            raise InputError(f"{source}: unknown key {where}.{key}.{_nearest(key, allowed)} "
+                             f"Valid keys of {where}: {', '.join(sorted(allowed))}.")
+    try:
+        from_section(schema, body or {}, **PLACEHOLDERS.get(where, {}))
+    except InputError as err:
+        raise InputError(f"{source}: {str(err).replace(f'{schema.SECTION}.', f'{where}.', 1)}") from None
+    except TypeError as err:  # a required key missing
+        raise InputError(f"{source}: {where}: {err} (keys: {', '.join(sorted(allowed))}).") from None
 
 
 def section(recipe: dict, name: str, **extra):
-    """The dataclass config of one section (defaults where the recipe is silent)."""
-    values = dict(recipe.get(name) or {}) | extra
-    if name == "score" and "fitted_heads" in values:
-        values["fitted_heads"] = list(values["fitted_heads"])
-    return SECTIONS[name]()(**values)
+    """The validated config of one section (defaults where the recipe is silent)."""
+    return from_section(SECTIONS[name](), recipe.get(name) or {}, **extra)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from latentmill.curate.atomic import atomic_path
 from latentmill.curate.errors import InputError
+from latentmill.layout import Layout
 
 THUMBS_PER_GROUP = 8
 
@@ -32,20 +33,20 @@ def _figure_uri(fig) -> str:
 
 def funnel_rows(work: Path) -> list[tuple[str, int]]:
     """(stage, rows remaining) from URLs to latents."""
-    rows = []
-    prefilter = work / "urls" / "kept.funnel.json"
+    rows, lay = [], Layout(work)
+    prefilter = lay.kept_funnel
     if prefilter.exists():
         f = json.loads(prefilter.read_text())
         rows += [("URLs", f["input_rows"]), ("after prefilter", f["kept_rows"])]
-    summary = work / "images" / "_latentmill" / "summary.json"
+    summary = lay.download_summary
     if summary.exists():
         rows.append(("downloaded", json.loads(summary.read_text())["success"]))
-    selection = work / "selection" / "funnel.json"
+    selection = lay.select_funnel
     if selection.exists():
         rows.append(("selected", json.loads(selection.read_text())["kept"]))
-    for latents in sorted(work.glob("latents-*")):
+    for resolution, latents in lay.latent_folders().items():
         if (latents / "manifest.json").exists():
-            rows.append((f"latents ({latents.name[8:]} px)", json.loads((latents / "manifest.json").read_text())["samples"]))
+            rows.append((f"latents ({resolution} px)", json.loads((latents / "manifest.json").read_text())["samples"]))
     return rows
 
 
@@ -103,16 +104,16 @@ def _head_section(work: Path) -> str:
     from latentmill.filters.fit import format_metrics, labels_from_image_shards
     from latentmill.filters.heads import fitted_metadata
 
-    body = ""
-    for path in sorted((work / "heads").glob("*.safetensors")) if (work / "heads").exists() else []:
+    body, lay = "", Layout(work)
+    for path in sorted(lay.heads.glob("*.safetensors")) if lay.heads.exists() else []:
         meta = fitted_metadata(path)
         column, target, shown = meta["column"], meta.get("target"), format_metrics(meta["metrics"])
         body += f"<h3>{html.escape(column)}" + (f" from {html.escape(target)}" if target else "") + \
             f"</h3><p>metrics on the held-out labels: {html.escape(shown)}</p>"
-        if not target or not (work / "scores").exists():
+        if not target or not lay.scores.exists():
             continue
-        labels = labels_from_image_shards(work / "images", target)
-        pairs = [(labels[k], v) for parquet in sorted((work / "scores").glob("*.parquet"))
+        labels = labels_from_image_shards(lay.images, target)
+        pairs = [(labels[k], v) for parquet in sorted(lay.scores.glob("*.parquet"))
                  for k, v in zip(*pq.read_table(parquet, columns=["key", column]).to_pydict().values(), strict=True)
                  if k in labels and v is not None]
         if not pairs:
@@ -136,8 +137,9 @@ def _thumbnails(work: Path) -> dict[str, list[tuple[str, str, str]]]:
     from latentmill.curate.imageshards import ImageDecodeError, iter_image_shard, list_image_shards
 
     groups: dict[str, list] = {}
-    for shard in list_image_shards(work / "images"):
-        selection = work / "selection" / f"{shard.stem}.parquet"
+    lay = Layout(work)
+    for shard in list_image_shards(lay.images):
+        selection = lay.selection / f"{shard.stem}.parquet"
         reasons = {}
         if selection.exists():
             table = pq.read_table(selection).to_pylist()
@@ -163,38 +165,39 @@ def build_report(work: str | Path, output: str | Path | None = None) -> Path:
     from latentmill.curate.bucketstats import bucket_distribution, plot_distribution
 
     work = Path(work)
-    if not (work / "urls").exists() and not (work / "images").exists():
+    lay = Layout(work)
+    if not lay.urls.exists() and not lay.images.exists():
         raise InputError(f"{work}: not a latentmill work folder (no urls/ or images/). Run `latentmill run RECIPE -w {work}`.")
     sections: list[tuple[str, str, str]] = []  # (id, title, html)
 
     rows = funnel_rows(work)
     table = "".join(f"<tr><td>{html.escape(n)}</td><td>{v:,}</td></tr>" for n, v in rows)
     body = f'<table class="funnel">{table}</table>' + (f'<img alt="funnel" src="{_funnel_chart(rows)}">' if rows else "")
-    download = work / "images" / "_latentmill" / "summary.json"
+    download = lay.download_summary
     if download.exists():
         failures = json.loads(download.read_text())["failures"]
         body += "<h3>Download failures</h3><ul>" + "".join(
             f"<li>{html.escape(k)}: {v}</li>" for k, v in failures.items()) + "</ul>"
     sections.append(("funnel", "Funnel: from URLs to latents", body))
 
-    plots = sorted((work / "selection" / "plots").glob("*.png")) if (work / "selection" / "plots").exists() else []
+    plots = sorted((lay.selection / "plots").glob("*.png")) if (lay.selection / "plots").exists() else []
     body = "".join(f'<figure><img alt="{p.stem}" src="{_png_uri(p.read_bytes())}"><figcaption>{p.stem}</figcaption></figure>'
                    for p in plots) or "<p>No scores yet.</p>"
     sections.append(("scores", "Score histograms and thresholds", body))
     sections.append(("heads", "Fitted heads against their labels", _head_section(work) or "<p>No fitted heads.</p>"))
 
-    latents = sorted(work.glob("latents-*"))
+    latents = lay.latent_folders()
     body = "<p>No latents yet.</p>"
-    if latents and (work / "images").exists():
-        resolution = int(latents[-1].name[8:])
-        selection = work / "selection" if (work / "selection").exists() else None
-        distribution = bucket_distribution(work / "images", make_buckets(resolution), selection)
-        chart = plot_distribution(distribution, work / "report" / f"buckets-{resolution}.png")
+    if latents and lay.images.exists():
+        resolution = max(latents)
+        selection = lay.selection if lay.selection.exists() else None
+        distribution = bucket_distribution(lay.images, make_buckets(resolution), selection)
+        chart = plot_distribution(distribution, lay.report / f"buckets-{resolution}.png")
         body = f'<img alt="buckets" src="{_png_uri(chart.read_bytes())}">'
     sections.append(("buckets", "Aspect buckets", body))
 
     body = ""
-    if (work / "images").exists():
+    if lay.images.exists():
         for group, items in sorted(_thumbnails(work).items(), key=lambda kv: (kv[0] != "kept", kv[0])):
             cells = "".join(f'<figure><img alt="{html.escape(k)}" src="{uri}"><figcaption>{html.escape(c[:60])}</figcaption></figure>'
                             for k, c, uri in items)
@@ -202,7 +205,7 @@ def build_report(work: str | Path, output: str | Path | None = None) -> Path:
     sections.append(("thumbnails", "Kept and dropped images", body or "<p>No images yet.</p>"))
 
     body = ""
-    for run in sorted((work / "runs").iterdir()) if (work / "runs").exists() else []:
+    for run in lay.run_folders():
         if (run / "log.jsonl").exists():
             chart = _loss_chart(run / "log.jsonl")
             if chart:
@@ -210,7 +213,7 @@ def build_report(work: str | Path, output: str | Path | None = None) -> Path:
     sections.append(("loss", "Training loss", body or "<p>No training yet.</p>"))
 
     body = ""
-    for run in sorted((work / "runs").iterdir()) if (work / "runs").exists() else []:
+    for run in lay.run_folders():
         for grid in sorted((run / "samples").glob("*.png")) if (run / "samples").exists() else []:
             body += f'<figure><img alt="{grid.stem}" src="{_png_uri(grid.read_bytes())}"><figcaption>{html.escape(run.name)} {grid.stem}</figcaption></figure>'
     sections.append(("samples", "Sample grids", body or "<p>No sample grids yet.</p>"))
@@ -227,7 +230,7 @@ figcaption {{ font-size: .75rem; max-width: 128px; color: #555; }} table.funnel 
 </style></head>
 <body><h1>latentmill report: {html.escape(str(work))}</h1><nav>{nav}</nav>{content}</body></html>
 """
-    output = Path(output) if output else work / "report" / "index.html"
+    output = Path(output) if output else lay.report / "index.html"
     with atomic_path(output) as tmp:
         tmp.write_text(page)
     return output

@@ -1,138 +1,313 @@
-"""`latentmill run`: the stages of a recipe in order, into one work folder, each skipping finished work.
+"""`latentmill run`: a recipe's stages in order, into one work folder (latentmill.layout), each skipping
+finished work.
 
-WORK/urls (table, kept rows, funnel), images/, scores/ (+ embeddings/), selection/, latents-{res}/,
-runs/{stage}/ and export/. Every stage is resumable on its own (done shards are skipped, training goes
-on from its last checkpoint), so a killed run, run again, continues where it stopped.
+The stage table below is the one list of stages: each names its recipe section, the layout paths it
+reads and writes, how it knows it is done, how it runs, and its summary (the one its command prints).
+`run`, `status`, `report` and `demo` all read it. Every stage is resumable on its own (done shards are
+skipped, training goes on from its last checkpoint), so a killed run, run again, continues where it
+stopped.
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from latentmill.curate.errors import InputError
+from latentmill.layout import Layout
 from latentmill.recipe import section
 
-STAGES = ("prefilter", "download", "score", "select", "encode", "train", "export")  # fit_heads run with score
+
+@dataclass
+class Context:
+    """What a stage's `run` gets: the recipe, the work folder, the executor, the URL table, the log."""
+
+    recipe: dict
+    layout: Layout
+    executor: object
+    urls: str | None
+    log: Callable
+    stack: ExitStack
+    allowed: dict = field(default_factory=dict)  # the demo server's allow-list for prefilter and download
+    previous: dict = field(default_factory=dict)  # what earlier stages returned
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    section: str  # the recipe section (config) it reads
+    inputs: tuple[str, ...]  # Layout attributes
+    outputs: tuple[str, ...]
+    run: Callable[[Context], dict]
+    summary: Callable[[dict], str]
+    status: Callable[[Layout], tuple[str, str]]  # (done, detail) for `latentmill status`
+    applies: Callable[[dict], bool] = lambda recipe: True
+
+
+@contextmanager
+def progress_bar(desc: str, unit: str, total: int | None = None):
+    """One tqdm bar on stderr, with its rate, for a stage."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=f"[{desc}]", unit=unit, unit_scale=True, dynamic_ncols=True, leave=False) as bar:
+        yield bar
+
+
+# --- the stages, in order ----------------------------------------------------------------------------------
+
+def _prefilter(ctx: Context) -> dict:
+    from latentmill.curate.prefilter import prefilter
+
+    table, lay = _url_table(ctx), ctx.layout
+    if lay.kept_funnel.exists():
+        return json.loads(lay.kept_funnel.read_text())
+    with progress_bar("prefilter", "rows") as bar:
+        return prefilter(table, lay.kept, section(ctx.recipe, "prefilter", **ctx.allowed), progress=bar.update)
+
+
+def _download(ctx: Context) -> dict:
+    from latentmill.curate.download import download
+
+    _url_table(ctx)  # the demo's server must be up while img2dataset downloads
+    return download(ctx.layout.kept, ctx.layout.images, section(ctx.recipe, "download", **ctx.allowed))
+
+
+def _score(ctx: Context) -> dict:
+    from latentmill.filters.score import score
+
+    with progress_bar("score", "img") as bar:
+        return score(ctx.layout.images, ctx.layout.scores, section(ctx.recipe, "score"), progress=bar.update,
+                     executor=ctx.executor)
+
+
+def _fit_heads(ctx: Context) -> dict:
+    """Fit each head on the sample's own labels (a URL-table column carried in the image shards) and add
+    its column to the scores, as `latentmill fit-head --labels images/ --add-column` does."""
+    from latentmill.configs import from_section
+    from latentmill.filters.fit import FitConfig, fit_and_add
+
+    lay, out = ctx.layout, {}
+    for spec in ctx.recipe.get("fit_heads") or []:
+        config = from_section(FitConfig, spec)
+        column = config.column or config.target
+        out[column] = fit_and_add(config, lay.images, lay.embeddings, lay.scores, lay.head(column), add_column=True)
+    return out
+
+
+def _select(ctx: Context) -> dict:
+    from latentmill.filters.select import select
+
+    return select(ctx.layout.scores, ctx.layout.selection, section(ctx.recipe, "select"))
+
+
+def _resolutions(recipe: dict) -> list[int]:
+    return sorted({s["resolution"] for s in _train_stages(recipe)})
+
+
+def _train_stages(recipe: dict) -> list[dict]:
+    return recipe.get("stages") or [{"name": "main", "resolution": section(recipe, "encode").resolution}]
+
+
+def _encode(ctx: Context) -> dict:
+    from latentmill.curate.encode import encode
+
+    out = {}
+    for resolution in _resolutions(ctx.recipe):
+        with progress_bar(f"encode {resolution}", "img") as bar:
+            manifest = encode(ctx.layout.images, ctx.layout.latents(resolution),
+                              section(ctx.recipe, "encode", resolution=resolution), selection=ctx.layout.selection,
+                              executor=ctx.executor, progress=bar.update)
+        out[resolution] = manifest
+    if "train" in ctx.recipe and not all(m["samples"] for m in out.values()):
+        raise InputError("no latents to train on: the selection kept nothing. Loosen the select thresholds "
+                         "(latentmill select ... or --set select.KEY=VALUE) and run again.")
+    return out
+
+
+def _train(ctx: Context) -> dict:
+    from latentmill.train.checkpoint import checkpoints, last_state
+    from latentmill.train.loop import train
+
+    out, previous = {}, None
+    for stage in _train_stages(ctx.recipe):
+        run = ctx.layout.run(stage["name"])
+        overrides = {"shards": str(ctx.layout.latents(stage["resolution"])), "output": str(run),
+                     "resume": bool(checkpoints(run)),  # a stopped run continues, a new one starts
+                     "init_from": str(previous) if previous else None}
+        if stage.get("steps"):
+            overrides["steps"] = stage["steps"]
+        config = section(ctx.recipe, "train", **overrides)
+        state = last_state(run)
+        if state and state["step"] >= config.steps:
+            out[stage["name"]] = {"step": state["step"], "loss": state.get("loss"), "finished_before": True}
+        else:
+            with progress_bar(f"train {stage['name']}", "step", total=config.steps) as bar:
+                metrics = train(config, progress=lambda m, bar=bar: bar.update(m["step"] - bar.n))
+            out[stage["name"]] = {"step": metrics.get("step"), "loss": metrics.get("loss")}
+        previous = run
+    return out
+
+
+def _export(ctx: Context) -> dict:
+    from latentmill.train.export import export_pipeline
+
+    text = (ctx.recipe.get("train") or {}).get("text_encoder", "")
+    stages = _train_stages(ctx.recipe)
+    run = ctx.layout.run(stages[-1]["name"])
+    if not text or str(text).startswith("openclip:"):
+        return {"skipped": "a StableDiffusionPipeline needs a CLIPTextModel text encoder folder (this run used an "
+                           "open_clip text tower); `latentmill sample` generates from the run directly"}
+    output = ctx.layout.export
+    if not (output / "model_index.json").exists():
+        config = section(ctx.recipe, "export")
+        export_pipeline(run, output, use_ema=config.ema, vae=config.vae)
+    return {"path": str(output)}
+
+
+def _summaries():
+    from latentmill.curate.download import format_summary
+    from latentmill.curate.encode import format_encode_summary
+    from latentmill.curate.prefilter import format_prefilter_funnel
+    from latentmill.filters.fit import format_metrics
+    from latentmill.filters.select import format_select_funnel
+
+    return {
+        "prefilter": format_prefilter_funnel,
+        "download": format_summary,
+        "score": _format_score,
+        "fit-heads": lambda out: "\n".join(f"{column}: {format_metrics(m)}" for column, m in out.items()),
+        "select": format_select_funnel,
+        "encode": lambda out: "\n".join(format_encode_summary(m) for m in out.values()),
+        "train": lambda out: "\n".join(f"{name}: step {m['step']}, loss {m['loss']}"
+                                       + (" (finished before)" if m.get("finished_before") else "")
+                                       for name, m in out.items()),
+        "export": lambda out: out.get("path") or f"skipped: {out['skipped']}",
+    }
+
+
+def _format_score(totals: dict) -> str:
+    from latentmill.filters.score import format_score_totals
+
+    return format_score_totals(totals)
+
+
+def _summary(name: str) -> Callable[[dict], str]:
+    return lambda out: _summaries()[name](out)
+
+
+# --- status of each stage, read from the layout -------------------------------------------------------------
+
+def _count(folder: Path, pattern: str) -> int:
+    return len(list(folder.glob(pattern))) if folder.exists() else 0
+
+
+def _prefilter_status(lay: Layout) -> tuple[str, str]:
+    if not lay.kept_funnel.exists():
+        return "no", ""
+    f = json.loads(lay.kept_funnel.read_text())
+    return "yes", f"{f['kept_rows']:,} of {f['input_rows']:,} rows kept"
+
+
+def _download_status(lay: Layout) -> tuple[str, str]:
+    detail = ""
+    if lay.download_summary.exists():
+        s = json.loads(lay.download_summary.read_text())
+        detail = f"{s['success']:,} images, {s['failed']:,} failed"
+    return f"{_count(lay.images, '*_stats.json')} shards", detail
+
+
+def _shard_status(folder: Callable[[Layout], Path], pattern: str) -> Callable[[Layout], tuple[str, str]]:
+    return lambda lay: (f"{_count(folder(lay), pattern)}/{_count(lay.images, '*.tar')} shards", "")
+
+
+def _fit_heads_status(lay: Layout) -> tuple[str, str]:
+    heads = sorted(p.stem for p in lay.heads.glob("*.safetensors")) if lay.heads.exists() else []
+    return f"{len(heads)} head(s)", ", ".join(heads)
+
+
+def _select_status(lay: Layout) -> tuple[str, str]:
+    done, _ = _shard_status(lambda la: la.selection, "*.parquet")(lay)
+    if not lay.select_funnel.exists():
+        return done, ""
+    f = json.loads(lay.select_funnel.read_text())
+    return done, f"{f['kept']:,} of {f['input']:,} kept"
+
+
+def _encode_status(lay: Layout) -> tuple[str, str]:
+    parts, done = [], []
+    for resolution, folder in lay.latent_folders().items():
+        done.append(f"{_count(folder, '*.stats.json')}/{_count(lay.images, '*.tar')}")
+        if (folder / "manifest.json").exists():
+            parts.append(f"{json.loads((folder / 'manifest.json').read_text())['samples']:,} latents at {resolution} px")
+    return (", ".join(done) + " shards") if done else "no", "; ".join(parts)
+
+
+def _train_status(lay: Layout) -> tuple[str, str]:
+    from latentmill.train.checkpoint import last_state
+
+    parts = []
+    for run in lay.run_folders():
+        state = last_state(run)
+        if state:
+            parts.append(f"{run.name} step {state['step']}/{state['config']['steps']}")
+    return ("yes" if parts else "no"), "; ".join(parts)
+
+
+def _export_status(lay: Layout) -> tuple[str, str]:
+    return ("yes", str(lay.export)) if (lay.export / "model_index.json").exists() else ("no", "")
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("prefilter", "prefilter", ("urls",), ("kept", "kept_funnel"), _prefilter, _summary("prefilter"),
+          _prefilter_status),
+    Stage("download", "download", ("kept",), ("images",), _download, _summary("download"), _download_status),
+    Stage("score", "score", ("images",), ("scores", "embeddings"), _score, _summary("score"),
+          _shard_status(lambda lay: lay.scores, "*.stats.json")),
+    Stage("fit-heads", "fit_heads", ("images", "embeddings", "scores"), ("heads", "scores"), _fit_heads,
+          _summary("fit-heads"), _fit_heads_status, applies=lambda recipe: bool(recipe.get("fit_heads"))),
+    Stage("select", "select", ("scores",), ("selection",), _select, _summary("select"), _select_status),
+    Stage("encode", "encode", ("images", "selection"), ("latents",), _encode, _summary("encode"), _encode_status),
+    Stage("train", "train", ("latents",), ("runs",), _train, _summary("train"), _train_status,
+          applies=lambda recipe: "train" in recipe),
+    Stage("export", "export", ("runs",), ("export",), _export, _summary("export"), _export_status,
+          applies=lambda recipe: "train" in recipe),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 
 def run_recipe(recipe: dict, work: str | Path, urls: str | None = None, until: str | None = None,
                executor=None, log=print) -> dict:
     """Run the recipe's stages up to `until` (inclusive); return what each stage reported."""
-    from latentmill.curate.download import download
-    from latentmill.curate.encode import encode
-    from latentmill.curate.prefilter import prefilter
-    from latentmill.filters.score import score
-    from latentmill.filters.select import select
-
-    if until and until not in STAGES:
-        raise InputError(f"--until {until!r}: use one of {', '.join(STAGES)}.")
-    last = STAGES.index(until) if until else len(STAGES) - 1
-    work = Path(work)
-    (work / "urls").mkdir(parents=True, exist_ok=True)
-    executor = executor or section(recipe, "executor")
+    if until and until not in STAGE_NAMES:
+        raise InputError(f"--until {until!r}: use one of {', '.join(STAGE_NAMES)}.")
+    last = STAGE_NAMES.index(until) if until else len(STAGES) - 1
+    layout = Layout(work)
+    layout.urls.mkdir(parents=True, exist_ok=True)
     report: dict = {}
     with ExitStack() as stack:
-        table = _url_table(recipe, work, urls, stack, log)
-        # the demo's own loopback server, and only it, is an exception to the private-address guard
-        port_file = work / "urls" / "server-port.txt"
-        allowed = {"allow_hosts": (f"127.0.0.1:{port_file.read_text().strip()}",)} \
-            if section(recipe, "urls").source == "sample-server" else {}
-        kept = work / "urls" / "kept.parquet"
-        if (work / "urls" / "kept.funnel.json").exists():
-            report["prefilter"] = json.loads((work / "urls" / "kept.funnel.json").read_text())
-        else:
-            report["prefilter"] = prefilter(table, kept, section(recipe, "prefilter", **allowed))
-        log(f"[prefilter] {report['prefilter']['input_rows']:,} rows -> {report['prefilter']['kept_rows']:,} kept")
-        if last < 1:
-            return report
-        report["download"] = download(kept, work / "images", section(recipe, "download", **allowed))
-        log(f"[download] {report['download']['success']:,} images, failures {report['download']['failures']}")
-    if last < 2:
-        return report
-    report["score"] = score(work / "images", work / "scores", section(recipe, "score"), executor=executor)
-    log(f"[score] {report['score']['scored']:,} of {report['score']['images']:,} images scored")
-    for spec in recipe.get("fit_heads") or []:
-        report.setdefault("fit_heads", {})[spec["column"]] = _fit_head(spec, work, log)
-    if last < 3:
-        return report
-    sel = section(recipe, "select")
-    thresholds = {k: getattr(sel, k) for k in ("min_aesthetic", "max_pwatermark", "max_punsafe", "min_similarity",
-                                               "min_side", "min_area", "max_aspect")}
-    report["select"] = select(work / "scores", work / "selection", thresholds, list(sel.where), sel.preset)
-    log(f"[select] {report['select']['kept']:,} of {report['select']['input']:,} kept")
-    if last < 4:
-        return report
-    stages = recipe.get("stages") or [{"name": "main", "resolution": section(recipe, "encode").resolution}]
-    report["encode"] = {}
-    for resolution in sorted({s["resolution"] for s in stages}):
-        manifest = encode(work / "images", work / f"latents-{resolution}", section(recipe, "encode", resolution=resolution),
-                          selection=work / "selection", executor=executor)
-        report["encode"][resolution] = {k: manifest[k] for k in ("samples", "per_bucket", "dropped")}
-        log(f"[encode] {manifest['samples']:,} latents at {resolution} px, dropped {manifest['dropped']}")
-    if last >= 5 and "train" in recipe and not all(e["samples"] for e in report["encode"].values()):
-        raise InputError("no latents to train on: the selection kept nothing. Loosen the select thresholds "
-                         "(latentmill select ... or --set select.KEY=VALUE) and run again.")
-    if last < 5 or "train" not in recipe:
-        return report
-    from latentmill.train.checkpoint import checkpoints
-    from latentmill.train.loop import train
-
-    report["train"], previous = {}, None
-    for stage in stages:
-        run = work / "runs" / stage["name"]
-        overrides = {"shards": str(work / f"latents-{stage['resolution']}"), "output": str(run),
-                     "resume": bool(checkpoints(run)),  # a stopped run continues, a new one starts
-                     "init_from": str(previous) if previous else None}
-        if stage.get("steps"):
-            overrides["steps"] = stage["steps"]
-        config = section(recipe, "train", **overrides)
-        if _finished(run, config.steps):
-            metrics = {"step": config.steps, "finished_before": True}
-        else:
-            metrics = train(config)
-        report["train"][stage["name"]] = {k: metrics.get(k) for k in ("step", "loss")}
-        log(f"[train] {stage['name']}: step {metrics.get('step')}, loss {metrics.get('loss')}")
-        previous = run
-    if last < 6:
-        return report
-    report["export"] = _export(recipe, previous, work / "export", log)
+        ctx = Context(recipe, layout, executor or section(recipe, "executor"), urls, log, stack)
+        for stage in STAGES[:last + 1]:
+            if not stage.applies(recipe):
+                continue
+            report[stage.name] = stage.run(ctx)
+            ctx.previous[stage.name] = report[stage.name]
+            log(_indent(f"[{stage.name}] ", stage.summary(report[stage.name])))
     return report
 
 
-def _fit_head(spec: dict, work: Path, log) -> dict:
-    """Fit a head on the sample's own labels (a URL-table column carried in the shards), save it in
-    WORK/heads/, and add its column to the scores from the saved embeddings."""
-    from latentmill.filters.fit import (
-        FitConfig,
-        add_head_column,
-        fit_head,
-        format_metrics,
-        labelled_embeddings,
-        labels_from_image_shards,
-        save_head,
-    )
-    from latentmill.filters.heads import fitted_metadata
-
-    path = work / "heads" / f"{spec['column']}.safetensors"
-    if not (work / "embeddings").exists():
-        raise InputError("fit_heads needs the embeddings: set score.save_embeddings: true in the recipe.")
-    if not path.exists():
-        labels = labels_from_image_shards(work / "images", spec["target"])
-        x, y = labelled_embeddings(work / "embeddings", labels, work / "scores", source=f"{work}/images")
-        config = FitConfig(target=spec["target"], column=spec["column"], kind=spec.get("kind", "linear"),
-                           epochs=spec.get("epochs", 300), alpha=spec.get("alpha"))
-        module, metrics = fit_head(x, y, config)
-        save_head(module, path, config, x.shape[1], metrics)
-    column = add_head_column(path, work / "scores", work / "embeddings")
-    metrics = fitted_metadata(path)["metrics"]
-    log(f"[fit-head] {column} from {spec['target']}: {format_metrics(metrics)}")
-    return metrics
+def _indent(prefix: str, text: str) -> str:
+    lines = text.splitlines() or [""]
+    return "\n".join([prefix + lines[0]] + [" " * len(prefix) + line for line in lines[1:]])
 
 
-def _url_table(recipe: dict, work: Path, urls: str | None, stack: ExitStack, log) -> Path:
-    source = section(recipe, "urls")
+def _url_table(ctx: Context) -> Path:
+    """The URL table: --urls (or urls.path), or the demo's sample server, started once per run."""
+    if "table" in ctx.previous:
+        return ctx.previous["table"]
+    source, lay = section(ctx.recipe, "urls"), ctx.layout
     if source.source == "sample-server":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -140,85 +315,34 @@ def _url_table(recipe: dict, work: Path, urls: str | None, stack: ExitStack, log
         from latentmill.curate.imageserver import ImageServer, prerender, sample_rows
 
         # the same port on every run of this work folder: a resumed download must find the same URLs
-        port_file = work / "urls" / "server-port.txt"
-        port = int(port_file.read_text()) if port_file.exists() else 0
+        port = int(lay.server_port.read_text()) if lay.server_port.exists() else 0
         try:
-            server = stack.enter_context(ImageServer(port=port, slow_s=10))
+            server = ctx.stack.enter_context(ImageServer(port=port, slow_s=10))
         except OSError as err:
             raise InputError(f"the demo's image server cannot listen on 127.0.0.1:{port} again ({err}); free the "
                              f"port, or start over in a new work folder.") from None
-        port_file.write_text(str(server.port))
-        table = work / "urls" / "sample.parquet"
-        if not table.exists():
+        lay.server_port.write_text(str(server.port))
+        if not lay.sample_table.exists():
             rows = sample_rows(server.url(""), n_synthetic=source.synthetic, photo_views=source.photo_views)
-            pq.write_table(pa.Table.from_pylist(rows), table)
-        prerender(pq.read_table(table, columns=["URL"]).column("URL").to_pylist())
-        log(f"[urls] sample URLs served on {server.url('/')}")
-        return table
-    path = urls or source.path
+            pq.write_table(pa.Table.from_pylist(rows), lay.sample_table)
+        prerender(pq.read_table(lay.sample_table, columns=["URL"]).column("URL").to_pylist())
+        ctx.log(f"[urls] sample URLs served on {server.url('/')}")
+        # the demo's own loopback server, and only it, is an exception to the private-address guard
+        ctx.allowed["allow_hosts"] = [f"127.0.0.1:{server.port}"]
+        ctx.previous["table"] = lay.sample_table
+        return lay.sample_table
+    path = ctx.urls or source.path
     if not path:
         raise InputError("this recipe reads a URL table: give --urls FILE (or set urls.path).")
+    ctx.previous["table"] = Path(path)
     return Path(path)
 
 
-def _finished(run: Path, steps: int) -> bool:
-    from latentmill.train.checkpoint import checkpoints
-
-    found = checkpoints(run)
-    return bool(found) and json.loads((found[-1] / "state.json").read_text())["step"] >= steps
-
-
-def _export(recipe: dict, run: Path | None, output: Path, log) -> dict:
-    from latentmill.train.export import export_pipeline
-
-    text = (recipe.get("train") or {}).get("text_encoder", "")
-    if run is None or not text or str(text).startswith("openclip:"):
-        log("[export] skipped: a StableDiffusionPipeline needs a CLIPTextModel text encoder folder "
-            "(this run used an open_clip text tower); `latentmill sample` generates from the run directly")
-        return {"skipped": True}
-    if not (output / "model_index.json").exists():
-        export_pipeline(run, output)
-    log(f"[export] {output}")
-    return {"path": str(output)}
-
-
 def status(work: str | Path) -> list[dict]:
-    """Every stage's progress in WORK: shards done of total, samples kept."""
-    work = Path(work)
+    """Every stage's progress in WORK, from the stage table: shards done of total, samples kept."""
+    layout = Layout(work)
     rows = []
-    image_tars = sorted((work / "images").glob("*.tar")) if (work / "images").exists() else []
-    funnel = work / "urls" / "kept.funnel.json"
-    if funnel.exists():
-        f = json.loads(funnel.read_text())
-        rows.append({"stage": "prefilter", "done": "yes", "detail": f"{f['kept_rows']:,} of {f['input_rows']:,} rows kept"})
-    else:
-        rows.append({"stage": "prefilter", "done": "no", "detail": ""})
-    summary = work / "images" / "_latentmill" / "summary.json"
-    done = len(list((work / "images").glob("*_stats.json"))) if (work / "images").exists() else 0
-    detail = ""
-    if summary.exists():
-        s = json.loads(summary.read_text())
-        detail = f"{s['success']:,} images, {s['failed']:,} failed"
-    rows.append({"stage": "download", "done": f"{done} shards", "detail": detail})
-    for name, folder in (("score", work / "scores"), ("select", work / "selection")):
-        n = len(list(folder.glob("*.stats.json" if name == "score" else "*.parquet"))) if folder.exists() else 0
-        detail = ""
-        if name == "select" and (folder / "funnel.json").exists():
-            f = json.loads((folder / "funnel.json").read_text())
-            detail = f"{f['kept']:,} of {f['input']:,} kept"
-        rows.append({"stage": name, "done": f"{n}/{len(image_tars)} shards", "detail": detail})
-    for latents in sorted(work.glob("latents-*")):
-        n = len(list(latents.glob("*.stats.json")))
-        detail = ""
-        if (latents / "manifest.json").exists():
-            detail = f"{json.loads((latents / 'manifest.json').read_text())['samples']:,} latents"
-        rows.append({"stage": f"encode {latents.name}", "done": f"{n}/{len(image_tars)} shards", "detail": detail})
-    from latentmill.train.checkpoint import checkpoints
-
-    for run in sorted((work / "runs").iterdir()) if (work / "runs").exists() else []:
-        found = checkpoints(run)
-        if found:
-            state = json.loads((found[-1] / "state.json").read_text())
-            rows.append({"stage": f"train {run.name}", "done": f"step {state['step']}/{state['config']['steps']}",
-                         "detail": found[-1].name})
+    for stage in STAGES:
+        done, detail = stage.status(layout)
+        rows.append({"stage": stage.name, "done": done, "detail": detail})
     return rows

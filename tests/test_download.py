@@ -15,7 +15,7 @@ from latentmill.curate.download import DownloadConfig, download, retry_failed
 from latentmill.curate.imageshards import iter_image_shard, list_image_shards
 from tests.conftest import write_table
 
-FAST = dict(processes=1, threads=16, timeout_s=2, retries=0, shard_size=16)
+FAST = dict(processes=1, http_threads=16, timeout=2, retries=0, shard_size=16)
 
 
 def fast(server, **more):
@@ -92,7 +92,7 @@ def test_retry_failed_downloads_the_failures_into_new_shards(fresh_server, tmp_p
 
 def _download_cmd(table, out, server):
     return [sys.executable, "-m", "latentmill", "download", str(table), "-o", str(out), "--processes", "1",
-            "--threads", "4", "--shard-size", "6", "--retries", "0", "--timeout", "5",
+            "--http-threads", "4", "--shard-size", "6", "--retries", "0", "--timeout", "5",
             "--allow-host", f"127.0.0.1:{server.port}", "--min-image-size", "64"]
 
 
@@ -130,7 +130,7 @@ def test_a_killed_download_resumes_to_the_same_keys_and_no_truncated_tar(fresh_s
 
 def test_download_cli_prints_a_summary_grouped_by_reason(sample_table, tmp_path, run_cli, server):
     table, rows = sample_table
-    result = run_cli("download", table, "-o", tmp_path / "images", "--processes", "1", "--threads", "16",
+    result = run_cli("download", table, "-o", tmp_path / "images", "--processes", "1", "--http-threads", "16",
                      "--timeout", "2", "--retries", "0", "--allow-host", f"127.0.0.1:{server.port}")
     assert result.exit_code == 0, result.output
     good = sum(r["expect"] == "ok" for r in rows)
@@ -146,7 +146,7 @@ def test_the_ray_distributor_downloads_the_same_images(server, tmp_path):
     table = write_table(tmp_path / "urls.parquet", rows)
     try:
         summary = download(table, tmp_path / "images", fast(server, distributor="ray", processes=2,
-                                                                min_image_size_px=64))
+                                                                min_image_size=64))
     finally:
         ray.shutdown()
     assert summary["success"] == 12 and summary["shards"] == 1

@@ -160,7 +160,7 @@ def test_hostile_sample_metadata_still_encodes(tmp_path):
     (tmp_path / "images").mkdir()
     entries = hostile_metadata_entries()
     make_shard(tmp_path / "images" / "00000.tar", entries)
-    encode(tmp_path / "images", tmp_path / "latents", EncodeConfig(resolution=128, min_side=64, max_side=256, step=32,
+    encode(tmp_path / "images", tmp_path / "latents", EncodeConfig(resolution=128, bucket_min_side=64, bucket_max_side=256, step=32,
                                                                    max_upscale=2.0))
     stats = json.loads((tmp_path / "latents" / "00000.stats.json").read_text())
     assert stats["written"] == len(entries) and stats["bad_metadata"] == 7

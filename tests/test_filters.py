@@ -32,7 +32,7 @@ def downloaded(server, tmp_path_factory):
     root = tmp_path_factory.mktemp("filters")
     rows = [r for r in sample_rows(server.url("")) if r["expect"] == "ok"][:20]
     table = write_table(root / "urls.parquet", rows)
-    download(table, root / "images", DownloadConfig(processes=1, threads=16, timeout_s=5, retries=0, shard_size=10,
+    download(table, root / "images", DownloadConfig(processes=1, http_threads=16, timeout=5, retries=0, shard_size=10,
                                                    allow_hosts=(f"127.0.0.1:{server.port}",)))
     make_shard(root / "images" / "99999.tar", [image_entry("999990000", 300, 200, seed=5),
                                                ("999990001", {"jpg": b"<html>broken</html>", "txt": b"a broken image"})])
@@ -345,7 +345,7 @@ def test_a_fitted_head_scores_as_its_own_column(downloaded, tmp_path):
     module, metrics = fit_head(x, (x[:, 0] > 0).astype(np.float32), FitConfig(target="house_style", epochs=50))
     save_head(module, tmp_path / "house.safetensors", FitConfig(target="house_style"), 32, metrics)
     out = tmp_path / "scores"
-    score(downloaded / "images", out, ScoreConfig(**TINY, fitted_heads=[str(tmp_path / "house.safetensors")]))
+    score(downloaded / "images", out, ScoreConfig(**TINY, heads=[str(tmp_path / "house.safetensors")]))
     table = pq.read_table(out / "00000.parquet")
     assert "house_style" in table.column_names
     assert all(0 <= v <= 1 for v in table.column("house_style").to_pylist())

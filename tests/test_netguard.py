@@ -45,7 +45,7 @@ def test_redirects_and_names_to_private_addresses_are_refused_in_the_download_wo
         ]
         table = write_table(tmp_path / "urls.parquet", rows)
         summary = download(table, tmp_path / "images", DownloadConfig(
-            processes=1, threads=4, timeout_s=5, retries=0, shard_size=16, min_image_size_px=64,
+            processes=1, http_threads=4, timeout=5, retries=0, shard_size=16, min_image_size=64,
             allow_hosts=(f"127.0.0.1:{port}",), resolver=RESOLVER))
         assert other.requests == []  # the redirect to it was refused before connecting
     assert summary["success"] == 2

@@ -33,7 +33,7 @@ CRAFTED = [
     row("https://ok.com/12.jpg", extra="kept-2"),
     row("HTTPS://ok.com/13.jpg", extra="kept-3"),
 ]
-THRESHOLDS = dict(min_side_px=512, max_aspect=2.0, min_similarity=0.28, max_pwatermark=0.5, max_punsafe=0.5,
+THRESHOLDS = dict(min_side=512, max_aspect=2.0, min_similarity=0.28, max_pwatermark=0.5, max_punsafe=0.5,
                   min_aesthetic=5.0)
 
 
@@ -128,5 +128,5 @@ def test_sizes_that_are_nan_infinite_or_huge_fail_the_size_rules(tmp_path):
     assert funnel["kept_rows"] == 1 and dict((s["rule"], s["dropped"]) for s in funnel["steps"])["max_aspect"] == 3
     huge = write_table(tmp_path / "huge.parquet", [{"URL": "http://example.com/h.jpg", "TEXT": "a cat photo",
                                                     "WIDTH": 2**63 - 1, "HEIGHT": 1}])
-    funnel = prefilter(huge, tmp_path / "kept2.parquet", PrefilterConfig(max_aspect=2.0, min_side_px=10))
+    funnel = prefilter(huge, tmp_path / "kept2.parquet", PrefilterConfig(max_aspect=2.0, min_side=10))
     assert funnel["kept_rows"] == 0

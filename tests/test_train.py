@@ -23,7 +23,7 @@ def latents(tmp_path_factory):
         make_shard(root / "images" / f"{s:05d}.tar",
                    [image_entry(f"{s:05d}{i:04d}", 256, 256 if i % 2 else 192, seed=i % 4) for i in range(16)])
     # "log": 256x192 ties between 128x128 and 160x96 in linear aspect (kohya takes 128x128); two buckets here
-    encode(root / "images", root / "latents", EncodeConfig(resolution=128, min_side=64, max_side=256, step=32, flip=True,
+    encode(root / "images", root / "latents", EncodeConfig(resolution=128, bucket_min_side=64, bucket_max_side=256, step=32, flip=True,
                                                            std=True, bucket_assign="log"))
     tiny_clip_text_pipeline(root / "pipeline")
     return root
@@ -117,18 +117,32 @@ def test_merge_arithmetic_is_exact(tmp_path, run_cli):
         save_file(t, str(tmp_path / f"{name}.safetensors"))
     a, b, c = tensors
     result = run_cli("merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--alpha", "0.25", "-o", tmp_path / "ws")
+    assert result.exit_code == 2 and "--config-from RUN" in result.output  # two bare files: no configuration to take
+    donor = tmp_path / "donor" / "checkpoints" / "step-0000040"  # a run's checkpoint, as far as merge reads it
+    donor.mkdir(parents=True)
+    save_file(a, str(donor / "ema.safetensors"))
+    (donor / "unet_config.json").write_text("{}")
+    (donor / "state.json").write_text(json.dumps({"step": 40, "config": {"prediction": "epsilon"}}))
+    result = run_cli("merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--alpha", "0.25", "-o", tmp_path / "ws",
+                     "--config-from", tmp_path / "donor")
     assert result.exit_code == 0, result.output
-    merged = load_file(tmp_path / "ws" / "checkpoints" / "step-0000000" / "ema.safetensors")
+    merged_state = json.loads((tmp_path / "ws" / "checkpoints" / "step-0000040" / "state.json").read_text())
+    assert merged_state["step"] == 40 and merged_state["merge"]["alpha"] == 0.25
+    merged = load_file(tmp_path / "ws" / "checkpoints" / "step-0000040" / "ema.safetensors")
     for key in ("w", "b"):
         expected = (0.75 * a[key].double() + 0.25 * b[key].double()).float()
         assert torch.equal(merged[key], expected)
     run_cli("merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--base", tmp_path / "c.safetensors",
-            "--alpha", "0.5", "-o", tmp_path / "ad")
-    merged = load_file(tmp_path / "ad" / "checkpoints" / "step-0000000" / "ema.safetensors")
+            "--alpha", "0.5", "-o", tmp_path / "ad", "--config-from", tmp_path / "donor")
+    merged = load_file(tmp_path / "ad" / "checkpoints" / "step-0000040" / "ema.safetensors")
     assert torch.equal(merged["w"], (a["w"].double() + 0.5 * (b["w"].double() - c["w"].double())).float())
     save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
-    result = run_cli("merge", tmp_path / "a.safetensors", tmp_path / "other.safetensors", "--alpha", "0.5", "-o", tmp_path / "x")
+    result = run_cli("merge", tmp_path / "a.safetensors", tmp_path / "other.safetensors", "--alpha", "0.5", "-o", tmp_path / "x",
+                     "--config-from", tmp_path / "donor")
     assert result.exit_code == 2 and "do not match" in result.output
+    result = run_cli("merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--alpha", "0.5", "-o", tmp_path / "ws",
+                     "--config-from", tmp_path / "donor")
+    assert result.exit_code == 2 and "already holds a run" in result.output  # never overwritten
 
 
 def test_sample_grids_during_training_and_the_sample_command(latents, tmp_path, run_cli):
@@ -392,7 +406,7 @@ def test_caption_dropout_uses_the_stored_empty_caption(latents, tmp_path):
     from latentmill.train.loop import _text_conditioning
 
     out = tmp_path / "latents"
-    encode(latents / "images", out, EncodeConfig(resolution=128, min_side=64, max_side=256, step=32,
+    encode(latents / "images", out, EncodeConfig(resolution=128, bucket_min_side=64, bucket_max_side=256, step=32,
                                                  text_encoder=str(latents / "pipeline"), bucket_assign="log"))
     manifest = read_manifest(out)
     stored_empty = np.load(out / manifest["text_encoder"]["empty"])

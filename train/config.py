@@ -1,85 +1,76 @@
-"""The training configuration: one dataclass, saved beside every checkpoint."""
+"""The training configuration: one dataclass, the source of `latentmill train`'s options and the recipe's
+`train:` keys, saved beside every checkpoint."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from latentmill.configs import StageConfig, opt
+from latentmill.curate.errors import InputError
+
+SAMPLE_PROMPTS = ["a photograph of a cat", "a red circle on a blue background", "a landscape with mountains",
+                  "an astronaut"]
+
 
 @dataclass
-class TrainConfig:
-    shards: str  # folder, brace pattern or list of latent shards
-    output: str  # runs/NAME
-    model: str = "tiny"  # tiny | sd15 | sd2-base | a pretrained diffusers folder or id
-    text_encoder: str | None = None  # openclip:NAME[:PRETRAINED] or a pipeline folder; None: text_emb in the shards
-    vae: str | None = None  # for sample grids and export (default: the manifest's)
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 16  # per rank and micro-step
-    grad_accum: int = 1
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-2
-    warmup_steps: int = 100
-    schedule: str = "constant"  # or cosine
-    max_grad_norm: float = 1.0
-    prediction: str = "epsilon"  # or v_prediction
-    min_snr_gamma: float | None = 5.0
-    noise_offset: float = 0.0
-    caption_dropout: float = 0.1
-    size_conditioning: bool = False  # SDXL-style conditioning on the stored original size and crop
-    ema_decay: float = 0.9999
-    mode: str = "resampled"  # or epoch
-    shuffle_buffer: int = 256
-    workers: int | None = None  # loader processes per rank (None: several on CUDA, none on CPU; 0: in the training process)
-    flip: bool = True
-    seed: int = 0
-    device: str = "auto"  # cuda when available
-    precision: str = "auto"  # bf16 on CUDA, fp32 on CPU
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    log_every: int = 10
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    resume: bool = False  # continue from the run's last checkpoint (without it, a run with checkpoints is refused)
-    init_from: str | None = None  # another run: start from its (EMA) weights
-    sample_every: int = 0  # 0: no sample grids
-    sample_prompts: tuple[str, ...] = ("a photograph of a cat", "a red circle on a blue background",
-                                       "a landscape with mountains", "an astronaut")
-    sample_steps: int = 20
+class TrainConfig(StageConfig):
+    SECTION = "train"
+    shards: str = opt(help="Folder, brace pattern or list of latent shards.", cli=False)
+    output: str = opt(help="Run folder (checkpoints, log.jsonl).", cli=False)
+    model: str = opt("tiny", "tiny, sd15, sd2-base, or a pretrained diffusers folder or id.")
+    text_encoder: str | None = opt(None, "openclip:NAME[:PRETRAINED] or a pipeline folder; default: text_emb in the "
+                                   "shards.")
+    vae: str | None = opt(None, "VAE for sample grids and export; checked against the one the latents were made with "
+                          "(default: the manifest's).")
+    steps: int = opt(1000, "Optimizer steps.", low=1)
+    batch_size: int = opt(16, "Per rank and micro-step.", low=1)
+    grad_accum: int = opt(1, "Micro-steps per optimizer step.", low=1)
+    learning_rate: float = opt(1e-4, "AdamW learning rate.", low=0.0, low_open=True, old=("--lr",))
+    weight_decay: float = opt(1e-2, "AdamW weight decay.", low=0.0)
+    warmup_steps: int = opt(100, "Linear warm-up steps.", low=0)
+    schedule: str = opt("constant", "Learning rate after warm-up.", choices=("constant", "cosine"))
+    max_grad_norm: float = opt(1.0, "Gradient norm clip.", low=0.0, low_open=True)
+    prediction: str = opt("epsilon", "What the U-Net predicts.", choices=("epsilon", "v_prediction"))
+    min_snr_gamma: float | None = opt(5.0, "Min-SNR loss weighting (0: off).", low=0.0)
+    noise_offset: float = opt(0.0, "Noise offset (darker darks, brighter brights).", low=0.0)
+    caption_dropout: float = opt(0.1, "Share of captions replaced by the empty one (for classifier-free guidance).",
+                                 low=0.0, high=1.0)
+    size_conditioning: bool = opt(False, "SDXL-style conditioning on each image's original size and crop.")
+    ema_decay: float = opt(0.9999, "EMA decay of the weights that are sampled and exported.", low=0.0, high=1.0)
+    mode: str = opt("resampled", "resampled: endless shuffled shards; epoch: each sample once per epoch.",
+                    choices=("resampled", "epoch"))
+    shuffle_buffer: int = opt(256, "Samples in the shuffle buffer.", low=1)
+    workers: int | None = opt(None, "Loader processes per rank reading shards (default: up to 4 on CUDA, with pinned "
+                              "memory; 0 on CPU).", low=0)
+    flip: bool = opt(True, "Use the stored flipped latents (encode --flip) half of the time.")
+    seed: int = opt(0, "Seed of the weights, the noise and the data order.")
+    device: str = opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
+    precision: str = opt("auto", "auto: bf16 on CUDA, fp32 on CPU. (No fp16: it would need a gradient scaler.)",
+                         choices=("auto", "bf16", "fp32"))
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, slower).")
+    compile: bool = opt(False, "torch.compile the U-Net.")
+    log_every: int = opt(10, "Read the loss back from the device and log it every N steps.", low=1)
+    checkpoint_every: int = opt(500, "Steps between checkpoints.", low=1)
+    keep_checkpoints: int = opt(3, "Checkpoints kept (older ones are deleted).", low=1)
+    resume: bool = opt(False, "Continue the run in -o from its last checkpoint, exactly (without it, a run with "
+                       "checkpoints is refused).")
+    init_from: str | None = opt(None, "Start from another run's EMA weights (e.g. 256 px, then 512).", path=True)
+    sample_every: int = opt(0, "Write a sample grid of the sample prompts every N steps (0: never).", low=0)
+    sample_prompts: list[str] = opt(factory=lambda: list(SAMPLE_PROMPTS), flag="--sample-prompt",
+                                    help="A prompt of the sample grids (repeatable).")
+    sample_steps: int = opt(20, "DDIM steps of the sample grids.", low=1)
 
-    def check(self) -> TrainConfig:
-        """Every number in its range, named as the recipe key (train.KEY) and the flag (--key) spell it."""
-        import math
-
-        from latentmill.curate.errors import InputError
-
-        at_least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "log_every": 1, "checkpoint_every": 1,
-                    "keep_checkpoints": 1, "sample_steps": 1, "shuffle_buffer": 1, "warmup_steps": 0, "sample_every": 0}
-        if self.workers is not None:
-            at_least["workers"] = 0
-        between = {"caption_dropout": (0.0, 1.0), "ema_decay": (0.0, 1.0)}
-        positive = ("learning_rate", "max_grad_norm")
-        non_negative = ("weight_decay", "noise_offset") + (("min_snr_gamma",) if self.min_snr_gamma is not None else ())
-        choices = {"precision": ("auto", "bf16", "fp32"), "mode": ("resampled", "epoch"), "schedule": ("constant", "cosine"),
-                   "prediction": ("epsilon", "v_prediction")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                hint = (" (fp16 training would need a gradient scaler: use bf16 on CUDA, fp32 on CPU)"
-                        if getattr(self, key) == "fp16" else "")
-                raise InputError(f"train.{key} ({_flag(key)}) = {getattr(self, key)!r}: use {', '.join(allowed)}{hint}.")
-        for key, low in at_least.items():
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InputError(f"train.{key} ({_flag(key)}) = {value!r}: use a whole number >= {low}.")
-        for key in (*between, *positive, *non_negative):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise InputError(f"train.{key} ({_flag(key)}) = {value!r}: use a finite number.")
-            low, high = between.get(key, (0.0, math.inf))
-            if not low <= value <= high or (key in positive and value <= 0):
-                bound = f"between {low} and {high}" if key in between else "> 0" if key in positive else ">= 0"
-                raise InputError(f"train.{key} ({_flag(key)}) = {value!r}: use a number {bound}.")
-        return self
+    def validate(self) -> TrainConfig:
+        if self.precision == "fp16":
+            raise InputError(f"{self.name('precision')} = 'fp16': fp16 training needs a gradient scaler, which this "
+                             f"loop does not have; use bf16 on CUDA (as fast, no scaler needed) or fp32 on CPU.")
+        return super().validate()
 
 
-def _flag(key: str) -> str:
-    """The command-line flag of a train key (they match, but for --lr)."""
-    return "--lr" if key == "learning_rate" else f"--{key.replace('_', '-')}"
+@dataclass
+class ExportConfig(StageConfig):
+    """`latentmill export`: a run's last checkpoint as a diffusers pipeline folder."""
+
+    SECTION = "export"
+    ema: bool = opt(True, "Export the EMA weights (--no-ema: the raw ones).")
+    vae: str | None = opt(None, "VAE for the pipeline (default: the one the latents were made with).")

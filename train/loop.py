@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from latentmill.configs import resolve_device_precision, torch_dtype
 from latentmill.curate.errors import InputError
 from latentmill.train.checkpoint import (
     checkpoints,
@@ -25,7 +26,6 @@ from latentmill.train.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
     truncate_log,
-    weights_needed,
 )
 from latentmill.train.config import TrainConfig
 from latentmill.train.latentspace import to_unet_space
@@ -52,16 +52,15 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
 
 def train(config: TrainConfig, progress=None) -> dict:
     """Train a U-Net on latent shards into `config.output`; return the last step's metrics."""
-    from diffusers import DDPMScheduler
+    from latentmill.train.schedule import training_scheduler
 
     # --- setup ------------------------------------------------------------------------------------
-    config.check()
+    config.validate()
     rank, world = _distributed()
-    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device, precision = resolve_device_precision(config.device, config.precision)  # fp16 is refused by validate()
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    precision = config.precision if config.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]  # fp16 is refused by config.check()
+    autocast_dtype = torch_dtype(precision)
     run = Path(config.output)
     shards = expand_shards(config.shards)  # before anything is written: bad input leaves no run folder
     loader = LatentLoader(shards, config.batch_size, seed=config.seed, rank=rank, world_size=world, mode=config.mode,
@@ -89,8 +88,7 @@ def train(config: TrainConfig, progress=None) -> dict:
     ema_params, params = list(ema.parameters()), list(unet.parameters())
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   fused=device.startswith("cuda"))
-    noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                                   beta_end=0.012, prediction_type=config.prediction)
+    noise_schedule = training_scheduler(config.prediction)
     alphas = noise_schedule.alphas_cumprod.to(device)
     start = 0
     if checkpoints(run) and not config.resume:
@@ -120,77 +118,79 @@ def train(config: TrainConfig, progress=None) -> dict:
     recent_keys: dict[int, list[str]] = {}
     interval_samples, interval_start = 0, time.perf_counter()
 
-    # --- the loop: one optimizer step per iteration --------------------------------------------------
-    for step in range(start, config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * _lr_factor(step, config)
-        total_loss, keys = torch.zeros((), device=device), []
-        for micro in range(config.grad_accum):
-            batch = next(batches)
-            generator = torch.Generator().manual_seed(hash((config.seed, step, micro, rank)) & (2**62 - 1))
-            latents = to_unet_space(batch["latents"].to(device, non_blocking=True), scale, shift)
-            b = latents.shape[0]
-            text = encode_text(batch, generator)
-            noise = torch.randn(latents.shape, generator=generator).to(device)
-            if config.noise_offset:
-                noise += config.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(device)
-            timesteps = torch.randint(0, 1000, (b,), generator=generator).to(device)
-            noisy = noise_schedule.add_noise(latents, noise, timesteps)
-            target = noise if config.prediction == "epsilon" else noise_schedule.get_velocity(latents, noise, timesteps)
-            sync = micro == config.grad_accum - 1 or world == 1
-            context = model.no_sync() if not sync and world > 1 else _nullcontext()
-            extra = {"added_cond_kwargs": size_condition(text, batch["meta"])} if config.size_conditioning else {}
-            with context, torch.autocast(device.split(":")[0], dtype=autocast_dtype, enabled=precision != "fp32"):
-                prediction = model(noisy, timesteps, encoder_hidden_states=text, **extra).sample
-                loss_per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                if config.min_snr_gamma:
-                    snr = alphas[timesteps] / (1 - alphas[timesteps])
-                    weight = torch.clamp(snr, max=config.min_snr_gamma) / (snr if config.prediction == "epsilon" else snr + 1)
-                    loss_per_sample = loss_per_sample * weight
-                loss = loss_per_sample.mean() / config.grad_accum
-                loss.backward()
-            total_loss += loss.detach()
-            interval_samples += b
-            keys += batch["keys"]
-        recent_keys[step + 1] = keys
-        first_bad = torch.where((first_bad[0] < 0) & ~torch.isfinite(total_loss),
-                                torch.stack([torch.tensor(step + 1.0, device=device), total_loss.float()]), first_bad)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _update_ema(ema_params, params, config.ema_decay, step)
+    try:  # the log and TensorBoard writers are closed on every way out: the end, an error, Ctrl-C
+        # --- the loop: one optimizer step per iteration --------------------------------------------------
+        for step in range(start, config.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate * _lr_factor(step, config)
+            total_loss, keys = torch.zeros((), device=device), []
+            for micro in range(config.grad_accum):
+                batch = next(batches)
+                generator = torch.Generator().manual_seed(hash((config.seed, step, micro, rank)) & (2**62 - 1))
+                latents = to_unet_space(batch["latents"].to(device, non_blocking=True), scale, shift)
+                b = latents.shape[0]
+                text = encode_text(batch, generator)
+                noise = torch.randn(latents.shape, generator=generator).to(device)
+                if config.noise_offset:
+                    noise += config.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(device)
+                timesteps = torch.randint(0, 1000, (b,), generator=generator).to(device)
+                noisy = noise_schedule.add_noise(latents, noise, timesteps)
+                target = noise if config.prediction == "epsilon" else noise_schedule.get_velocity(latents, noise, timesteps)
+                sync = micro == config.grad_accum - 1 or world == 1
+                context = model.no_sync() if not sync and world > 1 else _nullcontext()
+                extra = {"added_cond_kwargs": size_condition(text, batch["meta"])} if config.size_conditioning else {}
+                with context, torch.autocast(device.split(":")[0], dtype=autocast_dtype, enabled=precision != "fp32"):
+                    prediction = model(noisy, timesteps, encoder_hidden_states=text, **extra).sample
+                    loss_per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    if config.min_snr_gamma:
+                        snr = alphas[timesteps] / (1 - alphas[timesteps])
+                        weight = torch.clamp(snr, max=config.min_snr_gamma) / (snr if config.prediction == "epsilon" else snr + 1)
+                        loss_per_sample = loss_per_sample * weight
+                    loss = loss_per_sample.mean() / config.grad_accum
+                    loss.backward()
+                total_loss += loss.detach()
+                interval_samples += b
+                keys += batch["keys"]
+            recent_keys[step + 1] = keys
+            first_bad = torch.where((first_bad[0] < 0) & ~torch.isfinite(total_loss),
+                                    torch.stack([torch.tensor(step + 1.0, device=device), total_loss.float()]), first_bad)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _update_ema(ema_params, params, config.ema_decay, step)
 
-        logging = (step + 1) % config.log_every == 0 or step == start
-        checkpointing = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
-        if not (logging or checkpointing):
-            continue
-        _stop_on_nonfinite(first_bad, recent_keys, run)  # before any checkpoint could save damaged weights
-        recent_keys.clear()
-        elapsed = time.perf_counter() - interval_start
-        metrics = {"step": step + 1, "loss": total_loss.item(), "lr": optimizer.param_groups[0]["lr"],
-                   "grad_norm": grad_norm.item(), "samples_per_s": interval_samples * world / max(elapsed, 1e-9),
-                   "epoch": loader.state.epoch}
-        interval_samples, interval_start = 0, time.perf_counter()
-        if log and logging:
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
-            if board:
-                for name in ("loss", "lr", "grad_norm", "samples_per_s"):
-                    board.add_scalar(f"train/{name}", metrics[name], step + 1)
-        if progress and logging:
-            progress(metrics)
-        if rank == 0 and encode_prompts and config.sample_every and (step + 1) % config.sample_every == 0:
-            _sample_grid(run, step + 1, ema, encode_prompts, manifest, config)
-        if checkpointing:
-            if rank == 0:
-                save_checkpoint(run, step + 1, unet, ema, optimizer, asdict(loader.state), asdict(config),
-                                config.keep_checkpoints)
-            if world > 1:
-                torch.distributed.barrier()
-    if log:
-        log.close()
-    if board:
-        board.close()
+            logging = (step + 1) % config.log_every == 0 or step == start
+            checkpointing = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
+            if not (logging or checkpointing):
+                continue
+            _stop_on_nonfinite(first_bad, recent_keys, run)  # before any checkpoint could save damaged weights
+            recent_keys.clear()
+            elapsed = time.perf_counter() - interval_start
+            metrics = {"step": step + 1, "loss": total_loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                       "grad_norm": grad_norm.item(), "samples_per_s": interval_samples * world / max(elapsed, 1e-9),
+                       "epoch": loader.state.epoch}
+            interval_samples, interval_start = 0, time.perf_counter()
+            if log and logging:
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                if board:
+                    for name in ("loss", "lr", "grad_norm", "samples_per_s"):
+                        board.add_scalar(f"train/{name}", metrics[name], step + 1)
+            if progress and logging:
+                progress(metrics)
+            if rank == 0 and encode_prompts and config.sample_every and (step + 1) % config.sample_every == 0:
+                _sample_grid(run, step + 1, ema, encode_prompts, manifest, config)
+            if checkpointing:
+                if rank == 0:
+                    save_checkpoint(run, step + 1, unet, ema, optimizer, asdict(loader.state), asdict(config),
+                                    config.keep_checkpoints)
+                if world > 1:
+                    torch.distributed.barrier()
+    finally:
+        if log:
+            log.close()
+        if board:
+            board.close()
     ranks = run / "ranks"
     ranks.mkdir(exist_ok=True)
     (ranks / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "world_size": world, "steps": config.steps - start,
@@ -277,12 +277,14 @@ def _sample_grid(run: Path, step: int, ema, encode_prompts, manifest: dict, conf
 
 
 def _init_from(unet, run: Path) -> None:
-    from safetensors.torch import load_file
+    from latentmill.train.runs import load_run
 
-    found = latest_checkpoint(run, weights_needed(use_ema=True))
-    if not found:
-        raise InputError(f"--init-from {run}: no checkpoints there.")
-    unet.load_state_dict(load_file(found / "ema.safetensors"))
+    weights = load_run(run, use_ema=True, what="--init-from").weights()
+    try:
+        unet.load_state_dict(weights)
+    except RuntimeError as err:
+        raise InputError(f"--init-from {run}: its U-Net does not match --model's "
+                         f"({str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}).") from None
 
 
 def _text_conditioning(config: TrainConfig, manifest: dict, folder, device: str, precision: str):

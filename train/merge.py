@@ -8,28 +8,40 @@ Inputs are run folders (their last checkpoint's EMA or raw weights) or `.safeten
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 from latentmill.curate.errors import InputError
-from latentmill.train.checkpoint import latest_checkpoint, weights_needed
+from latentmill.train.checkpoint import checkpoints
+from latentmill.train.runs import load_run
 
 
-def _weights_file(source: Path, use_ema: bool) -> Path:
-    if source.suffix == ".safetensors":
-        return source
-    found = latest_checkpoint(source, weights_needed(use_ema))
-    if not found:
-        raise InputError(f"{source}: neither a .safetensors file nor a run with checkpoints.")
-    return found / ("ema.safetensors" if use_ema else "unet.safetensors")
+def _source(path: Path, use_ema: bool):
+    """(weights file, the run it belongs to or None for a bare .safetensors file)."""
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise InputError(f"{path}: no such weights file.")
+        return path, None
+    loaded = load_run(path, use_ema)
+    return loaded.weights_file, loaded
 
 
 def merge(a: str | Path, b: str | Path, output: str | Path, alpha: float, base: str | Path | None = None,
-          use_ema: bool = True) -> Path:
-    """Merge U-Net weights into `output` (a run folder with one checkpoint, usable by export and --init-from)."""
+          use_ema: bool = True, config_from: str | Path | None = None) -> Path:
+    """Merge U-Net weights into `output`: a complete run (one checkpoint with weights, U-Net config and
+    state.json) that `export`, `sample` and `--init-from` accept. The merged run takes its configuration
+    (text encoder, latents, prediction type) from `config_from`, else from the first input that is a run.
+    Written whole, then renamed."""
     from safetensors.torch import load_file, save_file
 
-    paths = [_weights_file(Path(p), use_ema) for p in (a, b, *([base] if base else []))]
+    sources = [_source(Path(p), use_ema) for p in (a, b, *([base] if base else []))]
+    paths = [path for path, _ in sources]
+    donor = load_run(config_from, use_ema, "--config-from") if config_from else \
+        next((run for _, run in sources if run is not None), None)
+    if donor is None:
+        raise InputError(f"{a}, {b}: both are bare .safetensors files; give --config-from RUN, the run whose "
+                         f"configuration (text encoder, latents, prediction) the merged run takes.")
     weights = [load_file(p) for p in paths]
     keys = set(weights[0])
     for path, w in zip(paths[1:], weights[1:], strict=True):
@@ -41,15 +53,21 @@ def merge(a: str | Path, b: str | Path, output: str | Path, alpha: float, base: 
         value = x + alpha * (y - weights[2][key].double()) if base else (1 - alpha) * x + alpha * y
         merged[key] = value.to(weights[0][key].dtype).contiguous()
     output = Path(output)
-    folder = output / "checkpoints" / "step-0000000"
-    folder.mkdir(parents=True, exist_ok=True)
+    if checkpoints(output):
+        raise InputError(f"{output} already holds a run ({checkpoints(output)[-1].name}); merge into a new folder.")
+    recipe = {"a": str(a), "b": str(b), "base": str(base) if base else None, "alpha": alpha,
+              "method": "add_difference" if base else "weighted_sum", "config_from": str(donor.path)}
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    folder = tmp / "checkpoints" / donor.checkpoint.name
+    folder.mkdir(parents=True)
     save_file(merged, str(folder / "ema.safetensors"))
     save_file(merged, str(folder / "unet.safetensors"))
-    if Path(a).suffix != ".safetensors":  # carry the first run's config so export can rebuild the pipeline
-        source = latest_checkpoint(Path(a), weights_needed(use_ema))
-        for name in ("unet_config.json", "state.json"):
-            shutil.copy(source / name, folder / name)
-    recipe = {"a": str(a), "b": str(b), "base": str(base) if base else None, "alpha": alpha,
-              "method": "add_difference" if base else "weighted_sum"}
-    (output / "merge.json").write_text(json.dumps(recipe, indent=2))
+    shutil.copy(donor.checkpoint / "unet_config.json", folder / "unet_config.json")
+    state = dict(donor.state) | {"merge": recipe}
+    (folder / "state.json").write_text(json.dumps(state, indent=2))
+    (tmp / "merge.json").write_text(json.dumps(recipe, indent=2))
+    if output.exists():  # an empty or stale folder (no checkpoints): replaced
+        shutil.rmtree(output)
+    os.replace(tmp, output)
     return output

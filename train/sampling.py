@@ -15,10 +15,9 @@ from latentmill.train.latentspace import from_unet_space
 def generate(unet, text_states, empty_state, vae, scaling_factor: float, shift_factor: float, size: tuple[int, int],
              steps: int = 20, guidance: float = 5.0, seed: int = 0, prediction: str = "epsilon") -> np.ndarray:
     """(N, H, W, 3) uint8 images for N prompts' text states; `size` is (width, height) in pixels."""
-    from diffusers import DDIMScheduler
+    from latentmill.train.schedule import sampling_scheduler
 
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              prediction_type=prediction, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler = sampling_scheduler(prediction)
     scheduler.set_timesteps(steps)
     device = next(unet.parameters()).device
     n = text_states.shape[0]
@@ -63,31 +62,19 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int = 4) -> Path:
 def sample_run(run: str | Path, prompts: list[str], output: str | Path, steps: int = 20, guidance: float = 5.0,
                seed: int = 0, size: tuple[int, int] | None = None, use_ema: bool = True) -> Path:
     """Images from a run's last checkpoint, with its text encoder and the latents' VAE, as one grid PNG."""
-    import json
-
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-
     from latentmill.curate.errors import InputError
-    from latentmill.curate.latentshards import read_manifest
     from latentmill.curate.textencoder import load_text_encoder
     from latentmill.curate.vae import load_vae
-    from latentmill.train.checkpoint import latest_checkpoint, weights_needed
-    from latentmill.train.loader import expand_shards
+    from latentmill.train.runs import load_run
 
-    found = latest_checkpoint(Path(run), weights_needed(use_ema))
-    if not found:
-        raise InputError(f"{run}: no checkpoints. Train first.")
-    state = json.loads((found / "state.json").read_text())
-    config = state["config"]
+    loaded = load_run(run, use_ema)
+    config = loaded.config
     if not config.get("text_encoder"):
         raise InputError(f"{run} was trained on stored caption embeddings: sampling needs the text encoder that made "
                          f"them; train with --text-encoder to sample.")
-    unet = UNet2DConditionModel.from_config(json.loads((found / "unet_config.json").read_text()))
-    unet.load_state_dict(load_file(found / ("ema.safetensors" if use_ema else "unet.safetensors")))
-    unet.eval()
+    unet = loaded.unet()
     encoder = load_text_encoder(config["text_encoder"])
-    manifest = read_manifest(Path(expand_shards(config["shards"])[0]).parent)
+    manifest = loaded.manifest()
     vae = load_vae(config.get("vae") or manifest["encode_config"]["vae"]).model
     states, empty = torch.from_numpy(encoder.encode(prompts)), torch.from_numpy(encoder.encode([""]))[0]
     size = size or (manifest["resolution"], manifest["resolution"])

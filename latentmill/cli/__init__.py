@@ -21,7 +21,7 @@ COMMANDS = {
     "buckets": ("latentmill.cli.buckets:buckets", "Print the aspect-ratio buckets, or how a dataset falls into them."),
     "encode": ("latentmill.cli.encode:encode", "Bucket, resize, crop and VAE-encode images into latent shards."),
     "score": ("latentmill.cli.filters:score", "Score images with CLIP and predictor heads (aesthetic, unsafe, watermark)."),
-    "select": ("latentmill.cli.filters:select", "Apply thresholds to the scores; selection parquets and the funnel."),
+    "select": ("latentmill.cli.select:select", "Apply thresholds to the scores; selection parquets and the funnel."),
     "fit-head": ("latentmill.cli.filters:fit_head", "Fit a linear or MLP head on labelled CLIP embeddings."),
     "convert-head": ("latentmill.cli.filters:convert_head", "Convert a published predictor (LAION's Keras NSFW zip) to safetensors."),
     "train": ("latentmill.cli.train:train", "Train a U-Net straight from latent shards (one GPU, or many with torchrun)."),

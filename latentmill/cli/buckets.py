@@ -6,21 +6,17 @@ import json
 
 import click
 
-from latentmill.cli.options import POSITIVE
+from latentmill.configs import click_options, config_from
+from latentmill.curate.encode import EncodeConfig
 
 
 @click.command()
-@click.option("--resolution", default=512, show_default=True, type=POSITIVE, help="Bucket area is at most RESOLUTION² px.")
-@click.option("--min-side", type=POSITIVE, help="Smallest bucket side in px (default: resolution / 2).")
-@click.option("--max-side", type=POSITIVE, help="Largest bucket side in px (default: resolution * 2).")
-@click.option("--step", default=64, show_default=True, type=POSITIVE, help="Bucket sides are multiples of this (px).")
+@click_options(EncodeConfig, only=("resolution", "bucket_min_side", "bucket_max_side", "step", "bucket_assign"))
 @click.option("--images", type=click.Path(exists=True), help="Image shards: show how they fall into the buckets.")
 @click.option("--selection", type=click.Path(exists=True), help="With --images: count only the selected images.")
 @click.option("--plot", type=click.Path(), help="With --images: write a bar chart PNG here (default: buckets.png).")
-@click.option("--bucket-assign", type=click.Choice(["kohya", "log"]), default="kohya", show_default=True,
-              help="With --images: kohya-ss's rule (nearest linear aspect ratio) or nearest log aspect ratio.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the bucket list, or the distribution.")
-def buckets(resolution, min_side, max_side, step, images, selection, plot, bucket_assign, as_json):
+def buckets(images, selection, plot, as_json, **kwargs):
     """Print the aspect-ratio buckets for a resolution, or how a dataset falls into them.
 
     The kohya-ss / NovelAI scheme: widths from min to max side in steps, each with the largest height
@@ -32,13 +28,8 @@ def buckets(resolution, min_side, max_side, step, images, selection, plot, bucke
       latentmill buckets --resolution 1024 --json
       latentmill buckets --resolution 512 --images images/ --selection selection/ --plot buckets.png
     """
-    from latentmill.curate.buckets import make_buckets
-    from latentmill.curate.errors import InputError
-
-    try:
-        bucket_list = make_buckets(resolution, min_side, max_side, step)
-    except ValueError as err:
-        raise InputError(f"bucket options: {err}.") from None
+    config = config_from(EncodeConfig, kwargs)
+    resolution, bucket_list = config.resolution, config.buckets()
     if not images:
         if as_json:
             click.echo(json.dumps([list(b) for b in bucket_list]))
@@ -50,7 +41,7 @@ def buckets(resolution, min_side, max_side, step, images, selection, plot, bucke
         return
     from latentmill.curate.bucketstats import bucket_distribution, plot_distribution
 
-    dist = bucket_distribution(images, bucket_list, selection, bucket_assign)
+    dist = bucket_distribution(images, bucket_list, selection, config.bucket_assign)
     if as_json:
         click.echo(json.dumps(dist, indent=2))
         return

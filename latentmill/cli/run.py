@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import executor_from, executor_options
+from latentmill.configs import click_options, spec_of
+from latentmill.curate.executors import ExecutorConfig
 
 
 @click.command()
@@ -26,25 +27,31 @@ def recipes():
 @click.option("--urls", type=click.Path(exists=True), help="The URL table (for recipes that read one).")
 @click.option("-w", "--work", default="work", show_default=True, type=click.Path(), help="Work folder.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe value.")
-@click.option("--until", help="Stop after this stage: prefilter, download, score, select, encode, train, export.")
-@executor_options
-def run(recipe, urls, work, overrides, until, **kwargs):
+@click.option("--until", help="Stop after this stage: prefilter, download, score, fit-heads, select, encode, train, export.")
+@click_options(ExecutorConfig)
+@click.pass_context
+def run(ctx, recipe, urls, work, overrides, until, **kwargs):
     """Run RECIPE (a shipped name or a YAML file) stage by stage into WORK; re-run to continue a stopped run.
 
     \b
     Examples:
-      latentmill run laion-aesthetics-v2-5plus --urls laion.parquet -w work/ --executor ray --address auto
+      latentmill run laion-aesthetics-v2-5plus --urls laion.parquet -w work/ --executor ray --ray-address auto
       latentmill run demo -w demo-work --set train.steps=50 --until train
     """
     from latentmill.recipe import load_recipe
     from latentmill.runner import run_recipe
 
-    loaded = load_recipe(recipe, list(overrides))
-    executor = executor_from(kwargs)
-    kwargs.pop("threads", None)
-    if executor.kind == "local" and "executor" in loaded:
-        executor = None  # the recipe's own executor section applies
-    run_recipe(loaded, work, urls=urls, until=until, executor=executor, log=click.echo)
+    # an executor option given here overrides the recipe's executor section, as --set executor.KEY would
+    given = [f for f in ExecutorConfig.option_fields() if spec_of(f).cli and
+             ctx.get_parameter_source(f.name) == click.core.ParameterSource.COMMANDLINE]
+    renamed = [f for f in ExecutorConfig.option_fields() for i, _ in enumerate(spec_of(f).old)
+               if kwargs.get(f"{f.name}__old{i}") is not None]
+    from latentmill.configs import config_from
+
+    chosen = config_from(ExecutorConfig, kwargs)
+    sets = [f"executor.{f.name}={getattr(chosen, f.name)}" for f in {*given, *renamed}]
+    loaded = load_recipe(recipe, sets + list(overrides))
+    run_recipe(loaded, work, urls=urls, until=until, log=click.echo)
     click.echo(f"done: {work}")
 
 

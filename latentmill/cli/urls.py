@@ -7,6 +7,8 @@ import json
 import click
 
 from latentmill.cli.options import column_options, columns_from, progress_bar
+from latentmill.configs import click_options, config_from
+from latentmill.curate.prefilter import PrefilterConfig
 
 
 @click.group()
@@ -40,21 +42,9 @@ def inspect(table, sample_rows, as_json, **kwargs):
 @urls.command()
 @click.argument("table", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output parquet of the kept rows.")
-@click.option("--min-side", type=int, help="Drop rows whose smaller side (WIDTH/HEIGHT) is below this, in px.")
-@click.option("--max-aspect", type=float, help="Drop rows whose long/short side ratio exceeds this.")
-@click.option("--min-similarity", type=float, help="Drop rows whose CLIP similarity is below this.")
-@click.option("--max-pwatermark", type=float, help="Drop rows whose watermark probability exceeds this.")
-@click.option("--max-punsafe", type=float, help="Drop rows whose unsafe probability exceeds this.")
-@click.option("--min-aesthetic", type=float, help="Drop rows whose aesthetic score is below this.")
-@click.option("--min-caption-chars", type=int, default=3, show_default=True,
-              help="Drop captions shorter than this after trimming (0: keep empty captions).")
-@click.option("--keep-duplicates", is_flag=True, help="Do not drop repeated URLs.")
-@click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST:PORT",
-              help="Keep URLs of this one loopback/private host and port (repeatable), e.g. your own test server "
-                   "127.0.0.1:8765; every other private address is still dropped.")
+@click_options(PrefilterConfig)
 @column_options
-def prefilter(table, output, min_side, max_aspect, min_similarity, max_pwatermark, max_punsafe, min_aesthetic,
-              min_caption_chars, keep_duplicates, allow_hosts, **kwargs):
+def prefilter(table, output, **kwargs):
     """Filter TABLE on its metadata before downloading, and print the funnel.
 
     Each rule runs only when asked for and its column exists (asking for one whose column is missing is
@@ -67,16 +57,11 @@ def prefilter(table, output, min_side, max_aspect, min_similarity, max_pwatermar
       latentmill urls prefilter laion.parquet -o kept.parquet \\
           --min-side 512 --max-pwatermark 0.5 --min-aesthetic 5
     """
-    from latentmill.curate.prefilter import PrefilterConfig, format_prefilter_funnel
+    from latentmill.curate.prefilter import format_prefilter_funnel
     from latentmill.curate.prefilter import prefilter as run_prefilter
     from latentmill.curate.tables import UrlTable
 
-    config = PrefilterConfig(
-        min_side_px=min_side, max_aspect=max_aspect, min_similarity=min_similarity,
-        max_pwatermark=max_pwatermark, max_punsafe=max_punsafe, min_aesthetic=min_aesthetic,
-        min_caption_chars=min_caption_chars, dedupe_urls=not keep_duplicates,
-        allow_hosts=tuple(allow_hosts), columns=columns_from(kwargs),
-    )
+    config = config_from(PrefilterConfig, kwargs, columns=columns_from(kwargs))
     with progress_bar(UrlTable.open(table, config.columns).num_rows(), "prefilter") as bar:
         funnel = run_prefilter(table, output, config, progress=bar.update)
     click.echo(format_prefilter_funnel(funnel))

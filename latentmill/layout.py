@@ -1,0 +1,108 @@
+"""The work folder of `latentmill run`: every path a stage reads or writes, named once.
+
+    WORK/urls/        the URL table (or the demo's sample.parquet), kept.parquet and its funnel
+    WORK/images/      image shards (img2dataset), with _latentmill/summary.json
+    WORK/scores/      score parquets; WORK/embeddings/ the CLIP embeddings
+    WORK/heads/       heads fitted by the fit-heads stage
+    WORK/selection/   selection parquets, funnel.json, plots/
+    WORK/latents-RES/ latent shards at one resolution, manifest.json
+    WORK/runs/NAME/   training runs (checkpoints, log.jsonl)
+    WORK/export/      the diffusers pipeline
+    WORK/report/      the HTML report and its pictures
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+LATENTS_PREFIX = "latents-"
+
+
+@dataclass(frozen=True)
+class Layout:
+    work: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "work", Path(self.work))
+
+    @property
+    def urls(self) -> Path:
+        return self.work / "urls"
+
+    @property
+    def sample_table(self) -> Path:
+        return self.urls / "sample.parquet"
+
+    @property
+    def server_port(self) -> Path:
+        return self.urls / "server-port.txt"
+
+    @property
+    def kept(self) -> Path:
+        return self.urls / "kept.parquet"
+
+    @property
+    def kept_funnel(self) -> Path:
+        return self.urls / "kept.funnel.json"
+
+    @property
+    def images(self) -> Path:
+        return self.work / "images"
+
+    @property
+    def download_summary(self) -> Path:
+        return self.images / "_latentmill" / "summary.json"
+
+    @property
+    def scores(self) -> Path:
+        return self.work / "scores"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.work / "embeddings"  # where `score --save-embeddings` puts them: beside the scores
+
+    @property
+    def heads(self) -> Path:
+        return self.work / "heads"
+
+    def head(self, column: str) -> Path:
+        return self.heads / f"{column}.safetensors"
+
+    @property
+    def selection(self) -> Path:
+        return self.work / "selection"
+
+    @property
+    def select_funnel(self) -> Path:
+        return self.selection / "funnel.json"
+
+    def latents(self, resolution: int) -> Path:
+        return self.work / f"{LATENTS_PREFIX}{resolution}"
+
+    def latent_folders(self) -> dict[int, Path]:
+        """resolution -> folder, for every latents-RES folder present."""
+        found = {}
+        for path in self.work.glob(f"{LATENTS_PREFIX}*"):
+            suffix = path.name[len(LATENTS_PREFIX):]
+            if path.is_dir() and suffix.isdigit():
+                found[int(suffix)] = path
+        return dict(sorted(found.items()))
+
+    @property
+    def runs(self) -> Path:
+        return self.work / "runs"
+
+    def run(self, name: str) -> Path:
+        return self.runs / name
+
+    def run_folders(self) -> list[Path]:
+        return sorted(p for p in self.runs.iterdir() if p.is_dir()) if self.runs.exists() else []
+
+    @property
+    def export(self) -> Path:
+        return self.work / "export"
+
+    @property
+    def report(self) -> Path:
+        return self.work / "report"

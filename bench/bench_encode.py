@@ -104,7 +104,7 @@ def main() -> None:
     vae = load_vae("tiny")
     load_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    stats = encode_shard(images / "00000.tar", OUT / "latents", EncodeConfig(resolution=512, batch_size=16), vae)
+    stats = encode_shard(images / "00000.tar", OUT / "latents", EncodeConfig(vae="tiny", resolution=512, batch_size=16), vae)
     total = time.perf_counter() - start
     encode_module.encode_batch = original
 

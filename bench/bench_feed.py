@@ -152,7 +152,7 @@ def tiny_latents(folder: Path, images: int = 64, shards: int = 8) -> Path:
                    [image_entry(f"{s:05d}{i:04d}", 256, 256 if i % 2 else 192, seed=i % 8) for i in range(per)])
     tiny_clip_text_pipeline(folder / "pipeline")
     encode(folder / "images", folder / "latents",
-           EncodeConfig(resolution=128, bucket_min_side=64, bucket_max_side=256, step=32, flip=True, std=True, workers=0,
+           EncodeConfig(vae="tiny", resolution=128, bucket_min_side=64, bucket_max_side=256, step=32, flip=True, std=True, workers=0,
                         text_encoder=str(folder / "pipeline")))
     return folder
 

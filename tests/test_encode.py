@@ -18,7 +18,7 @@ from latentmill.curate.latentshards import check_vae, iter_latent_shard, read_ma
 from latentmill.curate.vae import load_vae
 from tests.conftest import image_entry, kill_when_done, make_shard, tiny_clip_text_pipeline
 
-SMALL = dict(resolution=256, batch_size=4)
+SMALL = dict(resolution=256, batch_size=4, vae="tiny")
 
 
 def latents_by_key(folder):
@@ -112,8 +112,8 @@ def test_the_flipped_latent_is_the_encoding_of_the_flipped_image(image_shards, t
 
 
 def test_the_same_images_encode_at_256_and_512(image_shards, tmp_path):
-    low = encode(image_shards, tmp_path / "latents-256", EncodeConfig(resolution=256))
-    high = encode(image_shards, tmp_path / "latents-512", EncodeConfig(resolution=512, max_upscale=2.0))
+    low = encode(image_shards, tmp_path / "latents-256", EncodeConfig(vae="tiny", resolution=256))
+    high = encode(image_shards, tmp_path / "latents-512", EncodeConfig(vae="tiny", resolution=512, max_upscale=2.0))
     a, b = latents_by_key(tmp_path / "latents-256"), latents_by_key(tmp_path / "latents-512")
     assert set(a) == set(b) and len(a) == 12
     assert low["resolution"] == 256 and high["resolution"] == 512
@@ -129,11 +129,11 @@ def test_selection_and_too_small_policy(image_shards, tmp_path):
         keys = [f"{shard}{i:04d}" for i in range(6)]
         pq.write_table(pa.table({"key": keys, "keep": [i != 2 for i in range(6)], "reason": ["" if i != 2 else "min_aesthetic" for i in range(6)]}),
                        selection / f"{shard}.parquet")
-    strict = encode(image_shards, tmp_path / "a", EncodeConfig(resolution=512), selection=selection)
+    strict = encode(image_shards, tmp_path / "a", EncodeConfig(vae="tiny", resolution=512), selection=selection)
     # every selected picture (at most 512x256) must be enlarged 1.375x to 1.71x to cover its 512-bucket
     assert strict["dropped"] == {"not_selected": 2, "too_small": 10}
     assert strict["samples"] == 0
-    relaxed = encode(image_shards, tmp_path / "b", EncodeConfig(resolution=512, max_upscale=2.0), selection=selection)
+    relaxed = encode(image_shards, tmp_path / "b", EncodeConfig(vae="tiny", resolution=512, max_upscale=2.0), selection=selection)
     assert relaxed["dropped"] == {"not_selected": 2} and relaxed["samples"] == 10
 
 
@@ -141,7 +141,7 @@ def test_undecodable_images_and_nonfinite_latents_are_dropped_with_a_reason(tmp_
     images = tmp_path / "images"
     images.mkdir()
     make_shard(images / "00000.tar", [image_entry("a", 256, 256), ("b", {"jpg": b"<html>", "txt": b"x"})])
-    stats = encode(images, tmp_path / "ok", EncodeConfig(resolution=256))
+    stats = encode(images, tmp_path / "ok", EncodeConfig(vae="tiny", resolution=256))
     assert stats["dropped"] == {"undecodable": 1} and stats["samples"] == 1
 
     broken = load_vae("tiny", seed=3).model
@@ -160,7 +160,7 @@ def test_hostile_sample_metadata_still_encodes(tmp_path):
     (tmp_path / "images").mkdir()
     entries = hostile_metadata_entries()
     make_shard(tmp_path / "images" / "00000.tar", entries)
-    encode(tmp_path / "images", tmp_path / "latents", EncodeConfig(resolution=128, bucket_min_side=64, bucket_max_side=256, step=32,
+    encode(tmp_path / "images", tmp_path / "latents", EncodeConfig(vae="tiny", resolution=128, bucket_min_side=64, bucket_max_side=256, step=32,
                                                                    max_upscale=2.0))
     stats = json.loads((tmp_path / "latents" / "00000.stats.json").read_text())
     assert stats["written"] == len(entries) and stats["bad_metadata"] == 7
@@ -207,7 +207,7 @@ def test_a_missing_vae_says_what_to_provide(image_shards, tmp_path, run_cli):
 
 def _encode_cmd(images, out):
     return [sys.executable, "-m", "latentmill", "encode", str(images), "-o", str(out), "--resolution", "256",
-            "--batch-size", "1", "--flip", "--std"]
+            "--batch-size", "1", "--flip", "--std", "--vae", "tiny"]
 
 
 def test_an_encode_killed_midway_resumes_to_identical_bytes(tmp_path):
@@ -295,7 +295,7 @@ def reference_encode_shard(image_shard, output, config, vae, text_encoder=None):
     from latentmill.curate.buckets import assign_bucket, make_buckets, needed_upscale
     from latentmill.curate.latentshards import npy_bytes
 
-    buckets = make_buckets(config.resolution, config.min_side, config.max_side, config.step)
+    buckets = make_buckets(config.resolution, config.bucket_min_side, config.bucket_max_side, config.step)
     prepared, order = {}, []
     for sample in iter_image_shard(image_shard):
         try:
@@ -370,7 +370,7 @@ def mixed_shards(tmp_path):
 def test_streamed_encode_is_byte_identical_across_workers_and_to_the_in_memory_encoder(mixed_shards, tmp_path):
     from latentmill.curate.textencoder import load_text_encoder
 
-    settings = dict(resolution=256, batch_size=3, flip=True, std=True, crop="random", seed=5,
+    settings = dict(vae="tiny", resolution=256, batch_size=3, flip=True, std=True, crop="random", seed=5,
                     text_encoder="openclip:latentmill-tiny", bucket_assign="log")  # "log": the rule before kohya's
     outputs = {}
     for workers in (0, 1, 2):
@@ -391,7 +391,7 @@ def test_a_key_longer_than_a_ustar_name_and_a_repeated_key_are_handled(tmp_path)
     long_key = "k" * 150
     make_shard(images / "00000.tar", [image_entry(long_key, 256, 256), image_entry("a", 256, 256, seed=1),
                                       image_entry("b", 256, 256, seed=2), image_entry("a", 256, 256, seed=3)])
-    manifest = encode(images, tmp_path / "out", EncodeConfig(resolution=256, workers=0))
+    manifest = encode(images, tmp_path / "out", EncodeConfig(vae="tiny", resolution=256, workers=0))
     assert manifest["samples"] == 3 and manifest["dropped"] == {"duplicate_key": 1}
     assert manifest["per_bucket"] == {"256x256": 3}
     samples = latents_by_key(tmp_path / "out")

@@ -19,7 +19,7 @@ def ray_local():
 
 def test_ray_and_local_executors_give_identical_shards(image_shards, tmp_path, ray_local, run_cli):
     # CPU float sums depend on the thread count, so both sides use one thread per worker
-    config = EncodeConfig(resolution=256, batch_size=4, flip=True, torch_threads=1)
+    config = EncodeConfig(vae="tiny", resolution=256, batch_size=4, flip=True, torch_threads=1)
     local = encode(image_shards, tmp_path / "local", config)
     remote = encode(image_shards, tmp_path / "ray", config, executor=ExecutorConfig(kind="ray", actors=2))
     assert local["shards"] == remote["shards"]  # per-shard sample counts and sha256 of the tars
@@ -61,7 +61,7 @@ def test_an_actor_that_dies_is_replaced_and_the_run_equals_a_local_one(image_sha
     from latentmill.curate.imageshards import list_image_shards
     from tests.conftest import DyingStage
 
-    config = EncodeConfig(resolution=256, batch_size=4, torch_threads=1, workers=0)
+    config = EncodeConfig(vae="tiny", resolution=256, batch_size=4, torch_threads=1, workers=0)
     local = encode(image_shards, tmp_path / "local", config)
     out = tmp_path / "ray"
     out.mkdir()

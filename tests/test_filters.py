@@ -254,10 +254,11 @@ def test_where_accepts_only_comparisons_of_known_columns(tmp_path, run_cli, wher
 
 
 def test_chained_and_negative_comparisons(tmp_path):
-    from latentmill.filters.select import select
+    from latentmill.filters.select import SelectConfig, select
 
     write_scores(tmp_path / "scores", [score_row("a", aesthetic=5.5), score_row("b", aesthetic=7.5), score_row("c", sim=-0.2)])
-    funnel = select(tmp_path / "scores", tmp_path / "sel", where=["5 <= aesthetic < 7", "clip_similarity > -0.1"], plots=False)
+    funnel = select(tmp_path / "scores", tmp_path / "sel",
+                    SelectConfig(where=["5 <= aesthetic < 7", "clip_similarity > -0.1"], plots=False))
     assert funnel["kept"] == 1 and [s["dropped"] for s in funnel["steps"]] == [0, 1, 1]
 
 

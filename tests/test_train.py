@@ -23,7 +23,7 @@ def latents(tmp_path_factory):
         make_shard(root / "images" / f"{s:05d}.tar",
                    [image_entry(f"{s:05d}{i:04d}", 256, 256 if i % 2 else 192, seed=i % 4) for i in range(16)])
     # "log": 256x192 ties between 128x128 and 160x96 in linear aspect (kohya takes 128x128); two buckets here
-    encode(root / "images", root / "latents", EncodeConfig(resolution=128, bucket_min_side=64, bucket_max_side=256, step=32, flip=True,
+    encode(root / "images", root / "latents", EncodeConfig(vae="tiny", resolution=128, bucket_min_side=64, bucket_max_side=256, step=32, flip=True,
                                                            std=True, bucket_assign="log"))
     tiny_clip_text_pipeline(root / "pipeline")
     return root
@@ -406,7 +406,7 @@ def test_caption_dropout_uses_the_stored_empty_caption(latents, tmp_path):
     from latentmill.train.loop import _text_conditioning
 
     out = tmp_path / "latents"
-    encode(latents / "images", out, EncodeConfig(resolution=128, bucket_min_side=64, bucket_max_side=256, step=32,
+    encode(latents / "images", out, EncodeConfig(vae="tiny", resolution=128, bucket_min_side=64, bucket_max_side=256, step=32,
                                                  text_encoder=str(latents / "pipeline"), bucket_assign="log"))
     manifest = read_manifest(out)
     stored_empty = np.load(out / manifest["text_encoder"]["empty"])

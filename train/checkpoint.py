@@ -52,6 +52,12 @@ def checkpoints(run: Path) -> list[Path]:
     return sorted(p for p in folder.glob("step-*") if (p / "state.json").exists()) if folder.exists() else []
 
 
+def last_state(run: Path) -> dict | None:
+    """state.json of the run's newest checkpoint (step, config), or None when it has none."""
+    found = checkpoints(Path(run))
+    return json.loads((found[-1] / "state.json").read_text()) if found else None
+
+
 def remove_stale_temporaries(run: Path) -> list[Path]:
     """Remove the temporary folders of checkpoints whose writer was killed before the rename."""
     folder = run / "checkpoints"

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: setup browser test demo bench lint clean
+.PHONY: setup browser test test-fast demo bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ browser:
 
 test: setup browser
 	NO_ALBUMENTATIONS_UPDATE=1 $(PY) -m pytest -q tests
+
+# the fast loop while working (about a minute on 2 cores): everything but the end-to-end runs
+test-fast: setup
+	NO_ALBUMENTATIONS_UPDATE=1 $(PY) -m pytest -q -m "not slow" tests
 
 demo: setup
 	NO_ALBUMENTATIONS_UPDATE=1 $(VENV)/bin/latentmill demo --work demo-work

@@ -3,6 +3,10 @@
 import json
 import shutil
 
+import pytest
+
+pytestmark = pytest.mark.slow  # end to end: real downloads, Ray, training runs
+
 
 def test_demo_runs_every_stage_offline(tmp_path, run_cli):
     work = tmp_path / "work"

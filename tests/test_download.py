@@ -10,10 +10,13 @@ from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from latentmill.curate.download import DownloadConfig, download, retry_failed
 from latentmill.curate.imageshards import iter_image_shard, list_image_shards
 from tests.conftest import write_table
+
+pytestmark = pytest.mark.slow  # end to end: real downloads, Ray, training runs
 
 FAST = dict(processes=1, http_threads=16, timeout=2, retries=0, shard_size=16)
 

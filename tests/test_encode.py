@@ -210,6 +210,7 @@ def _encode_cmd(images, out):
             "--batch-size", "1", "--flip", "--std", "--vae", "tiny"]
 
 
+@pytest.mark.slow  # kills and restarts a subprocess
 def test_an_encode_killed_midway_resumes_to_identical_bytes(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

@@ -8,6 +8,8 @@ from latentmill.curate.encode import EncodeConfig, encode
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.filters.score import ScoreConfig, score
 
+pytestmark = pytest.mark.slow  # end to end: real downloads, Ray, training runs
+
 
 @pytest.fixture(scope="module")
 def ray_local():

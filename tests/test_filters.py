@@ -181,6 +181,7 @@ def _score_cmd(images, out):
             "--pretrained", "none", "--workers", "0", "--batch-size", "1"]
 
 
+@pytest.mark.slow  # kills and restarts a subprocess
 def test_a_score_killed_midway_resumes_to_the_same_parquets(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

@@ -11,6 +11,8 @@ from latentmill.curate.errors import InputError
 from latentmill.curate.imageserver import ImageServer
 from tests.conftest import write_table
 
+pytestmark = pytest.mark.slow  # end to end: real downloads, Ray, training runs
+
 RESOLVER = "tests.netguard_resolver:resolve"
 
 

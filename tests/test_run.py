@@ -52,6 +52,7 @@ def _run_cmd(work):
     return [sys.executable, "-m", "latentmill", "run", "demo", "-w", str(work), *SMALL]
 
 
+@pytest.mark.slow
 def test_the_demo_recipe_killed_midway_finishes_with_the_same_outputs(tmp_path, run_cli):
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     process = subprocess.Popen(_run_cmd(killed), start_new_session=True, stdout=subprocess.DEVNULL,

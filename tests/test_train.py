@@ -13,6 +13,8 @@ from latentmill.train.loader import LatentLoader, expand_shards
 from latentmill.train.loop import train
 from tests.conftest import image_entry, make_shard, tiny_clip_text_pipeline
 
+pytestmark = pytest.mark.slow  # end to end: real downloads, Ray, training runs
+
 
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory):

@@ -33,19 +33,38 @@ def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
     with ImageServer() as server:
-        config = DownloadConfig(processes=args.processes, http_threads=32, timeout=30, retries=0, shard_size=500,
-                                allow_hosts=(f"127.0.0.1:{server.port}",), min_image_size=64)
+        config = DownloadConfig(
+            processes=args.processes,
+            http_threads=32,
+            timeout=30,
+            retries=0,
+            shard_size=500,
+            allow_hosts=(f"127.0.0.1:{server.port}",),
+            min_image_size=64,
+        )
         sizes = [(320, 256), (256, 320), (384, 256), (288, 288)]
-        urls = [server.url(f"/gen/{i % 200}/{sizes[i % 4][0]}x{sizes[i % 4][1]}.jpg?v={i}") for i in range(args.urls)]
+        urls = [
+            server.url(f"/gen/{i % 200}/{sizes[i % 4][0]}x{sizes[i % 4][1]}.jpg?v={i}")
+            for i in range(args.urls)
+        ]
         prerender(urls)
         table = OUT / "urls.parquet"
-        pq.write_table(pa.table({"URL": urls, "TEXT": [f"picture {i}" for i in range(args.urls)],
-                                 "WIDTH": [sizes[i % 4][0] for i in range(args.urls)]}), table)
+        pq.write_table(
+            pa.table(
+                {
+                    "URL": urls,
+                    "TEXT": [f"picture {i}" for i in range(args.urls)],
+                    "WIDTH": [sizes[i % 4][0] for i in range(args.urls)],
+                }
+            ),
+            table,
+        )
         # img2dataset called directly on the user's table, as a hand-written script would
         direct_input = OUT / "direct-input.parquet"
         pq.write_table(pq.read_table(table).rename_columns(["url", "caption", "WIDTH"]), direct_input)
         times = {"img2dataset": [], "latentmill": []}
         successes = {"img2dataset": [], "latentmill": []}
+
         def direct(target):
             run_img2dataset(direct_input, target, ["WIDTH"], True, config)
             return sum(json.loads(p.read_text())["successes"] for p in target.glob("*_stats.json"))
@@ -60,13 +79,18 @@ def main() -> None:
                 successes[name].append(run(OUT / f"{name}-{r}"))
                 times[name].append(time.perf_counter() - start)
     best = {k: min(v) for k, v in times.items()}
-    print(json.dumps({
-        "urls": args.urls,
-        "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
-        "successes": successes,
-        "images_per_s": {k: round(args.urls / v, 1) for k, v in best.items()},
-        "overhead_ratio": round(best["latentmill"] / best["img2dataset"], 3),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "urls": args.urls,
+                "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
+                "successes": successes,
+                "images_per_s": {k: round(args.urls / v, 1) for k, v in best.items()},
+                "overhead_ratio": round(best["latentmill"] / best["img2dataset"], 3),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

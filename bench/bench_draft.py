@@ -41,16 +41,21 @@ def main() -> None:
         for name in samples.PHOTOS:
             data = samples.encode(samples.photo(name, w, h), "jpg", quality=90)
             inputs_full.append(clip.preprocess(decode_image(data)))
-            inputs_draft.append(clip.preprocess(decode_image(data, draft_size=(clip.image_size, clip.image_size))))
+            inputs_draft.append(
+                clip.preprocess(decode_image(data, draft_size=(clip.image_size, clip.image_size)))
+            )
         full, draft = torch.stack(inputs_full), torch.stack(inputs_draft)
         with torch.inference_mode():
             a, b = clip.embed_images(full), clip.embed_images(draft)
         cosine = torch.nn.functional.cosine_similarity(a.float(), b.float()).numpy()
         diff = (full - draft).abs()
-        results[size] = {"images": len(inputs_full), "input_max_abs": round(float(diff.max()), 3),
-                         "input_mean_abs": round(float(diff.mean()), 4),
-                         "embedding_cosine_min": round(float(cosine.min()), 5),
-                         "embedding_cosine_mean": round(float(np.mean(cosine)), 5)}
+        results[size] = {
+            "images": len(inputs_full),
+            "input_max_abs": round(float(diff.max()), 3),
+            "input_mean_abs": round(float(diff.mean()), 4),
+            "embedding_cosine_min": round(float(cosine.min()), 5),
+            "embedding_cosine_mean": round(float(np.mean(cosine)), 5),
+        }
         print(size, results[size], flush=True)
     print(json.dumps(results, indent=2))
 

@@ -104,24 +104,49 @@ def main() -> None:
     vae = load_vae("tiny")
     load_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    stats = encode_shard(images / "00000.tar", OUT / "latents", EncodeConfig(vae="tiny", resolution=512, batch_size=16), vae)
+    stats = encode_shard(
+        images / "00000.tar", OUT / "latents", EncodeConfig(vae="tiny", resolution=512, batch_size=16), vae
+    )
     total = time.perf_counter() - start
     encode_module.encode_batch = original
 
     tar = str(images / "00000.tar")
-    here = json.loads(subprocess.run([sys.executable, "-c", RESIZE_WORKER, tar, str(args.repeats)],
-                                     check=True, capture_output=True, text=True).stdout)
-    plain = json.loads(subprocess.run([str(plain_pillow_python()), "-c", RESIZE_WORKER, tar, str(args.repeats)],
-                                      check=True, capture_output=True, text=True).stdout)
-    print(json.dumps({
-        "encode_cpu_tiny_vae": {
-            "images": stats["written"], "vae_load_seconds": round(load_seconds, 2), "seconds": round(total, 2),
-            "images_per_s": round(stats["written"] / total, 1),
-            "vae_share": round(timings["vae"] / total, 3), "decode_resize_write_share": round(1 - timings["vae"] / total, 3),
-        },
-        "decode_resize_one_core": {"this_env": here, "plain_pillow": plain,
-                                   "speedup": round(here["images_per_s"] / plain["images_per_s"], 2)},
-    }, indent=2))
+    here = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", RESIZE_WORKER, tar, str(args.repeats)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    plain = json.loads(
+        subprocess.run(
+            [str(plain_pillow_python()), "-c", RESIZE_WORKER, tar, str(args.repeats)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    print(
+        json.dumps(
+            {
+                "encode_cpu_tiny_vae": {
+                    "images": stats["written"],
+                    "vae_load_seconds": round(load_seconds, 2),
+                    "seconds": round(total, 2),
+                    "images_per_s": round(stats["written"] / total, 1),
+                    "vae_share": round(timings["vae"] / total, 3),
+                    "decode_resize_write_share": round(1 - timings["vae"] / total, 3),
+                },
+                "decode_resize_one_core": {
+                    "this_env": here,
+                    "plain_pillow": plain,
+                    "speedup": round(here["images_per_s"] / plain["images_per_s"], 2),
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -45,9 +45,17 @@ def micro_vae(folder: Path) -> Path:
 
     if not (folder / "config.json").exists():
         torch.manual_seed(0)
-        AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                      up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
-                      latent_channels=4, norm_num_groups=2, mid_block_add_attention=False).save_pretrained(folder)
+        AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(4, 4, 4, 4),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=2,
+            mid_block_add_attention=False,
+        ).save_pretrained(folder)
     return folder
 
 
@@ -63,8 +71,14 @@ def jpeg_shard(path: Path, count: int, distinct: int = 160) -> Path:
     payloads = []
     for i in range(distinct):
         w, h = (640 + 16 * (i % 6), 480 + 12 * (i % 6)) if i % 3 else (480 + 12 * (i % 6), 640 + 16 * (i % 6))
-        payloads.append(samples.encode(samples.photo(photos[i % len(photos)], w, h, view=i // len(photos)), "jpg", quality=90))
-    entries = ((f"{i:09d}", {"jpg": payloads[i % distinct], "txt": f"photo {i}".encode()}) for i in range(count))
+        payloads.append(
+            samples.encode(
+                samples.photo(photos[i % len(photos)], w, h, view=i // len(photos)), "jpg", quality=90
+            )
+        )
+    entries = (
+        (f"{i:09d}", {"jpg": payloads[i % distinct], "txt": f"photo {i}".encode()}) for i in range(count)
+    )
     make_shard(path, entries)
     return path
 
@@ -88,8 +102,15 @@ def _encode_child(args) -> None:
         data = reference_encode_shard(Path(args.shard), out, config, load_vae(args.vae))
         written = data.count(b".latent.npy")
     seconds = time.perf_counter() - start
-    print(json.dumps({"written": written, "seconds": round(seconds, 1),
-                      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+    print(
+        json.dumps(
+            {
+                "written": written,
+                "seconds": round(seconds, 1),
+                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            }
+        )
+    )
 
 
 def encode_memory(args) -> dict:
@@ -102,9 +123,24 @@ def encode_memory(args) -> dict:
         for impl in ("streamed", "in_memory"):
             if impl == "in_memory" and n not in baseline:
                 continue
-            child = subprocess.run([sys.executable, __file__, "_encode_child", "--impl", impl, "--shard", str(shard),
-                                    "--out", str(OUT / f"latents-{impl}-{n}"), "--vae", vae],
-                                   check=True, capture_output=True, text=True)
+            child = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "_encode_child",
+                    "--impl",
+                    impl,
+                    "--shard",
+                    str(shard),
+                    "--out",
+                    str(OUT / f"latents-{impl}-{n}"),
+                    "--vae",
+                    vae,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             results[f"{impl} {n}"] = json.loads(child.stdout.strip().splitlines()[-1])
             print(impl, n, results[f"{impl} {n}"], flush=True)
     return results
@@ -132,7 +168,10 @@ def prepare_rate(args) -> dict:
     finally:
         for pool in pools.values():
             pool.close()
-    results = {f"workers={w}": {"images": len(items), "images_per_s_runs": r, "best": max(r)} for w, r in runs.items()}
+    results = {
+        f"workers={w}": {"images": len(items), "images_per_s_runs": r, "best": max(r)}
+        for w, r in runs.items()
+    }
     results["speedup_2_over_1"] = round(max(runs[2]) / max(runs[1]), 2)
     results["speedup_2_over_0"] = round(max(runs[2]) / max(runs[0]), 2)
     return results
@@ -148,12 +187,26 @@ def tiny_latents(folder: Path, images: int = 64, shards: int = 8) -> Path:
     (folder / "images").mkdir(parents=True, exist_ok=True)
     per = images // shards
     for s in range(shards):
-        make_shard(folder / "images" / f"{s:05d}.tar",
-                   [image_entry(f"{s:05d}{i:04d}", 256, 256 if i % 2 else 192, seed=i % 8) for i in range(per)])
+        make_shard(
+            folder / "images" / f"{s:05d}.tar",
+            [image_entry(f"{s:05d}{i:04d}", 256, 256 if i % 2 else 192, seed=i % 8) for i in range(per)],
+        )
     tiny_clip_text_pipeline(folder / "pipeline")
-    encode(folder / "images", folder / "latents",
-           EncodeConfig(vae="tiny", resolution=128, bucket_min_side=64, bucket_max_side=256, step=32, flip=True, std=True, workers=0,
-                        text_encoder=str(folder / "pipeline")))
+    encode(
+        folder / "images",
+        folder / "latents",
+        EncodeConfig(
+            vae="tiny",
+            resolution=128,
+            bucket_min_side=64,
+            bucket_max_side=256,
+            step=32,
+            flip=True,
+            std=True,
+            workers=0,
+            text_encoder=str(folder / "pipeline"),
+        ),
+    )
     return folder
 
 
@@ -163,8 +216,17 @@ def resume_startup(args) -> dict:
 
     data = tiny_latents(OUT / "tiny", images=256, shards=16)
     run = OUT / "resume-run-resampled"
-    base = dict(shards=str(data / "latents"), text_encoder=str(data / "pipeline"), batch_size=8, warmup_steps=10,
-                checkpoint_every=10_000_000, keep_checkpoints=10, log_every=100, mode="resampled", workers=0)
+    base = dict(
+        shards=str(data / "latents"),
+        text_encoder=str(data / "pipeline"),
+        batch_size=8,
+        warmup_steps=10,
+        checkpoint_every=10_000_000,
+        keep_checkpoints=10,
+        log_every=100,
+        mode="resampled",
+        workers=0,
+    )
     if not (run / "checkpoints" / f"step-{args.late:07d}").exists():
         shutil.rmtree(run, ignore_errors=True)
         train(TrainConfig(output=str(run), steps=10, **base))
@@ -175,7 +237,9 @@ def resume_startup(args) -> dict:
             trial = OUT / f"resume-{step}-{how}"
             shutil.rmtree(trial, ignore_errors=True)
             (trial / "checkpoints").mkdir(parents=True)
-            shutil.copytree(run / "checkpoints" / f"step-{step:07d}", trial / "checkpoints" / f"step-{step:07d}")
+            shutil.copytree(
+                run / "checkpoints" / f"step-{step:07d}", trial / "checkpoints" / f"step-{step:07d}"
+            )
             if how == "replay":  # the loader before positions were saved: (epoch, batches) only
                 state_path = trial / "checkpoints" / f"step-{step:07d}" / "state.json"
                 state = json.loads(state_path.read_text())
@@ -185,7 +249,9 @@ def resume_startup(args) -> dict:
             train(TrainConfig(output=str(trial), steps=step + 1, resume=True, **base))
             results[f"step {step}, {how}"] = round(time.perf_counter() - start, 2)
             print(step, how, results[f"step {step}, {how}"], flush=True)
-    results["late_over_early_position"] = round(results[f"step {args.late}, position"] / results["step 10, position"], 2)
+    results["late_over_early_position"] = round(
+        results[f"step {args.late}, position"] / results["step 10, position"], 2
+    )
     return results
 
 
@@ -205,8 +271,15 @@ def loader_rate(args) -> dict:
             samples = list(iter_latent_shard(folder / f"{shard}.tar", manifest))
             writer = LatentShardWriter(folder, shard)
             for s in samples:
-                writer.add(s["key"], s["latent"], s["caption"], s["meta"], std=s["latent_std"], flipped=s["latent_flip"],
-                           text_emb=rng.standard_normal((77, 768)).astype(np.float16))
+                writer.add(
+                    s["key"],
+                    s["latent"],
+                    s["caption"],
+                    s["meta"],
+                    std=s["latent_std"],
+                    flipped=s["latent_flip"],
+                    text_emb=rng.standard_normal((77, 768)).astype(np.float16),
+                )
             manifest["shards"][shard]["sha256"] = writer.close()
         manifest["text_encoder"] = {"name": "synthetic", "fingerprint": "none", "shape": [77, 768]}
         (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -222,8 +295,12 @@ def loader_rate(args) -> dict:
             samples += len(batch["keys"])
         seconds = time.perf_counter() - start
         rate = samples / seconds
-        results[f"workers={workers}"] = {"samples": samples, "seconds": round(seconds, 2), "samples_per_s": round(rate, 1),
-                                         "samples_per_s_per_reader": round(rate / max(1, workers), 1)}
+        results[f"workers={workers}"] = {
+            "samples": samples,
+            "seconds": round(seconds, 2),
+            "samples_per_s": round(rate, 1),
+            "samples_per_s_per_reader": round(rate / max(1, workers), 1),
+        }
         print(workers, results[f"workers={workers}"], flush=True)
     results["gpu_reference_samples_per_s"] = GPU_SAMPLES_PER_S
     return results
@@ -250,13 +327,17 @@ def plain_loop(data: Path, steps: int, batch_size: int) -> float:
     unet = build_unet("tiny", 4, encoder.width, 16, 0, False)
     ema = build_unet("tiny", 4, encoder.width, 16, 0, False).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
     for index, (latents, text) in enumerate(batches):
         if index == 5:
             start = time.perf_counter()
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, 1000, (latents.shape[0],))
-        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=text).sample
+        prediction = unet(
+            scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=text
+        ).sample
         loss = F.mse_loss(prediction.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -275,8 +356,18 @@ def ours(data: Path, steps: int, batch_size: int) -> float:
     run = OUT / "overhead-run"
     shutil.rmtree(run, ignore_errors=True)
     times = []
-    train(TrainConfig(shards=str(data / "latents"), output=str(run), batch_size=batch_size, steps=steps + 5, log_every=1, checkpoint_every=10_000, workers=0),
-          progress=lambda m: times.append(time.perf_counter()))
+    train(
+        TrainConfig(
+            shards=str(data / "latents"),
+            output=str(run),
+            batch_size=batch_size,
+            steps=steps + 5,
+            log_every=1,
+            checkpoint_every=10_000,
+            workers=0,
+        ),
+        progress=lambda m: times.append(time.perf_counter()),
+    )
     return (times[-1] - times[4]) / steps
 
 
@@ -284,7 +375,9 @@ def loop_overhead(args) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    data = tiny_latents(OUT / "tiny-text", images=256, shards=16)  # stored caption embeddings, as the plain loop
+    data = tiny_latents(
+        OUT / "tiny-text", images=256, shards=16
+    )  # stored caption embeddings, as the plain loop
     results = {"plain_s_per_step": [], "latentmill_s_per_step": []}
     for _ in range(args.repeats):  # alternate, best of each
         results["plain_s_per_step"].append(round(plain_loop(data, args.steps, 16), 4))
@@ -317,8 +410,13 @@ def main() -> None:
     if args.command == "_encode_child":
         _encode_child(args)
         return
-    run = {"encode-memory": encode_memory, "prepare": prepare_rate, "resume": resume_startup, "loader": loader_rate,
-           "overhead": loop_overhead}[args.command]
+    run = {
+        "encode-memory": encode_memory,
+        "prepare": prepare_rate,
+        "resume": resume_startup,
+        "loader": loader_rate,
+        "overhead": loop_overhead,
+    }[args.command]
     print(json.dumps(run(args), indent=2))
 
 

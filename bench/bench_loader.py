@@ -36,13 +36,34 @@ def make_latents(folder: Path, count: int, shards: int = 8) -> None:
         for i in range(count // shards):
             w, h = buckets[(shard + i) % 3 + 7]  # three buckets around the square
             shape = (4, h // 8, w // 8)
-            writer.add(f"{shard:05d}{i:04d}", rng.standard_normal(shape), f"caption {i}", {"bucket": [w, h]},
-                       std=np.abs(rng.standard_normal(shape)) * 0.1, flipped=rng.standard_normal(shape))
+            writer.add(
+                f"{shard:05d}{i:04d}",
+                rng.standard_normal(shape),
+                f"caption {i}",
+                {"bucket": [w, h]},
+                std=np.abs(rng.standard_normal(shape)) * 0.1,
+                flipped=rng.standard_normal(shape),
+            )
             per_bucket[f"{w}x{h}"] = per_bucket.get(f"{w}x{h}", 0) + 1
-        stats[f"{shard:05d}"] = {"written": count // shards, "per_bucket": per_bucket, "sha256": writer.close()}
-    write_manifest(folder, {"vae": {"name": "synthetic", "fingerprint": "none"}, "scaling_factor": 0.18215,
-                            "shift_factor": None, "latent_channels": 4, "downsample_factor": 8, "resolution": 512,
-                            "buckets": [list(b) for b in buckets], "text_encoder": None}, stats)
+        stats[f"{shard:05d}"] = {
+            "written": count // shards,
+            "per_bucket": per_bucket,
+            "sha256": writer.close(),
+        }
+    write_manifest(
+        folder,
+        {
+            "vae": {"name": "synthetic", "fingerprint": "none"},
+            "scaling_factor": 0.18215,
+            "shift_factor": None,
+            "latent_channels": 4,
+            "downsample_factor": 8,
+            "resolution": 512,
+            "buckets": [list(b) for b in buckets],
+            "text_encoder": None,
+        },
+        stats,
+    )
 
 
 def main() -> None:
@@ -65,8 +86,12 @@ def main() -> None:
             samples += len(batch["keys"])
         seconds = time.perf_counter() - start
         rate = samples / seconds
-        results[f"workers={workers}"] = {"samples": samples, "seconds": round(seconds, 2), "samples_per_s": round(rate, 1),
-                                         "samples_per_s_per_reader": round(rate / max(1, workers), 1)}
+        results[f"workers={workers}"] = {
+            "samples": samples,
+            "seconds": round(seconds, 2),
+            "samples_per_s": round(rate, 1),
+            "samples_per_s_per_reader": round(rate / max(1, workers), 1),
+        }
     per_reader = results["workers=0"]["samples_per_s"]
     results["gpu_reference_samples_per_s"] = GPU_SAMPLES_PER_S
     results["readers_needed_per_gpu"] = round(GPU_SAMPLES_PER_S / per_reader, 2)

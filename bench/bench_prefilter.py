@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).parent / "out"
-RULES = dict(min_side=512, max_aspect=2.0, max_pwatermark=0.5, max_punsafe=0.5, min_aesthetic=5.0, min_similarity=0.28)
+RULES = dict(
+    min_side=512, max_aspect=2.0, max_pwatermark=0.5, max_punsafe=0.5, min_aesthetic=5.0, min_similarity=0.28
+)
 
 
 def generate(path: Path, rows: int, chunk: int = 1_000_000) -> None:
@@ -29,23 +31,47 @@ def generate(path: Path, rows: int, chunk: int = 1_000_000) -> None:
 
     rng = np.random.default_rng(0)
     tmp = path.with_suffix(".tmp")
-    with pq.ParquetWriter(tmp, pa.schema([
-        ("URL", pa.string()), ("TEXT", pa.string()), ("WIDTH", pa.int64()), ("HEIGHT", pa.int64()),
-        ("similarity", pa.float64()), ("pwatermark", pa.float64()), ("punsafe", pa.float64()),
-        ("AESTHETIC_SCORE", pa.float64())])) as writer:
+    with pq.ParquetWriter(
+        tmp,
+        pa.schema(
+            [
+                ("URL", pa.string()),
+                ("TEXT", pa.string()),
+                ("WIDTH", pa.int64()),
+                ("HEIGHT", pa.int64()),
+                ("similarity", pa.float64()),
+                ("pwatermark", pa.float64()),
+                ("punsafe", pa.float64()),
+                ("AESTHETIC_SCORE", pa.float64()),
+            ]
+        ),
+    ) as writer:
         for start in range(0, rows, chunk):
             n = min(chunk, rows - start)
             ids = np.arange(start, start + n)
             ids = np.where(rng.random(n) < 0.03, rng.integers(0, start + n, n), ids)  # ~3% repeated URLs
             hosts = pc.cast(pa.array(ids % 5000), pa.string())
-            urls = pc.binary_join_element_wise("https://img", hosts, ".example.com/i/", pc.cast(pa.array(ids), pa.string()), ".jpg", "")
-            captions = pc.binary_join_element_wise("a photo of item number ", pc.cast(pa.array(ids), pa.string()), "")
-            writer.write_table(pa.table({
-                "URL": urls, "TEXT": captions,
-                "WIDTH": rng.integers(128, 2048, n), "HEIGHT": rng.integers(128, 2048, n),
-                "similarity": rng.uniform(0.2, 0.45, n), "pwatermark": rng.beta(1, 4, n),
-                "punsafe": rng.beta(1, 20, n), "AESTHETIC_SCORE": rng.normal(5.2, 0.7, n),
-            }), row_group_size=131_072)
+            urls = pc.binary_join_element_wise(
+                "https://img", hosts, ".example.com/i/", pc.cast(pa.array(ids), pa.string()), ".jpg", ""
+            )
+            captions = pc.binary_join_element_wise(
+                "a photo of item number ", pc.cast(pa.array(ids), pa.string()), ""
+            )
+            writer.write_table(
+                pa.table(
+                    {
+                        "URL": urls,
+                        "TEXT": captions,
+                        "WIDTH": rng.integers(128, 2048, n),
+                        "HEIGHT": rng.integers(128, 2048, n),
+                        "similarity": rng.uniform(0.2, 0.45, n),
+                        "pwatermark": rng.beta(1, 4, n),
+                        "punsafe": rng.beta(1, 20, n),
+                        "AESTHETIC_SCORE": rng.normal(5.2, 0.7, n),
+                    }
+                ),
+                row_group_size=131_072,
+            )
     tmp.rename(path)
 
 
@@ -61,11 +87,17 @@ def run_pandas(table: str, out: str) -> None:
     df = pd.read_parquet(table)
     w, h = df["WIDTH"], df["HEIGHT"]
     keep = (
-        df["URL"].str.match(r"^https?://") & (df["TEXT"].str.strip().str.len() >= 3)
+        df["URL"].str.match(r"^https?://")
+        & (df["TEXT"].str.strip().str.len() >= 3)
         & (pd.concat([w, h], axis=1).min(axis=1) >= RULES["min_side"])
-        & (pd.concat([w, h], axis=1).max(axis=1) <= RULES["max_aspect"] * pd.concat([w, h], axis=1).min(axis=1))
-        & (df["similarity"] >= RULES["min_similarity"]) & (df["pwatermark"] <= RULES["max_pwatermark"])
-        & (df["punsafe"] <= RULES["max_punsafe"]) & (df["AESTHETIC_SCORE"] >= RULES["min_aesthetic"])
+        & (
+            pd.concat([w, h], axis=1).max(axis=1)
+            <= RULES["max_aspect"] * pd.concat([w, h], axis=1).min(axis=1)
+        )
+        & (df["similarity"] >= RULES["min_similarity"])
+        & (df["pwatermark"] <= RULES["max_pwatermark"])
+        & (df["punsafe"] <= RULES["max_punsafe"])
+        & (df["AESTHETIC_SCORE"] >= RULES["min_aesthetic"])
     )
     df[keep].drop_duplicates("URL").to_parquet(out, index=False)
 
@@ -78,7 +110,11 @@ def measure(which: str, table: Path) -> dict:
     subprocess.run([sys.executable, "-c", code], check=True)
     seconds = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"seconds": round(seconds, 2), "peak_rss_mib": round(max(peak_kib, before) / 1024), "rss_grew": peak_kib > before}
+    return {
+        "seconds": round(seconds, 2),
+        "peak_rss_mib": round(max(peak_kib, before) / 1024),
+        "rss_grew": peak_kib > before,
+    }
 
 
 def main() -> None:

@@ -33,8 +33,12 @@ def make_images(folder: Path, count: int) -> None:
         entries = []
         for i in range(half):
             image = samples.photo(photos[(shard * half + i) % len(photos)], 1200, 900)
-            entries.append((f"{shard:05d}{i:04d}", {"jpg": samples.encode(image, "jpg", quality=92),
-                                                    "txt": f"photo number {i}".encode()}))
+            entries.append(
+                (
+                    f"{shard:05d}{i:04d}",
+                    {"jpg": samples.encode(image, "jpg", quality=92), "txt": f"photo number {i}".encode()},
+                )
+            )
         make_shard(folder / f"{shard:05d}.tar", entries)
 
 
@@ -66,12 +70,18 @@ def main() -> None:
         shutil.rmtree(OUT / "scores", ignore_errors=True)
         model_seconds["t"] = 0.0
         start = time.perf_counter()
-        totals = score(images, OUT / "scores", ScoreConfig(clip_model="latentmill-tiny", pretrained="none",
-                                                           workers=workers, batch_size=32))
+        totals = score(
+            images,
+            OUT / "scores",
+            ScoreConfig(clip_model="latentmill-tiny", pretrained="none", workers=workers, batch_size=32),
+        )
         seconds = time.perf_counter() - start
-        results[f"workers={workers}"] = {"images": totals["scored"], "seconds": round(seconds, 2),
-                                         "images_per_s": round(totals["scored"] / seconds, 1),
-                                         "model_seconds": round(model_seconds["t"], 2)}
+        results[f"workers={workers}"] = {
+            "images": totals["scored"],
+            "seconds": round(seconds, 2),
+            "images_per_s": round(totals["scored"] / seconds, 1),
+            "model_seconds": round(model_seconds["t"], 2),
+        }
     serial = results["workers=0"]
     serial["model_share"] = round(serial["model_seconds"] / serial["seconds"], 3)
     serial["decode_and_rest_share"] = round(1 - serial["model_share"], 3)
@@ -87,7 +97,9 @@ def main() -> None:
         for sample in blobs:
             sample.image(draft_size=draft)
         decode[label] = round(len(blobs) / (time.perf_counter() - start), 1)
-    results["decode_images_per_s_one_core"] = decode | {"draft_speedup": round(decode["draft_224"] / decode["full_decode"], 2)}
+    results["decode_images_per_s_one_core"] = decode | {
+        "draft_speedup": round(decode["draft_224"] / decode["full_decode"], 2)
+    }
     print(json.dumps(results, indent=2))
 
 

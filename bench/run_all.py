@@ -5,12 +5,18 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-for script, args in (("bench_prefilter.py", ["--rows", "10000000"]), ("bench_download.py", ["--urls", "2000"]),
-                     ("bench_encode.py", ["--images", "64"]), ("bench_score.py", ["--images", "256"]),
-                     ("bench_loader.py", ["--images", "512"]), ("bench_draft.py", []),
-                     ("bench_feed.py", ["encode-memory", "--sizes", "500,2000,8000", "--baseline-sizes", "500,2000"]),
-                     ("bench_feed.py", ["prepare", "--images", "400"]), ("bench_feed.py", ["resume", "--late", "2000"]),
-                     ("bench_feed.py", ["loader", "--images", "1024"]),
-                     ("bench_feed.py", ["overhead", "--steps", "40", "--repeats", "3"])):
+for script, args in (
+    ("bench_prefilter.py", ["--rows", "10000000"]),
+    ("bench_download.py", ["--urls", "2000"]),
+    ("bench_encode.py", ["--images", "64"]),
+    ("bench_score.py", ["--images", "256"]),
+    ("bench_loader.py", ["--images", "512"]),
+    ("bench_draft.py", []),
+    ("bench_feed.py", ["encode-memory", "--sizes", "500,2000,8000", "--baseline-sizes", "500,2000"]),
+    ("bench_feed.py", ["prepare", "--images", "400"]),
+    ("bench_feed.py", ["resume", "--late", "2000"]),
+    ("bench_feed.py", ["loader", "--images", "1024"]),
+    ("bench_feed.py", ["overhead", "--steps", "40", "--repeats", "3"]),
+):
     print(f"== {script} {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, str(HERE / script), *args], check=True, cwd=HERE)

@@ -19,8 +19,10 @@ PRIVATE_HOSTNAMES = frozenset({"localhost", "localhost.localdomain", "metadata.g
 # scheme://[userinfo@]host — the host is group 1 (brackets kept for IPv6)
 _HOST_PATTERN = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^/?#@]*@)?(?P<host>\[[^\]]*\]|[^/?#:]*)"
 # hosts worth a closer look: IP literals in any notation, or the named ones
-_SUSPECT_PATTERN = (r"^(\[.*\]|[0-9a-fA-FxX.\s]+|.*localhost\.?\s*|localhost\.localdomain\.?\s*"
-                    r"|metadata(\.google\.internal)?\.?\s*|.*[^\x00-\x7F].*)$")
+_SUSPECT_PATTERN = (
+    r"^(\[.*\]|[0-9a-fA-FxX.\s]+|.*localhost\.?\s*|localhost\.localdomain\.?\s*"
+    r"|metadata(\.google\.internal)?\.?\s*|.*[^\x00-\x7F].*)$"
+)
 
 
 def normalize_host(host: str) -> str:

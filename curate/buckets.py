@@ -15,7 +15,9 @@ from PIL import Image
 Bucket = tuple[int, int]  # (width, height) in px
 
 
-def make_buckets(resolution: int, min_side: int | None = None, max_side: int | None = None, step: int = 64) -> list[Bucket]:
+def make_buckets(
+    resolution: int, min_side: int | None = None, max_side: int | None = None, step: int = 64
+) -> list[Bucket]:
     """The bucket list for `resolution`, sorted by aspect ratio (width / height).
 
     Defaults: min side R/2, max side 2R (512: 256..1024; 1024: 512..2048).
@@ -23,9 +25,13 @@ def make_buckets(resolution: int, min_side: int | None = None, max_side: int | N
     min_side = min_side if min_side is not None else resolution // 2
     max_side = max_side if max_side is not None else resolution * 2
     if step <= 0 or resolution % step or min_side % step or max_side % step:
-        raise ValueError(f"resolution {resolution}, min side {min_side} and max side {max_side} must be multiples of step {step}")
+        raise ValueError(
+            f"resolution {resolution}, min side {min_side} and max side {max_side} must be multiples of step {step}"
+        )
     if not min_side <= resolution <= max_side:
-        raise ValueError(f"resolution {resolution} must lie between min side {min_side} and max side {max_side}")
+        raise ValueError(
+            f"resolution {resolution} must lie between min side {min_side} and max side {max_side}"
+        )
     area = resolution * resolution
     buckets = {(resolution, resolution)}
     for width in range(min_side, max_side + 1, step):

@@ -29,10 +29,13 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     return (height, width) if orientation in ROTATED else (width, height)
 
 
-def bucket_distribution(images: str | Path, buckets: list[Bucket], selection: str | Path | None = None,
-                        rule: str = "kohya") -> dict:
+def bucket_distribution(
+    images: str | Path, buckets: list[Bucket], selection: str | Path | None = None, rule: str = "kohya"
+) -> dict:
     """Per bucket: images, mean |log aspect| error, images smaller than their bucket."""
-    rows = {b: {"bucket": list(b), "count": 0, "aspect_error_sum": 0.0, "smaller_than_bucket": 0} for b in buckets}
+    rows = {
+        b: {"bucket": list(b), "count": 0, "aspect_error_sum": 0.0, "smaller_than_bucket": 0} for b in buckets
+    }
     unreadable = total = 0
     for shard in list_image_shards(images):
         keep = kept_keys(selection, shard.stem)
@@ -53,12 +56,22 @@ def bucket_distribution(images: str | Path, buckets: list[Bucket], selection: st
     for row in rows.values():
         count = row.pop("count")
         error = row.pop("aspect_error_sum")
-        out.append({"bucket": row["bucket"], "count": count, "mean_aspect_error": error / count if count else 0.0,
-                    "smaller_than_bucket": row["smaller_than_bucket"]})
+        out.append(
+            {
+                "bucket": row["bucket"],
+                "count": count,
+                "mean_aspect_error": error / count if count else 0.0,
+                "smaller_than_bucket": row["smaller_than_bucket"],
+            }
+        )
     errors = sum(r["mean_aspect_error"] * r["count"] for r in out)
-    return {"images": total, "unreadable": unreadable, "buckets": out,
-            "mean_aspect_error": errors / total if total else 0.0,
-            "smaller_than_bucket": sum(r["smaller_than_bucket"] for r in out)}
+    return {
+        "images": total,
+        "unreadable": unreadable,
+        "buckets": out,
+        "mean_aspect_error": errors / total if total else 0.0,
+        "smaller_than_bucket": sum(r["smaller_than_bucket"] for r in out),
+    }
 
 
 def plot_distribution(distribution: dict, path: str | Path, title: str = "") -> Path:
@@ -77,7 +90,10 @@ def plot_distribution(distribution: dict, path: str | Path, title: str = "") -> 
     ax.bar(labels, small, color="#DD8452", hatch="//", label="smaller than bucket")
     ax.set_ylabel("images")
     ax.set_xlabel("bucket (width x height, px), from tall to wide")
-    ax.set_title(title or f"{distribution['images']} images, mean |log aspect error| {distribution['mean_aspect_error']:.3f}")
+    ax.set_title(
+        title
+        or f"{distribution['images']} images, mean |log aspect error| {distribution['mean_aspect_error']:.3f}"
+    )
     ax.tick_params(axis="x", rotation=90, labelsize=7)
     ax.legend()
     fig.tight_layout()

@@ -28,11 +28,25 @@ from latentmill.curate.errors import InputError
 from latentmill.curate.netguard import parse_allow_hosts
 from latentmill.curate.tables import UrlTable
 
-STATE_DIR = "_latentmill"  # inside the output folder; not a *.json at top level, which img2dataset reads as shards
+STATE_DIR = (
+    "_latentmill"  # inside the output folder; not a *.json at top level, which img2dataset reads as shards
+)
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
 # names img2dataset writes itself: a table column with one of these is carried as `source_{name}`
-RESERVED = {"key", "url", "caption", "status", "error_message", "width", "height", "original_width",
-            "original_height", "exif", "sha256", "md5"}
+RESERVED = {
+    "key",
+    "url",
+    "caption",
+    "status",
+    "error_message",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "exif",
+    "sha256",
+    "md5",
+}
 
 
 @dataclass
@@ -40,31 +54,52 @@ class DownloadConfig(StageConfig):
     """How to download. The defaults suit diffusion training, not img2dataset's own (256 px, border, files)."""
 
     SECTION = "download"
-    image_size: int = opt(1024, "Cap on the smaller side in px (ratio kept, never upscaled); set above your largest "
-                          "bucket side.", low=1, old_key="image_size_px")
-    min_image_size: int = opt(256, "Drop images whose smaller side is below this (px).", low=0,
-                              old_key="min_image_size_px")
-    max_aspect: float = opt(4.0, "Drop images more elongated than this (long/short side).", low=1.0,
-                            old=("--max-aspect-ratio",), old_key="max_aspect_ratio")
-    processes: int = opt(max(1, min(16, os.cpu_count() or 1)), "Download processes (default: CPU count, at most 16).",
-                         low=1)
+    image_size: int = opt(
+        1024,
+        "Cap on the smaller side in px (ratio kept, never upscaled); set above your largest bucket side.",
+        low=1,
+        old_key="image_size_px",
+    )
+    min_image_size: int = opt(
+        256, "Drop images whose smaller side is below this (px).", low=0, old_key="min_image_size_px"
+    )
+    max_aspect: float = opt(
+        4.0,
+        "Drop images more elongated than this (long/short side).",
+        low=1.0,
+        old=("--max-aspect-ratio",),
+        old_key="max_aspect_ratio",
+    )
+    processes: int = opt(
+        max(1, min(16, os.cpu_count() or 1)), "Download processes (default: CPU count, at most 16).", low=1
+    )
     http_threads: int = opt(64, "Download threads per process.", low=1, old=("--threads",), old_key="threads")
     distributor: str = opt("multiprocessing", "img2dataset's distributor.", choices=DISTRIBUTORS)
-    ray_address: str | None = opt(None, "With --distributor ray: the cluster to join ('auto', or ray://HOST:10001); "
-                                  "default: a local Ray.")
+    ray_address: str | None = opt(
+        None,
+        "With --distributor ray: the cluster to join ('auto', or ray://HOST:10001); default: a local Ray.",
+    )
     retries: int = opt(2, "Retries per URL.", low=0)
     timeout: int = opt(10, "Per-request timeout in seconds.", low=1, old_key="timeout_s")
-    user_agent_token: str | None = opt("latentmill", "Token added to the User-Agent, so site owners can identify and "
-                                       "opt out.")
+    user_agent_token: str | None = opt(
+        "latentmill", "Token added to the User-Agent, so site owners can identify and opt out."
+    )
     shard_size: int = opt(10_000, "Samples per shard.", low=1)
     encode_quality: int = opt(95, "JPEG quality of the stored images.", low=1, high=100)
     ignore_opt_out: bool = opt(False, "Do not honour X-Robots-Tag noai/noimageai/noindex headers.")
     allow_hosts: list[str] = opt(
-        factory=list, flag="--allow-host", metavar="HOST:PORT",
+        factory=list,
+        flag="--allow-host",
+        metavar="HOST:PORT",
         help="Allow this one loopback/private host and port (repeatable), e.g. your own test server "
-             "127.0.0.1:8765; every other private address stays refused.")
-    resolver: str | None = opt(None, "module:function with getaddrinfo's signature, for the guard (tests).", cli=False)
-    columns: dict[str, str | None] = opt(factory=dict, cli=False, help="role -> column name (the --ROLE-col options).")
+        "127.0.0.1:8765; every other private address stays refused.",
+    )
+    resolver: str | None = opt(
+        None, "module:function with getaddrinfo's signature, for the guard (tests).", cli=False
+    )
+    columns: dict[str, str | None] = opt(
+        factory=dict, cli=False, help="role -> column name (the --ROLE-col options)."
+    )
 
     def check_more(self) -> None:
         parse_allow_hosts(self.allow_hosts)
@@ -72,8 +107,10 @@ class DownloadConfig(StageConfig):
             import importlib.util
 
             if importlib.util.find_spec(self.distributor) is None:
-                raise InputError(f"--distributor {self.distributor} needs the {self.distributor} package: "
-                                 f"pip install {self.distributor}{'[default]' if self.distributor == 'ray' else ''}.")
+                raise InputError(
+                    f"--distributor {self.distributor} needs the {self.distributor} package: "
+                    f"pip install {self.distributor}{'[default]' if self.distributor == 'ray' else ''}."
+                )
 
 
 def prepare_input(source: str | Path, state: Path, config: DownloadConfig) -> tuple[Path, list[str], dict]:
@@ -106,13 +143,26 @@ def prepare_input(source: str | Path, state: Path, config: DownloadConfig) -> tu
             raise InputError(f"{source}: the table has no rows to download.")
         writer.close()
     with atomic_path(state / "dropped.parquet") as tmp:
-        pq.write_table(pa.table({"url": pa.array([u for u, _ in dropped_rows], pa.string()),
-                                 "reason": pa.array([r for _, r in dropped_rows], pa.string())}), tmp)
-    return path, names[1 + bool(caption_col):], dropped
+        pq.write_table(
+            pa.table(
+                {
+                    "url": pa.array([u for u, _ in dropped_rows], pa.string()),
+                    "reason": pa.array([r for _, r in dropped_rows], pa.string()),
+                }
+            ),
+            tmp,
+        )
+    return path, names[1 + bool(caption_col) :], dropped
 
 
-def run_img2dataset(input_path: Path, output: Path, extras: list[str], has_caption: bool, config: DownloadConfig,
-                    incremental_mode: str = "incremental") -> None:
+def run_img2dataset(
+    input_path: Path,
+    output: Path,
+    extras: list[str],
+    has_caption: bool,
+    config: DownloadConfig,
+    incremental_mode: str = "incremental",
+) -> None:
     """Call img2dataset with the diffusion defaults on a normalised input parquet."""
     import os
 
@@ -127,7 +177,9 @@ def run_img2dataset(input_path: Path, output: Path, extras: list[str], has_capti
 
     # every connection the workers open is checked after name resolution and on every redirect hop
     # (the module by its full name: the package's `main` attribute is img2dataset's main *function*)
-    importlib.import_module("img2dataset.main").Downloader = guarded_downloader(config.allow_hosts, config.resolver)
+    importlib.import_module("img2dataset.main").Downloader = guarded_downloader(
+        config.allow_hosts, config.resolver
+    )
 
     if config.distributor == "ray":
         import ray
@@ -181,7 +233,9 @@ def download(source: str | Path, output: str | Path, config: DownloadConfig) -> 
     write_json(state / "download.json", {"source": str(source), "extras": extras, "config": asdict(config)})
     before = done_shards(output)
     started = time.perf_counter()
-    run_img2dataset(input_path, output, extras, has_caption="caption" in pq.read_schema(input_path).names, config=config)
+    run_img2dataset(
+        input_path, output, extras, has_caption="caption" in pq.read_schema(input_path).names, config=config
+    )
     return _finish(output, state, before, time.perf_counter() - started)
 
 
@@ -190,8 +244,10 @@ def retry_failed(output: str | Path, config: DownloadConfig, reasons: set[str] |
     output = Path(output)
     state = output / STATE_DIR
     if not (state / "download.json").exists():
-        raise InputError(f"{output}: not a latentmill download folder (no {STATE_DIR}/download.json). "
-                         f"Run `latentmill download TABLE -o {output}` first.")
+        raise InputError(
+            f"{output}: not a latentmill download folder (no {STATE_DIR}/download.json). "
+            f"Run `latentmill download TABLE -o {output}` first."
+        )
     config.validate()
     saved = json.loads((state / "download.json").read_text())
     extras = saved["extras"]
@@ -206,7 +262,9 @@ def retry_failed(output: str | Path, config: DownloadConfig, reasons: set[str] |
     with atomic_path(input_path) as tmp:
         pq.write_table(failed.drop(["reason"]), tmp)
     started = time.perf_counter()
-    run_img2dataset(input_path, output, extras, "caption" in failed.schema.names, config, incremental_mode="extend")
+    run_img2dataset(
+        input_path, output, extras, "caption" in failed.schema.names, config, incremental_mode="extend"
+    )
     return _finish(output, state, before, time.perf_counter() - started)
 
 
@@ -237,9 +295,16 @@ def failed_rows(output: Path, extras: list[str]) -> pa.Table:
     for row in rows:
         if row["status"] != "success" and row["url"] not in succeeded:
             latest[row["url"]] = row
-    out = [{k: v for k, v in r.items() if k not in ("status", "error_message")} | {"reason": failure_reason(r["error_message"])}
-           for r in latest.values()]
-    return pa.Table.from_pylist(out) if out else pa.table({"url": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
+    out = [
+        {k: v for k, v in r.items() if k not in ("status", "error_message")}
+        | {"reason": failure_reason(r["error_message"])}
+        for r in latest.values()
+    ]
+    return (
+        pa.Table.from_pylist(out)
+        if out
+        else pa.table({"url": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
+    )
 
 
 _REASONS = [
@@ -249,12 +314,21 @@ _REASONS = [
     (re.compile(r"X-Robots-Tag", re.I), lambda m: "opted_out"),
     (re.compile(r"image too small", re.I), lambda m: "too_small"),
     (re.compile(r"aspect ratio too large", re.I), lambda m: "aspect_too_large"),
-    (re.compile(r"image area too large|CV_IO_MAX_IMAGE_PIXELS|DecompressionBomb", re.I), lambda m: "too_large"),
-    (re.compile(r"Connection refused|Name or service not known|nodename nor servname|getaddrinfo|No route", re.I),
-     lambda m: "unreachable"),
+    (
+        re.compile(r"image area too large|CV_IO_MAX_IMAGE_PIXELS|DecompressionBomb", re.I),
+        lambda m: "too_large",
+    ),
+    (
+        re.compile(
+            r"Connection refused|Name or service not known|nodename nor servname|getaddrinfo|No route", re.I
+        ),
+        lambda m: "unreachable",
+    ),
     (re.compile(r"SSL|certificate", re.I), lambda m: "tls_error"),
-    (re.compile(r"decod|NoneType|cannot identify|imread|image file|shape|channel|empty", re.I),
-     lambda m: "undecodable"),
+    (
+        re.compile(r"decod|NoneType|cannot identify|imread|image file|shape|channel|empty", re.I),
+        lambda m: "undecodable",
+    ),
 ]
 
 
@@ -283,9 +357,15 @@ def summarize(output: Path) -> dict:
             failures[reason] = failures.get(reason, 0) + 1
     state = output / STATE_DIR
     if (state / "dropped.parquet").exists():
-        for reason in pq.read_table(state / "dropped.parquet", columns=["reason"]).column("reason").to_pylist():
+        for reason in (
+            pq.read_table(state / "dropped.parquet", columns=["reason"]).column("reason").to_pylist()
+        ):
             failures[reason] = failures.get(reason, 0) + 1
-    return {"success": success, "failed": sum(failures.values()), "failures": dict(sorted(failures.items(), key=lambda kv: -kv[1]))}
+    return {
+        "success": success,
+        "failed": sum(failures.values()),
+        "failures": dict(sorted(failures.items(), key=lambda kv: -kv[1])),
+    }
 
 
 def _finish(output: Path, state: Path, shards_before: list[str], seconds: float) -> dict:
@@ -304,12 +384,16 @@ def _finish(output: Path, state: Path, shards_before: list[str], seconds: float)
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"images {summary['success']:,} downloaded, {summary['failed']:,} failed, in {summary['shards']} shard(s)"]
+    lines = [
+        f"images {summary['success']:,} downloaded, {summary['failed']:,} failed, in {summary['shards']} shard(s)"
+    ]
     for reason, count in summary["failures"].items():
         lines.append(f"  {reason:<22}{count:>8,}")
     if summary["new_shards"]:
-        lines.append(f"this run: {summary['new_images']:,} images in {summary['new_shards']} new shard(s), "
-                     f"{summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s")
+        lines.append(
+            f"this run: {summary['new_images']:,} images in {summary['new_shards']} new shard(s), "
+            f"{summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s"
+        )
     else:
         lines.append("this run: nothing to download, every shard was already done")
     return "\n".join(lines)

@@ -30,31 +30,64 @@ DOWNSAMPLE = 8  # SD-family VAEs: latent side = image side / 8
 class EncodeConfig(StageConfig):
     SECTION = "encode"
     resolution: int = opt(512, "Bucket area is at most RESOLUTION² px.", low=1)
-    bucket_min_side: int | None = opt(None, "Smallest bucket side in px (default: resolution / 2).", low=1,
-                                      old=("--min-side",), old_key="min_side")
-    bucket_max_side: int | None = opt(None, "Largest bucket side in px (default: resolution * 2).", low=1,
-                                      old=("--max-side",), old_key="max_side")
+    bucket_min_side: int | None = opt(
+        None,
+        "Smallest bucket side in px (default: resolution / 2).",
+        low=1,
+        old=("--min-side",),
+        old_key="min_side",
+    )
+    bucket_max_side: int | None = opt(
+        None,
+        "Largest bucket side in px (default: resolution * 2).",
+        low=1,
+        old=("--max-side",),
+        old_key="max_side",
+    )
     step: int = opt(64, "Bucket sides are multiples of this (px).", low=1)
-    vae: str = opt("stabilityai/sd-vae-ft-mse", "Diffusers model id or local folder, or an architecture with random "
-                   "weights: tiny, sd15 (tests, speed runs).")
+    vae: str = opt(
+        "stabilityai/sd-vae-ft-mse",
+        "Diffusers model id or local folder, or an architecture with random "
+        "weights: tiny, sd15 (tests, speed runs).",
+    )
     device: str = opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
     precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.", choices=PRECISIONS)
     batch_size: int = opt(16, "Images per VAE call (one bucket per batch).", low=1)
     flip: bool = opt(False, "Also store the latent of the horizontally flipped image.")
     std: bool = opt(False, "Also store the posterior std (fresh latent samples at train time).")
-    crop: str = opt("center", "Where a bucket's crop is taken (random: seeded per sample).", choices=("center", "random"))
-    bucket_assign: str = opt("kohya", "kohya: kohya-ss's rule (nearest linear aspect ratio, nearest-pixel resize); log: "
-                             "nearest log aspect ratio (symmetric between tall and wide), resize rounded up.",
-                             choices=("kohya", "log"))
+    crop: str = opt(
+        "center", "Where a bucket's crop is taken (random: seeded per sample).", choices=("center", "random")
+    )
+    bucket_assign: str = opt(
+        "kohya",
+        "kohya: kohya-ss's rule (nearest linear aspect ratio, nearest-pixel resize); log: "
+        "nearest log aspect ratio (symmetric between tall and wide), resize rounded up.",
+        choices=("kohya", "log"),
+    )
     seed: int = opt(0, "Seed for random crops.")
-    max_upscale: float = opt(1.0, "Images that must be enlarged more than this to cover their bucket are dropped as "
-                             "too_small.", low=1.0)
-    text_encoder: str | None = opt(None, "Also store caption embeddings: openclip:NAME[:PRETRAINED] or a pipeline folder.")
-    torch_threads: int | None = opt(None, "torch CPU threads per worker; CPU float sums depend on it, so the same "
-                                    "number gives byte-identical outputs.", low=1, old=("--threads",), old_key="threads")
-    workers: int | None = opt(None, "Processes decoding and resizing while the VAE works (default: the cores available, "
-                              "at most 8; 0: decode in the encoding process). Outputs are the same bytes whatever the "
-                              "number.", low=0)
+    max_upscale: float = opt(
+        1.0,
+        "Images that must be enlarged more than this to cover their bucket are dropped as too_small.",
+        low=1.0,
+    )
+    text_encoder: str | None = opt(
+        None, "Also store caption embeddings: openclip:NAME[:PRETRAINED] or a pipeline folder."
+    )
+    torch_threads: int | None = opt(
+        None,
+        "torch CPU threads per worker; CPU float sums depend on it, so the same "
+        "number gives byte-identical outputs.",
+        low=1,
+        old=("--threads",),
+        old_key="threads",
+    )
+    workers: int | None = opt(
+        None,
+        "Processes decoding and resizing while the VAE works (default: the cores available, "
+        "at most 8; 0: decode in the encoding process). Outputs are the same bytes whatever the "
+        "number.",
+        low=0,
+    )
 
     def resolved_workers(self) -> int:
         return default_workers() if self.workers is None else self.workers
@@ -93,7 +126,11 @@ def encode_batch(vae, images, device: str, with_std: bool, with_flip: bool = Fal
     decode and one host-to-device copy serve both."""
     import torch
 
-    pixels = images if isinstance(images, np.ndarray) else np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+    pixels = (
+        images
+        if isinstance(images, np.ndarray)
+        else np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+    )
     dtype = next(vae.model.parameters()).dtype
     with torch.inference_mode():
         batch = _to_tensor(pixels, device, dtype)
@@ -114,7 +151,9 @@ def _memory_format(device: str):
 
 
 def _finite(*arrays) -> bool:
-    return all(np.isfinite(a).all() and np.isfinite(a.astype(np.float16)).all() for a in arrays if a is not None)
+    return all(
+        np.isfinite(a).all() and np.isfinite(a.astype(np.float16)).all() for a in arrays if a is not None
+    )
 
 
 class _ShardEncoder:
@@ -152,10 +191,17 @@ class _ShardEncoder:
 
     def _encode_images(self, items: list) -> None:
         pixels = np.stack([p for _, _, p in items])
-        mean, std, flipped = encode_batch(self.vae, pixels, self.config.device, self.config.std, self.config.flip)
+        mean, std, flipped = encode_batch(
+            self.vae, pixels, self.config.device, self.config.std, self.config.flip
+        )
         for i, (sample, placement, _) in enumerate(items):
-            self.latents[sample.key] = (sample, placement, mean[i], None if std is None else std[i],
-                                        None if flipped is None else flipped[i])
+            self.latents[sample.key] = (
+                sample,
+                placement,
+                mean[i],
+                None if std is None else std[i],
+                None if flipped is None else flipped[i],
+            )
             self._write_if_complete(sample.key)
 
     def _encode_captions(self) -> None:
@@ -174,23 +220,40 @@ class _ShardEncoder:
         if not _finite(mean, std, flipped, text):
             self.dropped["nonfinite_latent"] += 1
             return
-        scores = {k: v for k, v in sample.meta.items() if k not in ("caption", "key", "status", "error_message", "exif")}
-        meta = {"bucket": list(placement.bucket), "original_size": list(placement.original_size),
-                "crop": list(placement.crop), "resized_size": list(placement.resized_size), **scores}
+        scores = {
+            k: v
+            for k, v in sample.meta.items()
+            if k not in ("caption", "key", "status", "error_message", "exif")
+        }
+        meta = {
+            "bucket": list(placement.bucket),
+            "original_size": list(placement.original_size),
+            "crop": list(placement.crop),
+            "resized_size": list(placement.resized_size),
+            **scores,
+        }
         self.writer.add(key, mean, sample.caption, meta, std=std, flipped=flipped, text_emb=text)
         self.per_bucket[f"{placement.bucket[0]}x{placement.bucket[1]}"] += 1
 
 
-def encode_shard(image_shard: Path, output: Path, config: EncodeConfig, vae, selection: str | Path | None = None,
-                 text_encoder=None, pool: PreparePool | None = None) -> dict:
+def encode_shard(
+    image_shard: Path,
+    output: Path,
+    config: EncodeConfig,
+    vae,
+    selection: str | Path | None = None,
+    text_encoder=None,
+    pool: PreparePool | None = None,
+) -> dict:
     """Encode one image shard into `output/{shard}.tar`; return its stats (every input sample accounted for).
 
     The shard is read in key order and streamed: `pool` decodes and resizes while the VAE works, batches
     are encoded as they fill, and encoded samples go to the writer's spill file, so memory is bounded by
     the batches in flight, not by the shard."""
     shard = image_shard.stem
-    settings = PrepareSettings(tuple(config.buckets()), config.max_upscale, config.crop, config.seed,
-                               config.bucket_assign)
+    settings = PrepareSettings(
+        tuple(config.buckets()), config.max_upscale, config.crop, config.seed, config.bucket_assign
+    )
     keep = kept_keys(selection, shard)
     read_stats = ShardReadStats()
     writer = LatentShardWriter(output, shard)
@@ -202,7 +265,9 @@ def encode_shard(image_shard: Path, output: Path, config: EncodeConfig, vae, sel
             if keep is not None and sample.key not in keep:
                 encoder.dropped["not_selected"] += 1
                 continue
-            waiting[sample.key] = ImageSample(sample.key, sample.shard, b"", sample.image_ext, sample.caption, sample.meta)
+            waiting[sample.key] = ImageSample(
+                sample.key, sample.shard, b"", sample.image_ext, sample.caption, sample.meta
+            )
             yield sample.key, sample.image_bytes
 
     own_pool = pool is None
@@ -272,8 +337,14 @@ class EncodeStage:
         return encode_shard(shard, self.output, config, vae, self.selection, text_encoder, pool)
 
 
-def encode(images: str | Path, output: str | Path, config: EncodeConfig, selection: str | Path | None = None,
-           progress=None, executor=None) -> dict:
+def encode(
+    images: str | Path,
+    output: str | Path,
+    config: EncodeConfig,
+    selection: str | Path | None = None,
+    progress=None,
+    executor=None,
+) -> dict:
     """Encode every image shard of `images` (skipping done ones) and write `manifest.json`; return it."""
     from latentmill.curate.executors import ExecutorConfig, run_shards
 
@@ -306,8 +377,13 @@ def encode(images: str | Path, output: str | Path, config: EncodeConfig, selecti
     if text_encoder is not None:
         header["text_encoder"]["empty"] = _write_empty_caption(output, text_encoder)
     try:
-        shard_stats = run_shards(stage, shards, executor or ExecutorConfig(), local_state=(vae, text_encoder, pool, resolved),
-                                 progress=(lambda s: progress(s["input"])) if progress else None)
+        shard_stats = run_shards(
+            stage,
+            shards,
+            executor or ExecutorConfig(),
+            local_state=(vae, text_encoder, pool, resolved),
+            progress=(lambda s: progress(s["input"])) if progress else None,
+        )
     finally:
         pool.close()
     manifest = write_manifest(output, header, shard_stats)
@@ -343,16 +419,20 @@ def _check_same_settings(output: Path, header: dict) -> None:
         before = json.loads(settings.read_text())
         if before != fixed:
             changed = [k for k in fixed if before.get(k) != fixed[k]]
-            raise InputError(f"{output}: already holds latents made with other settings (changed: {', '.join(changed)}). "
-                             f"Encode into a new folder, or delete this one.")
+            raise InputError(
+                f"{output}: already holds latents made with other settings (changed: {', '.join(changed)}). "
+                f"Encode into a new folder, or delete this one."
+            )
     else:
         write_json(settings, fixed)
 
 
 def format_encode_summary(manifest: dict, output: str | Path = "") -> str:
     """What `encode` (the command and the run stage) prints: latents per bucket and what was dropped."""
-    lines = [f"{manifest['samples']:,} latents in {len(manifest['shards'])} shard(s) at {manifest['resolution']} px"
-             + (f" in {output}" if output else "")]
+    lines = [
+        f"{manifest['samples']:,} latents in {len(manifest['shards'])} shard(s) at {manifest['resolution']} px"
+        + (f" in {output}" if output else "")
+    ]
     for bucket, count in sorted(manifest["per_bucket"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {bucket:>10} {count:>8,}")
     if manifest["dropped"]:

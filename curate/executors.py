@@ -30,20 +30,31 @@ class ExecutorConfig(StageConfig):
     """Where the shard stages (score, encode) run: the recipe's `executor:` section, the --executor options."""
 
     SECTION = "executor"
-    kind: str = opt("local", "Run shards here, or on a Ray cluster (an actor per GPU holding the model).",
-                    choices=("local", "ray"), flag="--executor")
-    ray_address: str | None = opt(None, "Ray: the cluster ('auto', ray://HOST:10001); default: Ray on 127.0.0.1.",
-                                  old=("--address",), old_key="address")
+    kind: str = opt(
+        "local",
+        "Run shards here, or on a Ray cluster (an actor per GPU holding the model).",
+        choices=("local", "ray"),
+        flag="--executor",
+    )
+    ray_address: str | None = opt(
+        None,
+        "Ray: the cluster ('auto', ray://HOST:10001); default: Ray on 127.0.0.1.",
+        old=("--address",),
+        old_key="address",
+    )
     actors: int | None = opt(None, "Ray: actors (default: one per GPU, or 2 on CPUs).", low=1)
     shard_retries: int = opt(2, "Ray: retries of a failed shard on another actor.", low=0, old_key="retries")
 
 
-def run_shards(stage: ShardStage, shards: list[Path], executor: ExecutorConfig, progress=None,
-               local_state=None) -> dict[str, dict]:
+def run_shards(
+    stage: ShardStage, shards: list[Path], executor: ExecutorConfig, progress=None, local_state=None
+) -> dict[str, dict]:
     """Process every shard not yet done; return the stats of all shards by name. `local_state`: models the
     caller already loaded, used by the local executor instead of `stage.setup()`."""
     executor.validate()
-    results = {s.stem: json.loads(stage.stats_path(s).read_text()) for s in shards if stage.stats_path(s).exists()}
+    results = {
+        s.stem: json.loads(stage.stats_path(s).read_text()) for s in shards if stage.stats_path(s).exists()
+    }
     todo = [s for s in shards if s.stem not in results]
     if progress:
         for stats in results.values():
@@ -70,7 +81,9 @@ def _pick(idle: deque, avoid):
     return idle.popleft()
 
 
-def _retry_or_fail(queue: deque, failures: dict, shard: str, attempt: int, actor, retries: int, why: str) -> None:
+def _retry_or_fail(
+    queue: deque, failures: dict, shard: str, attempt: int, actor, retries: int, why: str
+) -> None:
     if attempt < retries:
         queue.append((shard, attempt + 1, actor))
     else:
@@ -108,7 +121,9 @@ def _run_on_ray(stage: ShardStage, shards: list[Path], executor: ExecutorConfig,
             return StageActor.options(**options).remote(stage)
 
         idle = deque(start_actor() for _ in range(min(count, len(shards))))
-        replacements = len(idle) * (executor.shard_retries + 1)  # a bound, so a shard that kills every actor stops
+        replacements = len(idle) * (
+            executor.shard_retries + 1
+        )  # a bound, so a shard that kills every actor stops
         queue = deque((str(s), 0, None) for s in shards)  # (shard, attempt, the actor it failed on)
         running: dict = {}
         results: dict[str, dict] = {}
@@ -122,18 +137,30 @@ def _run_on_ray(stage: ShardStage, shards: list[Path], executor: ExecutorConfig,
             shard, attempt, actor = running.pop(finished[0])
             try:
                 stats = ray.get(finished[0])
-            except ray.exceptions.RayActorError as err:  # the actor's process died: replace it, retry the shard
+            except (
+                ray.exceptions.RayActorError
+            ) as err:  # the actor's process died: replace it, retry the shard
                 if replacements > 0:
                     replacements -= 1
                     idle.append(start_actor())
-                _retry_or_fail(queue, failures, shard, attempt, None, executor.shard_retries, f"its actor died ({_last_line(err)})")
+                _retry_or_fail(
+                    queue,
+                    failures,
+                    shard,
+                    attempt,
+                    None,
+                    executor.shard_retries,
+                    f"its actor died ({_last_line(err)})",
+                )
                 if not idle and not running and queue:
                     failures.update({s: "no live actor left" for s, _, _ in queue})
                     queue.clear()
                 continue
             except Exception as err:  # the shard failed on a live actor: retry it on another one, then report
                 idle.append(actor)
-                _retry_or_fail(queue, failures, shard, attempt, actor, executor.shard_retries, _last_line(err))
+                _retry_or_fail(
+                    queue, failures, shard, attempt, actor, executor.shard_retries, _last_line(err)
+                )
                 continue
             idle.append(actor)
             results[Path(shard).stem] = stats
@@ -141,8 +168,10 @@ def _run_on_ray(stage: ShardStage, shards: list[Path], executor: ExecutorConfig,
                 progress(stats)
         if failures:
             listed = "; ".join(f"{k}: {v}" for k, v in failures.items())
-            raise RuntimeError(f"{len(failures)} shard(s) failed after {executor.shard_retries} retries ({listed}). "
-                               f"Run the same command again to retry them; finished shards are kept.")
+            raise RuntimeError(
+                f"{len(failures)} shard(s) failed after {executor.shard_retries} retries ({listed}). "
+                f"Run the same command again to retry them; finished shards are kept."
+            )
         return results
     finally:
         if started_here:

@@ -17,6 +17,8 @@ def format_funnel(label: str, total: int, steps: list[dict], kept: int) -> str:
     width = max([len(label), 4, *(len(s["rule"][:40]) + 4 for s in steps)])
     lines = [f"{label:<{width}}{total:>12,}"]
     for step in steps:
-        lines.append(f"  - {step['rule'][:40]:<{width - 4}}{-step['dropped']:>12,}   -> {step['remaining']:,}")
+        lines.append(
+            f"  - {step['rule'][:40]:<{width - 4}}{-step['dropped']:>12,}   -> {step['remaining']:,}"
+        )
     lines.append(f"{'kept':<{width}}{kept:>12,}")
     return "\n".join(lines)

@@ -30,8 +30,17 @@ _IMAGE_ROUTE = re.compile(r"^/(gen|photo)/([A-Za-z0-9_]+)/(\d+)x(\d+)\.(jpg|png|
 
 
 @lru_cache(maxsize=4096)
-def render(kind: str, name: str, width: int, height: int, fmt: str, mode: str, orientation: int, watermark: bool,
-           view: int = 0) -> bytes:
+def render(
+    kind: str,
+    name: str,
+    width: int,
+    height: int,
+    fmt: str,
+    mode: str,
+    orientation: int,
+    watermark: bool,
+    view: int = 0,
+) -> bytes:
     """The bytes served for an image route (cached: the same URL always gets the same bytes)."""
     if kind == "gen":
         image, _ = samples.synthetic(int(name), width, height)
@@ -52,8 +61,17 @@ def _image_route(path_and_query: str):
     kind, name, w, h, fmt = match.groups()
     if kind == "photo" and name not in samples.PHOTOS:
         return None
-    args = (kind, name, int(w), int(h), fmt, query.get("mode", "RGB"), int(query.get("orientation", 0)), query.get("wm") == "1",
-            int(query.get("view", 0)))
+    args = (
+        kind,
+        name,
+        int(w),
+        int(h),
+        fmt,
+        query.get("mode", "RGB"),
+        int(query.get("orientation", 0)),
+        query.get("wm") == "1",
+        int(query.get("view", 0)),
+    )
     return args, ({"X-Robots-Tag": "noai"} if query.get("noai") == "1" else {})
 
 
@@ -87,12 +105,12 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/hold/"):
             self.server.held.set()
             self.server.holds_open.wait()
-            path = path[len("/hold"):]
+            path = path[len("/hold") :]
         elif path.startswith("/redirect?"):
             target = parse_qs(urlsplit(path).query).get("to", [""])[0]
             return self._send(302, b"", "text/plain", {"Location": target})
         elif path.startswith("/flaky/"):
-            flaky_id, _, rest = path[len("/flaky/"):].partition("/")
+            flaky_id, _, rest = path[len("/flaky/") :].partition("/")
             if self.server.first_visit(flaky_id):
                 return self._send(503, b"try again later", "text/plain")
             path = "/" + rest
@@ -203,8 +221,9 @@ FAILURES = {  # path -> the reason latentmill's download summary gives it
 }
 
 
-def sample_rows(base_url: str, n_synthetic: int = 24, seed: int = 0, failures: bool = True,
-                photo_views: int = 1) -> list[dict]:
+def sample_rows(
+    base_url: str, n_synthetic: int = 24, seed: int = 0, failures: bool = True, photo_views: int = 1
+) -> list[dict]:
     """Rows of a LAION-like URL table served by an ImageServer at `base_url`.
 
     Columns: URL, TEXT, WIDTH, HEIGHT, pwatermark, punsafe, similarity, AESTHETIC_SCORE, plus
@@ -219,36 +238,79 @@ def sample_rows(base_url: str, n_synthetic: int = 24, seed: int = 0, failures: b
     rows: list[dict] = []
 
     def add(path, caption, w, h, expect="ok", variant="plain", watermark=False, aesthetic=5.0):
-        rows.append({
-            "URL": base_url + path, "TEXT": caption, "WIDTH": w, "HEIGHT": h,
-            "pwatermark": float(rng.uniform(0.8, 0.99) if watermark else rng.uniform(0.01, 0.2)),
-            "punsafe": float(rng.uniform(0.0, 0.05)), "similarity": float(rng.uniform(0.28, 0.4)),
-            "AESTHETIC_SCORE": float(aesthetic + rng.normal(0, 0.3)), "expect": expect, "variant": variant,
-        })
+        rows.append(
+            {
+                "URL": base_url + path,
+                "TEXT": caption,
+                "WIDTH": w,
+                "HEIGHT": h,
+                "pwatermark": float(rng.uniform(0.8, 0.99) if watermark else rng.uniform(0.01, 0.2)),
+                "punsafe": float(rng.uniform(0.0, 0.05)),
+                "similarity": float(rng.uniform(0.28, 0.4)),
+                "AESTHETIC_SCORE": float(aesthetic + rng.normal(0, 0.3)),
+                "expect": expect,
+                "variant": variant,
+            }
+        )
 
     sizes = [(512, 512), (640, 448), (448, 640), (768, 384), (384, 768), (576, 512), (320, 320), (704, 320)]
-    variants = [("jpg", "", "plain"), ("png", "mode=RGBA", "png_alpha"), ("jpg", "mode=L", "grayscale"),
-                ("jpg", "mode=CMYK", "cmyk"), ("webp", "", "webp"), ("jpg", "orientation=6", "exif_rotated")]
-    photos = [(view, name, caption) for view in range(photo_views) for name, caption in samples.PHOTOS.items()]
+    variants = [
+        ("jpg", "", "plain"),
+        ("png", "mode=RGBA", "png_alpha"),
+        ("jpg", "mode=L", "grayscale"),
+        ("jpg", "mode=CMYK", "cmyk"),
+        ("webp", "", "webp"),
+        ("jpg", "orientation=6", "exif_rotated"),
+    ]
+    photos = [
+        (view, name, caption) for view in range(photo_views) for name, caption in samples.PHOTOS.items()
+    ]
     for i, (view, name, caption) in enumerate(photos):
         w, h = sizes[i % len(sizes)]
         fmt, query, variant = variants[i % len(variants)]
         watermark = i % 4 == 3
         q = "&".join(x for x in (query, "wm=1" if watermark else "", f"view={view}" if view else "") if x)
-        add(f"/photo/{name}/{w}x{h}.{fmt}" + (f"?{q}" if q else ""), caption, w, h, variant=variant,
-            watermark=watermark, aesthetic=6.3)
+        add(
+            f"/photo/{name}/{w}x{h}.{fmt}" + (f"?{q}" if q else ""),
+            caption,
+            w,
+            h,
+            variant=variant,
+            watermark=watermark,
+            aesthetic=6.3,
+        )
     for i in range(n_synthetic):
         w, h = sizes[(i + 3) % len(sizes)]
         fmt, query, variant = variants[i % len(variants)]
         watermark = i % 5 == 4
         _, caption = samples.synthetic(1000 + i, 8, 8)
         q = "&".join(x for x in (query, "wm=1" if watermark else "") if x)
-        add(f"/gen/{1000 + i}/{w}x{h}.{fmt}" + (f"?{q}" if q else ""), caption, w, h, variant=variant,
-            watermark=watermark, aesthetic=4.6)
+        add(
+            f"/gen/{1000 + i}/{w}x{h}.{fmt}" + (f"?{q}" if q else ""),
+            caption,
+            w,
+            h,
+            variant=variant,
+            watermark=watermark,
+            aesthetic=4.6,
+        )
     if failures:
-        add("/gen/7/96x96.jpg", "a tiny thumbnail that is too small", 96, 96, expect="too_small", variant="small")
-        add("/gen/8/512x512.jpg?noai=1", "an image whose server opts out of AI training", 512, 512,
-            expect="opted_out", variant="noai")
+        add(
+            "/gen/7/96x96.jpg",
+            "a tiny thumbnail that is too small",
+            96,
+            96,
+            expect="too_small",
+            variant="small",
+        )
+        add(
+            "/gen/8/512x512.jpg?noai=1",
+            "an image whose server opts out of AI training",
+            512,
+            512,
+            expect="opted_out",
+            variant="noai",
+        )
         for path, reason in FAILURES.items():
             add(path, f"a broken link ({reason})", 512, 512, expect=reason, variant=path.rsplit("/", 1)[-1])
     return rows

@@ -67,7 +67,14 @@ def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Imag
     except (ValueError, SyntaxError) as err:
         raise ImageDecodeError("undecodable", str(err)) from None
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # 16-bit or float gray: scale, do not clip
+    if image.mode in (
+        "I;16",
+        "I;16B",
+        "I;16L",
+        "I;16N",
+        "I",
+        "F",
+    ):  # 16-bit or float gray: scale, do not clip
         image = _to_8bit(image)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -104,8 +111,14 @@ class ShardReadStats:
     damage: str = ""
 
     def as_dict(self) -> dict:
-        return {"samples": self.samples, "incomplete": self.incomplete, "duplicate_key": self.duplicate_key,
-                "bad_metadata": self.bad_metadata, "damaged": self.damaged, "damage": self.damage}
+        return {
+            "samples": self.samples,
+            "incomplete": self.incomplete,
+            "duplicate_key": self.duplicate_key,
+            "bad_metadata": self.bad_metadata,
+            "damaged": self.damaged,
+            "damage": self.damage,
+        }
 
 
 def list_image_shards(folder: str | Path) -> list[Path]:
@@ -116,7 +129,9 @@ def list_image_shards(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.tar") if not p.name.startswith((".", "_")))
 
 
-def _sample_from(key: str, shard: str, members: dict[str, bytes], stats: ShardReadStats) -> ImageSample | None:
+def _sample_from(
+    key: str, shard: str, members: dict[str, bytes], stats: ShardReadStats
+) -> ImageSample | None:
     ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
     if ext is None:
         stats.incomplete += 1
@@ -135,7 +150,9 @@ def _sample_from(key: str, shard: str, members: dict[str, bytes], stats: ShardRe
         caption, bad = None, True
     stats.samples += 1
     stats.bad_metadata += bad or cleaned
-    return ImageSample(key=key, shard=shard, image_bytes=members[ext], image_ext=ext, caption=caption, meta=meta)
+    return ImageSample(
+        key=key, shard=shard, image_bytes=members[ext], image_ext=ext, caption=caption, meta=meta
+    )
 
 
 SIZE_FIELDS = ("width", "height", "original_width", "original_height")
@@ -148,7 +165,9 @@ def _clean_meta(meta: dict) -> tuple[dict, bool]:
     bad = []
     for name in SIZE_FIELDS:
         value = meta.get(name)
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SIDE):
+        if value is not None and not (
+            isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SIDE
+        ):
             bad.append(name)
     for name in ("url", "caption"):
         if meta.get(name) is not None and not isinstance(meta[name], str):
@@ -167,7 +186,9 @@ def _member_key_ext(member: tarfile.TarInfo) -> tuple[str, str] | None:
     return key, ext.lower()
 
 
-def iter_image_shard(path: str | Path, stats: ShardReadStats | None = None, key_order: bool = False) -> Iterator[ImageSample]:
+def iter_image_shard(
+    path: str | Path, stats: ShardReadStats | None = None, key_order: bool = False
+) -> Iterator[ImageSample]:
     """Stream the samples of one tar shard in order (members grouped by key, as WebDataset does).
 
     `key_order` reads them sorted by key instead (an index of the tar's headers first, then a seek per
@@ -204,7 +225,8 @@ def _iter_in_key_order(path: Path, stats: ShardReadStats) -> Iterator[ImageSampl
         # two zero blocks after the last member's data is damaged, and the stream counts that damage
         size = path.stat().st_size
         intact = tar.offset + 2 * tarfile.BLOCKSIZE <= size and all(
-            m.offset_data + m.size <= size for group in groups.values() for m in group.values())
+            m.offset_data + m.size <= size for group in groups.values() for m in group.values()
+        )
     except (tarfile.TarError, EOFError, OSError, ValueError):
         intact = False
     if not intact:
@@ -216,7 +238,11 @@ def _iter_in_key_order(path: Path, stats: ShardReadStats) -> Iterator[ImageSampl
             try:
                 members = {ext: tar.extractfile(member).read() for ext, member in groups[key].items()}
             except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-                stats.damaged, stats.damage, stats.incomplete = True, f"{type(err).__name__}: {err}", stats.incomplete + 1
+                stats.damaged, stats.damage, stats.incomplete = (
+                    True,
+                    f"{type(err).__name__}: {err}",
+                    stats.incomplete + 1,
+                )
                 continue  # a cut-off member: the others are indexed and still readable
             sample = _sample_from(key, path.stem, members, stats)
             if sample:

@@ -40,10 +40,12 @@ class Reservoir:
         room = self.capacity - len(self.values)
         if room > 0:
             self.values = np.concatenate([self.values, batch[:room]])
-        rest = batch[max(room, 0):]
+        rest = batch[max(room, 0) :]
         if len(rest):
             seen_before = self.count + max(room, 0)
-            slots = (self.rng.random(len(rest)) * (seen_before + np.arange(1, len(rest) + 1))).astype(np.int64)
+            slots = (self.rng.random(len(rest)) * (seen_before + np.arange(1, len(rest) + 1))).astype(
+                np.int64
+            )
             take = slots < self.capacity
             self.values[slots[take]] = rest[take]
         self.count += len(batch)
@@ -56,13 +58,17 @@ class Reservoir:
             "mean": self.total / self.count,
             "min": self.low,
             "max": self.high,
-            "percentiles": {f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(self.values, PERCENTILES), strict=True)},
+            "percentiles": {
+                f"p{p}": float(v)
+                for p, v in zip(PERCENTILES, np.percentile(self.values, PERCENTILES), strict=True)
+            },
             "sampled": self.count > self.capacity,
         }
 
 
-def inspect_table(path: str | Path, columns: dict | None = None, sample_rows: int = 200_000, seed: int = 0,
-                  progress=None) -> dict:
+def inspect_table(
+    path: str | Path, columns: dict | None = None, sample_rows: int = 200_000, seed: int = 0, progress=None
+) -> dict:
     """Rows, columns and types, nulls, duplicate URLs and the metadata distributions of a URL table."""
     table = UrlTable.open(path, columns)
     rng = np.random.default_rng(seed)
@@ -77,7 +83,9 @@ def inspect_table(path: str | Path, columns: dict | None = None, sample_rows: in
             nulls[name] += batch.column(batch.schema.get_field_index(name)).null_count
         urls = batch.column(batch.schema.get_field_index(table.columns["url"]))
         duplicates += int((~seen.first_seen(hash_urls(urls))).sum())
-        non_http += batch.num_rows - (pc.sum(pc.match_substring_regex(urls, r"^https?://", ignore_case=True)).as_py() or 0)
+        non_http += batch.num_rows - (
+            pc.sum(pc.match_substring_regex(urls, r"^https?://", ignore_case=True)).as_py() or 0
+        )
         for role, col in roles.items():
             reservoirs[role].add(column_values(batch, col))
         if "width" in roles and "height" in roles:
@@ -102,7 +110,12 @@ def inspect_table(path: str | Path, columns: dict | None = None, sample_rows: in
 
 
 def column_values(batch: pa.RecordBatch, column: str) -> np.ndarray:
-    return batch.column(batch.schema.get_field_index(column)).cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
+    return (
+        batch.column(batch.schema.get_field_index(column))
+        .cast(pa.float64())
+        .fill_null(np.nan)
+        .to_numpy(zero_copy_only=False)
+    )
 
 
 def format_report(report: dict) -> str:
@@ -112,13 +125,23 @@ def format_report(report: dict) -> str:
     for name, kind in report["columns"].items():
         role = f" [{roles_by_col[name]}]" if name in roles_by_col else ""
         out.append(f"  {name:<24}{kind:<14}nulls {report['nulls'][name]:>10,}{role}")
-    out += ["", f"distinct URLs {report['distinct_urls']:,}, duplicate URLs {report['duplicate_urls']:,}, "
-            f"non-http(s) URLs {report['non_http_urls']:,}"]
+    out += [
+        "",
+        f"distinct URLs {report['distinct_urls']:,}, duplicate URLs {report['duplicate_urls']:,}, "
+        f"non-http(s) URLs {report['non_http_urls']:,}",
+    ]
     if report["distributions"]:
-        out += ["", f"{'':<14}{'mean':>9}{'min':>9}" + "".join(f"{'p' + str(p):>9}" for p in PERCENTILES) + f"{'max':>9}"]
+        out += [
+            "",
+            f"{'':<14}{'mean':>9}{'min':>9}"
+            + "".join(f"{'p' + str(p):>9}" for p in PERCENTILES)
+            + f"{'max':>9}",
+        ]
         for name, d in report["distributions"].items():
             pct = "".join(f"{d['percentiles']['p' + str(p)]:>9.3g}" for p in PERCENTILES)
             out.append(f"{name:<14}{d['mean']:>9.3g}{d['min']:>9.3g}{pct}{d['max']:>9.3g}")
         if any(d.get("sampled") for d in report["distributions"].values()):
-            out.append("(percentiles estimated from a uniform sample of rows; counts, min, max and mean are exact)")
+            out.append(
+                "(percentiles estimated from a uniform sample of rows; counts, min, max and mean are exact)"
+            )
     return "\n".join(out)

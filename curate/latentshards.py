@@ -48,7 +48,9 @@ class LatentShardWriter:
 
         self.folder, self.shard = Path(folder), shard
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._spill = tempfile.TemporaryFile(dir=self.folder, prefix=f".{shard}.spill-")  # gone if we are killed
+        self._spill = tempfile.TemporaryFile(
+            dir=self.folder, prefix=f".{shard}.spill-"
+        )  # gone if we are killed
         self._index: dict[str, list[tuple[str, int, int]]] = {}  # key -> [(ext, offset, size)]
         self._rows: dict[str, dict] = {}
         self.duplicates = 0
@@ -57,8 +59,16 @@ class LatentShardWriter:
     def rows(self) -> list[dict]:
         return [self._rows[key] for key in sorted(self._rows)]
 
-    def add(self, key: str, latent: np.ndarray, caption: str, meta: dict, std: np.ndarray | None = None,
-            flipped: np.ndarray | None = None, text_emb: np.ndarray | None = None) -> None:
+    def add(
+        self,
+        key: str,
+        latent: np.ndarray,
+        caption: str,
+        meta: dict,
+        std: np.ndarray | None = None,
+        flipped: np.ndarray | None = None,
+        text_emb: np.ndarray | None = None,
+    ) -> None:
         if key in self._index:
             self.duplicates += 1
             return
@@ -77,8 +87,12 @@ class LatentShardWriter:
                 entries.append((ext, self._spill.tell(), len(files[ext])))
                 self._spill.write(files[ext])
         self._index[key] = entries
-        self._rows[key] = {"key": key, "bucket_width": meta["bucket"][0], "bucket_height": meta["bucket"][1],
-                           "caption": caption or ""}
+        self._rows[key] = {
+            "key": key,
+            "bucket_width": meta["bucket"][0],
+            "bucket_height": meta["bucket"][1],
+            "caption": caption or "",
+        }
 
     def close(self) -> str:
         """Write `{shard}.tar` and `{shard}.parquet`; return the tar's sha256."""
@@ -88,8 +102,10 @@ class LatentShardWriter:
         tar_path = self.folder / f"{self.shard}.tar"
         digest = hashlib.sha256()
         with atomic_path(tar_path) as tmp:
-            with open(tmp, "wb") as raw, tarfile.open(fileobj=_Hashing(raw, digest), mode="w",
-                                                      format=tarfile.PAX_FORMAT) as tar:
+            with (
+                open(tmp, "wb") as raw,
+                tarfile.open(fileobj=_Hashing(raw, digest), mode="w", format=tarfile.PAX_FORMAT) as tar,
+            ):
                 for key in sorted(self._index):
                     for ext, offset, size in self._index[key]:
                         self._spill.seek(offset)
@@ -98,8 +114,14 @@ class LatentShardWriter:
                         info.uname = info.gname = ""
                         tar.addfile(info, io.BytesIO(self._spill.read(size)))
         self._spill.close()
-        schema = pa.schema([("key", pa.string()), ("bucket_width", pa.int32()), ("bucket_height", pa.int32()),
-                            ("caption", pa.string())])
+        schema = pa.schema(
+            [
+                ("key", pa.string()),
+                ("bucket_width", pa.int32()),
+                ("bucket_height", pa.int32()),
+                ("caption", pa.string()),
+            ]
+        )
         with atomic_path(self.folder / f"{self.shard}.parquet") as tmp:
             pq.write_table(pa.Table.from_pylist(self.rows, schema=schema), tmp)
         return digest.hexdigest()
@@ -137,8 +159,10 @@ def read_manifest(folder: str | Path) -> dict:
     """`folder/manifest.json`; `folder` may be a URL prefix (https://host/latents) read through gopen."""
     location = f"{str(folder).rstrip('/')}/{MANIFEST}" if is_url(folder) else Path(folder) / MANIFEST
     if not is_url(location) and not Path(location).exists():
-        raise InputError(f"{location}: no manifest. Latent folders are made by `latentmill encode`; "
-                         f"if that run was interrupted, run it again to finish.")
+        raise InputError(
+            f"{location}: no manifest. Latent folders are made by `latentmill encode`; "
+            f"if that run was interrupted, run it again to finish."
+        )
     try:
         with open_stream(location) as stream:
             manifest = json.loads(stream.read())
@@ -170,10 +194,19 @@ MANIFEST_SCHEMA = {  # key -> (check, what it must be)
     "resolution": (_positive_int, "a positive integer"),
     "scaling_factor": (lambda v: _finite(v) and v != 0, "a finite non-zero number"),
     "shift_factor": (lambda v: v is None or _finite(v), "a finite number or null"),
-    "buckets": (lambda v: isinstance(v, list) and len(v) > 0 and all(_bucket(b) for b in v), "a list of [width, height]"),
-    "vae": (lambda v: isinstance(v, dict) and isinstance(v.get("fingerprint"), str), "an object with a fingerprint"),
+    "buckets": (
+        lambda v: isinstance(v, list) and len(v) > 0 and all(_bucket(b) for b in v),
+        "a list of [width, height]",
+    ),
+    "vae": (
+        lambda v: isinstance(v, dict) and isinstance(v.get("fingerprint"), str),
+        "an object with a fingerprint",
+    ),
     "encode_config": (lambda v: isinstance(v, dict), "an object"),
-    "text_encoder": (lambda v: v is None or (isinstance(v, dict) and _shape(v.get("shape"))), "null or an object with a shape"),
+    "text_encoder": (
+        lambda v: v is None or (isinstance(v, dict) and _shape(v.get("shape"))),
+        "null or an object with a shape",
+    ),
 }
 
 
@@ -183,8 +216,10 @@ def check_manifest(manifest, location) -> None:
         raise InputError(f"{location}: not a latentmill manifest (a JSON object is expected).")
     for key, (check, what) in MANIFEST_SCHEMA.items():
         if key not in manifest and key != "shift_factor":
-            raise InputError(f"{location}: no {key!r}; not a complete latentmill manifest. Re-run `latentmill encode` "
-                             f"into this folder to rewrite it.")
+            raise InputError(
+                f"{location}: no {key!r}; not a complete latentmill manifest. Re-run `latentmill encode` "
+                f"into this folder to rewrite it."
+            )
         if key in manifest and not check(manifest[key]):
             raise InputError(f"{location}: {key!r} is {json.dumps(manifest[key])[:80]}, expected {what}.")
 
@@ -206,14 +241,18 @@ def checked_npy(data: bytes, shape: tuple, what: str, why: str) -> np.ndarray:
     stream = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(stream)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        read_header = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
         header = read_header(stream)
     except (ValueError, SyntaxError, TypeError, EOFError) as err:
         raise InputError(f"{what}: not a .npy array ({err}).") from None
     found_shape, fortran, dtype = header
     if tuple(found_shape) != tuple(shape) or dtype != LATENT_DTYPE or fortran:
-        raise InputError(f"{what} is {dtype}{list(found_shape)}{' (Fortran order)' if fortran else ''}, expected "
-                         f"float16{list(shape)} {why}.")
+        raise InputError(
+            f"{what} is {dtype}{list(found_shape)}{' (Fortran order)' if fortran else ''}, expected "
+            f"float16{list(shape)} {why}."
+        )
     offset = stream.tell()
     if len(data) - offset != int(np.prod(shape)) * np.dtype(LATENT_DTYPE).itemsize:
         raise InputError(f"{what}: {len(data) - offset} bytes of data for float16{list(shape)}.")
@@ -237,17 +276,27 @@ def iter_latent_shard(path: str | Path, manifest: dict, errors: dict | None = No
         meta = json.loads(files.get("json", b"{}"))
         bucket = tuple(meta.get("bucket", ()))
         if bucket not in buckets:
-            raise InputError(f"{path}: sample {key} has bucket {list(bucket)}, not in the manifest's bucket list.")
+            raise InputError(
+                f"{path}: sample {key} has bucket {list(bucket)}, not in the manifest's bucket list."
+            )
         sample = {"key": key, "caption": files.get("txt", b"").decode("utf-8"), "meta": meta}
         for name in ("latent", "latent_std", "latent_flip"):
             if f"{name}.npy" in files:
                 expected = (channels, bucket[1] // factor, bucket[0] // factor)
-                sample[name] = checked_npy(files[f"{name}.npy"], expected, f"{path}: sample {key} {name}",
-                                           f"for bucket {list(bucket)} (manifest)")
+                sample[name] = checked_npy(
+                    files[f"{name}.npy"],
+                    expected,
+                    f"{path}: sample {key} {name}",
+                    f"for bucket {list(bucket)} (manifest)",
+                )
         if "text_emb.npy" in files:
             expected = tuple((manifest.get("text_encoder") or {}).get("shape", ()))
-            sample["text_emb"] = checked_npy(files["text_emb.npy"], expected, f"{path}: sample {key} text_emb",
-                                             "(the manifest's text encoder shape)")
+            sample["text_emb"] = checked_npy(
+                files["text_emb.npy"],
+                expected,
+                f"{path}: sample {key} text_emb",
+                "(the manifest's text encoder shape)",
+            )
         if "latent" not in sample:
             raise InputError(f"{path}: sample {key} has no latent.npy.")
         return sample
@@ -293,7 +342,9 @@ def write_manifest(folder: Path, header: dict, shard_stats: dict[str, dict]) -> 
     manifest = header | {
         "samples": sum(s["written"] for s in shard_stats.values()),
         "per_bucket": dict(sorted(per_bucket.items())),
-        "shards": {name: {"samples": s["written"], "sha256": s["sha256"]} for name, s in sorted(shard_stats.items())},
+        "shards": {
+            name: {"samples": s["written"], "sha256": s["sha256"]} for name, s in sorted(shard_stats.items())
+        },
     }
     write_json(folder / MANIFEST, manifest)
     return manifest
@@ -307,7 +358,9 @@ def verify_latents(folder: str | Path, progress=None) -> dict:
     manifest = read_manifest(folder)
     recorded = manifest.get("shards")
     if not isinstance(recorded, dict):
-        raise InputError(f"{folder / MANIFEST}: no per-shard table ('shards'); re-run `latentmill encode` into this folder.")
+        raise InputError(
+            f"{folder / MANIFEST}: no per-shard table ('shards'); re-run `latentmill encode` into this folder."
+        )
     problems, samples = [], 0
     for name, entry in sorted(recorded.items()):
         path = folder / f"{name}.tar"
@@ -319,15 +372,21 @@ def verify_latents(folder: str | Path, progress=None) -> dict:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         if digest.hexdigest() != entry.get("sha256"):
-            problems.append(f"{path.name}: sha256 {digest.hexdigest()[:12]}… differs from the manifest's "
-                            f"{str(entry.get('sha256'))[:12]}…")
+            problems.append(
+                f"{path.name}: sha256 {digest.hexdigest()[:12]}… differs from the manifest's "
+                f"{str(entry.get('sha256'))[:12]}…"
+            )
         errors: dict = {}
         count = sum(1 for _ in iter_latent_shard(path, manifest, errors))
         samples += count
         if errors:
-            problems.append(f"{path.name}: " + ", ".join(f"{n} {reason}" for reason, n in sorted(errors.items())))
+            problems.append(
+                f"{path.name}: " + ", ".join(f"{n} {reason}" for reason, n in sorted(errors.items()))
+            )
         if count != entry.get("samples"):
-            problems.append(f"{path.name}: {count} readable samples, the manifest records {entry.get('samples')}")
+            problems.append(
+                f"{path.name}: {count} readable samples, the manifest records {entry.get('samples')}"
+            )
         if progress:
             progress(1)
     extra = sorted(p.name for p in folder.glob("*.tar") if p.stem not in recorded)

@@ -32,7 +32,12 @@ class PrivateAddressRefused(OSError):
     """A connection the guard refused; its text starts with `private_address:` (the failure reason)."""
 
 
-_state: dict = {"installed": False, "allowed": frozenset(), "resolver": None, "original": socket.create_connection}
+_state: dict = {
+    "installed": False,
+    "allowed": frozenset(),
+    "resolver": None,
+    "original": socket.create_connection,
+}
 
 
 def parse_allow_hosts(entries) -> frozenset[tuple[str, int]]:
@@ -65,13 +70,17 @@ def check_connection(host: str, port: int) -> list[tuple]:
     for info in infos:
         address = str(info[4][0]).split("%")[0]
         if is_private_host(address):
-            raise PrivateAddressRefused(f"{REFUSED}: {host}:{port} resolves to {address}, a loopback, private, "
-                                        f"link-local or reserved address; not fetched (--allow-host {name}:{port} "
-                                        f"allows it)")
+            raise PrivateAddressRefused(
+                f"{REFUSED}: {host}:{port} resolves to {address}, a loopback, private, "
+                f"link-local or reserved address; not fetched (--allow-host {name}:{port} "
+                f"allows it)"
+            )
     return infos
 
 
-def guarded_create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, *args, **kwargs):
+def guarded_create_connection(
+    address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, *args, **kwargs
+):
     """`socket.create_connection` with the guard: connect only to checked addresses."""
     host, port = address[0], int(address[1])
     error = None

@@ -32,20 +32,31 @@ class PrefilterConfig(StageConfig):
     """Thresholds (None: rule off) and switches for `prefilter`."""
 
     SECTION = "prefilter"
-    min_side: int | None = opt(None, "Drop rows whose smaller side (WIDTH/HEIGHT) is below this, in px.", low=1,
-                               old_key="min_side_px")
+    min_side: int | None = opt(
+        None,
+        "Drop rows whose smaller side (WIDTH/HEIGHT) is below this, in px.",
+        low=1,
+        old_key="min_side_px",
+    )
     max_aspect: float | None = opt(None, "Drop rows whose long/short side ratio exceeds this.", low=1.0)
     min_similarity: float | None = opt(None, "Drop rows whose CLIP similarity is below this.")
     max_pwatermark: float | None = opt(None, "Drop rows whose watermark probability exceeds this.")
     max_punsafe: float | None = opt(None, "Drop rows whose unsafe probability exceeds this.")
     min_aesthetic: float | None = opt(None, "Drop rows whose aesthetic score is below this.")
-    min_caption_chars: int = opt(3, "Drop captions shorter than this after trimming (0: keep empty captions).", low=0)
+    min_caption_chars: int = opt(
+        3, "Drop captions shorter than this after trimming (0: keep empty captions).", low=0
+    )
     keep_duplicates: bool = opt(False, "Do not drop repeated URLs.")
     allow_hosts: list[str] = opt(
-        factory=list, flag="--allow-host", metavar="HOST:PORT",
+        factory=list,
+        flag="--allow-host",
+        metavar="HOST:PORT",
         help="Keep URLs of this one loopback/private host and port (repeatable), e.g. your own test server "
-             "127.0.0.1:8765; every other private address is still dropped.")
-    columns: dict[str, str | None] = opt(factory=dict, cli=False, help="role -> column name (the --ROLE-col options).")
+        "127.0.0.1:8765; every other private address is still dropped.",
+    )
+    columns: dict[str, str | None] = opt(
+        factory=dict, cli=False, help="role -> column name (the --ROLE-col options)."
+    )
     batch_rows: int = opt(262_144, "Rows read per batch.", low=1, cli=False)
 
     def check_more(self) -> None:
@@ -82,13 +93,25 @@ def build_rules(config: PrefilterConfig, table: UrlTable) -> list[tuple[str, Rul
             )
     url = cols["url"]
     rules: list[tuple[str, Rule]] = [
-        ("invalid_url", lambda b: pc.fill_null(pc.match_substring_regex(_col(b, url), r"^https?://[^/?#\s]+", ignore_case=True), False)),
+        (
+            "invalid_url",
+            lambda b: pc.fill_null(
+                pc.match_substring_regex(_col(b, url), r"^https?://[^/?#\s]+", ignore_case=True), False
+            ),
+        ),
     ]
     allowed = parse_allow_hosts(config.allow_hosts)
     rules.append(("private_address", lambda b: pc.invert(private_address_mask(_col(b, url), allowed))))
     if "caption" in cols and config.min_caption_chars > 0:
         cap, n = cols["caption"], config.min_caption_chars
-        rules.append(("short_caption", lambda b: pc.fill_null(pc.greater_equal(pc.utf8_length(pc.utf8_trim_whitespace(_col(b, cap))), n), False)))
+        rules.append(
+            (
+                "short_caption",
+                lambda b: pc.fill_null(
+                    pc.greater_equal(pc.utf8_length(pc.utf8_trim_whitespace(_col(b, cap))), n), False
+                ),
+            )
+        )
     w, h = cols.get("width"), cols.get("height")
 
     def sides(b):
@@ -99,18 +122,29 @@ def build_rules(config: PrefilterConfig, table: UrlTable) -> list[tuple[str, Rul
         return pc.min_element_wise(fw, fh), pc.max_element_wise(fw, fh), finite
 
     if config.min_side is not None:
+
         def side_ok(b):
             short_side, _, finite = sides(b)
             return pc.and_(finite, pc.fill_null(pc.greater_equal(short_side, config.min_side), False))
+
         rules.append(("min_side", side_ok))
     if config.max_aspect is not None:
+
         def aspect_ok(b):
             short_side, long_side, finite = sides(b)
-            ok = pc.and_(pc.greater(short_side, 0), pc.less_equal(long_side, pc.multiply(short_side, config.max_aspect)))
+            ok = pc.and_(
+                pc.greater(short_side, 0),
+                pc.less_equal(long_side, pc.multiply(short_side, config.max_aspect)),
+            )
             return pc.and_(finite, pc.fill_null(ok, False))
+
         rules.append(("max_aspect", aspect_ok))
-    for key, compare in (("min_similarity", pc.greater_equal), ("max_pwatermark", pc.less_equal),
-                         ("max_punsafe", pc.less_equal), ("min_aesthetic", pc.greater_equal)):
+    for key, compare in (
+        ("min_similarity", pc.greater_equal),
+        ("max_pwatermark", pc.less_equal),
+        ("max_punsafe", pc.less_equal),
+        ("min_aesthetic", pc.greater_equal),
+    ):
         limit = getattr(config, key)
         if limit is not None:
             column = cols[THRESHOLDS[key][0]]
@@ -134,7 +168,10 @@ def prefilter(source: str | Path, output: str | Path, config: PrefilterConfig, p
     dropped_schema = table.schema.append(pa.field("reason", pa.string()))
     dropped_path = output.with_name(output.stem + ".dropped.parquet")
     with atomic_path(output) as tmp_kept, atomic_path(dropped_path) as tmp_dropped:
-        with pq.ParquetWriter(tmp_kept, table.schema) as kept_writer, pq.ParquetWriter(tmp_dropped, dropped_schema) as dropped_writer:
+        with (
+            pq.ParquetWriter(tmp_kept, table.schema) as kept_writer,
+            pq.ParquetWriter(tmp_dropped, dropped_schema) as dropped_writer,
+        ):
             for batch in table.batches(batch_rows=config.batch_rows):
                 input_rows += batch.num_rows
                 alive = np.ones(batch.num_rows, dtype=bool)
@@ -156,8 +193,11 @@ def prefilter(source: str | Path, output: str | Path, config: PrefilterConfig, p
                 kept_writer.write_batch(kept)
                 if not alive.all():
                     lost = batch.filter(pa.array(~alive))
-                    dropped_writer.write_batch(pa.RecordBatch.from_arrays(
-                        [*lost.columns, pa.array(reason[~alive], type=pa.string())], schema=dropped_schema))
+                    dropped_writer.write_batch(
+                        pa.RecordBatch.from_arrays(
+                            [*lost.columns, pa.array(reason[~alive], type=pa.string())], schema=dropped_schema
+                        )
+                    )
                 if progress:
                     progress(batch.num_rows)
     steps = funnel_steps(input_rows, {name: dropped[name] for name in names})

@@ -73,8 +73,13 @@ def prepare_sample(shard: str, key: str, image_bytes: bytes, settings: PrepareSe
     return Prepared(key, pixels=pixels, placement=placement)
 
 
-def _prepare_chunk(shard: str, items: list[tuple[str, bytes]], settings: PrepareSettings,
-                   slot: str | None = None, slot_image_bytes: int = 0) -> list[Prepared]:
+def _prepare_chunk(
+    shard: str,
+    items: list[tuple[str, bytes]],
+    settings: PrepareSettings,
+    slot: str | None = None,
+    slot_image_bytes: int = 0,
+) -> list[Prepared]:
     """Prepare a few samples; with `slot` (a shared-memory block's name) the pixels go there, image i at
     offset i * slot_image_bytes, and only their shapes travel back: pickling pixels through a pipe costs
     about as much as decoding them."""
@@ -130,9 +135,13 @@ class PreparePool:
             return
         self._free_slots()
         self._slot_image_bytes = largest
-        self._slots = [shared_memory.SharedMemory(create=True, size=largest * self.chunk) for _ in range(self.window + 1)]
+        self._slots = [
+            shared_memory.SharedMemory(create=True, size=largest * self.chunk) for _ in range(self.window + 1)
+        ]
 
-    def map(self, shard: str, samples: Iterable[tuple[str, bytes]], settings: PrepareSettings) -> Iterator[Prepared]:
+    def map(
+        self, shard: str, samples: Iterable[tuple[str, bytes]], settings: PrepareSettings
+    ) -> Iterator[Prepared]:
         """Prepared samples of (key, image bytes) pairs, in the order given."""
         if self._pool is None:
             for key, data in samples:
@@ -144,8 +153,9 @@ class PreparePool:
 
         def submit(chunk):
             slot = free.popleft()
-            future = self._pool.submit(_prepare_chunk, shard, chunk, settings, self._slots[slot].name,
-                                       self._slot_image_bytes)
+            future = self._pool.submit(
+                _prepare_chunk, shard, chunk, settings, self._slots[slot].name, self._slot_image_bytes
+            )
             pending.append((future, slot))
 
         def collect():
@@ -154,7 +164,9 @@ class PreparePool:
             buffer = self._slots[slot].buf
             for i, prepared in enumerate(results):
                 if prepared.pixels is not None:
-                    view = np.ndarray(prepared.pixels, np.uint8, buffer=buffer, offset=i * self._slot_image_bytes)
+                    view = np.ndarray(
+                        prepared.pixels, np.uint8, buffer=buffer, offset=i * self._slot_image_bytes
+                    )
                     prepared.pixels = view.copy()
             free.append(slot)
             return results

@@ -30,8 +30,14 @@ PHOTOS = {
 }
 
 COLORS = {
-    "red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (230, 200, 40),
-    "purple": (130, 50, 160), "orange": (240, 130, 30), "white": (240, 240, 240), "black": (20, 20, 20),
+    "red": (200, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 70, 200),
+    "yellow": (230, 200, 40),
+    "purple": (130, 50, 160),
+    "orange": (240, 130, 30),
+    "white": (240, 240, 240),
+    "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle", "stripes")
 
@@ -74,7 +80,11 @@ def synthetic(seed: int, width: int, height: int) -> tuple[Image.Image, str]:
     noise = rng.normal(0, 6, (height, width, 1))
     image = Image.fromarray(np.clip(bg * ramp + noise, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    cx, cy, r = width * rng.uniform(0.35, 0.65), height * rng.uniform(0.35, 0.65), min(width, height) * rng.uniform(0.2, 0.35)
+    cx, cy, r = (
+        width * rng.uniform(0.35, 0.65),
+        height * rng.uniform(0.35, 0.65),
+        min(width, height) * rng.uniform(0.2, 0.35),
+    )
     color = tuple(int(c) for c in fg)
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
@@ -103,7 +113,9 @@ def add_watermark(image: Image.Image, text: str = "(c) STOCKPHOTO") -> Image.Ima
     return Image.alpha_composite(base, layer).convert("RGB")
 
 
-def encode(image: Image.Image, fmt: str, mode: str = "RGB", orientation: int | None = None, quality: int = 90) -> bytes:
+def encode(
+    image: Image.Image, fmt: str, mode: str = "RGB", orientation: int | None = None, quality: int = 90
+) -> bytes:
     """Encode as jpg|png|webp in `mode` (RGB, RGBA, L, CMYK); `orientation` writes that EXIF tag (JPEG)."""
     if mode == "RGBA":
         alpha = Image.linear_gradient("L").resize(image.size)
@@ -130,8 +142,14 @@ def encode(image: Image.Image, fmt: str, mode: str = "RGB", orientation: int | N
 
 def decompression_bomb(width: int = 60_000, height: int = 60_000) -> bytes:
     """A small PNG that declares width x height pixels (a few rows of data follow)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     rows = zlib.compress(b"\x00" * (width + 1) * 4, 9)

@@ -13,12 +13,20 @@ def kept_keys(selection: str | Path | None, shard: str) -> set[str] | None:
         return None
     path = Path(selection) / f"{shard}.parquet"
     if not path.exists():
-        raise InputError(f"{path}: the selection has no file for image shard {shard}. "
-                         f"Run `latentmill select` over every score shard, or leave out --selection.")
+        raise InputError(
+            f"{path}: the selection has no file for image shard {shard}. "
+            f"Run `latentmill select` over every score shard, or leave out --selection."
+        )
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
     missing = {"key", "keep"} - set(table.column_names)
     if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(sorted(missing))}; a selection needs key, keep, reason.")
-    return {k for k, keep in zip(table.column("key").to_pylist(), table.column("keep").to_pylist(), strict=True) if keep}
+        raise InputError(
+            f"{path}: missing column(s) {', '.join(sorted(missing))}; a selection needs key, keep, reason."
+        )
+    return {
+        k
+        for k, keep in zip(table.column("key").to_pylist(), table.column("keep").to_pylist(), strict=True)
+        if keep
+    }

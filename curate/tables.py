@@ -39,7 +39,9 @@ def table_files(path: str | Path) -> list[Path]:
     """The table files at `path`: the file itself, or the supported files in a folder, sorted."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{path}: no such file or folder. Give a parquet, csv, tsv or jsonl file, or a folder of them.")
+        raise InputError(
+            f"{path}: no such file or folder. Give a parquet, csv, tsv or jsonl file, or a folder of them."
+        )
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
         if not files:
@@ -103,7 +105,9 @@ def read_schema(file: Path) -> pa.Schema:
     raise InputError(f"{file}: the table has no rows.")
 
 
-def resolve_columns(schema: pa.Schema, source: Path, names: Mapping[str, str | None] | None = None) -> dict[str, str]:
+def resolve_columns(
+    schema: pa.Schema, source: Path, names: Mapping[str, str | None] | None = None
+) -> dict[str, str]:
     """Map each role (url, caption, width, ...) to a column of `schema`.
 
     An explicitly named column must exist; a role without a name takes the first default that exists,
@@ -132,7 +136,9 @@ def resolve_columns(schema: pa.Schema, source: Path, names: Mapping[str, str | N
         )
     for role, column in columns.items():
         kind = schema.field(column).type
-        if role in TEXT_ROLES and not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+        if role in TEXT_ROLES and not (
+            pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+        ):
             raise InputError(
                 f"{source}: column '{column}' ({role}) has type {kind}, expected text. "
                 f"Name the right column with {ROLE_OPTION[role]}."
@@ -180,7 +186,9 @@ class UrlTable:
 
         return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
 
-    def batches(self, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    def batches(
+        self, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS
+    ) -> Iterator[pa.RecordBatch]:
         """Stream record batches of every file, cast to the first file's schema."""
         schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
         for file in self.files:

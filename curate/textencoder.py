@@ -55,7 +55,11 @@ class TextEncoder:
         return self._encode(captions)
 
     def describe(self) -> dict:
-        return {"name": self.name, "fingerprint": self.fingerprint, "shape": [self.context_length, self.width]}
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "shape": [self.context_length, self.width],
+        }
 
 
 def _fingerprint(name: str, module) -> str:
@@ -80,8 +84,10 @@ def _load_open_clip(spec: str, device: str, seed: int, dtype: str = "fp32") -> T
     name, _, pretrained = spec.partition(":")
     name = model_name(name)
     if name not in open_clip.list_models():
-        raise InputError(f"--text-encoder openclip:{name}: unknown open_clip model. Known: latentmill-tiny, latentmill-tiny-rn, "
-                         f"ViT-L-14-quickgelu, ViT-H-14, ... (`python -c 'import open_clip; print(open_clip.list_models())'`).")
+        raise InputError(
+            f"--text-encoder openclip:{name}: unknown open_clip model. Known: latentmill-tiny, latentmill-tiny-rn, "
+            f"ViT-L-14-quickgelu, ViT-H-14, ... (`python -c 'import open_clip; print(open_clip.list_models())'`)."
+        )
     torch.manual_seed(seed)
     try:
         model = open_clip.create_model(name, pretrained=pretrained or None, device=device)
@@ -104,9 +110,13 @@ def _load_open_clip(spec: str, device: str, seed: int, dtype: str = "fp32") -> T
             x = model.transformer(x, attn_mask=model.attn_mask)
             return model.ln_final(x)
 
-    return TextEncoder(name=f"openclip:{spec}", fingerprint=fingerprint,
-                       context_length=int(model.positional_embedding.shape[0]), width=int(model.ln_final.weight.shape[0]),
-                       _encode=encode)
+    return TextEncoder(
+        name=f"openclip:{spec}",
+        fingerprint=fingerprint,
+        context_length=int(model.positional_embedding.shape[0]),
+        width=int(model.ln_final.weight.shape[0]),
+        _encode=encode,
+    )
 
 
 def _load_transformers(spec: str, device: str, dtype: str = "fp32") -> TextEncoder:
@@ -117,7 +127,12 @@ def _load_transformers(spec: str, device: str, dtype: str = "fp32") -> TextEncod
     text_dir = path / "text_encoder" if (path / "text_encoder").exists() else path
     token_dir = path / "tokenizer" if (path / "tokenizer").exists() else path
     try:
-        model = CLIPTextModel.from_pretrained(text_dir, local_files_only=True).to(device).eval().requires_grad_(False)
+        model = (
+            CLIPTextModel.from_pretrained(text_dir, local_files_only=True)
+            .to(device)
+            .eval()
+            .requires_grad_(False)
+        )
         tokenizer = CLIPTokenizer.from_pretrained(token_dir, local_files_only=True)
     except (OSError, ValueError) as err:
         raise InputError(
@@ -132,13 +147,19 @@ def _load_transformers(spec: str, device: str, dtype: str = "fp32") -> TextEncod
     model.to(_torch_dtype(dtype))
 
     def encode(captions: list[str]):
-        tokens = tokenizer(captions, padding="max_length", max_length=context_length, truncation=True,
-                           return_tensors="pt").input_ids.to(device, non_blocking=True)
+        tokens = tokenizer(
+            captions, padding="max_length", max_length=context_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device, non_blocking=True)
         with torch.inference_mode():
             return model(tokens).last_hidden_state
 
-    return TextEncoder(name=spec, fingerprint=fingerprint, context_length=context_length,
-                       width=int(model.config.hidden_size), _encode=encode)
+    return TextEncoder(
+        name=spec,
+        fingerprint=fingerprint,
+        context_length=context_length,
+        width=int(model.config.hidden_size),
+        _encode=encode,
+    )
 
 
 TINY_CLIP = "clip-tiny"  # a tiny random CLIPTextModel pipeline folder, made on demand (tests, the demo)
@@ -156,9 +177,19 @@ def write_tiny_clip_pipeline(folder: str | Path) -> Path:
         return folder
     with atomic_path(folder) as tmp:
         torch.manual_seed(0)
-        CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                                     vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                                     pad_token_id=1)).save_pretrained(tmp / "text_encoder")
+        CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=2,
+                num_hidden_layers=2,
+                vocab_size=1000,
+                max_position_embeddings=77,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        ).save_pretrained(tmp / "text_encoder")
         vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
         for c in "abcdefghijklmnopqrstuvwxyz0123456789":
             vocab[c] = len(vocab)
@@ -166,8 +197,9 @@ def write_tiny_clip_pipeline(folder: str | Path) -> Path:
         (tmp / "tokenizer").mkdir(parents=True)
         (tmp / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
         (tmp / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-        CLIPTokenizer(str(tmp / "tokenizer" / "vocab.json"), str(tmp / "tokenizer" / "merges.txt"),
-                      model_max_length=77).save_pretrained(tmp / "tokenizer")
+        CLIPTokenizer(
+            str(tmp / "tokenizer" / "vocab.json"), str(tmp / "tokenizer" / "merges.txt"), model_max_length=77
+        ).save_pretrained(tmp / "tokenizer")
     return folder
 
 
@@ -184,8 +216,10 @@ def load_text_encoder(spec: str, device: str = "cpu", seed: int = 0, dtype: str 
     """Load a frozen text encoder from `spec` (see the module docstring) onto `device`, in `dtype` (fp32, bf16,
     fp16; the fingerprint is always of the stored weights)."""
     if spec.startswith("openclip:"):
-        return _load_open_clip(spec[len("openclip:"):], device, seed, dtype)
+        return _load_open_clip(spec[len("openclip:") :], device, seed, dtype)
     if spec == TINY_CLIP or Path(spec).exists():
         return _load_transformers(str(text_encoder_folder(spec)), device, dtype)
-    raise InputError(f"--text-encoder {spec}: give openclip:NAME[:PRETRAINED] or a local pipeline folder "
-                     f"(with text_encoder/ and tokenizer/).")
+    raise InputError(
+        f"--text-encoder {spec}: give openclip:NAME[:PRETRAINED] or a local pipeline folder "
+        f"(with text_encoder/ and tokenizer/)."
+    )

@@ -15,8 +15,12 @@ from latentmill.curate.errors import InputError
 
 # diffusers AutoencoderKL configs; "sd15" is Stable Diffusion 1.x/2.x's VAE architecture
 ARCHITECTURES = {
-    "tiny": dict(block_out_channels=(8, 16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8),
-    "sd15": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32),
+    "tiny": dict(
+        block_out_channels=(8, 16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8
+    ),
+    "sd15": dict(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32
+    ),
 }
 
 
@@ -36,7 +40,9 @@ class LoadedVae:
 def architecture_config(model) -> dict:
     """The model's config without diffusers' bookkeeping keys (`_use_default_values` is a set: its order
     changes from process to process)."""
-    return json.loads(json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith("_")}, default=str))
+    return json.loads(
+        json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith("_")}, default=str)
+    )
 
 
 def _fingerprint(model) -> str:
@@ -55,15 +61,21 @@ def load_vae(spec: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0)
     if spec in ARCHITECTURES:
         blocks = len(ARCHITECTURES[spec]["block_out_channels"])
         torch.manual_seed(seed)
-        model = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
-                              up_block_types=("UpDecoderBlock2D",) * blocks, **ARCHITECTURES[spec])
+        model = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * blocks,
+            up_block_types=("UpDecoderBlock2D",) * blocks,
+            **ARCHITECTURES[spec],
+        )
         name = f"{spec} (random init, seed {seed})"
     else:
         path = Path(spec)
         subfolder = "vae" if (path / "vae" / "config.json").exists() else None
         try:
-            model = AutoencoderKL.from_pretrained(spec, subfolder=subfolder if path.exists() else "vae",
-                                                  local_files_only=not path.exists())
+            model = AutoencoderKL.from_pretrained(
+                spec, subfolder=subfolder if path.exists() else "vae", local_files_only=not path.exists()
+            )
         except (OSError, ValueError) as err:
             raise InputError(
                 f"VAE '{spec}' could not be loaded ({str(err).splitlines()[0][:160]}). Give a local diffusers folder "
@@ -79,7 +91,11 @@ def load_vae(spec: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0)
         model.to(dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
     if device.startswith("cuda"):
         model.to(memory_format=torch.channels_last)
-    return LoadedVae(model=model, name=name, fingerprint=fingerprint,
-                     scaling_factor=float(model.config.scaling_factor),
-                     shift_factor=getattr(model.config, "shift_factor", None),
-                     latent_channels=int(model.config.latent_channels))
+    return LoadedVae(
+        model=model,
+        name=name,
+        fingerprint=fingerprint,
+        scaling_factor=float(model.config.scaling_factor),
+        shift_factor=getattr(model.config, "shift_factor", None),
+        latent_channels=int(model.config.latent_channels),
+    )

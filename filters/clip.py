@@ -30,8 +30,10 @@ class ClipModel:
         """Normalised image embeddings (float32, on CPU) of a preprocessed batch."""
         import torch
 
-        with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=self.dtype,
-                                                    enabled=self.dtype != torch.float32):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.split(":")[0], dtype=self.dtype, enabled=self.dtype != torch.float32),
+        ):
             features = self.model.encode_image(pixels.to(self.device))
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
 
@@ -39,8 +41,10 @@ class ClipModel:
         import torch
 
         tokens = self.tokenizer(captions).to(self.device)
-        with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=self.dtype,
-                                                    enabled=self.dtype != torch.float32):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.split(":")[0], dtype=self.dtype, enabled=self.dtype != torch.float32),
+        ):
             features = self.model.encode_text(tokens)
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
 
@@ -53,10 +57,17 @@ def resolve_model_name(name: str, pretrained: str | None) -> str:
     if pretrained == "openai" and not name.endswith("-quickgelu"):
         fixed = f"{name}-quickgelu"
         if fixed in open_clip.list_models():
-            log.warning("%s with OpenAI weights needs QuickGELU: using %s (plain %s shifts scores).", name, fixed, name)
+            log.warning(
+                "%s with OpenAI weights needs QuickGELU: using %s (plain %s shifts scores).",
+                name,
+                fixed,
+                name,
+            )
             return fixed
-        raise InputError(f"--clip-model {name} with --pretrained openai: OpenAI weights need QuickGELU and open_clip "
-                         f"has no {fixed}. Use a -quickgelu model name.")
+        raise InputError(
+            f"--clip-model {name} with --pretrained openai: OpenAI weights need QuickGELU and open_clip "
+            f"has no {fixed}. Use a -quickgelu model name."
+        )
     return name
 
 
@@ -73,15 +84,25 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision:
     device, precision = resolve_device_precision(device, precision)
     pretrained = None if pretrained in (None, "", "none") else pretrained
     if name not in open_clip.list_models():
-        raise InputError(f"--clip-model {name!r} is not an open_clip model; e.g. ViT-L-14-quickgelu, ViT-B-32, "
-                         f"tiny, tiny-rn (all: `python -c 'import open_clip; print(open_clip.list_models())'`).")
+        raise InputError(
+            f"--clip-model {name!r} is not an open_clip model; e.g. ViT-L-14-quickgelu, ViT-B-32, "
+            f"tiny, tiny-rn (all: `python -c 'import open_clip; print(open_clip.list_models())'`)."
+        )
     name = resolve_model_name(name, pretrained)
-    if pretrained and not Path(pretrained).exists() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
-        raise InputError(f"--pretrained {pretrained!r}: neither a file nor a pretrained tag of {name} "
-                         f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}).")
+    if (
+        pretrained
+        and not Path(pretrained).exists()
+        and pretrained not in open_clip.list_pretrained_tags_by_model(name)
+    ):
+        raise InputError(
+            f"--pretrained {pretrained!r}: neither a file nor a pretrained tag of {name} "
+            f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'})."
+        )
     torch.manual_seed(0)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device
+        )
     except (RuntimeError, OSError) as err:
         raise InputError(
             f"CLIP weights {name}/{pretrained} could not be loaded ({str(err).splitlines()[0][:160]}). Offline, "
@@ -91,9 +112,21 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision:
     dtype = torch_dtype(precision)
     if device == "cpu" and dtype == torch.float16:
         raise InputError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU.")
-    embed_dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None else int(
-        model.visual.output_dim)
+    embed_dim = (
+        int(model.text_projection.shape[1])
+        if getattr(model, "text_projection", None) is not None
+        else int(model.visual.output_dim)
+    )
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
-    return ClipModel(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), name=name,
-                     pretrained=pretrained, embed_dim=embed_dim, image_size=image_size, device=device, dtype=dtype)
+    return ClipModel(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(name),
+        name=name,
+        pretrained=pretrained,
+        embed_dim=embed_dim,
+        image_size=image_size,
+        device=device,
+        dtype=dtype,
+    )

@@ -25,19 +25,23 @@ class FitConfig(StageConfig):
     """One head to fit: `latentmill fit-head`'s options, and one item of a recipe's `fit_heads:` list."""
 
     SECTION = "fit_heads"
-    target: str = opt(help="Label column to fit (a labels file's column, or a URL-table column carried in the image "
-                      "shards' JSON such as AESTHETIC_SCORE).")
+    target: str = opt(
+        help="Label column to fit (a labels file's column, or a URL-table column carried in the image "
+        "shards' JSON such as AESTHETIC_SCORE)."
+    )
     column: str | None = opt(None, "Score column the head will write (default: the target's name).")
     kind: str = opt("linear", "linear (ridge regression or logistic) or mlp.", choices=("linear", "mlp"))
     hidden: list[int] = opt(factory=lambda: [64], cli=False, help="Hidden layer widths of an mlp head.")
-    validation_fraction: float = opt(0.2, "Held-out share of the labelled rows for the metrics.", low=0.0,
-                                     low_open=True, high=0.99)
+    validation_fraction: float = opt(
+        0.2, "Held-out share of the labelled rows for the metrics.", low=0.0, low_open=True, high=0.99
+    )
     epochs: int = opt(300, "AdamW epochs (classifiers and MLPs).", low=1)
     learning_rate: float = opt(1e-2, "AdamW learning rate.", low=0.0, low_open=True, cli=False)
     weight_decay: float = opt(1e-4, "AdamW weight decay.", low=0.0, cli=False)
     seed: int = opt(0, "Seed of the split and the initialisation.")
-    alpha: float | None = opt(None, "Ridge penalty of a linear regressor (default: chosen by 5-fold CV).", low=0.0,
-                              low_open=True)
+    alpha: float | None = opt(
+        None, "Ridge penalty of a linear regressor (default: chosen by 5-fold CV).", low=0.0, low_open=True
+    )
 
 
 def read_labels(labels: str | Path, target: str) -> dict[str, float]:
@@ -48,27 +52,38 @@ def read_labels(labels: str | Path, target: str) -> dict[str, float]:
     if not labels.exists():
         raise InputError(f"{labels}: no such labels file.")
     try:
-        table = pd.read_parquet(labels) if labels.suffix == ".parquet" else pd.read_csv(labels, dtype={"key": str})
+        table = (
+            pd.read_parquet(labels)
+            if labels.suffix == ".parquet"
+            else pd.read_csv(labels, dtype={"key": str})
+        )
     except (ValueError, OSError, pd.errors.ParserError) as err:
-        raise InputError(f"{labels}: cannot be read as {'parquet' if labels.suffix == '.parquet' else 'csv'} "
-                         f"({str(err).splitlines()[0][:160]}).") from None
+        raise InputError(
+            f"{labels}: cannot be read as {'parquet' if labels.suffix == '.parquet' else 'csv'} "
+            f"({str(err).splitlines()[0][:160]})."
+        ) from None
     for column in ("key", target):
         if column not in table.columns:
-            raise InputError(f"{labels}: no column {column!r}. Columns found: {', '.join(map(str, table.columns))}.")
+            raise InputError(
+                f"{labels}: no column {column!r}. Columns found: {', '.join(map(str, table.columns))}."
+            )
     values = pd.to_numeric(table[target], errors="coerce")
     bad = table[values.isna() | ~np.isfinite(values.fillna(0))]
     if len(bad):
         row = bad.index[0]
-        raise InputError(f"{labels}: column {target!r} must hold numbers (0/1 for a classifier), but row {row + 2} "
-                         f"(key {table['key'].iloc[row]}) has {table[target].iloc[row]!r}"
-                         f"{f' ({len(bad) - 1} more such rows)' if len(bad) > 1 else ''}.")
+        raise InputError(
+            f"{labels}: column {target!r} must hold numbers (0/1 for a classifier), but row {row + 2} "
+            f"(key {table['key'].iloc[row]}) has {table[target].iloc[row]!r}"
+            f"{f' ({len(bad) - 1} more such rows)' if len(bad) > 1 else ''}."
+        )
     if table.empty:
         raise InputError(f"{labels}: no labelled rows.")
     return dict(zip(table["key"].astype(str), values.astype(float), strict=True))
 
 
-def labelled_embeddings(embeddings: str | Path, labels: dict[str, float], scores: str | Path | None = None,
-                        source: str = "labels"):
+def labelled_embeddings(
+    embeddings: str | Path, labels: dict[str, float], scores: str | Path | None = None, source: str = "labels"
+):
     """(X float32 (N, D), y float32 (N,)) for the labelled keys that have an embedding; embedding rows are
     matched to keys through the score parquets (default: ../scores beside the embeddings)."""
     import pyarrow.parquet as pq
@@ -82,8 +97,10 @@ def labelled_embeddings(embeddings: str | Path, labels: dict[str, float], scores
     for file in files:
         parquet = scores / f"{file.stem}.parquet"
         if not parquet.exists():
-            raise InputError(f"{parquet}: missing; embeddings rows are matched to keys through the score parquet "
-                             f"(give --scores).")
+            raise InputError(
+                f"{parquet}: missing; embeddings rows are matched to keys through the score parquet "
+                f"(give --scores)."
+            )
         keys = pq.read_table(parquet, columns=["key"]).column("key").to_pylist()
         for key, row in zip(keys, np.load(file), strict=True):
             if key in labels and np.isfinite(row).all():
@@ -102,7 +119,10 @@ def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
     if not positives.any() or not negatives.any():
         return float("nan")
     ranks = rankdata(score)
-    return float((ranks[positives].sum() - positives.sum() * (positives.sum() + 1) / 2) / (positives.sum() * negatives.sum()))
+    return float(
+        (ranks[positives].sum() - positives.sum() * (positives.sum() + 1) / 2)
+        / (positives.sum() * negatives.sum())
+    )
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -167,7 +187,9 @@ def fit_head(x: np.ndarray, y: np.ndarray, config: FitConfig):
             module[0].weight.copy_(torch.from_numpy(ridge_solve(xs, ys, alpha))[None])
             module[0].bias.zero_()  # standardised features and targets have mean 0
     else:
-        optimizer = torch.optim.AdamW(module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(
+            module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
         loss_fn = torch.nn.BCELoss() if classification else torch.nn.MSELoss()
         for _ in range(config.epochs):
             optimizer.zero_grad()
@@ -187,11 +209,20 @@ def fit_head(x: np.ndarray, y: np.ndarray, config: FitConfig):
         predicted = module(torch.from_numpy(x[val])).reshape(-1).numpy()
     truth = y[val]
     if classification:
-        metrics = {"task": "classification", "accuracy": float(((predicted >= 0.5) == (truth == 1)).mean()),
-                   "auc": roc_auc(truth, predicted)}
+        metrics = {
+            "task": "classification",
+            "accuracy": float(((predicted >= 0.5) == (truth == 1)).mean()),
+            "auc": roc_auc(truth, predicted),
+        }
     else:
-        metrics = {"task": "regression", "mae": float(np.abs(predicted - truth).mean()), "spearman": spearman(predicted, truth)}
-    metrics |= {"train": int(len(train)), "validation": int(len(val))} | ({"alpha": float(alpha)} if alpha is not None else {})
+        metrics = {
+            "task": "regression",
+            "mae": float(np.abs(predicted - truth).mean()),
+            "spearman": spearman(predicted, truth),
+        }
+    metrics |= {"train": int(len(train)), "validation": int(len(val))} | (
+        {"alpha": float(alpha)} if alpha is not None else {}
+    )
     return module, metrics
 
 
@@ -203,11 +234,20 @@ def save_head(module, path: str | Path, config: FitConfig, input_dim: int, metri
     from latentmill.filters.heads import check_column
 
     path = Path(path)
-    check_column(config.column or config.target, "fit-head --column" if config.column else f"fit-head --target {config.target}")
-    meta = {"format": "latentmill.head/1", "column": config.column or config.target, "target": config.target,
-            "kind": config.kind,
-            "input_dim": str(input_dim), "task": metrics["task"], "hidden": json.dumps(list(config.hidden)),
-            "metrics": json.dumps(metrics)}
+    check_column(
+        config.column or config.target,
+        "fit-head --column" if config.column else f"fit-head --target {config.target}",
+    )
+    meta = {
+        "format": "latentmill.head/1",
+        "column": config.column or config.target,
+        "target": config.target,
+        "kind": config.kind,
+        "input_dim": str(input_dim),
+        "task": metrics["task"],
+        "hidden": json.dumps(list(config.hidden)),
+        "metrics": json.dumps(metrics),
+    }
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp), metadata=meta)
     return path
@@ -252,8 +292,14 @@ def add_head_column(head_path: str | Path, scores: str | Path, embeddings: str |
     return head.column
 
 
-def fit_and_add(config: FitConfig, labels: str | Path, embeddings: str | Path, scores: str | Path | None,
-                output: str | Path, add_column: bool = False) -> dict:
+def fit_and_add(
+    config: FitConfig,
+    labels: str | Path,
+    embeddings: str | Path,
+    scores: str | Path | None,
+    output: str | Path,
+    add_column: bool = False,
+) -> dict:
     """Fit one head on the embeddings' labelled rows and save it to `output`; with `add_column`, add its
     column to the score parquets. `labels`: a csv/parquet with `key` and the target, or a folder of image
     shards whose sample JSON carries the target. An existing `output` is not fitted again (a resumed run)."""
@@ -264,7 +310,11 @@ def fit_and_add(config: FitConfig, labels: str | Path, embeddings: str | Path, s
     output, scores = Path(output), Path(scores) if scores else Path(embeddings).parent / "scores"
     if not output.exists():
         labels = Path(labels)
-        table = labels_from_image_shards(labels, config.target) if labels.is_dir() else read_labels(labels, config.target)
+        table = (
+            labels_from_image_shards(labels, config.target)
+            if labels.is_dir()
+            else read_labels(labels, config.target)
+        )
         x, y = labelled_embeddings(embeddings, table, scores, source=str(labels))
         module, metrics = fit_head(x, y, config)
         save_head(module, output, config, x.shape[1], metrics)

@@ -20,15 +20,26 @@ from pathlib import Path
 from latentmill.curate.errors import InputError
 
 # the columns `score` writes for every image: a head writing one of them would overwrite it
-RESERVED_COLUMNS = ("key", "url", "caption", "width", "height", "original_width", "original_height", "clip_similarity",
-                    "error")
+RESERVED_COLUMNS = (
+    "key",
+    "url",
+    "caption",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "clip_similarity",
+    "error",
+)
 
 
 def check_column(column: str, source: str) -> str:
     """A head's output column: not one of the score table's own columns, not empty."""
     if not column or column in RESERVED_COLUMNS:
-        raise InputError(f"{source}: a head cannot write column {column!r}: {', '.join(RESERVED_COLUMNS)} are the score "
-                         f"table's own. Name it something else (fit-head --column NAME).")
+        raise InputError(
+            f"{source}: a head cannot write column {column!r}: {', '.join(RESERVED_COLUMNS)} are the score "
+            f"table's own. Name it something else (fit-head --column NAME)."
+        )
     return column
 
 
@@ -80,11 +91,15 @@ def check_layout(path, state: dict, expected: dict[str, tuple | None], what: str
     """Every expected key present with its shape (None: any shape); a clear message otherwise."""
     missing = [k for k in expected if k not in state]
     if missing:
-        raise InputError(f"{path}: not a {what} file: missing keys {', '.join(missing)}. Expected keys: "
-                         f"{', '.join(expected)}; found: {', '.join(list(state)[:12])}{' ...' if len(state) > 12 else ''}.")
+        raise InputError(
+            f"{path}: not a {what} file: missing keys {', '.join(missing)}. Expected keys: "
+            f"{', '.join(expected)}; found: {', '.join(list(state)[:12])}{' ...' if len(state) > 12 else ''}."
+        )
     for key, shape in expected.items():
         if shape is not None and tuple(state[key].shape) != shape:
-            raise InputError(f"{path}: {what} key {key} has shape {list(state[key].shape)}, expected {list(shape)}.")
+            raise InputError(
+                f"{path}: {what} key {key} has shape {list(state[key].shape)}, expected {list(shape)}."
+            )
 
 
 @dataclass
@@ -110,8 +125,15 @@ def aesthetic_v2_module(input_dim: int = 768):
         def __init__(self):
             super().__init__()
             self.layers = nn.Sequential(
-                nn.Linear(input_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+                nn.Linear(input_dim, 1024),
+                nn.Dropout(0.2),
+                nn.Linear(1024, 128),
+                nn.Dropout(0.2),
+                nn.Linear(128, 64),
+                nn.Dropout(0.1),
+                nn.Linear(64, 16),
+                nn.Linear(16, 1),
+            )
 
         def forward(self, x):
             return self.layers(x)
@@ -126,12 +148,24 @@ def load_aesthetic(path: str | Path, column: str = "aesthetic") -> Head:
     state = load_state_dict(path)
     if "layers.0.weight" in state:
         dim = int(state["layers.0.weight"].shape[1])
-        check_layout(path, state, {"layers.0.weight": (1024, dim), "layers.2.weight": (128, 1024),
-                                   "layers.4.weight": (64, 128), "layers.6.weight": (16, 64), "layers.7.weight": (1, 16),
-                                   "layers.7.bias": (1,)}, "LAION aesthetic v2")
+        check_layout(
+            path,
+            state,
+            {
+                "layers.0.weight": (1024, dim),
+                "layers.2.weight": (128, 1024),
+                "layers.4.weight": (64, 128),
+                "layers.6.weight": (16, 64),
+                "layers.7.weight": (1, 16),
+                "layers.7.bias": (1,),
+            },
+            "LAION aesthetic v2",
+        )
         module = aesthetic_v2_module(dim)
     else:
-        check_layout(path, state, {"weight": None, "bias": (1,)}, "LAION aesthetic (v2 layers.* or v1 linear)")
+        check_layout(
+            path, state, {"weight": None, "bias": (1,)}, "LAION aesthetic (v2 layers.* or v1 linear)"
+        )
         dim = int(state["weight"].shape[-1])
         check_layout(path, state, {"weight": (1, dim)}, "LAION aesthetic v1")
         module = nn.Linear(dim, 1)
@@ -144,17 +178,26 @@ def watermark_module():
     from torch import nn
 
     model = timm.create_model("efficientnet_b3", pretrained=False)  # timm's current name for efficientnet_b3a
-    model.classifier = nn.Sequential(nn.Linear(1536, 625), nn.ReLU(), nn.Dropout(0.3), nn.Linear(625, 256), nn.ReLU(),
-                                     nn.Linear(256, 2))
+    model.classifier = nn.Sequential(
+        nn.Linear(1536, 625), nn.ReLU(), nn.Dropout(0.3), nn.Linear(625, 256), nn.ReLU(), nn.Linear(256, 2)
+    )
     return model
 
 
 def load_watermark(path: str | Path, column: str = "pwatermark") -> Head:
     """LAION-5B's watermark detector: runs on 256x256 ImageNet-normalised pixels, not on embeddings."""
     state = load_state_dict(path)
-    check_layout(path, state, {"conv_stem.weight": None, "classifier.0.weight": (625, 1536),
-                               "classifier.3.weight": (256, 625), "classifier.5.weight": (2, 256)},
-                 "LAION-5B watermark detector (timm efficientnet_b3a)")
+    check_layout(
+        path,
+        state,
+        {
+            "conv_stem.weight": None,
+            "classifier.0.weight": (625, 1536),
+            "classifier.3.weight": (256, 625),
+            "classifier.5.weight": (2, 256),
+        },
+        "LAION-5B watermark detector (timm efficientnet_b3a)",
+    )
     import torch
     from torch import nn
 
@@ -180,7 +223,9 @@ def fitted_metadata(path: str | Path) -> dict:
         raise InputError(f"{path}: no such head file.")
     meta = safetensors_metadata(path, "a head saved by `latentmill fit-head`")
     if meta.get("format") != "latentmill.head/1":
-        raise InputError(f"{path}: not a head saved by `latentmill fit-head` (no latentmill.head/1 metadata).")
+        raise InputError(
+            f"{path}: not a head saved by `latentmill fit-head` (no latentmill.head/1 metadata)."
+        )
     return meta | {"metrics": json.loads(meta.get("metrics", "{}"))}
 
 

@@ -54,7 +54,9 @@ class KerasNsfw:
         return np.where(np.isnan(x), np.float32(0), x)
 
     def forward_numpy(self, x: np.ndarray) -> np.ndarray:
-        h = (self.encode_categorical(x) - self.mean) / np.maximum(np.sqrt(self.variance), np.float32(self.epsilon))
+        h = (self.encode_categorical(x) - self.mean) / np.maximum(
+            np.sqrt(self.variance), np.float32(self.epsilon)
+        )
         for (weight, bias), activation in zip(self.dense, self.activations, strict=True):
             h = h @ weight.T + bias
             h = apply_activation(h, activation)
@@ -93,7 +95,9 @@ def _layer_plan(config: dict) -> tuple[int, list[int], list[int], list[str]]:
         elif kind.endswith("MultiCategoryEncoding"):
             categorical = [i for i, encoding in enumerate(conf["encoding"]) if encoding != "none"]
             if any(e not in ("none", "int") for e in conf["encoding"]):
-                raise BundleError(f"MultiCategoryEncoding with encodings {sorted(set(conf['encoding']))}: only none and int are read")
+                raise BundleError(
+                    f"MultiCategoryEncoding with encodings {sorted(set(conf['encoding']))}: only none and int are read"
+                )
         elif kind == "Normalization":
             if dense:
                 raise BundleError("a Normalization after a Dense layer is not the detector's layout")
@@ -105,7 +109,9 @@ def _layer_plan(config: dict) -> tuple[int, list[int], list[int], list[str]]:
         elif kind == "Activation":
             activations[-1] = conf["activation"]
         elif kind != "Dropout":
-            raise BundleError(f"layer {conf.get('name')} of class {kind} is not part of LAION's detector layout")
+            raise BundleError(
+                f"layer {conf.get('name')} of class {kind} is not part of LAION's detector layout"
+            )
     if width is None or not dense:
         raise BundleError("no InputLayer or no Dense layer in the model config")
     unknown = [a for a in activations if a not in ("relu", "sigmoid", "linear")]
@@ -166,7 +172,9 @@ def _vocabularies(saved_model: bytes, count: int) -> tuple[list[tuple[np.ndarray
     nodes = {}
     for node in _sub(graph, 1):
         nodes[_sub(node, 1)[0].decode()] = node
-    inputs = {name: [i.decode().split(":")[0].lstrip("^") for i in _sub(node, 3)] for name, node in nodes.items()}
+    inputs = {
+        name: [i.decode().split(":")[0].lstrip("^") for i in _sub(node, 3)] for name, node in nodes.items()
+    }
     ops = {name: _sub(node, 2)[0].decode() for name, node in nodes.items()}
     # a table initialiser: a call on (table handle, string constant, int64 constant)
     initialised = {}
@@ -175,8 +183,11 @@ def _vocabularies(saved_model: bytes, count: int) -> tuple[list[tuple[np.ndarray
             keys, values = _const_value(nodes[args[1]]), _const_value(nodes[args[2]])
             if keys is not None and keys.dtype == object and values is not None and values.dtype == np.int64:
                 initialised[args[0]] = (keys, values)
-    serving = [name for name, args in inputs.items() if args and ops.get(args[0]) == "Placeholder"
-               and args[0].startswith("serving_default")]
+    serving = [
+        name
+        for name, args in inputs.items()
+        if args and ops.get(args[0]) == "Placeholder" and args[0].startswith("serving_default")
+    ]
     if not serving:
         raise BundleError("saved_model.pb has no serving_default function call")
     tables = [a for a in inputs[serving[0]] if a in initialised]
@@ -212,7 +223,9 @@ def _read_folder(folder: Path, source: str) -> KerasNsfw:
     for needed in ("saved_model.pb", "keras_metadata.pb", "variables/variables.index"):
         if not (folder / needed).exists():
             raise BundleError(f"no {needed}: not a Keras SavedModel")
-    width, categorical, units, activations = _layer_plan(_keras_config((folder / "keras_metadata.pb").read_bytes()))
+    width, categorical, units, activations = _layer_plan(
+        _keras_config((folder / "keras_metadata.pb").read_bytes())
+    )
     variables = read_checkpoint(folder / "variables")
     by_layer: dict[int, dict[str, np.ndarray]] = {}
     for name, value in variables.items():
@@ -222,19 +235,31 @@ def _read_folder(folder: Path, source: str) -> KerasNsfw:
     norm = next((w for w in by_layer.values() if "mean" in w and "variance" in w), None)
     dense = [by_layer[i] for i in sorted(by_layer) if "kernel" in by_layer[i]]
     if norm is None or len(dense) != len(units):
-        raise BundleError(f"checkpoint: expected a Normalization and {len(units)} Dense layers, found "
-                          f"{'a' if norm is not None else 'no'} Normalization and {len(dense)} kernels")
+        raise BundleError(
+            f"checkpoint: expected a Normalization and {len(units)} Dense layers, found "
+            f"{'a' if norm is not None else 'no'} Normalization and {len(dense)} kernels"
+        )
     pairs = []
     previous = width
     for layer, out in zip(dense, units, strict=True):
         kernel, bias = layer["kernel"], layer["bias"]
         if kernel.shape != (previous, out) or bias.shape != (out,):
-            raise BundleError(f"Dense kernel {kernel.shape}, bias {bias.shape}: expected ({previous}, {out}), ({out},)")
+            raise BundleError(
+                f"Dense kernel {kernel.shape}, bias {bias.shape}: expected ({previous}, {out}), ({out},)"
+            )
         pairs.append((np.ascontiguousarray(kernel.T, dtype=np.float32), np.asarray(bias, dtype=np.float32)))
         previous = out
     vocabularies, epsilon = _vocabularies((folder / "saved_model.pb").read_bytes(), len(categorical))
     lookups = {}
     for column, (keys, values) in zip(categorical, vocabularies, strict=True):
         lookups[column] = {k.decode("utf-8"): int(v) for k, v in zip(keys, values, strict=True)}
-    return KerasNsfw(width, lookups, np.asarray(norm["mean"], np.float32).reshape(width),
-                     np.asarray(norm["variance"], np.float32).reshape(width), pairs, activations, epsilon, source)
+    return KerasNsfw(
+        width,
+        lookups,
+        np.asarray(norm["mean"], np.float32).reshape(width),
+        np.asarray(norm["variance"], np.float32).reshape(width),
+        pairs,
+        activations,
+        epsilon,
+        source,
+    )

@@ -36,23 +36,47 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class ScoreConfig(StageConfig):
     SECTION = "score"
     clip_model: str = opt("ViT-L-14-quickgelu", "open_clip model name.")
-    pretrained: str | None = opt("openai", "open_clip pretrained tag, a local checkpoint file, or 'none' (random weights).")
+    pretrained: str | None = opt(
+        "openai", "open_clip pretrained tag, a local checkpoint file, or 'none' (random weights)."
+    )
     device: str = opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
     precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.", choices=PRECISIONS)
     batch_size: int = opt(64, "Images per CLIP call.", low=1)
     workers: int = opt(2, "DataLoader workers decoding images.", low=0)
-    aesthetic_head: str | None = opt(None, "LAION aesthetic predictor (v2 MLP or v1 linear) state dict.", path=True)
-    unsafe_head: str | None = opt(None, "LAION's CLIP-based NSFW detector: its published zip "
-                                  "(clip_autokeras_binary_nsfw.zip, clip_autokeras_nsfw_b32.zip), a `convert-head` "
-                                  "output, h14_nsfw.pth, or the PyTorch port.", path=True)
-    watermark_head: str | None = opt(None, "LAION-5B watermark detector (efficientnet_b3a) weights.", path=True)
-    heads: list[str] = opt(factory=list, flag="--head", path=True, old_key="fitted_heads",
-                           help="A head made by `latentmill fit-head` (repeatable).")
+    aesthetic_head: str | None = opt(
+        None, "LAION aesthetic predictor (v2 MLP or v1 linear) state dict.", path=True
+    )
+    unsafe_head: str | None = opt(
+        None,
+        "LAION's CLIP-based NSFW detector: its published zip "
+        "(clip_autokeras_binary_nsfw.zip, clip_autokeras_nsfw_b32.zip), a `convert-head` "
+        "output, h14_nsfw.pth, or the PyTorch port.",
+        path=True,
+    )
+    watermark_head: str | None = opt(
+        None, "LAION-5B watermark detector (efficientnet_b3a) weights.", path=True
+    )
+    heads: list[str] = opt(
+        factory=list,
+        flag="--head",
+        path=True,
+        old_key="fitted_heads",
+        help="A head made by `latentmill fit-head` (repeatable).",
+    )
     save_embeddings: bool = opt(False, "Also write embeddings/{shard}.npy beside the output.")
-    torch_threads: int | None = opt(None, "torch CPU threads per worker; the same number gives byte-identical outputs "
-                                    "across executors and machines.", low=1, old=("--threads",), old_key="threads")
-    exact_decode: bool = opt(False, "Decode JPEGs at full size for CLIP too (default: a reduced-scale draft decode for "
-                             "CLIP alone; the watermark head always gets the full decode its authors used).")
+    torch_threads: int | None = opt(
+        None,
+        "torch CPU threads per worker; the same number gives byte-identical outputs "
+        "across executors and machines.",
+        low=1,
+        old=("--threads",),
+        old_key="threads",
+    )
+    exact_decode: bool = opt(
+        False,
+        "Decode JPEGs at full size for CLIP too (default: a reduced-scale draft decode for "
+        "CLIP alone; the watermark head always gets the full decode its authors used).",
+    )
 
 
 def decode_modes(config: ScoreConfig, pixel_heads: bool) -> dict[str, str]:
@@ -76,15 +100,30 @@ class ShardImages(torch.utils.data.IterableDataset):
 
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        wm_transform = transforms.Compose([transforms.Resize((WATERMARK_SIZE, WATERMARK_SIZE)), transforms.ToTensor(),
-                                           transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        wm_transform = transforms.Compose(
+            [
+                transforms.Resize((WATERMARK_SIZE, WATERMARK_SIZE)),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
         stats = ShardReadStats()
         for index, sample in enumerate(iter_image_shard(self.path, stats, key_order=True)):
             if index % workers != worker:
                 continue
-            row = {"index": index, "key": sample.key, "url": sample.meta.get("url"), "caption": sample.caption,
-                   "original_width": sample.meta.get("original_width"), "original_height": sample.meta.get("original_height"),
-                   "width": None, "height": None, "error": None, "pixels": None, "wm_pixels": None}
+            row = {
+                "index": index,
+                "key": sample.key,
+                "url": sample.meta.get("url"),
+                "caption": sample.caption,
+                "original_width": sample.meta.get("original_width"),
+                "original_height": sample.meta.get("original_height"),
+                "width": None,
+                "height": None,
+                "error": None,
+                "pixels": None,
+                "wm_pixels": None,
+            }
             try:
                 size = header_size(sample.image_bytes)
                 image = sample.image(draft_size=(self.image_size, self.image_size) if self.draft else None)
@@ -96,8 +135,13 @@ class ShardImages(torch.utils.data.IterableDataset):
                 row["error"] = err.reason
             yield row
         if worker == 0 and (stats.damaged or stats.incomplete or stats.duplicate_key or stats.bad_metadata):
-            yield {"index": -1, "damaged": stats.damaged, "incomplete": stats.incomplete,
-                   "duplicate_key": stats.duplicate_key, "bad_metadata": stats.bad_metadata}
+            yield {
+                "index": -1,
+                "damaged": stats.damaged,
+                "incomplete": stats.incomplete,
+                "duplicate_key": stats.duplicate_key,
+                "bad_metadata": stats.bad_metadata,
+            }
 
 
 def _collate(rows):
@@ -120,24 +164,34 @@ def load_heads(config: ScoreConfig, embed_dim: int) -> list:
         heads.append((path, load_fitted(path)))
     for path, head in heads:
         if not head.on_pixels and head.input_dim != embed_dim:
-            raise InputError(f"{path}: the {head.column} head takes {head.input_dim}-d embeddings but "
-                             f"--clip-model {config.clip_model} gives {embed_dim}-d. Use the CLIP model the head was "
-                             f"trained on (LAION heads: ViT-L-14-quickgelu with openai weights, 768-d).")
+            raise InputError(
+                f"{path}: the {head.column} head takes {head.input_dim}-d embeddings but "
+                f"--clip-model {config.clip_model} gives {embed_dim}-d. Use the CLIP model the head was "
+                f"trained on (LAION heads: ViT-L-14-quickgelu with openai weights, 768-d)."
+            )
     columns = [h.column for _, h in heads]
     if len(set(columns)) != len(columns):
-        raise InputError(f"two heads write the same column ({', '.join(columns)}); fit-head --column names it.")
+        raise InputError(
+            f"two heads write the same column ({', '.join(columns)}); fit-head --column names it."
+        )
     return [h for _, h in heads]
 
 
-def score_shard(path: Path, output: Path, config: ScoreConfig, clip, heads: list, embeddings_dir: Path | None) -> dict:
+def score_shard(
+    path: Path, output: Path, config: ScoreConfig, clip, heads: list, embeddings_dir: Path | None
+) -> dict:
     """Score one image shard into `output/{shard}.parquet` (+ embeddings); return its stats."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     watermark = any(h.on_pixels for h in heads)
     draft = decode_modes(config, watermark)["clip"] == "draft"
-    loader = torch.utils.data.DataLoader(ShardImages(path, clip.preprocess, clip.image_size, watermark, draft),
-                                         batch_size=config.batch_size, num_workers=config.workers, collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(
+        ShardImages(path, clip.preprocess, clip.image_size, watermark, draft),
+        batch_size=config.batch_size,
+        num_workers=config.workers,
+        collate_fn=_collate,
+    )
     rows, damage = [], {"damaged": False, "incomplete": 0, "duplicate_key": 0, "bad_metadata": 0}
     embeddings: dict[int, np.ndarray] = {}
     for batch in loader:
@@ -166,15 +220,20 @@ def score_shard(path: Path, output: Path, config: ScoreConfig, clip, heads: list
             embeddings[r["index"]] = e
     rows.sort(key=lambda r: r["key"])  # key order: img2dataset writes a shard in download-completion order
     head_columns = [h.column for h in heads]
-    table = pa.table({
-        "key": [r["key"] for r in rows], "url": [r["url"] for r in rows], "caption": [r["caption"] for r in rows],
-        "width": pa.array([r["width"] for r in rows], pa.int32()), "height": pa.array([r["height"] for r in rows], pa.int32()),
-        "original_width": pa.array([r["original_width"] for r in rows], pa.int32()),
-        "original_height": pa.array([r["original_height"] for r in rows], pa.int32()),
-        **{c: pa.array([r.get(c) for r in rows], pa.float32()) for c in head_columns},
-        "clip_similarity": pa.array([r.get("clip_similarity") for r in rows], pa.float32()),
-        "error": pa.array([r["error"] for r in rows], pa.string()),
-    })
+    table = pa.table(
+        {
+            "key": [r["key"] for r in rows],
+            "url": [r["url"] for r in rows],
+            "caption": [r["caption"] for r in rows],
+            "width": pa.array([r["width"] for r in rows], pa.int32()),
+            "height": pa.array([r["height"] for r in rows], pa.int32()),
+            "original_width": pa.array([r["original_width"] for r in rows], pa.int32()),
+            "original_height": pa.array([r["original_height"] for r in rows], pa.int32()),
+            **{c: pa.array([r.get(c) for r in rows], pa.float32()) for c in head_columns},
+            "clip_similarity": pa.array([r.get("clip_similarity") for r in rows], pa.float32()),
+            "error": pa.array([r["error"] for r in rows], pa.string()),
+        }
+    )
     if embeddings_dir is not None:
         matrix = np.full((len(rows), clip.embed_dim), np.nan, dtype=np.float16)
         for i, r in enumerate(rows):
@@ -186,8 +245,13 @@ def score_shard(path: Path, output: Path, config: ScoreConfig, clip, heads: list
     with atomic_path(output / f"{path.stem}.parquet") as tmp:
         pq.write_table(table, tmp)
     errors = Counter(r["error"] for r in rows if r["error"])
-    stats = {"shard": path.stem, "images": len(rows), "scored": len(rows) - sum(errors.values()),
-             "errors": dict(errors), **damage}
+    stats = {
+        "shard": path.stem,
+        "images": len(rows),
+        "scored": len(rows) - sum(errors.values()),
+        "errors": dict(errors),
+        **damage,
+    }
     write_json(output / f"{path.stem}.stats.json", stats)
     return stats
 
@@ -205,7 +269,9 @@ class ScoreStage:
 
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
-        clip = load_clip(self.config.clip_model, self.config.pretrained, self.config.device, self.config.precision)
+        clip = load_clip(
+            self.config.clip_model, self.config.pretrained, self.config.device, self.config.precision
+        )
         return clip, load_heads(self.config, clip.embed_dim)
 
     def stats_path(self, shard: Path) -> Path:
@@ -230,10 +296,18 @@ def score(images: str | Path, output: str | Path, config: ScoreConfig, progress=
     output.mkdir(parents=True, exist_ok=True)
     if embeddings_dir:
         embeddings_dir.mkdir(parents=True, exist_ok=True)
-    write_json(output / "score_config.json", asdict(config) | {"clip_model": clip.name, "embed_dim": clip.embed_dim,
-                                                               "columns": [h.column for h in heads]})
-    all_stats = run_shards(stage, shards, executor or ExecutorConfig(), local_state=(clip, heads),
-                           progress=(lambda s: progress(s["images"])) if progress else None)
+    write_json(
+        output / "score_config.json",
+        asdict(config)
+        | {"clip_model": clip.name, "embed_dim": clip.embed_dim, "columns": [h.column for h in heads]},
+    )
+    all_stats = run_shards(
+        stage,
+        shards,
+        executor or ExecutorConfig(),
+        local_state=(clip, heads),
+        progress=(lambda s: progress(s["images"])) if progress else None,
+    )
     totals = Counter()
     totals["decode"] = decode_modes(config, any(h.on_pixels for h in heads))
     for stats in all_stats.values():
@@ -246,6 +320,10 @@ def score(images: str | Path, output: str | Path, config: ScoreConfig, progress=
 def format_score_totals(totals: dict, output: str | Path = "") -> str:
     """What `score` (the command and the run stage) prints."""
     errors = {k[6:]: v for k, v in totals.items() if k.startswith("error:")}
-    return (f"scored {totals['scored']:,} of {totals['images']:,} images in {totals['shards']} shard(s)"
-            + (f" -> {output}" if output else "") + (f"; not decodable: {errors}" if errors else "")
-            + "\ndecode: " + ", ".join(f"{branch} {mode}" for branch, mode in totals["decode"].items()))
+    return (
+        f"scored {totals['scored']:,} of {totals['images']:,} images in {totals['shards']} shard(s)"
+        + (f" -> {output}" if output else "")
+        + (f"; not decodable: {errors}" if errors else "")
+        + "\ndecode: "
+        + ", ".join(f"{branch} {mode}" for branch, mode in totals["decode"].items())
+    )

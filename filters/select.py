@@ -19,8 +19,12 @@ from latentmill.curate.funnel import format_funnel, funnel_steps
 from latentmill.filters.rules import PRESETS, Rule, derived_columns
 
 THRESHOLDS = {  # option -> the rule it stands for (the rule is named after the option)
-    "min_aesthetic": "aesthetic >= {}", "max_pwatermark": "pwatermark <= {}", "max_punsafe": "punsafe <= {}",
-    "min_similarity": "clip_similarity >= {}", "min_side": "min_side >= {}", "min_area": "area >= {}",
+    "min_aesthetic": "aesthetic >= {}",
+    "max_pwatermark": "pwatermark <= {}",
+    "max_punsafe": "punsafe <= {}",
+    "min_similarity": "clip_similarity >= {}",
+    "min_side": "min_side >= {}",
+    "min_area": "area >= {}",
     "max_aspect": "aspect <= {}",
 }
 NON_SCORE = {"key", "url", "caption", "error", "original_width", "original_height"}
@@ -35,18 +39,25 @@ class SelectConfig(StageConfig):
     min_aesthetic: float | None = opt(None, "Minimum aesthetic score.")
     max_pwatermark: float | None = opt(None, "Maximum watermark probability.")
     max_punsafe: float | None = opt(None, "Maximum unsafe probability.")
-    min_similarity: float | None = opt(None, "Minimum CLIP image-caption cosine (LAION used 0.28 on ViT-B/32).")
+    min_similarity: float | None = opt(
+        None, "Minimum CLIP image-caption cosine (LAION used 0.28 on ViT-B/32)."
+    )
     min_side: int | None = opt(None, "Minimum decoded smaller side, px.", low=1)
     min_area: int | None = opt(None, "Minimum decoded area, px.", low=1)
     max_aspect: float | None = opt(None, "Maximum long/short side ratio.", low=1.0)
-    where: list[str] = opt(factory=list, help='A rule such as "aesthetic >= 6 and pwatermark < 0.5" (repeatable).')
+    where: list[str] = opt(
+        factory=list, help='A rule such as "aesthetic >= 6 and pwatermark < 0.5" (repeatable).'
+    )
     plots: bool = opt(True, "Draw one histogram PNG per score with its threshold marked.")
 
     def rule_specs(self) -> list[tuple[str, str]]:
         """(name, expression) of every rule, in order."""
         specs = list(PRESETS[self.preset]) if self.preset else []
-        specs += [(key, template.format(getattr(self, key))) for key, template in THRESHOLDS.items()
-                  if getattr(self, key) is not None]
+        specs += [
+            (key, template.format(getattr(self, key)))
+            for key, template in THRESHOLDS.items()
+            if getattr(self, key) is not None
+        ]
         return specs + [(expression.strip(), expression) for expression in self.where]
 
 
@@ -58,10 +69,14 @@ def select(scores: str | Path, output: str | Path, config: SelectConfig | None =
     scores, output = Path(scores), Path(output)
     shards = sorted(p for p in scores.glob("*.parquet") if (scores / f"{p.stem}.stats.json").exists())
     if not shards:
-        raise InputError(f"{scores}: no finished score shards ({{shard}}.parquet with {{shard}}.stats.json). "
-                         f"Run `latentmill score` first.")
-    known = sorted(set(derived_columns({c: np.zeros(1) for c in pq.read_schema(shards[0]).names if c not in NON_SCORE}))
-                   | {"width", "height"})
+        raise InputError(
+            f"{scores}: no finished score shards ({{shard}}.parquet with {{shard}}.stats.json). "
+            f"Run `latentmill score` first."
+        )
+    known = sorted(
+        set(derived_columns({c: np.zeros(1) for c in pq.read_schema(shards[0]).names if c not in NON_SCORE}))
+        | {"width", "height"}
+    )
     rules = [Rule(name, expression, known) for name, expression in config.rule_specs()]
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"  # written whole, then swapped in
     shutil.rmtree(tmp, ignore_errors=True)
@@ -96,9 +111,15 @@ def _select_into(output: Path, final: Path, shards: list[Path], rules: list, plo
         try:
             table = pq.read_table(shard)
         except (pa.ArrowInvalid, OSError) as err:
-            raise InputError(f"{shard}: cannot be read as parquet ({str(err)[:120]}). Score that shard again: delete "
-                             f"{shard.stem}.stats.json beside it and re-run `latentmill score`.") from None
-        columns = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names if c not in NON_SCORE}
+            raise InputError(
+                f"{shard}: cannot be read as parquet ({str(err)[:120]}). Score that shard again: delete "
+                f"{shard.stem}.stats.json beside it and re-run `latentmill score`."
+            ) from None
+        columns = {
+            c: table.column(c).to_numpy(zero_copy_only=False)
+            for c in table.column_names
+            if c not in NON_SCORE
+        }
         columns = derived_columns({c: np.asarray(v, dtype=float) for c, v in columns.items()})
         for c, v in columns.items():
             values.setdefault(c, []).append(v)
@@ -115,13 +136,28 @@ def _select_into(output: Path, final: Path, shards: list[Path], rules: list, plo
         total += n
         kept_total += int(alive.sum())
         with atomic_path(output / shard.name) as tmp:
-            pq.write_table(pa.table({"key": table.column("key"), "keep": pa.array(alive), "reason": pa.array(list(reason), pa.string())}), tmp)
+            pq.write_table(
+                pa.table(
+                    {
+                        "key": table.column("key"),
+                        "keep": pa.array(alive),
+                        "reason": pa.array(list(reason), pa.string()),
+                    }
+                ),
+                tmp,
+            )
     steps = funnel_steps(total, dropped)
-    funnel = {"input": total, "steps": steps, "kept": kept_total,
-              "rules": [{"name": r.name, "expression": r.expression} for r in rules]}
+    funnel = {
+        "input": total,
+        "steps": steps,
+        "kept": kept_total,
+        "rules": [{"name": r.name, "expression": r.expression} for r in rules],
+    }
     assert steps[-1]["remaining"] == kept_total
     if plots:
-        funnel["plots"] = [str(final / "plots" / p.name) for p in plot_histograms(values, rules, output / "plots")]
+        funnel["plots"] = [
+            str(final / "plots" / p.name) for p in plot_histograms(values, rules, output / "plots")
+        ]
     write_json(output / "funnel.json", funnel)
     return funnel
 
@@ -145,10 +181,16 @@ def plot_histograms(values: dict[str, list], rules: list[Rule], folder: Path) ->
         fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
         ax.hist(data, bins=min(60, max(10, len(data) // 5)), color="#4C72B0")
         for rule in rules:
-            for match in re.finditer(rf"\b{re.escape(column)}\s*(<=|>=|<|>|==)\s*(-?[0-9.]+)", rule.expression):
+            for match in re.finditer(
+                rf"\b{re.escape(column)}\s*(<=|>=|<|>|==)\s*(-?[0-9.]+)", rule.expression
+            ):
                 ax.axvline(float(match.group(2)), color="#C44E52", linestyle="--")
-                ax.annotate(f"{match.group(1)} {match.group(2)}", (float(match.group(2)), ax.get_ylim()[1] * 0.9),
-                            color="#C44E52", fontsize=8)
+                ax.annotate(
+                    f"{match.group(1)} {match.group(2)}",
+                    (float(match.group(2)), ax.get_ylim()[1] * 0.9),
+                    color="#C44E52",
+                    fontsize=8,
+                )
         ax.set_title(f"{column} ({len(data)} images)")
         ax.set_xlabel(column)
         ax.set_ylabel("images")

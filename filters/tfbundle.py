@@ -17,8 +17,17 @@ import numpy as np
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
 BLOCK_TRAILER = 5  # compression type byte + crc32c
-DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 4: np.uint8, 5: np.int16, 6: np.int8, 9: np.int64, 10: np.bool_,
-          19: np.float16}
+DTYPES = {
+    1: np.float32,
+    2: np.float64,
+    3: np.int32,
+    4: np.uint8,
+    5: np.int16,
+    6: np.int8,
+    9: np.int64,
+    10: np.bool_,
+    19: np.float16,
+}
 DT_STRING = 7
 
 
@@ -50,12 +59,12 @@ def proto_fields(data: bytes) -> Iterator[tuple[int, int, object]]:
         if wire == 0:
             value, pos = read_varint(data, pos)
         elif wire == 1:
-            value, pos = data[pos:pos + 8], pos + 8
+            value, pos = data[pos : pos + 8], pos + 8
         elif wire == 2:
             size, pos = read_varint(data, pos)
-            value, pos = data[pos:pos + size], pos + size
+            value, pos = data[pos : pos + size], pos + size
         elif wire == 5:
-            value, pos = data[pos:pos + 4], pos + 4
+            value, pos = data[pos : pos + 4], pos + 4
         else:
             raise BundleError(f"unsupported protobuf wire type {wire}")
         yield number, wire, value
@@ -70,9 +79,9 @@ def _block_entries(block: bytes) -> Iterator[tuple[bytes, bytes]]:
         shared, pos = read_varint(block, pos)
         unshared, pos = read_varint(block, pos)
         size, pos = read_varint(block, pos)
-        key = key[:shared] + block[pos:pos + unshared]
+        key = key[:shared] + block[pos : pos + unshared]
         pos += unshared
-        yield key, block[pos:pos + size]
+        yield key, block[pos : pos + size]
         pos += size
 
 
@@ -81,7 +90,7 @@ def _block(data: bytes, handle: bytes) -> bytes:
     size, _ = read_varint(handle, pos)
     if data[offset + size] != 0:
         raise BundleError("compressed table blocks are not supported")
-    return data[offset:offset + size]
+    return data[offset : offset + size]
 
 
 def read_table(path: Path) -> dict[bytes, bytes]:
@@ -105,8 +114,11 @@ def _entry(value: bytes) -> dict:
         if number == 1:
             entry["dtype"] = field
         elif number == 2:
-            entry["shape"] = [next((v for n, _, v in proto_fields(dim) if n == 1), 0)
-                              for n, _, dim in proto_fields(field) if n == 2]
+            entry["shape"] = [
+                next((v for n, _, v in proto_fields(dim) if n == 1), 0)
+                for n, _, dim in proto_fields(field)
+                if n == 2
+            ]
         elif number == 3:
             entry["shard"] = field
         elif number == 4:
@@ -128,12 +140,14 @@ def _decode(raw: bytes, entry: dict, name: str):
         pos += 4
         strings = []
         for length in lengths:
-            strings.append(raw[pos:pos + length])
+            strings.append(raw[pos : pos + length])
             pos += length
         return np.array(strings, dtype=object).reshape(entry["shape"])
     if entry["dtype"] not in DTYPES:
         raise BundleError(f"variable {name}: unsupported dtype enum {entry['dtype']}")
-    return np.frombuffer(raw, dtype=np.dtype(DTYPES[entry["dtype"]]).newbyteorder("<"), count=count).reshape(entry["shape"])
+    return np.frombuffer(raw, dtype=np.dtype(DTYPES[entry["dtype"]]).newbyteorder("<"), count=count).reshape(
+        entry["shape"]
+    )
 
 
 def read_checkpoint(variables_dir: str | Path) -> dict[str, np.ndarray]:
@@ -153,9 +167,11 @@ def read_checkpoint(variables_dir: str | Path) -> dict[str, np.ndarray]:
         if entry["shard"] not in data_files:
             shards = sorted(folder.glob("variables.data-*"))
             if entry["shard"] >= len(shards):
-                raise BundleError(f"{folder}: variable {name} is in data shard {entry['shard']}, which is missing")
+                raise BundleError(
+                    f"{folder}: variable {name} is in data shard {entry['shard']}, which is missing"
+                )
             data_files[entry["shard"]] = shards[entry["shard"]].read_bytes()
-        raw = data_files[entry["shard"]][entry["offset"]:entry["offset"] + entry["size"]]
+        raw = data_files[entry["shard"]][entry["offset"] : entry["offset"] + entry["size"]]
         if name == "_CHECKPOINTABLE_OBJECT_GRAPH":
             continue
         tensors[name] = _decode(raw, entry, name)

@@ -74,18 +74,27 @@ def save_keras_nsfw(model, path: str | Path) -> None:
 
     from latentmill.curate.atomic import atomic_path
 
-    tensors = {"norm.mean": torch.from_numpy(np.array(model.mean, np.float32)),
-               "norm.variance": torch.from_numpy(np.array(model.variance, np.float32))}
+    tensors = {
+        "norm.mean": torch.from_numpy(np.array(model.mean, np.float32)),
+        "norm.variance": torch.from_numpy(np.array(model.variance, np.float32)),
+    }
     for i, (weight, bias) in enumerate(model.dense):
         tensors[f"dense.{i}.weight"] = torch.from_numpy(np.array(weight, np.float32))
         tensors[f"dense.{i}.bias"] = torch.from_numpy(np.array(bias, np.float32))
     for column, table in model.lookups.items():
         keys = sorted(table, key=table.get)
-        tensors[f"lookup.{column}.keys"] = torch.frombuffer(bytearray("\n".join(keys).encode()), dtype=torch.uint8)
+        tensors[f"lookup.{column}.keys"] = torch.frombuffer(
+            bytearray("\n".join(keys).encode()), dtype=torch.uint8
+        )
         tensors[f"lookup.{column}.values"] = torch.tensor([table[k] for k in keys], dtype=torch.int64)
-    metadata = {"format": NSFW_FORMAT, "column": "punsafe", "input_dim": str(model.input_dim),
-                "activations": json.dumps(model.activations), "epsilon": repr(float(model.epsilon)),
-                "source": model.source}
+    metadata = {
+        "format": NSFW_FORMAT,
+        "column": "punsafe",
+        "input_dim": str(model.input_dim),
+        "activations": json.dumps(model.activations),
+        "epsilon": repr(float(model.epsilon)),
+        "source": model.source,
+    }
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -96,7 +105,10 @@ def read_converted_nsfw(path: str | Path, state: dict, meta: dict):
 
     dim = int(meta["input_dim"])
     activations = json.loads(meta["activations"])
-    dense = [(state[f"dense.{i}.weight"].numpy(), state[f"dense.{i}.bias"].numpy()) for i in range(len(activations))]
+    dense = [
+        (state[f"dense.{i}.weight"].numpy(), state[f"dense.{i}.bias"].numpy())
+        for i in range(len(activations))
+    ]
     lookups = {}
     for key in state:
         if key.startswith("lookup.") and key.endswith(".keys"):
@@ -106,17 +118,31 @@ def read_converted_nsfw(path: str | Path, state: dict, meta: dict):
             if len(texts) != len(values):
                 raise InputError(f"{path}: lookup.{column} has {len(texts)} keys and {len(values)} values.")
             lookups[column] = dict(zip(texts, values, strict=True))
-    return KerasNsfw(dim, lookups, state["norm.mean"].numpy(), state["norm.variance"].numpy(), dense, activations,
-                     float(meta["epsilon"]), meta.get("source", str(path)))
+    return KerasNsfw(
+        dim,
+        lookups,
+        state["norm.mean"].numpy(),
+        state["norm.variance"].numpy(),
+        dense,
+        activations,
+        float(meta["epsilon"]),
+        meta.get("source", str(path)),
+    )
 
 
-PORT_KEYS = {f"{name}.{p}": None for name in ("linear_1", "linear_2", "linear_3", "linear_4") for p in ("weight", "bias")}
+PORT_KEYS = {
+    f"{name}.{p}": None
+    for name in ("linear_1", "linear_2", "linear_3", "linear_4")
+    for p in ("weight", "bias")
+}
 PORT_KEYS |= {"norm.mean": None, "norm.variance": None}
 H14_LINEAR = (0, 3, 6, 9, 12, 15, 16)
 H14_SIZES = (1024, 2048, 1024, 256, 128, 16, 1)
-UNSAFE_LAYOUTS = ("LAION's published Keras zip (clip_autokeras_binary_nsfw.zip, clip_autokeras_nsfw_b32.zip) or its "
-                  "unzipped folder; a file made by `latentmill convert-head laion-nsfw`; the PyTorch port "
-                  "(norm.mean, norm.variance, linear_1..4); LAION's ViT-H/14 detector h14_nsfw.pth (layers.0 .. layers.16)")
+UNSAFE_LAYOUTS = (
+    "LAION's published Keras zip (clip_autokeras_binary_nsfw.zip, clip_autokeras_nsfw_b32.zip) or its "
+    "unzipped folder; a file made by `latentmill convert-head laion-nsfw`; the PyTorch port "
+    "(norm.mean, norm.variance, linear_1..4); LAION's ViT-H/14 detector h14_nsfw.pth (layers.0 .. layers.16)"
+)
 
 
 def load_unsafe(path: str | Path, column: str = "punsafe") -> Head:
@@ -137,7 +163,9 @@ def load_unsafe(path: str | Path, column: str = "punsafe") -> Head:
         return Head(column, *_port_module(path, state))
     if f"layers.{H14_LINEAR[-1]}.weight" in state:
         return Head(column, *_h14_module(path, state))
-    raise InputError(f"{path}: not a LAION NSFW detector (keys: {', '.join(list(state)[:8])}). Accepted: {UNSAFE_LAYOUTS}.")
+    raise InputError(
+        f"{path}: not a LAION NSFW detector (keys: {', '.join(list(state)[:8])}). Accepted: {UNSAFE_LAYOUTS}."
+    )
 
 
 def read_laion_nsfw(path: Path):
@@ -149,7 +177,9 @@ def read_laion_nsfw(path: Path):
     try:
         return read_keras_nsfw(path)
     except (BundleError, zipfile.BadZipFile, KeyError, ValueError, OSError) as err:
-        raise InputError(f"{path}: not LAION's Keras NSFW detector as published ({err}). Accepted: {UNSAFE_LAYOUTS}.") from None
+        raise InputError(
+            f"{path}: not LAION's Keras NSFW detector as published ({err}). Accepted: {UNSAFE_LAYOUTS}."
+        ) from None
 
 
 def _port_module(path, state: dict):
@@ -159,15 +189,39 @@ def _port_module(path, state: dict):
 
     check_layout(path, state, PORT_KEYS, "LAION NSFW detector (PyTorch port layout)")
     dim = int(state["norm.mean"].shape[0])
-    check_layout(path, state, {"norm.mean": (dim,), "norm.variance": (dim,), "linear_1.weight": (64, dim),
-                               "linear_2.weight": (512, 64), "linear_3.weight": (256, 512), "linear_4.weight": (1, 256)},
-                 "LAION NSFW detector (PyTorch port layout)")
-    log.warning("%s: the PyTorch port of LAION's NSFW detector skips the categorical lookup of the Keras model "
-                "(its punsafe differs by up to ~0.35 on float16 embeddings); convert the published zip instead: "
-                "latentmill convert-head laion-nsfw clip_autokeras_binary_nsfw.zip -o punsafe.safetensors", path)
-    dense = [(state[f"linear_{i}.weight"].float().numpy(), state[f"linear_{i}.bias"].float().numpy()) for i in range(1, 5)]
-    model = KerasNsfw(dim, {}, state["norm.mean"].float().numpy(), state["norm.variance"].float().numpy(), dense,
-                      ["relu", "relu", "relu", "sigmoid"], epsilon=0.0, source=str(path))
+    check_layout(
+        path,
+        state,
+        {
+            "norm.mean": (dim,),
+            "norm.variance": (dim,),
+            "linear_1.weight": (64, dim),
+            "linear_2.weight": (512, 64),
+            "linear_3.weight": (256, 512),
+            "linear_4.weight": (1, 256),
+        },
+        "LAION NSFW detector (PyTorch port layout)",
+    )
+    log.warning(
+        "%s: the PyTorch port of LAION's NSFW detector skips the categorical lookup of the Keras model "
+        "(its punsafe differs by up to ~0.35 on float16 embeddings); convert the published zip instead: "
+        "latentmill convert-head laion-nsfw clip_autokeras_binary_nsfw.zip -o punsafe.safetensors",
+        path,
+    )
+    dense = [
+        (state[f"linear_{i}.weight"].float().numpy(), state[f"linear_{i}.bias"].float().numpy())
+        for i in range(1, 5)
+    ]
+    model = KerasNsfw(
+        dim,
+        {},
+        state["norm.mean"].float().numpy(),
+        state["norm.variance"].float().numpy(),
+        dense,
+        ["relu", "relu", "relu", "sigmoid"],
+        epsilon=0.0,
+        source=str(path),
+    )
     return dim, keras_nsfw_module(model).eval()
 
 
@@ -196,8 +250,12 @@ def h14_nsfw_module(input_dim: int = 1024):
 def _h14_module(path, state: dict):
     dim = int(state["layers.0.weight"].shape[1])
     widths = (dim, *H14_SIZES)
-    check_layout(path, state, {f"layers.{i}.weight": (widths[n + 1], widths[n]) for n, i in enumerate(H14_LINEAR)},
-                 "LAION ViT-H/14 NSFW detector (h14_nsfw.pth)")
+    check_layout(
+        path,
+        state,
+        {f"layers.{i}.weight": (widths[n + 1], widths[n]) for n, i in enumerate(H14_LINEAR)},
+        "LAION ViT-H/14 NSFW detector (h14_nsfw.pth)",
+    )
     module = h14_nsfw_module(dim)
     module.load_state_dict(state)
     return dim, module.eval()

@@ -108,20 +108,26 @@ def check_value(cls, field: dataclasses.Field, value) -> None:
         raise InputError(f"{name} must be set; {spec.help}")
     if kind == "bool" and not isinstance(value, bool):
         raise InputError(f"{name} = {value!r}: use true or false.")
-    if kind in ("int", "float") and (isinstance(value, bool) or not isinstance(value, int if kind == "int" else (int, float))):
+    if kind in ("int", "float") and (
+        isinstance(value, bool) or not isinstance(value, int if kind == "int" else (int, float))
+    ):
         raise InputError(f"{name} = {value!r}: use a {'whole number' if kind == 'int' else 'number'}.")
     if kind == "float" and not math.isfinite(value):
         raise InputError(f"{name} = {value!r}: use a finite number.")
     if kind == "str" and not isinstance(value, str):
         raise InputError(f"{name} = {value!r}: use text.")
-    if kind == "list" and (not isinstance(value, (list, tuple)) or not all(isinstance(v, element) for v in value)):
+    if kind == "list" and (
+        not isinstance(value, (list, tuple)) or not all(isinstance(v, element) for v in value)
+    ):
         raise InputError(f"{name} = {value!r}: use a list of {element.__name__} values.")
     if kind == "dict" and not isinstance(value, dict):
         raise InputError(f"{name} = {value!r}: use a mapping (key: value).")
     if spec.choices is not None and value not in spec.choices:
         near = difflib.get_close_matches(str(value), [str(c) for c in spec.choices], n=1, cutoff=0.5)
-        raise InputError(f"{name} = {value!r}: use one of {', '.join(map(str, spec.choices))}."
-                         + (f" Did you mean {near[0]!r}?" if near else ""))
+        raise InputError(
+            f"{name} = {value!r}: use one of {', '.join(map(str, spec.choices))}."
+            + (f" Did you mean {near[0]!r}?" if near else "")
+        )
     if kind in ("int", "float"):
         low_ok = spec.low is None or (value > spec.low if spec.low_open else value >= spec.low)
         if not low_ok or (spec.high is not None and value > spec.high):
@@ -186,7 +192,11 @@ def click_options(cls, only: tuple[str, ...] | None = None, skip: tuple[str, ...
             elif kind == "list":
                 kw |= {"multiple": True, "type": click_type(cls, field)}
             else:
-                kw |= {"type": click_type(cls, field), "default": default, "show_default": default is not None}
+                kw |= {
+                    "type": click_type(cls, field),
+                    "default": default,
+                    "show_default": default is not None,
+                }
             for i, old in enumerate(spec.old):
                 func = click.option(old, f"{field.name}__old{i}", hidden=True, type=kw.get("type"))(func)
             func = click.option(*decls, field.name, **kw)(func)
@@ -202,7 +212,10 @@ def config_from(cls, kwargs: dict, **extra):
         for i, old in enumerate(spec_of(field).old):
             given = kwargs.pop(f"{field.name}__old{i}", None)
             if given is not None:
-                click.echo(f"Warning: {old} is now {flag_of(field)}; the old spelling goes in the next release.", err=True)
+                click.echo(
+                    f"Warning: {old} is now {flag_of(field)}; the old spelling goes in the next release.",
+                    err=True,
+                )
                 kwargs[field.name] = given
         if field.name in kwargs:
             value = kwargs.pop(field.name)
@@ -224,7 +237,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> cuda when a GPU is visible, else cpu; any other name as given."""
+    """ "auto" -> cuda when a GPU is visible, else cpu; any other name as given."""
     if device != "auto":
         return device
     import torch

@@ -22,8 +22,10 @@ def run_demo(work: str | Path, log=print, overrides: list[str] = ()) -> dict:
     resolution = recipe["encode"]["resolution"]
     distribution = bucket_distribution(lay.images, make_buckets(resolution), lay.selection)
     chart = plot_distribution(distribution, lay.report / "buckets.png")
-    log(f"[buckets] {distribution['images']} selected images in "
-        f"{sum(r['count'] > 0 for r in distribution['buckets'])} buckets at {resolution} px: {chart}")
+    log(
+        f"[buckets] {distribution['images']} selected images in "
+        f"{sum(r['count'] > 0 for r in distribution['buckets'])} buckets at {resolution} px: {chart}"
+    )
     report["buckets"] = distribution
     write_json(lay.report / "demo.json", report)
     from latentmill.report import build_report

@@ -1,14 +1,14 @@
 """The work folder of `latentmill run`: every path a stage reads or writes, named once.
 
-    WORK/urls/        the URL table (or the demo's sample.parquet), kept.parquet and its funnel
-    WORK/images/      image shards (img2dataset), with _latentmill/summary.json
-    WORK/scores/      score parquets; WORK/embeddings/ the CLIP embeddings
-    WORK/heads/       heads fitted by the fit-heads stage
-    WORK/selection/   selection parquets, funnel.json, plots/
-    WORK/latents-RES/ latent shards at one resolution, manifest.json
-    WORK/runs/NAME/   training runs (checkpoints, log.jsonl)
-    WORK/export/      the diffusers pipeline
-    WORK/report/      the HTML report and its pictures
+WORK/urls/        the URL table (or the demo's sample.parquet), kept.parquet and its funnel
+WORK/images/      image shards (img2dataset), with _latentmill/summary.json
+WORK/scores/      score parquets; WORK/embeddings/ the CLIP embeddings
+WORK/heads/       heads fitted by the fit-heads stage
+WORK/selection/   selection parquets, funnel.json, plots/
+WORK/latents-RES/ latent shards at one resolution, manifest.json
+WORK/runs/NAME/   training runs (checkpoints, log.jsonl)
+WORK/export/      the diffusers pipeline
+WORK/report/      the HTML report and its pictures
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class Layout:
         """resolution -> folder, for every latents-RES folder present."""
         found = {}
         for path in self.work.glob(f"{LATENTS_PREFIX}*"):
-            suffix = path.name[len(LATENTS_PREFIX):]
+            suffix = path.name[len(LATENTS_PREFIX) :]
             if path.is_dir() and suffix.isdigit():
                 found[int(suffix)] = path
         return dict(sorted(found.items()))

@@ -29,10 +29,16 @@ class UrlsSection(StageConfig):
     """Where the URL table comes from."""
 
     SECTION = "urls"
-    source: str = opt("file", "file: the table given with --urls (or `path`); sample-server: the demo's own.",
-                      choices=("file", "sample-server"), cli=False)
+    source: str = opt(
+        "file",
+        "file: the table given with --urls (or `path`); sample-server: the demo's own.",
+        choices=("file", "sample-server"),
+        cli=False,
+    )
     path: str | None = opt(None, "The URL table, when --urls is not given.", cli=False)
-    photo_views: int = opt(1, "sample-server: crops per bundled photograph (12 photographs).", low=1, cli=False)
+    photo_views: int = opt(
+        1, "sample-server: crops per bundled photograph (12 photographs).", low=1, cli=False
+    )
     synthetic: int = opt(24, "sample-server: synthetic pictures.", low=0, cli=False)
 
 
@@ -53,14 +59,22 @@ def _score_config():
 
 
 SECTIONS = {
-    "urls": lambda: UrlsSection, "prefilter": lambda: PrefilterConfig, "download": lambda: DownloadConfig,
-    "score": _score_config, "select": lambda: SelectConfig, "encode": lambda: EncodeConfig,
-    "train": lambda: TrainConfig, "export": lambda: ExportConfig, "executor": lambda: ExecutorConfig,
+    "urls": lambda: UrlsSection,
+    "prefilter": lambda: PrefilterConfig,
+    "download": lambda: DownloadConfig,
+    "score": _score_config,
+    "select": lambda: SelectConfig,
+    "encode": lambda: EncodeConfig,
+    "train": lambda: TrainConfig,
+    "export": lambda: ExportConfig,
+    "executor": lambda: ExecutorConfig,
 }
 SCALARS = {"description"}
 LISTS = {"stages": TrainStage, "fit_heads": FitConfig}
-RUN_MANAGED = {"train": {"shards", "output", "init_from", "resume"},  # set by the runner, not by recipes
-               "download": {"resolver"}}
+RUN_MANAGED = {
+    "train": {"shards", "output", "init_from", "resume"},  # set by the runner, not by recipes
+    "download": {"resolver"},
+}
 PLACEHOLDERS = {"train": {"shards": "-", "output": "-"}}  # required fields the runner fills in
 
 
@@ -86,16 +100,20 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> dict:
     else:
         shipped = resources.files("latentmill.recipes") / f"{name_or_path}.yaml"
         if not shipped.is_file():
-            raise InputError(f"recipe {name_or_path!r}: not a YAML file nor a shipped recipe.{_nearest(name_or_path, list_recipes())} "
-                             f"Shipped: {', '.join(list_recipes())}.")
+            raise InputError(
+                f"recipe {name_or_path!r}: not a YAML file nor a shipped recipe.{_nearest(name_or_path, list_recipes())} "
+                f"Shipped: {', '.join(list_recipes())}."
+            )
         text, source = shipped.read_text(), name_or_path
     try:
         recipe = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise InputError(f"{source}: not valid YAML ({err}).") from None
     if not isinstance(recipe, dict):
-        raise InputError(f"{source}: a recipe is a mapping of sections (urls:, download:, train: ...), not a "
-                         f"{type(recipe).__name__}. See recipes/demo.yaml.")
+        raise InputError(
+            f"{source}: a recipe is a mapping of sections (urls:, download:, train: ...), not a "
+            f"{type(recipe).__name__}. See recipes/demo.yaml."
+        )
     for override in overrides:
         key, sep, value = override.partition("=")
         section, dot, field = key.partition(".")
@@ -115,18 +133,24 @@ def validate(recipe: dict, source: str) -> None:
     known = set(SECTIONS) | SCALARS | set(LISTS)
     for name, body in recipe.items():
         if name not in known:
-            raise InputError(f"{source}: unknown section {name!r}.{_nearest(name, known)} Sections: {', '.join(sorted(known))}.")
+            raise InputError(
+                f"{source}: unknown section {name!r}.{_nearest(name, known)} Sections: {', '.join(sorted(known))}."
+            )
         if name in SCALARS:
             continue
         if name in LISTS:
             if not isinstance(body or [], list):
-                raise InputError(f"{source}: {name} is a list (- key: value ...), not a {type(body).__name__}.")
+                raise InputError(
+                    f"{source}: {name} is a list (- key: value ...), not a {type(body).__name__}."
+                )
             for i, item in enumerate(body or []):
                 _check_mapping(LISTS[name], item, source, f"{name}[{i}]")
             continue
         _check_mapping(SECTIONS[name](), body, source, name)
     if recipe.get("fit_heads") and not (recipe.get("score") or {}).get("save_embeddings"):
-        raise InputError(f"{source}: fit_heads fits heads on the saved CLIP embeddings; set score.save_embeddings: true.")
+        raise InputError(
+            f"{source}: fit_heads fits heads on the saved CLIP embeddings; set score.save_embeddings: true."
+        )
 
 
 def _check_mapping(schema, body, source: str, where: str) -> None:
@@ -134,18 +158,25 @@ def _check_mapping(schema, body, source: str, where: str) -> None:
     allowed = set(fields) - RUN_MANAGED.get(where, set())
     if not isinstance(body or {}, dict):
         label = where if "[" in where else f"section {where}"
-        raise InputError(f"{source}: {label} is a mapping of keys (key: value), not a {type(body).__name__}. "
-                         f"Its keys: {', '.join(sorted(allowed))}.")
+        raise InputError(
+            f"{source}: {label} is a mapping of keys (key: value), not a {type(body).__name__}. "
+            f"Its keys: {', '.join(sorted(allowed))}."
+        )
     renamed = {spec_of(f).old_key: f.name for f in fields.values() if spec_of(f) and spec_of(f).old_key}
     for key in list(body or {}):
         if key in renamed and renamed[key] not in body:
-            print(f"Warning: {source}: {where}.{key} is now {where}.{renamed[key]}; the old key goes in the next "
-                  f"release.", file=sys.stderr)
+            print(
+                f"Warning: {source}: {where}.{key} is now {where}.{renamed[key]}; the old key goes in the next "
+                f"release.",
+                file=sys.stderr,
+            )
             body[renamed[key]] = body.pop(key)
     for key in body or {}:
         if key not in allowed:
-            raise InputError(f"{source}: unknown key {where}.{key}.{_nearest(key, allowed)} "
-                             f"Valid keys of {where}: {', '.join(sorted(allowed))}.")
+            raise InputError(
+                f"{source}: unknown key {where}.{key}.{_nearest(key, allowed)} "
+                f"Valid keys of {where}: {', '.join(sorted(allowed))}."
+            )
     try:
         from_section(schema, body or {}, **PLACEHOLDERS.get(where, {}))
     except InputError as err:

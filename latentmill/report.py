@@ -46,7 +46,9 @@ def funnel_rows(work: Path) -> list[tuple[str, int]]:
         rows.append(("selected", json.loads(selection.read_text())["kept"]))
     for resolution, latents in lay.latent_folders().items():
         if (latents / "manifest.json").exists():
-            rows.append((f"latents ({resolution} px)", json.loads((latents / "manifest.json").read_text())["samples"]))
+            rows.append(
+                (f"latents ({resolution} px)", json.loads((latents / "manifest.json").read_text())["samples"])
+            )
     return rows
 
 
@@ -79,7 +81,11 @@ def _loss_chart(log: Path) -> str | None:
             entry = json.loads(line)
         except ValueError:  # a line cut off by a kill, or damage: the chart shows the rest
             continue
-        if isinstance(entry, dict) and isinstance(entry.get("step"), (int, float)) and isinstance(entry.get("loss"), (int, float)):
+        if (
+            isinstance(entry, dict)
+            and isinstance(entry.get("step"), (int, float))
+            and isinstance(entry.get("loss"), (int, float))
+        ):
             entries.append(entry)
     if not entries:
         return None
@@ -108,14 +114,22 @@ def _head_section(work: Path) -> str:
     for path in sorted(lay.heads.glob("*.safetensors")) if lay.heads.exists() else []:
         meta = fitted_metadata(path)
         column, target, shown = meta["column"], meta.get("target"), format_metrics(meta["metrics"])
-        body += f"<h3>{html.escape(column)}" + (f" from {html.escape(target)}" if target else "") + \
-            f"</h3><p>metrics on the held-out labels: {html.escape(shown)}</p>"
+        body += (
+            f"<h3>{html.escape(column)}"
+            + (f" from {html.escape(target)}" if target else "")
+            + f"</h3><p>metrics on the held-out labels: {html.escape(shown)}</p>"
+        )
         if not target or not lay.scores.exists():
             continue
         labels = labels_from_image_shards(lay.images, target)
-        pairs = [(labels[k], v) for parquet in sorted(lay.scores.glob("*.parquet"))
-                 for k, v in zip(*pq.read_table(parquet, columns=["key", column]).to_pydict().values(), strict=True)
-                 if k in labels and v is not None]
+        pairs = [
+            (labels[k], v)
+            for parquet in sorted(lay.scores.glob("*.parquet"))
+            for k, v in zip(
+                *pq.read_table(parquet, columns=["key", column]).to_pydict().values(), strict=True
+            )
+            if k in labels and v is not None
+        ]
         if not pairs:
             continue
         fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -167,24 +181,38 @@ def build_report(work: str | Path, output: str | Path | None = None) -> Path:
     work = Path(work)
     lay = Layout(work)
     if not lay.urls.exists() and not lay.images.exists():
-        raise InputError(f"{work}: not a latentmill work folder (no urls/ or images/). Run `latentmill run RECIPE -w {work}`.")
+        raise InputError(
+            f"{work}: not a latentmill work folder (no urls/ or images/). Run `latentmill run RECIPE -w {work}`."
+        )
     sections: list[tuple[str, str, str]] = []  # (id, title, html)
 
     rows = funnel_rows(work)
     table = "".join(f"<tr><td>{html.escape(n)}</td><td>{v:,}</td></tr>" for n, v in rows)
-    body = f'<table class="funnel">{table}</table>' + (f'<img alt="funnel" src="{_funnel_chart(rows)}">' if rows else "")
+    body = f'<table class="funnel">{table}</table>' + (
+        f'<img alt="funnel" src="{_funnel_chart(rows)}">' if rows else ""
+    )
     download = lay.download_summary
     if download.exists():
         failures = json.loads(download.read_text())["failures"]
-        body += "<h3>Download failures</h3><ul>" + "".join(
-            f"<li>{html.escape(k)}: {v}</li>" for k, v in failures.items()) + "</ul>"
+        body += (
+            "<h3>Download failures</h3><ul>"
+            + "".join(f"<li>{html.escape(k)}: {v}</li>" for k, v in failures.items())
+            + "</ul>"
+        )
     sections.append(("funnel", "Funnel: from URLs to latents", body))
 
     plots = sorted((lay.selection / "plots").glob("*.png")) if (lay.selection / "plots").exists() else []
-    body = "".join(f'<figure><img alt="{p.stem}" src="{_png_uri(p.read_bytes())}"><figcaption>{p.stem}</figcaption></figure>'
-                   for p in plots) or "<p>No scores yet.</p>"
+    body = (
+        "".join(
+            f'<figure><img alt="{p.stem}" src="{_png_uri(p.read_bytes())}"><figcaption>{p.stem}</figcaption></figure>'
+            for p in plots
+        )
+        or "<p>No scores yet.</p>"
+    )
     sections.append(("scores", "Score histograms and thresholds", body))
-    sections.append(("heads", "Fitted heads against their labels", _head_section(work) or "<p>No fitted heads.</p>"))
+    sections.append(
+        ("heads", "Fitted heads against their labels", _head_section(work) or "<p>No fitted heads.</p>")
+    )
 
     latents = lay.latent_folders()
     body = "<p>No latents yet.</p>"
@@ -199,8 +227,10 @@ def build_report(work: str | Path, output: str | Path | None = None) -> Path:
     body = ""
     if lay.images.exists():
         for group, items in sorted(_thumbnails(work).items(), key=lambda kv: (kv[0] != "kept", kv[0])):
-            cells = "".join(f'<figure><img alt="{html.escape(k)}" src="{uri}"><figcaption>{html.escape(c[:60])}</figcaption></figure>'
-                            for k, c, uri in items)
+            cells = "".join(
+                f'<figure><img alt="{html.escape(k)}" src="{uri}"><figcaption>{html.escape(c[:60])}</figcaption></figure>'
+                for k, c, uri in items
+            )
             body += f'<h3>{"Kept" if group == "kept" else "Dropped: " + html.escape(group)}</h3><div class="grid">{cells}</div>'
     sections.append(("thumbnails", "Kept and dropped images", body or "<p>No images yet.</p>"))
 
@@ -209,7 +239,9 @@ def build_report(work: str | Path, output: str | Path | None = None) -> Path:
         if (run / "log.jsonl").exists():
             chart = _loss_chart(run / "log.jsonl")
             if chart:
-                body += f'<h3>{html.escape(run.name)}</h3><img alt="loss {html.escape(run.name)}" src="{chart}">'
+                body += (
+                    f'<h3>{html.escape(run.name)}</h3><img alt="loss {html.escape(run.name)}" src="{chart}">'
+                )
     sections.append(("loss", "Training loss", body or "<p>No training yet.</p>"))
 
     body = ""

@@ -52,11 +52,14 @@ def progress_bar(desc: str, unit: str, total: int | None = None):
     """One tqdm bar on stderr, with its rate, for a stage."""
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=f"[{desc}]", unit=unit, unit_scale=True, dynamic_ncols=True, leave=False) as bar:
+    with tqdm(
+        total=total, desc=f"[{desc}]", unit=unit, unit_scale=True, dynamic_ncols=True, leave=False
+    ) as bar:
         yield bar
 
 
 # --- the stages, in order ----------------------------------------------------------------------------------
+
 
 def _prefilter(ctx: Context) -> dict:
     from latentmill.curate.prefilter import prefilter
@@ -65,7 +68,9 @@ def _prefilter(ctx: Context) -> dict:
     if lay.kept_funnel.exists():
         return json.loads(lay.kept_funnel.read_text())
     with progress_bar("prefilter", "rows") as bar:
-        return prefilter(table, lay.kept, section(ctx.recipe, "prefilter", **ctx.allowed), progress=bar.update)
+        return prefilter(
+            table, lay.kept, section(ctx.recipe, "prefilter", **ctx.allowed), progress=bar.update
+        )
 
 
 def _download(ctx: Context) -> dict:
@@ -79,8 +84,13 @@ def _score(ctx: Context) -> dict:
     from latentmill.filters.score import score
 
     with progress_bar("score", "img") as bar:
-        return score(ctx.layout.images, ctx.layout.scores, section(ctx.recipe, "score"), progress=bar.update,
-                     executor=ctx.executor)
+        return score(
+            ctx.layout.images,
+            ctx.layout.scores,
+            section(ctx.recipe, "score"),
+            progress=bar.update,
+            executor=ctx.executor,
+        )
 
 
 def _fit_heads(ctx: Context) -> dict:
@@ -93,7 +103,9 @@ def _fit_heads(ctx: Context) -> dict:
     for spec in ctx.recipe.get("fit_heads") or []:
         config = from_section(FitConfig, spec)
         column = config.column or config.target
-        out[column] = fit_and_add(config, lay.images, lay.embeddings, lay.scores, lay.head(column), add_column=True)
+        out[column] = fit_and_add(
+            config, lay.images, lay.embeddings, lay.scores, lay.head(column), add_column=True
+        )
     return out
 
 
@@ -117,13 +129,20 @@ def _encode(ctx: Context) -> dict:
     out = {}
     for resolution in _resolutions(ctx.recipe):
         with progress_bar(f"encode {resolution}", "img") as bar:
-            manifest = encode(ctx.layout.images, ctx.layout.latents(resolution),
-                              section(ctx.recipe, "encode", resolution=resolution), selection=ctx.layout.selection,
-                              executor=ctx.executor, progress=bar.update)
+            manifest = encode(
+                ctx.layout.images,
+                ctx.layout.latents(resolution),
+                section(ctx.recipe, "encode", resolution=resolution),
+                selection=ctx.layout.selection,
+                executor=ctx.executor,
+                progress=bar.update,
+            )
         out[resolution] = manifest
     if "train" in ctx.recipe and not all(m["samples"] for m in out.values()):
-        raise InputError("no latents to train on: the selection kept nothing. Loosen the select thresholds "
-                         "(latentmill select ... or --set select.KEY=VALUE) and run again.")
+        raise InputError(
+            "no latents to train on: the selection kept nothing. Loosen the select thresholds "
+            "(latentmill select ... or --set select.KEY=VALUE) and run again."
+        )
     return out
 
 
@@ -134,9 +153,12 @@ def _train(ctx: Context) -> dict:
     out, previous = {}, None
     for stage in _train_stages(ctx.recipe):
         run = ctx.layout.run(stage["name"])
-        overrides = {"shards": str(ctx.layout.latents(stage["resolution"])), "output": str(run),
-                     "resume": bool(checkpoints(run)),  # a stopped run continues, a new one starts
-                     "init_from": str(previous) if previous else None}
+        overrides = {
+            "shards": str(ctx.layout.latents(stage["resolution"])),
+            "output": str(run),
+            "resume": bool(checkpoints(run)),  # a stopped run continues, a new one starts
+            "init_from": str(previous) if previous else None,
+        }
         if stage.get("steps"):
             overrides["steps"] = stage["steps"]
         config = section(ctx.recipe, "train", **overrides)
@@ -158,8 +180,10 @@ def _export(ctx: Context) -> dict:
     stages = _train_stages(ctx.recipe)
     run = ctx.layout.run(stages[-1]["name"])
     if not text or str(text).startswith("openclip:"):
-        return {"skipped": "a StableDiffusionPipeline needs a CLIPTextModel text encoder folder (this run used an "
-                           "open_clip text tower); `latentmill sample` generates from the run directly"}
+        return {
+            "skipped": "a StableDiffusionPipeline needs a CLIPTextModel text encoder folder (this run used an "
+            "open_clip text tower); `latentmill sample` generates from the run directly"
+        }
     output = ctx.layout.export
     if not (output / "model_index.json").exists():
         config = section(ctx.recipe, "export")
@@ -181,9 +205,11 @@ def _summaries():
         "fit-heads": lambda out: "\n".join(f"{column}: {format_metrics(m)}" for column, m in out.items()),
         "select": format_select_funnel,
         "encode": lambda out: "\n".join(format_encode_summary(m) for m in out.values()),
-        "train": lambda out: "\n".join(f"{name}: step {m['step']}, loss {m['loss']}"
-                                       + (" (finished before)" if m.get("finished_before") else "")
-                                       for name, m in out.items()),
+        "train": lambda out: "\n".join(
+            f"{name}: step {m['step']}, loss {m['loss']}"
+            + (" (finished before)" if m.get("finished_before") else "")
+            for name, m in out.items()
+        ),
         "export": lambda out: out.get("path") or f"skipped: {out['skipped']}",
     }
 
@@ -199,6 +225,7 @@ def _summary(name: str) -> Callable[[dict], str]:
 
 
 # --- status of each stage, read from the layout -------------------------------------------------------------
+
 
 def _count(folder: Path, pattern: str) -> int:
     return len(list(folder.glob(pattern))) if folder.exists() else 0
@@ -241,7 +268,9 @@ def _encode_status(lay: Layout) -> tuple[str, str]:
     for resolution, folder in lay.latent_folders().items():
         done.append(f"{_count(folder, '*.stats.json')}/{_count(lay.images, '*.tar')}")
         if (folder / "manifest.json").exists():
-            parts.append(f"{json.loads((folder / 'manifest.json').read_text())['samples']:,} latents at {resolution} px")
+            parts.append(
+                f"{json.loads((folder / 'manifest.json').read_text())['samples']:,} latents at {resolution} px"
+            )
     return (", ".join(done) + " shards") if done else "no", "; ".join(parts)
 
 
@@ -261,25 +290,71 @@ def _export_status(lay: Layout) -> tuple[str, str]:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prefilter", "prefilter", ("urls",), ("kept", "kept_funnel"), _prefilter, _summary("prefilter"),
-          _prefilter_status),
+    Stage(
+        "prefilter",
+        "prefilter",
+        ("urls",),
+        ("kept", "kept_funnel"),
+        _prefilter,
+        _summary("prefilter"),
+        _prefilter_status,
+    ),
     Stage("download", "download", ("kept",), ("images",), _download, _summary("download"), _download_status),
-    Stage("score", "score", ("images",), ("scores", "embeddings"), _score, _summary("score"),
-          _shard_status(lambda lay: lay.scores, "*.stats.json")),
-    Stage("fit-heads", "fit_heads", ("images", "embeddings", "scores"), ("heads", "scores"), _fit_heads,
-          _summary("fit-heads"), _fit_heads_status, applies=lambda recipe: bool(recipe.get("fit_heads"))),
+    Stage(
+        "score",
+        "score",
+        ("images",),
+        ("scores", "embeddings"),
+        _score,
+        _summary("score"),
+        _shard_status(lambda lay: lay.scores, "*.stats.json"),
+    ),
+    Stage(
+        "fit-heads",
+        "fit_heads",
+        ("images", "embeddings", "scores"),
+        ("heads", "scores"),
+        _fit_heads,
+        _summary("fit-heads"),
+        _fit_heads_status,
+        applies=lambda recipe: bool(recipe.get("fit_heads")),
+    ),
     Stage("select", "select", ("scores",), ("selection",), _select, _summary("select"), _select_status),
-    Stage("encode", "encode", ("images", "selection"), ("latents",), _encode, _summary("encode"), _encode_status),
-    Stage("train", "train", ("latents",), ("runs",), _train, _summary("train"), _train_status,
-          applies=lambda recipe: "train" in recipe),
-    Stage("export", "export", ("runs",), ("export",), _export, _summary("export"), _export_status,
-          applies=lambda recipe: "train" in recipe),
+    Stage(
+        "encode", "encode", ("images", "selection"), ("latents",), _encode, _summary("encode"), _encode_status
+    ),
+    Stage(
+        "train",
+        "train",
+        ("latents",),
+        ("runs",),
+        _train,
+        _summary("train"),
+        _train_status,
+        applies=lambda recipe: "train" in recipe,
+    ),
+    Stage(
+        "export",
+        "export",
+        ("runs",),
+        ("export",),
+        _export,
+        _summary("export"),
+        _export_status,
+        applies=lambda recipe: "train" in recipe,
+    ),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 
-def run_recipe(recipe: dict, work: str | Path, urls: str | None = None, until: str | None = None,
-               executor=None, log=print) -> dict:
+def run_recipe(
+    recipe: dict,
+    work: str | Path,
+    urls: str | None = None,
+    until: str | None = None,
+    executor=None,
+    log=print,
+) -> dict:
     """Run the recipe's stages up to `until` (inclusive); return what each stage reported."""
     if until and until not in STAGE_NAMES:
         raise InputError(f"--until {until!r}: use one of {', '.join(STAGE_NAMES)}.")
@@ -289,7 +364,7 @@ def run_recipe(recipe: dict, work: str | Path, urls: str | None = None, until: s
     report: dict = {}
     with ExitStack() as stack:
         ctx = Context(recipe, layout, executor or section(recipe, "executor"), urls, log, stack)
-        for stage in STAGES[:last + 1]:
+        for stage in STAGES[: last + 1]:
             if not stage.applies(recipe):
                 continue
             report[stage.name] = stage.run(ctx)
@@ -319,8 +394,10 @@ def _url_table(ctx: Context) -> Path:
         try:
             server = ctx.stack.enter_context(ImageServer(port=port, slow_s=10))
         except OSError as err:
-            raise InputError(f"the demo's image server cannot listen on 127.0.0.1:{port} again ({err}); free the "
-                             f"port, or start over in a new work folder.") from None
+            raise InputError(
+                f"the demo's image server cannot listen on 127.0.0.1:{port} again ({err}); free the "
+                f"port, or start over in a new work folder."
+            ) from None
         lay.server_port.write_text(str(server.port))
         if not lay.sample_table.exists():
             rows = sample_rows(server.url(""), n_synthetic=source.synthetic, photo_views=source.photo_views)

@@ -78,8 +78,15 @@ def image_entry(key, width, height, seed=0, fmt="jpg", **encode_args):
     from latentmill.curate import samples
 
     image, caption = samples.synthetic(seed, width, height)
-    meta = json.dumps({"url": f"https://example.com/{key}.{fmt}", "caption": caption, "AESTHETIC_SCORE": 5.5,
-                       "width": width, "height": height}).encode()
+    meta = json.dumps(
+        {
+            "url": f"https://example.com/{key}.{fmt}",
+            "caption": caption,
+            "AESTHETIC_SCORE": 5.5,
+            "width": width,
+            "height": height,
+        }
+    ).encode()
     return (key, {fmt: samples.encode(image, fmt, **encode_args), "txt": caption.encode(), "json": meta})
 
 
@@ -90,7 +97,9 @@ def image_shards(tmp_path):
     folder.mkdir()
     sizes = [(300, 300), (400, 240), (240, 400), (512, 256), (256, 512), (360, 280)]
     for shard in range(2):
-        entries = [image_entry(f"{shard:05d}{i:04d}", w, h, seed=shard * 10 + i) for i, (w, h) in enumerate(sizes)]
+        entries = [
+            image_entry(f"{shard:05d}{i:04d}", w, h, seed=shard * 10 + i) for i, (w, h) in enumerate(sizes)
+        ]
         make_shard(folder / f"{shard:05d}.tar", entries)
     return folder
 
@@ -120,9 +129,19 @@ def tiny_clip_text_pipeline(folder):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
-    CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                                 vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                                 pad_token_id=1)).save_pretrained(folder / "text_encoder")
+    CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            vocab_size=1000,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).save_pretrained(folder / "text_encoder")
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in letters:
@@ -131,8 +150,11 @@ def tiny_clip_text_pipeline(folder):
     (folder / "tokenizer").mkdir(parents=True)
     (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
     (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"),
-                              model_max_length=77)
+    tokenizer = CLIPTokenizer(
+        str(folder / "tokenizer" / "vocab.json"),
+        str(folder / "tokenizer" / "merges.txt"),
+        model_max_length=77,
+    )
     tokenizer.save_pretrained(folder / "tokenizer")
     return folder
 
@@ -163,10 +185,18 @@ def hostile_metadata_entries(prefix="77"):
     """Samples with good images and hostile metadata: (key, files) pairs, the image always decodable."""
     import json
 
-    hostile = [b"[1, 2, 3]", b'"just a string"', b"null", b"{not json", b"[" * 5000 + b"]" * 5000,
-               json.dumps({"caption": ["a", "list"], "url": {"an": "object"}}).encode(),
-               json.dumps({"original_width": "wide", "original_height": 10**30, "width": -4, "height": True}).encode(),
-               json.dumps({"url": "https://example.com/x.jpg", "extra": "x" * 200_000}).encode()]
+    hostile = [
+        b"[1, 2, 3]",
+        b'"just a string"',
+        b"null",
+        b"{not json",
+        b"[" * 5000 + b"]" * 5000,
+        json.dumps({"caption": ["a", "list"], "url": {"an": "object"}}).encode(),
+        json.dumps(
+            {"original_width": "wide", "original_height": 10**30, "width": -4, "height": True}
+        ).encode(),
+        json.dumps({"url": "https://example.com/x.jpg", "extra": "x" * 200_000}).encode(),
+    ]
     entries = []
     for i, meta in enumerate(hostile):
         key, files = image_entry(f"{prefix}{i:07d}", 160, 120, seed=i)

@@ -49,12 +49,27 @@ def zoo(tmp_path_factory):
     make_shard(z / "images" / "00000.tar", [image_entry("000000000", 160, 120)])
     (z / "lat").mkdir()
     (z / "lat" / "manifest.json").write_text('{"format": "latentmill.latents/1"}')
-    good = {"format": "latentmill.latents/1", "latent_channels": 4, "downsample_factor": 8, "resolution": 128,
-            "scaling_factor": 0.18215, "shift_factor": 0.0, "buckets": [[128, 128]], "vae": {"fingerprint": "x"},
-            "encode_config": {}, "text_encoder": None, "shards": {"00000": {"samples": 0, "sha256": "0"}}}
-    tampered = {"list": [1, 2], "channels": {k: v for k, v in good.items() if k != "latent_channels"},
-                "buckets": good | {"buckets": [[128, "wide"]]}, "scale": good | {"scaling_factor": "big"},
-                "text": good | {"text_encoder": {"shape": [77, -1]}}, "resolution": good | {"resolution": 10**30}}
+    good = {
+        "format": "latentmill.latents/1",
+        "latent_channels": 4,
+        "downsample_factor": 8,
+        "resolution": 128,
+        "scaling_factor": 0.18215,
+        "shift_factor": 0.0,
+        "buckets": [[128, 128]],
+        "vae": {"fingerprint": "x"},
+        "encode_config": {},
+        "text_encoder": None,
+        "shards": {"00000": {"samples": 0, "sha256": "0"}},
+    }
+    tampered = {
+        "list": [1, 2],
+        "channels": {k: v for k, v in good.items() if k != "latent_channels"},
+        "buckets": good | {"buckets": [[128, "wide"]]},
+        "scale": good | {"scaling_factor": "big"},
+        "text": good | {"text_encoder": {"shape": [77, -1]}},
+        "resolution": good | {"resolution": 10**30},
+    }
     for name, manifest in tampered.items():
         (z / f"lat-{name}").mkdir()
         make_shard(z / f"lat-{name}" / "00000.tar", [])
@@ -72,10 +87,20 @@ def zoo(tmp_path_factory):
             save_file({"w": torch.zeros(2)}, str(folder / "ema.safetensors"))
     scores = z / "scores"
     scores.mkdir()
-    table = pa.table({"key": ["000000000"], "url": ["u"], "caption": ["c"], "width": pa.array([160], pa.int32()),
-                      "height": pa.array([120], pa.int32()), "original_width": pa.array([160], pa.int32()),
-                      "original_height": pa.array([120], pa.int32()), "aesthetic": pa.array([5.0], pa.float32()),
-                      "clip_similarity": pa.array([0.3], pa.float32()), "error": pa.array([None], pa.string())})
+    table = pa.table(
+        {
+            "key": ["000000000"],
+            "url": ["u"],
+            "caption": ["c"],
+            "width": pa.array([160], pa.int32()),
+            "height": pa.array([120], pa.int32()),
+            "original_width": pa.array([160], pa.int32()),
+            "original_height": pa.array([120], pa.int32()),
+            "aesthetic": pa.array([5.0], pa.float32()),
+            "clip_similarity": pa.array([0.3], pa.float32()),
+            "error": pa.array([None], pa.string()),
+        }
+    )
     pq.write_table(table, scores / "00000.parquet")
     (scores / "00000.stats.json").write_text(json.dumps({"shard": "00000", "images": 1}))
     (z / "labels.csv").write_text("key,target\n000000000,hello\n")
@@ -91,7 +116,17 @@ def cases():
     score = ["score", IM, "-o", "{z}/out", "--clip-model", "latentmill-tiny", "--pretrained", "none"]
     select = ["select", S, "-o", "{z}/sel"]
     download = ["download", "{z}/nourl.csv", "-o", "{z}/img"]
-    fit = ["fit-head", "--embeddings", "{z}", "--labels", "{z}/labels.csv", "--target", "target", "-o", "{z}/h.safetensors"]
+    fit = [
+        "fit-head",
+        "--embeddings",
+        "{z}",
+        "--labels",
+        "{z}/labels.csv",
+        "--target",
+        "target",
+        "-o",
+        "{z}/h.safetensors",
+    ]
     return [
         # options: ranges, finiteness, choices
         ("train-batch-0", [*train, "--batch-size", "0"], "--batch-size"),
@@ -134,26 +169,49 @@ def cases():
         ("download-shard-size", [*download, "--shard-size", "0"], "--shard-size"),
         ("download-retries", [*download, "--retries", "-1"], "--retries"),
         ("download-aspect-nan", [*download, "--max-aspect", "nan"], "--max-aspect"),
-        ("merge-alpha-nan", ["merge", "{z}/emptydir", "{z}/emptydir", "--alpha", "nan", "-o", "{z}/m"], "--alpha"),
+        (
+            "merge-alpha-nan",
+            ["merge", "{z}/emptydir", "{z}/emptydir", "--alpha", "nan", "-o", "{z}/m"],
+            "--alpha",
+        ),
         # tables
         ("table-no-url", ["urls", "inspect", "{z}/nourl.csv"], "no URL column"),
         ("table-bad-jsonl", ["urls", "inspect", "{z}/bad.jsonl"], "bad.jsonl"),
         ("table-empty", ["urls", "inspect", "{z}/empty.csv"], "empty.csv: the file is empty"),
-        ("table-not-parquet", ["urls", "inspect", "{z}/notparquet.parquet"], "notparquet.parquet: cannot be read as parquet"),
+        (
+            "table-not-parquet",
+            ["urls", "inspect", "{z}/notparquet.parquet"],
+            "notparquet.parquet: cannot be read as parquet",
+        ),
         ("table-empty-folder", ["urls", "inspect", "{z}/emptydir"], "holds no .parquet"),
         ("prefilter-no-url", ["urls", "prefilter", "{z}/nourl.csv", "-o", "{z}/out.parquet"], "--url-col"),
         ("download-no-url", download, "--url-col"),
-        ("download-allow-host-no-port", ["download", "{z}/ok.csv", "-o", "{z}/img", "--allow-host", "127.0.0.1"], "--allow-host '127.0.0.1': write HOST:PORT"),
-        ("prefilter-allow-host-port", ["urls", "prefilter", "{z}/ok.csv", "-o", "{z}/o.parquet", "--allow-host",
-                                       "127.0.0.1:99999"], "write HOST:PORT"),
+        (
+            "download-allow-host-no-port",
+            ["download", "{z}/ok.csv", "-o", "{z}/img", "--allow-host", "127.0.0.1"],
+            "--allow-host '127.0.0.1': write HOST:PORT",
+        ),
+        (
+            "prefilter-allow-host-port",
+            ["urls", "prefilter", "{z}/ok.csv", "-o", "{z}/o.parquet", "--allow-host", "127.0.0.1:99999"],
+            "write HOST:PORT",
+        ),
         # recipes
         ("recipe-list", ["run", "{z}/list.yaml", "--work", "{z}/w"], "a recipe is a mapping"),
-        ("recipe-section-list", ["run", "{z}/sectionlist.yaml", "--work", "{z}/w"], "section train is a mapping"),
+        (
+            "recipe-section-list",
+            ["run", "{z}/sectionlist.yaml", "--work", "{z}/w"],
+            "section train is a mapping",
+        ),
         ("recipe-unknown-key", ["run", "{z}/unknown.yaml", "--work", "{z}/w"], "train.bogus_key"),
         ("recipe-python-tag", ["run", "{z}/evil.yaml", "--work", "{z}/w"], "not valid YAML"),
         ("recipe-batch-0", ["run", "{z}/bs0.yaml", "--work", "{z}/w"], "train.batch_size"),
         ("recipe-steps-text", ["run", "{z}/steps-text.yaml", "--work", "{z}/w"], "train.steps"),
-        ("recipe-precision-fp16", ["run", "{z}/fp16.yaml", "--work", "{z}/w"], "fp16 training needs a gradient scaler"),
+        (
+            "recipe-precision-fp16",
+            ["run", "{z}/fp16.yaml", "--work", "{z}/w"],
+            "fp16 training needs a gradient scaler",
+        ),
         ("recipe-stages-map", ["run", "{z}/stages-map.yaml", "--work", "{z}/w"], "stages is a list"),
         ("recipe-stage-item", ["run", "{z}/stage-item.yaml", "--work", "{z}/w"], "stages[0]"),
         ("recipe-bad-yaml", ["run", "{z}/badyaml.yaml", "--work", "{z}/w"], "badyaml.yaml: not valid YAML"),
@@ -161,26 +219,54 @@ def cases():
         ("recipe-bad-set", ["run", "demo", "--work", "{z}/w", "--set", "trainsteps"], "section.key=value"),
         # heads
         ("head-aesthetic-empty", [*score, "--aesthetic-head", "{z}/empty.pth"], "empty.pth"),
-        ("head-aesthetic-text", [*score, "--aesthetic-head", "{z}/text.pth"], "text.pth: not a PyTorch state dict"),
+        (
+            "head-aesthetic-text",
+            [*score, "--aesthetic-head", "{z}/text.pth"],
+            "text.pth: not a PyTorch state dict",
+        ),
         ("head-aesthetic-shape", [*score, "--aesthetic-head", "{z}/wrongshape.pth"], "wrongshape.pth"),
         ("head-unsafe-text", [*score, "--unsafe-head", "{z}/text.pth"], "text.pth"),
-        ("head-unsafe-missing", [*score, "--unsafe-head", "{z}/nowhere.zip"], "nowhere.zip: no such unsafe-head file"),
+        (
+            "head-unsafe-missing",
+            [*score, "--unsafe-head", "{z}/nowhere.zip"],
+            "nowhere.zip: no such unsafe-head file",
+        ),
         ("head-watermark-empty", [*score, "--watermark-head", "{z}/empty.pth"], "empty.pth"),
         ("head-fitted-text", [*score, "--head", "{z}/text.safetensors"], "text.safetensors"),
-        ("convert-not-zip", ["convert-head", "laion-nsfw", "{z}/text.pth", "-o", "{z}/h.safetensors"], "text.pth: not LAION's"),
+        (
+            "convert-not-zip",
+            ["convert-head", "laion-nsfw", "{z}/text.pth", "-o", "{z}/h.safetensors"],
+            "text.pth: not LAION's",
+        ),
         ("convert-out-suffix", ["convert-head", "laion-nsfw", "{z}/text.pth", "-o", "{z}/h.pt"], "-o"),
         ("fit-reserved-column", [*fit, "--column", "caption"], "cannot write column 'caption'"),
         ("fit-text-labels", fit, "row 2 (key 000000000) has 'hello'"),
         # folders, runs, latents
         ("images-empty", ["images", "inspect", "{z}/emptydir"], "no .tar image shards"),
         ("encode-empty", ["encode", "{z}/emptydir", "-o", "{z}/o"], "no .tar image shards"),
-        ("score-empty", ["score", "{z}/emptydir", "-o", "{z}/o", "--clip-model", "latentmill-tiny", "--pretrained", "none"],
-         "emptydir"),
+        (
+            "score-empty",
+            [
+                "score",
+                "{z}/emptydir",
+                "-o",
+                "{z}/o",
+                "--clip-model",
+                "latentmill-tiny",
+                "--pretrained",
+                "none",
+            ],
+            "emptydir",
+        ),
         ("select-empty", ["select", "{z}/emptydir", "-o", "{z}/sel"], "no finished score shards"),
         ("report-empty", ["report", "{z}/emptydir"], "not a latentmill work folder"),
         ("export-no-ckpt", ["export", "{z}/emptydir", "-o", "{z}/p"], "no checkpoints"),
         ("sample-no-ckpt", sample, "no checkpoints"),
-        ("merge-no-ckpt", ["merge", "{z}/emptydir", "{z}/emptydir", "--alpha", "0.5", "-o", "{z}/m"], "emptydir: no checkpoints"),
+        (
+            "merge-no-ckpt",
+            ["merge", "{z}/emptydir", "{z}/emptydir", "--alpha", "0.5", "-o", "{z}/m"],
+            "emptydir: no checkpoints",
+        ),
         ("train-no-tars", train, "no latent shards"),
         ("train-missing-pattern", ["train", "{z}/lat/{00000..00003}.tar", "-o", R], "no latent shards at"),
         ("train-resume-new-run", [*train, "--resume"], "no latent shards"),
@@ -194,7 +280,11 @@ def cases():
         # damaged checkpoints
         ("ckpt-export-missing", ["export", "{z}/ck-missing", "-o", "{z}/p"], "ema.safetensors is missing"),
         ("ckpt-sample-cut", ["sample", "{z}/ck-cut", "--prompt", "x"], "ema.safetensors is cut off"),
-        ("ckpt-merge-missing", ["merge", "{z}/ck-missing", "{z}/ck-cut", "--alpha", "0.5", "-o", "{z}/m"], "step-0000002"),
+        (
+            "ckpt-merge-missing",
+            ["merge", "{z}/ck-missing", "{z}/ck-cut", "--alpha", "0.5", "-o", "{z}/m"],
+            "step-0000002",
+        ),
         ("ckpt-export-state", ["export", "{z}/ck-state", "-o", "{z}/p"], "state.json is unreadable"),
         # selection rules
         ("where-import", [*select, "--where", "import os"], "rule 'import os'"),

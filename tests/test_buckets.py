@@ -32,7 +32,12 @@ def test_bucket_lists_follow_the_scheme(resolution, lo, hi):
         assert (h, w) in buckets
     # every bucket is as tall as the area allows: one more step would break the area or the side limit
     for w, h in buckets:
-        assert w * (h + 64) > resolution**2 or h + 64 > hi or (w, h) == (resolution, resolution) or (h, w) in buckets
+        assert (
+            w * (h + 64) > resolution**2
+            or h + 64 > hi
+            or (w, h) == (resolution, resolution)
+            or (h, w) in buckets
+        )
 
 
 def test_512_buckets_match_the_published_list():
@@ -41,15 +46,24 @@ def test_512_buckets_match_the_published_list():
     assert {(512, 512), (576, 448), (448, 576), (640, 384), (768, 320), (832, 256)} <= set(buckets)
 
 
-@pytest.mark.parametrize("size, bucket", [
-    ((1000, 1000), (512, 512)), ((1600, 900), (640, 384)), ((900, 1600), (384, 640)),
-    ((3000, 700), (1024, 256)), ((640, 480), (576, 448)), ((4000, 1000), (1024, 256)),
-])
+@pytest.mark.parametrize(
+    "size, bucket",
+    [
+        ((1000, 1000), (512, 512)),
+        ((1600, 900), (640, 384)),
+        ((900, 1600), (384, 640)),
+        ((3000, 700), (1024, 256)),
+        ((640, 480), (576, 448)),
+        ((4000, 1000), (1024, 256)),
+    ],
+)
 def test_assignment_is_nearest_in_log_aspect(size, bucket):
     buckets = make_buckets(512)
     assert assign_bucket(*size, buckets, "log") == bucket
     ratios = np.log([w / h for w, h in buckets])
-    assert abs(np.log(bucket[0] / bucket[1]) - np.log(size[0] / size[1])) == pytest.approx(np.min(np.abs(ratios - np.log(size[0] / size[1]))))
+    assert abs(np.log(bucket[0] / bucket[1]) - np.log(size[0] / size[1])) == pytest.approx(
+        np.min(np.abs(ratios - np.log(size[0] / size[1])))
+    )
 
 
 def test_crop_bookkeeping_maps_back_to_source_pixels():
@@ -130,7 +144,10 @@ def test_kohya_rule_matches_kohyas_bucket_manager_on_random_sizes(resolution, st
         bucket = assign_bucket(w, h, buckets, "kohya")
         assert bucket == expected_bucket, (w, h)
         placement = place(w, h, bucket, rule="kohya")
-        assert placement.resized_size == (max(bucket[0], expected_resized[0]), max(bucket[1], expected_resized[1])), (w, h)
+        assert placement.resized_size == (
+            max(bucket[0], expected_resized[0]),
+            max(bucket[1], expected_resized[1]),
+        ), (w, h)
         differ += assign_bucket(w, h, buckets, "log") != bucket
     assert 0 < differ / len(sizes) < 0.1  # the two rules disagree near bucket boundaries only
 

@@ -46,7 +46,9 @@ def test_root_help_imports_neither_torch_nor_img2dataset():
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "latentmill", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "latentmill", *map(str, args)], capture_output=True, text=True
+    )
 
 
 def test_bad_input_exits_2_with_one_message(tmp_path):
@@ -78,6 +80,8 @@ def test_the_report_loss_chart_reads_past_a_cut_off_log_line(tmp_path):
     from latentmill.report import _loss_chart
 
     log = tmp_path / "log.jsonl"
-    log.write_text('{"step": 1, "loss": 0.5}\n[1, 2]\n{"step": 2, "loss": "x"}\n{"step": 3, "loss": 0.4}\n{"step": 4, "lo')
+    log.write_text(
+        '{"step": 1, "loss": 0.5}\n[1, 2]\n{"step": 2, "loss": "x"}\n{"step": 3, "loss": 0.4}\n{"step": 4, "lo'
+    )
     chart = _loss_chart(log)
     assert chart is not None

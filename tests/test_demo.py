@@ -25,7 +25,9 @@ def test_demo_runs_every_stage_offline(tmp_path, run_cli):
     assert latents["samples"] + sum(latents["dropped"].values()) == downloaded
     fitted = report["fit_heads"]["aesthetic_fit"]
     assert fitted["task"] == "regression" and fitted["validation"] >= 20
-    assert fitted["spearman"] > 0.3  # held out: the head ranks unseen images by their labels, well above chance
+    assert (
+        fitted["spearman"] > 0.3
+    )  # held out: the head ranks unseen images by their labels, well above chance
     assert_fitted_head_decides(work)
     assert report["train"]["main"]["step"] == 4
     from diffusers import StableDiffusionPipeline
@@ -43,8 +45,10 @@ def test_demo_runs_every_stage_offline(tmp_path, run_cli):
     for section in ("funnel", "scores", "heads", "buckets", "thumbnails", "loss", "samples"):
         assert f'<section id="{section}">' in page
     assert "Dropped: min_side" in page and "Kept" in page and page.count("data:image/png;base64,") > 15
-    assert "aesthetic_fit from AESTHETIC_SCORE" in page and 'alt="aesthetic_fit against AESTHETIC_SCORE"' in page
-    assert "src=\"http" not in page  # self-contained: every image inline
+    assert (
+        "aesthetic_fit from AESTHETIC_SCORE" in page and 'alt="aesthetic_fit against AESTHETIC_SCORE"' in page
+    )
+    assert 'src="http' not in page  # self-contained: every image inline
     render_in_chromium(work / "report" / "index.html", tmp_path)
 
 
@@ -70,16 +74,32 @@ def render_in_chromium(page, tmp_path):
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Chromium is needed for this test: .ci/run installs Debian's chromium package"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium'}", "--enable-logging=stderr", "--v=0"]
-    dom = subprocess.run([chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        "--enable-logging=stderr",
+        "--v=0",
+    ]
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
+    )
     assert dom.returncode == 0
     for section in ("funnel", "scores", "heads", "buckets", "thumbnails", "loss", "samples"):
         assert f'id="{section}"' in dom.stdout
     console_errors = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert console_errors == []
     shot = tmp_path / "report.png"
-    subprocess.run([chromium, *flags, "--window-size=1200,2000", f"--screenshot={shot}", page.as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [chromium, *flags, "--window-size=1200,2000", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one

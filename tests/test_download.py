@@ -65,8 +65,13 @@ def test_a_second_run_downloads_nothing(sample_table, tmp_path, server):
 
 
 def test_the_guard_drops_private_addresses_without_sending_traffic(fresh_server, tmp_path):
-    rows = [{"URL": fresh_server.url(f"/gen/{i}/300x300.jpg"), "TEXT": "a loopback picture"} for i in range(3)]
-    rows += [{"URL": "http://10.0.0.1/a.jpg", "TEXT": "private"}, {"URL": "http://169.254.169.254/latest", "TEXT": "metadata"}]
+    rows = [
+        {"URL": fresh_server.url(f"/gen/{i}/300x300.jpg"), "TEXT": "a loopback picture"} for i in range(3)
+    ]
+    rows += [
+        {"URL": "http://10.0.0.1/a.jpg", "TEXT": "private"},
+        {"URL": "http://169.254.169.254/latest", "TEXT": "metadata"},
+    ]
     table = write_table(tmp_path / "urls.parquet", rows)
     summary = download(table, tmp_path / "images", DownloadConfig(**FAST))
     assert summary["success"] == 0 and summary["failures"] == {"private_address": 5}
@@ -74,16 +79,33 @@ def test_the_guard_drops_private_addresses_without_sending_traffic(fresh_server,
 
 
 def test_retry_failed_downloads_the_failures_into_new_shards(fresh_server, tmp_path, run_cli):
-    rows = [{"URL": fresh_server.url(f"/flaky/{i}/gen/{i}/320x320.jpg"), "TEXT": f"flaky picture {i}"} for i in range(3)]
-    rows += [{"URL": fresh_server.url(f"/gen/{i}/320x320.jpg"), "TEXT": f"steady picture {i}"} for i in range(10, 14)]
+    rows = [
+        {"URL": fresh_server.url(f"/flaky/{i}/gen/{i}/320x320.jpg"), "TEXT": f"flaky picture {i}"}
+        for i in range(3)
+    ]
+    rows += [
+        {"URL": fresh_server.url(f"/gen/{i}/320x320.jpg"), "TEXT": f"steady picture {i}"}
+        for i in range(10, 14)
+    ]
     rows += [{"URL": fresh_server.url("/fail/404"), "TEXT": "gone for good"}]
     table = write_table(tmp_path / "urls.parquet", rows)
     out = tmp_path / "images"
     first = download(table, out, fast(fresh_server))
     assert first["success"] == 4 and first["failures"] == {"http_503": 3, "http_404": 1}
 
-    result = run_cli("download", "--retry-failed", out, "--only-reason", "http_503", "--processes", "1",
-                     "--min-image-size", "64", "--allow-host", f"127.0.0.1:{fresh_server.port}")
+    result = run_cli(
+        "download",
+        "--retry-failed",
+        out,
+        "--only-reason",
+        "http_503",
+        "--processes",
+        "1",
+        "--min-image-size",
+        "64",
+        "--allow-host",
+        f"127.0.0.1:{fresh_server.port}",
+    )
     assert result.exit_code == 0, result.output
     after = json.loads((out / "_latentmill" / "summary.json").read_text())
     assert after["success"] == 7 and after["failures"] == {"http_404": 1}
@@ -94,9 +116,29 @@ def test_retry_failed_downloads_the_failures_into_new_shards(fresh_server, tmp_p
 
 
 def _download_cmd(table, out, server):
-    return [sys.executable, "-m", "latentmill", "download", str(table), "-o", str(out), "--processes", "1",
-            "--http-threads", "4", "--shard-size", "6", "--retries", "0", "--timeout", "5",
-            "--allow-host", f"127.0.0.1:{server.port}", "--min-image-size", "64"]
+    return [
+        sys.executable,
+        "-m",
+        "latentmill",
+        "download",
+        str(table),
+        "-o",
+        str(out),
+        "--processes",
+        "1",
+        "--http-threads",
+        "4",
+        "--shard-size",
+        "6",
+        "--retries",
+        "0",
+        "--timeout",
+        "5",
+        "--allow-host",
+        f"127.0.0.1:{server.port}",
+        "--min-image-size",
+        "64",
+    ]
 
 
 def test_a_killed_download_resumes_to_the_same_keys_and_no_truncated_tar(fresh_server, tmp_path):
@@ -105,8 +147,13 @@ def test_a_killed_download_resumes_to_the_same_keys_and_no_truncated_tar(fresh_s
     table = write_table(tmp_path / "urls.parquet", rows)
     out = tmp_path / "killed"
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
-    process = subprocess.Popen(_download_cmd(table, out, fresh_server), start_new_session=True, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _download_cmd(table, out, fresh_server),
+        start_new_session=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert fresh_server.held.wait(120), "the download never reached the held URL"
     finally:
@@ -133,13 +180,30 @@ def test_a_killed_download_resumes_to_the_same_keys_and_no_truncated_tar(fresh_s
 
 def test_download_cli_prints_a_summary_grouped_by_reason(sample_table, tmp_path, run_cli, server):
     table, rows = sample_table
-    result = run_cli("download", table, "-o", tmp_path / "images", "--processes", "1", "--http-threads", "16",
-                     "--timeout", "2", "--retries", "0", "--allow-host", f"127.0.0.1:{server.port}")
+    result = run_cli(
+        "download",
+        table,
+        "-o",
+        tmp_path / "images",
+        "--processes",
+        "1",
+        "--http-threads",
+        "16",
+        "--timeout",
+        "2",
+        "--retries",
+        "0",
+        "--allow-host",
+        f"127.0.0.1:{server.port}",
+    )
     assert result.exit_code == 0, result.output
     good = sum(r["expect"] == "ok" for r in rows)
     assert f"images {good} downloaded" in result.output
     assert "http_404" in result.output and "timeout" in result.output and "images/s" in result.output
-    assert pa.Table.from_batches(pq.ParquetFile(tmp_path / "images" / "00000.parquet").iter_batches()).num_rows > 0
+    assert (
+        pa.Table.from_batches(pq.ParquetFile(tmp_path / "images" / "00000.parquet").iter_batches()).num_rows
+        > 0
+    )
 
 
 def test_the_ray_distributor_downloads_the_same_images(server, tmp_path):
@@ -148,8 +212,9 @@ def test_the_ray_distributor_downloads_the_same_images(server, tmp_path):
     rows = [{"URL": server.url(f"/gen/{i}/320x256.jpg"), "TEXT": f"picture {i}"} for i in range(12)]
     table = write_table(tmp_path / "urls.parquet", rows)
     try:
-        summary = download(table, tmp_path / "images", fast(server, distributor="ray", processes=2,
-                                                                min_image_size=64))
+        summary = download(
+            table, tmp_path / "images", fast(server, distributor="ray", processes=2, min_image_size=64)
+        )
     finally:
         ray.shutdown()
     assert summary["success"] == 12 and summary["shards"] == 1

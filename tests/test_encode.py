@@ -23,7 +23,11 @@ SMALL = dict(resolution=256, batch_size=4, vae="tiny")
 
 def latents_by_key(folder):
     manifest = read_manifest(folder)
-    return {s["key"]: s for shard in manifest["shards"] for s in iter_latent_shard(folder / f"{shard}.tar", manifest)}
+    return {
+        s["key"]: s
+        for shard in manifest["shards"]
+        for s in iter_latent_shard(folder / f"{shard}.tar", manifest)
+    }
 
 
 def test_latent_shapes_follow_the_buckets_and_the_manifest_counts_match(image_shards, tmp_path):
@@ -74,7 +78,9 @@ def test_a_stored_latent_becomes_what_diffusers_scripts_feed_the_unet(image_shar
     scale = manifest["scaling_factor"]
     sample = next(iter(wds.WebDataset(str(out / "00000.tar"), shardshuffle=False).decode()))
     stored = {"latent": sample["latent.npy"], "latent_std": sample["latent_std.npy"]}
-    image = next(s for s in iter_image_shard(image_shards / "00000.tar") if s.key == sample["__key__"]).image()
+    image = next(
+        s for s in iter_image_shard(image_shards / "00000.tar") if s.key == sample["__key__"]
+    ).image()
     meta = sample["json"]
     pixels = resize_and_crop(image, place(image.width, image.height, tuple(meta["bucket"]), rule="kohya"))
     vae = load_vae("tiny")
@@ -87,7 +93,9 @@ def test_a_stored_latent_becomes_what_diffusers_scripts_feed_the_unet(image_shar
     draws = np.stack([unet_input(stored, manifest, np.random.default_rng(i)) for i in range(200)])
     z = (draws - mean) / (stored["latent_std"].astype(np.float32) * scale)  # the posterior's noise, recovered
     assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05
-    np.testing.assert_allclose(from_unet_space(mean, scale, 0.0609), stored["latent"].astype(np.float32), atol=1e-5)
+    np.testing.assert_allclose(
+        from_unet_space(mean, scale, 0.0609), stored["latent"].astype(np.float32), atol=1e-5
+    )
 
 
 def test_the_flipped_latent_is_the_encoding_of_the_flipped_image(image_shards, tmp_path):
@@ -105,7 +113,9 @@ def test_the_flipped_latent_is_the_encoding_of_the_flipped_image(image_shards, t
     pixels = resize_and_crop(image, placement)
     flipped, _, _ = encode_batch(vae, [ImageOps.mirror(pixels)], "cpu", False)
     plain, _, on_device = encode_batch(vae, [pixels], "cpu", False, with_flip=True)
-    assert np.array_equal(on_device, flipped)  # mirroring the batch on the device = encoding the mirrored image
+    assert np.array_equal(
+        on_device, flipped
+    )  # mirroring the batch on the device = encoding the mirrored image
     np.testing.assert_allclose(stored[sample.key]["latent_flip"], flipped[0].astype(np.float16), atol=2e-3)
     np.testing.assert_allclose(stored[sample.key]["latent"], plain[0].astype(np.float16), atol=2e-3)
     assert not np.allclose(flipped[0], plain[0], atol=1e-2)
@@ -113,7 +123,9 @@ def test_the_flipped_latent_is_the_encoding_of_the_flipped_image(image_shards, t
 
 def test_the_same_images_encode_at_256_and_512(image_shards, tmp_path):
     low = encode(image_shards, tmp_path / "latents-256", EncodeConfig(vae="tiny", resolution=256))
-    high = encode(image_shards, tmp_path / "latents-512", EncodeConfig(vae="tiny", resolution=512, max_upscale=2.0))
+    high = encode(
+        image_shards, tmp_path / "latents-512", EncodeConfig(vae="tiny", resolution=512, max_upscale=2.0)
+    )
     a, b = latents_by_key(tmp_path / "latents-256"), latents_by_key(tmp_path / "latents-512")
     assert set(a) == set(b) and len(a) == 12
     assert low["resolution"] == 256 and high["resolution"] == 512
@@ -127,13 +139,28 @@ def test_selection_and_too_small_policy(image_shards, tmp_path):
     selection.mkdir()
     for shard in ("00000", "00001"):
         keys = [f"{shard}{i:04d}" for i in range(6)]
-        pq.write_table(pa.table({"key": keys, "keep": [i != 2 for i in range(6)], "reason": ["" if i != 2 else "min_aesthetic" for i in range(6)]}),
-                       selection / f"{shard}.parquet")
-    strict = encode(image_shards, tmp_path / "a", EncodeConfig(vae="tiny", resolution=512), selection=selection)
+        pq.write_table(
+            pa.table(
+                {
+                    "key": keys,
+                    "keep": [i != 2 for i in range(6)],
+                    "reason": ["" if i != 2 else "min_aesthetic" for i in range(6)],
+                }
+            ),
+            selection / f"{shard}.parquet",
+        )
+    strict = encode(
+        image_shards, tmp_path / "a", EncodeConfig(vae="tiny", resolution=512), selection=selection
+    )
     # every selected picture (at most 512x256) must be enlarged 1.375x to 1.71x to cover its 512-bucket
     assert strict["dropped"] == {"not_selected": 2, "too_small": 10}
     assert strict["samples"] == 0
-    relaxed = encode(image_shards, tmp_path / "b", EncodeConfig(vae="tiny", resolution=512, max_upscale=2.0), selection=selection)
+    relaxed = encode(
+        image_shards,
+        tmp_path / "b",
+        EncodeConfig(vae="tiny", resolution=512, max_upscale=2.0),
+        selection=selection,
+    )
     assert relaxed["dropped"] == {"not_selected": 2} and relaxed["samples"] == 10
 
 
@@ -160,8 +187,13 @@ def test_hostile_sample_metadata_still_encodes(tmp_path):
     (tmp_path / "images").mkdir()
     entries = hostile_metadata_entries()
     make_shard(tmp_path / "images" / "00000.tar", entries)
-    encode(tmp_path / "images", tmp_path / "latents", EncodeConfig(vae="tiny", resolution=128, bucket_min_side=64, bucket_max_side=256, step=32,
-                                                                   max_upscale=2.0))
+    encode(
+        tmp_path / "images",
+        tmp_path / "latents",
+        EncodeConfig(
+            vae="tiny", resolution=128, bucket_min_side=64, bucket_max_side=256, step=32, max_upscale=2.0
+        ),
+    )
     stats = json.loads((tmp_path / "latents" / "00000.stats.json").read_text())
     assert stats["written"] == len(entries) and stats["bad_metadata"] == 7
     samples = list(wds.WebDataset(str(tmp_path / "latents" / "00000.tar"), shardshuffle=False).decode())
@@ -184,7 +216,10 @@ def test_latents_verify_checks_every_shard_against_the_manifest(image_shards, tm
     assert result.exit_code == 2, result.output
     assert "00000.tar: sha256" in result.output and "00001.tar: missing" in result.output
     assert "00002.tar: not in the manifest" in result.output and "5 problem(s)" in result.output
-    assert "00000.tar: 1 bad_sample" in result.output and "00000.tar: 5 readable samples, the manifest records 6" in result.output
+    assert (
+        "00000.tar: 1 bad_sample" in result.output
+        and "00000.tar: 5 readable samples, the manifest records 6" in result.output
+    )
 
 
 def test_latents_from_another_vae_are_refused(image_shards, tmp_path, run_cli):
@@ -195,7 +230,9 @@ def test_latents_from_another_vae_are_refused(image_shards, tmp_path, run_cli):
     with pytest.raises(InputError, match="made with VAE"):
         check_vae(read_manifest(out), other.fingerprint, out)
     check_vae(read_manifest(out), load_vae("tiny").fingerprint, out)  # the same VAE passes
-    result = run_cli("encode", image_shards, "-o", out, "--resolution", "256", "--vae", tmp_path / "other-vae")
+    result = run_cli(
+        "encode", image_shards, "-o", out, "--resolution", "256", "--vae", tmp_path / "other-vae"
+    )
     assert result.exit_code == 2 and "other settings (changed: vae)" in result.output
 
 
@@ -206,8 +243,23 @@ def test_a_missing_vae_says_what_to_provide(image_shards, tmp_path, run_cli):
 
 
 def _encode_cmd(images, out):
-    return [sys.executable, "-m", "latentmill", "encode", str(images), "-o", str(out), "--resolution", "256",
-            "--batch-size", "1", "--flip", "--std", "--vae", "tiny"]
+    return [
+        sys.executable,
+        "-m",
+        "latentmill",
+        "encode",
+        str(images),
+        "-o",
+        str(out),
+        "--resolution",
+        "256",
+        "--batch-size",
+        "1",
+        "--flip",
+        "--std",
+        "--vae",
+        "tiny",
+    ]
 
 
 @pytest.mark.slow  # kills and restarts a subprocess
@@ -215,11 +267,17 @@ def test_an_encode_killed_midway_resumes_to_identical_bytes(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     for shard in range(6):
-        make_shard(images / f"{shard:05d}.tar",
-                   [image_entry(f"{shard:05d}{i:04d}", 320, 256 + 16 * i, seed=shard * 10 + i) for i in range(6)])
+        make_shard(
+            images / f"{shard:05d}.tar",
+            [image_entry(f"{shard:05d}{i:04d}", 320, 256 + 16 * i, seed=shard * 10 + i) for i in range(6)],
+        )
     killed, reference = tmp_path / "killed", tmp_path / "reference"
-    process = subprocess.Popen(_encode_cmd(images, killed), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _encode_cmd(images, killed),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     marker = killed / "00000.stats.json"
     kill_when_done(process, marker)
     assert marker.exists() and not (killed / "manifest.json").exists(), "the encode was not stopped mid-way"
@@ -236,7 +294,9 @@ def test_buckets_command(image_shards, tmp_path, run_cli):
     from latentmill.curate.buckets import make_buckets
 
     result = run_cli("buckets", "--resolution", "1024", "--json")
-    assert result.exit_code == 0 and json.loads(result.output) == [list(b) for b in make_buckets(1024, 512, 2048)]
+    assert result.exit_code == 0 and json.loads(result.output) == [
+        list(b) for b in make_buckets(1024, 512, 2048)
+    ]
     table = run_cli("buckets", "--resolution", "512")
     assert "17 buckets" in table.output and "512    512" in table.output
     chart = tmp_path / "chart.png"
@@ -308,7 +368,9 @@ def reference_encode_shard(image_shard, output, config, vae, text_encoder=None):
             continue
         rng = None
         if config.crop == "random":
-            rng = np.random.default_rng([config.seed, zlib.crc32(f"{image_shard.stem}/{sample.key}".encode())])
+            rng = np.random.default_rng(
+                [config.seed, zlib.crc32(f"{image_shard.stem}/{sample.key}".encode())]
+            )
         placement = place(image.width, image.height, bucket, rng, config.bucket_assign)
         prepared.setdefault(bucket, []).append((sample, placement, resize_and_crop(image, placement)))
         order.append(sample.key)
@@ -317,25 +379,45 @@ def reference_encode_shard(image_shard, output, config, vae, text_encoder=None):
     for items in prepared.values():
         items.sort(key=lambda item: item[0].key)
         for start in range(0, len(items), config.batch_size):
-            batch = items[start:start + config.batch_size]
+            batch = items[start : start + config.batch_size]
             images = [pixels for _, _, pixels in batch]
             mean, std, _ = encode_batch(vae, images, "cpu", config.std)
-            flipped = encode_batch(vae, [ImageOps.mirror(im) for im in images], "cpu", False)[0] if config.flip else None
+            flipped = (
+                encode_batch(vae, [ImageOps.mirror(im) for im in images], "cpu", False)[0]
+                if config.flip
+                else None
+            )
             for i, (sample, placement, _) in enumerate(batch):
-                results[sample.key] = (sample, placement, mean[i], None if std is None else std[i],
-                                       None if flipped is None else flipped[i])
+                results[sample.key] = (
+                    sample,
+                    placement,
+                    mean[i],
+                    None if std is None else std[i],
+                    None if flipped is None else flipped[i],
+                )
     text = {}
     if text_encoder is not None:
         for start in range(0, len(order), config.batch_size):
-            keys = order[start:start + config.batch_size]
-            text.update(zip(keys, text_encoder.encode([results[k][0].caption or "" for k in keys]), strict=True))
+            keys = order[start : start + config.batch_size]
+            text.update(
+                zip(keys, text_encoder.encode([results[k][0].caption or "" for k in keys]), strict=True)
+            )
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key in order:
             sample, placement, mean, std, flipped = results[key]
-            scores = {k: v for k, v in sample.meta.items() if k not in ("caption", "key", "status", "error_message", "exif")}
-            meta = {"bucket": list(placement.bucket), "original_size": list(placement.original_size),
-                    "crop": list(placement.crop), "resized_size": list(placement.resized_size), **scores}
+            scores = {
+                k: v
+                for k, v in sample.meta.items()
+                if k not in ("caption", "key", "status", "error_message", "exif")
+            }
+            meta = {
+                "bucket": list(placement.bucket),
+                "original_size": list(placement.original_size),
+                "crop": list(placement.crop),
+                "resized_size": list(placement.resized_size),
+                **scores,
+            }
             files = {"latent.npy": npy_bytes(mean.astype(np.float16))}
             if std is not None:
                 files["latent_std.npy"] = npy_bytes(std.astype(np.float16))
@@ -368,11 +450,22 @@ def mixed_shards(tmp_path):
     return folder
 
 
-def test_streamed_encode_is_byte_identical_across_workers_and_to_the_in_memory_encoder(mixed_shards, tmp_path):
+def test_streamed_encode_is_byte_identical_across_workers_and_to_the_in_memory_encoder(
+    mixed_shards, tmp_path
+):
     from latentmill.curate.textencoder import load_text_encoder
 
-    settings = dict(vae="tiny", resolution=256, batch_size=3, flip=True, std=True, crop="random", seed=5,
-                    text_encoder="openclip:latentmill-tiny", bucket_assign="log")  # "log": the rule before kohya's
+    settings = dict(
+        vae="tiny",
+        resolution=256,
+        batch_size=3,
+        flip=True,
+        std=True,
+        crop="random",
+        seed=5,
+        text_encoder="openclip:latentmill-tiny",
+        bucket_assign="log",
+    )  # "log": the rule before kohya's
     outputs = {}
     for workers in (0, 1, 2):
         out = tmp_path / f"w{workers}"
@@ -382,7 +475,9 @@ def test_streamed_encode_is_byte_identical_across_workers_and_to_the_in_memory_e
     assert outputs[0] == outputs[1] == outputs[2]
     vae, text_encoder = load_vae("tiny"), load_text_encoder("openclip:latentmill-tiny")
     for name, data in outputs[0].items():
-        expected = reference_encode_shard(mixed_shards / f"{name}.tar", None, EncodeConfig(**settings), vae, text_encoder)
+        expected = reference_encode_shard(
+            mixed_shards / f"{name}.tar", None, EncodeConfig(**settings), vae, text_encoder
+        )
         assert data == expected, f"shard {name} differs from the in-memory encoder's bytes"
 
 
@@ -390,8 +485,15 @@ def test_a_key_longer_than_a_ustar_name_and_a_repeated_key_are_handled(tmp_path)
     images = tmp_path / "images"
     images.mkdir()
     long_key = "k" * 150
-    make_shard(images / "00000.tar", [image_entry(long_key, 256, 256), image_entry("a", 256, 256, seed=1),
-                                      image_entry("b", 256, 256, seed=2), image_entry("a", 256, 256, seed=3)])
+    make_shard(
+        images / "00000.tar",
+        [
+            image_entry(long_key, 256, 256),
+            image_entry("a", 256, 256, seed=1),
+            image_entry("b", 256, 256, seed=2),
+            image_entry("a", 256, 256, seed=3),
+        ],
+    )
     manifest = encode(images, tmp_path / "out", EncodeConfig(vae="tiny", resolution=256, workers=0))
     assert manifest["samples"] == 3 and manifest["dropped"] == {"duplicate_key": 1}
     assert manifest["per_bucket"] == {"256x256": 3}

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow  # end to end: real downloads, Ray, training runs
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
+
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2)
     yield
     ray.shutdown()
@@ -26,12 +27,30 @@ def test_ray_and_local_executors_give_identical_shards(image_shards, tmp_path, r
     remote = encode(image_shards, tmp_path / "ray", config, executor=ExecutorConfig(kind="ray", actors=2))
     assert local["shards"] == remote["shards"]  # per-shard sample counts and sha256 of the tars
     for shard in ("00000", "00001"):
-        assert (tmp_path / "local" / f"{shard}.tar").read_bytes() == (tmp_path / "ray" / f"{shard}.tar").read_bytes()
+        assert (tmp_path / "local" / f"{shard}.tar").read_bytes() == (
+            tmp_path / "ray" / f"{shard}.tar"
+        ).read_bytes()
 
     tiny = ScoreConfig(clip_model="tiny", pretrained="none", workers=0, batch_size=4, torch_threads=1)
     score(image_shards, tmp_path / "scores-local", tiny)
-    result = run_cli("score", image_shards, "-o", tmp_path / "scores-ray", "--clip-model", "tiny", "--pretrained", "none",
-                     "--workers", "0", "--executor", "ray", "--actors", "2", "--torch-threads", "1")
+    result = run_cli(
+        "score",
+        image_shards,
+        "-o",
+        tmp_path / "scores-ray",
+        "--clip-model",
+        "tiny",
+        "--pretrained",
+        "none",
+        "--workers",
+        "0",
+        "--executor",
+        "ray",
+        "--actors",
+        "2",
+        "--torch-threads",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     for shard in ("00000", "00001"):
         a = pq.read_table(tmp_path / "scores-local" / f"{shard}.parquet").to_pandas()
@@ -51,9 +70,13 @@ def test_a_shard_that_keeps_failing_is_reported_and_the_others_are_kept(tmp_path
     for shard in shards:
         shard.write_bytes(b"")
     with pytest.raises(RuntimeError, match="1 shard\\(s\\) failed after 1 retries"):
-        run_shards(FlakyStage(tmp_path, fail="00001"), shards, ExecutorConfig(kind="ray", actors=2, shard_retries=1))
+        run_shards(
+            FlakyStage(tmp_path, fail="00001"), shards, ExecutorConfig(kind="ray", actors=2, shard_retries=1)
+        )
     assert sorted(p.name for p in tmp_path.glob("*.stats.json")) == ["00000.stats.json", "00002.stats.json"]
-    done = run_shards(FlakyStage(tmp_path, fail=None), shards, ExecutorConfig(kind="ray", actors=2, shard_retries=1))
+    done = run_shards(
+        FlakyStage(tmp_path, fail=None), shards, ExecutorConfig(kind="ray", actors=2, shard_retries=1)
+    )
     assert sorted(done) == ["00000", "00001", "00002"]
 
 
@@ -68,7 +91,9 @@ def test_an_actor_that_dies_is_replaced_and_the_run_equals_a_local_one(image_sha
     out = tmp_path / "ray"
     out.mkdir()
     stage = DyingStage(EncodeStage(config, out, None), die_on="00001", marker=tmp_path / "died")
-    done = run_shards(stage, list_image_shards(image_shards), ExecutorConfig(kind="ray", actors=2, shard_retries=1))
+    done = run_shards(
+        stage, list_image_shards(image_shards), ExecutorConfig(kind="ray", actors=2, shard_retries=1)
+    )
     assert (tmp_path / "died").exists()  # an actor's process did die mid-run
     assert sorted(done) == ["00000", "00001"]
     for shard in ("00000", "00001"):

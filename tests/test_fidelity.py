@@ -27,8 +27,9 @@ REFERENCE = Path(__file__).parent / "laion_reference"
 needs_fixtures = pytest.mark.skipif(
     not FIXTURES.is_dir(),
     reason=f"LAION's published predictor files are not at {FIXTURES}: get sac+logos+ava1-l14-linearMSE.pth from "
-           "christophschuhmann/improved-aesthetic-predictor and clip_autokeras_binary_nsfw.zip, "
-           "clip_autokeras_nsfw_b32.zip from LAION-AI/CLIP-based-NSFW-Detector (or set LATENTMILL_LAION_FIXTURES)")
+    "christophschuhmann/improved-aesthetic-predictor and clip_autokeras_binary_nsfw.zip, "
+    "clip_autokeras_nsfw_b32.zip from LAION-AI/CLIP-based-NSFW-Detector (or set LATENTMILL_LAION_FIXTURES)",
+)
 
 
 def reference_module():
@@ -51,13 +52,21 @@ def test_the_published_nsfw_zips_give_the_keras_models_outputs(name, tmp_path):
     expected = np.load(REFERENCE / f"nsfw_{name}.npz")
     heads = {"zip": load_unsafe(zip_path), "converted": load_unsafe(converted)}
     for set_name, x in ref.reference_inputs(model).items():
-        assert ref.digest(x) == str(expected[f"{set_name}_sha256"]), "the reference inputs are regenerated identically"
+        assert ref.digest(x) == str(expected[f"{set_name}_sha256"]), (
+            "the reference inputs are regenerated identically"
+        )
         for source, head in heads.items():
             tensor = torch.from_numpy(x)
-            out = head(tensor.half() if set_name.endswith("f16") else tensor)  # float16 embeddings, as LAION stores them
-            np.testing.assert_allclose(out, expected[set_name], atol=1e-4, rtol=0, err_msg=f"{source} {set_name}")
+            out = head(
+                tensor.half() if set_name.endswith("f16") else tensor
+            )  # float16 embeddings, as LAION stores them
+            np.testing.assert_allclose(
+                out, expected[set_name], atol=1e-4, rtol=0, err_msg=f"{source} {set_name}"
+            )
     # what skipping the lookup (the PyTorch port) would give: the reference would catch it
-    without = KerasNsfw(model.input_dim, {}, model.mean, model.variance, model.dense, model.activations, model.epsilon)
+    without = KerasNsfw(
+        model.input_dim, {}, model.mean, model.variance, model.dense, model.activations, model.epsilon
+    )
     x = ref.reference_inputs(model)["vocab_f16"]
     assert np.abs(without.forward_numpy(x) - expected["vocab_f16"]).max() > 0.1
 
@@ -65,13 +74,36 @@ def test_the_published_nsfw_zips_give_the_keras_models_outputs(name, tmp_path):
 @needs_fixtures
 def test_convert_head_cli_writes_a_head_score_loads(tmp_path):
     out = tmp_path / "punsafe.safetensors"
-    run = subprocess.run([sys.executable, "-m", "latentmill", "convert-head", "laion-nsfw",
-                          str(FIXTURES / "clip_autokeras_binary_nsfw.zip"), "-o", str(out)], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "latentmill",
+            "convert-head",
+            "laion-nsfw",
+            str(FIXTURES / "clip_autokeras_binary_nsfw.zip"),
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert "categorical columns 180 (10,425 values)" in run.stdout and out.exists()
-    bad = subprocess.run([sys.executable, "-m", "latentmill", "convert-head", "laion-nsfw",
-                          str(FIXTURES / "sac+logos+ava1-l14-linearMSE.pth"), "-o", str(tmp_path / "x.safetensors")],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "latentmill",
+            "convert-head",
+            "laion-nsfw",
+            str(FIXTURES / "sac+logos+ava1-l14-linearMSE.pth"),
+            "-o",
+            str(tmp_path / "x.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "not LAION's Keras NSFW detector" in bad.stderr
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -79,7 +111,9 @@ def test_convert_head_cli_writes_a_head_score_loads(tmp_path):
 @needs_fixtures
 def test_the_published_aesthetic_head_is_laions_mlp():
     path = FIXTURES / "sac+logos+ava1-l14-linearMSE.pth"
-    state = {k: v.double().numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    state = {
+        k: v.double().numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
+    }
     assert sorted(state) == sorted(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
     head = load_aesthetic(path)
     rng = np.random.default_rng(0)
@@ -93,10 +127,20 @@ def test_the_published_aesthetic_head_is_laions_mlp():
 
 def test_the_lookup_formats_values_as_tensorflow_does():
     """AsString on float32 is printf("%f"); an unknown text is index 0; NaN elsewhere becomes 0."""
-    model = KerasNsfw(3, {1: {"0.500000": 7, "-0.000000": 3, "0.007812": 9}}, np.zeros(3, np.float32),
-                      np.ones(3, np.float32), [(np.eye(1, 3, 1, dtype=np.float32), np.zeros(1, np.float32))], ["linear"])
-    x = np.array([[0, 0.5, 0], [0, 0.25, 0], [0, -1e-9, 0], [0, 0.0078125, 0], [np.nan, np.nan, 1]], np.float32)
-    np.testing.assert_array_equal(model.encode_categorical(x)[:, 1], [7, 0, 3, 9, 0])  # 0.0078125: ties to even
+    model = KerasNsfw(
+        3,
+        {1: {"0.500000": 7, "-0.000000": 3, "0.007812": 9}},
+        np.zeros(3, np.float32),
+        np.ones(3, np.float32),
+        [(np.eye(1, 3, 1, dtype=np.float32), np.zeros(1, np.float32))],
+        ["linear"],
+    )
+    x = np.array(
+        [[0, 0.5, 0], [0, 0.25, 0], [0, -1e-9, 0], [0, 0.0078125, 0], [np.nan, np.nan, 1]], np.float32
+    )
+    np.testing.assert_array_equal(
+        model.encode_categorical(x)[:, 1], [7, 0, 3, 9, 0]
+    )  # 0.0078125: ties to even
     assert model.encode_categorical(x)[4, 0] == 0
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"lm-nsfw-{os.getpid()}.safetensors"
     save_keras_nsfw(model, path)
@@ -119,7 +163,9 @@ def test_the_pytorch_port_layout_loads_with_a_warning(tmp_path, caplog):
         head = load_unsafe(tmp_path / "nsfw_port.pth")
     assert "skips the categorical lookup" in caplog.text and "convert-head laion-nsfw" in caplog.text
     x = torch.nn.functional.normalize(torch.randn(20, 32), dim=1)
-    h = ((x - state["norm.mean"]) / state["norm.variance"].sqrt()).double()  # the port's Normalization: no floor
+    h = (
+        (x - state["norm.mean"]) / state["norm.variance"].sqrt()
+    ).double()  # the port's Normalization: no floor
     for i in range(1, 5):
         h = h @ state[f"linear_{i}.weight"].double().T + state[f"linear_{i}.bias"].double()
         h = torch.relu(h) if i < 4 else torch.sigmoid(h)

@@ -32,28 +32,58 @@ def downloaded(server, tmp_path_factory):
     root = tmp_path_factory.mktemp("filters")
     rows = [r for r in sample_rows(server.url("")) if r["expect"] == "ok"][:20]
     table = write_table(root / "urls.parquet", rows)
-    download(table, root / "images", DownloadConfig(processes=1, http_threads=16, timeout=5, retries=0, shard_size=10,
-                                                   allow_hosts=(f"127.0.0.1:{server.port}",)))
-    make_shard(root / "images" / "99999.tar", [image_entry("999990000", 300, 200, seed=5),
-                                               ("999990001", {"jpg": b"<html>broken</html>", "txt": b"a broken image"})])
+    download(
+        table,
+        root / "images",
+        DownloadConfig(
+            processes=1,
+            http_threads=16,
+            timeout=5,
+            retries=0,
+            shard_size=10,
+            allow_hosts=(f"127.0.0.1:{server.port}",),
+        ),
+    )
+    make_shard(
+        root / "images" / "99999.tar",
+        [
+            image_entry("999990000", 300, 200, seed=5),
+            ("999990001", {"jpg": b"<html>broken</html>", "txt": b"a broken image"}),
+        ],
+    )
     return root
 
 
 def tiny_nsfw(dim=32):
     """A small detector in the converted Keras layout: one categorical column, Dense 64-1, a sigmoid."""
     rng = np.random.default_rng(1)
-    lookups = {5: {f"{v:f}": i + 1 for i, v in enumerate(np.linspace(-0.2, 0.2, 401, dtype=np.float32).astype(float))}}
-    dense = [(rng.normal(0, 0.3, (64, dim)).astype(np.float32), rng.normal(0, 0.1, 64).astype(np.float32)),
-             (rng.normal(0, 0.3, (1, 64)).astype(np.float32), np.zeros(1, np.float32))]
-    return KerasNsfw(dim, lookups, rng.uniform(-0.1, 0.1, dim).astype(np.float32),
-                     rng.uniform(0.5, 2.0, dim).astype(np.float32), dense, ["relu", "sigmoid"])
+    lookups = {
+        5: {
+            f"{v:f}": i + 1 for i, v in enumerate(np.linspace(-0.2, 0.2, 401, dtype=np.float32).astype(float))
+        }
+    }
+    dense = [
+        (rng.normal(0, 0.3, (64, dim)).astype(np.float32), rng.normal(0, 0.1, 64).astype(np.float32)),
+        (rng.normal(0, 0.3, (1, 64)).astype(np.float32), np.zeros(1, np.float32)),
+    ]
+    return KerasNsfw(
+        dim,
+        lookups,
+        rng.uniform(-0.1, 0.1, dim).astype(np.float32),
+        rng.uniform(0.5, 2.0, dim).astype(np.float32),
+        dense,
+        ["relu", "sigmoid"],
+    )
 
 
 def write_heads(folder, dim=32):
     torch.manual_seed(1)
     aesthetic = aesthetic_v2_module(dim).state_dict()
-    paths = {"aesthetic": folder / "sac+logos+ava1-l14-linearMSE.pth", "unsafe": folder / "punsafe.safetensors",
-             "watermark": folder / "watermark_model_v1.pt"}
+    paths = {
+        "aesthetic": folder / "sac+logos+ava1-l14-linearMSE.pth",
+        "unsafe": folder / "punsafe.safetensors",
+        "watermark": folder / "watermark_model_v1.pt",
+    }
     torch.save(aesthetic, paths["aesthetic"])
     save_keras_nsfw(tiny_nsfw(dim), paths["unsafe"])
     torch.save({"weights": watermark_module().state_dict()}, paths["watermark"])
@@ -63,12 +93,22 @@ def write_heads(folder, dim=32):
 def test_score_end_to_end_with_the_laion_heads(downloaded, tmp_path):
     heads = write_heads(tmp_path)
     out = tmp_path / "scores"
-    totals = score(downloaded / "images", out, ScoreConfig(**TINY, aesthetic_head=str(heads["aesthetic"]),
-                                                            unsafe_head=str(heads["unsafe"]),
-                                                            watermark_head=str(heads["watermark"]), save_embeddings=True))
+    totals = score(
+        downloaded / "images",
+        out,
+        ScoreConfig(
+            **TINY,
+            aesthetic_head=str(heads["aesthetic"]),
+            unsafe_head=str(heads["unsafe"]),
+            watermark_head=str(heads["watermark"]),
+            save_embeddings=True,
+        ),
+    )
     assert totals["images"] == 22 and totals["scored"] == 21 and totals["error:undecodable"] == 1
     table = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("*.parquet"))]).to_pandas()
-    embeddings = np.concatenate([np.load(p) for p in sorted((tmp_path / "embeddings").glob("*.npy"))]).astype(np.float64)
+    embeddings = np.concatenate([np.load(p) for p in sorted((tmp_path / "embeddings").glob("*.npy"))]).astype(
+        np.float64
+    )
     ok = table["error"].isna().to_numpy()
     assert table.loc[~ok, "aesthetic"].isna().all() and np.isnan(embeddings[~ok]).all()
     e = embeddings[ok]
@@ -102,8 +142,13 @@ def test_the_watermark_column_is_the_detector_on_256px_imagenet_pixels(downloade
     net.load_state_dict(torch.load(heads["watermark"], weights_only=True)["weights"])
     net.eval()
     scores = pq.read_table(out / "00000.parquet").to_pandas().set_index("key")
-    to_pixels = transforms.Compose([transforms.Resize((256, 256)), transforms.ToTensor(),
-                                    transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    to_pixels = transforms.Compose(
+        [
+            transforms.Resize((256, 256)),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     for sample in list(iter_image_shard(downloaded / "images" / "00000.tar"))[:4]:
         with torch.no_grad():
             expected = torch.softmax(net(to_pixels(sample.image())[None]), -1)[0, 0].item()
@@ -124,48 +169,130 @@ def test_the_watermark_head_sees_laions_full_decode_on_large_jpegs(tmp_path, run
     images = tmp_path / "images"
     images.mkdir()
     sizes = [(2048, 1024), (1280, 960), (640, 480)]
-    make_shard(images / "00000.tar", [(f"{i:04d}", {"jpg": samples.encode(samples.photo("astronaut", w, h, view=i), "jpg"),
-                                                    "txt": b"a photo"}) for i, (w, h) in enumerate(sizes)])
+    make_shard(
+        images / "00000.tar",
+        [
+            (
+                f"{i:04d}",
+                {"jpg": samples.encode(samples.photo("astronaut", w, h, view=i), "jpg"), "txt": b"a photo"},
+            )
+            for i, (w, h) in enumerate(sizes)
+        ],
+    )
     heads = write_heads(tmp_path)
-    result = run_cli("score", images, "-o", tmp_path / "scores", "--clip-model", "latentmill-tiny", "--pretrained", "none",
-                     "--workers", "0", "--watermark-head", heads["watermark"])
+    result = run_cli(
+        "score",
+        images,
+        "-o",
+        tmp_path / "scores",
+        "--clip-model",
+        "latentmill-tiny",
+        "--pretrained",
+        "none",
+        "--workers",
+        "0",
+        "--watermark-head",
+        heads["watermark"],
+    )
     assert result.exit_code == 0, result.output
     assert "decode: clip full, watermark full" in result.output
     net = watermark_module()
     net.load_state_dict(torch.load(heads["watermark"], weights_only=True)["weights"])
     net.eval()
-    to_pixels = transforms.Compose([transforms.Resize((256, 256)), transforms.ToTensor(),
-                                    transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    to_pixels = transforms.Compose(
+        [
+            transforms.Resize((256, 256)),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     scores = pq.read_table(tmp_path / "scores" / "00000.parquet").to_pandas().set_index("key")
     for sample in iter_image_shard(images / "00000.tar"):
-        full = to_pixels(Image.open(io.BytesIO(sample.image_bytes)).convert("RGB"))  # LAION's own preprocessing
+        full = to_pixels(
+            Image.open(io.BytesIO(sample.image_bytes)).convert("RGB")
+        )  # LAION's own preprocessing
         draft = to_pixels(sample.image(draft_size=(256, 256)))
         with torch.no_grad():
             expected = torch.softmax(net(full[None]), -1)[0, 0].item()
         assert scores.loc[sample.key, "pwatermark"] == pytest.approx(expected, abs=1e-5)
         if sample.image_bytes and Image.open(io.BytesIO(sample.image_bytes)).width >= 1280:
             assert (full - draft).abs().max() > 0.05  # what the draft shortcut would have changed
-    plain = run_cli("score", images, "-o", tmp_path / "clip-only", "--clip-model", "latentmill-tiny", "--pretrained",
-                    "none", "--workers", "0")
+    plain = run_cli(
+        "score",
+        images,
+        "-o",
+        tmp_path / "clip-only",
+        "--clip-model",
+        "latentmill-tiny",
+        "--pretrained",
+        "none",
+        "--workers",
+        "0",
+    )
     assert "decode: clip draft" in plain.output
-    exact = run_cli("score", images, "-o", tmp_path / "exact", "--clip-model", "latentmill-tiny", "--pretrained",
-                    "none", "--workers", "0", "--exact-decode")
+    exact = run_cli(
+        "score",
+        images,
+        "-o",
+        tmp_path / "exact",
+        "--clip-model",
+        "latentmill-tiny",
+        "--pretrained",
+        "none",
+        "--workers",
+        "0",
+        "--exact-decode",
+    )
     assert "decode: clip full" in exact.output
 
 
 def test_heads_are_checked_before_any_work(downloaded, tmp_path, run_cli):
     heads = write_heads(tmp_path, dim=768)  # the real ViT-L/14 size, not the tiny model's 32
-    result = run_cli("score", downloaded / "images", "-o", tmp_path / "s", "--clip-model", "latentmill-tiny",
-                     "--pretrained", "none", "--aesthetic-head", heads["aesthetic"])
+    result = run_cli(
+        "score",
+        downloaded / "images",
+        "-o",
+        tmp_path / "s",
+        "--clip-model",
+        "latentmill-tiny",
+        "--pretrained",
+        "none",
+        "--aesthetic-head",
+        heads["aesthetic"],
+    )
     assert result.exit_code == 2 and "768-d" in result.output and "32-d" in result.output
     assert not (tmp_path / "s").exists()
     bad = tmp_path / "bad.pth"
     torch.save({"fc.weight": torch.zeros(1, 32)}, bad)
-    result = run_cli("score", downloaded / "images", "-o", tmp_path / "s", "--clip-model", "latentmill-tiny",
-                     "--pretrained", "none", "--unsafe-head", bad)
-    assert result.exit_code == 2 and "not a LAION NSFW detector" in result.output and "Accepted:" in result.output
-    result = run_cli("score", downloaded / "images", "-o", tmp_path / "s", "--clip-model", "latentmill-tiny",
-                     "--pretrained", "none", "--aesthetic-head", tmp_path / "nowhere.pth")
+    result = run_cli(
+        "score",
+        downloaded / "images",
+        "-o",
+        tmp_path / "s",
+        "--clip-model",
+        "latentmill-tiny",
+        "--pretrained",
+        "none",
+        "--unsafe-head",
+        bad,
+    )
+    assert (
+        result.exit_code == 2
+        and "not a LAION NSFW detector" in result.output
+        and "Accepted:" in result.output
+    )
+    result = run_cli(
+        "score",
+        downloaded / "images",
+        "-o",
+        tmp_path / "s",
+        "--clip-model",
+        "latentmill-tiny",
+        "--pretrained",
+        "none",
+        "--aesthetic-head",
+        tmp_path / "nowhere.pth",
+    )
     assert result.exit_code == 2 and "nowhere.pth: no such head file" in result.output
 
 
@@ -177,8 +304,23 @@ def test_openai_weights_get_quickgelu():
 
 
 def _score_cmd(images, out):
-    return [sys.executable, "-m", "latentmill", "score", str(images), "-o", str(out), "--clip-model", "tiny",
-            "--pretrained", "none", "--workers", "0", "--batch-size", "1"]
+    return [
+        sys.executable,
+        "-m",
+        "latentmill",
+        "score",
+        str(images),
+        "-o",
+        str(out),
+        "--clip-model",
+        "tiny",
+        "--pretrained",
+        "none",
+        "--workers",
+        "0",
+        "--batch-size",
+        "1",
+    ]
 
 
 @pytest.mark.slow  # kills and restarts a subprocess
@@ -186,14 +328,22 @@ def test_a_score_killed_midway_resumes_to_the_same_parquets(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     for shard in range(6):
-        make_shard(images / f"{shard:05d}.tar", [image_entry(f"{shard:05d}{i:04d}", 200, 150, seed=shard * 10 + i)
-                                                 for i in range(8)])
+        make_shard(
+            images / f"{shard:05d}.tar",
+            [image_entry(f"{shard:05d}{i:04d}", 200, 150, seed=shard * 10 + i) for i in range(8)],
+        )
     killed, reference = tmp_path / "killed", tmp_path / "reference"
-    process = subprocess.Popen(_score_cmd(images, killed), start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _score_cmd(images, killed),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     marker = killed / "00000.stats.json"
     kill_when_done(process, marker)
-    assert marker.exists() and not (killed / "00005.stats.json").exists(), "the score run was not stopped mid-way"
+    assert marker.exists() and not (killed / "00005.stats.json").exists(), (
+        "the score run was not stopped mid-way"
+    )
     subprocess.run(_score_cmd(images, killed), check=True, capture_output=True)
     subprocess.run(_score_cmd(images, reference), check=True, capture_output=True)
     for shard in range(6):
@@ -204,6 +354,7 @@ def test_a_score_killed_midway_resumes_to_the_same_parquets(tmp_path):
 
 # --- select -------------------------------------------------------------------------------------------
 
+
 def write_scores(folder, rows, shard="00000"):
     folder.mkdir(exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), folder / f"{shard}.parquet")
@@ -211,42 +362,84 @@ def write_scores(folder, rows, shard="00000"):
 
 
 def score_row(key, aesthetic=6.0, pwatermark=0.1, punsafe=0.0, sim=0.3, w=800, h=600, error=None):
-    return {"key": key, "url": f"https://x/{key}", "caption": "c", "width": w, "height": h, "original_width": w,
-            "original_height": h, "aesthetic": aesthetic, "pwatermark": pwatermark, "punsafe": punsafe,
-            "clip_similarity": sim, "error": error}
+    return {
+        "key": key,
+        "url": f"https://x/{key}",
+        "caption": "c",
+        "width": w,
+        "height": h,
+        "original_width": w,
+        "original_height": h,
+        "aesthetic": aesthetic,
+        "pwatermark": pwatermark,
+        "punsafe": punsafe,
+        "clip_similarity": sim,
+        "error": error,
+    }
 
 
 def test_select_funnel_counts_are_exact(tmp_path, run_cli):
-    rows = [score_row("a"), score_row("b", aesthetic=4.0), score_row("c", pwatermark=0.9),
-            score_row("d", w=300, h=300), score_row("e", error="undecodable", aesthetic=None),
-            score_row("f", aesthetic=7.0, w=2000, h=600), score_row("g", aesthetic=None), score_row("h", sim=0.1)]
+    rows = [
+        score_row("a"),
+        score_row("b", aesthetic=4.0),
+        score_row("c", pwatermark=0.9),
+        score_row("d", w=300, h=300),
+        score_row("e", error="undecodable", aesthetic=None),
+        score_row("f", aesthetic=7.0, w=2000, h=600),
+        score_row("g", aesthetic=None),
+        score_row("h", sim=0.1),
+    ]
     write_scores(tmp_path / "scores", rows)
-    result = run_cli("select", tmp_path / "scores", "-o", tmp_path / "sel", "--preset", "sd-v1", "--max-aspect", "2",
-                     "--where", "clip_similarity >= 0.28 and not punsafe > 0.5")
+    result = run_cli(
+        "select",
+        tmp_path / "scores",
+        "-o",
+        tmp_path / "sel",
+        "--preset",
+        "sd-v1",
+        "--max-aspect",
+        "2",
+        "--where",
+        "clip_similarity >= 0.28 and not punsafe > 0.5",
+    )
     assert result.exit_code == 0, result.output
     funnel = json.loads((tmp_path / "sel" / "funnel.json").read_text())
     assert [(s["rule"], s["dropped"]) for s in funnel["steps"]] == [
-        ("error", 1), ("min_side", 1), ("min_aesthetic", 2), ("max_pwatermark", 1), ("max_aspect", 1),
-        ("clip_similarity >= 0.28 and not punsafe > 0.5", 1)]
+        ("error", 1),
+        ("min_side", 1),
+        ("min_aesthetic", 2),
+        ("max_pwatermark", 1),
+        ("max_aspect", 1),
+        ("clip_similarity >= 0.28 and not punsafe > 0.5", 1),
+    ]
     assert funnel["kept"] == 1
     selection = pq.read_table(tmp_path / "sel" / "00000.parquet").to_pylist()
     assert {r["key"]: (r["keep"], r["reason"]) for r in selection} == {
-        "a": (True, ""), "b": (False, "min_aesthetic"), "c": (False, "max_pwatermark"), "d": (False, "min_side"),
-        "e": (False, "error:undecodable"), "f": (False, "max_aspect"), "g": (False, "min_aesthetic"),
-        "h": (False, "clip_similarity >= 0.28 and not punsafe > 0.5")}
+        "a": (True, ""),
+        "b": (False, "min_aesthetic"),
+        "c": (False, "max_pwatermark"),
+        "d": (False, "min_side"),
+        "e": (False, "error:undecodable"),
+        "f": (False, "max_aspect"),
+        "g": (False, "min_aesthetic"),
+        "h": (False, "clip_similarity >= 0.28 and not punsafe > 0.5"),
+    }
     png = tmp_path / "sel" / "plots" / "aesthetic.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("where, message", [
-    ("__import__('os').system('true')", "only comparisons"),
-    ("aesthetic.real > 5", "compare columns with numbers only"),
-    ("aesthtic >= 5", "Did you mean 'aesthetic'"),
-    ("aesthetic >= 'high'", "compare columns with numbers only"),
-    ("aesthetic + 1 > 5", "compare columns with numbers only"),
-    ("aesthetic >=", "not a valid expression"),
-    ("aesthetic in [1, 2]", "only <, <=, >, >=, ==, != compare"),
-])
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("__import__('os').system('true')", "only comparisons"),
+        ("aesthetic.real > 5", "compare columns with numbers only"),
+        ("aesthtic >= 5", "Did you mean 'aesthetic'"),
+        ("aesthetic >= 'high'", "compare columns with numbers only"),
+        ("aesthetic + 1 > 5", "compare columns with numbers only"),
+        ("aesthetic >=", "not a valid expression"),
+        ("aesthetic in [1, 2]", "only <, <=, >, >=, ==, != compare"),
+    ],
+)
 def test_where_accepts_only_comparisons_of_known_columns(tmp_path, run_cli, where, message):
     write_scores(tmp_path / "scores", [score_row("a")])
     result = run_cli("select", tmp_path / "scores", "-o", tmp_path / "sel", "--where", where)
@@ -257,13 +450,20 @@ def test_where_accepts_only_comparisons_of_known_columns(tmp_path, run_cli, wher
 def test_chained_and_negative_comparisons(tmp_path):
     from latentmill.filters.select import SelectConfig, select
 
-    write_scores(tmp_path / "scores", [score_row("a", aesthetic=5.5), score_row("b", aesthetic=7.5), score_row("c", sim=-0.2)])
-    funnel = select(tmp_path / "scores", tmp_path / "sel",
-                    SelectConfig(where=["5 <= aesthetic < 7", "clip_similarity > -0.1"], plots=False))
+    write_scores(
+        tmp_path / "scores",
+        [score_row("a", aesthetic=5.5), score_row("b", aesthetic=7.5), score_row("c", sim=-0.2)],
+    )
+    funnel = select(
+        tmp_path / "scores",
+        tmp_path / "sel",
+        SelectConfig(where=["5 <= aesthetic < 7", "clip_similarity > -0.1"], plots=False),
+    )
     assert funnel["kept"] == 1 and [s["dropped"] for s in funnel["steps"]] == [0, 1, 1]
 
 
 # --- fit-head -----------------------------------------------------------------------------------------
+
 
 def write_embeddings(root, x, keys):
     (root / "embeddings").mkdir(parents=True)
@@ -281,19 +481,35 @@ def test_fit_head_separates_separable_embeddings_and_not_shuffled_labels(tmp_pat
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     keys = [f"{i:09d}" for i in range(n)]
     write_embeddings(tmp_path, x, keys)
-    write_table(tmp_path / "labels.parquet", [{"key": k, "watermark": int(v)} for k, v in zip(keys, labels, strict=True)])
-    result = run_cli("fit-head", "--embeddings", tmp_path / "embeddings", "--labels", tmp_path / "labels.parquet",
-                     "--target", "watermark", "--column", "wm_probe", "-o", tmp_path / "probe.safetensors")
+    write_table(
+        tmp_path / "labels.parquet",
+        [{"key": k, "watermark": int(v)} for k, v in zip(keys, labels, strict=True)],
+    )
+    result = run_cli(
+        "fit-head",
+        "--embeddings",
+        tmp_path / "embeddings",
+        "--labels",
+        tmp_path / "labels.parquet",
+        "--target",
+        "watermark",
+        "--column",
+        "wm_probe",
+        "-o",
+        tmp_path / "probe.safetensors",
+    )
     assert result.exit_code == 0, result.output
     accuracy = float(result.output.split("accuracy ")[1].split(",")[0])
     assert accuracy >= 0.95
 
     from latentmill.filters.fit import FitConfig, fit_head
+
     shuffled = rng.permutation(labels).astype(np.float32)
     _, metrics = fit_head(x.astype(np.float32), shuffled, FitConfig(target="watermark"))
     assert 0.3 <= metrics["accuracy"] <= 0.7 and 0.3 <= metrics["auc"] <= 0.7
 
     from latentmill.filters.heads import load_fitted
+
     head = load_fitted(tmp_path / "probe.safetensors")
     assert head.column == "wm_probe" and head.input_dim == 32
     probabilities = head(torch.from_numpy(x.astype(np.float32)))
@@ -328,10 +544,12 @@ def test_a_linear_regressor_is_cross_validated_ridge(tmp_path):
     _, fixed = fit_head(x, y, FitConfig(target="aesthetic", alpha=2.0))
     assert fixed["alpha"] == 2.0
     order = np.random.default_rng(0).permutation(len(y))
-    train = order[int(round(len(y) * 0.2)):]
+    train = order[int(round(len(y) * 0.2)) :]
     mean, std = x[train].mean(0), x[train].std(0) + 1e-6
     y_mean, y_std = y[train].mean(), y[train].std() + 1e-6
-    w = ridge_solve(((x[train] - mean) / std).astype(np.float64), ((y[train] - y_mean) / y_std).astype(np.float64), 2.0)
+    w = ridge_solve(
+        ((x[train] - mean) / std).astype(np.float64), ((y[train] - y_mean) / y_std).astype(np.float64), 2.0
+    )
     expected = ((x - mean) / std) @ w * y_std + y_mean
     module2, _ = fit_head(x, y, FitConfig(target="aesthetic", alpha=2.0))
     with torch.no_grad():
@@ -344,7 +562,9 @@ def test_a_fitted_head_scores_as_its_own_column(downloaded, tmp_path):
 
     rng = np.random.default_rng(2)
     x = rng.normal(size=(50, 32)).astype(np.float32)
-    module, metrics = fit_head(x, (x[:, 0] > 0).astype(np.float32), FitConfig(target="house_style", epochs=50))
+    module, metrics = fit_head(
+        x, (x[:, 0] > 0).astype(np.float32), FitConfig(target="house_style", epochs=50)
+    )
     save_head(module, tmp_path / "house.safetensors", FitConfig(target="house_style"), 32, metrics)
     out = tmp_path / "scores"
     score(downloaded / "images", out, ScoreConfig(**TINY, heads=[str(tmp_path / "house.safetensors")]))
@@ -362,7 +582,9 @@ def test_a_head_may_not_write_a_reserved_column(downloaded, tmp_path, run_cli):
     x = rng.normal(size=(50, 32)).astype(np.float32)
     module, metrics = fit_head(x, (x[:, 0] > 0).astype(np.float32), FitConfig(target="house_style", epochs=5))
     with pytest.raises(InputError, match="cannot write column 'key'"):
-        save_head(module, tmp_path / "key.safetensors", FitConfig(target="house_style", column="key"), 32, metrics)
+        save_head(
+            module, tmp_path / "key.safetensors", FitConfig(target="house_style", column="key"), 32, metrics
+        )
     assert not (tmp_path / "key.safetensors").exists()
     # a head file whose metadata was edited to write `key` is refused before any image is read
     save_head(module, tmp_path / "ok.safetensors", FitConfig(target="house_style"), 32, metrics)
@@ -370,13 +592,36 @@ def test_a_head_may_not_write_a_reserved_column(downloaded, tmp_path, run_cli):
 
     with safe_open(tmp_path / "ok.safetensors", framework="pt") as handle:
         meta = handle.metadata()
-    save_file(load_file(tmp_path / "ok.safetensors"), str(tmp_path / "tampered.safetensors"), metadata=meta | {"column": "key"})
+    save_file(
+        load_file(tmp_path / "ok.safetensors"),
+        str(tmp_path / "tampered.safetensors"),
+        metadata=meta | {"column": "key"},
+    )
     out = tmp_path / "scores"
-    result = run_cli("score", downloaded / "images", "-o", out, "--clip-model", "latentmill-tiny", "--pretrained", "none",
-                     "--head", tmp_path / "tampered.safetensors")
+    result = run_cli(
+        "score",
+        downloaded / "images",
+        "-o",
+        out,
+        "--clip-model",
+        "latentmill-tiny",
+        "--pretrained",
+        "none",
+        "--head",
+        tmp_path / "tampered.safetensors",
+    )
     assert result.exit_code == 2 and "cannot write column 'key'" in result.output and not out.exists()
-    result = run_cli("fit-head", "--embeddings", tmp_path, "--labels", tmp_path / "ok.safetensors", "--target", "url",
-                     "-o", tmp_path / "x.safetensors")
+    result = run_cli(
+        "fit-head",
+        "--embeddings",
+        tmp_path,
+        "--labels",
+        tmp_path / "ok.safetensors",
+        "--target",
+        "url",
+        "-o",
+        tmp_path / "x.safetensors",
+    )
     assert result.exit_code == 2 and "cannot write column 'url'" in result.output
 
 
@@ -389,7 +634,11 @@ def test_hostile_sample_metadata_is_a_counted_read_not_a_failed_shard(tmp_path):
     out = tmp_path / "scores"
     score(tmp_path / "images", out, ScoreConfig(**TINY))
     table = pq.read_table(out / "00000.parquet").to_pandas()
-    assert len(table) == len(entries) and table["error"].isna().all() and table["clip_similarity"].notna().sum() == 1
+    assert (
+        len(table) == len(entries)
+        and table["error"].isna().all()
+        and table["clip_similarity"].notna().sum() == 1
+    )
     assert table["caption"].iloc[0].startswith("caption ") and table["original_width"].isna().all()
     assert table["url"].iloc[-1] == "https://example.com/x.jpg"
     stats = json.loads((out / "00000.stats.json").read_text())
@@ -400,7 +649,9 @@ def test_a_failed_select_leaves_the_previous_selection_intact(tmp_path, run_cli)
     scores = tmp_path / "scores"
     scores.mkdir()
     for shard in ("00000", "00001"):
-        write_table(scores / f"{shard}.parquet", [score_row(f"{shard}{i:04d}", aesthetic=4.0 + i) for i in range(4)])
+        write_table(
+            scores / f"{shard}.parquet", [score_row(f"{shard}{i:04d}", aesthetic=4.0 + i) for i in range(4)]
+        )
         (scores / f"{shard}.stats.json").write_text("{}")
     result = run_cli("select", scores, "-o", tmp_path / "sel", "--min-aesthetic", "5")
     assert result.exit_code == 0, result.output
@@ -435,8 +686,13 @@ def test_the_aesthetic_v1_linear_head(downloaded, tmp_path):
     linear = torch.nn.Linear(32, 1)
     torch.save(linear.state_dict(), tmp_path / "sa_0_4_vit_l_14_linear.pth")
     out = tmp_path / "scores"
-    score(downloaded / "images", out, ScoreConfig(**TINY, aesthetic_head=str(tmp_path / "sa_0_4_vit_l_14_linear.pth"),
-                                                  save_embeddings=True))
+    score(
+        downloaded / "images",
+        out,
+        ScoreConfig(
+            **TINY, aesthetic_head=str(tmp_path / "sa_0_4_vit_l_14_linear.pth"), save_embeddings=True
+        ),
+    )
     table = pq.read_table(out / "00000.parquet").to_pandas()
     e = np.load(tmp_path / "embeddings" / "00000.npy").astype(np.float64)
     expected = e @ linear.weight.detach().double().numpy().T + linear.bias.detach().double().numpy()

@@ -13,13 +13,16 @@ def fetch(url, timeout=5):
         return response.headers, response.read()
 
 
-@pytest.mark.parametrize("path, fmt, mode, size", [
-    ("/gen/1/320x200.jpg", "JPEG", "RGB", (320, 200)),
-    ("/photo/astronaut/200x320.png?mode=RGBA", "PNG", "RGBA", (200, 320)),
-    ("/photo/coffee/256x256.jpg?mode=L", "JPEG", "L", (256, 256)),
-    ("/photo/chelsea/256x192.jpg?mode=CMYK", "JPEG", "CMYK", (256, 192)),
-    ("/gen/2/300x300.webp", "WEBP", "RGB", (300, 300)),
-])
+@pytest.mark.parametrize(
+    "path, fmt, mode, size",
+    [
+        ("/gen/1/320x200.jpg", "JPEG", "RGB", (320, 200)),
+        ("/photo/astronaut/200x320.png?mode=RGBA", "PNG", "RGBA", (200, 320)),
+        ("/photo/coffee/256x256.jpg?mode=L", "JPEG", "L", (256, 256)),
+        ("/photo/chelsea/256x192.jpg?mode=CMYK", "JPEG", "CMYK", (256, 192)),
+        ("/gen/2/300x300.webp", "WEBP", "RGB", (300, 300)),
+    ],
+)
 def test_image_routes(server, path, fmt, mode, size):
     _, body = fetch(server.url(path))
     image = Image.open(io.BytesIO(body))
@@ -41,7 +44,9 @@ def test_photo_views_are_distinct_crops_and_sample_rows_use_them(server):
     def pixels(path):
         return np.asarray(Image.open(io.BytesIO(fetch(server.url(path))[1])).convert("RGB"), dtype=float)
 
-    centre, view1, view1_again, view2 = (pixels(f"/photo/coffee/256x256.png{q}") for q in ("", "?view=1", "?view=1", "?view=2"))
+    centre, view1, view1_again, view2 = (
+        pixels(f"/photo/coffee/256x256.png{q}") for q in ("", "?view=1", "?view=1", "?view=2")
+    )
     assert view1.shape == centre.shape == (256, 256, 3)
     assert np.array_equal(view1, view1_again)  # seeded: the same URL, the same bytes
     assert np.abs(view1 - centre).mean() > 5 and np.abs(view1 - view2).mean() > 5

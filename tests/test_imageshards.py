@@ -29,7 +29,14 @@ def test_samples_carry_key_caption_meta_and_decode(tmp_path):
     assert [s.key for s in got] == [f"{i:09d}" for i in range(5)]
     assert got[2].caption == samples.synthetic(2, 64, 48)[1] and got[2].meta["url"] == "https://x/2.jpg"
     assert got[0].image().size == (64, 48)
-    assert stats.as_dict() == {"samples": 5, "incomplete": 0, "duplicate_key": 0, "bad_metadata": 0, "damaged": False, "damage": ""}
+    assert stats.as_dict() == {
+        "samples": 5,
+        "incomplete": 0,
+        "duplicate_key": 0,
+        "bad_metadata": 0,
+        "damaged": False,
+        "damage": "",
+    }
 
 
 def test_a_truncated_tar_yields_the_readable_samples_and_counts_the_rest(tmp_path):
@@ -55,33 +62,46 @@ def test_key_order_reads_a_completion_ordered_shard_sorted_by_key(tmp_path):
     data = shard.read_bytes()  # cut off: the stream reads what it can, in key order too, the damage counted
     shard.write_bytes(data[: int(len(data) * 0.6)])
     ordered, streamed = ShardReadStats(), ShardReadStats()
-    assert [s.key for s in iter_image_shard(shard, ordered, key_order=True)] == sorted(s.key for s in iter_image_shard(shard, streamed))
+    assert [s.key for s in iter_image_shard(shard, ordered, key_order=True)] == sorted(
+        s.key for s in iter_image_shard(shard, streamed)
+    )
     assert ordered == streamed and 1 <= ordered.samples < 6
 
 
 def test_a_sample_without_image_is_counted_as_incomplete(tmp_path):
-    shard = make_shard(tmp_path / "00000.tar", [good_entry(0), ("000000001", {"txt": b"orphan caption"}), good_entry(2)])
+    shard = make_shard(
+        tmp_path / "00000.tar", [good_entry(0), ("000000001", {"txt": b"orphan caption"}), good_entry(2)]
+    )
     report = inspect_image_shards(tmp_path)
     assert report["samples"] == 2 and report["incomplete"] == 1 and not report["damaged_shards"]
     assert shard.exists()
 
 
 def test_undecodable_images_are_reported_by_key_and_reason(tmp_path):
-    make_shard(tmp_path / "00000.tar", [
-        good_entry(0),
-        ("000000001", {"jpg": samples.truncated_jpeg()}),
-        ("000000002", {"jpg": b"<html>not an image</html>"}),
-        ("000000003", {"jpg": b""}),
-        ("000000004", {"png": samples.decompression_bomb()}),
-    ])
+    make_shard(
+        tmp_path / "00000.tar",
+        [
+            good_entry(0),
+            ("000000001", {"jpg": samples.truncated_jpeg()}),
+            ("000000002", {"jpg": b"<html>not an image</html>"}),
+            ("000000003", {"jpg": b""}),
+            ("000000004", {"png": samples.decompression_bomb()}),
+        ],
+    )
     report = inspect_image_shards(tmp_path, decode=True)
-    assert report["decode_errors"] == {"truncated": ["000000001"], "undecodable": ["000000002"],
-                                       "empty": ["000000003"], "too_large": ["000000004"]}
+    assert report["decode_errors"] == {
+        "truncated": ["000000001"],
+        "undecodable": ["000000002"],
+        "empty": ["000000003"],
+        "too_large": ["000000004"],
+    }
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "L", "CMYK"])
 def test_decode_converts_every_mode_to_rgb(mode):
-    image = decode_image(samples.encode(samples.photo("astronaut", 80, 60), "png" if mode == "RGBA" else "jpg", mode=mode))
+    image = decode_image(
+        samples.encode(samples.photo("astronaut", 80, 60), "png" if mode == "RGBA" else "jpg", mode=mode)
+    )
     assert image.mode == "RGB" and image.size == (80, 60)
 
 

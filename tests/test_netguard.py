@@ -25,9 +25,16 @@ def guarded():
 def test_names_are_checked_after_resolution_and_the_allow_list_is_exact(guarded):
     guarded.install(["good.example:8080", "127.0.0.1:9999"], RESOLVER)
     assert socket.create_connection is guarded.guarded_create_connection
-    for host, port in (("evil.example", 80), ("rebind.example", 443), ("good.example", 8081), ("127.0.0.1", 9998),
-                       ("localhost", 9999)):  # the allow-list names hosts as URLs spell them
-        with pytest.raises(guarded.PrivateAddressRefused, match=f"private_address: {host}:{port} resolves to"):
+    for host, port in (
+        ("evil.example", 80),
+        ("rebind.example", 443),
+        ("good.example", 8081),
+        ("127.0.0.1", 9998),
+        ("localhost", 9999),
+    ):  # the allow-list names hosts as URLs spell them
+        with pytest.raises(
+            guarded.PrivateAddressRefused, match=f"private_address: {host}:{port} resolves to"
+        ):
             guarded.check_connection(host, port)
     assert guarded.check_connection("good.example", 8080)[0][4][0] == "127.0.0.1"
     assert guarded.check_connection("127.0.0.1", 9999)
@@ -41,15 +48,37 @@ def test_redirects_and_names_to_private_addresses_are_refused_in_the_download_wo
         port = fresh_server.port
         rows = [
             {"URL": fresh_server.url("/gen/1/300x300.jpg"), "TEXT": "allowed server"},
-            {"URL": fresh_server.url("/redirect?to=" + fresh_server.url("/gen/2/300x300.jpg")), "TEXT": "redirect, same server"},
-            {"URL": fresh_server.url("/redirect?to=" + other.url("/gen/3/300x300.jpg")), "TEXT": "redirect, other port"},
-            {"URL": f"http://evil.example:{port}/gen/4/300x300.jpg", "TEXT": "a name that resolves to loopback"},
+            {
+                "URL": fresh_server.url("/redirect?to=" + fresh_server.url("/gen/2/300x300.jpg")),
+                "TEXT": "redirect, same server",
+            },
+            {
+                "URL": fresh_server.url("/redirect?to=" + other.url("/gen/3/300x300.jpg")),
+                "TEXT": "redirect, other port",
+            },
+            {
+                "URL": f"http://evil.example:{port}/gen/4/300x300.jpg",
+                "TEXT": "a name that resolves to loopback",
+            },
         ]
         table = write_table(tmp_path / "urls.parquet", rows)
-        summary = download(table, tmp_path / "images", DownloadConfig(
-            processes=1, http_threads=4, timeout=5, retries=0, shard_size=16, min_image_size=64,
-            allow_hosts=(f"127.0.0.1:{port}",), resolver=RESOLVER))
+        summary = download(
+            table,
+            tmp_path / "images",
+            DownloadConfig(
+                processes=1,
+                http_threads=4,
+                timeout=5,
+                retries=0,
+                shard_size=16,
+                min_image_size=64,
+                allow_hosts=(f"127.0.0.1:{port}",),
+                resolver=RESOLVER,
+            ),
+        )
         assert other.requests == []  # the redirect to it was refused before connecting
     assert summary["success"] == 2
     assert summary["failures"] == {"private_address": 2}, summary["failures"]
-    assert not any("/gen/4/" in path for path in fresh_server.requests)  # the name was refused before connecting
+    assert not any(
+        "/gen/4/" in path for path in fresh_server.requests
+    )  # the name was refused before connecting

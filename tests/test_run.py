@@ -11,26 +11,47 @@ from latentmill.curate.errors import InputError
 from latentmill.recipe import list_recipes, load_recipe, section
 from tests.conftest import kill_when_done
 
-SMALL = ["--set", "train.steps=6", "--set", "train.checkpoint_every=3", "--set", "train.sample_every=3",
-         "--set", "train.sample_steps=2", "--set", "download.processes=1", "--set", "train.log_every=1"]
+SMALL = [
+    "--set",
+    "train.steps=6",
+    "--set",
+    "train.checkpoint_every=3",
+    "--set",
+    "train.sample_every=3",
+    "--set",
+    "train.sample_steps=2",
+    "--set",
+    "download.processes=1",
+    "--set",
+    "train.log_every=1",
+]
 
 
 def test_every_shipped_recipe_validates_and_is_listed(run_cli):
     names = list_recipes()
-    assert {"demo", "laion-aesthetics-v2-5plus", "laion-aesthetics-6plus", "sd-v1-stages", "finetune-sd15"} <= set(names)
+    assert {
+        "demo",
+        "laion-aesthetics-v2-5plus",
+        "laion-aesthetics-6plus",
+        "sd-v1-stages",
+        "finetune-sd15",
+    } <= set(names)
     for name in names:
         load_recipe(name)
     result = run_cli("recipes")
     assert result.exit_code == 0 and all(name in result.output for name in names)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.stepz=5", "unknown key train.stepz. Did you mean 'steps'?"),
-    ("trian.steps=5", "unknown section 'trian'. Did you mean 'train'?"),
-    ("train.steps=many", "train.steps (--steps) = 'many': use a whole number"),
-    ("train.output=/elsewhere", "unknown key train.output"),
-    ("steps=5", "write section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=5", "unknown key train.stepz. Did you mean 'steps'?"),
+        ("trian.steps=5", "unknown section 'trian'. Did you mean 'train'?"),
+        ("train.steps=many", "train.steps (--steps) = 'many': use a whole number"),
+        ("train.output=/elsewhere", "unknown key train.output"),
+        ("steps=5", "write section.key=value"),
+    ],
+)
 def test_validation_errors_name_the_key(override, message, run_cli, tmp_path):
     with pytest.raises(InputError, match=re.escape(message)):
         load_recipe("demo", [override])
@@ -55,14 +76,18 @@ def _run_cmd(work):
 @pytest.mark.slow
 def test_the_demo_recipe_killed_midway_finishes_with_the_same_outputs(tmp_path, run_cli):
     killed, reference = tmp_path / "killed", tmp_path / "reference"
-    process = subprocess.Popen(_run_cmd(killed), start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _run_cmd(killed), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     kill_when_done(process, killed / "scores" / "00000.stats.json")
     assert not (killed / "latents-256").exists(), "the run was not stopped mid-way"
-    process = subprocess.Popen(_run_cmd(killed), start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # killed again, mid-training this time
+    process = subprocess.Popen(
+        _run_cmd(killed), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )  # killed again, mid-training this time
     kill_when_done(process, killed / "runs" / "main" / "checkpoints" / "step-0000003" / "state.json")
-    assert not (killed / "runs" / "main" / "checkpoints" / "step-0000006").exists(), "training was not stopped mid-way"
+    assert not (killed / "runs" / "main" / "checkpoints" / "step-0000006").exists(), (
+        "training was not stopped mid-way"
+    )
     subprocess.run(_run_cmd(killed), check=True, capture_output=True)
     (reference / "urls").mkdir(parents=True)  # the same server port, so the same URLs in the metadata
     (reference / "urls" / "server-port.txt").write_text((killed / "urls" / "server-port.txt").read_text())
@@ -85,5 +110,13 @@ def test_the_demo_recipe_killed_midway_finishes_with_the_same_outputs(tmp_path, 
     assert log(killed) == log(reference)
     status = run_cli("status", killed)
     shards = len(list((killed / "images").glob("*.tar")))
-    assert status.exit_code == 0 and "step 6/6" in status.output and f"{shards}/{shards} shards" in status.output and shards > 1
-    assert sorted(p.name for p in (killed / "runs" / "main" / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]
+    assert (
+        status.exit_code == 0
+        and "step 6/6" in status.output
+        and f"{shards}/{shards} shards" in status.output
+        and shards > 1
+    )
+    assert sorted(p.name for p in (killed / "runs" / "main" / "samples").iterdir()) == [
+        "step-0000003.png",
+        "step-0000006.png",
+    ]

@@ -7,8 +7,10 @@ import pytest
 from latentmill.curate.errors import InputError
 from latentmill.curate.tables import UrlTable
 
-ROWS = [{"URL": f"https://example.com/{i}.jpg", "TEXT": f"caption number {i}", "WIDTH": 100 + i, "HEIGHT": 200}
-        for i in range(50)]
+ROWS = [
+    {"URL": f"https://example.com/{i}.jpg", "TEXT": f"caption number {i}", "WIDTH": 100 + i, "HEIGHT": 200}
+    for i in range(50)
+]
 
 
 def write_all_formats(folder):
@@ -61,6 +63,7 @@ def test_lowercase_aesthetic_column_is_recognised(tmp_path):
 
 # --- bad tables: exit code 2, a message naming the file and the columns found --------------------------
 
+
 def test_missing_url_column_names_file_and_columns(tmp_path, run_cli):
     path = tmp_path / "nourl.parquet"
     pq.write_table(pa.table({"link": ["x"], "TEXT": ["y"]}), path)
@@ -75,7 +78,11 @@ def test_wrong_column_type_is_refused(tmp_path, run_cli):
     pq.write_table(pa.table({"URL": ["https://a.b/1.jpg"], "WIDTH": ["wide"], "HEIGHT": [5]}), path)
     result = run_cli("urls", "prefilter", path, "-o", tmp_path / "out.parquet", "--min-side", "256")
     assert result.exit_code == 2
-    assert "types.parquet" in result.output and "'WIDTH'" in result.output and "expected a number" in result.output
+    assert (
+        "types.parquet" in result.output
+        and "'WIDTH'" in result.output
+        and "expected a number" in result.output
+    )
     path2 = tmp_path / "inturl.parquet"
     pq.write_table(pa.table({"URL": [1, 2]}), path2)
     result = run_cli("urls", "inspect", path2)
@@ -124,7 +131,9 @@ def test_inspect_percentiles_are_estimated_from_a_reservoir_on_large_tables(tmp_
     n = 50_000
     path = tmp_path / "big.parquet"
     widths = np.random.default_rng(0).permutation(n)
-    pq.write_table(pa.table({"URL": [f"https://x.y/{i}" for i in range(n)], "WIDTH": widths}), path, row_group_size=4096)
+    pq.write_table(
+        pa.table({"URL": [f"https://x.y/{i}" for i in range(n)], "WIDTH": widths}), path, row_group_size=4096
+    )
     report = inspect_table(path, sample_rows=5000)
     width = report["distributions"]["width"]
     assert width["sampled"] and width["count"] == n and width["max"] == n - 1

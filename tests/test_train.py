@@ -22,18 +22,40 @@ def latents(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     (root / "images").mkdir()
     for s in range(4):
-        make_shard(root / "images" / f"{s:05d}.tar",
-                   [image_entry(f"{s:05d}{i:04d}", 256, 256 if i % 2 else 192, seed=i % 4) for i in range(16)])
+        make_shard(
+            root / "images" / f"{s:05d}.tar",
+            [image_entry(f"{s:05d}{i:04d}", 256, 256 if i % 2 else 192, seed=i % 4) for i in range(16)],
+        )
     # "log": 256x192 ties between 128x128 and 160x96 in linear aspect (kohya takes 128x128); two buckets here
-    encode(root / "images", root / "latents", EncodeConfig(vae="tiny", resolution=128, bucket_min_side=64, bucket_max_side=256, step=32, flip=True,
-                                                           std=True, bucket_assign="log"))
+    encode(
+        root / "images",
+        root / "latents",
+        EncodeConfig(
+            vae="tiny",
+            resolution=128,
+            bucket_min_side=64,
+            bucket_max_side=256,
+            step=32,
+            flip=True,
+            std=True,
+            bucket_assign="log",
+        ),
+    )
     tiny_clip_text_pipeline(root / "pipeline")
     return root
 
 
 def config(latents, run, **overrides):
-    base = dict(shards=str(latents / "latents"), output=str(run), text_encoder=str(latents / "pipeline"), batch_size=8,
-                learning_rate=1e-3, warmup_steps=10, checkpoint_every=1000, log_every=1)
+    base = dict(
+        shards=str(latents / "latents"),
+        output=str(run),
+        text_encoder=str(latents / "pipeline"),
+        batch_size=8,
+        learning_rate=1e-3,
+        warmup_steps=10,
+        checkpoint_every=1000,
+        log_every=1,
+    )
     return TrainConfig(**(base | overrides))
 
 
@@ -49,12 +71,20 @@ def test_the_loss_falls_below_half(latents, tmp_path):
 
 def test_a_resumed_run_repeats_the_uninterrupted_one_exactly(latents, tmp_path):
     straight, resumed = [], []
-    train(config(latents, tmp_path / "a", steps=6, checkpoint_every=3), progress=lambda m: straight.append(m["loss"]))
-    train(config(latents, tmp_path / "b", steps=3, checkpoint_every=3), progress=lambda m: resumed.append(m["loss"]))
+    train(
+        config(latents, tmp_path / "a", steps=6, checkpoint_every=3),
+        progress=lambda m: straight.append(m["loss"]),
+    )
+    train(
+        config(latents, tmp_path / "b", steps=3, checkpoint_every=3),
+        progress=lambda m: resumed.append(m["loss"]),
+    )
     with pytest.raises(InputError, match="pass --resume"):
         train(config(latents, tmp_path / "b", steps=6, checkpoint_every=3))
-    train(config(latents, tmp_path / "b", steps=6, checkpoint_every=3, resume=True),
-          progress=lambda m: resumed.append(m["loss"]))
+    train(
+        config(latents, tmp_path / "b", steps=6, checkpoint_every=3, resume=True),
+        progress=lambda m: resumed.append(m["loss"]),
+    )
     assert resumed == straight  # bit-exact on CPU
     state = json.loads((tmp_path / "b" / "checkpoints" / "step-0000006" / "state.json").read_text())
     assert state["step"] == 6 and state["loader"]["batches"] > 0
@@ -83,10 +113,32 @@ def test_fewer_shards_than_ranks_is_an_error(latents):
 def test_two_processes_with_torchrun_read_disjoint_shards_and_take_equal_steps(latents, tmp_path):
     run = tmp_path / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "latentmill",
-         "train", str(latents / "latents"), "-o", str(run), "--text-encoder", str(latents / "pipeline"), "--steps", "3",
-         "--batch-size", "4", "--checkpoint-every", "3"],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "latentmill",
+            "train",
+            str(latents / "latents"),
+            "-o",
+            str(run),
+            "--text-encoder",
+            str(latents / "pipeline"),
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--checkpoint-every",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((run / "ranks" / f"rank-{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["steps"] == ranks[1]["steps"] == 3
@@ -104,8 +156,14 @@ def test_the_export_loads_in_stable_diffusion_pipeline_and_generates(latents, tm
     result = run_cli("export", run, "-o", tmp_path / "pipeline")
     assert result.exit_code == 0, result.output
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
-    image = pipe("a red circle", num_inference_steps=2, height=128, width=128,
-                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    image = pipe(
+        "a red circle",
+        num_inference_steps=2,
+        height=128,
+        width=128,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
     assert image.shape == (128, 128, 3)
 
 
@@ -118,15 +176,36 @@ def test_merge_arithmetic_is_exact(tmp_path, run_cli):
     for name, t in zip("abc", tensors, strict=True):
         save_file(t, str(tmp_path / f"{name}.safetensors"))
     a, b, c = tensors
-    result = run_cli("merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--alpha", "0.25", "-o", tmp_path / "ws")
-    assert result.exit_code == 2 and "--config-from RUN" in result.output  # two bare files: no configuration to take
-    donor = tmp_path / "donor" / "checkpoints" / "step-0000040"  # a run's checkpoint, as far as merge reads it
+    result = run_cli(
+        "merge",
+        tmp_path / "a.safetensors",
+        tmp_path / "b.safetensors",
+        "--alpha",
+        "0.25",
+        "-o",
+        tmp_path / "ws",
+    )
+    assert (
+        result.exit_code == 2 and "--config-from RUN" in result.output
+    )  # two bare files: no configuration to take
+    donor = (
+        tmp_path / "donor" / "checkpoints" / "step-0000040"
+    )  # a run's checkpoint, as far as merge reads it
     donor.mkdir(parents=True)
     save_file(a, str(donor / "ema.safetensors"))
     (donor / "unet_config.json").write_text("{}")
     (donor / "state.json").write_text(json.dumps({"step": 40, "config": {"prediction": "epsilon"}}))
-    result = run_cli("merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--alpha", "0.25", "-o", tmp_path / "ws",
-                     "--config-from", tmp_path / "donor")
+    result = run_cli(
+        "merge",
+        tmp_path / "a.safetensors",
+        tmp_path / "b.safetensors",
+        "--alpha",
+        "0.25",
+        "-o",
+        tmp_path / "ws",
+        "--config-from",
+        tmp_path / "donor",
+    )
     assert result.exit_code == 0, result.output
     merged_state = json.loads((tmp_path / "ws" / "checkpoints" / "step-0000040" / "state.json").read_text())
     assert merged_state["step"] == 40 and merged_state["merge"]["alpha"] == 0.25
@@ -134,16 +213,45 @@ def test_merge_arithmetic_is_exact(tmp_path, run_cli):
     for key in ("w", "b"):
         expected = (0.75 * a[key].double() + 0.25 * b[key].double()).float()
         assert torch.equal(merged[key], expected)
-    run_cli("merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--base", tmp_path / "c.safetensors",
-            "--alpha", "0.5", "-o", tmp_path / "ad", "--config-from", tmp_path / "donor")
+    run_cli(
+        "merge",
+        tmp_path / "a.safetensors",
+        tmp_path / "b.safetensors",
+        "--base",
+        tmp_path / "c.safetensors",
+        "--alpha",
+        "0.5",
+        "-o",
+        tmp_path / "ad",
+        "--config-from",
+        tmp_path / "donor",
+    )
     merged = load_file(tmp_path / "ad" / "checkpoints" / "step-0000040" / "ema.safetensors")
     assert torch.equal(merged["w"], (a["w"].double() + 0.5 * (b["w"].double() - c["w"].double())).float())
     save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
-    result = run_cli("merge", tmp_path / "a.safetensors", tmp_path / "other.safetensors", "--alpha", "0.5", "-o", tmp_path / "x",
-                     "--config-from", tmp_path / "donor")
+    result = run_cli(
+        "merge",
+        tmp_path / "a.safetensors",
+        tmp_path / "other.safetensors",
+        "--alpha",
+        "0.5",
+        "-o",
+        tmp_path / "x",
+        "--config-from",
+        tmp_path / "donor",
+    )
     assert result.exit_code == 2 and "do not match" in result.output
-    result = run_cli("merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--alpha", "0.5", "-o", tmp_path / "ws",
-                     "--config-from", tmp_path / "donor")
+    result = run_cli(
+        "merge",
+        tmp_path / "a.safetensors",
+        tmp_path / "b.safetensors",
+        "--alpha",
+        "0.5",
+        "-o",
+        tmp_path / "ws",
+        "--config-from",
+        tmp_path / "donor",
+    )
     assert result.exit_code == 2 and "already holds a run" in result.output  # never overwritten
 
 
@@ -155,7 +263,9 @@ def test_sample_grids_during_training_and_the_sample_command(latents, tmp_path, 
     grids = sorted((run / "samples").glob("*.png"))
     assert [g.name for g in grids] == ["step-0000002.png", "step-0000004.png"]
     assert Image.open(grids[0]).size == (4 * 128, 128)
-    result = run_cli("sample", run, "--prompt", "a cat", "--prompt", "a dog", "--steps", "2", "-o", tmp_path / "grid.png")
+    result = run_cli(
+        "sample", run, "--prompt", "a cat", "--prompt", "a dog", "--steps", "2", "-o", tmp_path / "grid.png"
+    )
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "grid.png").size == (2 * 128, 128)
 
@@ -176,9 +286,20 @@ def test_a_nan_loss_stops_with_the_step_and_the_keys(latents, tmp_path):
     writer.close()
     run = tmp_path / "run"
     with pytest.raises(InputError, match=r"loss is nan at step \d+; batch keys: nan"):
-        train(config(latents, run, shards=str(bad / "00000.tar"), steps=5, checkpoint_every=1, mode="epoch",
-                     flip=False))
-    assert not (run / "checkpoints").exists() or all((c / "state.json").exists() for c in (run / "checkpoints").iterdir())
+        train(
+            config(
+                latents,
+                run,
+                shards=str(bad / "00000.tar"),
+                steps=5,
+                checkpoint_every=1,
+                mode="epoch",
+                flip=False,
+            )
+        )
+    assert not (run / "checkpoints").exists() or all(
+        (c / "state.json").exists() for c in (run / "checkpoints").iterdir()
+    )
 
 
 def test_latents_from_another_vae_are_refused(latents, tmp_path):
@@ -256,16 +377,27 @@ def test_corrupt_samples_are_skipped_and_counted(latents, tmp_path):
     import io
 
     from latentmill.curate.latentshards import npy_bytes
+
     header = io.BytesIO()  # a header claiming 7 TiB: refused before numpy allocates it
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f2", "fortran_order": False, "shape": (4, 10**6, 10**6)})
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f2", "fortran_order": False, "shape": (4, 10**6, 10**6)}
+    )
     meta = json.dumps({"bucket": [128, 128]}).encode()
-    make_shard(folder / "00004.tar", [
-        ("huge0000", {"latent.npy": header.getvalue() + bytes(2048), "json": meta}),
-        ("notnpy00", {"latent.npy": b"\x93NUMPY garbage", "json": meta}),
-        ("good0002", {"latent.npy": npy_bytes(np.zeros((4, 16, 16), np.float16)), "json": meta})])
+    make_shard(
+        folder / "00004.tar",
+        [
+            ("huge0000", {"latent.npy": header.getvalue() + bytes(2048), "json": meta}),
+            ("notnpy00", {"latent.npy": b"\x93NUMPY garbage", "json": meta}),
+            ("good0002", {"latent.npy": npy_bytes(np.zeros((4, 16, 16), np.float16)), "json": meta}),
+        ],
+    )
     loader = LatentLoader(expand_shards(str(folder)), batch_size=4, mode="epoch")
     keys = [key for batch in loader.epoch_batches(0) for key in batch["keys"]]
-    assert {"good0000", "good0001", "good0002"} <= set(keys) and not {"bad00000", "huge0000", "notnpy00"} & set(keys)
+    assert {"good0000", "good0001", "good0002"} <= set(keys) and not {
+        "bad00000",
+        "huge0000",
+        "notnpy00",
+    } & set(keys)
     assert loader.skipped_total() == {"bad_sample": 3, "damaged_shard": 1}
     assert 32 + 3 < len(keys) < 32 + 3 + 16  # shards 2 and 3 whole, part of shard 1
 
@@ -285,13 +417,23 @@ def test_size_and_crop_conditioning_reaches_the_unet(latents, tmp_path, run_cli)
     assert cond["time_ids"][0].tolist() == [480, 640, 0, 80, 128, 128]
     with torch.no_grad():
         a = unet(noisy, torch.tensor([500, 500]), encoder_hidden_states=text, added_cond_kwargs=cond).sample
-        b = unet(noisy, torch.tensor([500, 500]), encoder_hidden_states=text, added_cond_kwargs=size_condition(text, small)).sample
+        b = unet(
+            noisy,
+            torch.tensor([500, 500]),
+            encoder_hidden_states=text,
+            added_cond_kwargs=size_condition(text, small),
+        ).sample
     assert not torch.allclose(a, b)
     run = tmp_path / "run"
     losses = []
-    train(config(latents, run, steps=3, checkpoint_every=3, size_conditioning=True), progress=lambda m: losses.append(m["loss"]))
+    train(
+        config(latents, run, steps=3, checkpoint_every=3, size_conditioning=True),
+        progress=lambda m: losses.append(m["loss"]),
+    )
     assert len(losses) == 3 and all(loss == loss for loss in losses)
-    assert run_cli("sample", run, "--prompt", "a cat", "--steps", "2", "-o", tmp_path / "g.png").exit_code == 0
+    assert (
+        run_cli("sample", run, "--prompt", "a cat", "--steps", "2", "-o", tmp_path / "g.png").exit_code == 0
+    )
     result = run_cli("export", run, "-o", tmp_path / "pipe")
     assert result.exit_code == 2 and "size/crop conditioning" in result.output
 
@@ -299,8 +441,19 @@ def test_size_and_crop_conditioning_reaches_the_unet(latents, tmp_path, run_cli)
 def test_v_prediction_bf16_autocast_and_the_last_k_checkpoints(latents, tmp_path):
     losses = []
     run = tmp_path / "run"
-    train(config(latents, run, steps=4, checkpoint_every=1, keep_checkpoints=2, prediction="v_prediction",
-                 precision="bf16", grad_accum=2), progress=lambda m: losses.append(m["loss"]))
+    train(
+        config(
+            latents,
+            run,
+            steps=4,
+            checkpoint_every=1,
+            keep_checkpoints=2,
+            prediction="v_prediction",
+            precision="bf16",
+            grad_accum=2,
+        ),
+        progress=lambda m: losses.append(m["loss"]),
+    )
     assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)
     assert [c.name for c in sorted((run / "checkpoints").iterdir())] == ["step-0000003", "step-0000004"]
 
@@ -370,7 +523,9 @@ def test_resume_reads_a_few_shards_however_far_the_run_went(latents, monkeypatch
     settings = dict(batch_size=4, mode="resampled", seed=1, shuffle_buffer=8)
     reads = []
     original = loader_module.iter_latent_shard
-    monkeypatch.setattr(loader_module, "iter_latent_shard", lambda *a, **k: (reads.append(a[0]), original(*a, **k))[1])
+    monkeypatch.setattr(
+        loader_module, "iter_latent_shard", lambda *a, **k: (reads.append(a[0]), original(*a, **k))[1]
+    )
     costs = {}
     for taken in (2, 300):
         loader = LatentLoader(shards, **settings)
@@ -385,17 +540,26 @@ def test_resume_reads_a_few_shards_however_far_the_run_went(latents, monkeypatch
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_run_resumed_from_an_early_or_a_late_checkpoint_repeats_the_straight_run(latents, tmp_path, workers):
+def test_a_run_resumed_from_an_early_or_a_late_checkpoint_repeats_the_straight_run(
+    latents, tmp_path, workers
+):
     straight = []
-    train(config(latents, tmp_path / "a", steps=24, checkpoint_every=4, workers=workers, keep_checkpoints=10),
-          progress=lambda m: straight.append(m["loss"]))
+    train(
+        config(latents, tmp_path / "a", steps=24, checkpoint_every=4, workers=workers, keep_checkpoints=10),
+        progress=lambda m: straight.append(m["loss"]),
+    )
     for stop in (4, 20):
         run = tmp_path / f"b{stop}"
         resumed: list = []
         collect = resumed.append
-        train(config(latents, run, steps=stop, checkpoint_every=4, workers=workers), progress=lambda m, c=collect: c(m["loss"]))
-        train(config(latents, run, steps=24, checkpoint_every=4, workers=workers, resume=True),
-              progress=lambda m, c=collect: c(m["loss"]))
+        train(
+            config(latents, run, steps=stop, checkpoint_every=4, workers=workers),
+            progress=lambda m, c=collect: c(m["loss"]),
+        )
+        train(
+            config(latents, run, steps=24, checkpoint_every=4, workers=workers, resume=True),
+            progress=lambda m, c=collect: c(m["loss"]),
+        )
         assert resumed == straight, stop
 
 
@@ -408,8 +572,19 @@ def test_caption_dropout_uses_the_stored_empty_caption(latents, tmp_path):
     from latentmill.train.loop import _text_conditioning
 
     out = tmp_path / "latents"
-    encode(latents / "images", out, EncodeConfig(vae="tiny", resolution=128, bucket_min_side=64, bucket_max_side=256, step=32,
-                                                 text_encoder=str(latents / "pipeline"), bucket_assign="log"))
+    encode(
+        latents / "images",
+        out,
+        EncodeConfig(
+            vae="tiny",
+            resolution=128,
+            bucket_min_side=64,
+            bucket_max_side=256,
+            step=32,
+            text_encoder=str(latents / "pipeline"),
+            bucket_assign="log",
+        ),
+    )
     manifest = read_manifest(out)
     stored_empty = np.load(out / manifest["text_encoder"]["empty"])
     expected = load_text_encoder(str(latents / "pipeline")).encode([""])[0]
@@ -424,12 +599,15 @@ def test_caption_dropout_uses_the_stored_empty_caption(latents, tmp_path):
     assert width == 32 and states.shape == (8, 77, 32)
     for row in states:
         assert torch.equal(row, torch.from_numpy(stored_empty.astype(np.float32)))
-    kept = _text_conditioning(TrainConfig(shards=str(out), output="x", caption_dropout=0.0), manifest, out, "cpu", "fp32")[0]
+    kept = _text_conditioning(
+        TrainConfig(shards=str(out), output="x", caption_dropout=0.0), manifest, out, "cpu", "fp32"
+    )[0]
     assert torch.equal(kept(batch, torch.Generator().manual_seed(0)), batch["text_emb"].float())
 
 
-def test_resume_truncates_the_log_clears_stale_temporaries_and_falls_back_past_a_damaged_checkpoint(latents, tmp_path,
-                                                                                                     run_cli, caplog):
+def test_resume_truncates_the_log_clears_stale_temporaries_and_falls_back_past_a_damaged_checkpoint(
+    latents, tmp_path, run_cli, caplog
+):
     import logging
 
     straight = tmp_path / "straight"
@@ -444,10 +622,17 @@ def test_resume_truncates_the_log_clears_stale_temporaries_and_falls_back_past_a
     stale.mkdir()
     with open(run / "log.jsonl", "a") as log:
         log.write('{"step": 7, "loss": 0.1')  # cut off by the kill
-    for command in (["export", run, "-o", tmp_path / "pipe"], ["sample", run, "--prompt", "a red circle", "-o", tmp_path / "grid.png"],
-                    ["merge", run, straight, "--alpha", "0.5", "-o", tmp_path / "merged"]):
+    for command in (
+        ["export", run, "-o", tmp_path / "pipe"],
+        ["sample", run, "--prompt", "a red circle", "-o", tmp_path / "grid.png"],
+        ["merge", run, straight, "--alpha", "0.5", "-o", tmp_path / "merged"],
+    ):
         result = run_cli(*command)
-        assert result.exit_code == 2 and "step-0000006" in result.output and "ema.safetensors is missing" in result.output
+        assert (
+            result.exit_code == 2
+            and "step-0000006" in result.output
+            and "ema.safetensors is missing" in result.output
+        )
     with caplog.at_level(logging.WARNING):
         train(config(latents, run, steps=6, checkpoint_every=2, resume=True, keep_checkpoints=3))
     assert "step-0000006: damaged checkpoint (ema.safetensors is missing)" in caplog.text
@@ -456,4 +641,6 @@ def test_resume_truncates_the_log_clears_stale_temporaries_and_falls_back_past_a
     assert steps == [1, 2, 3, 4, 5, 6]  # each step once: 5 and 6 of the killed run were dropped, then redone
     ours = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     theirs = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
-    assert [m["loss"] for m in ours] == [m["loss"] for m in theirs]  # and the redone steps equal a straight run
+    assert [m["loss"] for m in ours] == [
+        m["loss"] for m in theirs
+    ]  # and the redone steps equal a straight run

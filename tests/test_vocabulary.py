@@ -34,11 +34,36 @@ def _score_config():
 
 # command -> (stage configs its options come from, options that name its inputs and outputs, not settings)
 COMMAND_CONFIGS = {
-    ("urls", "prefilter"): ((PrefilterConfig,), {"output", "url_col", "caption_col", "width_col", "height_col",
-                                                  "similarity_col", "pwatermark_col", "punsafe_col", "aesthetic_col"}),
-    ("download",): ((DownloadConfig,), {"output", "retry_folder", "only_reason", "url_col", "caption_col", "width_col",
-                                        "height_col", "similarity_col", "pwatermark_col", "punsafe_col",
-                                        "aesthetic_col"}),
+    ("urls", "prefilter"): (
+        (PrefilterConfig,),
+        {
+            "output",
+            "url_col",
+            "caption_col",
+            "width_col",
+            "height_col",
+            "similarity_col",
+            "pwatermark_col",
+            "punsafe_col",
+            "aesthetic_col",
+        },
+    ),
+    ("download",): (
+        (DownloadConfig,),
+        {
+            "output",
+            "retry_folder",
+            "only_reason",
+            "url_col",
+            "caption_col",
+            "width_col",
+            "height_col",
+            "similarity_col",
+            "pwatermark_col",
+            "punsafe_col",
+            "aesthetic_col",
+        },
+    ),
     ("score",): ((None, ExecutorConfig), {"output"}),  # None: ScoreConfig, imported lazily (torch)
     ("select",): ((SelectConfig,), {"output"}),
     ("fit-head",): ((FitConfig,), {"output", "embeddings", "scores", "labels", "add_column"}),
@@ -49,8 +74,13 @@ COMMAND_CONFIGS = {
     ("run",): ((ExecutorConfig,), {"urls", "work", "overrides", "until"}),
 }
 # where a flag is not --KEY: a repeatable option takes the singular, the executor's kind is --executor
-FLAG_EXCEPTIONS = {"prefilter.allow_hosts": "--allow-host", "download.allow_hosts": "--allow-host",
-                   "score.heads": "--head", "train.sample_prompts": "--sample-prompt", "executor.kind": "--executor"}
+FLAG_EXCEPTIONS = {
+    "prefilter.allow_hosts": "--allow-host",
+    "download.allow_hosts": "--allow-host",
+    "score.heads": "--head",
+    "train.sample_prompts": "--sample-prompt",
+    "executor.kind": "--executor",
+}
 
 
 def _command(path: tuple[str, ...]) -> click.Command:
@@ -73,7 +103,9 @@ def test_every_option_of_a_command_comes_from_its_stage_configs(path):
     for name, param in visible.items():
         if name in io_options:
             continue
-        assert name in fields, f"{' '.join(path)} {param.opts}: not a field of {[c.__name__ for c in _configs(classes)]}"
+        assert name in fields, (
+            f"{' '.join(path)} {param.opts}: not a field of {[c.__name__ for c in _configs(classes)]}"
+        )
         cls, field = fields[name]
         assert flag_of(field) in param.opts or param.opts[0].startswith(flag_of(field))
         assert param.help == spec_of(field).help
@@ -133,8 +165,12 @@ BAD = _bad_values()
 
 @pytest.mark.parametrize("section, key, value", BAD, ids=[f"{s}.{k}" for s, k, _ in BAD])
 def test_a_bad_value_in_any_recipe_section_stops_run_before_any_stage(section, key, value, run_cli, tmp_path):
-    recipe = {"urls": {"source": "file", "path": str(tmp_path / "urls.csv")}, "score": {"save_embeddings": True},
-              "fit_heads": [{"target": "AESTHETIC_SCORE"}], "stages": [{"name": "main", "resolution": 256}]}
+    recipe = {
+        "urls": {"source": "file", "path": str(tmp_path / "urls.csv")},
+        "score": {"save_embeddings": True},
+        "fit_heads": [{"target": "AESTHETIC_SCORE"}],
+        "stages": [{"name": "main", "resolution": 256}],
+    }
     if section in LISTS:
         recipe[section][0][key] = value
     else:
@@ -168,7 +204,9 @@ def test_old_recipe_keys_still_work_with_a_warning(tmp_path, capsys):
     from latentmill.recipe import load_recipe, section
 
     path = tmp_path / "old.yaml"
-    path.write_text(yaml.safe_dump({"prefilter": {"min_side_px": 512}, "download": {"timeout_s": 7, "threads": 8}}))
+    path.write_text(
+        yaml.safe_dump({"prefilter": {"min_side_px": 512}, "download": {"timeout_s": 7, "threads": 8}})
+    )
     recipe = load_recipe(str(path))
     assert section(recipe, "prefilter").min_side == 512
     assert section(recipe, "download").timeout == 7 and section(recipe, "download").http_threads == 8
@@ -179,7 +217,9 @@ def test_run_executor_options_override_the_recipe_section(run_cli, tmp_path, mon
     import latentmill.runner
 
     seen = {}
-    monkeypatch.setattr(latentmill.runner, "run_recipe", lambda recipe, *a, **k: seen.setdefault("recipe", recipe))
+    monkeypatch.setattr(
+        latentmill.runner, "run_recipe", lambda recipe, *a, **k: seen.setdefault("recipe", recipe)
+    )
     path = tmp_path / "ray.yaml"
     path.write_text(yaml.safe_dump({"executor": {"kind": "ray", "actors": 4}}))
     assert run_cli("run", path, "-w", tmp_path / "w", "--executor", "local").exit_code == 0
@@ -188,9 +228,13 @@ def test_run_executor_options_override_the_recipe_section(run_cli, tmp_path, mon
     assert run_cli("run", path, "-w", tmp_path / "w", "--address", "auto").exit_code == 0  # the old spelling
     assert seen["recipe"]["executor"] == {"kind": "ray", "actors": 4, "ray_address": "auto"}
     seen.clear()
-    assert run_cli("run", path, "-w", tmp_path / "w").exit_code == 0  # nothing given: the recipe's own section
+    assert (
+        run_cli("run", path, "-w", tmp_path / "w").exit_code == 0
+    )  # nothing given: the recipe's own section
     assert seen["recipe"]["executor"] == {"kind": "ray", "actors": 4}
-    assert run_cli("run", path, "-w", tmp_path / "w", "--threads", "2").exit_code == 2  # no option accepted and ignored
+    assert (
+        run_cli("run", path, "-w", tmp_path / "w", "--threads", "2").exit_code == 2
+    )  # no option accepted and ignored
 
 
 def _all_commands() -> list[str]:

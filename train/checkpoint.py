@@ -13,20 +13,36 @@ from pathlib import Path
 from latentmill.curate.errors import InputError
 
 log = logging.getLogger(__name__)
-TRAINING_FILES = ("unet.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json", "state.json",
-                  "unet_config.json")
+TRAINING_FILES = (
+    "unet.safetensors",
+    "ema.safetensors",
+    "optimizer.safetensors",
+    "optimizer.json",
+    "state.json",
+    "unet_config.json",
+)
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
     state = optimizer.state_dict()
-    tensors = {f"{index}.{name}": value.contiguous() for index, entries in state["state"].items()
-               for name, value in entries.items() if hasattr(value, "shape")}
-    scalars = {f"{index}.{name}": value for index, entries in state["state"].items()
-               for name, value in entries.items() if not hasattr(value, "shape")}
+    tensors = {
+        f"{index}.{name}": value.contiguous()
+        for index, entries in state["state"].items()
+        for name, value in entries.items()
+        if hasattr(value, "shape")
+    }
+    scalars = {
+        f"{index}.{name}": value
+        for index, entries in state["state"].items()
+        for name, value in entries.items()
+        if not hasattr(value, "shape")
+    }
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def save_checkpoint(run: Path, step: int, unet, ema, optimizer, loader_state: dict, config: dict, keep: int) -> Path:
+def save_checkpoint(
+    run: Path, step: int, unet, ema, optimizer, loader_state: dict, config: dict, keep: int
+) -> Path:
     from safetensors.torch import save_file
 
     folder = run / "checkpoints" / f"step-{step:07d}"
@@ -38,7 +54,9 @@ def save_checkpoint(run: Path, step: int, unet, ema, optimizer, loader_state: di
     tensors, rest = _optimizer_tensors(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(rest))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "loader": loader_state, "config": config}, indent=2))
+    (tmp / "state.json").write_text(
+        json.dumps({"step": step, "loader": loader_state, "config": config}, indent=2)
+    )
     (tmp / "unet_config.json").write_text(json.dumps(dict(unet.config), default=list, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
@@ -105,8 +123,10 @@ def latest_checkpoint(run: Path, needed=TRAINING_FILES, fallback: bool = False) 
             return folder
         if not fallback:
             older = [f.name for f in found if f != folder]
-            raise InputError(f"{folder}: damaged checkpoint ({problem}). Delete that folder to use the previous one"
-                             f"{f' ({older[-1]})' if older else ''}.")
+            raise InputError(
+                f"{folder}: damaged checkpoint ({problem}). Delete that folder to use the previous one"
+                f"{f' ({older[-1]})' if older else ''}."
+            )
         log.warning("%s: damaged checkpoint (%s); falling back to the previous one.", folder, problem)
         newest_problem = newest_problem or problem
     if found:

@@ -7,7 +7,9 @@ from pathlib import Path
 from latentmill.curate.errors import InputError
 
 
-def export_pipeline(run: str | Path, output: str | Path, use_ema: bool = True, vae: str | None = None) -> Path:
+def export_pipeline(
+    run: str | Path, output: str | Path, use_ema: bool = True, vae: str | None = None
+) -> Path:
     """Write `output` so that `StableDiffusionPipeline.from_pretrained(output)` loads and runs.
 
     The text encoder must be a CLIPTextModel pipeline folder (the run's `--text-encoder`); the VAE is the
@@ -25,23 +27,38 @@ def export_pipeline(run: str | Path, output: str | Path, use_ema: bool = True, v
     config = loaded.config
     text_spec = config.get("text_encoder")
     if not text_spec or text_spec.startswith("openclip:"):
-        raise InputError(f"{run} was trained with text encoder {text_spec!r}; a StableDiffusionPipeline needs a "
-                         f"transformers CLIPTextModel: train with --text-encoder PIPELINE_FOLDER to export.")
+        raise InputError(
+            f"{run} was trained with text encoder {text_spec!r}; a StableDiffusionPipeline needs a "
+            f"transformers CLIPTextModel: train with --text-encoder PIPELINE_FOLDER to export."
+        )
     if config.get("size_conditioning"):
-        raise InputError(f"{run} was trained with size/crop conditioning, which StableDiffusionPipeline cannot feed; "
-                         f"use `latentmill sample {run}` to generate.")
+        raise InputError(
+            f"{run} was trained with size/crop conditioning, which StableDiffusionPipeline cannot feed; "
+            f"use `latentmill sample {run}` to generate."
+        )
     manifest = loaded.manifest()
     unet = loaded.unet()
     vae_model = load_vae(vae or manifest["encode_config"]["vae"]).model
     from latentmill.curate.textencoder import text_encoder_folder
 
     text_path = text_encoder_folder(text_spec)
-    text_encoder = CLIPTextModel.from_pretrained(text_path / "text_encoder" if (text_path / "text_encoder").exists() else text_path)
-    tokenizer = CLIPTokenizer.from_pretrained(text_path / "tokenizer" if (text_path / "tokenizer").exists() else text_path)
+    text_encoder = CLIPTextModel.from_pretrained(
+        text_path / "text_encoder" if (text_path / "text_encoder").exists() else text_path
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(
+        text_path / "tokenizer" if (text_path / "tokenizer").exists() else text_path
+    )
     scheduler = sampling_scheduler(config["prediction"])
-    pipeline = StableDiffusionPipeline(vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    pipeline = StableDiffusionPipeline(
+        vae=vae_model,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     output = Path(output)
     pipeline.save_pretrained(output)
     return output

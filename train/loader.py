@@ -41,8 +41,10 @@ def expand_shards(spec: str | list[str]) -> list[str]:
             expanded = list(braceexpand.braceexpand(str(item)))
             missing = [p for p in expanded if not is_url(p) and not Path(p).exists()]
             if missing:
-                raise InputError(f"{item}: no latent shards at {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
-                                 f"no such file or folder. Give the folder `latentmill encode` wrote, a brace pattern, or URLs.")
+                raise InputError(
+                    f"{item}: no latent shards at {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
+                    f"no such file or folder. Give the folder `latentmill encode` wrote, a brace pattern, or URLs."
+                )
             shards += expanded
     if not shards:
         raise InputError(f"{spec}: no latent shards (.tar). Make them with `latentmill encode`.")
@@ -123,12 +125,16 @@ class LatentLoader:
             raise InputError(f"--workers {self.workers}: use 0 (read in the training process) or more.")
         readers = self.world_size * max(1, self.workers)
         if len(self.shards) < readers:
-            raise InputError(f"{len(self.shards)} latent shard(s) for {self.world_size} rank(s) x {max(1, self.workers)} "
-                             f"worker(s): every reader needs at least one shard. Use fewer --workers, or encode into "
-                             f"more, smaller shards (download --shard-size).")
-        self.folder = self.shards[0].rsplit("/", 1)[0] if is_url(self.shards[0]) else Path(self.shards[0]).parent
+            raise InputError(
+                f"{len(self.shards)} latent shard(s) for {self.world_size} rank(s) x {max(1, self.workers)} "
+                f"worker(s): every reader needs at least one shard. Use fewer --workers, or encode into "
+                f"more, smaller shards (download --shard-size)."
+            )
+        self.folder = (
+            self.shards[0].rsplit("/", 1)[0] if is_url(self.shards[0]) else Path(self.shards[0]).parent
+        )
         self.manifest = read_manifest(self.folder)
-        self.my_shards = self.shards[self.rank::self.world_size]
+        self.my_shards = self.shards[self.rank :: self.world_size]
 
     @property
     def logical_workers(self) -> int:
@@ -138,7 +144,7 @@ class LatentLoader:
 
     def _shard_order(self, epoch: int, worker: int) -> tuple[list[str], random.Random]:
         rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
-        mine = self.my_shards[worker::self.logical_workers]
+        mine = self.my_shards[worker :: self.logical_workers]
         if self.mode == "epoch":
             order = list(mine)
             rng.shuffle(order)
@@ -165,7 +171,9 @@ class LatentLoader:
                     found[(shard, sample["key"])] = sample
         return found
 
-    def worker_stream(self, epoch: int, worker: int, start: dict | None = None) -> Iterator[tuple[list[dict], dict]]:
+    def worker_stream(
+        self, epoch: int, worker: int, start: dict | None = None
+    ) -> Iterator[tuple[list[dict], dict]]:
         """(samples of one batch, the worker's position after it) for one worker and epoch, from `start`
         (a WorkerPosition as a dict) or the epoch's beginning. Samples pass through a shuffle buffer, then
         wait in their bucket until a batch is full; in epoch mode the unfilled batches end the epoch."""
@@ -177,14 +185,24 @@ class LatentLoader:
             rng = _rng_from(position.rng)
             found = self._fetch(position.buffer + [ref for refs in position.pending.values() for ref in refs])
             buffer = [found[tuple(ref)] for ref in position.buffer if tuple(ref) in found]
-            pending = {b: [found[tuple(r)] for r in refs if tuple(r) in found] for b, refs in position.pending.items()}
+            pending = {
+                b: [found[tuple(r)] for r in refs if tuple(r) in found]
+                for b, refs in position.pending.items()
+            }
         batches = position.batches
 
         def snapshot(shard_index: int, offset: int, draining: bool) -> dict:
-            return {"shard_index": shard_index, "offset": offset, "draining": draining, "batches": batches,
-                    "buffer": [[s["shard"], s["key"]] for s in buffer],
-                    "pending": {b: [[s["shard"], s["key"]] for s in items] for b, items in pending.items() if items},
-                    "rng": _json_rng_state(rng)}
+            return {
+                "shard_index": shard_index,
+                "offset": offset,
+                "draining": draining,
+                "batches": batches,
+                "buffer": [[s["shard"], s["key"]] for s in buffer],
+                "pending": {
+                    b: [[s["shard"], s["key"]] for s in items] for b, items in pending.items() if items
+                },
+                "rng": _json_rng_state(rng),
+            }
 
         def place(sample: dict) -> list[dict] | None:
             bucket = "{}x{}".format(*sample["meta"]["bucket"])
@@ -227,11 +245,18 @@ class LatentLoader:
             flipped = self.flip and "latent_flip" in sample and rng.random() < 0.5
             std = sample.get("latent_std") if self.sample_posterior and not flipped else None
             latents.append(posterior_sample(sample["latent_flip"] if flipped else sample["latent"], std, rng))
-        batch = {"keys": [s["key"] for s in samples], "latents": torch.from_numpy(np.stack(latents)),
-                 "captions": [s["caption"] for s in samples], "meta": [s["meta"] for s in samples],
-                 "worker": worker, "skipped": dict(self.skipped)}  # a worker's counts travel with its batches
+        batch = {
+            "keys": [s["key"] for s in samples],
+            "latents": torch.from_numpy(np.stack(latents)),
+            "captions": [s["caption"] for s in samples],
+            "meta": [s["meta"] for s in samples],
+            "worker": worker,
+            "skipped": dict(self.skipped),
+        }  # a worker's counts travel with its batches
         if all("text_emb" in s for s in samples):
-            batch["text_emb"] = torch.from_numpy(np.stack([s["text_emb"] for s in samples]))  # float16: half the copy
+            batch["text_emb"] = torch.from_numpy(
+                np.stack([s["text_emb"] for s in samples])
+            )  # float16: half the copy
         return batch
 
     def worker_batches(self, epoch: int, worker: int, start: dict | None = None) -> Iterator[dict]:
@@ -250,9 +275,14 @@ class LatentLoader:
         if self.workers <= 1:
             yield from self.worker_batches(epoch, 0, state.positions.get("0"))
             return
-        loader = torch.utils.data.DataLoader(_EpochDataset(self, epoch, state), batch_size=None,
-                                             num_workers=self.workers, prefetch_factor=self.prefetch,
-                                             pin_memory=self.pin_memory, persistent_workers=False)
+        loader = torch.utils.data.DataLoader(
+            _EpochDataset(self, epoch, state),
+            batch_size=None,
+            num_workers=self.workers,
+            prefetch_factor=self.prefetch,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
         yield from loader
 
     def __iter__(self) -> Iterator[dict]:
@@ -260,7 +290,9 @@ class LatentLoader:
         while True:
             epoch = self.state.epoch
             if self.state.batches and not self.state.positions:
-                stream = self._replayed(epoch, self.state.batches)  # a checkpoint from before positions were saved
+                stream = self._replayed(
+                    epoch, self.state.batches
+                )  # a checkpoint from before positions were saved
             else:
                 stream = self.epoch_batches(epoch, self.state)
             produced = self.state.batches
@@ -275,8 +307,10 @@ class LatentLoader:
                     batch["latents"] = batch["latents"].pin_memory()
                 yield batch
             if produced == 0:
-                raise InputError(f"the latent shards of rank {self.rank} hold no readable samples "
-                                 f"({len(self.my_shards)} shard(s), skipped: {self.skipped_total() or 'none'}).")
+                raise InputError(
+                    f"the latent shards of rank {self.rank} hold no readable samples "
+                    f"({len(self.my_shards)} shard(s), skipped: {self.skipped_total() or 'none'})."
+                )
             self.state = LoaderState(epoch=epoch + 1)
 
     def _replayed(self, epoch: int, skip: int) -> Iterator[dict]:

@@ -57,26 +57,44 @@ def train(config: TrainConfig, progress=None) -> dict:
     # --- setup ------------------------------------------------------------------------------------
     config.validate()
     rank, world = _distributed()
-    device, precision = resolve_device_precision(config.device, config.precision)  # fp16 is refused by validate()
+    device, precision = resolve_device_precision(
+        config.device, config.precision
+    )  # fp16 is refused by validate()
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     autocast_dtype = torch_dtype(precision)
     run = Path(config.output)
     shards = expand_shards(config.shards)  # before anything is written: bad input leaves no run folder
-    loader = LatentLoader(shards, config.batch_size, seed=config.seed, rank=rank, world_size=world, mode=config.mode,
-                          shuffle_buffer=config.shuffle_buffer, flip=config.flip,
-                          workers=_loader_workers(config, device, len(shards) // world),
-                          pin_memory=device.startswith("cuda"))
+    loader = LatentLoader(
+        shards,
+        config.batch_size,
+        seed=config.seed,
+        rank=rank,
+        world_size=world,
+        mode=config.mode,
+        shuffle_buffer=config.shuffle_buffer,
+        flip=config.flip,
+        workers=_loader_workers(config, device, len(shards) // world),
+        pin_memory=device.startswith("cuda"),
+    )
     manifest = loader.manifest
-    encode_text, text_width, encode_prompts = _text_conditioning(config, manifest, loader.folder, device, precision)
+    encode_text, text_width, encode_prompts = _text_conditioning(
+        config, manifest, loader.folder, device, precision
+    )
     if config.vae:
         from latentmill.curate.latentshards import check_vae
         from latentmill.curate.vae import load_vae
 
         check_vae(manifest, load_vae(config.vae).fingerprint, Path(loader.shards[0]).parent)
     sample_size = manifest["resolution"] // manifest["downsample_factor"]
-    unet = build_unet(config.model, manifest["latent_channels"], text_width, sample_size, config.seed,
-                      config.size_conditioning).to(device)
+    unet = build_unet(
+        config.model,
+        manifest["latent_channels"],
+        text_width,
+        sample_size,
+        config.seed,
+        config.size_conditioning,
+    ).to(device)
     run.mkdir(parents=True, exist_ok=True)
     if config.init_from:
         _init_from(unet, Path(config.init_from))
@@ -86,16 +104,24 @@ def train(config: TrainConfig, progress=None) -> dict:
         unet.to(memory_format=torch.channels_last)
     ema = _copy(unet)
     ema_params, params = list(ema.parameters()), list(unet.parameters())
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
-                                  fused=device.startswith("cuda"))
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+        fused=device.startswith("cuda"),
+    )
     noise_schedule = training_scheduler(config.prediction)
     alphas = noise_schedule.alphas_cumprod.to(device)
     start = 0
     if checkpoints(run) and not config.resume:
-        raise InputError(f"{run} already has checkpoints (last: {checkpoints(run)[-1].name}): pass --resume to continue "
-                         f"that run, or give a new -o.")
+        raise InputError(
+            f"{run} already has checkpoints (last: {checkpoints(run)[-1].name}): pass --resume to continue "
+            f"that run, or give a new -o."
+        )
     if config.resume and not checkpoints(run):
-        raise InputError(f"--resume: {run} has no checkpoints to resume from. Check -o, or drop --resume to start a new run.")
+        raise InputError(
+            f"--resume: {run} has no checkpoints to resume from. Check -o, or drop --resume to start a new run."
+        )
     if rank == 0:
         remove_stale_temporaries(run)
     resume_from = latest_checkpoint(run, fallback=True) if config.resume else None
@@ -126,25 +152,44 @@ def train(config: TrainConfig, progress=None) -> dict:
             total_loss, keys = torch.zeros((), device=device), []
             for micro in range(config.grad_accum):
                 batch = next(batches)
-                generator = torch.Generator().manual_seed(hash((config.seed, step, micro, rank)) & (2**62 - 1))
+                generator = torch.Generator().manual_seed(
+                    hash((config.seed, step, micro, rank)) & (2**62 - 1)
+                )
                 latents = to_unet_space(batch["latents"].to(device, non_blocking=True), scale, shift)
                 b = latents.shape[0]
                 text = encode_text(batch, generator)
                 noise = torch.randn(latents.shape, generator=generator).to(device)
                 if config.noise_offset:
-                    noise += config.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(device)
+                    noise += config.noise_offset * torch.randn(
+                        (b, latents.shape[1], 1, 1), generator=generator
+                    ).to(device)
                 timesteps = torch.randint(0, 1000, (b,), generator=generator).to(device)
                 noisy = noise_schedule.add_noise(latents, noise, timesteps)
-                target = noise if config.prediction == "epsilon" else noise_schedule.get_velocity(latents, noise, timesteps)
+                target = (
+                    noise
+                    if config.prediction == "epsilon"
+                    else noise_schedule.get_velocity(latents, noise, timesteps)
+                )
                 sync = micro == config.grad_accum - 1 or world == 1
                 context = model.no_sync() if not sync and world > 1 else _nullcontext()
-                extra = {"added_cond_kwargs": size_condition(text, batch["meta"])} if config.size_conditioning else {}
-                with context, torch.autocast(device.split(":")[0], dtype=autocast_dtype, enabled=precision != "fp32"):
+                extra = (
+                    {"added_cond_kwargs": size_condition(text, batch["meta"])}
+                    if config.size_conditioning
+                    else {}
+                )
+                with (
+                    context,
+                    torch.autocast(device.split(":")[0], dtype=autocast_dtype, enabled=precision != "fp32"),
+                ):
                     prediction = model(noisy, timesteps, encoder_hidden_states=text, **extra).sample
-                    loss_per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    loss_per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
+                        dim=(1, 2, 3)
+                    )
                     if config.min_snr_gamma:
                         snr = alphas[timesteps] / (1 - alphas[timesteps])
-                        weight = torch.clamp(snr, max=config.min_snr_gamma) / (snr if config.prediction == "epsilon" else snr + 1)
+                        weight = torch.clamp(snr, max=config.min_snr_gamma) / (
+                            snr if config.prediction == "epsilon" else snr + 1
+                        )
                         loss_per_sample = loss_per_sample * weight
                     loss = loss_per_sample.mean() / config.grad_accum
                     loss.backward()
@@ -152,8 +197,11 @@ def train(config: TrainConfig, progress=None) -> dict:
                 interval_samples += b
                 keys += batch["keys"]
             recent_keys[step + 1] = keys
-            first_bad = torch.where((first_bad[0] < 0) & ~torch.isfinite(total_loss),
-                                    torch.stack([torch.tensor(step + 1.0, device=device), total_loss.float()]), first_bad)
+            first_bad = torch.where(
+                (first_bad[0] < 0) & ~torch.isfinite(total_loss),
+                torch.stack([torch.tensor(step + 1.0, device=device), total_loss.float()]),
+                first_bad,
+            )
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -163,12 +211,19 @@ def train(config: TrainConfig, progress=None) -> dict:
             checkpointing = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
             if not (logging or checkpointing):
                 continue
-            _stop_on_nonfinite(first_bad, recent_keys, run)  # before any checkpoint could save damaged weights
+            _stop_on_nonfinite(
+                first_bad, recent_keys, run
+            )  # before any checkpoint could save damaged weights
             recent_keys.clear()
             elapsed = time.perf_counter() - interval_start
-            metrics = {"step": step + 1, "loss": total_loss.item(), "lr": optimizer.param_groups[0]["lr"],
-                       "grad_norm": grad_norm.item(), "samples_per_s": interval_samples * world / max(elapsed, 1e-9),
-                       "epoch": loader.state.epoch}
+            metrics = {
+                "step": step + 1,
+                "loss": total_loss.item(),
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm.item(),
+                "samples_per_s": interval_samples * world / max(elapsed, 1e-9),
+                "epoch": loader.state.epoch,
+            }
             interval_samples, interval_start = 0, time.perf_counter()
             if log and logging:
                 log.write(json.dumps(metrics) + "\n")
@@ -182,8 +237,16 @@ def train(config: TrainConfig, progress=None) -> dict:
                 _sample_grid(run, step + 1, ema, encode_prompts, manifest, config)
             if checkpointing:
                 if rank == 0:
-                    save_checkpoint(run, step + 1, unet, ema, optimizer, asdict(loader.state), asdict(config),
-                                    config.keep_checkpoints)
+                    save_checkpoint(
+                        run,
+                        step + 1,
+                        unet,
+                        ema,
+                        optimizer,
+                        asdict(loader.state),
+                        asdict(config),
+                        config.keep_checkpoints,
+                    )
                 if world > 1:
                     torch.distributed.barrier()
     finally:
@@ -193,16 +256,42 @@ def train(config: TrainConfig, progress=None) -> dict:
             board.close()
     ranks = run / "ranks"
     ranks.mkdir(exist_ok=True)
-    (ranks / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "world_size": world, "steps": config.steps - start,
-                                                         "shards": loader.my_shards, "skipped": loader.skipped_total()}))
-    return metrics | {"skipped": loader.skipped_total(), "rank": rank, "world_size": world, "shards": loader.my_shards}
+    (ranks / f"rank-{rank}.json").write_text(
+        json.dumps(
+            {
+                "rank": rank,
+                "world_size": world,
+                "steps": config.steps - start,
+                "shards": loader.my_shards,
+                "skipped": loader.skipped_total(),
+            }
+        )
+    )
+    return metrics | {
+        "skipped": loader.skipped_total(),
+        "rank": rank,
+        "world_size": world,
+        "shards": loader.my_shards,
+    }
 
 
 def size_condition(text: torch.Tensor, metas: list[dict]) -> dict:
     """SDXL's added conditions: the pooled caption, and (original h, w, crop top, left, target h, w) per sample."""
-    rows = [[m["original_size"][1], m["original_size"][0], m["crop"][0], m["crop"][1], m["bucket"][1], m["bucket"][0]]
-            for m in metas]
-    return {"text_embeds": text.mean(dim=1), "time_ids": torch.tensor(rows, dtype=text.dtype, device=text.device)}
+    rows = [
+        [
+            m["original_size"][1],
+            m["original_size"][0],
+            m["crop"][0],
+            m["crop"][1],
+            m["bucket"][1],
+            m["bucket"][0],
+        ]
+        for m in metas
+    ]
+    return {
+        "text_embeds": text.mean(dim=1),
+        "time_ids": torch.tensor(rows, dtype=text.dtype, device=text.device),
+    }
 
 
 def _tensorboard(run: Path):
@@ -244,8 +333,10 @@ def _stop_on_nonfinite(first_bad: torch.Tensor, recent_keys: dict, run: Path) ->
         return
     keys = recent_keys.get(int(step), [])
     last = checkpoints(run)[-1].name if checkpoints(run) else "none yet"
-    raise InputError(f"the loss is {loss} at step {int(step)}; batch keys: {', '.join(keys[:8])}"
-                     f"{' ...' if len(keys) > 8 else ''}. The last good checkpoint stays: {last}.")
+    raise InputError(
+        f"the loss is {loss} at step {int(step)}; batch keys: {', '.join(keys[:8])}"
+        f"{' ...' if len(keys) > 8 else ''}. The last good checkpoint stays: {last}."
+    )
 
 
 def _loader_workers(config: TrainConfig, device: str, shards_per_rank: int) -> int:
@@ -271,8 +362,18 @@ def _sample_grid(run: Path, step: int, ema, encode_prompts, manifest: dict, conf
     states, empty = encode_prompts(config.sample_prompts)
     vae = load_vae(config.vae or manifest["encode_config"]["vae"]).model.to(next(ema.parameters()).device)
     size = (manifest["resolution"], manifest["resolution"])
-    images = generate(ema, states, empty, vae, manifest["scaling_factor"], manifest.get("shift_factor") or 0.0, size,
-                      steps=config.sample_steps, seed=config.seed, prediction=config.prediction)
+    images = generate(
+        ema,
+        states,
+        empty,
+        vae,
+        manifest["scaling_factor"],
+        manifest.get("shift_factor") or 0.0,
+        size,
+        steps=config.sample_steps,
+        seed=config.seed,
+        prediction=config.prediction,
+    )
     return save_grid(images, run / "samples" / f"step-{step:07d}.png")
 
 
@@ -283,13 +384,16 @@ def _init_from(unet, run: Path) -> None:
     try:
         unet.load_state_dict(weights)
     except RuntimeError as err:
-        raise InputError(f"--init-from {run}: its U-Net does not match --model's "
-                         f"({str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}).") from None
+        raise InputError(
+            f"--init-from {run}: its U-Net does not match --model's "
+            f"({str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err})."
+        ) from None
 
 
 def _text_conditioning(config: TrainConfig, manifest: dict, folder, device: str, precision: str):
     """(encode(batch, generator) -> (B, tokens, width) text states on `device` with caption dropout to the
     empty caption's states, width, prompts encoder for sample grids or None)."""
+
     def dropout(states, empty, generator):
         drop = (torch.rand(states.shape[0], generator=generator) < config.caption_dropout).to(device)
         return torch.where(drop[:, None, None], empty, states)
@@ -298,7 +402,9 @@ def _text_conditioning(config: TrainConfig, manifest: dict, folder, device: str,
         from latentmill.curate.textencoder import load_text_encoder
 
         # on the U-Net's device, in bf16 on CUDA: a CPU text tower would take longer than the U-Net step
-        encoder = load_text_encoder(config.text_encoder, device, dtype="bf16" if precision == "bf16" else "fp32")
+        encoder = load_text_encoder(
+            config.text_encoder, device, dtype="bf16" if precision == "bf16" else "fp32"
+        )
         empty = encoder.encode_tensor([""])[0].float()  # once
 
         def encode(batch, generator):
@@ -310,8 +416,10 @@ def _text_conditioning(config: TrainConfig, manifest: dict, folder, device: str,
         return encode, encoder.width, prompts
     info = manifest.get("text_encoder")
     if not info:
-        raise InputError("the latent shards hold no caption embeddings: give --text-encoder (openclip:NAME or a "
-                         "pipeline folder), or encode with `latentmill encode --text-encoder ...`.")
+        raise InputError(
+            "the latent shards hold no caption embeddings: give --text-encoder (openclip:NAME or a "
+            "pipeline folder), or encode with `latentmill encode --text-encoder ...`."
+        )
     empty = _stored_empty_caption(info, folder).to(device)
 
     def stored(batch, generator):
@@ -330,18 +438,26 @@ def _stored_empty_caption(info: dict, folder) -> torch.Tensor:
     from latentmill.curate.latentshards import is_url, open_stream
 
     if not info.get("empty"):
-        warnings.warn("these latents were encoded before the empty caption's embedding was stored: caption dropout "
-                      "uses zeros. Re-encode with `latentmill encode --text-encoder ...` to drop to the empty caption.",
-                      stacklevel=2)
+        warnings.warn(
+            "these latents were encoded before the empty caption's embedding was stored: caption dropout "
+            "uses zeros. Re-encode with `latentmill encode --text-encoder ...` to drop to the empty caption.",
+            stacklevel=2,
+        )
         return torch.zeros(info["shape"])
-    location = f"{str(folder).rstrip('/')}/{info['empty']}" if is_url(folder) else Path(folder) / info["empty"]
+    location = (
+        f"{str(folder).rstrip('/')}/{info['empty']}" if is_url(folder) else Path(folder) / info["empty"]
+    )
     try:
         with open_stream(location) as stream:
             array = np.load(io.BytesIO(stream.read()), allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise InputError(f"{location}: cannot read the empty caption's embedding ({err}); the manifest names it. "
-                         f"Copy it with the shards, or re-encode.") from None
+        raise InputError(
+            f"{location}: cannot read the empty caption's embedding ({err}); the manifest names it. "
+            f"Copy it with the shards, or re-encode."
+        ) from None
     if list(array.shape) != list(info["shape"]):
-        raise InputError(f"{location}: the empty caption's embedding is {list(array.shape)}, the manifest says "
-                         f"{info['shape']}.")
+        raise InputError(
+            f"{location}: the empty caption's embedding is {list(array.shape)}, the manifest says "
+            f"{info['shape']}."
+        )
     return torch.from_numpy(array.astype(np.float32))

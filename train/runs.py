@@ -59,6 +59,8 @@ def load_run(run: str | Path, use_ema: bool = True, what: str = "") -> Run:
         raise InputError(f"{name}: not a run folder.")
     found = latest_checkpoint(run, weights_needed(use_ema))
     if not found:
-        raise InputError(f"{name}: no checkpoints. Train first (`latentmill train ... -o {run}`), or give a run "
-                         f"made by `latentmill merge`.")
+        raise InputError(
+            f"{name}: no checkpoints. Train first (`latentmill train ... -o {run}`), or give a run "
+            f"made by `latentmill merge`."
+        )
     return Run(run, found, json.loads((found / "state.json").read_text()), use_ema)

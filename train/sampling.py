@@ -12,8 +12,19 @@ from latentmill.train.latentspace import from_unet_space
 
 
 @torch.no_grad()
-def generate(unet, text_states, empty_state, vae, scaling_factor: float, shift_factor: float, size: tuple[int, int],
-             steps: int = 20, guidance: float = 5.0, seed: int = 0, prediction: str = "epsilon") -> np.ndarray:
+def generate(
+    unet,
+    text_states,
+    empty_state,
+    vae,
+    scaling_factor: float,
+    shift_factor: float,
+    size: tuple[int, int],
+    steps: int = 20,
+    guidance: float = 5.0,
+    seed: int = 0,
+    prediction: str = "epsilon",
+) -> np.ndarray:
     """(N, H, W, 3) uint8 images for N prompts' text states; `size` is (width, height) in pixels."""
     from latentmill.train.schedule import sampling_scheduler
 
@@ -26,12 +37,16 @@ def generate(unet, text_states, empty_state, vae, scaling_factor: float, shift_f
     latents = torch.randn((n, channels, size[1] // 8, size[0] // 8), generator=generator).to(device)
     context = torch.cat([empty_state.expand(n, -1, -1), text_states]).to(device)
     extra = {}
-    if getattr(unet.config, "addition_embed_type", None) == "text_time":  # size-conditioned: ask for an uncropped image
+    if (
+        getattr(unet.config, "addition_embed_type", None) == "text_time"
+    ):  # size-conditioned: ask for an uncropped image
         h, w = size[1], size[0]
         time_ids = torch.tensor([[h, w, 0, 0, h, w]] * (2 * n), dtype=context.dtype, device=device)
         extra = {"added_cond_kwargs": {"text_embeds": context.mean(dim=1), "time_ids": time_ids}}
     for t in scheduler.timesteps:
-        prediction_both = unet(torch.cat([latents, latents]), t, encoder_hidden_states=context, **extra).sample
+        prediction_both = unet(
+            torch.cat([latents, latents]), t, encoder_hidden_states=context, **extra
+        ).sample
         unconditional, conditional = prediction_both.chunk(2)
         guided = unconditional + guidance * (conditional - unconditional)
         latents = scheduler.step(guided, t, latents).prev_sample
@@ -59,8 +74,16 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int = 4) -> Path:
     return path
 
 
-def sample_run(run: str | Path, prompts: list[str], output: str | Path, steps: int = 20, guidance: float = 5.0,
-               seed: int = 0, size: tuple[int, int] | None = None, use_ema: bool = True) -> Path:
+def sample_run(
+    run: str | Path,
+    prompts: list[str],
+    output: str | Path,
+    steps: int = 20,
+    guidance: float = 5.0,
+    seed: int = 0,
+    size: tuple[int, int] | None = None,
+    use_ema: bool = True,
+) -> Path:
     """Images from a run's last checkpoint, with its text encoder and the latents' VAE, as one grid PNG."""
     from latentmill.curate.errors import InputError
     from latentmill.curate.textencoder import load_text_encoder
@@ -70,14 +93,27 @@ def sample_run(run: str | Path, prompts: list[str], output: str | Path, steps: i
     loaded = load_run(run, use_ema)
     config = loaded.config
     if not config.get("text_encoder"):
-        raise InputError(f"{run} was trained on stored caption embeddings: sampling needs the text encoder that made "
-                         f"them; train with --text-encoder to sample.")
+        raise InputError(
+            f"{run} was trained on stored caption embeddings: sampling needs the text encoder that made "
+            f"them; train with --text-encoder to sample."
+        )
     unet = loaded.unet()
     encoder = load_text_encoder(config["text_encoder"])
     manifest = loaded.manifest()
     vae = load_vae(config.get("vae") or manifest["encode_config"]["vae"]).model
     states, empty = torch.from_numpy(encoder.encode(prompts)), torch.from_numpy(encoder.encode([""]))[0]
     size = size or (manifest["resolution"], manifest["resolution"])
-    images = generate(unet, states, empty, vae, manifest["scaling_factor"], manifest.get("shift_factor") or 0.0, size,
-                      steps=steps, guidance=guidance, seed=seed, prediction=config["prediction"])
+    images = generate(
+        unet,
+        states,
+        empty,
+        vae,
+        manifest["scaling_factor"],
+        manifest.get("shift_factor") or 0.0,
+        size,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        prediction=config["prediction"],
+    )
     return save_grid(images, output)

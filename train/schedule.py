@@ -3,7 +3,12 @@ it (DDPM), sampling and the exported pipeline denoise with it (DDIM); defined on
 
 from __future__ import annotations
 
-SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+}
 
 
 def training_scheduler(prediction: str):
@@ -15,5 +20,6 @@ def training_scheduler(prediction: str):
 def sampling_scheduler(prediction: str):
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**SCHEDULE, prediction_type=prediction, clip_sample=False, set_alpha_to_one=False,
-                         steps_offset=1)
+    return DDIMScheduler(
+        **SCHEDULE, prediction_type=prediction, clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    )

@@ -17,24 +17,57 @@ from latentmill import __version__
 # command -> "module:attribute", imported only when that command runs (so --help never imports torch)
 COMMANDS = {
     "urls": ("latentmill.cli.urls:urls", "Inspect and prefilter URL tables (parquet, csv, tsv, jsonl)."),
-    "download": ("latentmill.cli.download:download", "Download a URL table into WebDataset image shards (img2dataset)."),
-    "buckets": ("latentmill.cli.buckets:buckets", "Print the aspect-ratio buckets, or how a dataset falls into them."),
-    "encode": ("latentmill.cli.encode:encode", "Bucket, resize, crop and VAE-encode images into latent shards."),
-    "score": ("latentmill.cli.filters:score", "Score images with CLIP and predictor heads (aesthetic, unsafe, watermark)."),
-    "select": ("latentmill.cli.select:select", "Apply thresholds to the scores; selection parquets and the funnel."),
+    "download": (
+        "latentmill.cli.download:download",
+        "Download a URL table into WebDataset image shards (img2dataset).",
+    ),
+    "buckets": (
+        "latentmill.cli.buckets:buckets",
+        "Print the aspect-ratio buckets, or how a dataset falls into them.",
+    ),
+    "encode": (
+        "latentmill.cli.encode:encode",
+        "Bucket, resize, crop and VAE-encode images into latent shards.",
+    ),
+    "score": (
+        "latentmill.cli.filters:score",
+        "Score images with CLIP and predictor heads (aesthetic, unsafe, watermark).",
+    ),
+    "select": (
+        "latentmill.cli.select:select",
+        "Apply thresholds to the scores; selection parquets and the funnel.",
+    ),
     "fit-head": ("latentmill.cli.filters:fit_head", "Fit a linear or MLP head on labelled CLIP embeddings."),
-    "convert-head": ("latentmill.cli.filters:convert_head", "Convert a published predictor (LAION's Keras NSFW zip) to safetensors."),
-    "train": ("latentmill.cli.train:train", "Train a U-Net straight from latent shards (one GPU, or many with torchrun)."),
+    "convert-head": (
+        "latentmill.cli.filters:convert_head",
+        "Convert a published predictor (LAION's Keras NSFW zip) to safetensors.",
+    ),
+    "train": (
+        "latentmill.cli.train:train",
+        "Train a U-Net straight from latent shards (one GPU, or many with torchrun).",
+    ),
     "export": ("latentmill.cli.train:export", "Write a run as a diffusers StableDiffusionPipeline folder."),
     "sample": ("latentmill.cli.train:sample", "Generate images from a run's last checkpoint."),
-    "merge": ("latentmill.cli.train:merge", "Merge checkpoints: weighted sum, or add-difference with a base."),
+    "merge": (
+        "latentmill.cli.train:merge",
+        "Merge checkpoints: weighted sum, or add-difference with a base.",
+    ),
     "recipes": ("latentmill.cli.run:recipes", "List the shipped recipes."),
     "run": ("latentmill.cli.run:run", "Run a recipe's stages in order into one work folder (resumable)."),
     "status": ("latentmill.cli.run:status", "Show each stage's progress in a work folder."),
     "report": ("latentmill.cli.report:report", "One self-contained HTML page of a work folder."),
-    "images": ("latentmill.cli.images:images", "Look inside image shards: counts, sizes, unreadable samples."),
-    "latents": ("latentmill.cli.latents:latents", "Check latent shards against their manifest (latents verify)."),
-    "serve-images": ("latentmill.cli.serve:serve_images", "Serve test images (and failure cases) on 127.0.0.1."),
+    "images": (
+        "latentmill.cli.images:images",
+        "Look inside image shards: counts, sizes, unreadable samples.",
+    ),
+    "latents": (
+        "latentmill.cli.latents:latents",
+        "Check latent shards against their manifest (latents verify).",
+    ),
+    "serve-images": (
+        "latentmill.cli.serve:serve_images",
+        "Serve test images (and failure cases) on 127.0.0.1.",
+    ),
     "demo": ("latentmill.cli.demo:demo", "Run the pipeline offline on bundled sample images."),
 }
 

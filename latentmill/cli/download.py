@@ -12,9 +12,17 @@ from latentmill.curate.download import DownloadConfig
 @click.command()
 @click.argument("table", type=click.Path(), required=False)
 @click.option("-o", "--output", type=click.Path(), help="Output folder of image shards.")
-@click.option("--retry-failed", "retry_folder", type=click.Path(),
-              help="Instead of TABLE: download again the rows that failed in this image folder, into new shards.")
-@click.option("--only-reason", multiple=True, help="With --retry-failed: retry only these reasons (e.g. timeout, http_503).")
+@click.option(
+    "--retry-failed",
+    "retry_folder",
+    type=click.Path(),
+    help="Instead of TABLE: download again the rows that failed in this image folder, into new shards.",
+)
+@click.option(
+    "--only-reason",
+    multiple=True,
+    help="With --retry-failed: retry only these reasons (e.g. timeout, http_503).",
+)
 @click_options(DownloadConfig)
 @column_options
 def download(table, output, retry_folder, only_reason, **kwargs):

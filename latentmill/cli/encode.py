@@ -13,7 +13,9 @@ from latentmill.curate.executors import ExecutorConfig
 @click.command()
 @click.argument("images", type=click.Path(exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder of latent shards.")
-@click.option("--selection", type=click.Path(exists=True), help="Selection folder (key, keep); default: keep all.")
+@click.option(
+    "--selection", type=click.Path(exists=True), help="Selection folder (key, keep); default: keep all."
+)
 @click_options(EncodeConfig)
 @click_options(ExecutorConfig)
 def encode(images, output, selection, **kwargs):

@@ -36,12 +36,26 @@ def score(images, output, **kwargs):
 
 
 @click.command("fit-head")
-@click.option("--embeddings", required=True, type=click.Path(exists=True), help="Folder of embeddings/{shard}.npy.")
-@click.option("--scores", type=click.Path(exists=True), help="Score folder matching the embeddings (default: ../scores).")
-@click.option("--labels", required=True, type=click.Path(exists=True),
-              help="csv or parquet with `key` and the target, or a folder of image shards whose JSON carries it.")
-@click.option("--add-column", is_flag=True, help="Also add the head's column to the score parquets (from the saved "
-              "embeddings, no pass over the images).")
+@click.option(
+    "--embeddings", required=True, type=click.Path(exists=True), help="Folder of embeddings/{shard}.npy."
+)
+@click.option(
+    "--scores",
+    type=click.Path(exists=True),
+    help="Score folder matching the embeddings (default: ../scores).",
+)
+@click.option(
+    "--labels",
+    required=True,
+    type=click.Path(exists=True),
+    help="csv or parquet with `key` and the target, or a folder of image shards whose JSON carries it.",
+)
+@click.option(
+    "--add-column",
+    is_flag=True,
+    help="Also add the head's column to the score parquets (from the saved "
+    "embeddings, no pass over the images).",
+)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Head file (.safetensors).")
 @click_options(FitConfig)
 def fit_head(embeddings, scores, labels, add_column, output, **kwargs):
@@ -62,7 +76,9 @@ def fit_head(embeddings, scores, labels, add_column, output, **kwargs):
     config = config_from(FitConfig, kwargs)
     metrics = fit_and_add(config, labels, embeddings, scores, output, add_column=add_column)
     click.echo(f"{config.kind} head: {format_metrics(metrics)}")
-    click.echo(f"saved {output} (column {metrics['column']})" + (", added to the scores" if add_column else ""))
+    click.echo(
+        f"saved {output} (column {metrics['column']})" + (", added to the scores" if add_column else "")
+    )
 
 
 @click.command("convert-head")
@@ -86,9 +102,13 @@ def convert_head(kind, source, output):
     from latentmill.filters.unsafehead import read_laion_nsfw, save_keras_nsfw
 
     if Path(output).suffix != ".safetensors":
-        raise InputError(f"-o {output}: the converted head is a .safetensors file; name it e.g. punsafe.safetensors.")
+        raise InputError(
+            f"-o {output}: the converted head is a .safetensors file; name it e.g. punsafe.safetensors."
+        )
     model = read_laion_nsfw(Path(source))
     save_keras_nsfw(model, output)
     lookups = ", ".join(f"{c} ({len(t):,} values)" for c, t in sorted(model.lookups.items()))
-    click.echo(f"{source}: {model.input_dim}-d input, categorical columns {lookups or 'none'}, dense "
-               f"{' -> '.join(str(w.shape[0]) for w, _ in model.dense)}, {model.activations[-1]} output -> {output}")
+    click.echo(
+        f"{source}: {model.input_dim}-d input, categorical columns {lookups or 'none'}, dense "
+        f"{' -> '.join(str(w.shape[0]) for w, _ in model.dense)}, {model.activations[-1]} output -> {output}"
+    )

@@ -34,8 +34,12 @@ def inspect(folder, decode, as_json):
         return
     for shard in report["shards"]:
         damage = f"  DAMAGED: {shard['damage']}" if shard["damaged"] else ""
-        click.echo(f"{shard['shard']:<12}{shard['samples']:>8} samples  {shard['incomplete']:>4} incomplete{damage}")
-    click.echo(f"total: {report['samples']:,} samples in {len(report['shards'])} shard(s), "
-               f"{report['damaged_shards']} damaged, {report['incomplete']} incomplete")
+        click.echo(
+            f"{shard['shard']:<12}{shard['samples']:>8} samples  {shard['incomplete']:>4} incomplete{damage}"
+        )
+    click.echo(
+        f"total: {report['samples']:,} samples in {len(report['shards'])} shard(s), "
+        f"{report['damaged_shards']} damaged, {report['incomplete']} incomplete"
+    )
     for reason, keys in report.get("decode_errors", {}).items():
         click.echo(f"  not decodable ({reason}): {len(keys)}  e.g. {', '.join(keys[:3])}")

@@ -37,5 +37,9 @@ def verify(folder):
     if report["problems"]:
         for problem in report["problems"]:
             click.echo(f"  {problem}", err=True)
-        raise InputError(f"{folder}: {len(report['problems'])} problem(s) in {report['shards']} shard(s), listed above.")
-    click.echo(f"{folder}: {report['shards']} shard(s), {report['samples']:,} samples: all match the manifest.")
+        raise InputError(
+            f"{folder}: {len(report['problems'])} problem(s) in {report['shards']} shard(s), listed above."
+        )
+    click.echo(
+        f"{folder}: {report['shards']} shard(s), {report['samples']:,} samples: all match the manifest."
+    )

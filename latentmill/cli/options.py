@@ -33,8 +33,13 @@ def column_options(func):
     """--url-col, --caption-col, --width-col, ...: name a table's columns when they are not LAION's."""
     for role in reversed(list(DEFAULT_COLUMNS)):
         defaults = " or ".join(DEFAULT_COLUMNS[role])
-        func = click.option(f"--{role}-col", f"{role}_col", default=None, metavar="NAME",
-                            help=f"Column holding the {role} (default: {defaults}).")(func)
+        func = click.option(
+            f"--{role}-col",
+            f"{role}_col",
+            default=None,
+            metavar="NAME",
+            help=f"Column holding the {role} (default: {defaults}).",
+        )(func)
     return func
 
 
@@ -52,18 +57,37 @@ def progress_bar(total: int | None, desc: str, unit: str = "rows"):
 
 def executor_options(func):
     """--executor local|ray, --address, --actors, --shard-retries: where the shard stages run."""
-    func = click.option("--threads", type=POSITIVE, help="torch CPU threads per worker; the same number gives byte-identical "
-                        "outputs across executors and machines.")(func)
-    func = click.option("--shard-retries", default=2, show_default=True, type=COUNT, help="Ray: retries of a failed shard.")(func)
-    func = click.option("--actors", type=POSITIVE, help="Ray: actors (default: one per GPU, or 2 on CPUs).")(func)
-    func = click.option("--address", help="Ray: the cluster ('auto', ray://HOST:10001); default: Ray on 127.0.0.1.")(func)
-    func = click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-                        help="Run shards here, or on a Ray cluster (an actor per GPU holding the model).")(func)
+    func = click.option(
+        "--threads",
+        type=POSITIVE,
+        help="torch CPU threads per worker; the same number gives byte-identical "
+        "outputs across executors and machines.",
+    )(func)
+    func = click.option(
+        "--shard-retries", default=2, show_default=True, type=COUNT, help="Ray: retries of a failed shard."
+    )(func)
+    func = click.option("--actors", type=POSITIVE, help="Ray: actors (default: one per GPU, or 2 on CPUs).")(
+        func
+    )
+    func = click.option(
+        "--address", help="Ray: the cluster ('auto', ray://HOST:10001); default: Ray on 127.0.0.1."
+    )(func)
+    func = click.option(
+        "--executor",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="Run shards here, or on a Ray cluster (an actor per GPU holding the model).",
+    )(func)
     return func
 
 
 def executor_from(kwargs: dict):
     from latentmill.curate.executors import ExecutorConfig
 
-    return ExecutorConfig(kind=kwargs.pop("executor"), address=kwargs.pop("address"), actors=kwargs.pop("actors"),
-                          retries=kwargs.pop("shard_retries"))
+    return ExecutorConfig(
+        kind=kwargs.pop("executor"),
+        address=kwargs.pop("address"),
+        actors=kwargs.pop("actors"),
+        retries=kwargs.pop("shard_retries"),
+    )

@@ -26,8 +26,13 @@ def recipes():
 @click.argument("recipe")
 @click.option("--urls", type=click.Path(exists=True), help="The URL table (for recipes that read one).")
 @click.option("-w", "--work", default="work", show_default=True, type=click.Path(), help="Work folder.")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe value.")
-@click.option("--until", help="Stop after this stage: prefilter, download, score, fit-heads, select, encode, train, export.")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe value."
+)
+@click.option(
+    "--until",
+    help="Stop after this stage: prefilter, download, score, fit-heads, select, encode, train, export.",
+)
 @click_options(ExecutorConfig)
 @click.pass_context
 def run(ctx, recipe, urls, work, overrides, until, **kwargs):
@@ -42,10 +47,17 @@ def run(ctx, recipe, urls, work, overrides, until, **kwargs):
     from latentmill.runner import run_recipe
 
     # an executor option given here overrides the recipe's executor section, as --set executor.KEY would
-    given = [f for f in ExecutorConfig.option_fields() if spec_of(f).cli and
-             ctx.get_parameter_source(f.name) == click.core.ParameterSource.COMMANDLINE]
-    renamed = [f for f in ExecutorConfig.option_fields() for i, _ in enumerate(spec_of(f).old)
-               if kwargs.get(f"{f.name}__old{i}") is not None]
+    given = [
+        f
+        for f in ExecutorConfig.option_fields()
+        if spec_of(f).cli and ctx.get_parameter_source(f.name) == click.core.ParameterSource.COMMANDLINE
+    ]
+    renamed = [
+        f
+        for f in ExecutorConfig.option_fields()
+        for i, _ in enumerate(spec_of(f).old)
+        if kwargs.get(f"{f.name}__old{i}") is not None
+    ]
     from latentmill.configs import config_from
 
     chosen = config_from(ExecutorConfig, kwargs)

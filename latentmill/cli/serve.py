@@ -7,8 +7,12 @@ import click
 
 @click.command("serve-images")
 @click.option("--port", default=8765, show_default=True, help="Port on 127.0.0.1.")
-@click.option("--write-table", type=click.Path(), help="Also write a LAION-like URL table of the served images here.")
-@click.option("--slow-seconds", default=30.0, show_default=True, help="How long /fail/slow.jpg takes to answer.")
+@click.option(
+    "--write-table", type=click.Path(), help="Also write a LAION-like URL table of the served images here."
+)
+@click.option(
+    "--slow-seconds", default=30.0, show_default=True, help="How long /fail/slow.jpg takes to answer."
+)
 def serve_images(port, write_table, slow_seconds):
     """Serve test images and failure cases on 127.0.0.1 until Ctrl-C.
 

@@ -29,6 +29,7 @@ def train(shards, output, **kwargs):
 
     config = config_from(TrainConfig, kwargs, shards=shards, output=output)
     with tqdm(total=config.steps, desc="train", unit="step", dynamic_ncols=True, leave=False) as bar:
+
         def progress(metrics):
             bar.n = metrics["step"]
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.1f}")
@@ -36,7 +37,9 @@ def train(shards, output, **kwargs):
 
         metrics = run_train(config, progress=progress)
     if metrics.get("rank", 0) == 0:
-        click.echo(f"step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}; checkpoints in {output}/checkpoints")
+        click.echo(
+            f"step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}; checkpoints in {output}/checkpoints"
+        )
 
 
 @click.command()
@@ -60,11 +63,19 @@ def export(run, output, **kwargs):
 @click.command()
 @click.argument("a", type=click.Path(exists=True))
 @click.argument("b", type=click.Path(exists=True))
-@click.option("--alpha", type=Finite(), required=True, help="Weight of B (weighted sum) or of B - BASE (add difference).")
+@click.option(
+    "--alpha",
+    type=Finite(),
+    required=True,
+    help="Weight of B (weighted sum) or of B - BASE (add difference).",
+)
 @click.option("--base", type=click.Path(exists=True), help="Add difference: A + alpha * (B - BASE).")
 @click.option("--no-ema", is_flag=True, help="Merge the raw weights instead of the EMA.")
-@click.option("--config-from", type=click.Path(exists=True),
-              help="The run whose configuration the merged run takes (default: the first of A, B, BASE that is a run).")
+@click.option(
+    "--config-from",
+    type=click.Path(exists=True),
+    help="The run whose configuration the merged run takes (default: the first of A, B, BASE that is a run).",
+)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Run folder for the merged weights.")
 def merge(a, b, alpha, base, no_ema, config_from, output):
     """Merge two runs (or .safetensors files): (1 - alpha) * A + alpha * B, or A + alpha * (B - BASE).
@@ -84,10 +95,14 @@ def merge(a, b, alpha, base, no_ema, config_from, output):
 
 @click.command()
 @click.argument("run", type=click.Path(exists=True))
-@click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt (repeatable): one image each.")
+@click.option(
+    "--prompt", "prompts", multiple=True, required=True, help="A prompt (repeatable): one image each."
+)
 @click.option("-o", "--output", default="samples.png", show_default=True, type=click.Path(), help="Grid PNG.")
 @click.option("--steps", default=20, show_default=True, type=POSITIVE, help="DDIM steps.")
-@click.option("--guidance", default=5.0, show_default=True, type=Finite(), help="Classifier-free guidance scale.")
+@click.option(
+    "--guidance", default=5.0, show_default=True, type=Finite(), help="Classifier-free guidance scale."
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--width", type=POSITIVE, help="Image width in px (default: the training resolution).")
 @click.option("--height", type=POSITIVE, help="Image height in px (default: the training resolution).")

@@ -34,6 +34,7 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check latentmill curate filters train tests bench
+	$(VENV)/bin/ruff format --check latentmill curate filters train tests bench
 
 clean:
 	rm -rf $(VENV) demo-work build *.egg-info

@@ -1,6 +1,10 @@
-"""The offline demo: the `demo` recipe (sample images on a loopback server, tiny random models) end to end,
-then a bucket chart and a JSON summary in WORK/report. The models are tiny and random: the point is the
-data flow, not the pictures."""
+"""The offline demo: the `demo` recipe (sample images on a loopback server, tiny models) end to end, then
+a bucket chart, a JSON summary and the HTML report in WORK/report.
+
+A random VAE would decode every sample to noise, so between `select` and `encode` the demo fits the tiny
+VAE for a minute on the selected pictures (curate.vaefit) and encodes with it: the sample grids are then
+pictures, and the report shows the VAE's reconstructions beside the originals. `latentmill run demo`
+skips that step and keeps the recipe's random `tiny` VAE (the data flow, not the pictures)."""
 
 from __future__ import annotations
 
@@ -9,16 +13,21 @@ from pathlib import Path
 from latentmill.curate.atomic import write_json
 from latentmill.curate.buckets import make_buckets
 from latentmill.curate.bucketstats import bucket_distribution, plot_distribution
+from latentmill.curate.vaefit import VaeFitConfig, fit_vae
 from latentmill.layout import Layout
 from latentmill.recipe import load_recipe
 from latentmill.runner import run_recipe
 
 
-def run_demo(work: str | Path, log=print, overrides: list[str] = ()) -> dict:
+def run_demo(work: str | Path, log=print, overrides: list[str] = (), vae_steps: int = 300) -> dict:
     """Run the demo recipe into `work`; return what each stage reported. Re-running continues a stopped demo."""
     lay = Layout(work)
-    recipe = load_recipe("demo", list(overrides))
+    run_recipe(load_recipe("demo", list(overrides)), lay.work, until="select", log=log)
+    vae = fit_vae(lay.images, lay.selection, lay.vae, VaeFitConfig(steps=vae_steps), log=log)
+    # the fitted VAE replaces the recipe's random one (an override, so an explicit --set still wins)
+    recipe = load_recipe("demo", [f"encode.vae={lay.vae}", *overrides])
     report = run_recipe(recipe, lay.work, log=log)
+    report["vae"] = vae
     resolution = recipe["encode"]["resolution"]
     distribution = bucket_distribution(lay.images, make_buckets(resolution), lay.selection)
     chart = plot_distribution(distribution, lay.report / "buckets.png")

@@ -77,6 +77,10 @@ class Layout:
     def select_funnel(self) -> Path:
         return self.selection / "funnel.json"
 
+    @property
+    def vae(self) -> Path:
+        return self.work / "vae"
+
     def latents(self, resolution: int) -> Path:
         return self.work / f"{LATENTS_PREFIX}{resolution}"
 

@@ -173,6 +173,28 @@ def _thumbnails(work: Path) -> dict[str, list[tuple[str, str, str]]]:
     return groups
 
 
+TINY_MODELS_NOTE = (
+    "<p><b>What these grids can and cannot show.</b> The U-Net here is the tiny architecture, trained for a "
+    "few hundred steps on the selected pictures (a few dozen) on a CPU; the VAE is the tiny one, fitted for "
+    "a minute on the same pictures. After training, the grids show soft blobs and colour fields in the "
+    "palette of the training pictures, where an untrained U-Net gives noise: that is the trainer learning "
+    "the data's colours and layout. They cannot show objects, sharp edges or prompts being followed; that "
+    "needs real models (sd15 or a pretrained pipeline), millions of images and GPU-days.</p>"
+)
+
+
+def _vae_section(folder: Path) -> str:
+    fit = json.loads((folder / "fit.json").read_text())
+    return (
+        f"<p>Top row: held-out pictures; bottom row: the VAE's reconstructions (8x downsampled to 4 latent "
+        f"channels and back). Fitted for {fit['steps']} CPU steps on {fit['pictures']} selected pictures: "
+        f"reconstruction PSNR {fit['psnr_random_init_db']} dB with random weights, "
+        f"{fit['psnr_fitted_db']} dB fitted; latent scaling factor {fit['scaling_factor']}. Colours and "
+        f"shapes survive, fine detail does not.</p>"
+        f'<img alt="VAE reconstructions" src="{_png_uri((folder / "reconstructions.png").read_bytes())}">'
+    )
+
+
 def build_report(work: str | Path, output: str | Path | None = None) -> Path:
     """Write WORK/report/index.html (or `output`); return its path."""
     from latentmill.curate.buckets import make_buckets
@@ -248,7 +270,11 @@ def build_report(work: str | Path, output: str | Path | None = None) -> Path:
     for run in lay.run_folders():
         for grid in sorted((run / "samples").glob("*.png")) if (run / "samples").exists() else []:
             body += f'<figure><img alt="{grid.stem}" src="{_png_uri(grid.read_bytes())}"><figcaption>{html.escape(run.name)} {grid.stem}</figcaption></figure>'
+    if body and (lay.vae / "fit.json").exists():
+        body = TINY_MODELS_NOTE + body
     sections.append(("samples", "Sample grids", body or "<p>No sample grids yet.</p>"))
+    if (lay.vae / "fit.json").exists():
+        sections.insert(-2, ("vae", "The demo's VAE: originals and reconstructions", _vae_section(lay.vae)))
 
     nav = "".join(f'<a href="#{i}">{html.escape(t)}</a>' for i, t, _ in sections)
     content = "".join(f'<section id="{i}"><h2>{html.escape(t)}</h2>{b}</section>' for i, t, b in sections)

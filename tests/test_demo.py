@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow  # end to end: real downloads, Ray, training runs
 
 def test_demo_runs_every_stage_offline(tmp_path, run_cli):
     work = tmp_path / "work"
-    result = run_cli("demo", "--work", work, "--steps", "4")
+    result = run_cli("demo", "--work", work, "--steps", "4", "--vae-steps", "40")
     assert result.exit_code == 0, result.output
     report = json.loads((work / "report" / "demo.json").read_text())
     assert report["prefilter"]["kept_rows"] < report["prefilter"]["input_rows"]
@@ -20,7 +20,7 @@ def test_demo_runs_every_stage_offline(tmp_path, run_cli):
     assert report["score"]["scored"] == downloaded > 10
     kept = report["select"]["kept"]
     assert 0 < kept < downloaded
-    latents = report["encode"]["256"]
+    latents = report["encode"]["128"]
     assert latents["dropped"]["not_selected"] == downloaded - kept
     assert latents["samples"] + sum(latents["dropped"].values()) == downloaded
     fitted = report["fit_heads"]["aesthetic_fit"]
@@ -30,6 +30,10 @@ def test_demo_runs_every_stage_offline(tmp_path, run_cli):
     )  # held out: the head ranks unseen images by their labels, well above chance
     assert_fitted_head_decides(work)
     assert report["train"]["main"]["step"] == 4
+    # the demo's VAE, fitted on the selected pictures, reconstructs them better than its random init
+    assert report["vae"]["psnr_fitted_db"] > report["vae"]["psnr_random_init_db"] + 1
+    manifest = json.loads((work / "latents-128" / "manifest.json").read_text())
+    assert manifest["encode_config"]["vae"] == str(work / "vae") and manifest["scaling_factor"] != 0.18215
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(work / "export")
@@ -42,12 +46,13 @@ def test_demo_runs_every_stage_offline(tmp_path, run_cli):
     result = run_cli("report", work)
     assert result.exit_code == 0, result.output
     page = (work / "report" / "index.html").read_text()
-    for section in ("funnel", "scores", "heads", "buckets", "thumbnails", "loss", "samples"):
+    for section in ("funnel", "scores", "heads", "buckets", "thumbnails", "vae", "loss", "samples"):
         assert f'<section id="{section}">' in page
     assert "Dropped: min_side" in page and "Kept" in page and page.count("data:image/png;base64,") > 15
     assert (
         "aesthetic_fit from AESTHETIC_SCORE" in page and 'alt="aesthetic_fit against AESTHETIC_SCORE"' in page
     )
+    assert "What these grids can and cannot show" in page and 'alt="VAE reconstructions"' in page
     assert 'src="http' not in page  # self-contained: every image inline
     render_in_chromium(work / "report" / "index.html", tmp_path)
 
@@ -91,7 +96,7 @@ def render_in_chromium(page, tmp_path):
         [chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
     )
     assert dom.returncode == 0
-    for section in ("funnel", "scores", "heads", "buckets", "thumbnails", "loss", "samples"):
+    for section in ("funnel", "scores", "heads", "buckets", "thumbnails", "vae", "loss", "samples"):
         assert f'id="{section}"' in dom.stdout
     console_errors = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert console_errors == []

@@ -80,7 +80,7 @@ def test_the_demo_recipe_killed_midway_finishes_with_the_same_outputs(tmp_path, 
         _run_cmd(killed), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     kill_when_done(process, killed / "scores" / "00000.stats.json")
-    assert not (killed / "latents-256").exists(), "the run was not stopped mid-way"
+    assert not (killed / "latents-128").exists(), "the run was not stopped mid-way"
     process = subprocess.Popen(
         _run_cmd(killed), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )  # killed again, mid-training this time
@@ -94,7 +94,7 @@ def test_the_demo_recipe_killed_midway_finishes_with_the_same_outputs(tmp_path, 
     subprocess.run(_run_cmd(reference), check=True, capture_output=True)
 
     def outputs(work):
-        files = sorted((work / "latents-256").glob("*.tar")) + sorted((work / "scores").glob("*.parquet"))
+        files = sorted((work / "latents-128").glob("*.tar")) + sorted((work / "scores").glob("*.parquet"))
         files += [work / "runs" / "main" / "checkpoints" / "step-0000006" / "ema.safetensors"]
         return {f.relative_to(work).as_posix(): f.read_bytes() for f in files}
 

@@ -141,7 +141,7 @@ def _bounds(spec: Spec) -> str:
     return f"between {spec.low:g} and {spec.high:g}" if spec.low is not None else f"<= {spec.high:g}"
 
 
-class _Finite(click.FloatRange):
+class Finite(click.FloatRange):
     """A float range that also refuses nan and inf (click's FloatRange lets nan through)."""
 
     name = "finite float"
@@ -167,7 +167,7 @@ def click_type(cls, field: dataclasses.Field):
         low = None if spec.low is None else int(spec.low) + (1 if spec.low_open else 0)
         return click.IntRange(min=low, max=None if spec.high is None else int(spec.high))
     if kind == "float":
-        return _Finite(spec.low, spec.high, min_open=spec.low_open)
+        return Finite(spec.low, spec.high, min_open=spec.low_open)
     return click.Path() if spec.path else click.STRING
 
 

@@ -644,3 +644,42 @@ def test_resume_truncates_the_log_clears_stale_temporaries_and_falls_back_past_a
     assert [m["loss"] for m in ours] == [
         m["loss"] for m in theirs
     ]  # and the redone steps equal a straight run
+
+
+def test_a_merged_run_is_a_run_that_export_sample_and_init_from_take(latents, tmp_path, run_cli):
+    import torch
+    from safetensors.torch import load_file
+
+    a, b, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    train(config(latents, a, steps=2, checkpoint_every=2))
+    train(config(latents, b, steps=2, checkpoint_every=2, seed=1))
+    result = run_cli("merge", a, b, "--alpha", "0.5", "-o", merged)
+    assert result.exit_code == 0, result.output
+    (checkpoint,) = (merged / "checkpoints").iterdir()
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["merge"]["method"] == "weighted_sum" and state["config"]["text_encoder"] == str(
+        latents / "pipeline"
+    )
+    assert not list(tmp_path.glob(".merged.tmp-*"))  # written whole, then renamed
+    result = run_cli("export", merged, "-o", tmp_path / "pipe")
+    assert result.exit_code == 0 and (tmp_path / "pipe" / "model_index.json").exists(), result.output
+    result = run_cli(
+        "sample", merged, "--prompt", "a red circle", "--steps", "2", "-o", tmp_path / "grid.png"
+    )
+    assert result.exit_code == 0 and (tmp_path / "grid.png").exists(), result.output
+    # --init-from starts from the merged weights: one small step later the U-Net is still next to them
+    train(
+        config(
+            latents, tmp_path / "c", steps=1, checkpoint_every=1, learning_rate=1e-6, init_from=str(merged)
+        )
+    )
+    weights = load_file(checkpoint / "ema.safetensors")
+    after = load_file(tmp_path / "c" / "checkpoints" / "step-0000001" / "unet.safetensors")
+    start_a = load_file(a / "checkpoints" / "step-0000002" / "ema.safetensors")
+    near = max(float((after[k] - weights[k]).abs().max()) for k in weights)
+    far = max(float((start_a[k] - weights[k]).abs().max()) for k in weights)
+    assert near < 1e-3 < far, (near, far)
+    assert torch.equal(
+        load_file(merged / "checkpoints" / checkpoint.name / "unet.safetensors")["conv_in.weight"],
+        weights["conv_in.weight"],
+    )

@@ -356,20 +356,15 @@ def _loader_workers(config: TrainConfig, device: str, shards_per_rank: int) -> i
 
 def _sample_grid(run: Path, step: int, ema, encode_prompts, manifest: dict, config: TrainConfig) -> Path:
     """A grid of the fixed prompts at a fixed seed from the EMA weights: samples/step-NNNNNNN.png."""
-    from latentmill.curate.vae import load_vae
-    from latentmill.train.sampling import generate, save_grid
+    from latentmill.train.sampling import generate_from_manifest, save_grid
 
     states, empty = encode_prompts(config.sample_prompts)
-    vae = load_vae(config.vae or manifest["encode_config"]["vae"]).model.to(next(ema.parameters()).device)
-    size = (manifest["resolution"], manifest["resolution"])
-    images = generate(
+    images = generate_from_manifest(
         ema,
         states,
         empty,
-        vae,
-        manifest["scaling_factor"],
-        manifest.get("shift_factor") or 0.0,
-        size,
+        manifest,
+        config.vae,
         steps=config.sample_steps,
         seed=config.seed,
         prediction=config.prediction,

@@ -58,6 +58,33 @@ def generate(
     return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
+def generate_from_manifest(
+    unet,
+    text_states,
+    empty_state,
+    manifest: dict,
+    vae: str | None = None,
+    size: tuple[int, int] | None = None,
+    **options,
+) -> np.ndarray:
+    """`generate` with what the latents' manifest records: their VAE (or `vae`), scaling and shift
+    factors, and resolution (or `size`)."""
+    from latentmill.curate.vae import load_vae
+
+    decoder = load_vae(vae or manifest["encode_config"]["vae"]).model.to(next(unet.parameters()).device)
+    size = size or (manifest["resolution"], manifest["resolution"])
+    return generate(
+        unet,
+        text_states,
+        empty_state,
+        decoder,
+        manifest["scaling_factor"],
+        manifest.get("shift_factor") or 0.0,
+        size,
+        **options,
+    )
+
+
 def save_grid(images: np.ndarray, path: str | Path, columns: int = 4) -> Path:
     """Tile images into one PNG."""
     from PIL import Image
@@ -87,7 +114,6 @@ def sample_run(
     """Images from a run's last checkpoint, with its text encoder and the latents' VAE, as one grid PNG."""
     from latentmill.curate.errors import InputError
     from latentmill.curate.textencoder import load_text_encoder
-    from latentmill.curate.vae import load_vae
     from latentmill.train.runs import load_run
 
     loaded = load_run(run, use_ema)
@@ -100,16 +126,13 @@ def sample_run(
     unet = loaded.unet()
     encoder = load_text_encoder(config["text_encoder"])
     manifest = loaded.manifest()
-    vae = load_vae(config.get("vae") or manifest["encode_config"]["vae"]).model
     states, empty = torch.from_numpy(encoder.encode(prompts)), torch.from_numpy(encoder.encode([""]))[0]
-    size = size or (manifest["resolution"], manifest["resolution"])
-    images = generate(
+    images = generate_from_manifest(
         unet,
         states,
         empty,
-        vae,
-        manifest["scaling_factor"],
-        manifest.get("shift_factor") or 0.0,
+        manifest,
+        config.get("vae"),
         size,
         steps=steps,
         guidance=guidance,

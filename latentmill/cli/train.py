@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import POSITIVE, Finite
-from latentmill.configs import click_options, config_from
+from latentmill.cli.options import POSITIVE
+from latentmill.configs import Finite, click_options, config_from
 from latentmill.train.config import ExportConfig, TrainConfig
 
 

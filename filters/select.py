@@ -48,6 +48,12 @@ class SelectConfig(StageConfig):
     where: list[str] = opt(
         factory=list, help='A rule such as "aesthetic >= 6 and pwatermark < 0.5" (repeatable).'
     )
+    dedup: str | None = opt(
+        None,
+        "A `latentmill dedup` folder: its duplicates are dropped with the reason `duplicate` (after every "
+        "other rule).",
+        path=True,
+    )
     plots: bool = opt(True, "Draw one histogram PNG per score with its threshold marked.")
 
     def rule_specs(self) -> list[tuple[str, str]]:
@@ -78,6 +84,8 @@ def select(scores: str | Path, output: str | Path, config: SelectConfig | None =
         | {"width", "height"}
     )
     rules = [Rule(name, expression, known) for name, expression in config.rule_specs()]
+    if config.dedup:
+        rules.append(DuplicateRule(config.dedup))
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"  # written whole, then swapped in
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -88,6 +96,21 @@ def select(scores: str | Path, output: str | Path, config: SelectConfig | None =
         raise
     _swap_in(tmp, output)
     return funnel
+
+
+class DuplicateRule:
+    """Drops the keys a dedup folder marks as duplicates of another image."""
+
+    name = "duplicate"
+
+    def __init__(self, folder: str | Path):
+        from latentmill.filters.dedup import duplicate_keys
+
+        self.expression = f"duplicate in {folder}"
+        self.keys = np.array(sorted(duplicate_keys(folder)), dtype=object)
+
+    def passes(self, columns: dict) -> np.ndarray:
+        return ~np.isin(columns["key"], self.keys)
 
 
 def _swap_in(new: Path, final: Path) -> None:
@@ -123,6 +146,7 @@ def _select_into(output: Path, final: Path, shards: list[Path], rules: list, plo
         columns = derived_columns({c: np.asarray(v, dtype=float) for c, v in columns.items()})
         for c, v in columns.items():
             values.setdefault(c, []).append(v)
+        columns["key"] = table.column("key").to_numpy(zero_copy_only=False)  # for the duplicate rule
         n = table.num_rows
         reason = np.full(n, "", dtype=object)
         alive = table.column("error").is_null().to_numpy(zero_copy_only=False).copy()

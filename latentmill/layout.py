@@ -70,6 +70,10 @@ class Layout:
         return self.heads / f"{column}.safetensors"
 
     @property
+    def dedup(self) -> Path:
+        return self.work / "dedup"
+
+    @property
     def selection(self) -> Path:
         return self.work / "selection"
 

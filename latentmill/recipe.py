@@ -19,6 +19,7 @@ from latentmill.curate.encode import EncodeConfig
 from latentmill.curate.errors import InputError
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.curate.prefilter import PrefilterConfig
+from latentmill.filters.dedup import DedupConfig
 from latentmill.filters.fit import FitConfig
 from latentmill.filters.select import SelectConfig
 from latentmill.train.config import ExportConfig, TrainConfig
@@ -63,6 +64,7 @@ SECTIONS = {
     "prefilter": lambda: PrefilterConfig,
     "download": lambda: DownloadConfig,
     "score": _score_config,
+    "dedup": lambda: DedupConfig,
     "select": lambda: SelectConfig,
     "encode": lambda: EncodeConfig,
     "train": lambda: TrainConfig,
@@ -147,6 +149,10 @@ def validate(recipe: dict, source: str) -> None:
                 _check_mapping(LISTS[name], item, source, f"{name}[{i}]")
             continue
         _check_mapping(SECTIONS[name](), body, source, name)
+    if "dedup" in recipe and not (recipe.get("score") or {}).get("save_embeddings"):
+        raise InputError(
+            f"{source}: dedup compares the saved CLIP embeddings; set score.save_embeddings: true."
+        )
     if recipe.get("fit_heads") and not (recipe.get("score") or {}).get("save_embeddings"):
         raise InputError(
             f"{source}: fit_heads fits heads on the saved CLIP embeddings; set score.save_embeddings: true."

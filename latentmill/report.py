@@ -144,6 +144,58 @@ def _head_section(work: Path) -> str:
     return body
 
 
+def _thumbnail_uri(sample) -> str | None:
+    from latentmill.curate.imageshards import ImageDecodeError
+
+    try:
+        image = sample.image(draft_size=(128, 128))
+    except ImageDecodeError:
+        return None
+    image.thumbnail((128, 128))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return _png_uri(buffer.getvalue())
+
+
+def _dedup_section(lay: Layout, groups_shown: int = 5) -> str:
+    """A few groups of duplicates: the kept image first, then its duplicates with their similarity."""
+    import pyarrow.parquet as pq
+
+    from latentmill.curate.imageshards import iter_image_shard, list_image_shards
+
+    funnel = json.loads((lay.dedup / "funnel.json").read_text())
+    groups: dict[str, list[tuple[str, float]]] = {}
+    for path in sorted(lay.dedup.glob("*.parquet")):
+        table = pq.read_table(path).to_pydict()
+        for key, kept, similarity in zip(
+            table["key"], table["duplicate_of"], table["similarity"], strict=True
+        ):
+            if kept is not None and (kept in groups or len(groups) < groups_shown):
+                groups.setdefault(kept, []).append((key, similarity))
+    wanted = set(groups) | {k for members in groups.values() for k, _ in members}
+    uris = {}
+    for shard in list_image_shards(lay.images) if lay.images.exists() else []:
+        for sample in iter_image_shard(shard):
+            if sample.key in wanted:
+                uris[sample.key] = _thumbnail_uri(sample)
+    body = (
+        f"<p>{funnel['duplicates']:,} duplicates in {funnel['groups']:,} groups (cosine >= {funnel['threshold']}, "
+        f"kept: the highest {html.escape(funnel['keep'])}, else the smallest key).</p>"
+    )
+    for kept, members in groups.items():
+        cells = [(kept, "kept")] + [(k, f"{s:.3f}" if s is not None else "") for k, s in members]
+        body += (
+            '<div class="grid">'
+            + "".join(
+                f'<figure><img alt="{html.escape(k)}" src="{uris[k]}"><figcaption>{html.escape(k)} {label}</figcaption></figure>'
+                for k, label in cells
+                if uris.get(k)
+            )
+            + "</div>"
+        )
+    return body
+
+
 def _thumbnails(work: Path) -> dict[str, list[tuple[str, str, str]]]:
     """reason ('kept' or why dropped) -> [(key, caption, data URI)], a few of each."""
     import pyarrow.parquet as pq
@@ -255,6 +307,8 @@ def build_report(work: str | Path, output: str | Path | None = None) -> Path:
             )
             body += f'<h3>{"Kept" if group == "kept" else "Dropped: " + html.escape(group)}</h3><div class="grid">{cells}</div>'
     sections.append(("thumbnails", "Kept and dropped images", body or "<p>No images yet.</p>"))
+    if (lay.dedup / "funnel.json").exists():
+        sections.append(("dedup", "Duplicate groups", _dedup_section(lay)))
 
     body = ""
     for run in lay.run_folders():
@@ -270,9 +324,10 @@ def build_report(work: str | Path, output: str | Path | None = None) -> Path:
     for run in lay.run_folders():
         for grid in sorted((run / "samples").glob("*.png")) if (run / "samples").exists() else []:
             body += f'<figure><img alt="{grid.stem}" src="{_png_uri(grid.read_bytes())}"><figcaption>{html.escape(run.name)} {grid.stem}</figcaption></figure>'
-    if body and (lay.vae / "fit.json").exists():
+    body = body or "<p>No sample grids yet.</p>"
+    if (lay.vae / "fit.json").exists():  # the demo's tiny models: say what their grids can show
         body = TINY_MODELS_NOTE + body
-    sections.append(("samples", "Sample grids", body or "<p>No sample grids yet.</p>"))
+    sections.append(("samples", "Sample grids", body))
     if (lay.vae / "fit.json").exists():
         sections.insert(-2, ("vae", "The demo's VAE: originals and reconstructions", _vae_section(lay.vae)))
 

@@ -109,10 +109,25 @@ def _fit_heads(ctx: Context) -> dict:
     return out
 
 
+def _dedup(ctx: Context) -> dict:
+    from latentmill.filters.dedup import dedup
+
+    with progress_bar("dedup", "part") as bar:
+        return dedup(
+            ctx.layout.scores,
+            ctx.layout.dedup,
+            section(ctx.recipe, "dedup"),
+            images=ctx.layout.images,
+            executor=ctx.executor,
+            progress=bar.update,
+        )
+
+
 def _select(ctx: Context) -> dict:
     from latentmill.filters.select import select
 
-    return select(ctx.layout.scores, ctx.layout.selection, section(ctx.recipe, "select"))
+    extra = {"dedup": str(ctx.layout.dedup)} if "dedup" in ctx.recipe else {}
+    return select(ctx.layout.scores, ctx.layout.selection, section(ctx.recipe, "select", **extra))
 
 
 def _resolutions(recipe: dict) -> list[int]:
@@ -195,6 +210,7 @@ def _summaries():
     from latentmill.curate.download import format_summary
     from latentmill.curate.encode import format_encode_summary
     from latentmill.curate.prefilter import format_prefilter_funnel
+    from latentmill.filters.dedup import format_dedup_funnel
     from latentmill.filters.fit import format_metrics
     from latentmill.filters.select import format_select_funnel
 
@@ -203,6 +219,7 @@ def _summaries():
         "download": format_summary,
         "score": _format_score,
         "fit-heads": lambda out: "\n".join(f"{column}: {format_metrics(m)}" for column, m in out.items()),
+        "dedup": format_dedup_funnel,
         "select": format_select_funnel,
         "encode": lambda out: "\n".join(format_encode_summary(m) for m in out.values()),
         "train": lambda out: "\n".join(
@@ -253,6 +270,14 @@ def _shard_status(folder: Callable[[Layout], Path], pattern: str) -> Callable[[L
 def _fit_heads_status(lay: Layout) -> tuple[str, str]:
     heads = sorted(p.stem for p in lay.heads.glob("*.safetensors")) if lay.heads.exists() else []
     return f"{len(heads)} head(s)", ", ".join(heads)
+
+
+def _dedup_status(lay: Layout) -> tuple[str, str]:
+    funnel = lay.dedup / "funnel.json"
+    if not funnel.exists():
+        return "no", ""
+    f = json.loads(funnel.read_text())
+    return "yes", f"{f['duplicates']:,} duplicates in {f['groups']:,} groups"
 
 
 def _select_status(lay: Layout) -> tuple[str, str]:
@@ -319,7 +344,19 @@ STAGES: tuple[Stage, ...] = (
         _fit_heads_status,
         applies=lambda recipe: bool(recipe.get("fit_heads")),
     ),
-    Stage("select", "select", ("scores",), ("selection",), _select, _summary("select"), _select_status),
+    Stage(
+        "dedup",
+        "dedup",
+        ("scores", "embeddings", "images"),
+        ("dedup",),
+        _dedup,
+        _summary("dedup"),
+        _dedup_status,
+        applies=lambda recipe: "dedup" in recipe,
+    ),
+    Stage(
+        "select", "select", ("scores", "dedup"), ("selection",), _select, _summary("select"), _select_status
+    ),
     Stage(
         "encode", "encode", ("images", "selection"), ("latents",), _encode, _summary("encode"), _encode_status
     ),

@@ -18,6 +18,7 @@ from latentmill.curate.download import DownloadConfig
 from latentmill.curate.encode import EncodeConfig
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.curate.prefilter import PrefilterConfig
+from latentmill.filters.dedup import DedupConfig
 from latentmill.filters.fit import FitConfig
 from latentmill.filters.select import SelectConfig
 from latentmill.recipe import LISTS, RUN_MANAGED, SECTIONS
@@ -66,6 +67,7 @@ COMMAND_CONFIGS = {
     ),
     ("score",): ((None, ExecutorConfig), {"output"}),  # None: ScoreConfig, imported lazily (torch)
     ("select",): ((SelectConfig,), {"output"}),
+    ("dedup",): ((DedupConfig, ExecutorConfig), {"output", "images"}),
     ("fit-head",): ((FitConfig,), {"output", "embeddings", "scores", "labels", "add_column"}),
     ("encode",): ((EncodeConfig, ExecutorConfig), {"output", "selection"}),
     ("buckets",): ((EncodeConfig,), {"images", "selection", "plot", "as_json"}),
@@ -131,7 +133,7 @@ def test_flags_are_the_recipe_keys_with_dashes():
 
 
 def test_recipe_sections_are_exactly_the_stage_configs():
-    expected = {"urls", "prefilter", "download", "score", "select", "encode", "train", "export", "executor"}
+    expected = {"urls", "prefilter", "download", "score", "dedup", "select", "encode", "train", "export", "executor"}
     assert set(SECTIONS) == expected
     assert SECTIONS["score"]() is _score_config() and SECTIONS["train"]() is TrainConfig
     assert LISTS["fit_heads"] is FitConfig

@@ -33,6 +33,10 @@ COMMANDS = {
         "latentmill.cli.filters:score",
         "Score images with CLIP and predictor heads (aesthetic, unsafe, watermark).",
     ),
+    "dedup": (
+        "latentmill.cli.dedup:dedup",
+        "Find near-duplicate images from the CLIP embeddings (k-means, then pairs within clusters).",
+    ),
     "select": (
         "latentmill.cli.select:select",
         "Apply thresholds to the scores; selection parquets and the funnel.",

@@ -1,0 +1,477 @@
+"""`dedup`: near-duplicate images from the saved CLIP embeddings, as SemDeDup and NeMo Curator find them:
+cluster with k-means, then compare pairs only within clusters.
+
+    pass 1  fit k-means (faiss, spherical) on a seeded sample of the embeddings      -> _work/centroids.npy
+    pass 2  per score shard: each embedding to its `probes` nearest clusters; rows   -> _work/parts/P/{shard}.*
+            written into partition P = cluster mod `partitions`, sorted by cluster
+    pass 3  per partition, cluster by cluster: every pair at or above the threshold  -> _work/pairs/P.parquet
+            (faiss range search, exact within the cluster)
+    pass 4  pairs (and byte-identical images) joined into groups; one kept per group -> {shard}.parquet
+            (highest `keep` score, else the smallest key); the rest get `duplicate_of`   funnel.json
+
+Passes 2 and 3 are shard stages (curate.executors): `--executor ray` spreads them, and a stopped run
+redoes only unfinished shards and partitions. A pass-3 worker holds one cluster's embeddings at a time
+(read from memory-mapped files), so its memory is bounded by the largest cluster, not the dataset. An
+embedding is compared in its `probes` nearest clusters, so a pair split by a cluster border is still found.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from latentmill.configs import StageConfig, opt
+from latentmill.curate.atomic import atomic_path, write_json
+from latentmill.curate.errors import InputError
+
+WORK = "_work"
+
+
+@dataclass
+class DedupConfig(StageConfig):
+    SECTION = "dedup"
+    threshold: float = opt(
+        0.95,
+        "Cosine similarity at or above which two images are duplicates.",
+        low=0.0,
+        low_open=True,
+        high=1.0,
+    )
+    keep: str = opt(
+        "aesthetic",
+        "Score column whose highest value is kept in a group (missing or null: the smallest key is kept).",
+    )
+    clusters: int | None = opt(None, "k-means clusters (default: about the square root of the count).", low=1)
+    probes: int = opt(
+        2,
+        "Clusters each embedding is compared in: its nearest ones (more finds more pairs split by "
+        "a cluster border, at more work).",
+        low=1,
+    )
+    sample: int = opt(200_000, "Embeddings k-means is fitted on (a seeded sample).", low=1)
+    iterations: int = opt(20, "k-means iterations.", low=1)
+    partitions: int = opt(16, "Work units of the per-cluster pass (each a set of clusters).", low=1)
+    exact: bool = opt(True, "Also group byte-identical images (sha256 of the image bytes; needs --images).")
+    seed: int = opt(0, "Seed of the k-means sample and initialisation.")
+
+
+# --- inputs -------------------------------------------------------------------------------------------------
+
+
+def score_shards(scores: Path) -> list[Path]:
+    """Finished score shards whose embeddings were saved (../embeddings/{shard}.npy)."""
+    shards = sorted(p for p in scores.glob("*.parquet") if (scores / f"{p.stem}.stats.json").exists())
+    if not shards:
+        raise InputError(
+            f"{scores}: no finished score shards. Run `latentmill score --save-embeddings` first."
+        )
+    missing = [p.stem for p in shards if not embeddings_path(p).exists()]
+    if missing:
+        raise InputError(
+            f"{scores}: no embeddings for shard(s) {', '.join(missing[:5])} in "
+            f"{scores.parent / 'embeddings'}. Score with --save-embeddings."
+        )
+    return shards
+
+
+def embeddings_path(score_shard: Path) -> Path:
+    return score_shard.parent.parent / "embeddings" / f"{score_shard.stem}.npy"
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float32)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.maximum(norms, 1e-12)
+
+
+def _valid_rows(matrix: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(np.isfinite(matrix).all(axis=1))
+
+
+# --- pass 1: k-means ----------------------------------------------------------------------------------------
+
+
+def fit_centroids(shards: list[Path], config: DedupConfig) -> np.ndarray:
+    """Spherical k-means on a seeded sample of the embeddings (at most `config.sample` rows)."""
+    import faiss
+
+    counts = [np.load(embeddings_path(s), mmap_mode="r").shape[0] for s in shards]
+    total = sum(counts)
+    rng = np.random.default_rng(config.seed)
+    share = min(1.0, config.sample / max(total, 1))
+    parts = []
+    for shard, count in zip(shards, counts, strict=True):
+        matrix = np.load(embeddings_path(shard), mmap_mode="r")
+        picked = np.sort(rng.choice(count, size=min(count, math.ceil(count * share)), replace=False))
+        rows = np.asarray(matrix[picked])
+        parts.append(rows[_valid_rows(rows)])
+    x = _unit(np.concatenate(parts))
+    if len(x) == 0:
+        raise InputError(
+            "every embedding is missing (NaN rows for images that did not decode): nothing to de-duplicate."
+        )
+    k = config.clusters or max(1, round(math.sqrt(total)))
+    k = max(1, min(k, len(x) // 39 or 1))  # faiss wants about 39 points per centroid
+    kmeans = faiss.Kmeans(
+        x.shape[1], k, niter=config.iterations, seed=config.seed, spherical=True, verbose=False
+    )
+    kmeans.train(x)
+    return kmeans.centroids.astype(np.float32)
+
+
+# --- pass 2: assignment -------------------------------------------------------------------------------------
+
+
+@dataclass
+class AssignStage:
+    """One score shard's embeddings into the partitions of their nearest clusters."""
+
+    work: Path
+    config: DedupConfig
+
+    def setup(self):
+        import faiss
+
+        centroids = np.load(self.work / "centroids.npy")
+        index = faiss.IndexFlatIP(centroids.shape[1])
+        index.add(centroids)
+        return index
+
+    def stats_path(self, shard: Path) -> Path:
+        return self.work / "assign" / f"{shard.stem}.stats.json"
+
+    def process(self, shard: Path, index) -> dict:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        matrix = np.load(embeddings_path(shard), mmap_mode="r")
+        keys = pq.read_table(shard, columns=["key"]).column("key").to_pylist()
+        if len(keys) != matrix.shape[0]:
+            raise InputError(
+                f"{embeddings_path(shard)}: {matrix.shape[0]} rows for {len(keys)} keys in {shard}; "
+                f"score that shard again."
+            )
+        rows = _valid_rows(np.asarray(matrix))
+        x = _unit(matrix[rows])
+        probes = min(self.config.probes, index.ntotal)
+        _, nearest = index.search(x, probes)
+        clusters = nearest.reshape(-1)
+        row_of = np.repeat(rows, probes)
+        own = np.tile(np.arange(probes) == 0, len(rows))  # the nearest cluster is the row's own
+        parts = clusters % self.config.partitions
+        for part in np.unique(parts):
+            pick = np.flatnonzero(parts == part)
+            pick = pick[np.argsort(clusters[pick], kind="stable")]
+            folder = self.work / "parts" / f"{part:05d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(folder / f"{shard.stem}.npy") as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, x[np.searchsorted(rows, row_of[pick])].astype(np.float16))
+            table = pa.table(
+                {
+                    "key": pa.array([keys[r] for r in row_of[pick]], pa.string()),
+                    "cluster": pa.array(clusters[pick], pa.int32()),
+                    "own": pa.array(own[pick]),
+                }
+            )
+            with atomic_path(folder / f"{shard.stem}.parquet") as tmp:
+                pq.write_table(table, tmp)
+        stats = {"shard": shard.stem, "rows": len(keys), "embedded": int(len(rows))}
+        write_json(self.stats_path(shard), stats)
+        return stats
+
+
+# --- pass 3: pairs within clusters --------------------------------------------------------------------------
+
+
+@dataclass
+class PairStage:
+    """One partition, cluster by cluster: every pair at or above the threshold."""
+
+    work: Path
+    config: DedupConfig
+
+    def setup(self):
+        return None
+
+    def stats_path(self, part: Path) -> Path:
+        return self.work / "pairs" / f"{part.name}.stats.json"
+
+    def process(self, part: Path, state) -> dict:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pieces = sorted(part.glob("*.parquet"))
+        tables = [pq.read_table(p) for p in pieces]
+        arrays = [np.load(p.with_suffix(".npy"), mmap_mode="r") for p in pieces]
+        found: dict[tuple[str, str], float] = {}
+        sizes = []
+        clusters = sorted(set().union(*(set(t.column("cluster").to_pylist()) for t in tables)))
+        columns = [(t.column("cluster").to_numpy(), t.column("key").to_pylist()) for t in tables]
+        for cluster in clusters:
+            keys, rows = [], []
+            for (ids, names), matrix in zip(columns, arrays, strict=True):
+                lo, hi = np.searchsorted(ids, cluster, "left"), np.searchsorted(ids, cluster, "right")
+                if hi > lo:
+                    keys += names[lo:hi]
+                    rows.append(np.asarray(matrix[lo:hi], dtype=np.float32))
+            sizes.append(len(keys))
+            if len(keys) > 1:
+                for a, b, similarity in pairs_above(np.concatenate(rows), self.config.threshold):
+                    pair = (keys[a], keys[b]) if keys[a] < keys[b] else (keys[b], keys[a])
+                    if pair[0] != pair[1]:
+                        found[pair] = max(found.get(pair, -1.0), similarity)
+        table = pa.table(
+            {
+                "a": pa.array([p[0] for p in found], pa.string()),
+                "b": pa.array([p[1] for p in found], pa.string()),
+                "similarity": pa.array(list(found.values()), pa.float32()),
+            }
+        )
+        (self.work / "pairs").mkdir(exist_ok=True)
+        with atomic_path(self.work / "pairs" / f"{part.name}.parquet") as tmp:
+            pq.write_table(table, tmp)
+        stats = {
+            "partition": part.name,
+            "clusters": len(clusters),
+            "pairs": len(found),
+            "largest_cluster": max(sizes, default=0),
+        }
+        write_json(self.stats_path(part), stats)
+        return stats
+
+
+def pairs_above(x: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
+    """(i, j, cosine) for i < j with cosine >= threshold, exactly (faiss range search on unit rows)."""
+    import faiss
+
+    x = np.ascontiguousarray(_unit(x))
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    lims, similarities, ids = index.range_search(x, float(threshold) - 1e-6)  # range search is strict (>)
+    rows = np.repeat(np.arange(len(x)), np.diff(lims))
+    keep = (ids > rows) & (similarities >= threshold - 1e-6)
+    return list(
+        zip(
+            rows[keep].tolist(), ids[keep].tolist(), np.minimum(similarities[keep], 1.0).tolist(), strict=True
+        )
+    )
+
+
+# --- exact duplicates ---------------------------------------------------------------------------------------
+
+
+def exact_pairs(images: Path) -> list[tuple[str, str, float]]:
+    """Pairs of keys whose image bytes are identical (sha256), each linked to the first key of its hash."""
+    import hashlib
+
+    from latentmill.curate.imageshards import iter_image_shard, list_image_shards
+
+    first: dict[str, str] = {}
+    pairs = []
+    for shard in list_image_shards(images):
+        for sample in iter_image_shard(shard):
+            digest = hashlib.sha256(sample.image_bytes).hexdigest()
+            if digest in first:
+                pairs.append((first[digest], sample.key, 1.0))
+            else:
+                first[digest] = sample.key
+    return pairs
+
+
+# --- pass 4: groups and the kept image ----------------------------------------------------------------------
+
+
+def groups_from_pairs(pairs) -> dict[str, str]:
+    """key -> its group's root (union-find over the pairs)."""
+    parent: dict[str, str] = {}
+
+    def find(k):
+        while parent.setdefault(k, k) != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for a, b, _ in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {k: find(k) for k in parent}
+
+
+def choose_kept(members: list[str], scores: dict[str, float]) -> str:
+    """The documented rule: the highest `keep` score where there is one, else the smallest key."""
+    scored = [m for m in members if scores.get(m) is not None and np.isfinite(scores[m])]
+    if scored:
+        return min(scored, key=lambda m: (-scores[m], m))
+    return min(members)
+
+
+def dedup(
+    scores: str | Path,
+    output: str | Path,
+    config: DedupConfig | None = None,
+    images: str | Path | None = None,
+    executor=None,
+    progress=None,
+) -> dict:
+    """Find near-duplicate (and byte-identical) images; write `output/{shard}.parquet` (key, duplicate_of,
+    similarity) for every score shard and `output/funnel.json`; return the funnel."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from latentmill.curate.executors import ExecutorConfig, run_shards
+
+    config = (config or DedupConfig()).validate()
+    scores, output = Path(scores), Path(output)
+    shards = score_shards(scores)
+    work = output / WORK
+    work.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "threshold": config.threshold,
+        "clusters": config.clusters,
+        "probes": config.probes,
+        "sample": config.sample,
+        "iterations": config.iterations,
+        "partitions": config.partitions,
+        "seed": config.seed,
+        "shards": [s.stem for s in shards],
+    }
+    saved = work / "settings.json"
+    if saved.exists() and json.loads(saved.read_text()) != settings:  # other settings: start the passes over
+        import shutil
+
+        shutil.rmtree(work)
+        work.mkdir(parents=True)
+    write_json(saved, settings)
+    clock = _PassClock()
+    if not (work / "centroids.npy").exists():
+        with atomic_path(work / "centroids.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, fit_centroids(shards, config))
+    clock.lap("kmeans")
+    executor = executor or ExecutorConfig()
+    tick = (lambda s: progress(1)) if progress else None
+    run_shards(AssignStage(work, config), shards, executor, progress=tick)
+    clock.lap("assign")
+    parts = sorted(p for p in (work / "parts").iterdir() if p.is_dir()) if (work / "parts").exists() else []
+    part_stats = run_shards(PairStage(work, config), parts, executor, progress=tick)
+    clock.lap("pairs")
+    pairs = []
+    for part in parts:
+        table = pq.read_table(work / "pairs" / f"{part.name}.parquet").to_pydict()
+        pairs += list(zip(table["a"], table["b"], table["similarity"], strict=True))
+    semantic = len(pairs)
+    exact = exact_pairs(Path(images)) if config.exact and images else []
+    pairs += exact
+    roots = groups_from_pairs(pairs)
+    best: dict[str, float] = {}
+    for a, b, similarity in pairs:
+        best[a], best[b] = max(best.get(a, -1.0), similarity), max(best.get(b, -1.0), similarity)
+    members: dict[str, list[str]] = {}
+    for key, root in roots.items():
+        members.setdefault(root, []).append(key)
+    keep_scores = _keep_scores(shards, config.keep, set(roots))
+    duplicate_of = {}
+    for group in members.values():
+        kept = choose_kept(group, keep_scores)
+        duplicate_of.update({m: kept for m in group if m != kept})
+    total = 0
+    for shard in shards:
+        keys = pq.read_table(shard, columns=["key"]).column("key").to_pylist()
+        total += len(keys)
+        table = pa.table(
+            {
+                "key": pa.array(keys, pa.string()),
+                "duplicate_of": pa.array([duplicate_of.get(k) for k in keys], pa.string()),
+                "similarity": pa.array(
+                    [best.get(k) if k in duplicate_of else None for k in keys], pa.float32()
+                ),
+            }
+        )
+        with atomic_path(output / shard.name) as tmp:
+            pq.write_table(table, tmp)
+    sizes = Counter(len(g) for g in members.values())
+    funnel = {
+        "input": total,
+        "duplicates": len(duplicate_of),
+        "kept": total - len(duplicate_of),
+        "groups": len(members),
+        "group_sizes": {str(k): v for k, v in sorted(sizes.items())},
+        "pairs": semantic,
+        "exact_pairs": len(exact),
+        "clusters": int(np.load(work / "centroids.npy", mmap_mode="r").shape[0]),
+        "largest_cluster": max((s["largest_cluster"] for s in part_stats.values()), default=0),
+        "threshold": config.threshold,
+        "keep": config.keep,
+    }
+    clock.lap("groups")
+    funnel["passes"] = clock.laps
+    write_json(output / "funnel.json", funnel)
+    return funnel
+
+
+class _PassClock:
+    """Seconds of each pass, and this process's peak memory (MiB) when it ended."""
+
+    def __init__(self):
+        import time
+
+        self.laps: dict[str, dict] = {}
+        self.start = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        import resource
+        import time
+
+        now = time.perf_counter()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        self.laps[name] = {"seconds": round(now - self.start, 2), "peak_rss_mib": round(peak, 1)}
+        self.start = now
+
+
+def _keep_scores(shards: list[Path], column: str, wanted: set[str]) -> dict[str, float]:
+    import pyarrow.parquet as pq
+
+    out = {}
+    for shard in shards:
+        names = pq.read_schema(shard).names
+        if column not in names:
+            continue
+        table = pq.read_table(shard, columns=["key", column]).to_pydict()
+        out.update(
+            {k: v for k, v in zip(table["key"], table[column], strict=True) if k in wanted and v is not None}
+        )
+    return out
+
+
+def duplicate_keys(folder: str | Path) -> set[str]:
+    """The keys a dedup folder marks as duplicates (what `select --dedup` drops)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    if not (folder / "funnel.json").exists():
+        raise InputError(
+            f"{folder}: not a finished dedup folder (no funnel.json). Run `latentmill dedup` first."
+        )
+    keys: set[str] = set()
+    for path in sorted(folder.glob("*.parquet")):
+        table = pq.read_table(path, columns=["key", "duplicate_of"])
+        keys.update(table.filter(pc.is_valid(table.column("duplicate_of"))).column("key").to_pylist())
+    return keys
+
+
+def format_dedup_funnel(funnel: dict) -> str:
+    sizes = ", ".join(f"{n} of {size}" for size, n in funnel["group_sizes"].items())
+    return (
+        f"{funnel['input']:,} images: {funnel['duplicates']:,} duplicates in {funnel['groups']:,} groups "
+        f"(groups by size: {sizes or 'none'}), {funnel['kept']:,} kept\n"
+        f"{funnel['clusters']} clusters (largest {funnel['largest_cluster']:,}), {funnel['pairs']:,} pairs at "
+        f"cosine >= {funnel['threshold']}, {funnel['exact_pairs']:,} byte-identical"
+    )

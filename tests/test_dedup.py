@@ -1,0 +1,151 @@
+"""Semantic de-duplication: the clustered search against brute force, the kept image, select --dedup."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from latentmill.filters.dedup import DedupConfig, choose_kept, dedup, duplicate_keys, groups_from_pairs
+
+
+def planted(n: int = 20_000, bases: int = 300, dim: int = 64, seed: int = 0):
+    """Unit float16 embeddings: `bases` base vectors, each with near-copies (small noise, or a small rotation in
+    a random plane), among random vectors. Returns (matrix, base index or -1 per row)."""
+    rng = np.random.default_rng(seed)
+    rows, origin = [], []
+    base = rng.standard_normal((bases, dim))
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    for b in range(bases):
+        rows.append(base[b])
+        origin.append(b)
+        for c in range(int(rng.integers(1, 6))):
+            if c % 2:  # noise
+                v = base[b] + rng.normal(0, rng.uniform(0.02, 0.09), dim)
+            else:  # a rotation by a small angle in a random plane through the base vector
+                u = rng.standard_normal(dim)
+                u -= u @ base[b] * base[b]
+                u /= np.linalg.norm(u)
+                angle = rng.uniform(0.05, 0.4)
+                v = np.cos(angle) * base[b] + np.sin(angle) * u
+            rows.append(v / np.linalg.norm(v))
+            origin.append(b)
+    while len(rows) < n:
+        v = rng.standard_normal(dim)
+        rows.append(v / np.linalg.norm(v))
+        origin.append(-1)
+    order = rng.permutation(len(rows))
+    return np.asarray(rows, np.float32)[order].astype(np.float16), np.asarray(origin)[order]
+
+
+def write_scores(root, matrix, shards: int = 4, aesthetic=None):
+    """score parquets (key, aesthetic) and embeddings/{shard}.npy as `score --save-embeddings` writes them."""
+    (root / "scores").mkdir(parents=True)
+    (root / "embeddings").mkdir()
+    keys = [f"{i:09d}" for i in range(len(matrix))]
+    for s, rows in enumerate(np.array_split(np.arange(len(matrix)), shards)):
+        columns = {"key": [keys[r] for r in rows]}
+        if aesthetic is not None:
+            columns["aesthetic"] = pa.array([float(aesthetic[r]) for r in rows], pa.float32())
+        pq.write_table(pa.table(columns), root / "scores" / f"{s:05d}.parquet")
+        np.save(root / "embeddings" / f"{s:05d}.npy", matrix[rows])
+        (root / "scores" / f"{s:05d}.stats.json").write_text(json.dumps({"shard": f"{s:05d}"}))
+    return keys
+
+
+def brute_force_pairs(matrix, threshold):
+    x = matrix.astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    found = {}
+    for start in range(0, len(x), 2048):
+        sims = x[start : start + 2048] @ x.T
+        for i, j in zip(*np.nonzero(sims >= threshold), strict=True):
+            if start + i < j:
+                found[(start + i, int(j))] = float(sims[i, j])
+    return found
+
+
+def test_the_clustered_search_finds_the_pairs_brute_force_finds(tmp_path):
+    matrix, origin = planted()
+    keys = write_scores(tmp_path, matrix)
+    threshold = 0.95
+    funnel = dedup(tmp_path / "scores", tmp_path / "dedup", DedupConfig(threshold=threshold, partitions=8))
+    expected = brute_force_pairs(matrix, threshold)
+    assert len(expected) > 300  # the planted near-copies, well above the threshold and near it
+    found = {}
+    for path in (tmp_path / "dedup" / "_work" / "pairs").glob("*.parquet"):
+        table = pq.read_table(path).to_pydict()
+        for a, b, s in zip(table["a"], table["b"], table["similarity"], strict=True):
+            found[(int(a), int(b))] = s
+    recall = len(set(found) & set(expected)) / len(expected)
+    wrong = [
+        p for p in found if p not in expected and brute_force_pairs(matrix[list(p)], threshold - 1e-5) == {}
+    ]
+    assert recall >= 0.99, (recall, len(expected), funnel)
+    assert not wrong  # precision 1.0: every pair found is above the threshold in the exact computation
+    assert funnel["clusters"] > 50 and funnel["largest_cluster"] < len(matrix) / 10  # the work was split
+    # groups: every duplicate points at a kept image of its own planted family
+    result = pd_concat(tmp_path / "dedup")
+    dups = {k: d for k, d in zip(result["key"], result["duplicate_of"], strict=True) if d is not None}
+    assert dups and all(origin[int(k)] == origin[int(d)] != -1 for k, d in dups.items())
+    assert not set(dups.values()) & set(dups)  # the kept one is never itself a duplicate
+    assert funnel["duplicates"] == len(dups) and len(keys) == funnel["input"]
+
+
+def pd_concat(folder):
+    tables = [pq.read_table(p).to_pydict() for p in sorted(folder.glob("*.parquet"))]
+    return {c: sum((t[c] for t in tables), []) for c in tables[0]}
+
+
+def test_the_kept_image_is_the_highest_aesthetic_else_the_smallest_key():
+    assert choose_kept(["b", "a", "c"], {"b": 6.0, "c": 7.5}) == "c"
+    assert choose_kept(["b", "a", "c"], {}) == "a"
+    assert choose_kept(["b", "a"], {"a": float("nan"), "b": 1.0}) == "b"
+    assert choose_kept(["b", "a"], {"a": 5.0, "b": 5.0}) == "a"  # a tie: the smallest key
+    roots = groups_from_pairs([("a", "b", 0.99), ("c", "d", 0.97), ("b", "d", 0.96), ("x", "y", 1.0)])
+    assert len({roots[k] for k in "abcd"}) == 1 and roots["x"] == roots["y"] != roots["a"]
+
+
+def test_select_drops_the_duplicates_with_their_reason(tmp_path, run_cli):
+    matrix, _ = planted(n=2_000, bases=40)
+    aesthetic = np.random.default_rng(1).uniform(4, 8, len(matrix))
+    write_scores(tmp_path, matrix, shards=2, aesthetic=aesthetic)
+    for shard in (tmp_path / "scores").glob("*.parquet"):  # the columns select needs
+        table = pq.read_table(shard)
+        n = table.num_rows
+        for name, value in (("url", "u"), ("caption", "c"), ("error", None)):
+            table = table.append_column(name, pa.array([value] * n, pa.string()))
+        for name in ("width", "height", "original_width", "original_height"):
+            table = table.append_column(name, pa.array([512] * n, pa.int32()))
+        pq.write_table(table, shard)
+    result = run_cli("dedup", tmp_path / "scores", "-o", tmp_path / "dedup", "--threshold", "0.95")
+    assert result.exit_code == 0, result.output
+    dups = duplicate_keys(tmp_path / "dedup")
+    kept_by_dedup = pd_concat(tmp_path / "dedup")
+    for key, of in zip(kept_by_dedup["key"], kept_by_dedup["duplicate_of"], strict=True):
+        if of is not None:  # the kept one has the higher aesthetic score
+            assert aesthetic[int(of)] >= aesthetic[int(key)]
+    result = run_cli(
+        "select", tmp_path / "scores", "-o", tmp_path / "sel", "--dedup", tmp_path / "dedup", "--no-plots"
+    )
+    assert result.exit_code == 0, result.output
+    selection = pd_concat(tmp_path / "sel")
+    dropped = {
+        k
+        for k, keep, why in zip(selection["key"], selection["keep"], selection["reason"], strict=True)
+        if not keep and why == "duplicate"
+    }
+    assert dropped == dups and len(dups) > 20
+    funnel = json.loads((tmp_path / "sel" / "funnel.json").read_text())
+    assert {"rule": "duplicate", "dropped": len(dups)}.items() <= next(
+        s for s in funnel["steps"] if s["rule"] == "duplicate"
+    ).items()
+
+
+@pytest.mark.parametrize("value", ["0", "1.5"])
+def test_a_threshold_outside_0_1_is_refused(tmp_path, run_cli, value):
+    result = run_cli("dedup", tmp_path, "-o", tmp_path / "d", "--threshold", value)
+    assert result.exit_code == 2 and "--threshold" in result.output

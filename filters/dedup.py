@@ -254,7 +254,7 @@ def pairs_above(x: np.ndarray, threshold: float) -> list[tuple[int, int, float]]
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     lims, similarities, ids = index.range_search(x, float(threshold) - 1e-6)  # range search is strict (>)
-    rows = np.repeat(np.arange(len(x)), np.diff(lims))
+    rows = np.repeat(np.arange(len(x)), np.diff(lims).astype(np.int64))
     keep = (ids > rows) & (similarities >= threshold - 1e-6)
     return list(
         zip(

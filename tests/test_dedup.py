@@ -149,3 +149,75 @@ def test_select_drops_the_duplicates_with_their_reason(tmp_path, run_cli):
 def test_a_threshold_outside_0_1_is_refused(tmp_path, run_cli, value):
     result = run_cli("dedup", tmp_path, "-o", tmp_path / "d", "--threshold", value)
     assert result.exit_code == 2 and "--threshold" in result.output
+
+
+def thumbnail_descriptor(image) -> np.ndarray:
+    """A stand-in image embedding: the mean-removed 16x16 colour thumbnail, unit length. It survives resizing,
+    re-encoding and a slight crop, and tells different photographs apart."""
+    small = np.asarray(image.convert("RGB").resize((16, 16), 3), dtype=np.float32).reshape(-1)
+    small -= small.mean()
+    return small / np.linalg.norm(small)
+
+
+def test_copies_of_a_photograph_from_the_loopback_server_are_grouped_with_it(server, tmp_path, run_cli):
+    """Real pictures, copied as the web copies them. No CLIP weights can be loaded offline, and a random CLIP
+    maps every picture to nearly the same vector (cosine >= 0.999 between different photographs), so the
+    embeddings here are thumbnail descriptors written where `score --save-embeddings` writes CLIP's: the test
+    is of the grouping on real pictures, and of byte-identical copies found through --images."""
+    import io
+    import urllib.request
+
+    from PIL import Image
+
+    from latentmill.curate import samples
+    from tests.conftest import make_shard
+
+    def fetch(path):
+        with urllib.request.urlopen(server.url(path)) as response:
+            return response.read()
+
+    # photographs with structure; a star field or a plate of coins shifts too much under a crop for a thumbnail
+    names = ["astronaut", "coffee", "chelsea", "rocket", "retina", "camera"]
+    assert set(names) <= set(samples.PHOTOS)
+    entries, family = [], {}
+    for n, name in enumerate(names):
+        original = fetch(f"/photo/{name}/480x360.jpg")
+        image = Image.open(io.BytesIO(original)).convert("RGB")
+        smaller = fetch(f"/photo/{name}/320x240.jpg")  # resized by the server
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=40)  # re-encoded
+        cropped = io.BytesIO()
+        image.crop((12, 9, 468, 351)).save(cropped, "JPEG", quality=90)  # slightly cropped
+        for v, data in enumerate([original, smaller, buffer.getvalue(), cropped.getvalue(), original]):
+            key = f"{n:04d}{v:05d}"
+            family[key] = name
+            entries.append((key, {"jpg": data, "txt": name.encode(), "json": b"{}"}))
+    (tmp_path / "images").mkdir()
+    make_shard(tmp_path / "images" / "00000.tar", entries)
+    keys = [k for k, _ in entries]
+    vectors = np.stack([thumbnail_descriptor(Image.open(io.BytesIO(files["jpg"]))) for _, files in entries])
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "embeddings").mkdir()
+    pq.write_table(pa.table({"key": keys}), tmp_path / "scores" / "00000.parquet")
+    (tmp_path / "scores" / "00000.stats.json").write_text("{}")
+    np.save(tmp_path / "embeddings" / "00000.npy", vectors.astype(np.float16))
+    result = run_cli(
+        "dedup",
+        tmp_path / "scores",
+        "-o",
+        tmp_path / "dedup",
+        "--threshold",
+        "0.9",
+        "--images",
+        tmp_path / "images",
+    )
+    assert result.exit_code == 0, result.output
+    table = pd_concat(tmp_path / "dedup")
+    kept_of = {k: d or k for k, d in zip(table["key"], table["duplicate_of"], strict=True)}
+    for name in names:  # each photograph and its four copies: one group, one image kept
+        members = [k for k in keys if family[k] == name]
+        assert len({kept_of[k] for k in members}) == 1, (name, [kept_of[k] for k in members])
+    assert len(set(kept_of.values())) == len(names)  # and different photographs are never grouped
+    funnel = json.loads((tmp_path / "dedup" / "funnel.json").read_text())
+    assert funnel["exact_pairs"] == len(names)  # the byte-identical copy of each, found by its hash
+    assert funnel["duplicates"] == 4 * len(names)

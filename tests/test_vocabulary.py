@@ -133,7 +133,18 @@ def test_flags_are_the_recipe_keys_with_dashes():
 
 
 def test_recipe_sections_are_exactly_the_stage_configs():
-    expected = {"urls", "prefilter", "download", "score", "dedup", "select", "encode", "train", "export", "executor"}
+    expected = {
+        "urls",
+        "prefilter",
+        "download",
+        "score",
+        "dedup",
+        "select",
+        "encode",
+        "train",
+        "export",
+        "executor",
+    }
     assert set(SECTIONS) == expected
     assert SECTIONS["score"]() is _score_config() and SECTIONS["train"]() is TrainConfig
     assert LISTS["fit_heads"] is FitConfig

@@ -93,6 +93,7 @@ def subset(root: Path, rows: int) -> Path:
         for suffix in (".parquet", ".stats.json"):
             shutil.copy(root / "scores" / f"{npy.stem}{suffix}", target / "scores" / f"{npy.stem}{suffix}")
         count += np.load(npy, mmap_mode="r").shape[0]
+    np.save(target / "families.npy", np.load(root / "families.npy")[:count])
     (target / "done").write_text(str(count))
     return target
 

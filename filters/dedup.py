@@ -48,7 +48,7 @@ class DedupConfig(StageConfig):
     )
     clusters: int | None = opt(None, "k-means clusters (default: about the square root of the count).", low=1)
     probes: int = opt(
-        2,
+        3,
         "Clusters each embedding is compared in: its nearest ones (more finds more pairs split by "
         "a cluster border, at more work).",
         low=1,

@@ -221,3 +221,26 @@ def test_copies_of_a_photograph_from_the_loopback_server_are_grouped_with_it(ser
     funnel = json.loads((tmp_path / "dedup" / "funnel.json").read_text())
     assert funnel["exact_pairs"] == len(names)  # the byte-identical copy of each, found by its hash
     assert funnel["duplicates"] == 4 * len(names)
+    result = run_cli("report", tmp_path)  # the folder is laid out as a work folder: images/, scores/, dedup/
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "report" / "index.html").read_text()
+    section = page[page.index('<section id="dedup">') :]
+    section = section[: section.index("</section>")]
+    assert section.count("<figure>") >= 10 and "kept" in section and "1.000" in section
+
+
+@pytest.mark.slow  # starts Ray
+def test_ray_spreads_the_passes_and_gives_the_same_duplicates(tmp_path):
+    from latentmill.curate.executors import ExecutorConfig
+
+    matrix, _ = planted(n=4_000, bases=80)
+    write_scores(tmp_path, matrix)
+    local = dedup(tmp_path / "scores", tmp_path / "local", DedupConfig(partitions=4))
+    remote = dedup(
+        tmp_path / "scores",
+        tmp_path / "ray",
+        DedupConfig(partitions=4),
+        executor=ExecutorConfig(kind="ray", actors=2),
+    )
+    assert remote["duplicates"] == local["duplicates"] > 50
+    assert pd_concat(tmp_path / "ray") == pd_concat(tmp_path / "local")

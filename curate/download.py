@@ -25,8 +25,8 @@ from latentmill.configs import StageConfig, opt
 from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.errors import InputError
-from latentmill.curate.netguard import parse_allow_hosts
-from latentmill.curate.tables import UrlTable
+from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
+from latentmill.curate.tables import UrlTable, columns_field
 
 STATE_DIR = (
     "_latentmill"  # inside the output folder; not a *.json at top level, which img2dataset reads as shards
@@ -87,19 +87,11 @@ class DownloadConfig(StageConfig):
     shard_size: int = opt(10_000, "Samples per shard.", low=1)
     encode_quality: int = opt(95, "JPEG quality of the stored images.", low=1, high=100)
     ignore_opt_out: bool = opt(False, "Do not honour X-Robots-Tag noai/noimageai/noindex headers.")
-    allow_hosts: list[str] = opt(
-        factory=list,
-        flag="--allow-host",
-        metavar="HOST:PORT",
-        help="Allow this one loopback/private host and port (repeatable), e.g. your own test server "
-        "127.0.0.1:8765; every other private address stays refused.",
-    )
+    allow_hosts: list[str] = allow_hosts_field("Allow", "stays refused")
     resolver: str | None = opt(
         None, "module:function with getaddrinfo's signature, for the guard (tests).", cli=False
     )
-    columns: dict[str, str | None] = opt(
-        factory=dict, cli=False, help="role -> column name (the --ROLE-col options)."
-    )
+    columns: dict[str, str | None] = columns_field()
 
     def check_more(self) -> None:
         parse_allow_hosts(self.allow_hosts)

@@ -112,3 +112,16 @@ def uninstall() -> None:
     """Put socket.create_connection back (tests that install the guard in their own process)."""
     socket.create_connection = _state["original"]
     _state.update(installed=False, allowed=frozenset(), resolver=None)
+
+
+def allow_hosts_field(allowed: str, refused: str):
+    """The `allow_hosts` option of the stages that take URLs (prefilter, download)."""
+    from latentmill.configs import opt
+
+    return opt(
+        factory=list,
+        flag="--allow-host",
+        metavar="HOST:PORT",
+        help=f"{allowed} this one loopback/private host and port (repeatable), e.g. your own test server "
+        f"127.0.0.1:8765; every other private address {refused}.",
+    )

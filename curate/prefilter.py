@@ -23,8 +23,8 @@ from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.dedupe import SeenUrls, hash_urls
 from latentmill.curate.errors import InputError
 from latentmill.curate.funnel import format_funnel, funnel_steps
-from latentmill.curate.netguard import parse_allow_hosts
-from latentmill.curate.tables import UrlTable
+from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
+from latentmill.curate.tables import UrlTable, columns_field
 
 
 @dataclass
@@ -47,16 +47,8 @@ class PrefilterConfig(StageConfig):
         3, "Drop captions shorter than this after trimming (0: keep empty captions).", low=0
     )
     keep_duplicates: bool = opt(False, "Do not drop repeated URLs.")
-    allow_hosts: list[str] = opt(
-        factory=list,
-        flag="--allow-host",
-        metavar="HOST:PORT",
-        help="Keep URLs of this one loopback/private host and port (repeatable), e.g. your own test server "
-        "127.0.0.1:8765; every other private address is still dropped.",
-    )
-    columns: dict[str, str | None] = opt(
-        factory=dict, cli=False, help="role -> column name (the --ROLE-col options)."
-    )
+    allow_hosts: list[str] = allow_hosts_field("Keep URLs of", "is still dropped")
+    columns: dict[str, str | None] = columns_field()
     batch_rows: int = opt(262_144, "Rows read per batch.", low=1, cli=False)
 
     def check_more(self) -> None:

@@ -214,3 +214,10 @@ def _cast(batch: pa.RecordBatch, schema: pa.Schema, file: Path) -> pa.RecordBatc
                 f"{file}: column '{field.name}' has type {column.type} here but {field.type} in the first file."
             ) from None
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def columns_field():
+    """The `columns` setting of the stages that read a URL table: role -> column (the --ROLE-col options)."""
+    from latentmill.configs import opt
+
+    return opt(factory=dict, cli=False, help="role -> column name (the --ROLE-col options).")

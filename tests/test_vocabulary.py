@@ -18,6 +18,7 @@ from latentmill.curate.download import DownloadConfig
 from latentmill.curate.encode import EncodeConfig
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.curate.prefilter import PrefilterConfig
+from latentmill.curate.tables import DEFAULT_COLUMNS
 from latentmill.filters.dedup import DedupConfig
 from latentmill.filters.fit import FitConfig
 from latentmill.filters.select import SelectConfig
@@ -33,20 +34,14 @@ def _score_config():
     return ScoreConfig
 
 
+COLUMNS = {f"{role}_col" for role in DEFAULT_COLUMNS}  # --url-col ...: the `columns` field, a flag per role
 # command -> (stage configs its options come from, options that name its inputs and outputs, not settings)
 COMMAND_CONFIGS = {
     ("urls", "prefilter"): (
         (PrefilterConfig,),
         {
             "output",
-            "url_col",
-            "caption_col",
-            "width_col",
-            "height_col",
-            "similarity_col",
-            "pwatermark_col",
-            "punsafe_col",
-            "aesthetic_col",
+            *COLUMNS,
         },
     ),
     ("download",): (
@@ -55,14 +50,7 @@ COMMAND_CONFIGS = {
             "output",
             "retry_folder",
             "only_reason",
-            "url_col",
-            "caption_col",
-            "width_col",
-            "height_col",
-            "similarity_col",
-            "pwatermark_col",
-            "punsafe_col",
-            "aesthetic_col",
+            *COLUMNS,
         },
     ),
     ("score",): ((None, ExecutorConfig), {"output"}),  # None: ScoreConfig, imported lazily (torch)

@@ -11,11 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from latentmill.curate.atomic import write_json
-from latentmill.curate.buckets import make_buckets
 from latentmill.curate.bucketstats import bucket_distribution, plot_distribution
 from latentmill.curate.vaefit import VaeFitConfig, fit_vae
 from latentmill.layout import Layout
-from latentmill.recipe import load_recipe
+from latentmill.recipe import load_recipe, section
 from latentmill.runner import run_recipe
 
 
@@ -29,7 +28,8 @@ def run_demo(work: str | Path, log=print, overrides: list[str] = (), vae_steps: 
     report = run_recipe(recipe, lay.work, log=log)
     report["vae"] = vae
     resolution = recipe["encode"]["resolution"]
-    distribution = bucket_distribution(lay.images, make_buckets(resolution), lay.selection)
+    buckets = section(recipe, "encode").buckets()  # the encode stage's own bucket set
+    distribution = bucket_distribution(lay.images, buckets, lay.selection)
     chart = plot_distribution(distribution, lay.report / "buckets.png")
     log(
         f"[buckets] {distribution['images']} selected images in "

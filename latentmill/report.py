@@ -293,7 +293,13 @@ def build_report(work: str | Path, output: str | Path | None = None) -> Path:
     if latents and lay.images.exists():
         resolution = max(latents)
         selection = lay.selection if lay.selection.exists() else None
-        distribution = bucket_distribution(lay.images, make_buckets(resolution), selection)
+        manifest = latents[resolution] / "manifest.json"
+        buckets = (
+            [tuple(b) for b in json.loads(manifest.read_text())["buckets"]]
+            if manifest.exists()
+            else make_buckets(resolution)
+        )  # the bucket set the latents were made with
+        distribution = bucket_distribution(lay.images, buckets, selection)
         chart = plot_distribution(distribution, lay.report / f"buckets-{resolution}.png")
         body = f'<img alt="buckets" src="{_png_uri(chart.read_bytes())}">'
     sections.append(("buckets", "Aspect buckets", body))

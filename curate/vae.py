@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from latentmill.curate.errors import InputError
 
 # diffusers AutoencoderKL configs; "sd15" is Stable Diffusion 1.x/2.x's VAE architecture
@@ -99,3 +101,48 @@ def load_vae(spec: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0)
         shift_factor=getattr(model.config, "shift_factor", None),
         latent_channels=int(model.config.latent_channels),
     )
+
+
+def _to_tensor(pixels: np.ndarray, device: str, dtype):
+    """uint8 (N, H, W, 3) -> the VAE's input in [-1, 1]: pinned and copied without blocking on CUDA."""
+    import torch
+
+    tensor = torch.from_numpy(pixels)
+    if device.startswith("cuda"):
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    # the layout is fixed on the uint8 batch (a quarter of the float one), then scaled in place: one float
+    # copy of the batch at a time. Contiguous NCHW on CPU: a permuted (NHWC-strided) batch takes other conv
+    # kernels whose rounding depends on the batch, and a sample's latent must not depend on its batch-mates
+    tensor = tensor.permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(device))
+    tensor = tensor.to(dtype=torch.float32).div_(127.5).sub_(1.0)
+    return tensor.to(dtype)
+
+
+def encode_batch(vae, images, device: str, with_std: bool, with_flip: bool = False):
+    """Posterior mean (and std, and the flipped image's mean) of a batch of same-size RGB images (PIL images
+    or a uint8 (N, H, W, 3) array), as float32 numpy arrays. The flip mirrors the batch on the device: one
+    decode and one host-to-device copy serve both."""
+    import torch
+
+    pixels = (
+        images
+        if isinstance(images, np.ndarray)
+        else np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+    )
+    dtype = next(vae.model.parameters()).dtype
+    with torch.inference_mode():
+        batch = _to_tensor(pixels, device, dtype)
+        dist = vae.model.encode(batch).latent_dist
+        mean = dist.mean.float().cpu().numpy()
+        std = dist.std.float().cpu().numpy() if with_std else None
+        flipped = None
+        if with_flip:
+            mirrored = torch.flip(batch, dims=[3]).contiguous(memory_format=_memory_format(device))
+            flipped = vae.model.encode(mirrored).latent_dist.mean.float().cpu().numpy()
+    return mean, std, flipped
+
+
+def _memory_format(device: str):
+    import torch
+
+    return torch.channels_last if device.startswith("cuda") else torch.contiguous_format

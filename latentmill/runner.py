@@ -19,6 +19,17 @@ from pathlib import Path
 from latentmill.curate.errors import InputError
 from latentmill.layout import Layout
 from latentmill.recipe import section
+from latentmill.stagestatus import (
+    dedup_status,
+    download_status,
+    encode_status,
+    export_status,
+    fit_heads_status,
+    prefilter_status,
+    select_status,
+    shard_status,
+    train_status,
+)
 
 
 @dataclass
@@ -212,12 +223,13 @@ def _summaries():
     from latentmill.curate.prefilter import format_prefilter_funnel
     from latentmill.filters.dedup import format_dedup_funnel
     from latentmill.filters.fit import format_metrics
+    from latentmill.filters.score import format_score_totals  # (torch: imported once score has run)
     from latentmill.filters.select import format_select_funnel
 
     return {
         "prefilter": format_prefilter_funnel,
         "download": format_summary,
-        "score": _format_score,
+        "score": format_score_totals,
         "fit-heads": lambda out: "\n".join(f"{column}: {format_metrics(m)}" for column, m in out.items()),
         "dedup": format_dedup_funnel,
         "select": format_select_funnel,
@@ -231,87 +243,8 @@ def _summaries():
     }
 
 
-def _format_score(totals: dict) -> str:
-    from latentmill.filters.score import format_score_totals
-
-    return format_score_totals(totals)
-
-
 def _summary(name: str) -> Callable[[dict], str]:
     return lambda out: _summaries()[name](out)
-
-
-# --- status of each stage, read from the layout -------------------------------------------------------------
-
-
-def _count(folder: Path, pattern: str) -> int:
-    return len(list(folder.glob(pattern))) if folder.exists() else 0
-
-
-def _prefilter_status(lay: Layout) -> tuple[str, str]:
-    if not lay.kept_funnel.exists():
-        return "no", ""
-    f = json.loads(lay.kept_funnel.read_text())
-    return "yes", f"{f['kept_rows']:,} of {f['input_rows']:,} rows kept"
-
-
-def _download_status(lay: Layout) -> tuple[str, str]:
-    detail = ""
-    if lay.download_summary.exists():
-        s = json.loads(lay.download_summary.read_text())
-        detail = f"{s['success']:,} images, {s['failed']:,} failed"
-    return f"{_count(lay.images, '*_stats.json')} shards", detail
-
-
-def _shard_status(folder: Callable[[Layout], Path], pattern: str) -> Callable[[Layout], tuple[str, str]]:
-    return lambda lay: (f"{_count(folder(lay), pattern)}/{_count(lay.images, '*.tar')} shards", "")
-
-
-def _fit_heads_status(lay: Layout) -> tuple[str, str]:
-    heads = sorted(p.stem for p in lay.heads.glob("*.safetensors")) if lay.heads.exists() else []
-    return f"{len(heads)} head(s)", ", ".join(heads)
-
-
-def _dedup_status(lay: Layout) -> tuple[str, str]:
-    funnel = lay.dedup / "funnel.json"
-    if not funnel.exists():
-        return "no", ""
-    f = json.loads(funnel.read_text())
-    return "yes", f"{f['duplicates']:,} duplicates in {f['groups']:,} groups"
-
-
-def _select_status(lay: Layout) -> tuple[str, str]:
-    done, _ = _shard_status(lambda la: la.selection, "*.parquet")(lay)
-    if not lay.select_funnel.exists():
-        return done, ""
-    f = json.loads(lay.select_funnel.read_text())
-    return done, f"{f['kept']:,} of {f['input']:,} kept"
-
-
-def _encode_status(lay: Layout) -> tuple[str, str]:
-    parts, done = [], []
-    for resolution, folder in lay.latent_folders().items():
-        done.append(f"{_count(folder, '*.stats.json')}/{_count(lay.images, '*.tar')}")
-        if (folder / "manifest.json").exists():
-            parts.append(
-                f"{json.loads((folder / 'manifest.json').read_text())['samples']:,} latents at {resolution} px"
-            )
-    return (", ".join(done) + " shards") if done else "no", "; ".join(parts)
-
-
-def _train_status(lay: Layout) -> tuple[str, str]:
-    from latentmill.train.checkpoint import last_state
-
-    parts = []
-    for run in lay.run_folders():
-        state = last_state(run)
-        if state:
-            parts.append(f"{run.name} step {state['step']}/{state['config']['steps']}")
-    return ("yes" if parts else "no"), "; ".join(parts)
-
-
-def _export_status(lay: Layout) -> tuple[str, str]:
-    return ("yes", str(lay.export)) if (lay.export / "model_index.json").exists() else ("no", "")
 
 
 STAGES: tuple[Stage, ...] = (
@@ -322,9 +255,9 @@ STAGES: tuple[Stage, ...] = (
         ("kept", "kept_funnel"),
         _prefilter,
         _summary("prefilter"),
-        _prefilter_status,
+        prefilter_status,
     ),
-    Stage("download", "download", ("kept",), ("images",), _download, _summary("download"), _download_status),
+    Stage("download", "download", ("kept",), ("images",), _download, _summary("download"), download_status),
     Stage(
         "score",
         "score",
@@ -332,7 +265,7 @@ STAGES: tuple[Stage, ...] = (
         ("scores", "embeddings"),
         _score,
         _summary("score"),
-        _shard_status(lambda lay: lay.scores, "*.stats.json"),
+        shard_status(lambda lay: lay.scores, "*.stats.json"),
     ),
     Stage(
         "fit-heads",
@@ -341,7 +274,7 @@ STAGES: tuple[Stage, ...] = (
         ("heads", "scores"),
         _fit_heads,
         _summary("fit-heads"),
-        _fit_heads_status,
+        fit_heads_status,
         applies=lambda recipe: bool(recipe.get("fit_heads")),
     ),
     Stage(
@@ -351,14 +284,14 @@ STAGES: tuple[Stage, ...] = (
         ("dedup",),
         _dedup,
         _summary("dedup"),
-        _dedup_status,
+        dedup_status,
         applies=lambda recipe: "dedup" in recipe,
     ),
     Stage(
-        "select", "select", ("scores", "dedup"), ("selection",), _select, _summary("select"), _select_status
+        "select", "select", ("scores", "dedup"), ("selection",), _select, _summary("select"), select_status
     ),
     Stage(
-        "encode", "encode", ("images", "selection"), ("latents",), _encode, _summary("encode"), _encode_status
+        "encode", "encode", ("images", "selection"), ("latents",), _encode, _summary("encode"), encode_status
     ),
     Stage(
         "train",
@@ -367,7 +300,7 @@ STAGES: tuple[Stage, ...] = (
         ("runs",),
         _train,
         _summary("train"),
-        _train_status,
+        train_status,
         applies=lambda recipe: "train" in recipe,
     ),
     Stage(
@@ -377,7 +310,7 @@ STAGES: tuple[Stage, ...] = (
         ("export",),
         _export,
         _summary("export"),
-        _export_status,
+        export_status,
         applies=lambda recipe: "train" in recipe,
     ),
 )

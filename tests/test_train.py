@@ -405,7 +405,7 @@ def test_corrupt_samples_are_skipped_and_counted(latents, tmp_path):
 def test_size_and_crop_conditioning_reaches_the_unet(latents, tmp_path, run_cli):
     import torch
 
-    from latentmill.train.loop import size_condition
+    from latentmill.train.conditioning import size_condition
     from latentmill.train.models import build_unet
 
     unet = build_unet("tiny", 4, 32, 16, size_conditioning=True)
@@ -569,7 +569,7 @@ def test_caption_dropout_uses_the_stored_empty_caption(latents, tmp_path):
 
     from latentmill.curate.latentshards import read_manifest
     from latentmill.curate.textencoder import load_text_encoder
-    from latentmill.train.loop import _text_conditioning
+    from latentmill.train.conditioning import text_conditioning
 
     out = tmp_path / "latents"
     encode(
@@ -594,12 +594,12 @@ def test_caption_dropout_uses_the_stored_empty_caption(latents, tmp_path):
     loader = LatentLoader(expand_shards(str(out)), batch_size=8, mode="epoch")
     batch = next(iter(loader))
     cfg = TrainConfig(shards=str(out), output=str(tmp_path / "r"), caption_dropout=1.0)
-    encode_text, width, _ = _text_conditioning(cfg, manifest, out, "cpu", "fp32")
+    encode_text, width, _ = text_conditioning(cfg, manifest, out, "cpu", "fp32")
     states = encode_text(batch, torch.Generator().manual_seed(0))
     assert width == 32 and states.shape == (8, 77, 32)
     for row in states:
         assert torch.equal(row, torch.from_numpy(stored_empty.astype(np.float32)))
-    kept = _text_conditioning(
+    kept = text_conditioning(
         TrainConfig(shards=str(out), output="x", caption_dropout=0.0), manifest, out, "cpu", "fp32"
     )[0]
     assert torch.equal(kept(batch, torch.Generator().manual_seed(0)), batch["text_emb"].float())

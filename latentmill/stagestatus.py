@@ -1,0 +1,80 @@
+"""How far each stage of a work folder got, read from its files (`latentmill status`): the stage table's
+`status` entries. Each returns (done, detail)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from latentmill.layout import Layout
+
+
+def count(folder: Path, pattern: str) -> int:
+    return len(list(folder.glob(pattern))) if folder.exists() else 0
+
+
+def prefilter_status(lay: Layout) -> tuple[str, str]:
+    if not lay.kept_funnel.exists():
+        return "no", ""
+    f = json.loads(lay.kept_funnel.read_text())
+    return "yes", f"{f['kept_rows']:,} of {f['input_rows']:,} rows kept"
+
+
+def download_status(lay: Layout) -> tuple[str, str]:
+    detail = ""
+    if lay.download_summary.exists():
+        s = json.loads(lay.download_summary.read_text())
+        detail = f"{s['success']:,} images, {s['failed']:,} failed"
+    return f"{count(lay.images, '*_stats.json')} shards", detail
+
+
+def shard_status(folder: Callable[[Layout], Path], pattern: str) -> Callable[[Layout], tuple[str, str]]:
+    return lambda lay: (f"{count(folder(lay), pattern)}/{count(lay.images, '*.tar')} shards", "")
+
+
+def fit_heads_status(lay: Layout) -> tuple[str, str]:
+    heads = sorted(p.stem for p in lay.heads.glob("*.safetensors")) if lay.heads.exists() else []
+    return f"{len(heads)} head(s)", ", ".join(heads)
+
+
+def dedup_status(lay: Layout) -> tuple[str, str]:
+    funnel = lay.dedup / "funnel.json"
+    if not funnel.exists():
+        return "no", ""
+    f = json.loads(funnel.read_text())
+    return "yes", f"{f['duplicates']:,} duplicates in {f['groups']:,} groups"
+
+
+def select_status(lay: Layout) -> tuple[str, str]:
+    done, _ = shard_status(lambda la: la.selection, "*.parquet")(lay)
+    if not lay.select_funnel.exists():
+        return done, ""
+    f = json.loads(lay.select_funnel.read_text())
+    return done, f"{f['kept']:,} of {f['input']:,} kept"
+
+
+def encode_status(lay: Layout) -> tuple[str, str]:
+    parts, done = [], []
+    for resolution, folder in lay.latent_folders().items():
+        done.append(f"{count(folder, '*.stats.json')}/{count(lay.images, '*.tar')}")
+        if (folder / "manifest.json").exists():
+            parts.append(
+                f"{json.loads((folder / 'manifest.json').read_text())['samples']:,} latents at {resolution} px"
+            )
+    return (", ".join(done) + " shards") if done else "no", "; ".join(parts)
+
+
+def train_status(lay: Layout) -> tuple[str, str]:
+    from latentmill.train.checkpoint import last_state
+
+    parts = []
+    for run in lay.run_folders():
+        state = last_state(run)
+        if state:
+            parts.append(f"{run.name} step {state['step']}/{state['config']['steps']}")
+    return ("yes" if parts else "no"), "; ".join(parts)
+
+
+def export_status(lay: Layout) -> tuple[str, str]:
+    return ("yes", str(lay.export)) if (lay.export / "model_index.json").exists() else ("no", "")

@@ -1,0 +1,103 @@
+"""What the U-Net is conditioned on: caption states (from a frozen text encoder, or stored in the shards)
+with caption dropout to the empty caption, and SDXL-style size and crop conditions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from latentmill.curate.errors import InputError
+from latentmill.train.config import TrainConfig
+
+
+def size_condition(text: torch.Tensor, metas: list[dict]) -> dict:
+    """SDXL's added conditions: the pooled caption, and (original h, w, crop top, left, target h, w) per sample."""
+    rows = [
+        [
+            m["original_size"][1],
+            m["original_size"][0],
+            m["crop"][0],
+            m["crop"][1],
+            m["bucket"][1],
+            m["bucket"][0],
+        ]
+        for m in metas
+    ]
+    return {
+        "text_embeds": text.mean(dim=1),
+        "time_ids": torch.tensor(rows, dtype=text.dtype, device=text.device),
+    }
+
+
+def text_conditioning(config: TrainConfig, manifest: dict, folder, device: str, precision: str):
+    """(encode(batch, generator) -> (B, tokens, width) text states on `device` with caption dropout to the
+    empty caption's states, width, prompts encoder for sample grids or None)."""
+
+    def dropout(states, empty, generator):
+        drop = (torch.rand(states.shape[0], generator=generator) < config.caption_dropout).to(device)
+        return torch.where(drop[:, None, None], empty, states)
+
+    if config.text_encoder:
+        from latentmill.curate.textencoder import load_text_encoder
+
+        # on the U-Net's device, in bf16 on CUDA: a CPU text tower would take longer than the U-Net step
+        encoder = load_text_encoder(
+            config.text_encoder, device, dtype="bf16" if precision == "bf16" else "fp32"
+        )
+        empty = encoder.encode_tensor([""])[0].float()  # once
+
+        def encode(batch, generator):
+            return dropout(encoder.encode_tensor(batch["captions"]).float(), empty, generator)
+
+        def prompts(texts):
+            return encoder.encode_tensor(list(texts)).float().cpu(), empty.cpu()
+
+        return encode, encoder.width, prompts
+    info = manifest.get("text_encoder")
+    if not info:
+        raise InputError(
+            "the latent shards hold no caption embeddings: give --text-encoder (openclip:NAME or a "
+            "pipeline folder), or encode with `latentmill encode --text-encoder ...`."
+        )
+    empty = _stored_empty_caption(info, folder).to(device)
+
+    def stored(batch, generator):
+        return dropout(batch["text_emb"].to(device, non_blocking=True).float(), empty, generator)
+
+    return stored, info["shape"][1], None
+
+
+def _stored_empty_caption(info: dict, folder) -> torch.Tensor:
+    """The empty caption's embedding that `encode --text-encoder` stored beside the shards."""
+    import io
+    import warnings
+
+    import numpy as np
+
+    from latentmill.curate.latentshards import is_url, open_stream
+
+    if not info.get("empty"):
+        warnings.warn(
+            "these latents were encoded before the empty caption's embedding was stored: caption dropout "
+            "uses zeros. Re-encode with `latentmill encode --text-encoder ...` to drop to the empty caption.",
+            stacklevel=2,
+        )
+        return torch.zeros(info["shape"])
+    location = (
+        f"{str(folder).rstrip('/')}/{info['empty']}" if is_url(folder) else Path(folder) / info["empty"]
+    )
+    try:
+        with open_stream(location) as stream:
+            array = np.load(io.BytesIO(stream.read()), allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputError(
+            f"{location}: cannot read the empty caption's embedding ({err}); the manifest names it. "
+            f"Copy it with the shards, or re-encode."
+        ) from None
+    if list(array.shape) != list(info["shape"]):
+        raise InputError(
+            f"{location}: the empty caption's embedding is {list(array.shape)}, the manifest says "
+            f"{info['shape']}."
+        )
+    return torch.from_numpy(array.astype(np.float32))

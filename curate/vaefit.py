@@ -65,14 +65,21 @@ def _to_unit(pixels: np.ndarray):
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def psnr(model, pixels: np.ndarray) -> float:
-    """Mean PSNR (dB) of the model's reconstructions (posterior mean) of `pixels`."""
+def reconstruct(model, pixels: np.ndarray):
+    """(the pixels in [-1, 1], the model's reconstructions from the posterior mean, clamped to [-1, 1])."""
     import torch
 
     with torch.no_grad():
         x = _to_unit(pixels)
-        recon = model.decode(model.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        mse = ((recon - x) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+        return x, model.decode(model.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+
+
+def psnr(model, pixels: np.ndarray) -> float:
+    """Mean PSNR (dB) of the model's reconstructions of `pixels`."""
+    import torch
+
+    x, recon = reconstruct(model, pixels)
+    mse = ((recon - x) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
     return float((10 * torch.log10(4.0 / mse)).mean())
 
 
@@ -144,11 +151,9 @@ def fit_vae(
 
 
 def _save_reconstructions(model, pixels: np.ndarray, path: Path) -> None:
-    import torch
     from PIL import Image
 
-    with torch.no_grad():
-        recon = model.decode(model.encode(_to_unit(pixels)).latent_dist.mean).sample.clamp(-1, 1)
+    _, recon = reconstruct(model, pixels)
     recon = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     rows = [np.concatenate(list(pixels), axis=1), np.concatenate(list(recon), axis=1)]
     Image.fromarray(np.concatenate(rows, axis=0)).resize(

@@ -87,20 +87,19 @@ class AssignStage:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        matrix = np.load(embeddings_path(shard), mmap_mode="r")
+        matrix = np.load(embeddings_path(shard))  # one shard: read once, whole
         keys = pq.read_table(shard, columns=["key"]).column("key").to_pylist()
         if len(keys) != matrix.shape[0]:
             raise InputError(
                 f"{embeddings_path(shard)}: {matrix.shape[0]} rows for {len(keys)} keys in {shard}; "
                 f"score that shard again."
             )
-        rows = valid_rows(np.asarray(matrix))
+        rows = valid_rows(matrix)
         x = unit_rows(matrix[rows])
         probes = min(self.config.probes, index.ntotal)
         _, nearest = index.search(x, probes)
         clusters = nearest.reshape(-1)
-        row_of = np.repeat(rows, probes)
-        own = np.tile(np.arange(probes) == 0, len(rows))  # the nearest cluster is the row's own
+        local = np.repeat(np.arange(len(rows)), probes)  # the row of x each (row, cluster) entry stands for
         parts = clusters % self.config.partitions
         for part in np.unique(parts):
             pick = np.flatnonzero(parts == part)
@@ -109,12 +108,11 @@ class AssignStage:
             folder.mkdir(parents=True, exist_ok=True)
             with atomic_path(folder / f"{shard.stem}.npy") as tmp:
                 with open(tmp, "wb") as f:
-                    np.save(f, x[np.searchsorted(rows, row_of[pick])].astype(np.float16))
+                    np.save(f, x[local[pick]].astype(np.float16))
             table = pa.table(
                 {
-                    "key": pa.array([keys[r] for r in row_of[pick]], pa.string()),
+                    "key": pa.array([keys[r] for r in rows[local[pick]]], pa.string()),
                     "cluster": pa.array(clusters[pick], pa.int32()),
-                    "own": pa.array(own[pick]),
                 }
             )
             with atomic_path(folder / f"{shard.stem}.parquet") as tmp:

@@ -107,10 +107,11 @@ class DuplicateRule:
         from latentmill.filters.dedup import duplicate_keys
 
         self.expression = f"duplicate in {folder}"
-        self.keys = np.array(sorted(duplicate_keys(folder)), dtype=object)
+        self.keys = duplicate_keys(folder)
 
     def passes(self, columns: dict) -> np.ndarray:
-        return ~np.isin(columns["key"], self.keys)
+        keys = columns["key"]
+        return np.fromiter((key not in self.keys for key in keys), dtype=bool, count=len(keys))
 
 
 def _swap_in(new: Path, final: Path) -> None:

@@ -227,6 +227,19 @@ def config_from(cls, kwargs: dict, **extra):
     return cls(**(values | extra)).validate()
 
 
+def given_on_command_line(cls, ctx: click.Context) -> list[str]:
+    """The keys of `cls` whose option was typed on the command line, in either spelling."""
+    typed = click.core.ParameterSource.COMMANDLINE
+    return [
+        field.name
+        for field in cls.option_fields()
+        if any(
+            ctx.get_parameter_source(name) == typed
+            for name in (field.name, *(f"{field.name}__old{i}" for i in range(len(spec_of(field).old))))
+        )
+    ]
+
+
 def from_section(cls, body: dict, **extra):
     """A validated config from a recipe section's mapping (unknown keys are refused by the recipe)."""
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in (body or {}).items()}

@@ -21,12 +21,11 @@ from latentmill.runner import run_recipe
 def run_demo(work: str | Path, log=print, overrides: list[str] = (), vae_steps: int = 300) -> dict:
     """Run the demo recipe into `work`; return what each stage reported. Re-running continues a stopped demo."""
     lay = Layout(work)
-    run_recipe(load_recipe("demo", list(overrides)), lay.work, until="select", log=log)
-    vae = fit_vae(lay.images, lay.selection, lay.vae, VaeFitConfig(steps=vae_steps), log=log)
+    report = run_recipe(load_recipe("demo", list(overrides)), lay.work, until="select", log=log)
+    report["vae"] = fit_vae(lay.images, lay.selection, lay.vae, VaeFitConfig(steps=vae_steps), log=log)
     # the fitted VAE replaces the recipe's random one (an override, so an explicit --set still wins)
     recipe = load_recipe("demo", [f"encode.vae={lay.vae}", *overrides])
-    report = run_recipe(recipe, lay.work, log=log)
-    report["vae"] = vae
+    report |= run_recipe(recipe, lay.work, start="encode", log=log)
     resolution = recipe["encode"]["resolution"]
     buckets = section(recipe, "encode").buckets()  # the encode stage's own bucket set
     distribution = bucket_distribution(lay.images, buckets, lay.selection)

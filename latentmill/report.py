@@ -200,7 +200,7 @@ def _thumbnails(work: Path) -> dict[str, list[tuple[str, str, str]]]:
     """reason ('kept' or why dropped) -> [(key, caption, data URI)], a few of each."""
     import pyarrow.parquet as pq
 
-    from latentmill.curate.imageshards import ImageDecodeError, iter_image_shard, list_image_shards
+    from latentmill.curate.imageshards import iter_image_shard, list_image_shards
 
     groups: dict[str, list] = {}
     lay = Layout(work)
@@ -214,14 +214,9 @@ def _thumbnails(work: Path) -> dict[str, list[tuple[str, str, str]]]:
             group = reasons.get(sample.key, "kept")
             if len(groups.setdefault(group, [])) >= THUMBS_PER_GROUP:
                 continue
-            try:
-                image = sample.image(draft_size=(128, 128))
-            except ImageDecodeError:
-                continue
-            image.thumbnail((128, 128))
-            buffer = io.BytesIO()
-            image.save(buffer, "PNG")
-            groups[group].append((sample.key, sample.caption or "", _png_uri(buffer.getvalue())))
+            uri = _thumbnail_uri(sample)
+            if uri:
+                groups[group].append((sample.key, sample.caption or "", uri))
     return groups
 
 

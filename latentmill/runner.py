@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from latentmill.curate.errors import InputError
 from latentmill.layout import Layout
+from latentmill.progress import progress_bar
 from latentmill.recipe import section
 from latentmill.stagestatus import (
     dedup_status,
@@ -43,7 +44,7 @@ class Context:
     log: Callable
     stack: ExitStack
     allowed: dict = field(default_factory=dict)  # the demo server's allow-list for prefilter and download
-    previous: dict = field(default_factory=dict)  # what earlier stages returned
+    table: Path | None = None  # the URL table, once found (the demo's server started once per run)
 
 
 @dataclass(frozen=True)
@@ -58,17 +59,6 @@ class Stage:
     applies: Callable[[dict], bool] = lambda recipe: True
 
 
-@contextmanager
-def progress_bar(desc: str, unit: str, total: int | None = None):
-    """One tqdm bar on stderr, with its rate, for a stage."""
-    from tqdm import tqdm
-
-    with tqdm(
-        total=total, desc=f"[{desc}]", unit=unit, unit_scale=True, dynamic_ncols=True, leave=False
-    ) as bar:
-        yield bar
-
-
 # --- the stages, in order ----------------------------------------------------------------------------------
 
 
@@ -78,7 +68,7 @@ def _prefilter(ctx: Context) -> dict:
     table, lay = _url_table(ctx), ctx.layout
     if lay.kept_funnel.exists():
         return json.loads(lay.kept_funnel.read_text())
-    with progress_bar("prefilter", "rows") as bar:
+    with progress_bar(None, "[prefilter]", "rows") as bar:
         return prefilter(
             table, lay.kept, section(ctx.recipe, "prefilter", **ctx.allowed), progress=bar.update
         )
@@ -94,7 +84,7 @@ def _download(ctx: Context) -> dict:
 def _score(ctx: Context) -> dict:
     from latentmill.filters.score import score
 
-    with progress_bar("score", "img") as bar:
+    with progress_bar(None, "[score]", "img") as bar:
         return score(
             ctx.layout.images,
             ctx.layout.scores,
@@ -123,7 +113,7 @@ def _fit_heads(ctx: Context) -> dict:
 def _dedup(ctx: Context) -> dict:
     from latentmill.filters.dedup import dedup
 
-    with progress_bar("dedup", "part") as bar:
+    with progress_bar(None, "[dedup]", "part") as bar:
         return dedup(
             ctx.layout.scores,
             ctx.layout.dedup,
@@ -154,7 +144,7 @@ def _encode(ctx: Context) -> dict:
 
     out = {}
     for resolution in _resolutions(ctx.recipe):
-        with progress_bar(f"encode {resolution}", "img") as bar:
+        with progress_bar(None, f"[encode {resolution}]", "img") as bar:
             manifest = encode(
                 ctx.layout.images,
                 ctx.layout.latents(resolution),
@@ -192,7 +182,7 @@ def _train(ctx: Context) -> dict:
         if state and state["step"] >= config.steps:
             out[stage["name"]] = {"step": state["step"], "loss": state.get("loss"), "finished_before": True}
         else:
-            with progress_bar(f"train {stage['name']}", "step", total=config.steps) as bar:
+            with progress_bar(config.steps, f"[train {stage['name']}]", "step") as bar:
                 metrics = train(config, progress=lambda m, bar=bar: bar.update(m["step"] - bar.n))
             out[stage["name"]] = {"step": metrics.get("step"), "loss": metrics.get("loss")}
         previous = run
@@ -324,21 +314,24 @@ def run_recipe(
     until: str | None = None,
     executor=None,
     log=print,
+    start: str | None = None,
 ) -> dict:
-    """Run the recipe's stages up to `until` (inclusive); return what each stage reported."""
-    if until and until not in STAGE_NAMES:
-        raise InputError(f"--until {until!r}: use one of {', '.join(STAGE_NAMES)}.")
+    """Run the recipe's stages from `start` up to `until` (both inclusive; default: all of them); return
+    what each stage reported."""
+    for option, name in (("--until", until), ("start", start)):
+        if name and name not in STAGE_NAMES:
+            raise InputError(f"{option} {name!r}: use one of {', '.join(STAGE_NAMES)}.")
+    first = STAGE_NAMES.index(start) if start else 0
     last = STAGE_NAMES.index(until) if until else len(STAGES) - 1
     layout = Layout(work)
     layout.urls.mkdir(parents=True, exist_ok=True)
     report: dict = {}
     with ExitStack() as stack:
         ctx = Context(recipe, layout, executor or section(recipe, "executor"), urls, log, stack)
-        for stage in STAGES[: last + 1]:
+        for stage in STAGES[first : last + 1]:
             if not stage.applies(recipe):
                 continue
             report[stage.name] = stage.run(ctx)
-            ctx.previous[stage.name] = report[stage.name]
             log(_indent(f"[{stage.name}] ", stage.summary(report[stage.name])))
     return report
 
@@ -350,8 +343,8 @@ def _indent(prefix: str, text: str) -> str:
 
 def _url_table(ctx: Context) -> Path:
     """The URL table: --urls (or urls.path), or the demo's sample server, started once per run."""
-    if "table" in ctx.previous:
-        return ctx.previous["table"]
+    if ctx.table is not None:
+        return ctx.table
     source, lay = section(ctx.recipe, "urls"), ctx.layout
     if source.source == "sample-server":
         import pyarrow as pa
@@ -376,12 +369,12 @@ def _url_table(ctx: Context) -> Path:
         ctx.log(f"[urls] sample URLs served on {server.url('/')}")
         # the demo's own loopback server, and only it, is an exception to the private-address guard
         ctx.allowed["allow_hosts"] = [f"127.0.0.1:{server.port}"]
-        ctx.previous["table"] = lay.sample_table
+        ctx.table = lay.sample_table
         return lay.sample_table
     path = ctx.urls or source.path
     if not path:
         raise InputError("this recipe reads a URL table: give --urls FILE (or set urls.path).")
-    ctx.previous["table"] = Path(path)
+    ctx.table = Path(path)
     return Path(path)
 
 

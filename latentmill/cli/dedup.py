@@ -32,9 +32,9 @@ def dedup(scores, output, images, **kwargs):
       latentmill dedup scores/ -o dedup/ --threshold 0.95 --images images/
       latentmill select scores/ -o selection/ --preset laion-aesthetics-v2-6plus --dedup dedup/
     """
-    from latentmill.cli.options import progress_bar
     from latentmill.filters.dedup import dedup as run_dedup
     from latentmill.filters.dedup import format_dedup_funnel
+    from latentmill.progress import progress_bar
 
     executor = config_from(ExecutorConfig, kwargs)
     config = config_from(DedupConfig, kwargs)

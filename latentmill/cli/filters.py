@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import progress_bar
 from latentmill.configs import click_options, config_from
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.filters.fit import FitConfig
 from latentmill.filters.score import ScoreConfig
+from latentmill.progress import progress_bar
 
 
 @click.command()

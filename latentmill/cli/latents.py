@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import progress_bar
+from latentmill.progress import progress_bar
 
 
 @click.group()

@@ -26,10 +26,3 @@ def column_options(func):
 def columns_from(kwargs: dict) -> dict[str, str | None]:
     """Pop the --*-col options out of a command's kwargs into a role -> column mapping."""
     return {role: kwargs.pop(f"{role}_col", None) for role in DEFAULT_COLUMNS}
-
-
-def progress_bar(total: int | None, desc: str, unit: str = "rows"):
-    """A tqdm bar on stderr with a rate; `update(n)` advances it."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, leave=False)

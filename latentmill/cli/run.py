@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from latentmill.configs import click_options, spec_of
+from latentmill.configs import click_options, config_from, given_on_command_line
 from latentmill.curate.executors import ExecutorConfig
 
 
@@ -47,21 +47,9 @@ def run(ctx, recipe, urls, work, overrides, until, **kwargs):
     from latentmill.runner import run_recipe
 
     # an executor option given here overrides the recipe's executor section, as --set executor.KEY would
-    given = [
-        f
-        for f in ExecutorConfig.option_fields()
-        if spec_of(f).cli and ctx.get_parameter_source(f.name) == click.core.ParameterSource.COMMANDLINE
-    ]
-    renamed = [
-        f
-        for f in ExecutorConfig.option_fields()
-        for i, _ in enumerate(spec_of(f).old)
-        if kwargs.get(f"{f.name}__old{i}") is not None
-    ]
-    from latentmill.configs import config_from
-
+    given = given_on_command_line(ExecutorConfig, ctx)
     chosen = config_from(ExecutorConfig, kwargs)
-    sets = [f"executor.{f.name}={getattr(chosen, f.name)}" for f in {*given, *renamed}]
+    sets = [f"executor.{key}={getattr(chosen, key)}" for key in given]
     loaded = load_recipe(recipe, sets + list(overrides))
     run_recipe(loaded, work, urls=urls, until=until, log=click.echo)
     click.echo(f"done: {work}")

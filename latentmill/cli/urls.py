@@ -6,9 +6,10 @@ import json
 
 import click
 
-from latentmill.cli.options import column_options, columns_from, progress_bar
+from latentmill.cli.options import column_options, columns_from
 from latentmill.configs import click_options, config_from
 from latentmill.curate.prefilter import PrefilterConfig
+from latentmill.progress import progress_bar
 
 
 @click.group()

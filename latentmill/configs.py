@@ -41,6 +41,7 @@ class Spec:
     cli: bool = True  # False: a recipe key without a flag (set by the runner, or a tuning knob)
     metavar: str | None = None
     path: bool = False  # a file or folder: shown as PATH
+    separated: bool = False  # a list given as one comma-separated value (`--mix 0.8,0.2`), not repeated
 
 
 def opt(default=MISSING, help: str = "", *, factory=MISSING, **spec):
@@ -117,7 +118,8 @@ def check_value(cls, field: dataclasses.Field, value) -> None:
     if kind == "str" and not isinstance(value, str):
         raise InputError(f"{name} = {value!r}: use text.")
     if kind == "list" and (
-        not isinstance(value, (list, tuple)) or not all(isinstance(v, element) for v in value)
+        not isinstance(value, (list, tuple))
+        or not all(isinstance(v, element) or (element is float and type(v) is int) for v in value)
     ):
         raise InputError(f"{name} = {value!r}: use a list of {element.__name__} values.")
     if kind == "dict" and not isinstance(value, dict):
@@ -139,6 +141,20 @@ def _bounds(spec: Spec) -> str:
     if spec.high is None:
         return low
     return f"between {spec.low:g} and {spec.high:g}" if spec.low is not None else f"<= {spec.high:g}"
+
+
+class Separated(click.ParamType):
+    """A list in one value, comma-separated (`0.8,0.2`), each item converted by `item`."""
+
+    name = "list"
+
+    def __init__(self, item: click.ParamType):
+        self.item = item
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        return [self.item.convert(part.strip(), param, ctx) for part in str(value).split(",") if part.strip()]
 
 
 class Finite(click.FloatRange):
@@ -189,6 +205,8 @@ def click_options(cls, only: tuple[str, ...] | None = None, skip: tuple[str, ...
                 if default:
                     decls = [f"{flag}/--no-{flag[2:]}"]
                 kw |= {"is_flag": True, "default": bool(default)}
+            elif kind == "list" and spec.separated:
+                kw |= {"type": Separated(click_type(cls, field)), "default": None}
             elif kind == "list":
                 kw |= {"multiple": True, "type": click_type(cls, field)}
             else:

@@ -190,21 +190,30 @@ def _train(ctx: Context) -> dict:
 
 
 def _export(ctx: Context) -> dict:
-    from latentmill.train.export import export_pipeline
+    from latentmill.train.export import export_run
+    from latentmill.train.lora import DIFFUSERS_FILE
 
-    text = (ctx.recipe.get("train") or {}).get("text_encoder", "")
-    stages = _train_stages(ctx.recipe)
-    run = ctx.layout.run(stages[-1]["name"])
-    if not text or str(text).startswith("openclip:"):
+    train_section = ctx.recipe.get("train") or {}
+    run = ctx.layout.run(_train_stages(ctx.recipe)[-1]["name"])
+    config = section(ctx.recipe, "export")
+    format = config.format
+    if format == "auto":
+        format = "diffusers" if train_section.get("lora_rank") else "pipeline"
+    text = train_section.get("text_encoder", "")
+    if format == "pipeline" and (not text or str(text).startswith("openclip:")):
         return {
             "skipped": "a StableDiffusionPipeline needs a CLIPTextModel text encoder folder (this run used an "
             "open_clip text tower); `latentmill sample` generates from the run directly"
         }
     output = ctx.layout.export
-    if not (output / "model_index.json").exists():
-        config = section(ctx.recipe, "export")
-        export_pipeline(run, output, use_ema=config.ema, vae=config.vae)
-    return {"path": str(output)}
+    done = {
+        "pipeline": output / "model_index.json",
+        "diffusers": output / DIFFUSERS_FILE,
+        "kohya": output / f"{run.name}.safetensors",
+    }[format]
+    if not done.exists():
+        export_run(run, output, format, use_ema=config.ema, vae=config.vae)
+    return {"path": str(done if format != "pipeline" else output), "format": format}
 
 
 def _summaries():

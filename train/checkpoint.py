@@ -13,14 +13,12 @@ from pathlib import Path
 from latentmill.curate.errors import InputError
 
 log = logging.getLogger(__name__)
-TRAINING_FILES = (
-    "unet.safetensors",
-    "ema.safetensors",
-    "optimizer.safetensors",
-    "optimizer.json",
-    "state.json",
-    "unet_config.json",
-)
+STATE_FILES = ("optimizer.safetensors", "optimizer.json", "state.json", "unet_config.json")
+
+
+def training_files(weight_files: tuple[str, ...]) -> tuple[str, ...]:
+    """The files a checkpoint needs to resume from: the weights' (full or LoRA) and the state's."""
+    return weight_files + STATE_FILES
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
@@ -41,23 +39,27 @@ def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
 
 
 def save_checkpoint(
-    run: Path, step: int, unet, ema, optimizer, loader_state: dict, config: dict, keep: int
+    run: Path, step: int, weights, optimizer, loader_state: dict, config: dict, keep: int
 ) -> Path:
+    """Write `weights` (FullWeights or LoraWeights: their safetensors files and small JSON files), the
+    optimizer and state.json into checkpoints/step-NNNNNNN, atomically; keep the last `keep`."""
     from safetensors.torch import save_file
 
     folder = run / "checkpoints" / f"step-{step:07d}"
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp / "unet.safetensors"))
-    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+    for name, state in weights.tensors().items():
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / name))
+    for name, text in weights.extra().items():
+        (tmp / name).write_text(text)
     tensors, rest = _optimizer_tensors(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(rest))
     (tmp / "state.json").write_text(
         json.dumps({"step": step, "loader": loader_state, "config": config}, indent=2)
     )
-    (tmp / "unet_config.json").write_text(json.dumps(dict(unet.config), default=list, indent=2))
+    (tmp / "unet_config.json").write_text(json.dumps(dict(weights.unet.config), default=list, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     for old in checkpoints(run)[:-keep]:
@@ -85,7 +87,7 @@ def remove_stale_temporaries(run: Path) -> list[Path]:
     return stale
 
 
-def damage(folder: Path, needed=TRAINING_FILES) -> str | None:
+def damage(folder: Path, needed: tuple[str, ...]) -> str | None:
     """What is wrong with a checkpoint folder (a missing, empty or cut-off file), or None if intact."""
     for name in needed:
         path = folder / name
@@ -112,7 +114,7 @@ def damage(folder: Path, needed=TRAINING_FILES) -> str | None:
     return None
 
 
-def latest_checkpoint(run: Path, needed=TRAINING_FILES, fallback: bool = False) -> Path | None:
+def latest_checkpoint(run: Path, needed: tuple[str, ...], fallback: bool = False) -> Path | None:
     """The newest checkpoint of `run` (None if it has none). A damaged newest one is an InputError naming
     the file, or, with `fallback` (resuming), skipped with a warning for the newest intact one."""
     found = checkpoints(run)
@@ -134,9 +136,18 @@ def latest_checkpoint(run: Path, needed=TRAINING_FILES, fallback: bool = False) 
     return None
 
 
-def weights_needed(use_ema: bool) -> tuple[str, ...]:
+def is_lora(folder: Path) -> bool:
+    """Whether a checkpoint holds LoRA adapters (adapter.json) rather than a whole U-Net."""
+    return (folder / "adapter.json").exists()
+
+
+def weights_needed(use_ema: bool, lora: bool = False) -> tuple[str, ...]:
     """The files export, sample and merge read from a checkpoint."""
-    return ("ema.safetensors" if use_ema else "unet.safetensors", "unet_config.json", "state.json")
+    if lora:
+        weights = ("lora_ema.safetensors" if use_ema else "lora.safetensors", "adapter.json")
+    else:
+        weights = ("ema.safetensors" if use_ema else "unet.safetensors",)
+    return weights + ("unet_config.json", "state.json")
 
 
 def truncate_log(run: Path, step: int) -> None:
@@ -159,12 +170,11 @@ def truncate_log(run: Path, step: int) -> None:
         tmp.write_text("".join(f"{line}\n" for line in kept))
 
 
-def load_checkpoint(folder: Path, unet, ema, optimizer) -> dict:
-    """Load weights and optimizer state in place; return state.json."""
+def load_checkpoint(folder: Path, weights, optimizer) -> dict:
+    """Load weights (FullWeights or LoraWeights) and optimizer state in place; return state.json."""
     from safetensors.torch import load_file
 
-    unet.load_state_dict(load_file(folder / "unet.safetensors"))
-    ema.load_state_dict(load_file(folder / "ema.safetensors"))
+    weights.load(folder)
     tensors = load_file(folder / "optimizer.safetensors")
     rest = json.loads((folder / "optimizer.json").read_text())
     state: dict = {}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from latentmill.configs import StageConfig, opt
 from latentmill.curate.errors import InputError
+from latentmill.train.models import UNET_CONFIGS
 
 SAMPLE_PROMPTS = [
     "a photograph of a cat",
@@ -19,8 +20,12 @@ SAMPLE_PROMPTS = [
 @dataclass
 class TrainConfig(StageConfig):
     SECTION = "train"
-    shards: str = opt(help="Folder, brace pattern or list of latent shards.", cli=False)
     output: str = opt(help="Run folder (checkpoints, log.jsonl).", cli=False)
+    shards: list[str] = opt(
+        factory=list,
+        help="Latent folders (or brace patterns, shard files, URLs); several folders are mixed (see mix).",
+        cli=False,
+    )
     model: str = opt("tiny", "tiny, sd15, sd2-base, or a pretrained diffusers folder or id.")
     text_encoder: str | None = opt(
         None, "openclip:NAME[:PRETRAINED] or a pipeline folder; default: text_emb in the shards."
@@ -82,6 +87,32 @@ class TrainConfig(StageConfig):
     init_from: str | None = opt(
         None, "Start from another run's EMA weights (e.g. 256 px, then 512).", path=True
     )
+    lora_rank: int = opt(
+        0, "LoRA: train rank-R adapters on the frozen --model instead of the whole U-Net (0: off).", low=0
+    )
+    lora_alpha: float | None = opt(
+        None, "LoRA: the adapters' updates are scaled by alpha / rank (default: alpha = rank).", low=0.0
+    )
+    lora_targets: str = opt(
+        "attention",
+        "LoRA: the layers that get adapters: attention (q, k, v, out), attention+ff, or all-linear.",
+        choices=("attention", "attention+ff", "all-linear"),
+    )
+    mix: list[float] | None = opt(
+        None,
+        "Weights of several latent folders, comma-separated (0.8,0.2): each batch comes from one folder, "
+        "drawn with these odds (default: in proportion to their sizes).",
+        separated=True,
+    )
+    instance: str | None = opt(
+        None, "DreamBooth: the subject's latent folder (instead of SHARDS), with --class-data.", path=True
+    )
+    class_data: str | None = opt(
+        None,
+        "DreamBooth prior preservation: latents of the subject's class; each step adds their weighted loss.",
+        path=True,
+    )
+    prior_loss_weight: float = opt(1.0, "DreamBooth: weight of the class images' loss.", low=0.0)
     sample_every: int = opt(0, "Write a sample grid of the sample prompts every N steps (0: never).", low=0)
     sample_prompts: list[str] = opt(
         factory=lambda: list(SAMPLE_PROMPTS),
@@ -89,6 +120,48 @@ class TrainConfig(StageConfig):
         help="A prompt of the sample grids (repeatable).",
     )
     sample_steps: int = opt(20, "DDIM steps of the sample grids.", low=1)
+
+    def __post_init__(self):
+        if isinstance(self.shards, str):  # one folder, as recipes and older checkpoints give it
+            self.shards = [self.shards]
+
+    def sources(self) -> list[str]:
+        """The latent sets this run trains on: SHARDS, or the DreamBooth --instance folder."""
+        return [self.instance] if self.instance else list(self.shards)
+
+    def check_more(self) -> None:
+        if self.instance and self.shards:
+            raise InputError(
+                f"{self.name('instance')} and SHARDS both given: give the subject's latents once, "
+                f"as SHARDS or as --instance."
+            )
+        if not self.sources():
+            raise InputError(
+                "no latents to train on: give a latent folder (SHARDS), or --instance for DreamBooth."
+            )
+        if self.instance and not self.class_data:
+            raise InputError(
+                f"{self.name('instance')} is DreamBooth's subject and needs {self.name('class_data')} "
+                f"(the class images' latents); to fine-tune on the folder alone, give it as SHARDS."
+            )
+        if self.mix is not None:
+            if len(self.mix) != len(self.sources()):
+                raise InputError(
+                    f"{self.name('mix')} has {len(self.mix)} weight(s) for {len(self.sources())} latent "
+                    f"folder(s): give one weight per folder, in order."
+                )
+            if any(w < 0 for w in self.mix) or sum(self.mix) <= 0:
+                raise InputError(f"{self.name('mix')} {self.mix}: weights are >= 0 and not all 0.")
+        if self.lora_rank == 0 and self.lora_alpha is not None:
+            raise InputError(
+                f"{self.name('lora_alpha')} is set but LoRA is off: give {self.name('lora_rank')} too."
+            )
+        if self.lora_rank and self.model in UNET_CONFIGS and not self.init_from:
+            raise InputError(
+                f"{self.name('lora_rank')} {self.lora_rank}: LoRA adapts a trained U-Net, and --model "
+                f"{self.model} is a fresh one. Give --model PIPELINE_FOLDER (e.g. Stable Diffusion 1.5) or "
+                f"--init-from RUN."
+            )
 
     def validate(self) -> TrainConfig:
         if self.precision == "fp16":
@@ -101,8 +174,15 @@ class TrainConfig(StageConfig):
 
 @dataclass
 class ExportConfig(StageConfig):
-    """`latentmill export`: a run's last checkpoint as a diffusers pipeline folder."""
+    """`latentmill export`: a run's last checkpoint as a diffusers pipeline folder, or a LoRA run's adapter."""
 
     SECTION = "export"
+    format: str = opt(
+        "auto",
+        "pipeline: a StableDiffusionPipeline folder; diffusers: the LoRA file load_lora_weights reads; "
+        "kohya: the lora_unet_... file of sd-scripts, ComfyUI and A1111 (auto: diffusers for LoRA runs, "
+        "else pipeline).",
+        choices=("auto", "pipeline", "diffusers", "kohya"),
+    )
     ema: bool = opt(True, "Export the EMA weights (--no-ema: the raw ones).")
     vae: str | None = opt(None, "VAE for the pipeline (default: the one the latents were made with).")

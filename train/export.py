@@ -1,4 +1,5 @@
-"""Export a run as a diffusers `StableDiffusionPipeline` folder (EMA weights by default)."""
+"""Export a run as a diffusers `StableDiffusionPipeline` folder (EMA weights by default), or a LoRA run's
+adapter as the file diffusers or kohya-style tools load."""
 
 from __future__ import annotations
 
@@ -62,3 +63,46 @@ def export_pipeline(
     output = Path(output)
     pipeline.save_pretrained(output)
     return output
+
+
+def export_run(
+    run: str | Path, output: str | Path, format: str = "auto", use_ema: bool = True, vae=None
+) -> Path:
+    """`latentmill export`: a pipeline folder, or for a LoRA run (by default) its adapter file."""
+    from latentmill.train.runs import load_run
+
+    loaded = load_run(run, use_ema)
+    if format == "auto":
+        format = "diffusers" if loaded.is_lora else "pipeline"
+    if format == "pipeline":
+        return export_pipeline(run, output, use_ema, vae)
+    if not loaded.is_lora:
+        raise InputError(
+            f"--format {format}: {run} trained the whole U-Net, not a LoRA adapter; export it as a "
+            f"pipeline (--format pipeline), or train with --lora-rank."
+        )
+    return export_lora(loaded, Path(output), format)
+
+
+def export_lora(loaded, output: Path, format: str) -> Path:
+    """The adapter in diffusers' format (OUTPUT/pytorch_lora_weights.safetensors) or kohya's (OUTPUT if it
+    ends in .safetensors, else OUTPUT/RUN_NAME.safetensors); written to a temporary name, then renamed."""
+    from safetensors.torch import save_file
+
+    from latentmill.curate.atomic import atomic_path
+    from latentmill.train.lora import DIFFUSERS_FILE, kohya_metadata, to_diffusers, to_kohya
+
+    adapter, tensors = loaded.adapter, loaded.adapter_weights()
+    if format == "diffusers":
+        with atomic_path(output / DIFFUSERS_FILE) as tmp:
+            save_file(to_diffusers(tensors, adapter["alpha"]), str(tmp), metadata={"format": "pt"})
+        return output / DIFFUSERS_FILE
+    target = output if output.suffix == ".safetensors" else output / f"{loaded.path.name}.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        save_file(
+            to_kohya(tensors, adapter["alpha"]),
+            str(tmp),
+            metadata=kohya_metadata(adapter["rank"], adapter["alpha"], adapter["base"]),
+        )
+    return target

@@ -15,7 +15,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from latentmill.configs import resolve_device_precision, torch_dtype
 from latentmill.curate.errors import InputError
@@ -25,13 +24,17 @@ from latentmill.train.checkpoint import (
     load_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
+    training_files,
     truncate_log,
 )
-from latentmill.train.conditioning import size_condition, text_conditioning
+from latentmill.train.conditioning import text_conditioning
 from latentmill.train.config import TrainConfig
+from latentmill.train.data import TrainingData, group_by_folder
 from latentmill.train.latentspace import to_unet_space
-from latentmill.train.loader import LatentLoader, LoaderState, expand_shards
+from latentmill.train.loader import expand_shards
 from latentmill.train.models import build_unet
+from latentmill.train.objective import Objective
+from latentmill.train.weights import FullWeights, LoraWeights
 
 
 def _distributed() -> tuple[int, int]:
@@ -65,28 +68,32 @@ def train(config: TrainConfig, progress=None) -> dict:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     autocast_dtype = torch_dtype(precision)
     run = Path(config.output)
-    shards = expand_shards(config.shards)  # before anything is written: bad input leaves no run folder
-    loader = LatentLoader(
-        shards,
-        config.batch_size,
+    # the latent folders (a mixture, DreamBooth's class images beside), read before anything is written:
+    # bad input leaves no run folder
+    smallest = min(len(expand_shards(group)) for group in group_by_folder(config.sources()))
+    data = TrainingData(
+        config.sources(),
+        config.mix,
+        config.class_data,
+        batch_size=config.batch_size,
         seed=config.seed,
         rank=rank,
         world_size=world,
         mode=config.mode,
         shuffle_buffer=config.shuffle_buffer,
         flip=config.flip,
-        workers=_loader_workers(config, device, len(shards) // world),
+        workers=_loader_workers(config, device, smallest // world),
         pin_memory=device.startswith("cuda"),
     )
-    manifest = loader.manifest
+    manifest = data.manifest
     encode_text, text_width, encode_prompts = text_conditioning(
-        config, manifest, loader.folder, device, precision
+        config, manifest, data.folder, device, precision
     )
     if config.vae:
         from latentmill.curate.latentshards import check_vae
         from latentmill.curate.vae import load_vae
 
-        check_vae(manifest, load_vae(config.vae).fingerprint, Path(loader.shards[0]).parent)
+        check_vae(manifest, load_vae(config.vae).fingerprint, data.folder)
     sample_size = manifest["resolution"] // manifest["downsample_factor"]
     unet = build_unet(
         config.model,
@@ -103,16 +110,33 @@ def train(config: TrainConfig, progress=None) -> dict:
         unet.enable_gradient_checkpointing()
     if device.startswith("cuda"):
         unet.to(memory_format=torch.channels_last)
-    ema = _copy(unet)
-    ema_params, params = list(ema.parameters()), list(unet.parameters())
+    # what trains: the whole U-Net, or LoRA adapters on the frozen one (EMA and checkpoints alike)
+    weights = (
+        LoraWeights(
+            unet,
+            config.lora_rank,
+            config.lora_alpha or config.lora_rank,
+            config.lora_targets,
+            config.seed,
+            base=config.init_from or config.model,
+        )
+        if config.lora_rank
+        else FullWeights(unet)
+    )
+    params = weights.params
     optimizer = torch.optim.AdamW(
-        unet.parameters(),
+        params,
         lr=config.learning_rate,
         weight_decay=config.weight_decay,
         fused=device.startswith("cuda"),
     )
-    noise_schedule = training_scheduler(config.prediction)
-    alphas = noise_schedule.alphas_cumprod.to(device)
+    objective = Objective(
+        training_scheduler(config.prediction),
+        config.prediction,
+        config.min_snr_gamma,
+        config.noise_offset,
+        config.size_conditioning,
+    )
     start = 0
     if checkpoints(run) and not config.resume:
         raise InputError(
@@ -125,17 +149,25 @@ def train(config: TrainConfig, progress=None) -> dict:
         )
     if rank == 0:
         remove_stale_temporaries(run)
-    resume_from = latest_checkpoint(run, fallback=True) if config.resume else None
+    resume_from = (
+        latest_checkpoint(run, training_files(weights.files), fallback=True) if config.resume else None
+    )
     if resume_from:
-        state = load_checkpoint(resume_from, unet, ema, optimizer)
-        start, loader.state = state["step"], LoaderState(**state["loader"])
+        state = load_checkpoint(resume_from, weights, optimizer)
+        start = state["step"]
+        data.load_state_dict(state["loader"])
         if rank == 0:
             truncate_log(run, start)
     model = torch.nn.parallel.DistributedDataParallel(unet) if world > 1 else unet
     if config.compile:
         model = torch.compile(model)
     scale, shift = manifest["scaling_factor"], manifest.get("shift_factor") or 0.0
-    batches = iter(loader)
+
+    def prepared(batch: dict, generator) -> tuple:
+        """(latents in the U-Net's space, caption states with dropout, metas) on the device."""
+        latents = to_unet_space(batch["latents"].to(device, non_blocking=True), scale, shift)
+        return latents, encode_text(batch, generator), batch["meta"]
+
     log = open(run / "log.jsonl", "a") if rank == 0 else None  # noqa: SIM115 - open for the whole run
     board = _tensorboard(run) if rank == 0 else None
     metrics: dict = {}
@@ -152,50 +184,25 @@ def train(config: TrainConfig, progress=None) -> dict:
                 group["lr"] = config.learning_rate * _lr_factor(step, config)
             total_loss, keys = torch.zeros((), device=device), []
             for micro in range(config.grad_accum):
-                batch = next(batches)
+                batch, class_batch = data.next()
                 generator = torch.Generator().manual_seed(
                     hash((config.seed, step, micro, rank)) & (2**62 - 1)
                 )
-                latents = to_unet_space(batch["latents"].to(device, non_blocking=True), scale, shift)
-                b = latents.shape[0]
-                text = encode_text(batch, generator)
-                noise = torch.randn(latents.shape, generator=generator).to(device)
-                if config.noise_offset:
-                    noise += config.noise_offset * torch.randn(
-                        (b, latents.shape[1], 1, 1), generator=generator
-                    ).to(device)
-                timesteps = torch.randint(0, 1000, (b,), generator=generator).to(device)
-                noisy = noise_schedule.add_noise(latents, noise, timesteps)
-                target = (
-                    noise
-                    if config.prediction == "epsilon"
-                    else noise_schedule.get_velocity(latents, noise, timesteps)
-                )
                 sync = micro == config.grad_accum - 1 or world == 1
                 context = model.no_sync() if not sync and world > 1 else _nullcontext()
-                extra = (
-                    {"added_cond_kwargs": size_condition(text, batch["meta"])}
-                    if config.size_conditioning
-                    else {}
-                )
                 with (
                     context,
                     torch.autocast(device.split(":")[0], dtype=autocast_dtype, enabled=precision != "fp32"),
                 ):
-                    prediction = model(noisy, timesteps, encoder_hidden_states=text, **extra).sample
-                    loss_per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
-                        dim=(1, 2, 3)
+                    instance = prepared(batch, generator)
+                    class_images = prepared(class_batch, generator) if class_batch is not None else None
+                    loss = objective.step_loss(
+                        model, instance, class_images, config.prior_loss_weight, generator
                     )
-                    if config.min_snr_gamma:
-                        snr = alphas[timesteps] / (1 - alphas[timesteps])
-                        weight = torch.clamp(snr, max=config.min_snr_gamma) / (
-                            snr if config.prediction == "epsilon" else snr + 1
-                        )
-                        loss_per_sample = loss_per_sample * weight
-                    loss = loss_per_sample.mean() / config.grad_accum
+                    loss = loss / config.grad_accum
                     loss.backward()
                 total_loss += loss.detach()
-                interval_samples += b
+                interval_samples += len(batch["keys"])
                 keys += batch["keys"]
             recent_keys[step + 1] = keys
             first_bad = torch.where(
@@ -206,7 +213,7 @@ def train(config: TrainConfig, progress=None) -> dict:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            _update_ema(ema_params, params, config.ema_decay, step)
+            weights.update_ema(config.ema_decay, step)
 
             logging = (step + 1) % config.log_every == 0 or step == start
             checkpointing = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
@@ -223,7 +230,7 @@ def train(config: TrainConfig, progress=None) -> dict:
                 "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": grad_norm.item(),
                 "samples_per_s": interval_samples * world / max(elapsed, 1e-9),
-                "epoch": loader.state.epoch,
+                "epoch": data.epoch,
             }
             interval_samples, interval_start = 0, time.perf_counter()
             if log and logging:
@@ -235,16 +242,16 @@ def train(config: TrainConfig, progress=None) -> dict:
             if progress and logging:
                 progress(metrics)
             if rank == 0 and encode_prompts and config.sample_every and (step + 1) % config.sample_every == 0:
-                _sample_grid(run, step + 1, ema, encode_prompts, manifest, config)
+                with weights.ema_unet() as ema:
+                    _sample_grid(run, step + 1, ema, encode_prompts, manifest, config)
             if checkpointing:
                 if rank == 0:
                     save_checkpoint(
                         run,
                         step + 1,
-                        unet,
-                        ema,
+                        weights,
                         optimizer,
-                        asdict(loader.state),
+                        data.state_dict(),
                         asdict(config),
                         config.keep_checkpoints,
                     )
@@ -263,16 +270,16 @@ def train(config: TrainConfig, progress=None) -> dict:
                 "rank": rank,
                 "world_size": world,
                 "steps": config.steps - start,
-                "shards": loader.my_shards,
-                "skipped": loader.skipped_total(),
+                "shards": data.my_shards,
+                "skipped": data.skipped_total(),
             }
         )
     )
     return metrics | {
-        "skipped": loader.skipped_total(),
+        "skipped": data.skipped_total(),
         "rank": rank,
         "world_size": world,
-        "shards": loader.my_shards,
+        "shards": data.my_shards,
     }
 
 
@@ -291,21 +298,6 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
-
-
-def _copy(unet):
-    import copy
-
-    ema = copy.deepcopy(unet)
-    ema.requires_grad_(False)
-    return ema
-
-
-@torch.no_grad()
-def _update_ema(ema_params: list, params: list, decay: float, step: int) -> None:
-    """One multi-tensor lerp over every parameter (one kernel launch per group, not one per tensor)."""
-    decay = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
 def _stop_on_nonfinite(first_bad: torch.Tensor, recent_keys: dict, run: Path) -> None:

@@ -2,7 +2,9 @@
 
 weighted sum:    C = (1 - alpha) * A + alpha * B
 add difference:  C = A + alpha * (B - base)
-Inputs are run folders (their last checkpoint's EMA or raw weights) or `.safetensors` files.
+LoRA:            C = base + alpha * (rank-scaled B @ A of each adapted layer)
+Inputs are run folders (their last checkpoint's EMA or raw weights; a LoRA run's base with its adapter
+baked in), diffusers U-Net or pipeline folders (for a LoRA's base), or `.safetensors` files.
 """
 
 from __future__ import annotations
@@ -14,17 +16,30 @@ from pathlib import Path
 
 from latentmill.curate.errors import InputError
 from latentmill.train.checkpoint import checkpoints
-from latentmill.train.runs import load_run
+from latentmill.train.runs import Run, load_run
 
 
-def _source(path: Path, use_ema: bool):
-    """(weights file, the run it belongs to or None for a bare .safetensors file)."""
+def _source(path: Path, use_ema: bool) -> tuple[dict, Run | None]:
+    """(U-Net weights, the run they come from or None for a .safetensors file or a diffusers folder)."""
+    from safetensors.torch import load_file
+
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise InputError(f"{path}: no such weights file.")
-        return path, None
+        return load_file(path), None
+    if (
+        path.is_dir()
+        and not checkpoints(path)
+        and ((path / "unet").is_dir() or (path / "config.json").exists())
+    ):
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(
+            path, subfolder="unet" if (path / "unet").is_dir() else None, local_files_only=True
+        )
+        return unet.state_dict(), None
     loaded = load_run(path, use_ema)
-    return loaded.weights_file, loaded
+    return loaded.weights(), loaded
 
 
 def merge(
@@ -40,10 +55,8 @@ def merge(
     state.json) that `export`, `sample` and `--init-from` accept. The merged run takes its configuration
     (text encoder, latents, prediction type) from `config_from`, else from the first input that is a run.
     Written whole, then renamed."""
-    from safetensors.torch import load_file, save_file
-
-    sources = [_source(Path(p), use_ema) for p in (a, b, *([base] if base else []))]
-    paths = [path for path, _ in sources]
+    inputs = [Path(p) for p in (a, b, *([base] if base else []))]
+    sources = [_source(p, use_ema) for p in inputs]
     donor = (
         load_run(config_from, use_ema, "--config-from")
         if config_from
@@ -54,23 +67,18 @@ def merge(
             f"{a}, {b}: both are bare .safetensors files; give --config-from RUN, the run whose "
             f"configuration (text encoder, latents, prediction) the merged run takes."
         )
-    weights = [load_file(p) for p in paths]
+    weights = [w for w, _ in sources]
     keys = set(weights[0])
-    for path, w in zip(paths[1:], weights[1:], strict=True):
+    for path, w in zip(inputs[1:], weights[1:], strict=True):
         if set(w) != keys or any(w[k].shape != weights[0][k].shape for k in keys):
             raise InputError(
-                f"{path}: its tensors do not match {paths[0]}'s (different architectures cannot merge)."
+                f"{path}: its tensors do not match {inputs[0]}'s (different architectures cannot merge)."
             )
     merged = {}
     for key in sorted(keys):
         x, y = weights[0][key].double(), weights[1][key].double()
         value = x + alpha * (y - weights[2][key].double()) if base else (1 - alpha) * x + alpha * y
         merged[key] = value.to(weights[0][key].dtype).contiguous()
-    output = Path(output)
-    if checkpoints(output):
-        raise InputError(
-            f"{output} already holds a run ({checkpoints(output)[-1].name}); merge into a new folder."
-        )
     recipe = {
         "a": str(a),
         "b": str(b),
@@ -79,14 +87,57 @@ def merge(
         "method": "add_difference" if base else "weighted_sum",
         "config_from": str(donor.path),
     }
+    return _write_run(Path(output), merged, donor, recipe)
+
+
+def merge_lora_run(
+    adapter: str | Path,
+    output: str | Path,
+    alpha: float = 1.0,
+    base: str | Path | None = None,
+    use_ema: bool = True,
+) -> Path:
+    """Bake a LoRA run's adapter into its base (or into `base`: a run, a diffusers folder or a .safetensors
+    file) at scale `alpha`: a complete run of full weights, trained-on configuration kept."""
+    from latentmill.train.lora import merge_lora
+
+    run = load_run(adapter, use_ema, "--lora")
+    if not run.is_lora:
+        raise InputError(
+            f"--lora {adapter}: not a LoRA run (no adapter.json in {run.checkpoint.name}); merge whole "
+            f"runs as A and B instead."
+        )
+    base_weights = _source(Path(base), use_ema)[0] if base else run.base_weights()
+    merged = merge_lora(base_weights, run.adapter_weights(), run.adapter["alpha"], alpha)
+    recipe = {
+        "lora": str(adapter),
+        "base": str(base or run.adapter["base"]),
+        "alpha": alpha,
+        "method": "lora",
+        "config_from": str(run.path),
+    }
+    return _write_run(Path(output), merged, run, recipe)
+
+
+def _write_run(output: Path, merged: dict, donor: Run, recipe: dict) -> Path:
+    """A complete run in `output` (one checkpoint: weights, U-Net config, state.json), written whole, then
+    renamed. A LoRA donor's configuration loses its LoRA settings: the merged run is a whole U-Net."""
+    from safetensors.torch import save_file
+
+    if checkpoints(output):
+        raise InputError(
+            f"{output} already holds a run ({checkpoints(output)[-1].name}); merge into a new folder."
+        )
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     folder = tmp / "checkpoints" / donor.checkpoint.name
     folder.mkdir(parents=True)
+    merged = {k: v.contiguous() for k, v in merged.items()}
     save_file(merged, str(folder / "ema.safetensors"))
     save_file(merged, str(folder / "unet.safetensors"))
     shutil.copy(donor.checkpoint / "unet_config.json", folder / "unet_config.json")
-    state = dict(donor.state) | {"merge": recipe}
+    config = dict(donor.config) | {"lora_rank": 0, "lora_alpha": None}
+    state = dict(donor.state) | {"config": config, "merge": recipe}
     (folder / "state.json").write_text(json.dumps(state, indent=2))
     (tmp / "merge.json").write_text(json.dumps(recipe, indent=2))
     if output.exists():  # an empty or stale folder (no checkpoints): replaced

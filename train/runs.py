@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentmill.curate.errors import InputError
-from latentmill.train.checkpoint import latest_checkpoint, weights_needed
+from latentmill.train.checkpoint import checkpoints, is_lora, latest_checkpoint, weights_needed
 
 
 @dataclass
@@ -23,13 +23,71 @@ class Run:
         return self.state["config"]
 
     @property
+    def is_lora(self) -> bool:
+        return is_lora(self.checkpoint)
+
+    @property
+    def adapter(self) -> dict:
+        """A LoRA run's adapter.json: rank, alpha, targets, base, base_fingerprint."""
+        return json.loads((self.checkpoint / "adapter.json").read_text())
+
+    @property
     def weights_file(self) -> Path:
+        if self.is_lora:
+            return self.checkpoint / ("lora_ema.safetensors" if self.use_ema else "lora.safetensors")
         return self.checkpoint / ("ema.safetensors" if self.use_ema else "unet.safetensors")
 
-    def weights(self) -> dict:
+    def adapter_weights(self) -> dict:
+        """A LoRA run's adapter tensors (peft names: <module>.lora_A.weight, <module>.lora_B.weight)."""
         from safetensors.torch import load_file
 
         return load_file(self.weights_file)
+
+    def weights(self, lora_scale: float = 1.0) -> dict:
+        """The U-Net's weights; for a LoRA run, its base with the adapter baked in at `lora_scale`."""
+        from safetensors.torch import load_file
+
+        if not self.is_lora:
+            return load_file(self.weights_file)
+        from latentmill.train.lora import merge_lora
+
+        return merge_lora(self.base_weights(), self.adapter_weights(), self.adapter["alpha"], lora_scale)
+
+    def base_weights(self) -> dict:
+        """A LoRA run's base U-Net weights (its --model folder, or its --init-from run's), checked against
+        the fingerprint the adapter was trained on."""
+        from latentmill.train.lora import fingerprint
+
+        adapter = self.adapter
+        base = adapter["base"]
+        if Path(base).is_dir() and checkpoints(Path(base)):
+            state = load_run(base, True, "the adapter's base run").weights()
+        else:
+            from diffusers import UNet2DConditionModel
+
+            path = Path(base)
+            try:
+                unet = UNet2DConditionModel.from_pretrained(
+                    base,
+                    subfolder="unet" if (path / "unet").exists() or not path.exists() else None,
+                    local_files_only=True,
+                )
+            except (OSError, ValueError) as err:
+                raise InputError(
+                    f"{self.path}: its LoRA adapter was trained on {base}, which is not found "
+                    f"({str(err).splitlines()[0][:100]}). Put that U-Net back in place, or merge onto "
+                    f"another base with `latentmill merge BASE --lora {self.path}`."
+                ) from None
+            state = unet.state_dict()
+        if fingerprint(state) != adapter.get("base_fingerprint"):
+            import warnings
+
+            warnings.warn(
+                f"{base}: these are not the weights the adapter in {self.path} was trained on "
+                f"(fingerprint {fingerprint(state)}, trained on {adapter.get('base_fingerprint')}).",
+                stacklevel=2,
+            )
+        return state
 
     def unet_config(self) -> dict:
         return json.loads((self.checkpoint / "unet_config.json").read_text())
@@ -57,7 +115,8 @@ def load_run(run: str | Path, use_ema: bool = True, what: str = "") -> Run:
     name = f"{what} {run}".strip()
     if not run.is_dir():
         raise InputError(f"{name}: not a run folder.")
-    found = latest_checkpoint(run, weights_needed(use_ema))
+    found = checkpoints(run)
+    found = latest_checkpoint(run, weights_needed(use_ema, bool(found) and is_lora(found[-1])))
     if not found:
         raise InputError(
             f"{name}: no checkpoints. Train first (`latentmill train ... -o {run}`), or give a run "

@@ -10,24 +10,29 @@ from latentmill.train.config import ExportConfig, TrainConfig
 
 
 @click.command()
-@click.argument("shards")
+@click.argument("shards", nargs=-1)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Run folder (checkpoints, log.jsonl).")
 @click_options(TrainConfig)
 def train(shards, output, **kwargs):
-    """Train a U-Net straight from latent shards (SHARDS: a folder, a brace pattern or a file).
+    """Train a U-Net straight from latent shards (SHARDS: folders, brace patterns or files).
 
-    `--resume` continues a stopped run from its last checkpoint, exactly. Many GPUs: launch with torchrun.
+    Several folders are mixed (--mix weights); --lora-rank trains LoRA adapters on a pretrained --model;
+    --instance/--class-data train DreamBooth with prior preservation. `--resume` continues a stopped run
+    from its last checkpoint, exactly. Many GPUs: launch with torchrun.
 
     \b
     Examples:
       latentmill train latents-256/ -o runs/stage1 --model sd15 --text-encoder sd15-pipeline/ --steps 20000
       torchrun --nproc-per-node 8 -m latentmill train latents-512/ -o runs/stage2 --init-from runs/stage1 ...
+      latentmill train latents/ -o runs/style --model sd15-pipeline/ --text-encoder sd15-pipeline/ --lora-rank 16
+      latentmill train photos/ paintings/ --mix 0.8,0.2 -o runs/mixed --model sd15-pipeline/ ...
+      latentmill train --instance dog-latents/ --class-data class-latents/ -o runs/dog --lora-rank 8 ...
     """
     from tqdm import tqdm
 
     from latentmill.train.loop import train as run_train
 
-    config = config_from(TrainConfig, kwargs, shards=shards, output=output)
+    config = config_from(TrainConfig, kwargs, shards=list(shards), output=output)
     with tqdm(total=config.steps, desc="train", unit="step", dynamic_ncols=True, leave=False) as bar:
 
         def progress(metrics):
@@ -47,29 +52,36 @@ def train(shards, output, **kwargs):
 @click.option("-o", "--output", required=True, type=click.Path(), help="diffusers pipeline folder to write.")
 @click_options(ExportConfig)
 def export(run, output, **kwargs):
-    """Write RUN's last checkpoint as a folder StableDiffusionPipeline.from_pretrained loads.
+    """Write RUN's last checkpoint as a folder StableDiffusionPipeline.from_pretrained loads; a LoRA run's
+    adapter as the file load_lora_weights reads (or, with --format kohya, the lora_unet_... file).
 
     \b
-    Example:
+    Examples:
       latentmill export runs/stage2 -o my-model/
+      latentmill export runs/style -o style-lora/
+      latentmill export runs/style --format kohya -o style.safetensors
     """
-    from latentmill.train.export import export_pipeline
+    from latentmill.train.export import export_run
 
     config = config_from(ExportConfig, kwargs)
-    path = export_pipeline(run, output, use_ema=config.ema, vae=config.vae)
+    path = export_run(run, output, config.format, use_ema=config.ema, vae=config.vae)
     click.echo(f"wrote {path}")
 
 
 @click.command()
-@click.argument("a", type=click.Path(exists=True))
-@click.argument("b", type=click.Path(exists=True))
+@click.argument("a", type=click.Path(exists=True), required=False)
+@click.argument("b", type=click.Path(exists=True), required=False)
 @click.option(
     "--alpha",
     type=Finite(),
-    required=True,
-    help="Weight of B (weighted sum) or of B - BASE (add difference).",
+    help="Weight of B (weighted sum), of B - BASE (add difference), or of the adapter (--lora; default 1).",
 )
 @click.option("--base", type=click.Path(exists=True), help="Add difference: A + alpha * (B - BASE).")
+@click.option(
+    "--lora",
+    type=click.Path(exists=True),
+    help="A LoRA run: bake its adapter into A (default: the base it was trained on) at scale alpha.",
+)
 @click.option("--no-ema", is_flag=True, help="Merge the raw weights instead of the EMA.")
 @click.option(
     "--config-from",
@@ -77,8 +89,9 @@ def export(run, output, **kwargs):
     help="The run whose configuration the merged run takes (default: the first of A, B, BASE that is a run).",
 )
 @click.option("-o", "--output", required=True, type=click.Path(), help="Run folder for the merged weights.")
-def merge(a, b, alpha, base, no_ema, config_from, output):
-    """Merge two runs (or .safetensors files): (1 - alpha) * A + alpha * B, or A + alpha * (B - BASE).
+def merge(a, b, alpha, base, lora, no_ema, config_from, output):
+    """Merge two runs (or .safetensors files): (1 - alpha) * A + alpha * B, or A + alpha * (B - BASE); or
+    bake a LoRA adapter into a whole U-Net.
 
     The output is a complete run: `export`, `sample` and `train --init-from` take it.
 
@@ -86,9 +99,22 @@ def merge(a, b, alpha, base, no_ema, config_from, output):
     Examples:
       latentmill merge runs/photo runs/anime --alpha 0.3 -o runs/merged
       latentmill merge runs/base-ft runs/style --base runs/base --alpha 1.0 -o runs/style-on-ft
+      latentmill merge --lora runs/style --alpha 0.8 -o runs/style-baked
     """
     from latentmill.train.merge import merge as run_merge
+    from latentmill.train.merge import merge_lora_run
 
+    if lora:
+        if b or base or config_from:
+            raise click.UsageError(
+                "--lora merges one adapter into one base (A): drop B, --base and --config-from."
+            )
+        alpha = 1.0 if alpha is None else alpha
+        path = merge_lora_run(lora, output, alpha, base=a, use_ema=not no_ema)
+        click.echo(f"wrote {path} (LoRA {lora} at scale {alpha})")
+        return
+    if not (a and b) or alpha is None:
+        raise click.UsageError("give A, B and --alpha (or --lora RUN to bake an adapter in).")
     path = run_merge(a, b, output, alpha, base, use_ema=not no_ema, config_from=config_from)
     click.echo(f"wrote {path} ({'add difference' if base else 'weighted sum'}, alpha {alpha})")
 

@@ -1,0 +1,163 @@
+"""What a run's steps draw from: one latent folder, a weighted mixture of several, and for DreamBooth the
+class images' folder beside the subject's.
+
+Each folder has its own LatentLoader (its shards, its manifest, its position), so every batch comes from
+one bucket of one folder. Which folder gives the n-th batch is drawn from a generator seeded by
+(seed, rank, n) alone: the draw needs no state but n, and a resumed run repeats the uninterrupted one.
+Folders must agree on what a latent means (VAE, scaling, resolution, channels, stored caption
+embeddings); their bucket sets may differ.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+from latentmill.curate.errors import InputError
+from latentmill.curate.latentshards import is_url
+from latentmill.train.loader import LatentLoader, LoaderState, expand_shards
+
+MUST_AGREE = ("resolution", "latent_channels", "downsample_factor", "scaling_factor", "shift_factor")
+
+
+def group_by_folder(sources: list[str]) -> list[str | list[str]]:
+    """One entry per latent set: folders as given, shard files (a shell glob) grouped by their folder in
+    order of first appearance."""
+    groups: dict[str, list[str]] = {}
+    for item in sources:
+        path = Path(item)
+        if is_url(item) or path.is_dir() or "{" in item:
+            groups.setdefault(item, []).append(item)
+        else:
+            groups.setdefault(str(path.parent), []).append(item)
+    return [items[0] if len(items) == 1 else items for items in groups.values()]
+
+
+def check_same_latent_space(manifests: list[dict], names: list[str]) -> None:
+    """Refuse folders whose latents mean different things, naming the two folders and what differs."""
+    first = manifests[0]
+    for manifest, name in zip(manifests[1:], names[1:], strict=True):
+        if manifest["vae"]["fingerprint"] != first["vae"]["fingerprint"]:
+            raise InputError(
+                f"{name}: made with VAE {manifest['vae'].get('name')!r} (fingerprint "
+                f"{manifest['vae']['fingerprint']}), {names[0]} with {first['vae'].get('name')!r} (fingerprint "
+                f"{first['vae']['fingerprint']}): folders trained together must share the VAE. Re-encode one "
+                f"with the other's --vae."
+            )
+        for key in MUST_AGREE:
+            if manifest.get(key) != first.get(key):
+                raise InputError(
+                    f"{name}: {key} is {manifest.get(key)}, {names[0]}'s is {first.get(key)}: folders trained "
+                    f"together must share it (encode both with the same --resolution and --vae)."
+                )
+        mine, theirs = manifest.get("text_encoder") or {}, first.get("text_encoder") or {}
+        if mine.get("shape") != theirs.get("shape") or mine.get("name") != theirs.get("name"):
+            raise InputError(
+                f"{name}: its stored caption embeddings ({mine.get('name') or 'none'}) differ from "
+                f"{names[0]}'s ({theirs.get('name') or 'none'}); encode both with the same --text-encoder, "
+                f"or train with --text-encoder."
+            )
+
+
+class TrainingData:
+    """Batches for the loop: `next()` gives (batch, class batch or None)."""
+
+    def __init__(self, sources: list[str], mix: list[float] | None, class_data: str | None, **loader_options):
+        groups = group_by_folder(sources)
+        if mix is not None and len(mix) != len(groups):
+            raise InputError(
+                f"--mix has {len(mix)} weight(s) for {len(groups)} latent folder(s): one weight per folder."
+            )
+        self.loaders = [LatentLoader(expand_shards(group), **loader_options) for group in groups]
+        self.class_loader = (
+            LatentLoader(expand_shards(class_data), **loader_options | {"seed": loader_options["seed"] + 1})
+            if class_data
+            else None
+        )
+        everyone = self.loaders + ([self.class_loader] if self.class_loader else [])
+        names = [str(g) for g in groups] + ([class_data] if class_data else [])
+        check_same_latent_space([loader.manifest for loader in everyone], names)
+        sizes = [loader.manifest.get("samples") or len(loader.shards) for loader in self.loaders]
+        self.weights = list(mix) if mix is not None else sizes
+        self.seed, self.rank = loader_options.get("seed", 0), loader_options.get("rank", 0)
+        self.drawn = 0  # batches drawn from the mixture so far
+        self._streams: list[Iterator | None] = [None] * len(self.loaders)
+        self._class_stream: Iterator | None = None
+
+    @property
+    def manifest(self) -> dict:
+        return self.loaders[0].manifest
+
+    @property
+    def folder(self):
+        return self.loaders[0].folder
+
+    @property
+    def my_shards(self) -> list[str]:
+        return [shard for loader in self._everyone() for shard in loader.my_shards]
+
+    @property
+    def epoch(self) -> int:
+        return self.loaders[0].state.epoch
+
+    def _everyone(self) -> list[LatentLoader]:
+        return self.loaders + ([self.class_loader] if self.class_loader else [])
+
+    def skipped_total(self) -> dict:
+        total: dict = {}
+        for loader in self._everyone():
+            for reason, n in loader.skipped_total().items():
+                total[reason] = total.get(reason, 0) + n
+        return total
+
+    def source_of(self, n: int) -> int:
+        """Which folder gives the n-th batch (a pure function of seed, rank and n)."""
+        if len(self.loaders) == 1:
+            return 0
+        rng = random.Random(f"{self.seed}/mix/{self.rank}/{n}")
+        return rng.choices(range(len(self.loaders)), weights=self.weights)[0]
+
+    def next(self) -> tuple[dict, dict | None]:
+        source = self.source_of(self.drawn)
+        self.drawn += 1
+        if self._streams[source] is None:
+            self._streams[source] = iter(self.loaders[source])
+        batch = next(self._streams[source])
+        batch["source"] = source
+        if not self.class_loader:
+            return batch, None
+        if self._class_stream is None:
+            self._class_stream = iter(self.class_loader)
+        return batch, next(self._class_stream)
+
+    # --- the position, saved in each checkpoint -------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """One folder: the loader's state as before; a mixture or DreamBooth: every loader's and the count."""
+        if len(self.loaders) == 1 and not self.class_loader:
+            return asdict(self.loaders[0].state)
+        return {
+            "drawn": self.drawn,
+            "sources": [asdict(loader.state) for loader in self.loaders],
+            "class": asdict(self.class_loader.state) if self.class_loader else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if "sources" not in state:
+            state = {"drawn": 0, "sources": [state], "class": None}
+        if len(state["sources"]) != len(self.loaders) or (state.get("class") is None) != (
+            self.class_loader is None
+        ):
+            raise InputError(
+                f"--resume: the checkpoint was trained on {len(state['sources'])} latent folder(s)"
+                f"{' with class data' if state.get('class') else ''}; give the same folders (and --class-data)."
+            )
+        self.drawn = state["drawn"]
+        for loader, saved in zip(self.loaders, state["sources"], strict=True):
+            loader.state = LoaderState(**saved)
+        if self.class_loader:
+            self.class_loader.state = LoaderState(**state["class"])
+        self._streams = [None] * len(self.loaders)
+        self._class_stream = None

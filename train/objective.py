@@ -1,0 +1,58 @@
+"""The denoising objective of one batch: noise, random timesteps, epsilon or v target, MSE with optional
+min-SNR weighting; and DreamBooth's step loss, the subject's plus the weighted class images'.
+
+Every draw comes from the generator passed in, in a fixed order (noise, its offset, timesteps), so a step
+is a pure function of its batches and its generator's seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from latentmill.train.conditioning import size_condition
+
+
+@dataclass
+class Objective:
+    schedule: object  # a diffusers DDPMScheduler (training_scheduler)
+    prediction: str = "epsilon"  # or "v_prediction"
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    size_conditioning: bool = False
+
+    def loss(self, model, latents: torch.Tensor, text: torch.Tensor, metas: list, generator) -> torch.Tensor:
+        """The batch's mean loss (a scalar on the model's device)."""
+        device, b = latents.device, latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        if self.noise_offset:
+            noise += self.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(
+                device
+            )
+        timesteps = torch.randint(0, 1000, (b,), generator=generator).to(device)
+        noisy = self.schedule.add_noise(latents, noise, timesteps)
+        target = (
+            noise if self.prediction == "epsilon" else self.schedule.get_velocity(latents, noise, timesteps)
+        )
+        extra = {"added_cond_kwargs": size_condition(text, metas)} if self.size_conditioning else {}
+        prediction = model(noisy, timesteps, encoder_hidden_states=text, **extra).sample
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.min_snr_gamma:
+            alphas = self.schedule.alphas_cumprod.to(device)[timesteps]
+            snr = alphas / (1 - alphas)
+            weight = torch.clamp(snr, max=self.min_snr_gamma) / (
+                snr if self.prediction == "epsilon" else snr + 1
+            )
+            per_sample = per_sample * weight
+        return per_sample.mean()
+
+    def step_loss(self, model, instance: tuple, class_images: tuple | None, prior_weight: float, generator):
+        """One micro-step's loss: the batch's, plus `prior_weight` times the class batch's (DreamBooth's
+        prior preservation). Each batch is (latents, text states, metas); they may come from different
+        buckets, so they take separate forward passes."""
+        loss = self.loss(model, *instance, generator)
+        if class_images is not None:
+            loss = loss + prior_weight * self.loss(model, *class_images, generator)
+        return loss

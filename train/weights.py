@@ -1,0 +1,111 @@
+"""What a run trains, averages and saves: the whole U-Net (with an EMA copy), or LoRA adapters on a frozen
+base (an EMA of the adapters only). The loop talks to both the same way."""
+
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+FULL_FILES = ("unet.safetensors", "ema.safetensors")
+LORA_FILES = ("lora.safetensors", "lora_ema.safetensors", "adapter.json")
+
+
+@torch.no_grad()
+def _lerp_ema(ema: list, params: list, decay: float, step: int) -> None:
+    """One multi-tensor lerp over every parameter (one kernel launch per group, not one per tensor)."""
+    decay = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(ema, params, 1 - decay)
+
+
+class FullWeights:
+    """Every U-Net weight trains; the EMA is a second U-Net."""
+
+    files = FULL_FILES
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.ema = copy.deepcopy(unet).requires_grad_(False)
+        self.params = list(unet.parameters())
+        self._ema_params = list(self.ema.parameters())
+
+    def update_ema(self, decay: float, step: int) -> None:
+        _lerp_ema(self._ema_params, self.params, decay, step)
+
+    def tensors(self) -> dict[str, dict]:
+        return {"unet.safetensors": self.unet.state_dict(), "ema.safetensors": self.ema.state_dict()}
+
+    def extra(self) -> dict[str, str]:
+        return {}
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        self.unet.load_state_dict(load_file(folder / "unet.safetensors"))
+        self.ema.load_state_dict(load_file(folder / "ema.safetensors"))
+
+    @contextmanager
+    def ema_unet(self):
+        yield self.ema
+
+
+class LoraWeights:
+    """A frozen base U-Net with LoRA adapters; only the adapters train, average and get saved.
+
+    adapter.json records the rank, alpha, targets, the base (`--model`, or the `--init-from` run) and the
+    base weights' fingerprint, taken from the U-Net in memory at every checkpoint: it proves the base did
+    not move, and `export`/`merge` check the base they load against it."""
+
+    files = LORA_FILES
+
+    def __init__(self, unet, rank: int, alpha: float, targets: str, seed: int, base: str):
+        from latentmill.train.lora import adapter_names, add_lora
+
+        self.unet = unet
+        self.modules = add_lora(unet, rank, alpha, targets, seed)
+        self.adapter = {"rank": rank, "alpha": alpha, "targets": targets, "base": base}
+        self.names = adapter_names(unet)
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        self.ema = [p.detach().clone() for p in self.params]
+
+    def update_ema(self, decay: float, step: int) -> None:
+        _lerp_ema(self.ema, self.params, decay, step)
+
+    def tensors(self) -> dict[str, dict]:
+        return {
+            "lora.safetensors": dict(zip(self.names, self.params, strict=True)),
+            "lora_ema.safetensors": dict(zip(self.names, self.ema, strict=True)),
+        }
+
+    def extra(self) -> dict[str, str]:
+        from latentmill.train.lora import base_state, fingerprint
+
+        info = self.adapter | {
+            "modules": len(self.modules),
+            "base_fingerprint": fingerprint(base_state(self.unet)),
+        }
+        return {"adapter.json": json.dumps(info, indent=2)}
+
+    @torch.no_grad()
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        for files, targets in (("lora.safetensors", self.params), ("lora_ema.safetensors", self.ema)):
+            saved = load_file(folder / files)
+            for name, target in zip(self.names, targets, strict=True):
+                target.copy_(saved[name])
+
+    @contextmanager
+    def ema_unet(self):
+        """The U-Net with the EMA adapters swapped in (for sample grids), the trained ones back after."""
+        kept = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.ema)
+        try:
+            yield self.unet
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, kept)

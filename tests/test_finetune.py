@@ -1,0 +1,351 @@
+"""Fine-tuning from latent shards: LoRA adapters (and their diffusers and kohya files), weighted mixtures of
+latent folders, DreamBooth's prior preservation. Tiny models on CPU."""
+
+import json
+
+import pytest
+import torch
+
+from latentmill.curate.encode import EncodeConfig, encode
+from latentmill.curate.errors import InputError
+from latentmill.train.config import TrainConfig
+from latentmill.train.data import TrainingData
+from latentmill.train.loop import train
+from tests.conftest import image_entry, make_shard, tiny_clip_text_pipeline
+
+ENCODE = dict(vae="tiny", bucket_min_side=64, bucket_max_side=256, step=32, flip=True, std=True)
+
+
+def _latents(root, name, seed, resolution=128, shards=2):
+    images = root / f"{name}-images"
+    images.mkdir()
+    for s in range(shards):
+        make_shard(
+            images / f"{s:05d}.tar",
+            [
+                image_entry(f"{seed}{s:03d}{i:04d}", 256, 256 if i % 2 else 192, seed=seed + i % 4)
+                for i in range(12)
+            ],
+        )
+    encode(images, root / name, EncodeConfig(resolution=resolution, **ENCODE))
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two latent folders at 128 px ("photos", "paintings"), one at 64 px, a tiny CLIP text pipeline, and a
+    "pretrained" base: a StableDiffusionPipeline folder exported from a short full run."""
+    from latentmill.train.export import export_run
+
+    root = tmp_path_factory.mktemp("finetune")
+    _latents(root, "photos", seed=0)
+    _latents(root, "paintings", seed=10)
+    _latents(root, "small", seed=20, resolution=64)
+    tiny_clip_text_pipeline(root / "text")
+    train(config(root, root / "base-run", steps=2, model="tiny"))
+    export_run(root / "base-run", root / "base")
+    return root
+
+
+def config(root, run, **overrides):
+    base = dict(
+        shards=str(root / "photos"),
+        output=str(run),
+        text_encoder=str(root / "text"),
+        model=str(root / "base"),
+        batch_size=4,
+        learning_rate=1e-2,
+        warmup_steps=1,
+        checkpoint_every=1000,
+        log_every=1,
+    )
+    return TrainConfig(**(base | overrides))
+
+
+def last_checkpoint(run):
+    return sorted((run / "checkpoints").glob("step-*"))[-1]
+
+
+def base_unet(root):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(root / "base" / "unet")
+
+
+# --- LoRA ----------------------------------------------------------------------------------------------
+
+
+def test_lora_targets_pick_the_attention_the_feed_forward_or_every_linear_layer(data):
+    from latentmill.train.lora import target_modules
+
+    unet = base_unet(data)
+    attention = target_modules(unet, "attention")
+    with_ff = target_modules(unet, "attention+ff")
+    every = target_modules(unet, "all-linear")
+    assert attention and all(name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0") for name in attention)
+    assert all(".attn1." in n or ".attn2." in n for n in attention)
+    assert set(attention) < set(with_ff) < set(every)
+    assert {n for n in with_ff if n not in attention} == {n for n in with_ff if ".ff.net." in n}
+    assert "time_embedding.linear_1" in every and "time_embedding.linear_1" not in with_ff
+
+
+@pytest.mark.slow
+def test_lora_trains_only_the_adapters_and_the_base_stays_bit_identical(data, tmp_path):
+    from safetensors.torch import load_file
+
+    from latentmill.train.lora import fingerprint
+
+    run = tmp_path / "style"
+    train(config(data, run, steps=4, checkpoint_every=4, lora_rank=4, lora_alpha=8.0))
+    folder = last_checkpoint(run)
+    names = {p.name for p in folder.iterdir()}
+    assert {"lora.safetensors", "lora_ema.safetensors", "adapter.json"} <= names
+    assert not names & {"unet.safetensors", "ema.safetensors"}  # adapter-only checkpoints
+    lora = load_file(folder / "lora.safetensors")
+    assert lora and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in lora)
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if ".lora_B." in k)  # B left zero: it trained
+    optimizer = load_file(folder / "optimizer.safetensors")
+    assert {int(k.split(".")[0]) for k in optimizer} == set(range(len(lora)))  # Adam only saw adapters
+    adapter = json.loads((folder / "adapter.json").read_text())
+    assert (adapter["rank"], adapter["alpha"], adapter["targets"]) == (4, 8.0, "attention")
+    # the fingerprint is taken from the U-Net in memory at the checkpoint, after 4 optimizer steps
+    assert adapter["base_fingerprint"] == fingerprint(base_unet(data).state_dict())
+
+
+@pytest.mark.slow
+def test_an_exported_lora_loads_in_diffusers_changes_its_output_and_matches_the_baked_merge(
+    data, tmp_path, run_cli
+):
+    from diffusers import StableDiffusionPipeline
+
+    run = tmp_path / "style"
+    train(config(data, run, steps=4, checkpoint_every=4, lora_rank=4, lora_alpha=8.0))
+
+    def generate(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(
+            "a red circle",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images[0]
+
+    assert run_cli("export", run, "-o", tmp_path / "style-lora").exit_code == 0
+    assert run_cli("merge", "--lora", run, "-o", tmp_path / "baked").exit_code == 0
+    assert run_cli("export", tmp_path / "baked", "-o", tmp_path / "baked-pipeline").exit_code == 0
+    pipe = StableDiffusionPipeline.from_pretrained(data / "base")
+    before = generate(pipe)
+    pipe.load_lora_weights(tmp_path / "style-lora")
+    after = generate(pipe)
+    baked = generate(StableDiffusionPipeline.from_pretrained(tmp_path / "baked-pipeline"))
+    assert abs(after - before).max() > 1e-2  # the adapter changes the images
+    assert abs(after - baked).max() < 1e-4  # and means what the merge bakes in (alpha / rank included)
+
+
+@pytest.mark.slow
+def test_kohya_export_names_every_module_as_sd_scripts_does_and_diffusers_reads_it(data, tmp_path, run_cli):
+    """kohya's LoRA files (sd-scripts' networks/lora.py, as documented in its README and read by ComfyUI and
+    A1111) name each module `lora_unet_` + its U-Net path with dots as underscores, and hold
+    `.lora_down.weight` (rank x in), `.lora_up.weight` (out x rank) and a scalar `.alpha`."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from latentmill.train.lora import target_modules
+
+    run = tmp_path / "style"
+    train(config(data, run, steps=2, checkpoint_every=2, lora_rank=4, lora_alpha=2.0))
+    out = tmp_path / "style.safetensors"
+    result = run_cli("export", run, "--format", "kohya", "-o", out)
+    assert result.exit_code == 0, result.output
+    with safe_open(out, "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+        tensors = {k: f.get_tensor(k) for k in keys}
+    modules = target_modules(base_unet(data), "attention")
+    expected = {
+        f"lora_unet_{m.replace('.', '_')}.{part}"
+        for m in modules
+        for part in ("lora_down.weight", "lora_up.weight", "alpha")
+    }
+    assert keys == expected
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert tensors[f"{q}.lora_down.weight"].shape == (4, 32)
+    assert tensors[f"{q}.lora_up.weight"].shape == (32, 4)
+    assert tensors[f"{q}.alpha"].shape == () and float(tensors[f"{q}.alpha"]) == 2.0
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_up.weight" in keys
+    assert (metadata["ss_network_module"], metadata["ss_network_dim"], metadata["ss_network_alpha"]) == (
+        "networks.lora",
+        "4",
+        "2.0",
+    )
+    # diffusers' own kohya converter reads the file as the same adapter as our diffusers-format export
+    assert run_cli("export", run, "-o", tmp_path / "diffusers-format").exit_code == 0
+    pipe = StableDiffusionPipeline.from_pretrained(data / "base")
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for lora in (tmp_path / "diffusers-format", str(out)):
+        pipe.load_lora_weights(lora)
+        images.append(
+            pipe(
+                "a red circle",
+                num_inference_steps=2,
+                height=64,
+                width=64,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+            ).images[0]
+        )
+        pipe.unload_lora_weights()
+    assert abs(images[0] - images[1]).max() < 1e-5
+
+
+def test_merging_a_lora_adds_scale_times_alpha_over_rank_times_b_a():
+    from latentmill.train.lora import merge_lora
+
+    generator = torch.Generator().manual_seed(0)
+    base = {"x.to_q.weight": torch.randn(6, 5, generator=generator), "x.norm.weight": torch.ones(5)}
+    lora = {
+        "x.to_q.lora_A.weight": torch.randn(2, 5, generator=generator),
+        "x.to_q.lora_B.weight": torch.randn(6, 2, generator=generator),
+    }
+    merged = merge_lora(base, lora, alpha=4.0, scale=0.5)
+    expected = (
+        base["x.to_q.weight"] + 0.5 * (4.0 / 2) * lora["x.to_q.lora_B.weight"] @ lora["x.to_q.lora_A.weight"]
+    )
+    assert torch.allclose(merged["x.to_q.weight"], expected, atol=1e-6)
+    assert torch.equal(merged["x.norm.weight"], base["x.norm.weight"])
+    assert torch.equal(merge_lora(base, lora, alpha=4.0, scale=0.0)["x.to_q.weight"], base["x.to_q.weight"])
+    with pytest.raises(InputError, match="another architecture"):
+        merge_lora({"x.to_q.weight": torch.zeros(3, 3)}, lora, alpha=4.0)
+
+
+@pytest.mark.slow
+def test_a_lora_run_samples_resumes_exactly_and_is_refused_without_a_pretrained_model(
+    data, tmp_path, run_cli
+):
+    from safetensors.torch import load_file
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(config(data, straight, steps=4, checkpoint_every=4, lora_rank=2))
+    train(config(data, resumed, steps=2, checkpoint_every=2, lora_rank=2))
+    train(config(data, resumed, steps=4, checkpoint_every=2, lora_rank=2, resume=True))
+    a, b = (load_file(last_checkpoint(r) / "lora.safetensors") for r in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    result = run_cli("sample", straight, "--prompt", "a dog", "-o", tmp_path / "grid.png", "--steps", "2")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    with pytest.raises(InputError, match="LoRA adapts a trained U-Net"):
+        config(data, tmp_path / "x", model="tiny", lora_rank=4).validate()
+    result = run_cli("export", tmp_path / "straight", "--format", "kohya", "-o", tmp_path / "k.safetensors")
+    assert result.exit_code == 0
+    result = run_cli("train", data / "photos", "-o", tmp_path / "y", "--lora-alpha", "4")
+    assert result.exit_code == 2 and "--lora-rank" in result.output
+
+
+# --- mixtures ------------------------------------------------------------------------------------------
+
+
+def _mixture(data, **overrides):
+    options = dict(batch_size=2, seed=3, mode="resampled", shuffle_buffer=4, flip=True)
+    return TrainingData(
+        [str(data / "photos"), str(data / "paintings")],
+        overrides.pop("mix", [0.8, 0.2]),
+        overrides.pop("class_data", None),
+        **(options | overrides),
+    )
+
+
+def test_a_mixture_draws_batches_in_its_weights_proportions(data):
+    mixture = _mixture(data)
+    sources = [mixture.next()[0]["source"] for _ in range(1000)]
+    share = sources.count(0)
+    # binomial(1000, 0.8): sd 12.6; 4 sd either side
+    assert abs(share - 800) < 51, share
+    for _ in range(20):  # every batch from one bucket of one folder (photos' keys start with 0, paintings' 1)
+        batch, _ = mixture.next()
+        assert {key[0] for key in batch["keys"]} == {str(batch["source"])}
+        assert len({tuple(m["bucket"]) for m in batch["meta"]}) == 1
+
+
+def test_a_mixture_resumed_from_its_state_continues_the_same_batches(data):
+    straight = _mixture(data)
+    expected = [straight.next()[0]["keys"] for _ in range(60)]
+    first = _mixture(data)
+    seen = [first.next()[0]["keys"] for _ in range(25)]
+    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+    second = _mixture(data)
+    second.load_state_dict(state)
+    seen += [second.next()[0]["keys"] for _ in range(35)]
+    assert seen == expected
+
+
+def test_folders_mixed_together_must_share_the_latent_space(data, tmp_path, run_cli):
+    with pytest.raises(InputError, match="resolution"):
+        TrainingData([str(data / "photos"), str(data / "small")], None, None, batch_size=2)
+    manifest = json.loads((data / "paintings" / "manifest.json").read_text())
+    other = tmp_path / "other-vae"
+    other.mkdir()
+    for shard in (data / "paintings").glob("*.tar"):
+        (other / shard.name).write_bytes(shard.read_bytes())
+    manifest["vae"] = manifest["vae"] | {"fingerprint": "0123456789abcdef", "name": "another-vae"}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="share the VAE"):
+        TrainingData([str(data / "photos"), str(other)], None, None, batch_size=2)
+    result = run_cli("train", data / "photos", data / "paintings", "--mix", "0.5", "-o", tmp_path / "r")
+    assert result.exit_code == 2 and "one weight per folder" in result.output
+
+
+def test_without_weights_folders_mix_in_proportion_to_their_sizes(data):
+    mixture = _mixture(data, mix=None)
+    sizes = [json.loads((data / n / "manifest.json").read_text())["samples"] for n in ("photos", "paintings")]
+    assert mixture.weights == sizes
+
+
+# --- DreamBooth ----------------------------------------------------------------------------------------
+
+
+def test_the_prior_preservation_loss_is_the_instance_mse_plus_the_weighted_class_mse(data):
+    import torch.nn.functional as F
+
+    from latentmill.train.objective import Objective
+    from latentmill.train.schedule import training_scheduler
+
+    unet = base_unet(data)
+    g = torch.Generator().manual_seed(0)
+    instance = (torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g), [{}] * 2)
+    class_images = (torch.randn(3, 4, 16, 12, generator=g), torch.randn(3, 77, 32, generator=g), [{}] * 3)
+    objective = Objective(training_scheduler("epsilon"), "epsilon", min_snr_gamma=None)
+    with torch.no_grad():
+        loss = objective.step_loss(unet, instance, class_images, 0.7, torch.Generator().manual_seed(5))
+
+        # the same draws by hand, in the documented order: per batch noise, then timesteps
+        draws = torch.Generator().manual_seed(5)
+        terms = []
+        for latents, text, _ in (instance, class_images):
+            noise = torch.randn(latents.shape, generator=draws)
+            t = torch.randint(0, 1000, (latents.shape[0],), generator=draws)
+            noisy = objective.schedule.add_noise(latents, noise, t)
+            terms.append(F.mse_loss(unet(noisy, t, encoder_hidden_states=text).sample, noise))
+    assert torch.allclose(loss, terms[0] + 0.7 * terms[1], rtol=1e-5)
+    assert not torch.allclose(terms[0], terms[1])
+
+
+@pytest.mark.slow
+def test_dreambooth_trains_on_instance_and_class_batches_and_resumes_exactly(data, tmp_path, run_cli):
+    from safetensors.torch import load_file
+
+    dreambooth = dict(
+        shards=[], instance=str(data / "photos"), class_data=str(data / "paintings"), lora_rank=2
+    )
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(config(data, straight, steps=4, checkpoint_every=4, **dreambooth))
+    train(config(data, resumed, steps=2, checkpoint_every=2, **dreambooth))
+    train(config(data, resumed, steps=4, checkpoint_every=2, resume=True, **dreambooth))
+    a, b = (load_file(last_checkpoint(r) / "lora.safetensors") for r in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = json.loads((last_checkpoint(straight) / "state.json").read_text())
+    assert state["loader"]["class"]["batches"] == 4  # one class batch per step
+    assert sum(s["batches"] for s in state["loader"]["sources"]) == 4
+    result = run_cli("train", "--instance", data / "photos", "-o", tmp_path / "x")
+    assert result.exit_code == 2 and "--class-data" in result.output

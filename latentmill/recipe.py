@@ -18,6 +18,7 @@ from latentmill.curate.download import DownloadConfig
 from latentmill.curate.encode import EncodeConfig
 from latentmill.curate.errors import InputError
 from latentmill.curate.executors import ExecutorConfig
+from latentmill.curate.pack import PackConfig
 from latentmill.curate.prefilter import PrefilterConfig
 from latentmill.filters.dedup import DedupConfig
 from latentmill.filters.fit import FitConfig
@@ -32,11 +33,12 @@ class UrlsSection(StageConfig):
     SECTION = "urls"
     source: str = opt(
         "file",
-        "file: the table given with --urls (or `path`); sample-server: the demo's own.",
-        choices=("file", "sample-server"),
+        "file: the table given with --urls (or `path`); folder: a folder of your own images (packed, not "
+        "downloaded; captions from the pack section or .txt files); sample-server: the demo's own.",
+        choices=("file", "folder", "sample-server"),
         cli=False,
     )
-    path: str | None = opt(None, "The URL table, when --urls is not given.", cli=False)
+    path: str | None = opt(None, "The URL table (or image folder), when --urls is not given.", cli=False)
     photo_views: int = opt(
         1, "sample-server: crops per bundled photograph (12 photographs).", low=1, cli=False
     )
@@ -63,6 +65,7 @@ SECTIONS = {
     "urls": lambda: UrlsSection,
     "prefilter": lambda: PrefilterConfig,
     "download": lambda: DownloadConfig,
+    "pack": lambda: PackConfig,
     "score": _score_config,
     "dedup": lambda: DedupConfig,
     "select": lambda: SelectConfig,

@@ -77,8 +77,16 @@ def _prefilter(ctx: Context) -> dict:
 def _download(ctx: Context) -> dict:
     from latentmill.curate.download import download
 
+    if _from_folder(ctx.recipe):  # a folder of the user's own images: packed into image shards instead
+        from latentmill.curate.pack import pack_images
+
+        return pack_images(_url_table(ctx), ctx.layout.images, section(ctx.recipe, "pack"))
     _url_table(ctx)  # the demo's server must be up while img2dataset downloads
     return download(ctx.layout.kept, ctx.layout.images, section(ctx.recipe, "download", **ctx.allowed))
+
+
+def _from_folder(recipe: dict) -> bool:
+    return (recipe.get("urls") or {}).get("source") == "folder"
 
 
 def _score(ctx: Context) -> dict:
@@ -219,6 +227,7 @@ def _export(ctx: Context) -> dict:
 def _summaries():
     from latentmill.curate.download import format_summary
     from latentmill.curate.encode import format_encode_summary
+    from latentmill.curate.pack import format_pack_summary
     from latentmill.curate.prefilter import format_prefilter_funnel
     from latentmill.filters.dedup import format_dedup_funnel
     from latentmill.filters.fit import format_metrics
@@ -227,7 +236,7 @@ def _summaries():
 
     return {
         "prefilter": format_prefilter_funnel,
-        "download": format_summary,
+        "download": lambda out: format_pack_summary(out) if "packed" in out else format_summary(out),
         "score": format_score_totals,
         "fit-heads": lambda out: "\n".join(f"{column}: {format_metrics(m)}" for column, m in out.items()),
         "dedup": format_dedup_funnel,
@@ -255,6 +264,7 @@ STAGES: tuple[Stage, ...] = (
         _prefilter,
         _summary("prefilter"),
         prefilter_status,
+        applies=lambda recipe: not _from_folder(recipe),
     ),
     Stage("download", "download", ("kept",), ("images",), _download, _summary("download"), download_status),
     Stage(
@@ -382,7 +392,12 @@ def _url_table(ctx: Context) -> Path:
         return lay.sample_table
     path = ctx.urls or source.path
     if not path:
-        raise InputError("this recipe reads a URL table: give --urls FILE (or set urls.path).")
+        what = (
+            "a folder of images: give --urls FOLDER"
+            if source.source == "folder"
+            else "a URL table: give --urls FILE"
+        )
+        raise InputError(f"this recipe reads {what} (or set urls.path).")
     ctx.table = Path(path)
     return Path(path)
 

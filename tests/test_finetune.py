@@ -349,3 +349,97 @@ def test_dreambooth_trains_on_instance_and_class_batches_and_resumes_exactly(dat
     assert sum(s["batches"] for s in state["loader"]["sources"]) == 4
     result = run_cli("train", "--instance", data / "photos", "-o", tmp_path / "x")
     assert result.exit_code == 2 and "--class-data" in result.output
+
+
+# --- the user's own pictures, class images, the recipe ----------------------------------------------------
+
+
+def _picture_folder(folder, count=6):
+    from latentmill.curate import samples
+
+    folder.mkdir(parents=True)
+    for i in range(count):
+        image, _ = samples.synthetic(i, 160 + 32 * (i % 3), 160)
+        image.save(folder / f"pic{i}.png")
+    return folder
+
+
+def test_images_pack_writes_img2dataset_shards_from_a_folder_and_resumes(tmp_path, run_cli):
+    from latentmill.curate.imageshards import ShardReadStats, iter_image_shard
+
+    folder = _picture_folder(tmp_path / "mine")
+    (folder / "pic1.txt").write_text("my own caption\n")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    result = run_cli(
+        "images",
+        "pack",
+        folder,
+        "-o",
+        tmp_path / "shards",
+        "--caption",
+        "a photo of sks",
+        "--shard-size",
+        "4",
+    )
+    assert result.exit_code == 0, result.output
+    assert "packed 6 image(s)" in result.output and "undecodable 1" in result.output
+    shards = sorted((tmp_path / "shards").glob("*.tar"))
+    assert [s.name for s in shards] == ["00000.tar", "00001.tar"]
+    assert all(
+        s.with_name(s.stem + "_stats.json").exists() and s.with_suffix(".parquet").exists() for s in shards
+    )
+    stats = ShardReadStats()
+    samples = [s for shard in shards for s in iter_image_shard(shard, stats)]
+    captions = {s.meta["url"]: s.caption for s in samples}
+    assert captions["pic1.png"] == "my own caption" and captions["pic0.png"] == "a photo of sks"
+    assert len(samples) == 6 and stats.samples == 6
+    before = [s.stat().st_mtime_ns for s in shards]
+    assert (
+        run_cli(
+            "images", "pack", folder, "-o", tmp_path / "shards", "--caption", "x", "--shard-size", "4"
+        ).exit_code
+        == 0
+    )
+    assert [s.stat().st_mtime_ns for s in shards] == before  # done shards are kept
+    result = run_cli("images", "pack", tmp_path / "shards", "-o", tmp_path / "nothing")
+    assert result.exit_code == 2 and "no image files" in result.output
+
+
+@pytest.mark.slow
+def test_class_images_come_from_the_base_pipeline_into_a_folder_that_packs(data, tmp_path, run_cli):
+    out = tmp_path / "class-images"
+    args = ["sample", data / "base", "--prompt", "a photo of a dog", "--count", "3", "--steps", "2"]
+    args += ["--width", "64", "--height", "64", "--to-folder", out]
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == ["000000.png", "000001.png", "000002.png"]
+    assert all(p.with_suffix(".txt").read_text().strip() == "a photo of a dog" for p in pngs)
+    first = pngs[0].read_bytes()
+    pngs[2].unlink()  # a stopped call: run again, the missing image is made, the others kept
+    assert run_cli(*args).exit_code == 0
+    assert pngs[2].exists() and pngs[0].read_bytes() == first
+    result = run_cli("images", "pack", out, "-o", tmp_path / "class-shards")
+    assert result.exit_code == 0 and "packed 3 image(s)" in result.output
+
+
+@pytest.mark.slow
+def test_a_recipe_packs_a_folder_trains_a_lora_and_exports_it(data, tmp_path, run_cli):
+    from latentmill.train.lora import DIFFUSERS_FILE
+
+    folder = _picture_folder(tmp_path / "style", count=8)
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(
+        "urls: {source: folder}\n"
+        "pack: {caption: a picture in sks style}\n"
+        "score: {clip_model: tiny-rn, pretrained: none, workers: 0, batch_size: 8}\n"
+        "select: {min_side: 128}\n"
+        "encode: {resolution: 128, step: 32, vae: tiny}\n"
+        f"train: {{model: {data / 'base'}, text_encoder: {data / 'text'}, lora_rank: 4, steps: 3, batch_size: 2,\n"
+        "        warmup_steps: 1, checkpoint_every: 3}\n"
+    )
+    result = run_cli("run", recipe, "--urls", folder, "-w", tmp_path / "work")
+    assert result.exit_code == 0, result.output
+    assert "packed 8 image(s)" in result.output
+    assert (tmp_path / "work" / "export" / DIFFUSERS_FILE).exists()
+    assert not (tmp_path / "work" / "urls" / "kept.parquet").exists()  # no URL table, no prefilter

@@ -35,6 +35,7 @@ def test_every_shipped_recipe_validates_and_is_listed(run_cli):
         "laion-aesthetics-6plus",
         "sd-v1-stages",
         "finetune-sd15",
+        "lora-sd15",
     } <= set(names)
     for name in names:
         load_recipe(name)

@@ -17,6 +17,7 @@ from latentmill.configs import flag_of, kind_of, spec_of
 from latentmill.curate.download import DownloadConfig
 from latentmill.curate.encode import EncodeConfig
 from latentmill.curate.executors import ExecutorConfig
+from latentmill.curate.pack import PackConfig
 from latentmill.curate.prefilter import PrefilterConfig
 from latentmill.curate.tables import DEFAULT_COLUMNS
 from latentmill.filters.dedup import DedupConfig
@@ -61,6 +62,7 @@ COMMAND_CONFIGS = {
     ("buckets",): ((EncodeConfig,), {"images", "selection", "plot", "as_json"}),
     ("train",): ((TrainConfig,), {"output"}),
     ("export",): ((ExportConfig,), {"output"}),
+    ("images", "pack"): ((PackConfig,), {"output"}),
     ("run",): ((ExecutorConfig,), {"urls", "work", "overrides", "until"}),
 }
 # where a flag is not --KEY: a repeatable option takes the singular, the executor's kind is --executor
@@ -125,6 +127,7 @@ def test_recipe_sections_are_exactly_the_stage_configs():
         "urls",
         "prefilter",
         "download",
+        "pack",
         "score",
         "dedup",
         "select",

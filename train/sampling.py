@@ -101,6 +101,64 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int = 4) -> Path:
     return path
 
 
+def sampler(source: str | Path, use_ema: bool = True):
+    """make(prompts, seed, steps, guidance, size) -> (N, H, W, 3) uint8 images, from a run's last checkpoint
+    (its text encoder, the latents' VAE) or from a diffusers pipeline folder (e.g. the base model whose
+    class images DreamBooth preserves)."""
+    from latentmill.curate.errors import InputError
+
+    if (Path(source) / "model_index.json").exists():
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+
+        def from_pipeline(prompts, seed, steps, guidance, size):
+            width, height = size or (None, None)
+            images = pipe(
+                list(prompts),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                width=width,
+                height=height,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="np",
+            ).images
+            return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+        return from_pipeline
+    from latentmill.curate.textencoder import load_text_encoder
+    from latentmill.train.runs import load_run
+
+    loaded = load_run(source, use_ema)
+    config = loaded.config
+    if not config.get("text_encoder"):
+        raise InputError(
+            f"{source} was trained on stored caption embeddings: sampling needs the text encoder that made "
+            f"them; train with --text-encoder to sample."
+        )
+    unet = loaded.unet()
+    encoder = load_text_encoder(config["text_encoder"])
+    manifest = loaded.manifest()
+    empty = torch.from_numpy(encoder.encode([""]))[0]
+
+    def from_run(prompts, seed, steps, guidance, size):
+        return generate_from_manifest(
+            unet,
+            torch.from_numpy(encoder.encode(list(prompts))),
+            empty,
+            manifest,
+            config.get("vae"),
+            size,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            prediction=config["prediction"],
+        )
+
+    return from_run
+
+
 def sample_run(
     run: str | Path,
     prompts: list[str],
@@ -111,32 +169,44 @@ def sample_run(
     size: tuple[int, int] | None = None,
     use_ema: bool = True,
 ) -> Path:
-    """Images from a run's last checkpoint, with its text encoder and the latents' VAE, as one grid PNG."""
-    from latentmill.curate.errors import InputError
-    from latentmill.curate.textencoder import load_text_encoder
-    from latentmill.train.runs import load_run
+    """One image per prompt from a run (or a pipeline folder), as one grid PNG."""
+    return save_grid(sampler(run, use_ema)(prompts, seed, steps, guidance, size), output)
 
-    loaded = load_run(run, use_ema)
-    config = loaded.config
-    if not config.get("text_encoder"):
-        raise InputError(
-            f"{run} was trained on stored caption embeddings: sampling needs the text encoder that made "
-            f"them; train with --text-encoder to sample."
-        )
-    unet = loaded.unet()
-    encoder = load_text_encoder(config["text_encoder"])
-    manifest = loaded.manifest()
-    states, empty = torch.from_numpy(encoder.encode(prompts)), torch.from_numpy(encoder.encode([""]))[0]
-    images = generate_from_manifest(
-        unet,
-        states,
-        empty,
-        manifest,
-        config.get("vae"),
-        size,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        prediction=config["prediction"],
-    )
-    return save_grid(images, output)
+
+def sample_to_folder(
+    source: str | Path,
+    prompts: list[str],
+    folder: str | Path,
+    count: int = 1,
+    steps: int = 20,
+    guidance: float = 5.0,
+    seed: int = 0,
+    size: tuple[int, int] | None = None,
+    batch_size: int = 4,
+    progress=None,
+) -> int:
+    """`count` images of each prompt as folder/NNNNNN.png with the prompt in NNNNNN.txt, what
+    `latentmill images pack` reads (DreamBooth's class images). Batch b is drawn with seed + b and files are
+    written atomically, so a stopped call, run again, keeps what it made and makes the same rest."""
+    from PIL import Image
+
+    from latentmill.curate.atomic import atomic_path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [prompt for prompt in prompts for _ in range(count)]
+    make = None
+    for batch, start in enumerate(range(0, len(jobs), batch_size)):
+        chunk = jobs[start : start + batch_size]
+        names = [folder / f"{start + i:06d}" for i in range(len(chunk))]
+        if not all(name.with_suffix(".png").exists() for name in names):
+            make = make or sampler(source)
+            for name, prompt, image in zip(
+                names, chunk, make(chunk, seed + batch, steps, guidance, size), strict=True
+            ):
+                name.with_suffix(".txt").write_text(prompt + "\n")
+                with atomic_path(name.with_suffix(".png")) as tmp:
+                    Image.fromarray(image).save(tmp, format="PNG")
+        if progress:
+            progress(len(chunk))
+    return len(jobs)

@@ -51,10 +51,10 @@ COMMANDS = {
         "Train a U-Net straight from latent shards (one GPU, or many with torchrun).",
     ),
     "export": ("latentmill.cli.train:export", "Write a run as a diffusers StableDiffusionPipeline folder."),
-    "sample": ("latentmill.cli.train:sample", "Generate images from a run's last checkpoint."),
+    "sample": ("latentmill.cli.train:sample", "Generate images from a run or a diffusers pipeline folder."),
     "merge": (
         "latentmill.cli.train:merge",
-        "Merge checkpoints: weighted sum, or add-difference with a base.",
+        "Merge checkpoints (weighted sum, add-difference), or bake a LoRA adapter in.",
     ),
     "recipes": ("latentmill.cli.run:recipes", "List the shipped recipes."),
     "run": ("latentmill.cli.run:run", "Run a recipe's stages in order into one work folder (resumable)."),
@@ -62,7 +62,7 @@ COMMANDS = {
     "report": ("latentmill.cli.report:report", "One self-contained HTML page of a work folder."),
     "images": (
         "latentmill.cli.images:images",
-        "Look inside image shards: counts, sizes, unreadable samples.",
+        "Look inside image shards, or pack a folder of images into them.",
     ),
     "latents": (
         "latentmill.cli.latents:latents",

@@ -1,10 +1,13 @@
-"""`latentmill images inspect`."""
+"""`latentmill images inspect` and `images pack`."""
 
 from __future__ import annotations
 
 import json
 
 import click
+
+from latentmill.configs import click_options, config_from
+from latentmill.curate.pack import PackConfig
 
 
 @click.group()
@@ -43,3 +46,22 @@ def inspect(folder, decode, as_json):
     )
     for reason, keys in report.get("decode_errors", {}).items():
         click.echo(f"  not decodable ({reason}): {len(keys)}  e.g. {', '.join(keys[:3])}")
+
+
+@images.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(), help="Folder for the image shards.")
+@click_options(PackConfig)
+def pack(folder, output, **kwargs):
+    """Pack a folder of images (jpg, png, webp; captions in NAME.txt beside them, or --caption) into image
+    shards in img2dataset's layout, for `score`, `select` and `encode`. Resumable.
+
+    \b
+    Examples:
+      latentmill images pack dog-photos/ -o dog-shards/ --caption "a photo of sks dog"
+      latentmill images pack class-images/ -o class-shards/
+    """
+    from latentmill.curate.pack import format_pack_summary, pack_images
+
+    totals = pack_images(folder, output, config_from(PackConfig, kwargs))
+    click.echo(f"{format_pack_summary(totals)} into {output}")

@@ -120,7 +120,7 @@ def merge(a, b, alpha, base, lora, no_ema, config_from, output):
 
 
 @click.command()
-@click.argument("run", type=click.Path(exists=True))
+@click.argument("source", type=click.Path(exists=True))
 @click.option(
     "--prompt", "prompts", multiple=True, required=True, help="A prompt (repeatable): one image each."
 )
@@ -132,15 +132,36 @@ def merge(a, b, alpha, base, lora, no_ema, config_from, output):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--width", type=POSITIVE, help="Image width in px (default: the training resolution).")
 @click.option("--height", type=POSITIVE, help="Image height in px (default: the training resolution).")
-def sample(run, prompts, output, steps, guidance, seed, width, height):
-    """Generate images from RUN's last checkpoint (EMA weights) into one grid PNG.
+@click.option("--count", default=1, show_default=True, type=POSITIVE, help="Images per prompt.")
+@click.option(
+    "--to-folder",
+    type=click.Path(file_okay=False),
+    help="Write each image as NNNNNN.png with its prompt in NNNNNN.txt (for `images pack`), not a grid.",
+)
+def sample(source, prompts, output, steps, guidance, seed, width, height, count, to_folder):
+    """Generate images from SOURCE: a run's last checkpoint (EMA weights) or a diffusers pipeline folder.
+
+    One grid PNG, or with --to-folder single images to pack and encode (e.g. DreamBooth's class images,
+    from the base model).
 
     \b
-    Example:
+    Examples:
       latentmill sample runs/stage2 --prompt "a lighthouse at dusk" --prompt "a bowl of fruit" -o grid.png
+      latentmill sample sd15-pipeline/ --prompt "a photo of a dog" --count 200 --to-folder class-images/
     """
-    from latentmill.train.sampling import sample_run
+    from latentmill.train.sampling import sample_run, sample_to_folder
 
     size = (width, height) if width and height else None
-    path = sample_run(run, list(prompts), output, steps=steps, guidance=guidance, seed=seed, size=size)
+    if to_folder:
+        from latentmill.progress import progress_bar
+
+        with progress_bar(len(prompts) * count, "sample", "img") as bar:
+            made = sample_to_folder(
+                source, list(prompts), to_folder, count, steps, guidance, seed, size, progress=bar.update
+            )
+        click.echo(f"{made} image(s) in {to_folder}")
+        return
+    if count > 1:
+        prompts = tuple(p for p in prompts for _ in range(count))
+    path = sample_run(source, list(prompts), output, steps=steps, guidance=guidance, seed=seed, size=size)
     click.echo(f"wrote {path}")

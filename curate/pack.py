@@ -1,0 +1,126 @@
+"""A folder of image files as image shards in img2dataset's layout, so that `score`, `select` and `encode`
+take local pictures (a subject's photos for DreamBooth, class images made with `latentmill sample`) as
+they take downloads.
+
+Each image keeps its bytes (no re-encoding); its caption is the `.txt` file beside it (`dog1.jpg` ->
+`dog1.txt`) or `caption`. Files are taken in sorted path order, so packing twice gives the same shards;
+a file that does not decode is dropped and counted with its reason. Shards are written atomically and a
+shard with its `_stats.json` is done: re-running skips it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from latentmill.configs import StageConfig, opt
+from latentmill.curate.atomic import atomic_path, write_json
+from latentmill.curate.errors import InputError
+from latentmill.curate.imageshards import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
+
+
+@dataclass
+class PackConfig(StageConfig):
+    SECTION = "pack"
+    caption: str | None = opt(
+        None, "Caption of every image without a .txt file beside it (e.g. 'a photo of sks dog')."
+    )
+    shard_size: int = opt(10_000, "Images per shard.", low=1)
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The folder's image files (jpg, jpeg, png, webp; subfolders too), in sorted order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder of images.")
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+    )
+    if not files:
+        raise InputError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it or below it.")
+    return files
+
+
+def _caption(path: Path, default: str | None) -> str | None:
+    text = path.with_suffix(".txt")
+    return text.read_text(encoding="utf-8", errors="replace").strip() if text.exists() else default
+
+
+def pack_images(folder: str | Path, output: str | Path, config: PackConfig | None = None) -> dict:
+    """Write `output/{shard}.tar` (+ `.parquet`, `_stats.json`) from the images in `folder`; return the
+    totals: images packed, and dropped by reason (the decoder's: undecodable, truncated, ...; no_caption)."""
+    config = (config or PackConfig()).validate()
+    folder, output = Path(folder), Path(output)
+    files = image_files(folder)
+    if config.caption is None:
+        missing = [p for p in files if not p.with_suffix(".txt").exists()]
+        if len(missing) == len(files):
+            raise InputError(
+                f"{folder}: no image has a caption (.txt beside it); give --caption 'a photo of ...' for all."
+            )
+    output.mkdir(parents=True, exist_ok=True)
+    totals = {"packed": 0, "dropped": {}}
+    for index in range(0, len(files), config.shard_size):
+        shard = f"{index // config.shard_size:05d}"
+        if (output / f"{shard}_stats.json").exists():  # done in an earlier run
+            stats = json.loads((output / f"{shard}_stats.json").read_text())
+        else:
+            stats = _pack_shard(
+                folder, files[index : index + config.shard_size], output, shard, index, config
+            )
+        totals["packed"] += stats["successes"]
+        for reason, n in stats["dropped"].items():
+            totals["dropped"][reason] = totals["dropped"].get(reason, 0) + n
+    return totals
+
+
+def _pack_shard(folder: Path, files: list[Path], output: Path, shard: str, first: int, config) -> dict:
+    import pandas as pd
+
+    rows, dropped = [], {}
+    with atomic_path(output / f"{shard}.tar") as tmp, tarfile.open(tmp, "w") as tar:
+        for number, path in enumerate(files, start=first):
+            data = path.read_bytes()
+            caption = _caption(path, config.caption)
+            try:
+                image = decode_image(data)
+            except ImageDecodeError as err:
+                dropped[err.reason] = dropped.get(err.reason, 0) + 1
+                continue
+            if caption is None:
+                dropped["no_caption"] = dropped.get("no_caption", 0) + 1
+                continue
+            key = f"{number:09d}"
+            meta = {
+                "key": key,
+                "url": str(path.relative_to(folder)),
+                "caption": caption,
+                "width": image.width,
+                "height": image.height,
+                "original_width": image.width,
+                "original_height": image.height,
+                "status": "success",
+            }
+            extension = path.suffix.lower().lstrip(".")
+            for name, payload in (
+                (f"{key}.{extension}", data),
+                (f"{key}.txt", caption.encode()),
+                (f"{key}.json", json.dumps(meta).encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+            rows.append(meta)
+    with atomic_path(output / f"{shard}.parquet") as tmp:
+        pd.DataFrame(rows, columns=list(rows[0]) if rows else ["key"]).to_parquet(tmp, index=False)
+    stats = {"count": len(files), "successes": len(rows), "failed_to_download": 0, "dropped": dropped}
+    write_json(output / f"{shard}_stats.json", stats)
+    return stats
+
+
+def format_pack_summary(totals: dict) -> str:
+    dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(totals["dropped"].items()))
+    return f"packed {totals['packed']:,} image(s)" + (f"; dropped: {dropped}" if dropped else "")

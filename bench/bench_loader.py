@@ -61,6 +61,7 @@ def make_latents(folder: Path, count: int, shards: int = 8) -> None:
             "resolution": 512,
             "buckets": [list(b) for b in buckets],
             "text_encoder": None,
+            "encode_config": {"vae": "synthetic", "resolution": 512},
         },
         stats,
     )

@@ -74,6 +74,7 @@ def prepare(folder: Path, count: int = 64) -> None:
             "resolution": 256,
             "buckets": [[256, 256]],
             "text_encoder": None,
+            "encode_config": {"vae": "synthetic", "resolution": 256},
         },
         stats,
     )

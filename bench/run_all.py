@@ -13,6 +13,7 @@ for script, args in (
     ("bench_loader.py", ["--images", "512"]),
     ("bench_draft.py", []),
     ("bench_dedup.py", ["--rows", "1000000", "--subset", "50000"]),
+    ("bench_lora.py", ["--steps", "12"]),
     ("bench_feed.py", ["encode-memory", "--sizes", "500,2000,8000", "--baseline-sizes", "500,2000"]),
     ("bench_feed.py", ["prepare", "--images", "400"]),
     ("bench_feed.py", ["resume", "--late", "2000"]),

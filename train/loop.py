@@ -149,6 +149,8 @@ def train(config: TrainConfig, progress=None) -> dict:
         )
     if rank == 0:
         remove_stale_temporaries(run)
+    if config.resume:
+        _check_same_kind_of_run(run, config)
     resume_from = (
         latest_checkpoint(run, training_files(weights.files), fallback=True) if config.resume else None
     )
@@ -298,6 +300,26 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+RESUME_MUST_MATCH = ("lora_rank", "lora_targets", "mix", "instance", "class_data")
+
+
+def _check_same_kind_of_run(run: Path, config: TrainConfig) -> None:
+    """--resume with other LoRA, mixture or DreamBooth settings than the run's is refused by name (its
+    checkpoint would not fit, or its loader position would mean other batches)."""
+    try:
+        saved = json.loads((checkpoints(run)[-1] / "state.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a damaged newest checkpoint: the fallback below deals with it
+    defaults = TrainConfig.__dataclass_fields__
+    for key in RESUME_MUST_MATCH:
+        before, now = saved.get(key, defaults[key].default), getattr(config, key)
+        if before != now:
+            raise InputError(
+                f"--resume: {run} was trained with {key} = {before!r}, this call gives {now!r}. Resume with "
+                f"the run's settings, or start a new run with another -o."
+            )
 
 
 def _stop_on_nonfinite(first_bad: torch.Tensor, recent_keys: dict, run: Path) -> None:

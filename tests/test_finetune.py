@@ -66,6 +66,19 @@ def last_checkpoint(run):
     return sorted((run / "checkpoints").glob("step-*"))[-1]
 
 
+def generate(pipe):
+    """One 64 px image of a fixed prompt at a fixed seed, two steps."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        "a red circle",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
+
+
 def base_unet(root):
     from diffusers import UNet2DConditionModel
 
@@ -121,17 +134,6 @@ def test_an_exported_lora_loads_in_diffusers_changes_its_output_and_matches_the_
     run = tmp_path / "style"
     train(config(data, run, steps=4, checkpoint_every=4, lora_rank=4, lora_alpha=8.0))
 
-    def generate(pipe):
-        pipe.set_progress_bar_config(disable=True)
-        return pipe(
-            "a red circle",
-            num_inference_steps=2,
-            height=64,
-            width=64,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        ).images[0]
-
     assert run_cli("export", run, "-o", tmp_path / "style-lora").exit_code == 0
     assert run_cli("merge", "--lora", run, "-o", tmp_path / "baked").exit_code == 0
     assert run_cli("export", tmp_path / "baked", "-o", tmp_path / "baked-pipeline").exit_code == 0
@@ -182,20 +184,10 @@ def test_kohya_export_names_every_module_as_sd_scripts_does_and_diffusers_reads_
     # diffusers' own kohya converter reads the file as the same adapter as our diffusers-format export
     assert run_cli("export", run, "-o", tmp_path / "diffusers-format").exit_code == 0
     pipe = StableDiffusionPipeline.from_pretrained(data / "base")
-    pipe.set_progress_bar_config(disable=True)
     images = []
     for lora in (tmp_path / "diffusers-format", str(out)):
         pipe.load_lora_weights(lora)
-        images.append(
-            pipe(
-                "a red circle",
-                num_inference_steps=2,
-                height=64,
-                width=64,
-                generator=torch.Generator().manual_seed(0),
-                output_type="np",
-            ).images[0]
-        )
+        images.append(generate(pipe))
         pipe.unload_lora_weights()
     assert abs(images[0] - images[1]).max() < 1e-5
 

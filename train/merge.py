@@ -32,12 +32,9 @@ def _source(path: Path, use_ema: bool) -> tuple[dict, Run | None]:
         and not checkpoints(path)
         and ((path / "unet").is_dir() or (path / "config.json").exists())
     ):
-        from diffusers import UNet2DConditionModel
+        from latentmill.train.models import load_pretrained_unet
 
-        unet = UNet2DConditionModel.from_pretrained(
-            path, subfolder="unet" if (path / "unet").is_dir() else None, local_files_only=True
-        )
-        return unet.state_dict(), None
+        return load_pretrained_unet(path, f"{path}: not").state_dict(), None
     loaded = load_run(path, use_ema)
     return loaded.weights(), loaded
 

@@ -45,6 +45,25 @@ def size_conditioning_config(cross_attention_dim: int, spec: str) -> dict:
     )
 
 
+def load_pretrained_unet(spec: str | Path, what: str):
+    """A diffusers U-Net from a pipeline folder (its unet/), a U-Net folder, or a model id in the local cache;
+    never downloads. `what` starts the error message (e.g. "--model X: not"), which ends with the fix."""
+    from diffusers import UNet2DConditionModel
+
+    path = Path(spec)
+    try:
+        return UNet2DConditionModel.from_pretrained(
+            spec,
+            subfolder="unet" if (path / "unet").exists() or not path.exists() else None,
+            local_files_only=True,
+        )
+    except (OSError, ValueError) as err:
+        raise InputError(
+            f"{what} a diffusers U-Net found locally ({str(err).splitlines()[0][:120]}). Download it first "
+            f"or give a local folder."
+        ) from None
+
+
 def build_unet(
     spec: str,
     latent_channels: int,
@@ -68,18 +87,7 @@ def build_unet(
             **UNET_CONFIGS[spec],
             **extra,
         )
-    path = Path(spec)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(
-            spec,
-            subfolder="unet" if (path / "unet").exists() or not path.exists() else None,
-            local_files_only=True,
-        )
-    except (OSError, ValueError) as err:
-        raise InputError(
-            f"--model {spec}: not a named config ({', '.join(UNET_CONFIGS)}) nor a diffusers U-Net found "
-            f"locally ({str(err).splitlines()[0][:120]}). Download it first or give a local folder."
-        ) from None
+    unet = load_pretrained_unet(spec, f"--model {spec}: not a named config ({', '.join(UNET_CONFIGS)}) nor")
     if unet.config.in_channels != latent_channels:
         raise InputError(
             f"--model {spec} takes {unet.config.in_channels}-channel latents; the shards hold {latent_channels}."

@@ -63,22 +63,10 @@ class Run:
         if Path(base).is_dir() and checkpoints(Path(base)):
             state = load_run(base, True, "the adapter's base run").weights()
         else:
-            from diffusers import UNet2DConditionModel
+            from latentmill.train.models import load_pretrained_unet
 
-            path = Path(base)
-            try:
-                unet = UNet2DConditionModel.from_pretrained(
-                    base,
-                    subfolder="unet" if (path / "unet").exists() or not path.exists() else None,
-                    local_files_only=True,
-                )
-            except (OSError, ValueError) as err:
-                raise InputError(
-                    f"{self.path}: its LoRA adapter was trained on {base}, which is not found "
-                    f"({str(err).splitlines()[0][:100]}). Put that U-Net back in place, or merge onto "
-                    f"another base with `latentmill merge BASE --lora {self.path}`."
-                ) from None
-            state = unet.state_dict()
+            what = f"{self.path}: its LoRA adapter was trained on {base}, which is not"
+            state = load_pretrained_unet(base, what).state_dict()
         if fingerprint(state) != adapter.get("base_fingerprint"):
             import warnings
 

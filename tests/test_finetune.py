@@ -341,6 +341,10 @@ def test_dreambooth_trains_on_instance_and_class_batches_and_resumes_exactly(dat
     state = json.loads((last_checkpoint(straight) / "state.json").read_text())
     assert state["loader"]["class"]["batches"] == 4  # one class batch per step
     assert sum(s["batches"] for s in state["loader"]["sources"]) == 4
+    result = run_cli(
+        "sample", straight, "--prompt", "a photo of sks", "-o", tmp_path / "g.png", "--steps", "2"
+    )
+    assert result.exit_code == 0, result.output
     result = run_cli("train", "--instance", data / "photos", "-o", tmp_path / "x")
     assert result.exit_code == 2 and "--class-data" in result.output
 

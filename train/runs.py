@@ -89,11 +89,14 @@ class Run:
         return unet.eval()
 
     def manifest(self) -> dict:
-        """The manifest of the latents it was trained on (VAE, scaling, resolution)."""
+        """The manifest of the latents it was trained on (VAE, scaling, resolution; the first folder's for
+        a mixture, the subject's for DreamBooth: they share them)."""
         from latentmill.curate.latentshards import read_manifest
         from latentmill.train.loader import expand_shards
 
-        return read_manifest(Path(expand_shards(self.config["shards"])[0]).parent)
+        config = self.config
+        sources = [config["instance"]] if config.get("instance") else config["shards"]
+        return read_manifest(Path(expand_shards(sources)[0]).parent)
 
 
 def load_run(run: str | Path, use_ema: bool = True, what: str = "") -> Run:

@@ -441,3 +441,8 @@ def test_a_recipe_packs_a_folder_trains_a_lora_and_exports_it(data, tmp_path, ru
     assert "packed 8 image(s)" in result.output
     assert (tmp_path / "work" / "export" / DIFFUSERS_FILE).exists()
     assert not (tmp_path / "work" / "urls" / "kept.parquet").exists()  # no URL table, no prefilter
+    result = run_cli("report", tmp_path / "work")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "work" / "report" / "index.html").exists()
+    result = run_cli("status", tmp_path / "work")
+    assert result.exit_code == 0 and "train" in result.output

@@ -147,7 +147,10 @@ def test_an_exported_lora_loads_in_diffusers_changes_its_output_and_matches_the_
 
 
 @pytest.mark.slow
-def test_kohya_export_names_every_module_as_sd_scripts_does_and_diffusers_reads_it(data, tmp_path, run_cli):
+@pytest.mark.parametrize("targets", ["attention", "all-linear"])
+def test_kohya_export_names_every_module_as_sd_scripts_does_and_diffusers_reads_it(
+    data, tmp_path, run_cli, targets
+):
     """kohya's LoRA files (sd-scripts' networks/lora.py, as documented in its README and read by ComfyUI and
     A1111) name each module `lora_unet_` + its U-Net path with dots as underscores, and hold
     `.lora_down.weight` (rank x in), `.lora_up.weight` (out x rank) and a scalar `.alpha`."""
@@ -157,14 +160,14 @@ def test_kohya_export_names_every_module_as_sd_scripts_does_and_diffusers_reads_
     from latentmill.train.lora import target_modules
 
     run = tmp_path / "style"
-    train(config(data, run, steps=2, checkpoint_every=2, lora_rank=4, lora_alpha=2.0))
+    train(config(data, run, steps=2, checkpoint_every=2, lora_rank=4, lora_alpha=2.0, lora_targets=targets))
     out = tmp_path / "style.safetensors"
     result = run_cli("export", run, "--format", "kohya", "-o", out)
     assert result.exit_code == 0, result.output
     with safe_open(out, "pt") as f:
         keys, metadata = set(f.keys()), f.metadata()
         tensors = {k: f.get_tensor(k) for k in keys}
-    modules = target_modules(base_unet(data), "attention")
+    modules = target_modules(base_unet(data), targets)
     expected = {
         f"lora_unet_{m.replace('.', '_')}.{part}"
         for m in modules
@@ -176,6 +179,8 @@ def test_kohya_export_names_every_module_as_sd_scripts_does_and_diffusers_reads_
     assert tensors[f"{q}.lora_up.weight"].shape == (32, 4)
     assert tensors[f"{q}.alpha"].shape == () and float(tensors[f"{q}.alpha"]) == 2.0
     assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_up.weight" in keys
+    resnet = "lora_unet_down_blocks_0_resnets_0_time_emb_proj.lora_down.weight"
+    assert (resnet in keys) == (targets == "all-linear")
     assert (metadata["ss_network_module"], metadata["ss_network_dim"], metadata["ss_network_alpha"]) == (
         "networks.lora",
         "4",

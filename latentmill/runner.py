@@ -20,6 +20,7 @@ from latentmill.curate.errors import InputError
 from latentmill.layout import Layout
 from latentmill.progress import progress_bar
 from latentmill.recipe import section
+from latentmill.sources import from_folder, url_source
 from latentmill.stagestatus import (
     dedup_status,
     download_status,
@@ -65,7 +66,7 @@ class Stage:
 def _prefilter(ctx: Context) -> dict:
     from latentmill.curate.prefilter import prefilter
 
-    table, lay = _url_table(ctx), ctx.layout
+    table, lay = url_source(ctx), ctx.layout
     if lay.kept_funnel.exists():
         return json.loads(lay.kept_funnel.read_text())
     with progress_bar(None, "[prefilter]", "rows") as bar:
@@ -77,16 +78,12 @@ def _prefilter(ctx: Context) -> dict:
 def _download(ctx: Context) -> dict:
     from latentmill.curate.download import download
 
-    if _from_folder(ctx.recipe):  # a folder of the user's own images: packed into image shards instead
+    if from_folder(ctx.recipe):  # a folder of the user's own images: packed into image shards instead
         from latentmill.curate.pack import pack_images
 
-        return pack_images(_url_table(ctx), ctx.layout.images, section(ctx.recipe, "pack"))
-    _url_table(ctx)  # the demo's server must be up while img2dataset downloads
+        return pack_images(url_source(ctx), ctx.layout.images, section(ctx.recipe, "pack"))
+    url_source(ctx)  # the demo's server must be up while img2dataset downloads
     return download(ctx.layout.kept, ctx.layout.images, section(ctx.recipe, "download", **ctx.allowed))
-
-
-def _from_folder(recipe: dict) -> bool:
-    return (recipe.get("urls") or {}).get("source") == "folder"
 
 
 def _score(ctx: Context) -> dict:
@@ -264,7 +261,7 @@ STAGES: tuple[Stage, ...] = (
         _prefilter,
         _summary("prefilter"),
         prefilter_status,
-        applies=lambda recipe: not _from_folder(recipe),
+        applies=lambda recipe: not from_folder(recipe),
     ),
     Stage("download", "download", ("kept",), ("images",), _download, _summary("download"), download_status),
     Stage(
@@ -358,48 +355,6 @@ def run_recipe(
 def _indent(prefix: str, text: str) -> str:
     lines = text.splitlines() or [""]
     return "\n".join([prefix + lines[0]] + [" " * len(prefix) + line for line in lines[1:]])
-
-
-def _url_table(ctx: Context) -> Path:
-    """The URL table: --urls (or urls.path), or the demo's sample server, started once per run."""
-    if ctx.table is not None:
-        return ctx.table
-    source, lay = section(ctx.recipe, "urls"), ctx.layout
-    if source.source == "sample-server":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from latentmill.curate.imageserver import ImageServer, prerender, sample_rows
-
-        # the same port on every run of this work folder: a resumed download must find the same URLs
-        port = int(lay.server_port.read_text()) if lay.server_port.exists() else 0
-        try:
-            server = ctx.stack.enter_context(ImageServer(port=port, slow_s=10))
-        except OSError as err:
-            raise InputError(
-                f"the demo's image server cannot listen on 127.0.0.1:{port} again ({err}); free the "
-                f"port, or start over in a new work folder."
-            ) from None
-        lay.server_port.write_text(str(server.port))
-        if not lay.sample_table.exists():
-            rows = sample_rows(server.url(""), n_synthetic=source.synthetic, photo_views=source.photo_views)
-            pq.write_table(pa.Table.from_pylist(rows), lay.sample_table)
-        prerender(pq.read_table(lay.sample_table, columns=["URL"]).column("URL").to_pylist())
-        ctx.log(f"[urls] sample URLs served on {server.url('/')}")
-        # the demo's own loopback server, and only it, is an exception to the private-address guard
-        ctx.allowed["allow_hosts"] = [f"127.0.0.1:{server.port}"]
-        ctx.table = lay.sample_table
-        return lay.sample_table
-    path = ctx.urls or source.path
-    if not path:
-        what = (
-            "a folder of images: give --urls FOLDER"
-            if source.source == "folder"
-            else "a URL table: give --urls FILE"
-        )
-        raise InputError(f"this recipe reads {what} (or set urls.path).")
-    ctx.table = Path(path)
-    return Path(path)
 
 
 def status(work: str | Path) -> list[dict]:

@@ -1,0 +1,60 @@
+"""Where a recipe's pictures come from (`urls.source`): a URL table (`--urls` or `urls.path`), a folder of
+the user's own images (packed by the download stage instead of downloaded), or the demo's loopback image
+server, started once per run and on the same port on every run of a work folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from latentmill.curate.errors import InputError
+from latentmill.recipe import section
+
+if TYPE_CHECKING:
+    from latentmill.runner import Context
+
+
+def from_folder(recipe: dict) -> bool:
+    return (recipe.get("urls") or {}).get("source") == "folder"
+
+
+def url_source(ctx: Context) -> Path:
+    """The URL table or image folder: --urls (or urls.path), or the demo's sample server, started once per run."""
+    if ctx.table is not None:
+        return ctx.table
+    source, lay = section(ctx.recipe, "urls"), ctx.layout
+    if source.source == "sample-server":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from latentmill.curate.imageserver import ImageServer, prerender, sample_rows
+
+        # the same port on every run of this work folder: a resumed download must find the same URLs
+        port = int(lay.server_port.read_text()) if lay.server_port.exists() else 0
+        try:
+            server = ctx.stack.enter_context(ImageServer(port=port, slow_s=10))
+        except OSError as err:
+            raise InputError(
+                f"the demo's image server cannot listen on 127.0.0.1:{port} again ({err}); free the "
+                f"port, or start over in a new work folder."
+            ) from None
+        lay.server_port.write_text(str(server.port))
+        if not lay.sample_table.exists():
+            rows = sample_rows(server.url(""), n_synthetic=source.synthetic, photo_views=source.photo_views)
+            pq.write_table(pa.Table.from_pylist(rows), lay.sample_table)
+        prerender(pq.read_table(lay.sample_table, columns=["URL"]).column("URL").to_pylist())
+        ctx.log(f"[urls] sample URLs served on {server.url('/')}")
+        # the demo's own loopback server, and only it, is an exception to the private-address guard
+        ctx.allowed["allow_hosts"] = [f"127.0.0.1:{server.port}"]
+        ctx.table = lay.sample_table
+        return lay.sample_table
+    path = ctx.urls or source.path
+    if not path:
+        what = (
+            "a folder of images: give --urls FOLDER"
+            if source.source == "folder"
+            else "a URL table: give --urls FILE"
+        )
+        raise InputError(f"this recipe reads {what} (or set urls.path).")
+    ctx.table = Path(path)
+    return Path(path)

@@ -9,7 +9,7 @@ import torch
 from latentmill.curate.encode import EncodeConfig, encode
 from latentmill.curate.errors import InputError
 from latentmill.train.config import TrainConfig
-from latentmill.train.data import TrainingData
+from latentmill.train.data import TrainingData, latent_sets
 from latentmill.train.loop import train
 from tests.conftest import image_entry, make_shard, tiny_clip_text_pipeline
 
@@ -252,7 +252,7 @@ def test_a_lora_run_samples_resumes_exactly_and_is_refused_without_a_pretrained_
 def _mixture(data, **overrides):
     options = dict(batch_size=2, seed=3, mode="resampled", shuffle_buffer=4, flip=True)
     return TrainingData(
-        [str(data / "photos"), str(data / "paintings")],
+        latent_sets([str(data / "photos"), str(data / "paintings")]),
         overrides.pop("mix", [0.8, 0.2]),
         overrides.pop("class_data", None),
         **(options | overrides),
@@ -285,7 +285,7 @@ def test_a_mixture_resumed_from_its_state_continues_the_same_batches(data):
 
 def test_folders_mixed_together_must_share_the_latent_space(data, tmp_path, run_cli):
     with pytest.raises(InputError, match="resolution"):
-        TrainingData([str(data / "photos"), str(data / "small")], None, None, batch_size=2)
+        TrainingData(latent_sets([str(data / "photos"), str(data / "small")]), None, None, batch_size=2)
     manifest = json.loads((data / "paintings" / "manifest.json").read_text())
     other = tmp_path / "other-vae"
     other.mkdir()
@@ -294,7 +294,7 @@ def test_folders_mixed_together_must_share_the_latent_space(data, tmp_path, run_
     manifest["vae"] = manifest["vae"] | {"fingerprint": "0123456789abcdef", "name": "another-vae"}
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(InputError, match="share the VAE"):
-        TrainingData([str(data / "photos"), str(other)], None, None, batch_size=2)
+        TrainingData(latent_sets([str(data / "photos"), str(other)]), None, None, batch_size=2)
     result = run_cli("train", data / "photos", data / "paintings", "--mix", "0.5", "-o", tmp_path / "r")
     assert result.exit_code == 2 and "one weight per folder" in result.output
 

@@ -22,9 +22,9 @@ from latentmill.train.loader import LatentLoader, LoaderState, expand_shards
 MUST_AGREE = ("resolution", "latent_channels", "downsample_factor", "scaling_factor", "shift_factor")
 
 
-def group_by_folder(sources: list[str]) -> list[str | list[str]]:
-    """One entry per latent set: folders as given, shard files (a shell glob) grouped by their folder in
-    order of first appearance."""
+def latent_sets(sources: list[str]) -> list[tuple[str, list[str]]]:
+    """(name, shard paths) per latent set: folders as given, shard files (a shell glob) grouped by their
+    folder in order of first appearance. Each set's shards are expanded here, once."""
     groups: dict[str, list[str]] = {}
     for item in sources:
         path = Path(item)
@@ -32,7 +32,7 @@ def group_by_folder(sources: list[str]) -> list[str | list[str]]:
             groups.setdefault(item, []).append(item)
         else:
             groups.setdefault(str(path.parent), []).append(item)
-    return [items[0] if len(items) == 1 else items for items in groups.values()]
+    return [(name, expand_shards(items[0] if len(items) == 1 else items)) for name, items in groups.items()]
 
 
 def check_same_latent_space(manifests: list[dict], names: list[str]) -> None:
@@ -62,26 +62,31 @@ def check_same_latent_space(manifests: list[dict], names: list[str]) -> None:
 
 
 class TrainingData:
-    """Batches for the loop: `next()` gives (batch, class batch or None)."""
+    """Batches for the loop: `next()` gives (batch, class batch or None). `sets` as `latent_sets` gives them."""
 
-    def __init__(self, sources: list[str], mix: list[float] | None, class_data: str | None, **loader_options):
-        groups = group_by_folder(sources)
-        if mix is not None and len(mix) != len(groups):
+    def __init__(
+        self,
+        sets: list[tuple[str, list[str]]],
+        mix: list[float] | None,
+        class_data: str | None,
+        seed: int = 0,
+        rank: int = 0,
+        **loader_options,
+    ):
+        if mix is not None and len(mix) != len(sets):
             raise InputError(
-                f"--mix has {len(mix)} weight(s) for {len(groups)} latent folder(s): one weight per folder."
+                f"--mix has {len(mix)} weight(s) for {len(sets)} latent folder(s): one weight per folder."
             )
-        self.loaders = [LatentLoader(expand_shards(group), **loader_options) for group in groups]
+        options = loader_options | {"rank": rank}
+        self.loaders = [LatentLoader(shards, seed=seed, **options) for _, shards in sets]
         self.class_loader = (
-            LatentLoader(expand_shards(class_data), **loader_options | {"seed": loader_options["seed"] + 1})
-            if class_data
-            else None
+            LatentLoader(expand_shards(class_data), seed=seed + 1, **options) if class_data else None
         )
-        everyone = self.loaders + ([self.class_loader] if self.class_loader else [])
-        names = [str(g) for g in groups] + ([class_data] if class_data else [])
-        check_same_latent_space([loader.manifest for loader in everyone], names)
+        names = [name for name, _ in sets] + ([class_data] if class_data else [])
+        check_same_latent_space([loader.manifest for loader in self._everyone()], names)
         sizes = [loader.manifest.get("samples") or len(loader.shards) for loader in self.loaders]
         self.weights = list(mix) if mix is not None else sizes
-        self.seed, self.rank = loader_options.get("seed", 0), loader_options.get("rank", 0)
+        self.seed, self.rank = seed, rank
         self.drawn = 0  # batches drawn from the mixture so far
         self._streams: list[Iterator | None] = [None] * len(self.loaders)
         self._class_stream: Iterator | None = None

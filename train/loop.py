@@ -29,9 +29,8 @@ from latentmill.train.checkpoint import (
 )
 from latentmill.train.conditioning import text_conditioning
 from latentmill.train.config import TrainConfig
-from latentmill.train.data import TrainingData, group_by_folder
+from latentmill.train.data import TrainingData, latent_sets
 from latentmill.train.latentspace import to_unet_space
-from latentmill.train.loader import expand_shards
 from latentmill.train.models import build_unet
 from latentmill.train.objective import Objective
 from latentmill.train.weights import FullWeights, LoraWeights
@@ -70,9 +69,9 @@ def train(config: TrainConfig, progress=None) -> dict:
     run = Path(config.output)
     # the latent folders (a mixture, DreamBooth's class images beside), read before anything is written:
     # bad input leaves no run folder
-    smallest = min(len(expand_shards(group)) for group in group_by_folder(config.sources()))
+    sets = latent_sets(config.sources())
     data = TrainingData(
-        config.sources(),
+        sets,
         config.mix,
         config.class_data,
         batch_size=config.batch_size,
@@ -82,7 +81,7 @@ def train(config: TrainConfig, progress=None) -> dict:
         mode=config.mode,
         shuffle_buffer=config.shuffle_buffer,
         flip=config.flip,
-        workers=_loader_workers(config, device, smallest // world),
+        workers=_loader_workers(config, device, min(len(shards) for _, shards in sets) // world),
         pin_memory=device.startswith("cuda"),
     )
     manifest = data.manifest
@@ -136,6 +135,7 @@ def train(config: TrainConfig, progress=None) -> dict:
         config.min_snr_gamma,
         config.noise_offset,
         config.size_conditioning,
+        device,
     )
     start = 0
     if checkpoints(run) and not config.resume:

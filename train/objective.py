@@ -22,6 +22,11 @@ class Objective:
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
     size_conditioning: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self):
+        # on the device once, not copied there every step
+        self.alphas = self.schedule.alphas_cumprod.to(self.device)
 
     def loss(self, model, latents: torch.Tensor, text: torch.Tensor, metas: list, generator) -> torch.Tensor:
         """The batch's mean loss (a scalar on the model's device)."""
@@ -40,7 +45,7 @@ class Objective:
         prediction = model(noisy, timesteps, encoder_hidden_states=text, **extra).sample
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.min_snr_gamma:
-            alphas = self.schedule.alphas_cumprod.to(device)[timesteps]
+            alphas = self.alphas[timesteps]
             snr = alphas / (1 - alphas)
             weight = torch.clamp(snr, max=self.min_snr_gamma) / (
                 snr if self.prediction == "epsilon" else snr + 1

@@ -299,6 +299,15 @@ def test_folders_mixed_together_must_share_the_latent_space(data, tmp_path, run_
     assert result.exit_code == 2 and "one weight per folder" in result.output
 
 
+def test_shard_files_of_one_folder_count_as_one_latent_set(data):
+    """`train photos/*.tar paintings/ --mix 0.8,0.2`: the shell's files are one folder, one weight."""
+    sources = [*map(str, sorted((data / "photos").glob("*.tar"))), str(data / "paintings")]
+    assert len(sources) == 3
+    assert [name for name, _ in latent_sets(sources)] == [str(data / "photos"), str(data / "paintings")]
+    config(data, data / "unused", shards=sources, mix=[0.8, 0.2]).validate()
+    assert len(TrainingData(latent_sets(sources), [0.8, 0.2], None, batch_size=2).loaders) == 2
+
+
 def test_without_weights_folders_mix_in_proportion_to_their_sizes(data):
     mixture = _mixture(data, mix=None)
     sizes = [json.loads((data / n / "manifest.json").read_text())["samples"] for n in ("photos", "paintings")]

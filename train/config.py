@@ -144,14 +144,9 @@ class TrainConfig(StageConfig):
                 f"{self.name('instance')} is DreamBooth's subject and needs {self.name('class_data')} "
                 f"(the class images' latents); to fine-tune on the folder alone, give it as SHARDS."
             )
-        if self.mix is not None:
-            if len(self.mix) != len(self.sources()):
-                raise InputError(
-                    f"{self.name('mix')} has {len(self.mix)} weight(s) for {len(self.sources())} latent "
-                    f"folder(s): give one weight per folder, in order."
-                )
-            if any(w < 0 for w in self.mix) or sum(self.mix) <= 0:
-                raise InputError(f"{self.name('mix')} {self.mix}: weights are >= 0 and not all 0.")
+        # one weight per folder is checked where shard files are grouped into folders (train/data.py)
+        if self.mix is not None and (any(w < 0 for w in self.mix) or sum(self.mix) <= 0):
+            raise InputError(f"{self.name('mix')} {self.mix}: weights are >= 0 and not all 0.")
         if self.lora_rank == 0 and self.lora_alpha is not None:
             raise InputError(
                 f"{self.name('lora_alpha')} is set but LoRA is off: give {self.name('lora_rank')} too."

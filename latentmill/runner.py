@@ -195,15 +195,12 @@ def _train(ctx: Context) -> dict:
 
 
 def _export(ctx: Context) -> dict:
-    from latentmill.train.export import export_run
-    from latentmill.train.lora import DIFFUSERS_FILE
+    from latentmill.train.export import export_format, export_run, export_target
 
     train_section = ctx.recipe.get("train") or {}
     run = ctx.layout.run(_train_stages(ctx.recipe)[-1]["name"])
     config = section(ctx.recipe, "export")
-    format = config.format
-    if format == "auto":
-        format = "diffusers" if train_section.get("lora_rank") else "pipeline"
+    format = export_format(config.format, bool(train_section.get("lora_rank")))
     text = train_section.get("text_encoder", "")
     if format == "pipeline" and (not text or str(text).startswith("openclip:")):
         return {
@@ -211,11 +208,7 @@ def _export(ctx: Context) -> dict:
             "open_clip text tower); `latentmill sample` generates from the run directly"
         }
     output = ctx.layout.export
-    done = {
-        "pipeline": output / "model_index.json",
-        "diffusers": output / DIFFUSERS_FILE,
-        "kohya": output / f"{run.name}.safetensors",
-    }[format]
+    done = export_target(run, output, format)
     if not done.exists():
         export_run(run, output, format, use_ema=config.ema, vae=config.vae)
     return {"path": str(done if format != "pipeline" else output), "format": format}

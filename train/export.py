@@ -65,6 +65,25 @@ def export_pipeline(
     return output
 
 
+def export_format(format: str, lora: bool) -> str:
+    """`auto` resolved: the adapter file (diffusers) for a LoRA run, else a pipeline folder."""
+    if format != "auto":
+        return format
+    return "diffusers" if lora else "pipeline"
+
+
+def export_target(run: Path, output: Path, format: str) -> Path:
+    """What an export writes, and what shows it done: the pipeline's model_index.json, diffusers' LoRA
+    file in OUTPUT, or kohya's file (OUTPUT if it ends in .safetensors, else OUTPUT/RUN_NAME.safetensors)."""
+    from latentmill.train.lora import DIFFUSERS_FILE
+
+    if format == "pipeline":
+        return output / "model_index.json"
+    if format == "diffusers":
+        return output / DIFFUSERS_FILE
+    return output if output.suffix == ".safetensors" else output / f"{run.name}.safetensors"
+
+
 def export_run(
     run: str | Path, output: str | Path, format: str = "auto", use_ema: bool = True, vae=None
 ) -> Path:
@@ -72,8 +91,7 @@ def export_run(
     from latentmill.train.runs import load_run
 
     loaded = load_run(run, use_ema)
-    if format == "auto":
-        format = "diffusers" if loaded.is_lora else "pipeline"
+    format = export_format(format, loaded.is_lora)
     if format == "pipeline":
         return export_pipeline(run, output, use_ema, vae)
     if not loaded.is_lora:
@@ -85,20 +103,19 @@ def export_run(
 
 
 def export_lora(loaded, output: Path, format: str) -> Path:
-    """The adapter in diffusers' format (OUTPUT/pytorch_lora_weights.safetensors) or kohya's (OUTPUT if it
-    ends in .safetensors, else OUTPUT/RUN_NAME.safetensors); written to a temporary name, then renamed."""
+    """The adapter in diffusers' or kohya's format at `export_target`; written to a temporary name, then
+    renamed."""
     from safetensors.torch import save_file
 
     from latentmill.curate.atomic import atomic_path
-    from latentmill.train.lora import DIFFUSERS_FILE, kohya_metadata, to_diffusers, to_kohya
+    from latentmill.train.lora import kohya_metadata, to_diffusers, to_kohya
 
     adapter, tensors = loaded.adapter, loaded.adapter_weights()
+    target = export_target(loaded.path, output, format)
     if format == "diffusers":
-        with atomic_path(output / DIFFUSERS_FILE) as tmp:
+        with atomic_path(target) as tmp:
             save_file(to_diffusers(tensors, adapter["alpha"]), str(tmp), metadata={"format": "pt"})
-        return output / DIFFUSERS_FILE
-    target = output if output.suffix == ".safetensors" else output / f"{loaded.path.name}.safetensors"
-    target.parent.mkdir(parents=True, exist_ok=True)
+        return target
     with atomic_path(target) as tmp:
         save_file(
             to_kohya(tensors, adapter["alpha"]),

@@ -122,41 +122,11 @@ def kill_when_done(process, marker):
 
 
 def tiny_clip_text_pipeline(folder):
-    """A folder with text_encoder/ (a tiny transformers CLIPTextModel, 32-d) and tokenizer/, as pipelines have."""
-    import json
+    """A folder with text_encoder/ (a tiny transformers CLIPTextModel, 32-d) and tokenizer/, as pipelines have:
+    the one the demo's `clip-tiny` uses."""
+    from latentmill.curate.textencoder import write_tiny_clip_pipeline
 
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            vocab_size=1000,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    ).save_pretrained(folder / "text_encoder")
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in letters:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (folder / "tokenizer").mkdir(parents=True)
-    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(
-        str(folder / "tokenizer" / "vocab.json"),
-        str(folder / "tokenizer" / "merges.txt"),
-        model_max_length=77,
-    )
-    tokenizer.save_pretrained(folder / "tokenizer")
-    return folder
+    return write_tiny_clip_pipeline(folder)
 
 
 class FlakyStage:

@@ -21,12 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from latentmill.configs import StageConfig, opt
 from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.atomic import atomic_path, write_json
-from latentmill.curate.errors import InputError
 from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
 from latentmill.curate.tables import UrlTable, columns_field
+from latentmill.errors import InputError
+from latentmill.schema import StageConfig, opt
 
 STATE_DIR = (
     "_latentmill"  # inside the output folder; not a *.json at top level, which img2dataset reads as shards

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from latentmill.configs import PRECISIONS, StageConfig, opt, resolve_device_precision
 from latentmill.curate.atomic import write_json
 from latentmill.curate.buckets import make_buckets
-from latentmill.curate.errors import InputError
 from latentmill.curate.imageshards import ImageSample, ShardReadStats, iter_image_shard, list_image_shards
 from latentmill.curate.latentshards import LatentShardWriter, write_manifest
 from latentmill.curate.prepare import PreparePool, PrepareSettings, default_workers
 from latentmill.curate.selection import kept_keys
 from latentmill.curate.vae import encode_batch
+from latentmill.devices import PRECISIONS, resolve_device_precision
+from latentmill.errors import InputError
+from latentmill.schema import StageConfig, opt
 
 DOWNSAMPLE = 8  # SD-family VAEs: latent side = image side / 8
 

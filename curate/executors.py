@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from latentmill.configs import StageConfig, opt
+from latentmill.schema import StageConfig, opt
 
 
 class ShardStage(Protocol):

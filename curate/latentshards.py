@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from latentmill.curate.atomic import atomic_path, write_json
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 
 MANIFEST = "manifest.json"
 LATENT_DTYPE = np.float16

@@ -23,7 +23,7 @@ import importlib
 import socket
 
 from latentmill.curate.addresses import is_private_host, normalize_host
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 
 REFUSED = "private_address"
 
@@ -116,7 +116,7 @@ def uninstall() -> None:
 
 def allow_hosts_field(allowed: str, refused: str):
     """The `allow_hosts` option of the stages that take URLs (prefilter, download)."""
-    from latentmill.configs import opt
+    from latentmill.schema import opt
 
     return opt(
         factory=list,

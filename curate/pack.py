@@ -16,10 +16,10 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentmill.configs import StageConfig, opt
 from latentmill.curate.atomic import atomic_path, write_json
-from latentmill.curate.errors import InputError
 from latentmill.curate.imageshards import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
+from latentmill.errors import InputError
+from latentmill.schema import StageConfig, opt
 
 
 @dataclass

@@ -17,14 +17,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from latentmill.configs import StageConfig, opt
 from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.dedupe import SeenUrls, hash_urls
-from latentmill.curate.errors import InputError
 from latentmill.curate.funnel import format_funnel, funnel_steps
 from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
 from latentmill.curate.tables import UrlTable, columns_field
+from latentmill.errors import InputError
+from latentmill.schema import StageConfig, opt
 
 
 @dataclass

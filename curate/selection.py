@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 
 
 def kept_keys(selection: str | Path | None, shard: str) -> set[str] | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
 
@@ -218,6 +218,6 @@ def _cast(batch: pa.RecordBatch, schema: pa.Schema, file: Path) -> pa.RecordBatc
 
 def columns_field():
     """The `columns` setting of the stages that read a URL table: role -> column (the --ROLE-col options)."""
-    from latentmill.configs import opt
+    from latentmill.schema import opt
 
     return opt(factory=dict, cli=False, help="role -> column name (the --ROLE-col options).")

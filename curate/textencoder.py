@@ -10,14 +10,15 @@ cross-attention reads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from latentmill.curate.errors import InputError
+from latentmill.curate.fingerprints import weights_fingerprint
+from latentmill.devices import torch_dtype
+from latentmill.errors import InputError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 # short names for the configs shipped here: a tiny ViT (tests) and a tiny ModifiedResNet at 128 px, whose
@@ -62,20 +63,6 @@ class TextEncoder:
         }
 
 
-def _fingerprint(name: str, module) -> str:
-    digest = hashlib.sha256(name.encode())
-    for key, tensor in sorted(module.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _torch_dtype(dtype: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-
-
 def _load_open_clip(spec: str, device: str, seed: int, dtype: str = "fp32") -> TextEncoder:
     import open_clip
     import torch
@@ -99,8 +86,8 @@ def _load_open_clip(spec: str, device: str, seed: int, dtype: str = "fp32") -> T
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(name)
     text_modules = torch.nn.ModuleList([model.token_embedding, model.transformer, model.ln_final])
-    fingerprint = _fingerprint(spec, text_modules)  # of the stored weights, before any cast
-    model.to(_torch_dtype(dtype))
+    fingerprint = weights_fingerprint(text_modules.state_dict())  # of the stored weights, before any cast
+    model.to(torch_dtype(dtype))
 
     def encode(captions: list[str]):
         tokens = tokenizer(captions).to(device, non_blocking=True)
@@ -143,8 +130,8 @@ def _load_transformers(spec: str, device: str, dtype: str = "fp32") -> TextEncod
     # tokenizers saved without model_max_length report a huge sentinel: the position table is the real limit
     context_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
 
-    fingerprint = _fingerprint(spec, model)
-    model.to(_torch_dtype(dtype))
+    fingerprint = weights_fingerprint(model.state_dict())
+    model.to(torch_dtype(dtype))
 
     def encode(captions: list[str]):
         tokens = tokenizer(

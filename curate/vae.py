@@ -6,14 +6,14 @@ latents made with one VAE are never read as if made with another.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from latentmill.curate.errors import InputError
+from latentmill.curate.fingerprints import weights_fingerprint
+from latentmill.errors import InputError
 
 # diffusers AutoencoderKL configs; "sd15" is Stable Diffusion 1.x/2.x's VAE architecture
 ARCHITECTURES = {
@@ -45,14 +45,6 @@ def architecture_config(model) -> dict:
     return json.loads(
         json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith("_")}, default=str)
     )
-
-
-def _fingerprint(model) -> str:
-    digest = hashlib.sha256(json.dumps(architecture_config(model), sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def load_vae(spec: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0) -> LoadedVae:
@@ -87,7 +79,7 @@ def load_vae(spec: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0)
             ) from None
         name = spec
     model.eval().requires_grad_(False)
-    fingerprint = _fingerprint(model)
+    fingerprint = weights_fingerprint(model.state_dict(), architecture_config(model))
     model.to(device=device)
     if dtype != "fp32":
         model.to(dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])

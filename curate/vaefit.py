@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 
 
 @dataclass

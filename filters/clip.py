@@ -3,15 +3,12 @@ QuickGELU correction for OpenAI weights, and embed images and captions (L2-norma
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentmill.configs import PRECISIONS, resolve_device_precision, torch_dtype
-from latentmill.curate.errors import InputError
 from latentmill.curate.textencoder import model_name, register_model_configs
-
-log = logging.getLogger(__name__)
+from latentmill.devices import PRECISIONS, resolve_device_precision, torch_dtype
+from latentmill.errors import InputError, warn
 
 
 @dataclass
@@ -57,12 +54,7 @@ def resolve_model_name(name: str, pretrained: str | None) -> str:
     if pretrained == "openai" and not name.endswith("-quickgelu"):
         fixed = f"{name}-quickgelu"
         if fixed in open_clip.list_models():
-            log.warning(
-                "%s with OpenAI weights needs QuickGELU: using %s (plain %s shifts scores).",
-                name,
-                fixed,
-                name,
-            )
+            warn(f"{name} with OpenAI weights needs QuickGELU: using {fixed} (plain {name} shifts scores).")
             return fixed
         raise InputError(
             f"--clip-model {name} with --pretrained openai: OpenAI weights need QuickGELU and open_clip "

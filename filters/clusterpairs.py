@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from latentmill.curate.atomic import atomic_path, write_json
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 
 if TYPE_CHECKING:
     from latentmill.filters.dedup import DedupConfig

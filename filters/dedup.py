@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from latentmill.configs import StageConfig, opt
 from latentmill.curate.atomic import atomic_path, write_json
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 from latentmill.filters.clusterpairs import AssignStage, PairStage, embeddings_path, fit_centroids
+from latentmill.schema import StageConfig, opt
 
 WORK = "_work"
 

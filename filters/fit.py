@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from latentmill.configs import StageConfig, opt
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
+from latentmill.schema import StageConfig, opt
 
 
 @dataclass

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 
 # the columns `score` writes for every image: a head writing one of them would overwrite it
 RESERVED_COLUMNS = (

@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 
 COMPARE = {
     ast.Lt: operator.lt,

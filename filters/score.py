@@ -17,16 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentmill.configs import PRECISIONS, StageConfig, opt
 from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.bucketstats import header_size
-from latentmill.curate.errors import InputError
 from latentmill.curate.imageshards import (
     ImageDecodeError,
     ShardReadStats,
     iter_image_shard,
     list_image_shards,
 )
+from latentmill.devices import PRECISIONS
+from latentmill.errors import InputError
+from latentmill.schema import StageConfig, opt
 
 WATERMARK_SIZE = 256
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from latentmill.configs import StageConfig, opt
 from latentmill.curate.atomic import atomic_path, write_json
-from latentmill.curate.errors import InputError
 from latentmill.curate.funnel import format_funnel, funnel_steps
+from latentmill.errors import InputError
 from latentmill.filters.rules import PRESETS, Rule, derived_columns
+from latentmill.schema import StageConfig, opt
 
 THRESHOLDS = {  # option -> the rule it stands for (the rule is named after the option)
     "min_aesthetic": "aesthetic >= {}",

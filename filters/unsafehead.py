@@ -10,13 +10,10 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError, warn
 from latentmill.filters.heads import Head, check_layout, load_state_dict, safetensors_metadata
-
-log = logging.getLogger(__name__)
 
 NSFW_FORMAT = "latentmill.head/laion-nsfw-1"
 
@@ -202,11 +199,10 @@ def _port_module(path, state: dict):
         },
         "LAION NSFW detector (PyTorch port layout)",
     )
-    log.warning(
-        "%s: the PyTorch port of LAION's NSFW detector skips the categorical lookup of the Keras model "
+    warn(
+        f"{path}: the PyTorch port of LAION's NSFW detector skips the categorical lookup of the Keras model "
         "(its punsafe differs by up to ~0.35 on float16 embeddings); convert the published zip instead: "
-        "latentmill convert-head laion-nsfw clip_autokeras_binary_nsfw.zip -o punsafe.safetensors",
-        path,
+        "latentmill convert-head laion-nsfw clip_autokeras_binary_nsfw.zip -o punsafe.safetensors"
     )
     dense = [
         (state[f"linear_{i}.weight"].float().numpy(), state[f"linear_{i}.bias"].float().numpy())

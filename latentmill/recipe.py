@@ -7,22 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import sys
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from latentmill.configs import StageConfig, from_section, opt, spec_of
 from latentmill.curate.download import DownloadConfig
 from latentmill.curate.encode import EncodeConfig
-from latentmill.curate.errors import InputError
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.curate.pack import PackConfig
 from latentmill.curate.prefilter import PrefilterConfig
+from latentmill.errors import InputError, warn
 from latentmill.filters.dedup import DedupConfig
 from latentmill.filters.fit import FitConfig
 from latentmill.filters.select import SelectConfig
+from latentmill.schema import StageConfig, from_section, opt, spec_of
 from latentmill.train.config import ExportConfig, TrainConfig
 
 
@@ -174,10 +173,8 @@ def _check_mapping(schema, body, source: str, where: str) -> None:
     renamed = {spec_of(f).old_key: f.name for f in fields.values() if spec_of(f) and spec_of(f).old_key}
     for key in list(body or {}):
         if key in renamed and renamed[key] not in body:
-            print(
-                f"Warning: {source}: {where}.{key} is now {where}.{renamed[key]}; the old key goes in the next "
-                f"release.",
-                file=sys.stderr,
+            warn(
+                f"{source}: {where}.{key} is now {where}.{renamed[key]}; the old key goes in the next release."
             )
             body[renamed[key]] = body.pop(key)
     for key in body or {}:

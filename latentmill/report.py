@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from latentmill.curate.atomic import atomic_path
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 from latentmill.layout import Layout
 
 THUMBS_PER_GROUP = 8

@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 from latentmill.layout import Layout
 from latentmill.progress import progress_bar
 from latentmill.recipe import section
@@ -102,8 +102,8 @@ def _score(ctx: Context) -> dict:
 def _fit_heads(ctx: Context) -> dict:
     """Fit each head on the sample's own labels (a URL-table column carried in the image shards) and add
     its column to the scores, as `latentmill fit-head --labels images/ --add-column` does."""
-    from latentmill.configs import from_section
     from latentmill.filters.fit import FitConfig, fit_and_add
+    from latentmill.schema import from_section
 
     lay, out = ctx.layout, {}
     for spec in ctx.recipe.get("fit_heads") or []:

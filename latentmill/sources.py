@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 from latentmill.recipe import section
 
 if TYPE_CHECKING:

@@ -12,10 +12,10 @@ import torch
 
 from latentmill.curate.buckets import place, resize_and_crop
 from latentmill.curate.encode import EncodeConfig, encode, encode_batch
-from latentmill.curate.errors import InputError
 from latentmill.curate.imageshards import iter_image_shard
 from latentmill.curate.latentshards import check_vae, iter_latent_shard, read_manifest
 from latentmill.curate.vae import load_vae
+from latentmill.errors import InputError
 from tests.conftest import image_entry, kill_when_done, make_shard, tiny_clip_text_pipeline
 
 SMALL = dict(resolution=256, batch_size=4, vae="tiny")

@@ -6,7 +6,6 @@ tests/laion_reference/make_nsfw_reference.py (TensorFlow); only their outputs ar
 """
 
 import importlib.util
-import logging
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError, LatentmillWarning
 from latentmill.filters.heads import load_aesthetic
 from latentmill.filters.kerasnsfw import KerasNsfw, read_keras_nsfw
 from latentmill.filters.unsafehead import h14_nsfw_module, load_unsafe, save_keras_nsfw
@@ -151,7 +150,7 @@ def test_the_lookup_formats_values_as_tensorflow_does():
         path.unlink()
 
 
-def test_the_pytorch_port_layout_loads_with_a_warning(tmp_path, caplog):
+def test_the_pytorch_port_layout_loads_with_a_warning(tmp_path):
     torch.manual_seed(0)
     state = {"norm.mean": torch.randn(32) * 0.1, "norm.variance": torch.rand(32) + 0.5}
     sizes = [32, 64, 512, 256, 1]
@@ -159,9 +158,8 @@ def test_the_pytorch_port_layout_loads_with_a_warning(tmp_path, caplog):
         state[f"linear_{i}.weight"] = torch.randn(sizes[i], sizes[i - 1]) * 0.1
         state[f"linear_{i}.bias"] = torch.randn(sizes[i]) * 0.1
     torch.save(state, tmp_path / "nsfw_port.pth")
-    with caplog.at_level(logging.WARNING):
+    with pytest.warns(LatentmillWarning, match="skips the categorical lookup.*convert-head laion-nsfw"):
         head = load_unsafe(tmp_path / "nsfw_port.pth")
-    assert "skips the categorical lookup" in caplog.text and "convert-head laion-nsfw" in caplog.text
     x = torch.nn.functional.normalize(torch.randn(20, 32), dim=1)
     h = (
         (x - state["norm.mean"]) / state["norm.variance"].sqrt()

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from latentmill.curate.download import DownloadConfig, download
-from latentmill.curate.errors import InputError
 from latentmill.curate.imageshards import iter_image_shard
+from latentmill.errors import InputError, LatentmillWarning
 from latentmill.filters.clip import load_clip, resolve_model_name
 from latentmill.filters.heads import aesthetic_v2_module, watermark_module
 from latentmill.filters.kerasnsfw import KerasNsfw
@@ -297,7 +297,8 @@ def test_heads_are_checked_before_any_work(downloaded, tmp_path, run_cli):
 
 
 def test_openai_weights_get_quickgelu():
-    assert resolve_model_name("ViT-L-14", "openai") == "ViT-L-14-quickgelu"
+    with pytest.warns(LatentmillWarning, match="needs QuickGELU"):
+        assert resolve_model_name("ViT-L-14", "openai") == "ViT-L-14-quickgelu"
     assert resolve_model_name("ViT-L-14", "laion2b_s32b_b82k") == "ViT-L-14"
     with pytest.raises(InputError, match="pretrained tag"):
         load_clip("latentmill-tiny", "no-such-tag")

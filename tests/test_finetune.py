@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from latentmill.curate.encode import EncodeConfig, encode
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 from latentmill.train.config import TrainConfig
 from latentmill.train.data import TrainingData, latent_sets
 from latentmill.train.loop import train
@@ -106,7 +106,7 @@ def test_lora_targets_pick_the_attention_the_feed_forward_or_every_linear_layer(
 def test_lora_trains_only_the_adapters_and_the_base_stays_bit_identical(data, tmp_path):
     from safetensors.torch import load_file
 
-    from latentmill.train.lora import fingerprint
+    from latentmill.curate.fingerprints import weights_fingerprint
 
     run = tmp_path / "style"
     train(config(data, run, steps=4, checkpoint_every=4, lora_rank=4, lora_alpha=8.0))
@@ -122,7 +122,7 @@ def test_lora_trains_only_the_adapters_and_the_base_stays_bit_identical(data, tm
     adapter = json.loads((folder / "adapter.json").read_text())
     assert (adapter["rank"], adapter["alpha"], adapter["targets"]) == (4, 8.0, "attention")
     # the fingerprint is taken from the U-Net in memory at the checkpoint, after 4 optimizer steps
-    assert adapter["base_fingerprint"] == fingerprint(base_unet(data).state_dict())
+    assert adapter["base_fingerprint"] == weights_fingerprint(base_unet(data).state_dict())
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ import pytest
 
 from latentmill.curate import netguard
 from latentmill.curate.download import DownloadConfig, download
-from latentmill.curate.errors import InputError
 from latentmill.curate.imageserver import ImageServer
+from latentmill.errors import InputError
 from tests.conftest import write_table
 
 pytestmark = pytest.mark.slow  # end to end: real downloads, Ray, training runs

@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from latentmill.curate.addresses import is_private_host
-from latentmill.curate.errors import InputError
 from latentmill.curate.prefilter import PrefilterConfig, prefilter
+from latentmill.errors import InputError
 from tests.conftest import write_table
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 from latentmill.recipe import list_recipes, load_recipe, section
 from tests.conftest import kill_when_done
 

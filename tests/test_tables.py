@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from latentmill.curate.errors import InputError
 from latentmill.curate.tables import UrlTable
+from latentmill.errors import InputError
 
 ROWS = [
     {"URL": f"https://example.com/{i}.jpg", "TEXT": f"caption number {i}", "WIDTH": 100 + i, "HEIGHT": 200}

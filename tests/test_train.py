@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from latentmill.curate.encode import EncodeConfig, encode
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError, LatentmillWarning
 from latentmill.train.config import TrainConfig
 from latentmill.train.loader import LatentLoader, expand_shards
 from latentmill.train.loop import train
@@ -104,7 +104,7 @@ def test_epoch_mode_visits_every_sample_once_in_one_bucket_batches(latents):
 
 
 def test_fewer_shards_than_ranks_is_an_error(latents):
-    from latentmill.curate.errors import InputError
+    from latentmill.errors import InputError
 
     with pytest.raises(InputError, match="every reader needs at least one shard"):
         LatentLoader(expand_shards(str(latents / "latents" / "0000{0..1}.tar")), batch_size=4, world_size=3)
@@ -275,8 +275,8 @@ def test_a_nan_loss_stops_with_the_step_and_the_keys(latents, tmp_path):
 
     import numpy as np
 
-    from latentmill.curate.errors import InputError
     from latentmill.curate.latentshards import LatentShardWriter
+    from latentmill.errors import InputError
 
     bad = tmp_path / "latents"
     shutil.copytree(latents / "latents", bad)
@@ -303,8 +303,8 @@ def test_a_nan_loss_stops_with_the_step_and_the_keys(latents, tmp_path):
 
 
 def test_latents_from_another_vae_are_refused(latents, tmp_path):
-    from latentmill.curate.errors import InputError
     from latentmill.curate.vae import load_vae
+    from latentmill.errors import InputError
 
     load_vae("tiny", seed=7).model.save_pretrained(tmp_path / "other-vae")
     with pytest.raises(InputError, match="made with VAE"):
@@ -606,10 +606,8 @@ def test_caption_dropout_uses_the_stored_empty_caption(latents, tmp_path):
 
 
 def test_resume_truncates_the_log_clears_stale_temporaries_and_falls_back_past_a_damaged_checkpoint(
-    latents, tmp_path, run_cli, caplog
+    latents, tmp_path, run_cli
 ):
-    import logging
-
     straight = tmp_path / "straight"
     train(config(latents, straight, steps=6, checkpoint_every=2))
     run = tmp_path / "run"
@@ -633,9 +631,10 @@ def test_resume_truncates_the_log_clears_stale_temporaries_and_falls_back_past_a
             and "step-0000006" in result.output
             and "ema.safetensors is missing" in result.output
         )
-    with caplog.at_level(logging.WARNING):
+    with pytest.warns(
+        LatentmillWarning, match=r"step-0000006: damaged checkpoint \(ema.safetensors is missing\)"
+    ):
         train(config(latents, run, steps=6, checkpoint_every=2, resume=True, keep_checkpoints=3))
-    assert "step-0000006: damaged checkpoint (ema.safetensors is missing)" in caplog.text
     assert not stale.exists()
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # each step once: 5 and 6 of the killed run were dropped, then redone

@@ -13,17 +13,18 @@ import pytest
 import yaml
 
 from latentmill.cli import COMMANDS, LazyGroup, cli
-from latentmill.configs import flag_of, kind_of, spec_of
 from latentmill.curate.download import DownloadConfig
 from latentmill.curate.encode import EncodeConfig
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.curate.pack import PackConfig
 from latentmill.curate.prefilter import PrefilterConfig
 from latentmill.curate.tables import DEFAULT_COLUMNS
+from latentmill.errors import LatentmillWarning
 from latentmill.filters.dedup import DedupConfig
 from latentmill.filters.fit import FitConfig
 from latentmill.filters.select import SelectConfig
 from latentmill.recipe import LISTS, RUN_MANAGED, SECTIONS
+from latentmill.schema import flag_of, kind_of, spec_of
 from latentmill.train.config import ExportConfig, TrainConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -204,17 +205,17 @@ def test_old_flag_spellings_still_work_with_a_warning(run_cli):
     assert wrong.exit_code == 2 and "--min-side" in wrong.output  # checked like the new spelling
 
 
-def test_old_recipe_keys_still_work_with_a_warning(tmp_path, capsys):
+def test_old_recipe_keys_still_work_with_a_warning(tmp_path):
     from latentmill.recipe import load_recipe, section
 
     path = tmp_path / "old.yaml"
     path.write_text(
         yaml.safe_dump({"prefilter": {"min_side_px": 512}, "download": {"timeout_s": 7, "threads": 8}})
     )
-    recipe = load_recipe(str(path))
+    with pytest.warns(LatentmillWarning, match="prefilter.min_side_px is now prefilter.min_side"):
+        recipe = load_recipe(str(path))
     assert section(recipe, "prefilter").min_side == 512
     assert section(recipe, "download").timeout == 7 and section(recipe, "download").http_threads == 8
-    assert "prefilter.min_side_px is now prefilter.min_side" in capsys.readouterr().err
 
 
 def test_run_executor_options_override_the_recipe_section(run_cli, tmp_path, monkeypatch):

@@ -4,15 +4,13 @@ the rest (step, loader position, config). Written to a temporary folder, then re
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import struct
 from pathlib import Path
 
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError, warn
 
-log = logging.getLogger(__name__)
 STATE_FILES = ("optimizer.safetensors", "optimizer.json", "state.json", "unet_config.json")
 
 
@@ -129,7 +127,7 @@ def latest_checkpoint(run: Path, needed: tuple[str, ...], fallback: bool = False
                 f"{folder}: damaged checkpoint ({problem}). Delete that folder to use the previous one"
                 f"{f' ({older[-1]})' if older else ''}."
             )
-        log.warning("%s: damaged checkpoint (%s); falling back to the previous one.", folder, problem)
+        warn(f"{folder}: damaged checkpoint ({problem}); falling back to the previous one.")
         newest_problem = newest_problem or problem
     if found:
         raise InputError(f"{run}: every checkpoint is damaged (newest: {found[-1].name}: {newest_problem}).")

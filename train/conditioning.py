@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError, warn
 from latentmill.train.config import TrainConfig
 
 
@@ -71,17 +71,15 @@ def text_conditioning(config: TrainConfig, manifest: dict, folder, device: str, 
 def _stored_empty_caption(info: dict, folder) -> torch.Tensor:
     """The empty caption's embedding that `encode --text-encoder` stored beside the shards."""
     import io
-    import warnings
 
     import numpy as np
 
     from latentmill.curate.latentshards import is_url, open_stream
 
     if not info.get("empty"):
-        warnings.warn(
+        warn(
             "these latents were encoded before the empty caption's embedding was stored: caption dropout "
-            "uses zeros. Re-encode with `latentmill encode --text-encoder ...` to drop to the empty caption.",
-            stacklevel=2,
+            "uses zeros. Re-encode with `latentmill encode --text-encoder ...` to drop to the empty caption."
         )
         return torch.zeros(info["shape"])
     location = (

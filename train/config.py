@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from latentmill.configs import StageConfig, opt
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
+from latentmill.schema import StageConfig, opt
 from latentmill.train.models import UNET_CONFIGS
 
 SAMPLE_PROMPTS = [

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from latentmill.curate.errors import InputError
 from latentmill.curate.latentshards import is_url
+from latentmill.errors import InputError
 from latentmill.train.loader import LatentLoader, LoaderState, expand_shards
 
 MUST_AGREE = ("resolution", "latent_channels", "downsample_factor", "scaling_factor", "shift_factor")

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentmill.curate.errors import InputError
 from latentmill.curate.latentshards import is_url, iter_latent_shard, read_manifest
+from latentmill.errors import InputError
 from latentmill.train.latentspace import posterior_sample
 
 

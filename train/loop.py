@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from latentmill.configs import resolve_device_precision, torch_dtype
-from latentmill.curate.errors import InputError
+from latentmill.devices import resolve_device_precision, torch_dtype
+from latentmill.errors import InputError
 from latentmill.train.checkpoint import (
     checkpoints,
     latest_checkpoint,

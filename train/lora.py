@@ -16,12 +16,11 @@ Export formats:
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
@@ -72,17 +71,6 @@ def base_state(unet) -> dict[str, torch.Tensor]:
         for name, tensor in unet.state_dict().items()
         if ".lora_" not in name
     }
-
-
-def fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over the names and bytes of a state dict, in name order: changes if any weight changes by a bit."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()[:16]
 
 
 def modules_of(lora: dict[str, torch.Tensor]) -> list[str]:

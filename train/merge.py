@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 from latentmill.train.checkpoint import checkpoints
 from latentmill.train.runs import Run, load_run
 

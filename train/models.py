@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError
 
 UNET_CONFIGS = {
     "tiny": dict(

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentmill.curate.errors import InputError
+from latentmill.errors import InputError, warn
 from latentmill.train.checkpoint import checkpoints, is_lora, latest_checkpoint, weights_needed
 
 
@@ -56,7 +56,7 @@ class Run:
     def base_weights(self) -> dict:
         """A LoRA run's base U-Net weights (its --model folder, or its --init-from run's), checked against
         the fingerprint the adapter was trained on."""
-        from latentmill.train.lora import fingerprint
+        from latentmill.curate.fingerprints import weights_fingerprint
 
         adapter = self.adapter
         base = adapter["base"]
@@ -67,13 +67,10 @@ class Run:
 
             what = f"{self.path}: its LoRA adapter was trained on {base}, which is not"
             state = load_pretrained_unet(base, what).state_dict()
-        if fingerprint(state) != adapter.get("base_fingerprint"):
-            import warnings
-
-            warnings.warn(
+        if weights_fingerprint(state) != adapter.get("base_fingerprint"):
+            warn(
                 f"{base}: these are not the weights the adapter in {self.path} was trained on "
-                f"(fingerprint {fingerprint(state)}, trained on {adapter.get('base_fingerprint')}).",
-                stacklevel=2,
+                f"(fingerprint {weights_fingerprint(state)}, trained on {adapter.get('base_fingerprint')})."
             )
         return state
 

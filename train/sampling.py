@@ -105,7 +105,7 @@ def sampler(source: str | Path, use_ema: bool = True):
     """make(prompts, seed, steps, guidance, size) -> (N, H, W, 3) uint8 images, from a run's last checkpoint
     (its text encoder, the latents' VAE) or from a diffusers pipeline folder (e.g. the base model whose
     class images DreamBooth preserves)."""
-    from latentmill.curate.errors import InputError
+    from latentmill.errors import InputError
 
     if (Path(source) / "model_index.json").exists():
         from diffusers import StableDiffusionPipeline

@@ -81,11 +81,12 @@ class LoraWeights:
         }
 
     def extra(self) -> dict[str, str]:
-        from latentmill.train.lora import base_state, fingerprint
+        from latentmill.curate.fingerprints import weights_fingerprint
+        from latentmill.train.lora import base_state
 
         info = self.adapter | {
             "modules": len(self.modules),
-            "base_fingerprint": fingerprint(base_state(self.unet)),
+            "base_fingerprint": weights_fingerprint(base_state(self.unet)),
         }
         return {"adapter.json": json.dumps(info, indent=2)}
 

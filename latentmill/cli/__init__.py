@@ -95,7 +95,7 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
     def invoke(self, ctx):
-        from latentmill.curate.errors import InputError
+        from latentmill.errors import InputError, TrainingFailed
 
         try:
             return super().invoke(ctx)
@@ -103,6 +103,10 @@ class LazyGroup(click.Group):
             if os.environ.get("LATENTMILL_DEBUG") == "1":
                 raise
             raise BadInput(str(err)) from None
+        except TrainingFailed as err:
+            if os.environ.get("LATENTMILL_DEBUG") == "1":
+                raise
+            raise click.ClickException(str(err)) from None  # exit 1: the input was fine, training was not
 
     def format_commands(self, ctx, formatter):
         rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
@@ -127,8 +131,27 @@ def cli(ctx, debug):
       latentmill download kept.parquet -o images/
     """
     ctx.obj = {"debug": debug}
+    _show_warnings_as_messages()
     if debug:
         os.environ["LATENTMILL_DEBUG"] = "1"
+
+
+def _show_warnings_as_messages() -> None:
+    """latentmill's warnings (latentmill.errors.warn) print as one `Warning: ...` line on stderr, every time."""
+    import warnings
+
+    from latentmill.errors import LatentmillWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, LatentmillWarning):
+            click.echo(f"Warning: {message}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.simplefilter("always", LatentmillWarning)
+    warnings.showwarning = show
 
 
 def main(argv: list[str] | None = None) -> None:

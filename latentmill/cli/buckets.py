@@ -6,7 +6,7 @@ import json
 
 import click
 
-from latentmill.configs import click_options, config_from
+from latentmill.cli.options import click_options, config_from
 from latentmill.curate.encode import EncodeConfig
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import column_options, columns_from
-from latentmill.configs import click_options, config_from
+from latentmill.cli.options import click_options, column_options, columns_from, config_from
 from latentmill.curate.download import DownloadConfig
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from latentmill.configs import click_options, config_from
+from latentmill.cli.options import click_options, config_from
 from latentmill.curate.encode import EncodeConfig
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.progress import progress_bar

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from latentmill.configs import click_options, config_from
+from latentmill.cli.options import click_options, config_from
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.filters.fit import FitConfig
 from latentmill.filters.score import ScoreConfig
@@ -98,7 +98,7 @@ def convert_head(kind, source, output):
     """
     from pathlib import Path
 
-    from latentmill.curate.errors import InputError
+    from latentmill.errors import InputError
     from latentmill.filters.unsafehead import read_laion_nsfw, save_keras_nsfw
 
     if Path(output).suffix != ".safetensors":

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from latentmill.configs import click_options, config_from
+from latentmill.cli.options import click_options, config_from
 from latentmill.curate.pack import PackConfig
 
 
@@ -26,8 +26,8 @@ def inspect(folder, decode, as_json):
     Example:
       latentmill images inspect images/ --decode
     """
-    from latentmill.curate.errors import InputError
     from latentmill.curate.imageshards import inspect_image_shards, list_image_shards
+    from latentmill.errors import InputError
 
     if not list_image_shards(folder):
         raise InputError(f"{folder}: no .tar image shards here. Make them with `latentmill download`.")

@@ -29,8 +29,8 @@ def verify(folder):
     Example:
       latentmill latents verify latents-512/
     """
-    from latentmill.curate.errors import InputError
     from latentmill.curate.latentshards import verify_latents
+    from latentmill.errors import InputError
 
     with progress_bar(None, "verify", unit="shard") as bar:
         report = verify_latents(folder, progress=bar.update)

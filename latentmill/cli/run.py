@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from latentmill.configs import click_options, config_from, given_on_command_line
+from latentmill.cli.options import click_options, config_from, given_on_command_line
 from latentmill.curate.executors import ExecutorConfig
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import POSITIVE
-from latentmill.configs import Finite, click_options, config_from
+from latentmill.cli.options import POSITIVE, Finite, click_options, config_from
 from latentmill.train.config import ExportConfig, TrainConfig
 
 

@@ -6,8 +6,7 @@ import json
 
 import click
 
-from latentmill.cli.options import column_options, columns_from
-from latentmill.configs import click_options, config_from
+from latentmill.cli.options import click_options, column_options, columns_from, config_from
 from latentmill.curate.prefilter import PrefilterConfig
 from latentmill.progress import progress_bar
 

@@ -22,7 +22,7 @@ from latentmill.curate.prepare import PreparePool, PrepareSettings, default_work
 from latentmill.curate.selection import kept_keys
 from latentmill.curate.vae import encode_batch
 from latentmill.devices import PRECISIONS, resolve_device_precision
-from latentmill.errors import InputError
+from latentmill.errors import InputError, invariant
 from latentmill.schema import StageConfig, opt
 
 DOWNSAMPLE = 8  # SD-family VAEs: latent side = image side / 8
@@ -144,7 +144,7 @@ class _ShardEncoder:
             self._encode_images(self.buckets.pop(bucket))
         if self.captions:
             self._encode_captions()
-        assert not self.latents and not self.texts, "every sample written"
+        invariant(not self.latents and not self.texts, "encode finished with samples not written")
 
     def _encode_images(self, items: list) -> None:
         pixels = np.stack([p for _, _, p in items])
@@ -255,7 +255,10 @@ def encode_shard(
         "per_bucket": dict(sorted(encoder.per_bucket.items())),
         "sha256": sha256,
     }
-    assert stats["input"] == stats["written"] + sum(stats["dropped"].values()), stats
+    invariant(
+        stats["input"] == stats["written"] + sum(stats["dropped"].values()),
+        f"shard {shard}: input != written + dropped in {stats}",
+    )
     write_json(output / f"{shard}.stats.json", stats)
     return stats
 

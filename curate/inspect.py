@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from latentmill.curate.dedupe import SeenUrls, hash_urls
 from latentmill.curate.tables import NUMERIC_ROLES, UrlTable
+from latentmill.curate.urlhash import SeenUrls, hash_urls
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 

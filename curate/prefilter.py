@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 
 from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.atomic import atomic_path, write_json
-from latentmill.curate.dedupe import SeenUrls, hash_urls
 from latentmill.curate.funnel import format_funnel, funnel_steps
 from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
 from latentmill.curate.tables import UrlTable, columns_field
-from latentmill.errors import InputError
+from latentmill.curate.urlhash import SeenUrls, hash_urls
+from latentmill.errors import InputError, invariant
 from latentmill.schema import StageConfig, opt
 
 
@@ -201,7 +201,10 @@ def prefilter(source: str | Path, output: str | Path, config: PrefilterConfig, p
         "kept_rows": kept_rows,
         "columns": table.columns,
     }
-    assert steps[-1]["remaining"] == kept_rows, "funnel does not add up"
+    invariant(
+        steps[-1]["remaining"] == kept_rows,
+        f"prefilter funnel ends at {steps[-1]['remaining']}, kept {kept_rows}",
+    )
     write_json(output.with_name(output.stem + ".funnel.json"), funnel)
     return funnel
 

@@ -137,15 +137,56 @@ def dedup(
     progress=None,
 ) -> dict:
     """Find near-duplicate (and byte-identical) images; write `output/{shard}.parquet` (key, duplicate_of,
-    similarity) for every score shard and `output/funnel.json`; return the funnel."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    similarity) for every score shard and `output/funnel.json`; return the funnel.
 
+    The passes: k-means centroids from a sample, each embedding assigned to its nearest clusters
+    (per score shard), exact pairs above the threshold within each cluster part, then groups."""
     from latentmill.curate.executors import ExecutorConfig, run_shards
 
     config = (config or DedupConfig()).validate()
     scores, output = Path(scores), Path(output)
     shards = score_shards(scores)
+    work = _work_folder(output, config, shards)
+    clock = _PassClock()
+    if not (work / "centroids.npy").exists():
+        with atomic_path(work / "centroids.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, fit_centroids(shards, config))
+    clock.lap("kmeans")
+    executor = executor or ExecutorConfig()
+    tick = (lambda s: progress(1)) if progress else None
+    run_shards(AssignStage(work, config), shards, executor, progress=tick)
+    clock.lap("assign")
+    parts = sorted(p for p in (work / "parts").iterdir() if p.is_dir()) if (work / "parts").exists() else []
+    part_stats = run_shards(PairStage(work, config), parts, executor, progress=tick)
+    clock.lap("pairs")
+    semantic = _read_pairs(work, parts)
+    exact = exact_pairs(Path(images)) if config.exact and images else []
+    duplicate_of, best, members = _groups(semantic + exact, shards, config.keep)
+    total = sum(_write_shard_duplicates(shard, output, duplicate_of, best) for shard in shards)
+    sizes = Counter(len(g) for g in members.values())
+    funnel = {
+        "input": total,
+        "duplicates": len(duplicate_of),
+        "kept": total - len(duplicate_of),
+        "groups": len(members),
+        "group_sizes": {str(k): v for k, v in sorted(sizes.items())},
+        "pairs": len(semantic),
+        "exact_pairs": len(exact),
+        "clusters": int(np.load(work / "centroids.npy", mmap_mode="r").shape[0]),
+        "largest_cluster": max((s["largest_cluster"] for s in part_stats.values()), default=0),
+        "threshold": config.threshold,
+        "keep": config.keep,
+    }
+    clock.lap("groups")
+    funnel["passes"] = clock.laps
+    write_json(output / "funnel.json", funnel)
+    return funnel
+
+
+def _work_folder(output: Path, config: DedupConfig, shards: list[Path]) -> Path:
+    """OUTPUT/_work, holding the passes' intermediate files; emptied when the settings that shape them
+    changed since they were written."""
     work = output / WORK
     work.mkdir(parents=True, exist_ok=True)
     settings = {
@@ -165,26 +206,23 @@ def dedup(
         shutil.rmtree(work)
         work.mkdir(parents=True)
     write_json(saved, settings)
-    clock = _PassClock()
-    if not (work / "centroids.npy").exists():
-        with atomic_path(work / "centroids.npy") as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, fit_centroids(shards, config))
-    clock.lap("kmeans")
-    executor = executor or ExecutorConfig()
-    tick = (lambda s: progress(1)) if progress else None
-    run_shards(AssignStage(work, config), shards, executor, progress=tick)
-    clock.lap("assign")
-    parts = sorted(p for p in (work / "parts").iterdir() if p.is_dir()) if (work / "parts").exists() else []
-    part_stats = run_shards(PairStage(work, config), parts, executor, progress=tick)
-    clock.lap("pairs")
+    return work
+
+
+def _read_pairs(work: Path, parts: list[Path]) -> list[tuple[str, str, float]]:
+    """(a, b, similarity) of every pair the cluster parts found."""
+    import pyarrow.parquet as pq
+
     pairs = []
     for part in parts:
         table = pq.read_table(work / "pairs" / f"{part.name}.parquet").to_pydict()
         pairs += list(zip(table["a"], table["b"], table["similarity"], strict=True))
-    semantic = len(pairs)
-    exact = exact_pairs(Path(images)) if config.exact and images else []
-    pairs += exact
+    return pairs
+
+
+def _groups(pairs: list, shards: list[Path], keep: str) -> tuple[dict, dict, dict]:
+    """From the pairs: (key -> the key kept in its place, key -> its best similarity, group root ->
+    members). One member of each group is kept, chosen by the `keep` rule."""
     roots = groups_from_pairs(pairs)
     best: dict[str, float] = {}
     for a, b, similarity in pairs:
@@ -192,44 +230,30 @@ def dedup(
     members: dict[str, list[str]] = {}
     for key, root in roots.items():
         members.setdefault(root, []).append(key)
-    keep_scores = _keep_scores(shards, config.keep, set(roots))
+    keep_scores = _keep_scores(shards, keep, set(roots))
     duplicate_of = {}
     for group in members.values():
         kept = choose_kept(group, keep_scores)
         duplicate_of.update({m: kept for m in group if m != kept})
-    total = 0
-    for shard in shards:
-        keys = pq.read_table(shard, columns=["key"]).column("key").to_pylist()
-        total += len(keys)
-        table = pa.table(
-            {
-                "key": pa.array(keys, pa.string()),
-                "duplicate_of": pa.array([duplicate_of.get(k) for k in keys], pa.string()),
-                "similarity": pa.array(
-                    [best.get(k) if k in duplicate_of else None for k in keys], pa.float32()
-                ),
-            }
-        )
-        with atomic_path(output / shard.name) as tmp:
-            pq.write_table(table, tmp)
-    sizes = Counter(len(g) for g in members.values())
-    funnel = {
-        "input": total,
-        "duplicates": len(duplicate_of),
-        "kept": total - len(duplicate_of),
-        "groups": len(members),
-        "group_sizes": {str(k): v for k, v in sorted(sizes.items())},
-        "pairs": semantic,
-        "exact_pairs": len(exact),
-        "clusters": int(np.load(work / "centroids.npy", mmap_mode="r").shape[0]),
-        "largest_cluster": max((s["largest_cluster"] for s in part_stats.values()), default=0),
-        "threshold": config.threshold,
-        "keep": config.keep,
-    }
-    clock.lap("groups")
-    funnel["passes"] = clock.laps
-    write_json(output / "funnel.json", funnel)
-    return funnel
+    return duplicate_of, best, members
+
+
+def _write_shard_duplicates(shard: Path, output: Path, duplicate_of: dict, best: dict) -> int:
+    """OUTPUT/{shard}.parquet: key, duplicate_of (or null), similarity; returns the shard's row count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = pq.read_table(shard, columns=["key"]).column("key").to_pylist()
+    table = pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "duplicate_of": pa.array([duplicate_of.get(k) for k in keys], pa.string()),
+            "similarity": pa.array([best.get(k) if k in duplicate_of else None for k in keys], pa.float32()),
+        }
+    )
+    with atomic_path(output / shard.name) as tmp:
+        pq.write_table(table, tmp)
+    return len(keys)
 
 
 class _PassClock:

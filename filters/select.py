@@ -14,7 +14,7 @@ import numpy as np
 
 from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.funnel import format_funnel, funnel_steps
-from latentmill.errors import InputError
+from latentmill.errors import InputError, invariant
 from latentmill.filters.rules import PRESETS, Rule, derived_columns
 from latentmill.schema import StageConfig, opt
 
@@ -178,7 +178,10 @@ def _select_into(output: Path, final: Path, shards: list[Path], rules: list, plo
         "kept": kept_total,
         "rules": [{"name": r.name, "expression": r.expression} for r in rules],
     }
-    assert steps[-1]["remaining"] == kept_total
+    invariant(
+        steps[-1]["remaining"] == kept_total,
+        f"select funnel ends at {steps[-1]['remaining']}, kept {kept_total}",
+    )
     if plots:
         funnel["plots"] = [
             str(final / "plots" / p.name) for p in plot_histograms(values, rules, output / "plots")

@@ -3,7 +3,7 @@
 WORK/urls/        the URL table (or the demo's sample.parquet), kept.parquet and its funnel
 WORK/images/      image shards (img2dataset), with _latentmill/summary.json
 WORK/scores/      score parquets; WORK/embeddings/ the CLIP embeddings
-WORK/heads/       heads fitted by the fit-heads stage
+WORK/heads/       heads fitted by the fit-head stage
 WORK/selection/   selection parquets, funnel.json, plots/
 WORK/latents-RES/ latent shards at one resolution, manifest.json
 WORK/runs/NAME/   training runs (checkpoints, log.jsonl)

@@ -19,7 +19,7 @@ from latentmill.curate.pack import PackConfig
 from latentmill.curate.prefilter import PrefilterConfig
 from latentmill.errors import InputError, warn
 from latentmill.filters.dedup import DedupConfig
-from latentmill.filters.fit import FitConfig
+from latentmill.filters.fithead import FitHeadConfig
 from latentmill.filters.select import SelectConfig
 from latentmill.schema import StageConfig, from_section, opt, spec_of
 from latentmill.train.config import ExportConfig, TrainConfig
@@ -74,7 +74,8 @@ SECTIONS = {
     "executor": lambda: ExecutorConfig,
 }
 SCALARS = {"description"}
-LISTS = {"stages": TrainStage, "fit_heads": FitConfig}
+RENAMED_SECTIONS = {"fit_heads": "fit_head"}  # old section name -> new, accepted with a warning
+LISTS = {"stages": TrainStage, "fit_head": FitHeadConfig}
 RUN_MANAGED = {
     "train": {"shards", "output", "init_from", "resume"},  # set by the runner, not by recipes
     "download": {"resolver"},
@@ -135,6 +136,10 @@ def validate(recipe: dict, source: str) -> None:
     """Every section and list item checked as its stage config checks it: names, types, ranges, choices.
     Renamed keys are accepted (in place) with a warning."""
     known = set(SECTIONS) | SCALARS | set(LISTS)
+    for old, new in RENAMED_SECTIONS.items():
+        if old in recipe and new not in recipe:
+            warn(f"{source}: the section {old} is now {new}; the old name goes in the next release.")
+            recipe[new] = recipe.pop(old)
     for name, body in recipe.items():
         if name not in known:
             raise InputError(
@@ -155,9 +160,9 @@ def validate(recipe: dict, source: str) -> None:
         raise InputError(
             f"{source}: dedup compares the saved CLIP embeddings; set score.save_embeddings: true."
         )
-    if recipe.get("fit_heads") and not (recipe.get("score") or {}).get("save_embeddings"):
+    if recipe.get("fit_head") and not (recipe.get("score") or {}).get("save_embeddings"):
         raise InputError(
-            f"{source}: fit_heads fits heads on the saved CLIP embeddings; set score.save_embeddings: true."
+            f"{source}: fit_head fits heads on the saved CLIP embeddings; set score.save_embeddings: true."
         )
 
 

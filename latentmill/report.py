@@ -107,7 +107,7 @@ def _head_section(work: Path) -> str:
     import matplotlib.pyplot as plt
     import pyarrow.parquet as pq
 
-    from latentmill.filters.fit import format_metrics, labels_from_image_shards
+    from latentmill.filters.fithead import format_metrics, labels_from_image_shards
     from latentmill.filters.heads import fitted_metadata
 
     body, lay = "", Layout(work)
@@ -244,94 +244,14 @@ def _vae_section(folder: Path) -> str:
 
 def build_report(work: str | Path, output: str | Path | None = None) -> Path:
     """Write WORK/report/index.html (or `output`); return its path."""
-    from latentmill.curate.buckets import make_buckets
-    from latentmill.curate.bucketstats import bucket_distribution, plot_distribution
-
     work = Path(work)
     lay = Layout(work)
     if not lay.urls.exists() and not lay.images.exists():
         raise InputError(
             f"{work}: not a latentmill work folder (no urls/ or images/). Run `latentmill run RECIPE -w {work}`."
         )
-    sections: list[tuple[str, str, str]] = []  # (id, title, html)
-
-    rows = funnel_rows(work)
-    table = "".join(f"<tr><td>{html.escape(n)}</td><td>{v:,}</td></tr>" for n, v in rows)
-    body = f'<table class="funnel">{table}</table>' + (
-        f'<img alt="funnel" src="{_funnel_chart(rows)}">' if rows else ""
-    )
-    download = lay.download_summary
-    if download.exists():
-        failures = json.loads(download.read_text())["failures"]
-        body += (
-            "<h3>Download failures</h3><ul>"
-            + "".join(f"<li>{html.escape(k)}: {v}</li>" for k, v in failures.items())
-            + "</ul>"
-        )
-    sections.append(("funnel", "Funnel: from URLs to latents", body))
-
-    plots = sorted((lay.selection / "plots").glob("*.png")) if (lay.selection / "plots").exists() else []
-    body = (
-        "".join(
-            f'<figure><img alt="{p.stem}" src="{_png_uri(p.read_bytes())}"><figcaption>{p.stem}</figcaption></figure>'
-            for p in plots
-        )
-        or "<p>No scores yet.</p>"
-    )
-    sections.append(("scores", "Score histograms and thresholds", body))
-    sections.append(
-        ("heads", "Fitted heads against their labels", _head_section(work) or "<p>No fitted heads.</p>")
-    )
-
-    latents = lay.latent_folders()
-    body = "<p>No latents yet.</p>"
-    if latents and lay.images.exists():
-        resolution = max(latents)
-        selection = lay.selection if lay.selection.exists() else None
-        manifest = latents[resolution] / "manifest.json"
-        buckets = (
-            [tuple(b) for b in json.loads(manifest.read_text())["buckets"]]
-            if manifest.exists()
-            else make_buckets(resolution)
-        )  # the bucket set the latents were made with
-        distribution = bucket_distribution(lay.images, buckets, selection)
-        chart = plot_distribution(distribution, lay.report / f"buckets-{resolution}.png")
-        body = f'<img alt="buckets" src="{_png_uri(chart.read_bytes())}">'
-    sections.append(("buckets", "Aspect buckets", body))
-
-    body = ""
-    if lay.images.exists():
-        for group, items in sorted(_thumbnails(work).items(), key=lambda kv: (kv[0] != "kept", kv[0])):
-            cells = "".join(
-                f'<figure><img alt="{html.escape(k)}" src="{uri}"><figcaption>{html.escape(c[:60])}</figcaption></figure>'
-                for k, c, uri in items
-            )
-            body += f'<h3>{"Kept" if group == "kept" else "Dropped: " + html.escape(group)}</h3><div class="grid">{cells}</div>'
-    sections.append(("thumbnails", "Kept and dropped images", body or "<p>No images yet.</p>"))
-    if (lay.dedup / "funnel.json").exists():
-        sections.append(("dedup", "Duplicate groups", _dedup_section(lay)))
-
-    body = ""
-    for run in lay.run_folders():
-        if (run / "log.jsonl").exists():
-            chart = _loss_chart(run / "log.jsonl")
-            if chart:
-                body += (
-                    f'<h3>{html.escape(run.name)}</h3><img alt="loss {html.escape(run.name)}" src="{chart}">'
-                )
-    sections.append(("loss", "Training loss", body or "<p>No training yet.</p>"))
-
-    body = ""
-    for run in lay.run_folders():
-        for grid in sorted((run / "samples").glob("*.png")) if (run / "samples").exists() else []:
-            body += f'<figure><img alt="{grid.stem}" src="{_png_uri(grid.read_bytes())}"><figcaption>{html.escape(run.name)} {grid.stem}</figcaption></figure>'
-    body = body or "<p>No sample grids yet.</p>"
-    if (lay.vae / "fit.json").exists():  # the demo's tiny models: say what their grids can show
-        body = TINY_MODELS_NOTE + body
-    sections.append(("samples", "Sample grids", body))
-    if (lay.vae / "fit.json").exists():
-        sections.insert(-2, ("vae", "The demo's VAE: originals and reconstructions", _vae_section(lay.vae)))
-
+    sections = [(i, title, make(lay)) for i, title, make in SECTIONS]
+    sections = [(i, title, body) for i, title, body in sections if body is not None]
     nav = "".join(f'<a href="#{i}">{html.escape(t)}</a>' for i, t, _ in sections)
     content = "".join(f'<section id="{i}"><h2>{html.escape(t)}</h2>{b}</section>' for i, t, b in sections)
     page = f"""<!doctype html>
@@ -348,3 +268,108 @@ figcaption {{ font-size: .75rem; max-width: 128px; color: #555; }} table.funnel 
     with atomic_path(output) as tmp:
         tmp.write_text(page)
     return output
+
+
+def _funnel_section(lay: Layout) -> str:
+    rows = funnel_rows(lay.work)
+    table = "".join(f"<tr><td>{html.escape(n)}</td><td>{v:,}</td></tr>" for n, v in rows)
+    body = f'<table class="funnel">{table}</table>' + (
+        f'<img alt="funnel" src="{_funnel_chart(rows)}">' if rows else ""
+    )
+    if lay.download_summary.exists():
+        failures = json.loads(lay.download_summary.read_text())["failures"]
+        body += (
+            "<h3>Download failures</h3><ul>"
+            + "".join(f"<li>{html.escape(k)}: {v}</li>" for k, v in failures.items())
+            + "</ul>"
+        )
+    return body
+
+
+def _score_section(lay: Layout) -> str:
+    plots = sorted((lay.selection / "plots").glob("*.png")) if (lay.selection / "plots").exists() else []
+    return (
+        "".join(
+            f'<figure><img alt="{p.stem}" src="{_png_uri(p.read_bytes())}"><figcaption>{p.stem}</figcaption></figure>'
+            for p in plots
+        )
+        or "<p>No scores yet.</p>"
+    )
+
+
+def _bucket_section(lay: Layout) -> str:
+    from latentmill.curate.buckets import make_buckets
+    from latentmill.curate.bucketstats import bucket_distribution, plot_distribution
+
+    latents = lay.latent_folders()
+    if not (latents and lay.images.exists()):
+        return "<p>No latents yet.</p>"
+    resolution = max(latents)
+    selection = lay.selection if lay.selection.exists() else None
+    manifest = latents[resolution] / "manifest.json"
+    buckets = (
+        [tuple(b) for b in json.loads(manifest.read_text())["buckets"]]
+        if manifest.exists()
+        else make_buckets(resolution)
+    )  # the bucket set the latents were made with
+    distribution = bucket_distribution(lay.images, buckets, selection)
+    chart = plot_distribution(distribution, lay.report / f"buckets-{resolution}.png")
+    return f'<img alt="buckets" src="{_png_uri(chart.read_bytes())}">'
+
+
+def _thumbnail_section(lay: Layout) -> str:
+    body = ""
+    if lay.images.exists():
+        for group, items in sorted(_thumbnails(lay.work).items(), key=lambda kv: (kv[0] != "kept", kv[0])):
+            cells = "".join(
+                f'<figure><img alt="{html.escape(k)}" src="{uri}"><figcaption>{html.escape(c[:60])}</figcaption></figure>'
+                for k, c, uri in items
+            )
+            body += f'<h3>{"Kept" if group == "kept" else "Dropped: " + html.escape(group)}</h3><div class="grid">{cells}</div>'
+    return body or "<p>No images yet.</p>"
+
+
+def _loss_section(lay: Layout) -> str:
+    body = ""
+    for run in lay.run_folders():
+        chart = _loss_chart(run / "log.jsonl") if (run / "log.jsonl").exists() else None
+        if chart:
+            body += f'<h3>{html.escape(run.name)}</h3><img alt="loss {html.escape(run.name)}" src="{chart}">'
+    return body or "<p>No training yet.</p>"
+
+
+def _samples_section(lay: Layout) -> str:
+    body = ""
+    for run in lay.run_folders():
+        for grid in sorted((run / "samples").glob("*.png")) if (run / "samples").exists() else []:
+            body += f'<figure><img alt="{grid.stem}" src="{_png_uri(grid.read_bytes())}"><figcaption>{html.escape(run.name)} {grid.stem}</figcaption></figure>'
+    body = body or "<p>No sample grids yet.</p>"
+    if (lay.vae / "fit.json").exists():  # the demo's tiny models: say what their grids can show
+        body = TINY_MODELS_NOTE + body
+    return body
+
+
+# (id, title, section maker): a maker returns the section's HTML, or None to leave the section out
+SECTIONS = (
+    ("funnel", "Funnel: from URLs to latents", _funnel_section),
+    ("scores", "Score histograms and thresholds", _score_section),
+    (
+        "heads",
+        "Fitted heads against their labels",
+        lambda lay: _head_section(lay.work) or "<p>No fitted heads.</p>",
+    ),
+    ("buckets", "Aspect buckets", _bucket_section),
+    ("thumbnails", "Kept and dropped images", _thumbnail_section),
+    (
+        "dedup",
+        "Duplicate groups",
+        lambda lay: _dedup_section(lay) if (lay.dedup / "funnel.json").exists() else None,
+    ),
+    (
+        "vae",
+        "The demo's VAE: originals and reconstructions",
+        lambda lay: _vae_section(lay.vae) if (lay.vae / "fit.json").exists() else None,
+    ),
+    ("loss", "Training loss", _loss_section),
+    ("samples", "Sample grids", _samples_section),
+)

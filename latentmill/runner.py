@@ -26,7 +26,7 @@ from latentmill.stagestatus import (
     download_status,
     encode_status,
     export_status,
-    fit_heads_status,
+    fit_head_status,
     prefilter_status,
     select_status,
     shard_status,
@@ -99,15 +99,15 @@ def _score(ctx: Context) -> dict:
         )
 
 
-def _fit_heads(ctx: Context) -> dict:
+def _fit_head(ctx: Context) -> dict:
     """Fit each head on the sample's own labels (a URL-table column carried in the image shards) and add
     its column to the scores, as `latentmill fit-head --labels images/ --add-column` does."""
-    from latentmill.filters.fit import FitConfig, fit_and_add
+    from latentmill.filters.fithead import FitHeadConfig, fit_and_add
     from latentmill.schema import from_section
 
     lay, out = ctx.layout, {}
-    for spec in ctx.recipe.get("fit_heads") or []:
-        config = from_section(FitConfig, spec)
+    for spec in ctx.recipe.get("fit_head") or []:
+        config = from_section(FitHeadConfig, spec)
         column = config.column or config.target
         out[column] = fit_and_add(
             config, lay.images, lay.embeddings, lay.scores, lay.head(column), add_column=True
@@ -220,7 +220,7 @@ def _summaries():
     from latentmill.curate.pack import format_pack_summary
     from latentmill.curate.prefilter import format_prefilter_funnel
     from latentmill.filters.dedup import format_dedup_funnel
-    from latentmill.filters.fit import format_metrics
+    from latentmill.filters.fithead import format_metrics
     from latentmill.filters.score import format_score_totals  # (torch: imported once score has run)
     from latentmill.filters.select import format_select_funnel
 
@@ -228,7 +228,7 @@ def _summaries():
         "prefilter": format_prefilter_funnel,
         "download": lambda out: format_pack_summary(out) if "packed" in out else format_summary(out),
         "score": format_score_totals,
-        "fit-heads": lambda out: "\n".join(f"{column}: {format_metrics(m)}" for column, m in out.items()),
+        "fit-head": lambda out: "\n".join(f"{column}: {format_metrics(m)}" for column, m in out.items()),
         "dedup": format_dedup_funnel,
         "select": format_select_funnel,
         "encode": lambda out: "\n".join(format_encode_summary(m) for m in out.values()),
@@ -267,14 +267,14 @@ STAGES: tuple[Stage, ...] = (
         shard_status(lambda lay: lay.scores, "*.stats.json"),
     ),
     Stage(
-        "fit-heads",
-        "fit_heads",
+        "fit-head",
+        "fit_head",
         ("images", "embeddings", "scores"),
         ("heads", "scores"),
-        _fit_heads,
-        _summary("fit-heads"),
-        fit_heads_status,
-        applies=lambda recipe: bool(recipe.get("fit_heads")),
+        _fit_head,
+        _summary("fit-head"),
+        fit_head_status,
+        applies=lambda recipe: bool(recipe.get("fit_head")),
     ),
     Stage(
         "dedup",

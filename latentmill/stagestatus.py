@@ -33,7 +33,7 @@ def shard_status(folder: Callable[[Layout], Path], pattern: str) -> Callable[[La
     return lambda lay: (f"{count(folder(lay), pattern)}/{count(lay.images, '*.tar')} shards", "")
 
 
-def fit_heads_status(lay: Layout) -> tuple[str, str]:
+def fit_head_status(lay: Layout) -> tuple[str, str]:
     heads = sorted(p.stem for p in lay.heads.glob("*.safetensors")) if lay.heads.exists() else []
     return f"{len(heads)} head(s)", ", ".join(heads)
 

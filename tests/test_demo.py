@@ -23,7 +23,7 @@ def test_demo_runs_every_stage_offline(tmp_path, run_cli):
     latents = report["encode"]["128"]
     assert latents["dropped"]["not_selected"] == downloaded - kept
     assert latents["samples"] + sum(latents["dropped"].values()) == downloaded
-    fitted = report["fit-heads"]["aesthetic_fit"]
+    fitted = report["fit-head"]["aesthetic_fit"]
     assert fitted["task"] == "regression" and fitted["validation"] >= 20
     assert (
         fitted["spearman"] > 0.3

@@ -503,10 +503,10 @@ def test_fit_head_separates_separable_embeddings_and_not_shuffled_labels(tmp_pat
     accuracy = float(result.output.split("accuracy ")[1].split(",")[0])
     assert accuracy >= 0.95
 
-    from latentmill.filters.fit import FitConfig, fit_head
+    from latentmill.filters.fithead import FitHeadConfig, fit_head
 
     shuffled = rng.permutation(labels).astype(np.float32)
-    _, metrics = fit_head(x.astype(np.float32), shuffled, FitConfig(target="watermark"))
+    _, metrics = fit_head(x.astype(np.float32), shuffled, FitHeadConfig(target="watermark"))
     assert 0.3 <= metrics["accuracy"] <= 0.7 and 0.3 <= metrics["auc"] <= 0.7
 
     from latentmill.filters.heads import load_fitted
@@ -518,31 +518,31 @@ def test_fit_head_separates_separable_embeddings_and_not_shuffled_labels(tmp_pat
 
 
 def test_fit_head_regression_reports_mae_and_spearman(tmp_path):
-    from latentmill.filters.fit import FitConfig, fit_head
+    from latentmill.filters.fithead import FitHeadConfig, fit_head
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(300, 16)).astype(np.float32)
     y = (x @ rng.normal(size=16) * 0.5 + 5).astype(np.float32)
-    _, metrics = fit_head(x, y, FitConfig(target="aesthetic", kind="mlp", epochs=400))
+    _, metrics = fit_head(x, y, FitHeadConfig(target="aesthetic", kind="mlp", epochs=400))
     assert metrics["task"] == "regression" and metrics["spearman"] > 0.9
 
 
 def test_a_linear_regressor_is_cross_validated_ridge(tmp_path):
     """Few labels, many dimensions: the penalty the CV picks is small for a clean linear target and large
     for noise, and the saved head reproduces the solution on raw (unstandardised) embeddings."""
-    from latentmill.filters.fit import FitConfig, fit_head, ridge_solve
+    from latentmill.filters.fithead import FitHeadConfig, fit_head, ridge_solve
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(120, 64)).astype(np.float32) * rng.uniform(0.01, 1.0, 64).astype(np.float32)
     y = (x[:, :4].sum(1) * 2 + 5 + rng.normal(0, 0.05, 120)).astype(np.float32)
-    module, clean = fit_head(x, y, FitConfig(target="aesthetic"))
+    module, clean = fit_head(x, y, FitHeadConfig(target="aesthetic"))
     assert clean["spearman"] > 0.95 and clean["mae"] < 0.2 and clean["alpha"] <= 1.0
     noise = rng.permutation(y)
-    _, noisy = fit_head(x, noise, FitConfig(target="aesthetic"))
+    _, noisy = fit_head(x, noise, FitHeadConfig(target="aesthetic"))
     assert noisy["alpha"] >= 100 and abs(noisy["spearman"]) < 0.5
 
     # the module is the closed-form solution on standardised features, folded back to raw ones
-    _, fixed = fit_head(x, y, FitConfig(target="aesthetic", alpha=2.0))
+    _, fixed = fit_head(x, y, FitHeadConfig(target="aesthetic", alpha=2.0))
     assert fixed["alpha"] == 2.0
     order = np.random.default_rng(0).permutation(len(y))
     train = order[int(round(len(y) * 0.2)) :]
@@ -552,21 +552,21 @@ def test_a_linear_regressor_is_cross_validated_ridge(tmp_path):
         ((x[train] - mean) / std).astype(np.float64), ((y[train] - y_mean) / y_std).astype(np.float64), 2.0
     )
     expected = ((x - mean) / std) @ w * y_std + y_mean
-    module2, _ = fit_head(x, y, FitConfig(target="aesthetic", alpha=2.0))
+    module2, _ = fit_head(x, y, FitHeadConfig(target="aesthetic", alpha=2.0))
     with torch.no_grad():
         got = module2(torch.from_numpy(x)).reshape(-1).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
 
 
 def test_a_fitted_head_scores_as_its_own_column(downloaded, tmp_path):
-    from latentmill.filters.fit import FitConfig, fit_head, save_head
+    from latentmill.filters.fithead import FitHeadConfig, fit_head, save_head
 
     rng = np.random.default_rng(2)
     x = rng.normal(size=(50, 32)).astype(np.float32)
     module, metrics = fit_head(
-        x, (x[:, 0] > 0).astype(np.float32), FitConfig(target="house_style", epochs=50)
+        x, (x[:, 0] > 0).astype(np.float32), FitHeadConfig(target="house_style", epochs=50)
     )
-    save_head(module, tmp_path / "house.safetensors", FitConfig(target="house_style"), 32, metrics)
+    save_head(module, tmp_path / "house.safetensors", FitHeadConfig(target="house_style"), 32, metrics)
     out = tmp_path / "scores"
     score(downloaded / "images", out, ScoreConfig(**TINY, heads=[str(tmp_path / "house.safetensors")]))
     table = pq.read_table(out / "00000.parquet")
@@ -577,18 +577,24 @@ def test_a_fitted_head_scores_as_its_own_column(downloaded, tmp_path):
 def test_a_head_may_not_write_a_reserved_column(downloaded, tmp_path, run_cli):
     from safetensors.torch import load_file, save_file
 
-    from latentmill.filters.fit import FitConfig, fit_head, save_head
+    from latentmill.filters.fithead import FitHeadConfig, fit_head, save_head
 
     rng = np.random.default_rng(2)
     x = rng.normal(size=(50, 32)).astype(np.float32)
-    module, metrics = fit_head(x, (x[:, 0] > 0).astype(np.float32), FitConfig(target="house_style", epochs=5))
+    module, metrics = fit_head(
+        x, (x[:, 0] > 0).astype(np.float32), FitHeadConfig(target="house_style", epochs=5)
+    )
     with pytest.raises(InputError, match="cannot write column 'key'"):
         save_head(
-            module, tmp_path / "key.safetensors", FitConfig(target="house_style", column="key"), 32, metrics
+            module,
+            tmp_path / "key.safetensors",
+            FitHeadConfig(target="house_style", column="key"),
+            32,
+            metrics,
         )
     assert not (tmp_path / "key.safetensors").exists()
     # a head file whose metadata was edited to write `key` is refused before any image is read
-    save_head(module, tmp_path / "ok.safetensors", FitConfig(target="house_style"), 32, metrics)
+    save_head(module, tmp_path / "ok.safetensors", FitHeadConfig(target="house_style"), 32, metrics)
     from safetensors import safe_open
 
     with safe_open(tmp_path / "ok.safetensors", framework="pt") as handle:

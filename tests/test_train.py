@@ -270,13 +270,13 @@ def test_sample_grids_during_training_and_the_sample_command(latents, tmp_path, 
     assert Image.open(tmp_path / "grid.png").size == (2 * 128, 128)
 
 
-def test_a_nan_loss_stops_with_the_step_and_the_keys(latents, tmp_path):
+def test_a_nan_loss_stops_with_the_step_and_the_keys(latents, tmp_path, run_cli):
     import shutil
 
     import numpy as np
 
     from latentmill.curate.latentshards import LatentShardWriter
-    from latentmill.errors import InputError
+    from latentmill.errors import TrainingFailed
 
     bad = tmp_path / "latents"
     shutil.copytree(latents / "latents", bad)
@@ -285,7 +285,9 @@ def test_a_nan_loss_stops_with_the_step_and_the_keys(latents, tmp_path):
         writer.add(f"nan{i:04d}", np.full((4, 16, 16), np.nan, np.float32), "broken", {"bucket": [128, 128]})
     writer.close()
     run = tmp_path / "run"
-    with pytest.raises(InputError, match=r"loss is nan at step \d+; batch keys: nan"):
+    with pytest.raises(
+        TrainingFailed, match=r"loss is nan at step \d+ \(last finite loss logged: .*\); batch keys: nan"
+    ):
         train(
             config(
                 latents,
@@ -300,6 +302,25 @@ def test_a_nan_loss_stops_with_the_step_and_the_keys(latents, tmp_path):
     assert not (run / "checkpoints").exists() or all(
         (c / "state.json").exists() for c in (run / "checkpoints").iterdir()
     )
+    # on the command line a training failure is exit 1 (the input was valid), not the bad-input code 2
+    result = run_cli(
+        "train",
+        bad / "00000.tar",
+        "-o",
+        tmp_path / "cli-run",
+        "--text-encoder",
+        latents / "pipeline",
+        "--model",
+        "tiny",
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--mode",
+        "epoch",
+        "--no-flip",
+    )
+    assert result.exit_code == 1 and "loss is nan at step" in result.output, result.output
 
 
 def test_latents_from_another_vae_are_refused(latents, tmp_path):

@@ -21,11 +21,11 @@ from latentmill.curate.prefilter import PrefilterConfig
 from latentmill.curate.tables import DEFAULT_COLUMNS
 from latentmill.errors import LatentmillWarning
 from latentmill.filters.dedup import DedupConfig
-from latentmill.filters.fit import FitConfig
+from latentmill.filters.fithead import FitHeadConfig
 from latentmill.filters.select import SelectConfig
 from latentmill.recipe import LISTS, RUN_MANAGED, SECTIONS
 from latentmill.schema import flag_of, kind_of, spec_of
-from latentmill.train.config import ExportConfig, TrainConfig
+from latentmill.train.config import ExportConfig, MergeConfig, SampleConfig, TrainConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -58,11 +58,13 @@ COMMAND_CONFIGS = {
     ("score",): ((None, ExecutorConfig), {"output"}),  # None: ScoreConfig, imported lazily (torch)
     ("select",): ((SelectConfig,), {"output"}),
     ("dedup",): ((DedupConfig, ExecutorConfig), {"output", "images"}),
-    ("fit-head",): ((FitConfig,), {"output", "embeddings", "scores", "labels", "add_column"}),
+    ("fit-head",): ((FitHeadConfig,), {"output", "embeddings", "scores", "labels", "add_column"}),
     ("encode",): ((EncodeConfig, ExecutorConfig), {"output", "selection"}),
     ("buckets",): ((EncodeConfig,), {"images", "selection", "plot", "as_json"}),
     ("train",): ((TrainConfig,), {"output"}),
     ("export",): ((ExportConfig,), {"output"}),
+    ("sample",): ((SampleConfig,), {"output", "to_folder"}),
+    ("merge",): ((MergeConfig,), {"output"}),
     ("images", "pack"): ((PackConfig,), {"output"}),
     ("run",): ((ExecutorConfig,), {"urls", "work", "overrides", "until"}),
 }
@@ -72,6 +74,7 @@ FLAG_EXCEPTIONS = {
     "download.allow_hosts": "--allow-host",
     "score.heads": "--head",
     "train.sample_prompts": "--sample-prompt",
+    "sample.prompts": "--prompt",
     "executor.kind": "--executor",
 }
 
@@ -117,7 +120,8 @@ def test_every_option_of_a_command_comes_from_its_stage_configs(path):
 
 
 def test_flags_are_the_recipe_keys_with_dashes():
-    for name, cls in [*((n, f()) for n, f in SECTIONS.items()), *LISTS.items()]:
+    commands = [("sample", SampleConfig), ("merge", MergeConfig)]  # configs of commands outside recipes
+    for name, cls in [*((n, f()) for n, f in SECTIONS.items()), *LISTS.items(), *commands]:
         for field in cls.option_fields():
             expected = FLAG_EXCEPTIONS.get(f"{name}.{field.name}", "--" + field.name.replace("_", "-"))
             assert flag_of(field) == expected, (name, field.name, flag_of(field))
@@ -139,7 +143,7 @@ def test_recipe_sections_are_exactly_the_stage_configs():
     }
     assert set(SECTIONS) == expected
     assert SECTIONS["score"]() is _score_config() and SECTIONS["train"]() is TrainConfig
-    assert LISTS["fit_heads"] is FitConfig
+    assert LISTS["fit_head"] is FitHeadConfig
     for name, factory in SECTIONS.items():  # every key a recipe may set is a declared, checked field
         cls = factory()
         allowed = {f.name for f in dataclasses.fields(cls)} - RUN_MANAGED.get(name, set())
@@ -173,7 +177,7 @@ def test_a_bad_value_in_any_recipe_section_stops_run_before_any_stage(section, k
     recipe = {
         "urls": {"source": "file", "path": str(tmp_path / "urls.csv")},
         "score": {"save_embeddings": True},
-        "fit_heads": [{"target": "AESTHETIC_SCORE"}],
+        "fit_head": [{"target": "AESTHETIC_SCORE"}],
         "stages": [{"name": "main", "resolution": 256}],
     }
     if section in LISTS:
@@ -216,6 +220,24 @@ def test_old_recipe_keys_still_work_with_a_warning(tmp_path):
         recipe = load_recipe(str(path))
     assert section(recipe, "prefilter").min_side == 512
     assert section(recipe, "download").timeout == 7 and section(recipe, "download").http_threads == 8
+
+
+def test_the_old_fit_heads_section_still_works_with_a_warning(tmp_path):
+    from latentmill.recipe import load_recipe
+
+    path = tmp_path / "old.yaml"
+    path.write_text(
+        yaml.safe_dump({"score": {"save_embeddings": True}, "fit_heads": [{"target": "AESTHETIC_SCORE"}]})
+    )
+    with pytest.warns(LatentmillWarning, match="the section fit_heads is now fit_head"):
+        recipe = load_recipe(str(path))
+    assert recipe["fit_head"] == [{"target": "AESTHETIC_SCORE"}] and "fit_heads" not in recipe
+
+
+def test_sample_takes_its_old_steps_flag_with_a_warning(run_cli, tmp_path):
+    result = run_cli("sample", tmp_path, "--prompt", "x", "--steps", "5")
+    assert "--steps is now --sampler-steps" in result.output
+    assert result.exit_code == 2 and str(tmp_path) in result.output  # then: not a run nor a pipeline
 
 
 def test_run_executor_options_override_the_recipe_section(run_cli, tmp_path, monkeypatch):

@@ -7,17 +7,19 @@ run repeats an uninterrupted one exactly (bit-exact on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from latentmill.devices import resolve_device_precision, torch_dtype
-from latentmill.errors import InputError
+from latentmill.errors import InputError, TrainingFailed
 from latentmill.train.checkpoint import (
     checkpoints,
     latest_checkpoint,
@@ -53,19 +55,125 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
     return 1.0
 
 
+@dataclass
+class Training:
+    """What the loop works with, built by `_set_up`: where it runs, the data, what trains, the objective."""
+
+    config: TrainConfig
+    run: Path
+    rank: int
+    world: int
+    device: str
+    precision: str
+    data: TrainingData
+    manifest: dict
+    encode_text: Callable  # (batch, generator) -> caption states, with caption dropout
+    encode_prompts: Callable | None  # prompts -> (states, empty state), for sample grids
+    weights: FullWeights | LoraWeights
+    optimizer: torch.optim.Optimizer
+    objective: Objective
+    model: torch.nn.Module  # the U-Net, wrapped in DDP and torch.compile where asked
+    start: int  # the first step to run (0, or the resumed checkpoint's step)
+
+    def prepared(self, batch: dict, generator) -> tuple:
+        """(latents in the U-Net's space, caption states with dropout, metas) on the device."""
+        scale, shift = self.manifest["scaling_factor"], self.manifest.get("shift_factor") or 0.0
+        latents = to_unet_space(batch["latents"].to(self.device, non_blocking=True), scale, shift)
+        return latents, self.encode_text(batch, generator), batch["meta"]
+
+
 def train(config: TrainConfig, progress=None) -> dict:
     """Train a U-Net on latent shards into `config.output`; return the last step's metrics."""
+    config.validate()
+    t = _set_up(config)
+    device, world = t.device, t.world
+    autocast = dict(
+        device_type=device.split(":")[0], dtype=torch_dtype(t.precision), enabled=t.precision != "fp32"
+    )
+    metrics: dict = {}
+    # the loss and the gradient norm stay on the device; the host reads them back on logging and
+    # checkpoint steps only, so it can queue the next step while the device works
+    first_bad = torch.full((2,), -1.0, device=device)  # (step, loss) of the first non-finite loss
+    recent_keys: dict[int, list[str]] = {}
+    interval_samples, interval_start = 0, time.perf_counter()
+
+    with _RunLog(t.run, t.rank) as log:  # closed on every way out: the end, an error, Ctrl-C
+        for step in range(t.start, config.steps):
+            for group in t.optimizer.param_groups:
+                group["lr"] = config.learning_rate * _lr_factor(step, config)
+            total_loss, keys = torch.zeros((), device=device), []
+            for micro in range(config.grad_accum):
+                batch, class_batch = t.data.next()
+                generator = torch.Generator().manual_seed(
+                    hash((config.seed, step, micro, t.rank)) & (2**62 - 1)
+                )
+                last_micro = micro == config.grad_accum - 1
+                no_sync = t.model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
+                with no_sync, torch.autocast(**autocast):
+                    instance = t.prepared(batch, generator)
+                    class_images = t.prepared(class_batch, generator) if class_batch is not None else None
+                    loss = t.objective.step_loss(
+                        t.model, instance, class_images, config.prior_loss_weight, generator
+                    )
+                    loss = loss / config.grad_accum
+                    loss.backward()
+                total_loss += loss.detach()
+                interval_samples += len(batch["keys"])
+                keys += batch["keys"]
+            recent_keys[step + 1] = keys
+            first_bad = torch.where(
+                (first_bad[0] < 0) & ~torch.isfinite(total_loss),
+                torch.stack([torch.tensor(step + 1.0, device=device), total_loss.float()]),
+                first_bad,
+            )
+            grad_norm = torch.nn.utils.clip_grad_norm_(t.weights.params, config.max_grad_norm)
+            t.optimizer.step()
+            t.optimizer.zero_grad(set_to_none=True)
+            t.weights.update_ema(config.ema_decay, step)
+
+            logging = (step + 1) % config.log_every == 0 or step == t.start
+            checkpointing = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
+            if not (logging or checkpointing):
+                continue
+            # before any checkpoint could save damaged weights
+            _stop_on_nonfinite(first_bad, recent_keys, t.run, metrics.get("loss"))
+            recent_keys.clear()
+            elapsed = time.perf_counter() - interval_start
+            metrics = {
+                "step": step + 1,
+                "loss": total_loss.item(),
+                "lr": t.optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm.item(),
+                "samples_per_s": interval_samples * world / max(elapsed, 1e-9),
+                "epoch": t.data.epoch,
+            }
+            interval_samples, interval_start = 0, time.perf_counter()
+            if logging:
+                log.write(metrics)
+                if progress:
+                    progress(metrics)
+            if (
+                t.rank == 0
+                and t.encode_prompts
+                and config.sample_every
+                and (step + 1) % config.sample_every == 0
+            ):
+                with t.weights.ema_unet() as ema:
+                    _sample_grid(t.run, step + 1, ema, t.encode_prompts, t.manifest, config)
+            if checkpointing:
+                _checkpoint(t, step + 1)
+    return metrics | _rank_report(t)
+
+
+def _set_up(config: TrainConfig) -> Training:
+    """Everything the loop needs, checked before the run folder is touched where it can be: the device,
+    the data, the text conditioning, the U-Net and what of it trains, the optimizer, the resume point."""
     from latentmill.train.schedule import training_scheduler
 
-    # --- setup ------------------------------------------------------------------------------------
-    config.validate()
     rank, world = _distributed()
-    device, precision = resolve_device_precision(
-        config.device, config.precision
-    )  # fp16 is refused by validate()
+    device, precision = resolve_device_precision(config.device, config.precision)  # fp16: refused by validate
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    autocast_dtype = torch_dtype(precision)
     run = Path(config.output)
     # the latent folders (a mixture, DreamBooth's class images beside), read before anything is written:
     # bad input leaves no run folder
@@ -102,6 +210,7 @@ def train(config: TrainConfig, progress=None) -> dict:
         config.seed,
         config.size_conditioning,
     ).to(device)
+    _check_resume_point(run, config)
     run.mkdir(parents=True, exist_ok=True)
     if config.init_from:
         _init_from(unet, Path(config.init_from))
@@ -110,21 +219,14 @@ def train(config: TrainConfig, progress=None) -> dict:
     if device.startswith("cuda"):
         unet.to(memory_format=torch.channels_last)
     # what trains: the whole U-Net, or LoRA adapters on the frozen one (EMA and checkpoints alike)
-    weights = (
-        LoraWeights(
-            unet,
-            config.lora_rank,
-            config.lora_alpha or config.lora_rank,
-            config.lora_targets,
-            config.seed,
-            base=config.init_from or config.model,
-        )
-        if config.lora_rank
-        else FullWeights(unet)
-    )
-    params = weights.params
+    if config.lora_rank:
+        base = config.init_from or config.model
+        alpha = config.lora_alpha or config.lora_rank
+        weights = LoraWeights(unet, config.lora_rank, alpha, config.lora_targets, config.seed, base=base)
+    else:
+        weights = FullWeights(unet)
     optimizer = torch.optim.AdamW(
-        params,
+        weights.params,
         lr=config.learning_rate,
         weight_decay=config.weight_decay,
         fused=device.startswith("cuda"),
@@ -138,6 +240,41 @@ def train(config: TrainConfig, progress=None) -> dict:
         device,
     )
     start = 0
+    if rank == 0:
+        remove_stale_temporaries(run)
+    if config.resume:
+        state = load_checkpoint(
+            latest_checkpoint(run, training_files(weights.files), fallback=True), weights, optimizer
+        )
+        start = state["step"]
+        data.load_state_dict(state["loader"])
+        if rank == 0:
+            truncate_log(run, start)
+    model = torch.nn.parallel.DistributedDataParallel(unet) if world > 1 else unet
+    if config.compile:
+        model = torch.compile(model)
+    return Training(
+        config,
+        run,
+        rank,
+        world,
+        device,
+        precision,
+        data,
+        manifest,
+        encode_text,
+        encode_prompts,
+        weights,
+        optimizer,
+        objective,
+        model,
+        start,
+    )
+
+
+def _check_resume_point(run: Path, config: TrainConfig) -> None:
+    """A run folder with checkpoints is continued only with --resume, and --resume needs checkpoints of
+    the same kind of run."""
     if checkpoints(run) and not config.resume:
         raise InputError(
             f"{run} already has checkpoints (last: {checkpoints(run)[-1].name}): pass --resume to continue "
@@ -147,142 +284,68 @@ def train(config: TrainConfig, progress=None) -> dict:
         raise InputError(
             f"--resume: {run} has no checkpoints to resume from. Check -o, or drop --resume to start a new run."
         )
-    if rank == 0:
-        remove_stale_temporaries(run)
     if config.resume:
         _check_same_kind_of_run(run, config)
-    resume_from = (
-        latest_checkpoint(run, training_files(weights.files), fallback=True) if config.resume else None
-    )
-    if resume_from:
-        state = load_checkpoint(resume_from, weights, optimizer)
-        start = state["step"]
-        data.load_state_dict(state["loader"])
-        if rank == 0:
-            truncate_log(run, start)
-    model = torch.nn.parallel.DistributedDataParallel(unet) if world > 1 else unet
-    if config.compile:
-        model = torch.compile(model)
-    scale, shift = manifest["scaling_factor"], manifest.get("shift_factor") or 0.0
 
-    def prepared(batch: dict, generator) -> tuple:
-        """(latents in the U-Net's space, caption states with dropout, metas) on the device."""
-        latents = to_unet_space(batch["latents"].to(device, non_blocking=True), scale, shift)
-        return latents, encode_text(batch, generator), batch["meta"]
 
-    log = open(run / "log.jsonl", "a") if rank == 0 else None  # noqa: SIM115 - open for the whole run
-    board = _tensorboard(run) if rank == 0 else None
-    metrics: dict = {}
-    # the loss and the gradient norm stay on the device; the host reads them back on logging and
-    # checkpoint steps only, so it can queue the next step while the device works
-    first_bad = torch.full((2,), -1.0, device=device)  # (step, loss) of the first non-finite loss
-    recent_keys: dict[int, list[str]] = {}
-    interval_samples, interval_start = 0, time.perf_counter()
+class _RunLog:
+    """Rank 0's metrics: one JSON line per logged step in RUN/log.jsonl, and the same scalars in
+    TensorBoard (when installed). Other ranks write nothing."""
 
-    try:  # the log and TensorBoard writers are closed on every way out: the end, an error, Ctrl-C
-        # --- the loop: one optimizer step per iteration --------------------------------------------------
-        for step in range(start, config.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = config.learning_rate * _lr_factor(step, config)
-            total_loss, keys = torch.zeros((), device=device), []
-            for micro in range(config.grad_accum):
-                batch, class_batch = data.next()
-                generator = torch.Generator().manual_seed(
-                    hash((config.seed, step, micro, rank)) & (2**62 - 1)
-                )
-                sync = micro == config.grad_accum - 1 or world == 1
-                context = model.no_sync() if not sync and world > 1 else _nullcontext()
-                with (
-                    context,
-                    torch.autocast(device.split(":")[0], dtype=autocast_dtype, enabled=precision != "fp32"),
-                ):
-                    instance = prepared(batch, generator)
-                    class_images = prepared(class_batch, generator) if class_batch is not None else None
-                    loss = objective.step_loss(
-                        model, instance, class_images, config.prior_loss_weight, generator
-                    )
-                    loss = loss / config.grad_accum
-                    loss.backward()
-                total_loss += loss.detach()
-                interval_samples += len(batch["keys"])
-                keys += batch["keys"]
-            recent_keys[step + 1] = keys
-            first_bad = torch.where(
-                (first_bad[0] < 0) & ~torch.isfinite(total_loss),
-                torch.stack([torch.tensor(step + 1.0, device=device), total_loss.float()]),
-                first_bad,
-            )
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            weights.update_ema(config.ema_decay, step)
+    def __init__(self, run: Path, rank: int):
+        self.run, self.rank = run, rank
+        self.file = self.board = None
 
-            logging = (step + 1) % config.log_every == 0 or step == start
-            checkpointing = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
-            if not (logging or checkpointing):
-                continue
-            _stop_on_nonfinite(
-                first_bad, recent_keys, run
-            )  # before any checkpoint could save damaged weights
-            recent_keys.clear()
-            elapsed = time.perf_counter() - interval_start
-            metrics = {
-                "step": step + 1,
-                "loss": total_loss.item(),
-                "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": grad_norm.item(),
-                "samples_per_s": interval_samples * world / max(elapsed, 1e-9),
-                "epoch": data.epoch,
-            }
-            interval_samples, interval_start = 0, time.perf_counter()
-            if log and logging:
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
-                if board:
-                    for name in ("loss", "lr", "grad_norm", "samples_per_s"):
-                        board.add_scalar(f"train/{name}", metrics[name], step + 1)
-            if progress and logging:
-                progress(metrics)
-            if rank == 0 and encode_prompts and config.sample_every and (step + 1) % config.sample_every == 0:
-                with weights.ema_unet() as ema:
-                    _sample_grid(run, step + 1, ema, encode_prompts, manifest, config)
-            if checkpointing:
-                if rank == 0:
-                    save_checkpoint(
-                        run,
-                        step + 1,
-                        weights,
-                        optimizer,
-                        data.state_dict(),
-                        asdict(config),
-                        config.keep_checkpoints,
-                    )
-                if world > 1:
-                    torch.distributed.barrier()
-    finally:
-        if log:
-            log.close()
-        if board:
-            board.close()
-    ranks = run / "ranks"
-    ranks.mkdir(exist_ok=True)
-    (ranks / f"rank-{rank}.json").write_text(
-        json.dumps(
-            {
-                "rank": rank,
-                "world_size": world,
-                "steps": config.steps - start,
-                "shards": data.my_shards,
-                "skipped": data.skipped_total(),
-            }
+    def __enter__(self):
+        if self.rank == 0:
+            self.file = open(self.run / "log.jsonl", "a")  # noqa: SIM115 - closed in __exit__
+            self.board = _tensorboard(self.run)
+        return self
+
+    def write(self, metrics: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        if self.board:
+            for name in ("loss", "lr", "grad_norm", "samples_per_s"):
+                self.board.add_scalar(f"train/{name}", metrics[name], metrics["step"])
+
+    def __exit__(self, *exc):
+        for writer in (self.file, self.board):
+            if writer is not None:
+                writer.close()
+        return False
+
+
+def _checkpoint(t: Training, step: int) -> None:
+    """Rank 0 saves weights, optimizer, loader position and config atomically; every rank waits for it."""
+    if t.rank == 0:
+        save_checkpoint(
+            t.run,
+            step,
+            t.weights,
+            t.optimizer,
+            t.data.state_dict(),
+            asdict(t.config),
+            t.config.keep_checkpoints,
         )
-    )
-    return metrics | {
-        "skipped": data.skipped_total(),
-        "rank": rank,
-        "world_size": world,
-        "shards": data.my_shards,
+    if t.world > 1:
+        torch.distributed.barrier()
+
+
+def _rank_report(t: Training) -> dict:
+    """What this rank trained on (RUN/ranks/rank-N.json): its shards, steps and skipped samples."""
+    report = {
+        "skipped": t.data.skipped_total(),
+        "rank": t.rank,
+        "world_size": t.world,
+        "shards": t.data.my_shards,
     }
+    ranks = t.run / "ranks"
+    ranks.mkdir(exist_ok=True)
+    (ranks / f"rank-{t.rank}.json").write_text(json.dumps(report | {"steps": t.config.steps - t.start}))
+    return report
 
 
 def _tensorboard(run: Path):
@@ -292,14 +355,6 @@ def _tensorboard(run: Path):
     except ImportError:
         return None
     return SummaryWriter(str(run / "tensorboard"))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 RESUME_MUST_MATCH = ("lora_rank", "lora_targets", "mix", "instance", "class_data")
@@ -322,16 +377,18 @@ def _check_same_kind_of_run(run: Path, config: TrainConfig) -> None:
             )
 
 
-def _stop_on_nonfinite(first_bad: torch.Tensor, recent_keys: dict, run: Path) -> None:
+def _stop_on_nonfinite(first_bad: torch.Tensor, recent_keys: dict, run: Path, last_finite) -> None:
     """Raise with the step and the batch keys where the loss first stopped being finite, if it did."""
     step, loss = first_bad.tolist()
     if step < 0:
         return
     keys = recent_keys.get(int(step), [])
     last = checkpoints(run)[-1].name if checkpoints(run) else "none yet"
-    raise InputError(
-        f"the loss is {loss} at step {int(step)}; batch keys: {', '.join(keys[:8])}"
-        f"{' ...' if len(keys) > 8 else ''}. The last good checkpoint stays: {last}."
+    raise TrainingFailed(
+        f"the loss is {loss} at step {int(step)} (last finite loss logged: {last_finite}); batch keys: "
+        f"{', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}. The last good checkpoint stays: {last}. "
+        f"To try: check those samples with `latentmill latents verify`, lower --learning-rate, keep "
+        f"--max-grad-norm on, or train in fp32 (--precision fp32); then --resume."
     )
 
 

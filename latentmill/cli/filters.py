@@ -6,7 +6,7 @@ import click
 
 from latentmill.cli.options import click_options, config_from
 from latentmill.curate.executors import ExecutorConfig
-from latentmill.filters.fit import FitConfig
+from latentmill.filters.fithead import FitHeadConfig
 from latentmill.filters.score import ScoreConfig
 from latentmill.progress import progress_bar
 
@@ -57,11 +57,11 @@ def score(images, output, **kwargs):
     "embeddings, no pass over the images).",
 )
 @click.option("-o", "--output", required=True, type=click.Path(), help="Head file (.safetensors).")
-@click_options(FitConfig)
+@click_options(FitHeadConfig)
 def fit_head(embeddings, scores, labels, add_column, output, **kwargs):
     """Fit a head on labelled CLIP embeddings; print held-out metrics; save it for `score --head`.
 
-    The recipe stage `fit_heads:` runs this once per item, with the image shards as labels and
+    The recipe stage `fit_head:` runs this once per item, with the image shards as labels and
     --add-column. An existing OUTPUT is not fitted again.
 
     \b
@@ -71,9 +71,9 @@ def fit_head(embeddings, scores, labels, add_column, output, **kwargs):
       latentmill fit-head --embeddings embeddings/ --labels images/ --target AESTHETIC_SCORE --column aesthetic_fit \\
           --scores scores/ --add-column -o heads/aesthetic_fit.safetensors
     """
-    from latentmill.filters.fit import fit_and_add, format_metrics
+    from latentmill.filters.fithead import fit_and_add, format_metrics
 
-    config = config_from(FitConfig, kwargs)
+    config = config_from(FitHeadConfig, kwargs)
     metrics = fit_and_add(config, labels, embeddings, scores, output, add_column=add_column)
     click.echo(f"{config.kind} head: {format_metrics(metrics)}")
     click.echo(

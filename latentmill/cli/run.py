@@ -31,7 +31,7 @@ def recipes():
 )
 @click.option(
     "--until",
-    help="Stop after this stage: prefilter, download, score, fit-heads, dedup, select, encode, train, export.",
+    help="Stop after this stage: prefilter, download, score, fit-head, dedup, select, encode, train, export.",
 )
 @click_options(ExecutorConfig)
 @click.pass_context

@@ -1,11 +1,11 @@
-"""`latentmill train` and `export`."""
+"""`latentmill train`, `export`, `merge` and `sample`."""
 
 from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import POSITIVE, Finite, click_options, config_from
-from latentmill.train.config import ExportConfig, TrainConfig
+from latentmill.cli.options import click_options, config_from
+from latentmill.train.config import ExportConfig, MergeConfig, SampleConfig, TrainConfig
 
 
 @click.command()
@@ -70,25 +70,9 @@ def export(run, output, **kwargs):
 @click.command()
 @click.argument("a", type=click.Path(exists=True), required=False)
 @click.argument("b", type=click.Path(exists=True), required=False)
-@click.option(
-    "--alpha",
-    type=Finite(),
-    help="Weight of B (weighted sum), of B - BASE (add difference), or of the adapter (--lora; default 1).",
-)
-@click.option("--base", type=click.Path(exists=True), help="Add difference: A + alpha * (B - BASE).")
-@click.option(
-    "--lora",
-    type=click.Path(exists=True),
-    help="A LoRA run: bake its adapter into A (default: the base it was trained on) at scale alpha.",
-)
-@click.option("--no-ema", is_flag=True, help="Merge the raw weights instead of the EMA.")
-@click.option(
-    "--config-from",
-    type=click.Path(exists=True),
-    help="The run whose configuration the merged run takes (default: the first of A, B, BASE that is a run).",
-)
+@click_options(MergeConfig)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Run folder for the merged weights.")
-def merge(a, b, alpha, base, lora, no_ema, config_from, output):
+def merge(a, b, output, **kwargs):
     """Merge two runs (or .safetensors files): (1 - alpha) * A + alpha * B, or A + alpha * (B - BASE); or
     bake a LoRA adapter into a whole U-Net.
 
@@ -103,41 +87,34 @@ def merge(a, b, alpha, base, lora, no_ema, config_from, output):
     from latentmill.train.merge import merge as run_merge
     from latentmill.train.merge import merge_lora_run
 
-    if lora:
-        if b or base or config_from:
+    config = config_from(MergeConfig, kwargs)
+    if config.lora:
+        if b or config.base or config.config_from:
             raise click.UsageError(
                 "--lora merges one adapter into one base (A): drop B, --base and --config-from."
             )
-        alpha = 1.0 if alpha is None else alpha
-        path = merge_lora_run(lora, output, alpha, base=a, use_ema=not no_ema)
-        click.echo(f"wrote {path} (LoRA {lora} at scale {alpha})")
+        alpha = 1.0 if config.alpha is None else config.alpha
+        path = merge_lora_run(config.lora, output, alpha, base=a, use_ema=config.ema)
+        click.echo(f"wrote {path} (LoRA {config.lora} at scale {alpha})")
         return
-    if not (a and b) or alpha is None:
+    if not (a and b) or config.alpha is None:
         raise click.UsageError("give A, B and --alpha (or --lora RUN to bake an adapter in).")
-    path = run_merge(a, b, output, alpha, base, use_ema=not no_ema, config_from=config_from)
-    click.echo(f"wrote {path} ({'add difference' if base else 'weighted sum'}, alpha {alpha})")
+    path = run_merge(
+        a, b, output, config.alpha, config.base, use_ema=config.ema, config_from=config.config_from
+    )
+    click.echo(f"wrote {path} ({'add difference' if config.base else 'weighted sum'}, alpha {config.alpha})")
 
 
 @click.command()
 @click.argument("source", type=click.Path(exists=True))
-@click.option(
-    "--prompt", "prompts", multiple=True, required=True, help="A prompt (repeatable): one image each."
-)
+@click_options(SampleConfig)
 @click.option("-o", "--output", default="samples.png", show_default=True, type=click.Path(), help="Grid PNG.")
-@click.option("--steps", default=20, show_default=True, type=POSITIVE, help="DDIM steps.")
-@click.option(
-    "--guidance", default=5.0, show_default=True, type=Finite(), help="Classifier-free guidance scale."
-)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--width", type=POSITIVE, help="Image width in px (default: the training resolution).")
-@click.option("--height", type=POSITIVE, help="Image height in px (default: the training resolution).")
-@click.option("--count", default=1, show_default=True, type=POSITIVE, help="Images per prompt.")
 @click.option(
     "--to-folder",
     type=click.Path(file_okay=False),
     help="Write each image as NNNNNN.png with its prompt in NNNNNN.txt (for `images pack`), not a grid.",
 )
-def sample(source, prompts, output, steps, guidance, seed, width, height, count, to_folder):
+def sample(source, output, to_folder, **kwargs):
     """Generate images from SOURCE: a run's last checkpoint (EMA weights) or a diffusers pipeline folder.
 
     One grid PNG, or with --to-folder single images to pack and encode (e.g. DreamBooth's class images,
@@ -150,17 +127,26 @@ def sample(source, prompts, output, steps, guidance, seed, width, height, count,
     """
     from latentmill.train.sampling import sample_run, sample_to_folder
 
-    size = (width, height) if width and height else None
+    c = config_from(SampleConfig, kwargs)
     if to_folder:
         from latentmill.progress import progress_bar
 
-        with progress_bar(len(prompts) * count, "sample", "img") as bar:
+        with progress_bar(len(c.prompts) * c.count, "sample", "img") as bar:
             made = sample_to_folder(
-                source, list(prompts), to_folder, count, steps, guidance, seed, size, progress=bar.update
+                source,
+                c.prompts,
+                to_folder,
+                c.count,
+                c.sampler_steps,
+                c.guidance,
+                c.seed,
+                c.size,
+                progress=bar.update,
             )
         click.echo(f"{made} image(s) in {to_folder}")
         return
-    if count > 1:
-        prompts = tuple(p for p in prompts for _ in range(count))
-    path = sample_run(source, list(prompts), output, steps=steps, guidance=guidance, seed=seed, size=size)
+    prompts = [p for p in c.prompts for _ in range(c.count)]
+    path = sample_run(
+        source, prompts, output, steps=c.sampler_steps, guidance=c.guidance, seed=c.seed, size=c.size
+    )
     click.echo(f"wrote {path}")

@@ -1,4 +1,5 @@
-"""Exact URL de-duplication over a stream, in bounded memory: 8 bytes per distinct URL.
+"""Exact URL de-duplication by hash, over a stream, in bounded memory: 8 bytes per distinct URL (prefilter
+and inspect; near-duplicate images are filters/dedup.py).
 
 URLs are hashed to 64 bits (pandas' SipHash-based `hash_array`); the seen hashes live in a few sorted
 arrays merged like a binary counter, so lookups and merges stay O(n log n) over the whole stream.

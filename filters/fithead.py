@@ -21,10 +21,10 @@ from latentmill.schema import StageConfig, opt
 
 
 @dataclass
-class FitConfig(StageConfig):
-    """One head to fit: `latentmill fit-head`'s options, and one item of a recipe's `fit_heads:` list."""
+class FitHeadConfig(StageConfig):
+    """One head to fit: `latentmill fit-head`'s options, and one item of a recipe's `fit_head:` list."""
 
-    SECTION = "fit_heads"
+    SECTION = "fit_head"
     target: str = opt(
         help="Label column to fit (a labels file's column, or a URL-table column carried in the image "
         "shards' JSON such as AESTHETIC_SCORE)."
@@ -156,7 +156,7 @@ def ridge_alpha(x: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 5) -> 
     return float(grid[int(np.argmin(errors))])
 
 
-def fit_head(x: np.ndarray, y: np.ndarray, config: FitConfig):
+def fit_head(x: np.ndarray, y: np.ndarray, config: FitHeadConfig):
     """Train; return (module, metrics) with metrics on the held-out split."""
     import torch
 
@@ -226,7 +226,7 @@ def fit_head(x: np.ndarray, y: np.ndarray, config: FitConfig):
     return module, metrics
 
 
-def save_head(module, path: str | Path, config: FitConfig, input_dim: int, metrics: dict) -> Path:
+def save_head(module, path: str | Path, config: FitHeadConfig, input_dim: int, metrics: dict) -> Path:
     """safetensors weights with the metadata `heads.load_fitted` needs."""
     from safetensors.torch import save_file
 
@@ -293,7 +293,7 @@ def add_head_column(head_path: str | Path, scores: str | Path, embeddings: str |
 
 
 def fit_and_add(
-    config: FitConfig,
+    config: FitHeadConfig,
     labels: str | Path,
     embeddings: str | Path,
     scores: str | Path | None,

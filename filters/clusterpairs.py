@@ -12,13 +12,10 @@ import numpy as np
 
 from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.errors import InputError
+from latentmill.filters.embeddings import embeddings_path
 
 if TYPE_CHECKING:
     from latentmill.filters.dedup import DedupConfig
-
-
-def embeddings_path(score_shard: Path) -> Path:
-    return score_shard.parent.parent / "embeddings" / f"{score_shard.stem}.npy"
 
 
 def unit_rows(rows: np.ndarray) -> np.ndarray:

@@ -26,7 +26,8 @@ import numpy as np
 
 from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.errors import InputError
-from latentmill.filters.clusterpairs import AssignStage, PairStage, embeddings_path, fit_centroids
+from latentmill.filters.clusterpairs import AssignStage, PairStage, fit_centroids
+from latentmill.filters.embeddings import embeddings_folder, embeddings_path
 from latentmill.schema import StageConfig, opt
 
 WORK = "_work"
@@ -74,7 +75,7 @@ def score_shards(scores: Path) -> list[Path]:
     if missing:
         raise InputError(
             f"{scores}: no embeddings for shard(s) {', '.join(missing[:5])} in "
-            f"{scores.parent / 'embeddings'}. Score with --save-embeddings."
+            f"{embeddings_folder(scores)}. Score with --save-embeddings."
         )
     return shards
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from latentmill.errors import InputError
+from latentmill.filters.embeddings import scores_folder
 from latentmill.schema import StageConfig, opt
 
 
@@ -89,7 +90,7 @@ def labelled_embeddings(
     import pyarrow.parquet as pq
 
     embeddings = Path(embeddings)
-    scores = Path(scores) if scores else embeddings.parent / "scores"
+    scores = Path(scores) if scores else scores_folder(embeddings)
     files = sorted(embeddings.glob("*.npy"))
     if not files:
         raise InputError(f"{embeddings}: no embeddings. Run `latentmill score --save-embeddings` first.")
@@ -307,7 +308,7 @@ def fit_and_add(
 
     config.validate()
     check_column(config.column or config.target, "--column" if config.column else f"--target {config.target}")
-    output, scores = Path(output), Path(scores) if scores else Path(embeddings).parent / "scores"
+    output, scores = Path(output), Path(scores) if scores else scores_folder(embeddings)
     if not output.exists():
         labels = Path(labels)
         table = (

@@ -27,6 +27,7 @@ from latentmill.curate.imageshards import (
 )
 from latentmill.devices import PRECISIONS
 from latentmill.errors import InputError
+from latentmill.filters.embeddings import embeddings_folder
 from latentmill.schema import StageConfig, opt
 
 WATERMARK_SIZE = 256
@@ -291,7 +292,7 @@ def score(images: str | Path, output: str | Path, config: ScoreConfig, progress=
     shards = list_image_shards(images)
     if not shards:
         raise InputError(f"{images}: no .tar image shards. Make them with `latentmill download`.")
-    embeddings_dir = output.parent / "embeddings" if config.save_embeddings else None
+    embeddings_dir = embeddings_folder(output) if config.save_embeddings else None
     stage = ScoreStage(config, output, embeddings_dir)
     clip, heads = stage.setup()  # here too: bad heads are refused before anything is written
     output.mkdir(parents=True, exist_ok=True)

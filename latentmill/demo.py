@@ -14,8 +14,9 @@ from latentmill.curate.atomic import write_json
 from latentmill.curate.bucketstats import bucket_distribution, plot_distribution
 from latentmill.curate.vaefit import VaeFitConfig, fit_vae
 from latentmill.layout import Layout
-from latentmill.recipe import load_recipe, section
+from latentmill.recipe import load_recipe
 from latentmill.runner import run_recipe
+from latentmill.stages import section
 
 
 def run_demo(work: str | Path, log=print, overrides: list[str] = (), vae_steps: int = 300) -> dict:

@@ -1,13 +1,16 @@
-"""The work folder of `latentmill run`: every path a stage reads or writes, named once.
+"""The work folder of `latentmill run`: every path a stage reads or writes, named once. The stage table
+(latentmill.stages) names these attributes as each stage's inputs and outputs.
 
 WORK/urls/        the URL table (or the demo's sample.parquet), kept.parquet and its funnel
 WORK/images/      image shards (img2dataset), with _latentmill/summary.json
-WORK/scores/      score parquets; WORK/embeddings/ the CLIP embeddings
+WORK/scores/      score parquets; WORK/embeddings/ the CLIP embeddings beside them
 WORK/heads/       heads fitted by the fit-head stage
+WORK/dedup/       duplicate parquets, funnel.json, _work/ (the passes' intermediate files)
 WORK/selection/   selection parquets, funnel.json, plots/
+WORK/vae/         the demo's fitted tiny VAE (the demo only)
 WORK/latents-RES/ latent shards at one resolution, manifest.json
 WORK/runs/NAME/   training runs (checkpoints, log.jsonl)
-WORK/export/      the diffusers pipeline
+WORK/export/      the exported model (a diffusers pipeline, or a LoRA file)
 WORK/report/      the HTML report and its pictures
 """
 
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from latentmill.filters.embeddings import embeddings_folder
 
 LATENTS_PREFIX = "latents-"
 
@@ -25,6 +30,23 @@ class Layout:
 
     def __post_init__(self):
         object.__setattr__(self, "work", Path(self.work))
+
+    def paths(self, name: str) -> list[Path]:
+        """The paths behind a stage input or output name: one path, or every latents-RES folder and run."""
+        if name == "latents":
+            return list(self.latent_folders().values())
+        if name == "runs":
+            return self.run_folders()
+        return [getattr(self, name)]
+
+    def present(self, name: str) -> bool:
+        paths = self.paths(name)
+        return bool(paths) and all(p.exists() for p in paths)
+
+    def describe(self, name: str) -> str:
+        """How messages name a stage input: its path, or the pattern of its folders."""
+        patterns = {"latents": f"{LATENTS_PREFIX}RES/", "runs": "runs/NAME/"}
+        return str(self.work / patterns[name]) if name in patterns else str(getattr(self, name))
 
     @property
     def urls(self) -> Path:
@@ -60,7 +82,7 @@ class Layout:
 
     @property
     def embeddings(self) -> Path:
-        return self.work / "embeddings"  # where `score --save-embeddings` puts them: beside the scores
+        return embeddings_folder(self.scores)
 
     @property
     def heads(self) -> Path:

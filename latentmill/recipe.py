@@ -1,5 +1,6 @@
-"""Recipes: YAML shipped as package data, validated against a closed schema (the stages' own config
-dataclasses: a section's keys are its stage's flags), with `section.key=value` overrides. Every section is
+"""Recipes: YAML shipped as package data, validated against a closed schema (the sections and config
+dataclasses of the stage table, latentmill.stages: a section's keys are its stage's flags), with
+`section.key=value` overrides. Every section is
 checked, names, types, ranges and choices, before the first stage runs; an unknown key is an error naming
 the nearest."""
 
@@ -12,70 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from latentmill.curate.download import DownloadConfig
-from latentmill.curate.encode import EncodeConfig
-from latentmill.curate.executors import ExecutorConfig
-from latentmill.curate.pack import PackConfig
-from latentmill.curate.prefilter import PrefilterConfig
 from latentmill.errors import InputError, warn
-from latentmill.filters.dedup import DedupConfig
-from latentmill.filters.fithead import FitHeadConfig
-from latentmill.filters.select import SelectConfig
-from latentmill.schema import StageConfig, from_section, opt, spec_of
-from latentmill.train.config import ExportConfig, TrainConfig
+from latentmill.schema import from_section, spec_of
+from latentmill.stages import LISTS, SECTIONS
 
-
-@dataclasses.dataclass
-class UrlsSection(StageConfig):
-    """Where the URL table comes from."""
-
-    SECTION = "urls"
-    source: str = opt(
-        "file",
-        "file: the table given with --urls (or `path`); folder: a folder of your own images (packed, not "
-        "downloaded; captions from the pack section or .txt files); sample-server: the demo's own.",
-        choices=("file", "folder", "sample-server"),
-        cli=False,
-    )
-    path: str | None = opt(None, "The URL table (or image folder), when --urls is not given.", cli=False)
-    photo_views: int = opt(
-        1, "sample-server: crops per bundled photograph (12 photographs).", low=1, cli=False
-    )
-    synthetic: int = opt(24, "sample-server: synthetic pictures.", low=0, cli=False)
-
-
-@dataclasses.dataclass
-class TrainStage(StageConfig):
-    """One item of `stages:`: a training stage at one resolution, started from the previous stage's weights."""
-
-    SECTION = "stages"
-    name: str = opt(help="The run's name: WORK/runs/NAME.")
-    resolution: int = opt(help="Latents of this resolution (encoded once per resolution).", low=1)
-    steps: int | None = opt(None, "Steps of this stage (default: train.steps).", low=1)
-
-
-def _score_config():
-    from latentmill.filters.score import ScoreConfig  # imports torch: only when a recipe is loaded
-
-    return ScoreConfig
-
-
-SECTIONS = {
-    "urls": lambda: UrlsSection,
-    "prefilter": lambda: PrefilterConfig,
-    "download": lambda: DownloadConfig,
-    "pack": lambda: PackConfig,
-    "score": _score_config,
-    "dedup": lambda: DedupConfig,
-    "select": lambda: SelectConfig,
-    "encode": lambda: EncodeConfig,
-    "train": lambda: TrainConfig,
-    "export": lambda: ExportConfig,
-    "executor": lambda: ExecutorConfig,
-}
 SCALARS = {"description"}
 RENAMED_SECTIONS = {"fit_heads": "fit_head"}  # old section name -> new, accepted with a warning
-LISTS = {"stages": TrainStage, "fit_head": FitHeadConfig}
 RUN_MANAGED = {
     "train": {"shards", "output", "init_from", "resume"},  # set by the runner, not by recipes
     "download": {"resolver"},
@@ -194,8 +137,3 @@ def _check_mapping(schema, body, source: str, where: str) -> None:
         raise InputError(f"{source}: {str(err).replace(f'{schema.SECTION}.', f'{where}.', 1)}") from None
     except TypeError as err:  # a required key missing
         raise InputError(f"{source}: {where}: {err} (keys: {', '.join(sorted(allowed))}).") from None
-
-
-def section(recipe: dict, name: str, **extra):
-    """The validated config of one section (defaults where the recipe is silent)."""
-    return from_section(SECTIONS[name](), recipe.get(name) or {}, **extra)

@@ -4,14 +4,34 @@ server, started once per run and on the same port on every run of a work folder.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from latentmill.errors import InputError
-from latentmill.recipe import section
+from latentmill.schema import StageConfig, from_section, opt
 
 if TYPE_CHECKING:
-    from latentmill.runner import Context
+    from latentmill.stages import Context
+
+
+@dataclasses.dataclass
+class UrlsSection(StageConfig):
+    """Where the URL table comes from."""
+
+    SECTION = "urls"
+    source: str = opt(
+        "file",
+        "file: the table given with --urls (or `path`); folder: a folder of your own images (packed, not "
+        "downloaded; captions from the pack section or .txt files); sample-server: the demo's own.",
+        choices=("file", "folder", "sample-server"),
+        cli=False,
+    )
+    path: str | None = opt(None, "The URL table (or image folder), when --urls is not given.", cli=False)
+    photo_views: int = opt(
+        1, "sample-server: crops per bundled photograph (12 photographs).", low=1, cli=False
+    )
+    synthetic: int = opt(24, "sample-server: synthetic pictures.", low=0, cli=False)
 
 
 def from_folder(recipe: dict) -> bool:
@@ -22,7 +42,7 @@ def url_source(ctx: Context) -> Path:
     """The URL table or image folder: --urls (or urls.path), or the demo's sample server, started once per run."""
     if ctx.table is not None:
         return ctx.table
-    source, lay = section(ctx.recipe, "urls"), ctx.layout
+    source, lay = from_section(UrlsSection, ctx.recipe.get("urls") or {}), ctx.layout
     if source.source == "sample-server":
         import pyarrow as pa
         import pyarrow.parquet as pq

@@ -1,27 +1,31 @@
 """How far each stage of a work folder got, read from its files (`latentmill status`): the stage table's
-`status` entries. Each returns (done, detail)."""
+`status` entries. Each takes (layout, the stage's row) and returns (done, detail)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from latentmill.layout import Layout
+
+if TYPE_CHECKING:
+    from latentmill.stages import Stage
 
 
 def count(folder: Path, pattern: str) -> int:
     return len(list(folder.glob(pattern))) if folder.exists() else 0
 
 
-def prefilter_status(lay: Layout) -> tuple[str, str]:
+def prefilter_status(lay: Layout, stage: Stage) -> tuple[str, str]:
     if not lay.kept_funnel.exists():
         return "no", ""
     f = json.loads(lay.kept_funnel.read_text())
     return "yes", f"{f['kept_rows']:,} of {f['input_rows']:,} rows kept"
 
 
-def download_status(lay: Layout) -> tuple[str, str]:
+def download_status(lay: Layout, stage: Stage) -> tuple[str, str]:
     detail = ""
     if lay.download_summary.exists():
         s = json.loads(lay.download_summary.read_text())
@@ -29,16 +33,20 @@ def download_status(lay: Layout) -> tuple[str, str]:
     return f"{count(lay.images, '*_stats.json')} shards", detail
 
 
-def shard_status(folder: Callable[[Layout], Path], pattern: str) -> Callable[[Layout], tuple[str, str]]:
-    return lambda lay: (f"{count(folder(lay), pattern)}/{count(lay.images, '*.tar')} shards", "")
+def shard_status(pattern: str) -> Callable[[Layout, Stage], tuple[str, str]]:
+    """Done shards (files matching `pattern` in the stage's first output folder) of the image shards."""
+    return lambda lay, stage: (
+        f"{count(getattr(lay, stage.outputs[0]), pattern)}/{count(lay.images, '*.tar')} shards",
+        "",
+    )
 
 
-def fit_head_status(lay: Layout) -> tuple[str, str]:
+def fit_head_status(lay: Layout, stage: Stage) -> tuple[str, str]:
     heads = sorted(p.stem for p in lay.heads.glob("*.safetensors")) if lay.heads.exists() else []
     return f"{len(heads)} head(s)", ", ".join(heads)
 
 
-def dedup_status(lay: Layout) -> tuple[str, str]:
+def dedup_status(lay: Layout, stage: Stage) -> tuple[str, str]:
     funnel = lay.dedup / "funnel.json"
     if not funnel.exists():
         return "no", ""
@@ -46,15 +54,15 @@ def dedup_status(lay: Layout) -> tuple[str, str]:
     return "yes", f"{f['duplicates']:,} duplicates in {f['groups']:,} groups"
 
 
-def select_status(lay: Layout) -> tuple[str, str]:
-    done, _ = shard_status(lambda la: la.selection, "*.parquet")(lay)
+def select_status(lay: Layout, stage: Stage) -> tuple[str, str]:
+    done, _ = shard_status("*.parquet")(lay, stage)
     if not lay.select_funnel.exists():
         return done, ""
     f = json.loads(lay.select_funnel.read_text())
     return done, f"{f['kept']:,} of {f['input']:,} kept"
 
 
-def encode_status(lay: Layout) -> tuple[str, str]:
+def encode_status(lay: Layout, stage: Stage) -> tuple[str, str]:
     parts, done = [], []
     for resolution, folder in lay.latent_folders().items():
         done.append(f"{count(folder, '*.stats.json')}/{count(lay.images, '*.tar')}")
@@ -65,7 +73,7 @@ def encode_status(lay: Layout) -> tuple[str, str]:
     return (", ".join(done) + " shards") if done else "no", "; ".join(parts)
 
 
-def train_status(lay: Layout) -> tuple[str, str]:
+def train_status(lay: Layout, stage: Stage) -> tuple[str, str]:
     from latentmill.train.checkpoint import last_state
 
     parts = []
@@ -76,5 +84,5 @@ def train_status(lay: Layout) -> tuple[str, str]:
     return ("yes" if parts else "no"), "; ".join(parts)
 
 
-def export_status(lay: Layout) -> tuple[str, str]:
+def export_status(lay: Layout, stage: Stage) -> tuple[str, str]:
     return ("yes", str(lay.export)) if (lay.export / "model_index.json").exists() else ("no", "")

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from latentmill.errors import InputError
-from latentmill.recipe import list_recipes, load_recipe, section
+from latentmill.recipe import list_recipes, load_recipe
+from latentmill.stages import section
 from tests.conftest import kill_when_done
 
 SMALL = [
@@ -121,3 +122,33 @@ def test_the_demo_recipe_killed_midway_finishes_with_the_same_outputs(tmp_path, 
         "step-0000003.png",
         "step-0000006.png",
     ]
+
+
+def test_a_stage_does_not_start_before_the_stage_that_writes_its_inputs(tmp_path):
+    from latentmill.runner import run_recipe
+
+    recipe = load_recipe("demo")
+    with pytest.raises(
+        InputError,
+        match=r"the encode stage reads \S+/images \(written by the download stage\); \S+/selection "
+        r"\(written by the select stage\), not there yet",
+    ):
+        run_recipe(recipe, tmp_path / "work", start="encode", log=lambda line: None)
+    assert not (tmp_path / "work" / "latents-128").exists()
+
+
+def test_the_stage_table_is_the_recipe_schema_and_the_status_rows():
+    from latentmill.runner import status
+    from latentmill.stages import LISTS, SECTIONS, STAGES
+
+    # every section a stage reads is a recipe section, with the stage's config class; nothing else is
+    for stage in STAGES:
+        for name, load in stage.sections.items():
+            assert SECTIONS[name]() is load()
+    assert set(SECTIONS) == {name for stage in STAGES for name in stage.sections}
+    assert set(LISTS) == {"fit_head", "stages"}
+    download = next(s for s in STAGES if s.name == "download")
+    assert {"download", "pack", "urls"} <= set(download.sections)  # a folder source is packed
+    rows = status("/nonexistent-work")
+    assert [r["stage"] for r in rows] == [s.name for s in STAGES]
+    assert all(r["outputs"] == [] for r in rows)

@@ -23,8 +23,9 @@ from latentmill.errors import LatentmillWarning
 from latentmill.filters.dedup import DedupConfig
 from latentmill.filters.fithead import FitHeadConfig
 from latentmill.filters.select import SelectConfig
-from latentmill.recipe import LISTS, RUN_MANAGED, SECTIONS
+from latentmill.recipe import RUN_MANAGED
 from latentmill.schema import flag_of, kind_of, spec_of
+from latentmill.stages import LISTS, SECTIONS
 from latentmill.train.config import ExportConfig, MergeConfig, SampleConfig, TrainConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -210,7 +211,8 @@ def test_old_flag_spellings_still_work_with_a_warning(run_cli):
 
 
 def test_old_recipe_keys_still_work_with_a_warning(tmp_path):
-    from latentmill.recipe import load_recipe, section
+    from latentmill.recipe import load_recipe
+    from latentmill.stages import section
 
     path = tmp_path / "old.yaml"
     path.write_text(

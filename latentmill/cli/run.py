@@ -6,6 +6,7 @@ import click
 
 from latentmill.cli.options import click_options, config_from, given_on_command_line
 from latentmill.curate.executors import ExecutorConfig
+from latentmill.stages import STAGE_NAMES
 
 
 @click.command()
@@ -31,7 +32,8 @@ def recipes():
 )
 @click.option(
     "--until",
-    help="Stop after this stage: prefilter, download, score, fit-head, dedup, select, encode, train, export.",
+    type=click.Choice(STAGE_NAMES),
+    help="Stop after this stage.",
 )
 @click_options(ExecutorConfig)
 @click.pass_context

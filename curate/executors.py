@@ -1,8 +1,9 @@
-"""Executors for the shard stages (score, encode): the same atomic per-shard work, in this process or
-on a Ray cluster.
+"""Executors for the shard stages (score, encode, dedup's passes): the same atomic per-shard work, in this
+process or on a Ray cluster.
 
 A stage is a picklable object with `setup()` (load the models once per worker), `process(shard, state)`
-(one input shard -> its outputs and stats, atomically) and `done(shard)` (its stats file exists).
+(one input shard -> its outputs and stats, atomically) and `stats_path(shard)` (the stats file written
+last: a shard whose stats file exists is done and is skipped).
 `local` runs the shards here, one after the other, with one model. `ray` starts one actor per GPU (or
 `actors` CPU actors), each holding its model, hands shards out as actors free up, retries a failed
 shard up to `retries` times on another free actor, and replaces an actor whose process dies.

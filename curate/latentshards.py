@@ -1,4 +1,4 @@
-"""Latent shards (DESIGN §4): writing them byte-reproducibly, the manifest, and the checked reader.
+"""Latent shards (the format: README.md, "Formats"): writing them byte-reproducibly, the manifest, and the checked reader.
 
 `{shard}.tar` holds per sample `{key}.latent.npy` (float16 (C, H/8, W/8) posterior mean, unscaled),
 optionally `{key}.latent_std.npy`, `{key}.latent_flip.npy` and `{key}.text_emb.npy` (float16

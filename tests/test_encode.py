@@ -344,7 +344,7 @@ def test_bf16_encoding_stays_close_to_fp32(image_shards, tmp_path):
 
 
 def reference_encode_shard(image_shard, output, config, vae, text_encoder=None):
-    """The encoder as it was before streaming (session 2), kept here as the specification of the bytes:
+    """The encoder as it was before it streamed, kept here as the specification of the bytes:
     decode the whole shard, sort by key, batch each bucket in key order, mirror with PIL for a second VAE
     pass, write a ustar tar in key order."""
     import io

@@ -54,6 +54,7 @@ class DownloadConfig(StageConfig):
     """How to download. The defaults suit diffusion training, not img2dataset's own (256 px, border, files)."""
 
     SECTION = "download"
+    RUNTIME = ("processes", "http_threads", "distributor", "ray_address", "retries", "timeout", "resolver")
     image_size: int = opt(
         1024,
         "Cap on the smaller side in px (ratio kept, never upscaled); set above your largest bucket side.",

@@ -31,6 +31,7 @@ DOWNSAMPLE = 8  # SD-family VAEs: latent side = image side / 8
 @dataclass
 class EncodeConfig(StageConfig):
     SECTION = "encode"
+    RUNTIME = ("device", "batch_size", "torch_threads", "workers")
     resolution: int = opt(512, "Bucket area is at most RESOLUTION² px.", low=1)
     bucket_min_side: int | None = opt(
         None,

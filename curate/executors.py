@@ -31,6 +31,7 @@ class ExecutorConfig(StageConfig):
     """Where the shard stages (score, encode) run: the recipe's `executor:` section, the --executor options."""
 
     SECTION = "executor"
+    RUNTIME = ("kind", "ray_address", "actors", "shard_retries")
     kind: str = opt(
         "local",
         "Run shards here, or on a Ray cluster (an actor per GPU holding the model).",

@@ -32,6 +32,7 @@ class PrefilterConfig(StageConfig):
     """Thresholds (None: rule off) and switches for `prefilter`."""
 
     SECTION = "prefilter"
+    RUNTIME = ("batch_rows",)
     min_side: int | None = opt(
         None,
         "Drop rows whose smaller side (WIDTH/HEIGHT) is below this, in px.",

@@ -37,6 +37,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 @dataclass
 class ScoreConfig(StageConfig):
     SECTION = "score"
+    RUNTIME = ("device", "batch_size", "workers", "torch_threads")
     clip_model: str = opt("ViT-L-14-quickgelu", "open_clip model name.")
     pretrained: str | None = opt(
         "openai", "open_clip pretrained tag, a local checkpoint file, or 'none' (random weights)."

@@ -35,6 +35,7 @@ class SelectConfig(StageConfig):
     """The rules of `select`, in the order they run: the preset's, the thresholds', then each `where`."""
 
     SECTION = "select"
+    RUNTIME = ("plots", "dedup")
     preset: str | None = opt(None, "Published cuts.", choices=tuple(PRESETS))
     min_aesthetic: float | None = opt(None, "Minimum aesthetic score.")
     max_pwatermark: float | None = opt(None, "Maximum watermark probability.")

@@ -12,6 +12,7 @@ WORK/latents-RES/ latent shards at one resolution, manifest.json
 WORK/runs/NAME/   training runs (checkpoints, log.jsonl)
 WORK/export/      the exported model (a diffusers pipeline, or a LoRA file)
 WORK/report/      the HTML report and its pictures
+WORK/lineage/     each stage's record of what it last finished from (latentmill.plan)
 """
 
 from __future__ import annotations
@@ -127,11 +128,18 @@ class Layout:
         return self.runs / name
 
     def run_folders(self) -> list[Path]:
-        return sorted(p for p in self.runs.iterdir() if p.is_dir()) if self.runs.exists() else []
+        """The training runs (runs/.replaced/ holds runs a changed recipe replaced)."""
+        if not self.runs.exists():
+            return []
+        return sorted(p for p in self.runs.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     @property
     def export(self) -> Path:
         return self.work / "export"
+
+    @property
+    def lineage(self) -> Path:
+        return self.work / "lineage"
 
     @property
     def report(self) -> Path:

@@ -15,7 +15,7 @@ import yaml
 
 from latentmill.errors import InputError, warn
 from latentmill.schema import from_section, spec_of
-from latentmill.stages import LISTS, SECTIONS
+from latentmill.stages import LISTS, PLACEHOLDERS, SECTIONS
 
 SCALARS = {"description"}
 RENAMED_SECTIONS = {"fit_heads": "fit_head"}  # old section name -> new, accepted with a warning
@@ -23,7 +23,6 @@ RUN_MANAGED = {
     "train": {"shards", "output", "init_from", "resume"},  # set by the runner, not by recipes
     "download": {"resolver"},
 }
-PLACEHOLDERS = {"train": {"shards": "-", "output": "-"}}  # required fields the runner fills in
 
 
 def list_recipes() -> dict[str, str]:

@@ -1,5 +1,7 @@
 """`latentmill run`: a recipe's stages in order (the stage table, latentmill.stages), into one work folder
-(latentmill.layout), each skipping finished work; and `latentmill status`, read from the same table.
+(latentmill.layout), as the make-like plan says (latentmill.plan): finished stages whose settings and
+inputs are unchanged are kept, changed ones and those after them redone; and `latentmill status`, read
+from the same table, with stale stages marked.
 
 A stage starts only when the paths it reads exist (those an earlier stage of this recipe writes), so
 `run --until` then a later `run` continue where the first stopped, and a stage is never fed half a
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from latentmill.errors import InputError
 from latentmill.layout import Layout
+from latentmill.plan import KEEP, REDO, clear, completion, finish, plan, stale
 from latentmill.stages import STAGE_NAMES, STAGES, Context, Stage, producer, section
 
 
@@ -24,25 +27,37 @@ def run_recipe(
     executor=None,
     log=print,
     start: str | None = None,
+    dry_run: bool = False,
 ) -> dict:
-    """Run the recipe's stages from `start` up to `until` (both inclusive; default: all of them); return
-    what each stage reported."""
+    """Run the recipe's stages from `start` up to `until` (both inclusive; default: all of them) as the
+    plan says (latentmill.plan: keep what is up to date, redo what changed); return what each stage
+    reported (a kept stage: what it reported when it finished). `dry_run`: print the plan, run nothing."""
     for option, name in (("--until", until), ("start", start)):
         if name and name not in STAGE_NAMES:
             raise InputError(f"{option} {name!r}: use one of {', '.join(STAGE_NAMES)}.")
     first = STAGE_NAMES.index(start) if start else 0
     last = STAGE_NAMES.index(until) if until else len(STAGES) - 1
     layout = Layout(work)
+    steps = plan(recipe, layout, list(STAGES[first : last + 1]), urls)
+    for step in steps:
+        log(step.describe())
+    if dry_run:
+        return {"plan": [{"stage": s.stage.name, "action": s.action, "reasons": s.reasons} for s in steps]}
     layout.urls.mkdir(parents=True, exist_ok=True)
     report: dict = {}
     with ExitStack() as stack:
         ctx = Context(recipe, layout, executor or section(recipe, "executor"), urls, log, stack)
-        for stage in STAGES[first : last + 1]:
-            if not stage.applies(recipe):
+        for step in steps:
+            stage = step.stage
+            if step.action == KEEP:
+                report[stage.name] = (completion(layout, stage) or {}).get("report") or {}
                 continue
+            if step.action == REDO:
+                clear(step, layout)
             check_inputs(stage, recipe, layout)
             report[stage.name] = stage.run(ctx)
             log(_indent(f"[{stage.name}] ", stage.summary(report[stage.name])))
+            finish(step, recipe, layout, urls, report[stage.name])
     return report
 
 
@@ -70,9 +85,20 @@ def status(work: str | Path) -> list[dict]:
     """Every stage's progress in WORK, from the stage table: shards done of total, samples kept, and which
     of its outputs are there."""
     layout = Layout(work)
+    old = stale(layout)
     rows = []
     for stage in STAGES:
         done, detail = stage.status(layout, stage)
         present = [name for name in stage.outputs if layout.present(name)]
-        rows.append({"stage": stage.name, "done": done, "detail": detail, "outputs": present})
+        if stage.name in old:
+            detail = f"{old[stage.name]}; {detail}" if detail else old[stage.name]
+        rows.append(
+            {
+                "stage": stage.name,
+                "done": done,
+                "detail": detail,
+                "outputs": present,
+                "stale": stage.name in old,
+            }
+        )
     return rows

@@ -79,6 +79,9 @@ class StageConfig:
     """Mixin of the stage configs: `validate()` checks every declared field, then `check_more()`."""
 
     SECTION: ClassVar[str] = ""
+    # fields that do not change the stage's output (workers, devices, cadence, where the output goes): left
+    # out of its lineage record (latentmill.curate.lineage), so changing them never redoes finished work
+    RUNTIME: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def option_fields(cls) -> list[dataclasses.Field]:

@@ -20,6 +20,7 @@ class UrlsSection(StageConfig):
     """Where the URL table comes from."""
 
     SECTION = "urls"
+    RUNTIME = ("path",)
     source: str = opt(
         "file",
         "file: the table given with --urls (or `path`); folder: a folder of your own images (packed, not "

@@ -67,6 +67,10 @@ class Stage:
     summary: Callable[[dict], str]
     status: Callable  # (Layout, Stage) -> (done, detail), for `latentmill status`
     applies: Callable[[dict], bool] = lambda recipe: True
+    # work left although its lineage matches (training to more steps): (recipe, Layout) -> reason or None
+    pending: Callable | None = None
+    # what identifies its output beyond its lineage record (the step a run reached): Layout -> dict
+    produced: Callable | None = None
 
 
 @dataclasses.dataclass
@@ -77,6 +81,9 @@ class TrainStage(StageConfig):
     name: str = opt(help="The run's name: WORK/runs/NAME.")
     resolution: int = opt(help="Latents of this resolution (encoded once per resolution).", low=1)
     steps: int | None = opt(None, "Steps of this stage (default: train.steps).", low=1)
+
+
+PLACEHOLDERS = {"train": {"shards": "-", "output": "-"}}  # required train fields the runner fills in
 
 
 def section(recipe: dict, name: str, **extra):
@@ -218,6 +225,24 @@ def _train(ctx: Context) -> dict:
     return out
 
 
+def _training_left(recipe: dict, layout: Layout) -> str | None:
+    from latentmill.train.checkpoint import last_state
+
+    for stage in _train_stages(recipe):
+        target = stage.get("steps") or section(recipe, "train", **PLACEHOLDERS["train"]).steps
+        state = last_state(layout.run(stage["name"]))
+        reached = state["step"] if state else 0
+        if reached < target:
+            return f"{stage['name']} is at step {reached} of {target}"
+    return None
+
+
+def _steps_reached(layout: Layout) -> dict:
+    from latentmill.train.checkpoint import last_state
+
+    return {run.name: (last_state(run) or {}).get("step") for run in layout.run_folders()}
+
+
 def _export(ctx: Context) -> dict:
     from latentmill.train.export import export_format, export_run, export_target
 
@@ -296,7 +321,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="download",
         sections={**URLS, "download": _constant(DownloadConfig), "pack": _constant(PackConfig)},
-        inputs=("kept",),
+        inputs=("urls", "kept"),
         outputs=("images",),
         run=_download,
         summary=_summary("download"),
@@ -360,6 +385,8 @@ STAGES: tuple[Stage, ...] = (
         summary=_summary("train"),
         status=train_status,
         applies=lambda recipe: "train" in recipe,
+        pending=_training_left,
+        produced=_steps_reached,
     ),
     Stage(
         name="export",

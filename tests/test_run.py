@@ -152,3 +152,68 @@ def test_the_stage_table_is_the_recipe_schema_and_the_status_rows():
     rows = status("/nonexistent-work")
     assert [r["stage"] for r in rows] == [s.name for s in STAGES]
     assert all(r["outputs"] == [] for r in rows)
+
+
+def _mtimes(work):
+    return {
+        p.relative_to(work).as_posix(): p.stat().st_mtime_ns
+        for p in work.rglob("*")
+        if p.is_file() and "report" not in p.parts
+    }
+
+
+@pytest.mark.slow
+def test_run_works_like_make_and_a_moved_work_folder_is_a_no_op(tmp_path, run_cli):
+    work, reference = tmp_path / "work", tmp_path / "reference"
+    subprocess.run(_run_cmd(work), check=True, capture_output=True)
+    before = _mtimes(work)
+
+    # the same recipe again, then from a moved folder: every stage kept, not a file touched
+    moved = tmp_path / "moved"
+    for folder in (work, moved):
+        if folder == moved:
+            work.rename(moved)
+        again = run_cli("run", "demo", "-w", folder, *SMALL)
+        assert again.exit_code == 0, again.output
+        stages = ["prefilter", "download", "score", "fit-head", "select", "encode", "train", "export"]
+        for stage in stages:
+            assert f"[{stage}] keep: up to date" in again.output, again.output
+        assert _mtimes(folder) == before
+    work = moved
+
+    # a changed threshold, up to select: select is redone, encode is marked stale
+    where = ["--set", "select.where=['aesthetic_fit >= 5.0']"]
+    partial = run_cli("run", "demo", "-w", work, *SMALL, *where, "--until", "select")
+    assert partial.exit_code == 0, partial.output
+    assert "[select] redo: settings.select.where: " in partial.output, partial.output
+    assert "[score] keep" in partial.output
+    status = run_cli("status", work)
+    encode_row = next(line for line in status.output.splitlines() if line.startswith("encode"))
+    assert "stale: selection was made again by the select stage" in encode_row
+
+    # the plan, then the run: encode, train and export redone, the stages before select untouched
+    plan = run_cli("run", "demo", "-w", work, *SMALL, *where, "--dry-run")
+    assert plan.exit_code == 0, plan.output
+    assert "[select] keep" in plan.output
+    assert "[encode] redo: selection changed (made again by the select stage)" in plan.output
+    assert "[train] redo: latents changed" in plan.output and "[export] redo" in plan.output
+    upstream = {k: v for k, v in _mtimes(work).items() if k.split("/")[0] in ("images", "scores", "heads")}
+    result = run_cli("run", "demo", "-w", work, *SMALL, *where)
+    assert result.exit_code == 0, result.output
+    assert {k: v for k, v in _mtimes(work).items() if k in upstream} == upstream
+    assert (work / "runs" / ".replaced" / "main").is_dir()  # the old run moved aside, not deleted
+
+    # the same bytes as a fresh run with that threshold
+    (reference / "urls").mkdir(parents=True)  # the same server port, so the same URLs in the metadata
+    (reference / "urls" / "server-port.txt").write_text((work / "urls" / "server-port.txt").read_text())
+    subprocess.run(_run_cmd(reference) + where, check=True, capture_output=True)
+
+    def outputs(folder):
+        files = sorted((folder / "selection").glob("*.parquet")) + sorted(
+            (folder / "latents-128").glob("*.tar")
+        )
+        files += [folder / "runs" / "main" / "checkpoints" / "step-0000006" / "ema.safetensors"]
+        return {f.relative_to(folder).as_posix(): f.read_bytes() for f in files}
+
+    a, b = outputs(work), outputs(reference)
+    assert a.keys() == b.keys() and len(a) > 3 and a == b

@@ -67,7 +67,7 @@ COMMAND_CONFIGS = {
     ("sample",): ((SampleConfig,), {"output", "to_folder"}),
     ("merge",): ((MergeConfig,), {"output"}),
     ("images", "pack"): ((PackConfig,), {"output"}),
-    ("run",): ((ExecutorConfig,), {"urls", "work", "overrides", "until"}),
+    ("run",): ((ExecutorConfig,), {"urls", "work", "overrides", "until", "dry_run"}),
 }
 # where a flag is not --KEY: a repeatable option takes the singular, the executor's kind is --executor
 FLAG_EXCEPTIONS = {

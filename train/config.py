@@ -20,6 +20,23 @@ SAMPLE_PROMPTS = [
 @dataclass
 class TrainConfig(StageConfig):
     SECTION = "train"
+    RUNTIME = (
+        "output",
+        "shards",
+        "resume",
+        "init_from",
+        "workers",
+        "device",
+        "compile",
+        "gradient_checkpointing",
+        "steps",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "sample_every",
+        "sample_prompts",
+        "sample_steps",
+    )
     output: str = opt(help="Run folder (checkpoints, log.jsonl).", cli=False)
     shards: list[str] = opt(
         factory=list,

@@ -35,15 +35,22 @@ def recipes():
     type=click.Choice(STAGE_NAMES),
     help="Stop after this stage.",
 )
+@click.option(
+    "--dry-run", is_flag=True, help="Print which stages would be kept, run or redone, and why; run none."
+)
 @click_options(ExecutorConfig)
 @click.pass_context
-def run(ctx, recipe, urls, work, overrides, until, **kwargs):
+def run(ctx, recipe, urls, work, overrides, until, dry_run, **kwargs):
     """Run RECIPE (a shipped name or a YAML file) stage by stage into WORK; re-run to continue a stopped run.
+
+    Like make: a stage finished with the same settings and inputs is kept; one whose settings or inputs
+    changed is redone, with every stage after it that reads what it makes. The plan is printed first.
 
     \b
     Examples:
       latentmill run laion-aesthetics-v2-5plus --urls laion.parquet -w work/ --executor ray --ray-address auto
       latentmill run demo -w demo-work --set train.steps=50 --until train
+      latentmill run demo -w demo-work --set select.where="['aesthetic_fit >= 5.0']" --dry-run
     """
     from latentmill.recipe import load_recipe
     from latentmill.runner import run_recipe
@@ -53,8 +60,9 @@ def run(ctx, recipe, urls, work, overrides, until, **kwargs):
     chosen = config_from(ExecutorConfig, kwargs)
     sets = [f"executor.{key}={getattr(chosen, key)}" for key in given]
     loaded = load_recipe(recipe, sets + list(overrides))
-    run_recipe(loaded, work, urls=urls, until=until, log=click.echo)
-    click.echo(f"done: {work}")
+    run_recipe(loaded, work, urls=urls, until=until, log=click.echo, dry_run=dry_run)
+    if not dry_run:
+        click.echo(f"done: {work}")
 
 
 @click.command()

@@ -1,0 +1,222 @@
+"""Lineage: what an output was made from, so that a re-run never keeps an output that no longer matches.
+
+A lineage record is a small JSON object:
+
+    {"stage": "score",
+     "settings": {...},   # the config fields that change the output's bytes (Spec.affects), paths left out
+     "models": {...},     # models, heads and other files the output depends on, by content
+     "inputs": {...},     # the input folders or files, by their own lineage fingerprint or by content
+     "labels": {...},     # how messages show each model and input (the path as given): not fingerprinted
+     "fingerprint": "..."}
+
+The fingerprint is a sha256 of the canonical JSON of settings, models and inputs; no path enters it, so a
+moved or copied work folder keeps its fingerprints. Stage folders keep their record in `lineage.json`; a
+command run into a folder made with other settings refuses (exit 2, each difference named, `--overwrite`
+to redo), and with `--overwrite` clears the folder's outputs before it writes anything new.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+from latentmill.curate.atomic import write_json
+from latentmill.errors import InputError
+from latentmill.schema import spec_of
+
+LINEAGE = "lineage.json"
+_WHOLE_FILE_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones by size, head and tail
+_EDGE_BYTES = 4 << 20
+
+
+def settings_of(config, skip: tuple[str, ...] = ()) -> dict:
+    """The fields of a config that change its stage's output (all but its class's RUNTIME ones), minus
+    `skip` (paths recorded as models or inputs instead)."""
+    out = {}
+    runtime = set(getattr(type(config), "RUNTIME", ())) | set(skip)
+    for field in dataclasses.fields(config):
+        if spec_of(field) is None or field.name in runtime:
+            continue
+        out[field.name] = _portable(getattr(config, field.name))
+    return out
+
+
+def _portable(value):
+    """A setting as the record keeps it: a string naming an existing file or folder becomes its content
+    fingerprint (a path is not what made the output; the file is)."""
+    if isinstance(value, str) and value and Path(value).exists():
+        return "content:" + content_fingerprint(value)
+    if isinstance(value, (list, tuple)):
+        return [_portable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    return value
+
+
+def content_fingerprint(path: str | Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, in name order).
+    Files over 64 MiB are hashed by size, first and last 4 MiB, so large weight files stay cheap."""
+    root = Path(path).resolve()
+    digest = hashlib.sha256()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for file in files:
+        if file.name.endswith(LINEAGE):
+            continue
+        digest.update(b"" if file == root else str(file.relative_to(root)).encode())
+        stat = file.stat()
+        digest.update(_file_digest(str(file), stat.st_size, stat.st_mtime_ns))
+    return digest.hexdigest()[:16]
+
+
+@lru_cache(maxsize=65536)
+def _file_digest(file: str, size: int, mtime_ns: int) -> bytes:
+    """A file's digest, cached in this process by (path, size, mtime)."""
+    digest = hashlib.sha256(str(size).encode())
+    with open(file, "rb") as f:
+        if size <= _WHOLE_FILE_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        else:
+            digest.update(f.read(_EDGE_BYTES))
+            f.seek(size - _EDGE_BYTES)
+            digest.update(f.read(_EDGE_BYTES))
+    return digest.digest()
+
+
+def model_fingerprint(spec: str | None) -> str | None:
+    """A model, head or other file named by a setting: its content when it is a local file or folder,
+    else the name itself (an architecture name such as `tiny`, or a model hub id)."""
+    if not spec:
+        return None
+    return "content:" + content_fingerprint(spec) if Path(spec).exists() else f"name:{spec}"
+
+
+def input_fingerprint(path: str | Path) -> str | None:
+    """An input folder or file: the fingerprint of its lineage record when latentmill made it, else its
+    content (a URL table, image shards made elsewhere); None when it does not exist."""
+    path = Path(path)
+    record = read_record(path)
+    if record is not None:
+        return record["fingerprint"]
+    return content_fingerprint(path) if path.exists() else None
+
+
+def make_record(
+    stage: str,
+    settings: dict,
+    models: dict[str, str | None] | None = None,
+    inputs: dict[str, str | Path | None] | None = None,
+) -> dict:
+    """A lineage record: `models` are specs (paths or names), `inputs` paths, both taken by content."""
+    models, inputs = models or {}, inputs or {}
+    body = {
+        "stage": stage,
+        "settings": json.loads(json.dumps(settings, default=str)),
+        "models": {k: model_fingerprint(v) for k, v in sorted(models.items())},
+        "inputs": {k: input_fingerprint(v) if v else None for k, v in sorted(inputs.items())},
+    }
+    labels = {f"models.{k}": v for k, v in models.items() if v}
+    labels |= {f"inputs.{k}": str(v) for k, v in inputs.items() if v}
+    return body | {"labels": labels, "fingerprint": fingerprint(body)}
+
+
+def fingerprint(body: dict) -> str:
+    keys = ("stage", "settings", "models", "inputs")
+    canonical = json.dumps({k: body.get(k) for k in keys}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """What changed between two records, one line each: `settings.min_side: 256 -> 512`,
+    `models.vae: changed (vae/)`, `inputs.selection: changed (selection/)`."""
+    lines = []
+    for part in ("settings", "models", "inputs"):
+        before, now = _flat(old.get(part) or {}, part), _flat(new.get(part) or {}, part)
+        for name in sorted(set(before) | set(now)):
+            if before.get(name) == now.get(name):
+                continue
+            shown = (before.get(name), now.get(name))
+            if part == "settings" and not any(str(v).startswith("content:") for v in shown):
+                lines.append(f"{name}: {_show(shown[0])} -> {_show(shown[1])}")
+            else:
+                label = new.get("labels", {}).get(name) or old.get("labels", {}).get(name)
+                lines.append(f"{name}: changed" + (f" ({label})" if label else ""))
+    return lines
+
+
+def _flat(values: dict, prefix: str) -> dict:
+    """Nested settings as dotted names: {"select": {"where": [...]}} -> {"settings.select.where": [...]}."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            out |= _flat(value, f"{prefix}.{key}")
+        else:
+            out[f"{prefix}.{key}"] = value
+    return out
+
+
+def _show(value) -> str:
+    return "(none)" if value is None else json.dumps(value)
+
+
+def read_record(output: str | Path) -> dict | None:
+    """The lineage record an output keeps (None: it has none)."""
+    try:
+        return json.loads(record_path(output).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def record_path(output: str | Path) -> Path:
+    """Where an output keeps its record: FOLDER/lineage.json, or FILE.lineage.json beside a file."""
+    output = Path(output)
+    if output.is_dir() or (not output.is_file() and not output.suffix):
+        return output / LINEAGE
+    return Path(str(output) + "." + LINEAGE)
+
+
+def claim(
+    output: str | Path,
+    record: dict,
+    overwrite: bool,
+    clear: Callable[[], None],
+    flag: str = "--overwrite",
+) -> bool:
+    """Make `output` an output of `record` before anything is written into it: a folder made with other
+    settings or inputs is refused (InputError naming each difference and `flag`), or with `overwrite`
+    cleared by `clear()`. Returns True when it cleared something."""
+    path = record_path(output)
+    old = None
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+    cleared = False
+    if old is not None and old.get("fingerprint") != record["fingerprint"]:
+        changed = differences(old, record) or ["its lineage record is unreadable"]
+        if not overwrite:
+            raise InputError(
+                f"{output}: made with other settings or inputs ({'; '.join(changed)}). Give {flag} to "
+                f"redo it with these (its outputs are replaced), or write to a new folder."
+            )
+        clear()
+        cleared = True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+    return cleared
+
+
+def remove_files(folder: str | Path, patterns: tuple[str, ...]) -> None:
+    """Delete a folder's files matching any of `patterns` (what `clear` does for a shard folder)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    for pattern in patterns:
+        for path in folder.glob(pattern):
+            if path.is_file():
+                path.unlink()

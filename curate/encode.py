@@ -7,7 +7,6 @@ crops are seeded per (seed, shard, key) and batches are formed in key order.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -305,9 +304,13 @@ def encode(
     selection: str | Path | None = None,
     progress=None,
     executor=None,
+    overwrite: bool = False,
 ) -> dict:
-    """Encode every image shard of `images` (skipping done ones) and write `manifest.json`; return it."""
+    """Encode every image shard of `images` (skipping done ones) and write `manifest.json`; return it. An
+    `output` encoded with other settings, models, images or selection is refused, or with `overwrite`
+    encoded again."""
     from latentmill.curate.executors import ExecutorConfig, run_shards
+    from latentmill.curate.lineage import claim, make_record, remove_files
 
     images, output = Path(images), Path(output)
     shards = list_image_shards(images)
@@ -334,7 +337,12 @@ def encode(
         "selection": str(selection) if selection else None,
     }
     output.mkdir(parents=True, exist_ok=True)
-    _check_same_settings(output, header)
+    record = make_record("encode", config, inputs={"images": images, "selection": selection})
+
+    def clear():
+        remove_files(output, ("*.tar", "*.parquet", "*.stats.json", "manifest.json", EMPTY_CAPTION))
+
+    claim(output, record, overwrite, clear)
     if text_encoder is not None:
         header["text_encoder"]["empty"] = _write_empty_caption(output, text_encoder)
     try:
@@ -366,26 +374,6 @@ def _write_empty_caption(output: Path, text_encoder) -> str:
     with atomic_path(output / EMPTY_CAPTION) as tmp:
         tmp.write_bytes(npy_bytes(text_encoder.encode([""])[0].astype(LATENT_DTYPE)))
     return EMPTY_CAPTION
-
-
-def _check_same_settings(output: Path, header: dict) -> None:
-    """A folder holds one VAE and one bucket set: resuming with other settings would mix latents."""
-    settings = output / "encode_settings.json"
-    fixed = {k: header[k] for k in ("vae", "resolution", "buckets", "has_std", "has_flip", "text_encoder")}
-    fixed["crop"] = header["encode_config"]["crop"], header["encode_config"]["seed"]
-    if header["encode_config"]["bucket_assign"] != "log":  # folders made before the rule existed used log
-        fixed["bucket_assign"] = header["encode_config"]["bucket_assign"]
-    fixed = json.loads(json.dumps(fixed))
-    if settings.exists():
-        before = json.loads(settings.read_text())
-        if before != fixed:
-            changed = [k for k in fixed if before.get(k) != fixed[k]]
-            raise InputError(
-                f"{output}: already holds latents made with other settings (changed: {', '.join(changed)}). "
-                f"Encode into a new folder, or delete this one."
-            )
-    else:
-        write_json(settings, fixed)
 
 
 def format_encode_summary(manifest: dict, output: str | Path = "") -> str:

@@ -107,11 +107,14 @@ def input_fingerprint(path: str | Path) -> str | None:
 
 def make_record(
     stage: str,
-    settings: dict,
-    models: dict[str, str | None] | None = None,
+    config=None,
     inputs: dict[str, str | Path | None] | None = None,
+    models: dict[str, str | None] | None = None,
+    settings: dict | None = None,
 ) -> dict:
-    """A lineage record: `models` are specs (paths or names), `inputs` paths, both taken by content."""
+    """A stage output's lineage record: the config's settings (RUNTIME fields left out, files by
+    content) and `settings` beside them, `inputs` (paths) and `models` (paths or names) by content."""
+    settings = (settings_of(config) if config is not None else {}) | (settings or {})
     models, inputs = models or {}, inputs or {}
     body = {
         "stage": stage,
@@ -121,6 +124,10 @@ def make_record(
     }
     labels = {f"models.{k}": v for k, v in models.items() if v}
     labels |= {f"inputs.{k}": str(v) for k, v in inputs.items() if v}
+    if config is not None:  # how a setting naming a file is shown: as it was given
+        for key, value in settings.items():
+            if "content:" in json.dumps(value, default=str):
+                labels[f"settings.{key}"] = json.dumps(getattr(config, key, value), default=str)
     return body | {"labels": labels, "fingerprint": fingerprint(body)}
 
 
@@ -140,7 +147,7 @@ def differences(old: dict, new: dict) -> list[str]:
             if before.get(name) == now.get(name):
                 continue
             shown = (before.get(name), now.get(name))
-            if part == "settings" and not any(str(v).startswith("content:") for v in shown):
+            if part == "settings" and "content:" not in json.dumps(shown, default=str):
                 lines.append(f"{name}: {_show(shown[0])} -> {_show(shown[1])}")
             else:
                 label = new.get("labels", {}).get(name) or old.get("labels", {}).get(name)

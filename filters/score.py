@@ -285,9 +285,18 @@ class ScoreStage:
         return score_shard(shard, self.output, self.config, clip, heads, self.embeddings_dir)
 
 
-def score(images: str | Path, output: str | Path, config: ScoreConfig, progress=None, executor=None) -> dict:
-    """Score every image shard of `images` into `output` (done shards skipped); return the totals."""
+def score(
+    images: str | Path,
+    output: str | Path,
+    config: ScoreConfig,
+    progress=None,
+    executor=None,
+    overwrite: bool = False,
+) -> dict:
+    """Score every image shard of `images` into `output` (done shards skipped); return the totals. An
+    `output` scored with other settings, heads or images is refused, or with `overwrite` scored again."""
     from latentmill.curate.executors import ExecutorConfig, run_shards
+    from latentmill.curate.lineage import claim, make_record, remove_files
 
     images, output = Path(images), Path(output)
     shards = list_image_shards(images)
@@ -297,6 +306,12 @@ def score(images: str | Path, output: str | Path, config: ScoreConfig, progress=
     stage = ScoreStage(config, output, embeddings_dir)
     clip, heads = stage.setup()  # here too: bad heads are refused before anything is written
     output.mkdir(parents=True, exist_ok=True)
+
+    def clear():
+        remove_files(output, ("*.parquet", "*.stats.json", "score_config.json"))
+        remove_files(embeddings_folder(output), ("*.npy",))
+
+    claim(output, make_record("score", config, inputs={"images": images}), overwrite, clear)
     if embeddings_dir:
         embeddings_dir.mkdir(parents=True, exist_ok=True)
     write_json(

@@ -127,6 +127,7 @@ def _score(ctx: Context) -> dict:
             section(ctx.recipe, "score"),
             progress=bar.update,
             executor=ctx.executor,
+            overwrite=True,  # the plan (latentmill.plan) decided this stage runs with these settings
         )
 
 
@@ -188,6 +189,7 @@ def _encode(ctx: Context) -> dict:
                 selection=ctx.layout.selection,
                 executor=ctx.executor,
                 progress=bar.update,
+                overwrite=True,  # the plan (latentmill.plan) decided this stage runs with these settings
             )
         out[resolution] = manifest
     if "train" in ctx.recipe and not all(m["samples"] for m in out.values()):

@@ -233,7 +233,22 @@ def test_latents_from_another_vae_are_refused(image_shards, tmp_path, run_cli):
     result = run_cli(
         "encode", image_shards, "-o", out, "--resolution", "256", "--vae", tmp_path / "other-vae"
     )
-    assert result.exit_code == 2 and "other settings (changed: vae)" in result.output
+    assert result.exit_code == 2 and "made with other settings or inputs" in result.output
+    assert "settings.vae: changed" in result.output and "--overwrite" in result.output
+    # with --overwrite: encoded again with the other VAE, every shard and the manifest
+    again = run_cli(
+        "encode",
+        image_shards,
+        "-o",
+        out,
+        "--resolution",
+        "256",
+        "--vae",
+        tmp_path / "other-vae",
+        "--overwrite",
+    )
+    assert again.exit_code == 0, again.output
+    check_vae(read_manifest(out), other.fingerprint, out)
 
 
 def test_a_missing_vae_says_what_to_provide(image_shards, tmp_path, run_cli):

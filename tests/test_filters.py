@@ -574,6 +574,33 @@ def test_a_fitted_head_scores_as_its_own_column(downloaded, tmp_path):
     assert all(0 <= v <= 1 for v in table.column("house_style").to_pylist())
 
 
+def test_a_new_head_into_a_finished_scores_folder_is_refused_or_scored_again(downloaded, tmp_path, run_cli):
+    from latentmill.filters.fithead import FitHeadConfig, fit_head, save_head
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(50, 32)).astype(np.float32)
+    module, metrics = fit_head(
+        x, (x[:, 0] > 0).astype(np.float32), FitHeadConfig(target="wm_probe", epochs=5)
+    )
+    save_head(module, tmp_path / "wm-probe.safetensors", FitHeadConfig(target="wm_probe"), 32, metrics)
+    out = tmp_path / "scores"
+    tiny = ["--clip-model", "latentmill-tiny", "--pretrained", "none"]
+    assert run_cli("score", downloaded / "images", "-o", out, *tiny).exit_code == 0
+    before = (out / "00000.parquet").read_bytes()
+    head = ["--head", tmp_path / "wm-probe.safetensors"]
+    refused = run_cli("score", downloaded / "images", "-o", out, *tiny, *head)
+    assert refused.exit_code == 2, refused.output
+    assert "settings.heads: changed" in refused.output and "wm-probe.safetensors" in refused.output
+    assert "--overwrite" in refused.output and (out / "00000.parquet").read_bytes() == before
+    again = run_cli("score", downloaded / "images", "-o", out, *tiny, *head, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert "wm_probe" in pq.read_table(out / "00000.parquet").column_names
+    # the same settings once more: nothing to redo, the shards kept as they are
+    kept = (out / "00000.parquet").stat().st_mtime_ns
+    assert run_cli("score", downloaded / "images", "-o", out, *tiny, *head).exit_code == 0
+    assert (out / "00000.parquet").stat().st_mtime_ns == kept
+
+
 def test_a_head_may_not_write_a_reserved_column(downloaded, tmp_path, run_cli):
     from safetensors.torch import load_file, save_file
 

@@ -56,11 +56,14 @@ COMMAND_CONFIGS = {
             *COLUMNS,
         },
     ),
-    ("score",): ((None, ExecutorConfig), {"output"}),  # None: ScoreConfig, imported lazily (torch)
+    ("score",): (
+        (None, ExecutorConfig),
+        {"output", "overwrite"},
+    ),  # None: ScoreConfig, imported lazily (torch)
     ("select",): ((SelectConfig,), {"output"}),
     ("dedup",): ((DedupConfig, ExecutorConfig), {"output", "images"}),
     ("fit-head",): ((FitHeadConfig,), {"output", "embeddings", "scores", "labels", "add_column"}),
-    ("encode",): ((EncodeConfig, ExecutorConfig), {"output", "selection"}),
+    ("encode",): ((EncodeConfig, ExecutorConfig), {"output", "selection", "overwrite"}),
     ("buckets",): ((EncodeConfig,), {"images", "selection", "plot", "as_json"}),
     ("train",): ((TrainConfig,), {"output"}),
     ("export",): ((ExportConfig,), {"output"}),

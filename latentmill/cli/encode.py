@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import click_options, config_from
+from latentmill.cli.options import click_options, config_from, overwrite_option
 from latentmill.curate.encode import EncodeConfig
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.progress import progress_bar
@@ -18,11 +18,13 @@ from latentmill.progress import progress_bar
 )
 @click_options(EncodeConfig)
 @click_options(ExecutorConfig)
-def encode(images, output, selection, **kwargs):
+@overwrite_option
+def encode(images, output, selection, overwrite, **kwargs):
     """Bucket, resize, crop and VAE-encode IMAGES into latent shards with a manifest.
 
     Per shard, atomic and resumable: re-run the same command after a stop and only unfinished shards
-    are encoded. A folder holds latents of one VAE and one bucket set.
+    are encoded. A folder holds latents of one VAE and one bucket set: re-running into it with other
+    settings or inputs is refused unless --overwrite.
 
     \b
     Examples:
@@ -37,5 +39,7 @@ def encode(images, output, selection, **kwargs):
     executor = config_from(ExecutorConfig, kwargs)
     config = config_from(EncodeConfig, kwargs)
     with progress_bar(None, "encode", unit="img") as bar:
-        manifest = run_encode(images, output, config, selection, progress=bar.update, executor=executor)
+        manifest = run_encode(
+            images, output, config, selection, progress=bar.update, executor=executor, overwrite=overwrite
+        )
     click.echo(format_encode_summary(manifest, output))

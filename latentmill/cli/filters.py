@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import click_options, config_from
+from latentmill.cli.options import click_options, config_from, overwrite_option
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.filters.fithead import FitHeadConfig
 from latentmill.filters.score import ScoreConfig
@@ -16,7 +16,8 @@ from latentmill.progress import progress_bar
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder of score parquets.")
 @click_options(ScoreConfig)
 @click_options(ExecutorConfig)
-def score(images, output, **kwargs):
+@overwrite_option
+def score(images, output, overwrite, **kwargs):
     """Score every image with CLIP and predictor heads: one parquet per image shard.
 
     \b
@@ -31,7 +32,9 @@ def score(images, output, **kwargs):
     executor = config_from(ExecutorConfig, kwargs)
     config = config_from(ScoreConfig, kwargs)
     with progress_bar(None, "score", unit="img") as bar:
-        totals = run_score(images, output, config, progress=bar.update, executor=executor)
+        totals = run_score(
+            images, output, config, progress=bar.update, executor=executor, overwrite=overwrite
+        )
     click.echo(format_score_totals(totals, output))
 
 

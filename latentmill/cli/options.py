@@ -144,3 +144,12 @@ def given_on_command_line(cls, ctx: click.Context) -> list[str]:
             for name in (field.name, *(f"{field.name}__old{i}" for i in range(len(spec_of(field).old))))
         )
     ]
+
+
+def overwrite_option(func):
+    """--overwrite: redo an output folder that was made with other settings or inputs (else refused)."""
+    return click.option(
+        "--overwrite",
+        is_flag=True,
+        help="The output was made with other settings or inputs: redo it with these (else refused).",
+    )(func)

@@ -221,7 +221,9 @@ def _train(ctx: Context) -> dict:
             out[stage["name"]] = {"step": state["step"], "loss": state.get("loss"), "finished_before": True}
         else:
             with progress_bar(config.steps, f"[train {stage['name']}]", "step") as bar:
-                metrics = train(config, progress=lambda m, bar=bar: bar.update(m["step"] - bar.n))
+                metrics = train(
+                    config, progress=lambda m, bar=bar: bar.update(m["step"] - bar.n), log=ctx.log
+                )
             out[stage["name"]] = {"step": metrics.get("step"), "loss": metrics.get("loss")}
         previous = run
     return out

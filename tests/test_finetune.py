@@ -236,7 +236,7 @@ def test_a_lora_run_samples_resumes_exactly_and_is_refused_without_a_pretrained_
     result = run_cli("sample", straight, "--prompt", "a dog", "-o", tmp_path / "grid.png", "--steps", "2")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "grid.png").stat().st_size > 0
-    with pytest.raises(InputError, match="trained with lora_rank = 2, this call gives 0"):
+    with pytest.raises(InputError, match=r"other settings \(lora_rank \(--lora-rank\): 2 -> 0"):
         train(config(data, resumed, steps=6, resume=True))
     with pytest.raises(InputError, match="LoRA adapts a trained U-Net"):
         config(data, tmp_path / "x", model="tiny", lora_rank=4).validate()

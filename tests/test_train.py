@@ -90,6 +90,43 @@ def test_a_resumed_run_repeats_the_uninterrupted_one_exactly(latents, tmp_path):
     assert state["step"] == 6 and state["loader"]["batches"] > 0
 
 
+def test_resume_takes_the_runs_settings_and_refuses_other_ones_by_name(latents, tmp_path, run_cli):
+    run = tmp_path / "run"
+    base = ["--text-encoder", latents / "pipeline", "--batch-size", "8", "--learning-rate", "0.001"]
+    first = run_cli(
+        "train",
+        latents / "latents",
+        "-o",
+        run,
+        *base,
+        "--steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--warmup-steps",
+        "10",
+        "--log-every",
+        "1",
+    )
+    assert first.exit_code == 0, first.output
+    refused = run_cli(
+        "train", latents / "latents", "-o", run, "--resume", "--batch-size", "4", "--learning-rate", "0.01"
+    )
+    assert refused.exit_code == 2
+    assert "batch_size (--batch-size): 8 -> 4" in refused.output
+    assert "learning_rate (--learning-rate): 0.001 -> 0.01" in refused.output
+    # only --steps given: every other setting is the run's (warm-up stays 10, not the default 100)
+    extended = run_cli("train", "-o", run, "--resume", "--steps", "6")
+    assert extended.exit_code == 0, extended.output
+    assert f"resuming {run} from step 4 of 6" in extended.output
+    state = json.loads((run / "checkpoints" / "step-0000006" / "state.json").read_text())
+    assert state["config"]["warmup_steps"] == 10 and state["config"]["batch_size"] == 8
+    assert state["changes"] == [{"step": 4, "key": "steps", "from": 4, "to": 6}]
+    done = run_cli("train", "-o", run, "--resume", "--steps", "3")
+    assert done.exit_code == 0, done.output
+    assert "is at step 6 of 3: nothing to train" in done.output and "nan" not in done.output
+
+
 def test_epoch_mode_visits_every_sample_once_in_one_bucket_batches(latents):
     loader = LatentLoader(expand_shards(str(latents / "latents")), batch_size=5, mode="epoch", seed=3)
     seen, buckets = [], []

@@ -37,10 +37,18 @@ def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
 
 
 def save_checkpoint(
-    run: Path, step: int, weights, optimizer, loader_state: dict, config: dict, keep: int
+    run: Path,
+    step: int,
+    weights,
+    optimizer,
+    loader_state: dict,
+    config: dict,
+    keep: int,
+    changes: list[dict] = (),
 ) -> Path:
     """Write `weights` (FullWeights or LoraWeights: their safetensors files and small JSON files), the
-    optimizer and state.json into checkpoints/step-NNNNNNN, atomically; keep the last `keep`."""
+    optimizer and state.json (step, loader position, config, the settings changed on resume and the step
+    they changed at) into checkpoints/step-NNNNNNN, atomically; keep the last `keep`."""
     from safetensors.torch import save_file
 
     folder = run / "checkpoints" / f"step-{step:07d}"
@@ -55,7 +63,9 @@ def save_checkpoint(
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(rest))
     (tmp / "state.json").write_text(
-        json.dumps({"step": step, "loader": loader_state, "config": config}, indent=2)
+        json.dumps(
+            {"step": step, "loader": loader_state, "config": config, "changes": list(changes)}, indent=2
+        )
     )
     (tmp / "unet_config.json").write_text(json.dumps(dict(weights.unet.config), default=list, indent=2))
     shutil.rmtree(folder, ignore_errors=True)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from latentmill.errors import InputError
 from latentmill.schema import StageConfig, opt
@@ -198,6 +198,55 @@ class ExportConfig(StageConfig):
     )
     ema: bool = opt(True, "Export the EMA weights (--no-ema: the raw ones).")
     vae: str | None = opt(None, "VAE for the pipeline (default: the one the latents were made with).")
+
+
+# what `train --resume` may change: how long to train, how often to log, checkpoint and sample, the loader
+# processes. Recorded in state.json ("changes") with the step they changed at. Any other setting that
+# differs from the run's is refused: the checkpoint, the loader position or the schedule would not fit it.
+RESUME_MAY_CHANGE = (
+    "steps",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "sample_every",
+    "sample_steps",
+    "sample_prompts",
+    "workers",
+)
+# where the run reads and writes: paths, not settings (a moved work folder resumes)
+RESUME_PATHS = ("output", "shards", "resume", "init_from")
+
+
+def resume_differences(saved: dict, config: TrainConfig) -> tuple[list[str], list[dict]]:
+    """(refused, allowed) differences between a run's saved configuration and the one given to resume it:
+    refused as `key: saved -> given` lines, allowed as {key, from, to} records."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    refused, allowed = [], []
+    for f in fields(TrainConfig):
+        if f.name in RESUME_PATHS:
+            continue
+        before = saved.get(f.name, defaults[f.name])
+        now = getattr(config, f.name)
+        if isinstance(before, (list, tuple)) or isinstance(now, (list, tuple)):
+            before, now = list(before or []), list(now or [])
+        if before == now:
+            continue
+        if f.name in RESUME_MAY_CHANGE:
+            allowed.append({"key": f.name, "from": before, "to": now})
+        else:
+            flag = "--" + f.name.replace("_", "-")
+            refused.append(f"{f.name} ({flag}): {before!r} -> {now!r}")
+    return refused, allowed
+
+
+def resumed_config(saved: dict, given: TrainConfig, typed: list[str]) -> TrainConfig:
+    """What `train --resume` continues with: the run's saved configuration, with the options typed on
+    the command line (`typed`) and the paths given now; the shards too when none were given."""
+    keep = set(typed) | set(RESUME_PATHS)
+    values = {f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved and f.name not in keep}
+    if not given.shards and saved.get("shards"):
+        values["shards"] = saved["shards"]
+    return replace(given, **values).validate()
 
 
 @dataclass

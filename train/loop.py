@@ -30,7 +30,7 @@ from latentmill.train.checkpoint import (
     truncate_log,
 )
 from latentmill.train.conditioning import text_conditioning
-from latentmill.train.config import TrainConfig
+from latentmill.train.config import RESUME_MAY_CHANGE, TrainConfig, resume_differences
 from latentmill.train.data import TrainingData, latent_sets
 from latentmill.train.latentspace import to_unet_space
 from latentmill.train.models import build_unet
@@ -74,6 +74,7 @@ class Training:
     objective: Objective
     model: torch.nn.Module  # the U-Net, wrapped in DDP and torch.compile where asked
     start: int  # the first step to run (0, or the resumed checkpoint's step)
+    changes: list  # settings changed on resume: {step, key, from, to}, kept in every later state.json
 
     def prepared(self, batch: dict, generator) -> tuple:
         """(latents in the U-Net's space, caption states with dropout, metas) on the device."""
@@ -82,10 +83,23 @@ class Training:
         return latents, self.encode_text(batch, generator), batch["meta"]
 
 
-def train(config: TrainConfig, progress=None) -> dict:
-    """Train a U-Net on latent shards into `config.output`; return the last step's metrics."""
+def train(config: TrainConfig, progress=None, log=None) -> dict:
+    """Train a U-Net on latent shards into `config.output`; return the last step's metrics. `log`: where
+    to say what a resumed run does (resuming from step N of M, or nothing left to train)."""
     config.validate()
     t = _set_up(config)
+    if config.resume and log and t.rank == 0:
+        for change in t.changes:
+            if change["step"] == t.start:
+                log(f"{change['key']}: {change['from']!r} -> {change['to']!r} from step {t.start} on")
+        if t.start < config.steps:
+            log(f"resuming {t.run} from step {t.start} of {config.steps}")
+    if t.start >= config.steps:
+        if log and t.rank == 0:
+            log(
+                f"{t.run} is at step {t.start} of {config.steps}: nothing to train (give a larger --steps to go on)"
+            )
+        return {"step": t.start, "finished_before": True} | _rank_report(t)
     device, world = t.device, t.world
     autocast = dict(
         device_type=device.split(":")[0], dtype=torch_dtype(t.precision), enabled=t.precision != "fp32"
@@ -239,7 +253,7 @@ def _set_up(config: TrainConfig) -> Training:
         config.size_conditioning,
         device,
     )
-    start = 0
+    start, changes = 0, []
     if rank == 0:
         remove_stale_temporaries(run)
     if config.resume:
@@ -247,6 +261,8 @@ def _set_up(config: TrainConfig) -> Training:
             latest_checkpoint(run, training_files(weights.files), fallback=True), weights, optimizer
         )
         start = state["step"]
+        _, allowed = resume_differences(state.get("config") or {}, config)
+        changes = list(state.get("changes") or []) + [{"step": start} | change for change in allowed]
         data.load_state_dict(state["loader"])
         if rank == 0:
             truncate_log(run, start)
@@ -269,6 +285,7 @@ def _set_up(config: TrainConfig) -> Training:
         objective,
         model,
         start,
+        changes,
     )
 
 
@@ -285,7 +302,7 @@ def _check_resume_point(run: Path, config: TrainConfig) -> None:
             f"--resume: {run} has no checkpoints to resume from. Check -o, or drop --resume to start a new run."
         )
     if config.resume:
-        _check_same_kind_of_run(run, config)
+        _check_same_run(run, config)
 
 
 class _RunLog:
@@ -329,6 +346,7 @@ def _checkpoint(t: Training, step: int) -> None:
             t.data.state_dict(),
             asdict(t.config),
             t.config.keep_checkpoints,
+            t.changes,
         )
     if t.world > 1:
         torch.distributed.barrier()
@@ -357,24 +375,20 @@ def _tensorboard(run: Path):
     return SummaryWriter(str(run / "tensorboard"))
 
 
-RESUME_MUST_MATCH = ("lora_rank", "lora_targets", "mix", "instance", "class_data")
-
-
-def _check_same_kind_of_run(run: Path, config: TrainConfig) -> None:
-    """--resume with other LoRA, mixture or DreamBooth settings than the run's is refused by name (its
-    checkpoint would not fit, or its loader position would mean other batches)."""
+def _check_same_run(run: Path, config: TrainConfig) -> None:
+    """--resume continues the run as it was configured: a setting that differs from the saved one is
+    refused by name, except the few RESUME_MAY_CHANGE (recorded when the run resumes)."""
     try:
         saved = json.loads((checkpoints(run)[-1] / "state.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
-        return  # a damaged newest checkpoint: the fallback below deals with it
-    defaults = TrainConfig.__dataclass_fields__
-    for key in RESUME_MUST_MATCH:
-        before, now = saved.get(key, defaults[key].default), getattr(config, key)
-        if before != now:
-            raise InputError(
-                f"--resume: {run} was trained with {key} = {before!r}, this call gives {now!r}. Resume with "
-                f"the run's settings, or start a new run with another -o."
-            )
+        return  # a damaged newest checkpoint: the fallback deals with it
+    refused, _ = resume_differences(saved, config)
+    if refused:
+        raise InputError(
+            f"--resume: {run} was trained with other settings ({'; '.join(refused)}). Resume with the run's "
+            f"settings (leave those options out: the saved ones are used), or start a new run with another -o. "
+            f"On resume only {', '.join(RESUME_MAY_CHANGE)} may change."
+        )
 
 
 def _stop_on_nonfinite(first_bad: torch.Tensor, recent_keys: dict, run: Path, last_finite) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from latentmill.cli.options import click_options, config_from
+from latentmill.cli.options import click_options, config_from, given_on_command_line
 from latentmill.train.config import ExportConfig, MergeConfig, SampleConfig, TrainConfig
 
 
@@ -12,12 +14,14 @@ from latentmill.train.config import ExportConfig, MergeConfig, SampleConfig, Tra
 @click.argument("shards", nargs=-1)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Run folder (checkpoints, log.jsonl).")
 @click_options(TrainConfig)
-def train(shards, output, **kwargs):
+@click.pass_context
+def train(ctx, shards, output, **kwargs):
     """Train a U-Net straight from latent shards (SHARDS: folders, brace patterns or files).
 
     Several folders are mixed (--mix weights); --lora-rank trains LoRA adapters on a pretrained --model;
     --instance/--class-data train DreamBooth with prior preservation. `--resume` continues a stopped run
-    from its last checkpoint, exactly. Many GPUs: launch with torchrun.
+    from its last checkpoint, exactly, with the run's saved settings: of those, only --steps (to go on),
+    the log/checkpoint/sample cadence and --workers may be given anew. Many GPUs: launch with torchrun.
 
     \b
     Examples:
@@ -29,9 +33,17 @@ def train(shards, output, **kwargs):
     """
     from tqdm import tqdm
 
+    from latentmill.train.checkpoint import last_state
+    from latentmill.train.config import resumed_config
     from latentmill.train.loop import train as run_train
 
-    config = config_from(TrainConfig, kwargs, shards=list(shards), output=output)
+    typed = given_on_command_line(TrainConfig, ctx)
+    saved = last_state(Path(output)) if kwargs.get("resume") and Path(output).exists() else None
+    saved_config = (saved or {}).get("config") or {}
+    shards = list(shards) or list(saved_config.get("shards") or [])  # resume: the run's own shards
+    config = config_from(TrainConfig, kwargs, shards=shards, output=output)
+    if saved:
+        config = resumed_config(saved_config, config, typed)
     with tqdm(total=config.steps, desc="train", unit="step", dynamic_ncols=True, leave=False) as bar:
 
         def progress(metrics):
@@ -39,8 +51,8 @@ def train(shards, output, **kwargs):
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.1f}")
             bar.refresh()
 
-        metrics = run_train(config, progress=progress)
-    if metrics.get("rank", 0) == 0:
+        metrics = run_train(config, progress=progress, log=click.echo)
+    if metrics.get("rank", 0) == 0 and not metrics.get("finished_before"):
         click.echo(
             f"step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}; checkpoints in {output}/checkpoints"
         )

@@ -25,7 +25,7 @@ from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
 from latentmill.curate.tables import UrlTable, columns_field
-from latentmill.errors import InputError
+from latentmill.errors import InputError, NothingLeft, nothing_left
 from latentmill.schema import StageConfig, opt
 
 STATE_DIR = (
@@ -219,7 +219,10 @@ def download(source: str | Path, output: str | Path, config: DownloadConfig) -> 
     state.mkdir(parents=True, exist_ok=True)
     try:
         input_path, extras, dropped = prepare_input(source, state, config)
-    except InputError:
+        rows = pq.read_metadata(input_path).num_rows
+        if not rows:
+            raise nothing_left(f"download {source}", sum(dropped.values()), dropped)
+    except (InputError, NothingLeft):
         if created:  # a table refused before any download leaves nothing behind
             shutil.rmtree(output, ignore_errors=True)
         raise
@@ -229,7 +232,10 @@ def download(source: str | Path, output: str | Path, config: DownloadConfig) -> 
     run_img2dataset(
         input_path, output, extras, has_caption="caption" in pq.read_schema(input_path).names, config=config
     )
-    return _finish(output, state, before, time.perf_counter() - started)
+    summary = _finish(output, state, before, time.perf_counter() - started)
+    if not summary["success"]:
+        raise nothing_left(f"download {source}", summary["failed"], summary["failures"])
+    return summary
 
 
 def retry_failed(output: str | Path, config: DownloadConfig, reasons: set[str] | None = None) -> dict:

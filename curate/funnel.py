@@ -18,7 +18,7 @@ def format_funnel(label: str, total: int, steps: list[dict], kept: int) -> str:
     lines = [f"{label:<{width}}{total:>12,}"]
     for step in steps:
         lines.append(
-            f"  - {step['rule'][:40]:<{width - 4}}{-step['dropped']:>12,}   -> {step['remaining']:,}"
+            f"  - {step['rule'][:40]:<{width - 4}}{step['dropped']:>12,} dropped, {step['remaining']:,} left"
         )
     lines.append(f"{'kept':<{width}}{kept:>12,}")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from latentmill.curate.funnel import format_funnel, funnel_steps
 from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
 from latentmill.curate.tables import UrlTable, columns_field
 from latentmill.curate.urlhash import SeenUrls, hash_urls
-from latentmill.errors import InputError, invariant
+from latentmill.errors import InputError, invariant, nothing_left
 from latentmill.schema import StageConfig, opt
 
 
@@ -207,6 +207,8 @@ def prefilter(source: str | Path, output: str | Path, config: PrefilterConfig, p
         f"prefilter funnel ends at {steps[-1]['remaining']}, kept {kept_rows}",
     )
     write_json(output.with_name(output.stem + ".funnel.json"), funnel)
+    if input_rows and not kept_rows:
+        raise nothing_left(f"prefilter {source}", input_rows, dropped)
     return funnel
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from latentmill.curate.download import DownloadConfig, download, retry_failed
 from latentmill.curate.imageshards import iter_image_shard, list_image_shards
+from latentmill.errors import NothingLeft
 from tests.conftest import write_table
 
 pytestmark = pytest.mark.slow  # end to end: real downloads, Ray, training runs
@@ -64,7 +65,7 @@ def test_a_second_run_downloads_nothing(sample_table, tmp_path, server):
     assert len(server.requests) == requests_before
 
 
-def test_the_guard_drops_private_addresses_without_sending_traffic(fresh_server, tmp_path):
+def test_the_guard_drops_private_addresses_without_sending_traffic(fresh_server, tmp_path, run_cli):
     rows = [
         {"URL": fresh_server.url(f"/gen/{i}/300x300.jpg"), "TEXT": "a loopback picture"} for i in range(3)
     ]
@@ -73,8 +74,15 @@ def test_the_guard_drops_private_addresses_without_sending_traffic(fresh_server,
         {"URL": "http://169.254.169.254/latest", "TEXT": "metadata"},
     ]
     table = write_table(tmp_path / "urls.parquet", rows)
-    summary = download(table, tmp_path / "images", DownloadConfig(**FAST))
-    assert summary["success"] == 0 and summary["failures"] == {"private_address": 5}
+    # every row refused: not a success in disguise, but exit 3 with the reason and the fix
+    with pytest.raises(NothingLeft, match=r"none of 5 left: private_address 5 \(.*--allow-host HOST"):
+        download(table, tmp_path / "images", DownloadConfig(**FAST))
+    assert fresh_server.requests == [] and not (tmp_path / "images").exists()
+    result = run_cli("download", table, "-o", tmp_path / "images")
+    assert result.exit_code == 3 and "--allow-host" in result.output and "already done" not in result.output
+    result = run_cli("urls", "prefilter", table, "-o", tmp_path / "kept.parquet")
+    assert result.exit_code == 3, result.output
+    assert "none of 5 left: private_address 5" in result.output and "--allow-host" in result.output
     assert fresh_server.requests == []
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from latentmill.curate.addresses import is_private_host
 from latentmill.curate.prefilter import PrefilterConfig, prefilter
-from latentmill.errors import InputError
+from latentmill.errors import InputError, NothingLeft
 from tests.conftest import write_table
 
 
@@ -220,5 +220,7 @@ def test_sizes_that_are_nan_infinite_or_huge_fail_the_size_rules(tmp_path):
         tmp_path / "huge.parquet",
         [{"URL": "http://example.com/h.jpg", "TEXT": "a cat photo", "WIDTH": 2**63 - 1, "HEIGHT": 1}],
     )
-    funnel = prefilter(huge, tmp_path / "kept2.parquet", PrefilterConfig(max_aspect=2.0, min_side=10))
-    assert funnel["kept_rows"] == 0
+    with pytest.raises(NothingLeft, match="none of 1 left: min_side 1"):
+        prefilter(huge, tmp_path / "kept2.parquet", PrefilterConfig(max_aspect=2.0, min_side=10))
+    funnel = json.loads((tmp_path / "kept2.funnel.json").read_text())  # the funnel is written all the same
+    assert funnel["kept_rows"] == 0 and funnel["input_rows"] == 1

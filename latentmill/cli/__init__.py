@@ -1,6 +1,7 @@
 """The `latentmill` command line: a thin layer over the library, subcommands imported on first use.
 
 Exit codes: 0 success, 2 bad usage or bad input (one message naming the file, column or option),
+3 nothing left (a stage ran but every input was refused or failed: the message says why and the fix),
 1 any other failure (`--debug` shows the traceback).
 """
 
@@ -82,6 +83,12 @@ class BadInput(click.ClickException):
     exit_code = 2
 
 
+class NothingLeftError(click.ClickException):
+    """Every input was refused or failed: one message, exit code 3."""
+
+    exit_code = 3
+
+
 class LazyGroup(click.Group):
     """A group whose subcommands are imported when invoked, not when the group is built."""
 
@@ -95,7 +102,7 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
     def invoke(self, ctx):
-        from latentmill.errors import InputError, TrainingFailed
+        from latentmill.errors import InputError, NothingLeft, TrainingFailed
 
         try:
             return super().invoke(ctx)
@@ -103,6 +110,10 @@ class LazyGroup(click.Group):
             if os.environ.get("LATENTMILL_DEBUG") == "1":
                 raise
             raise BadInput(str(err)) from None
+        except NothingLeft as err:
+            if os.environ.get("LATENTMILL_DEBUG") == "1":
+                raise
+            raise NothingLeftError(str(err)) from None
         except TrainingFailed as err:
             if os.environ.get("LATENTMILL_DEBUG") == "1":
                 raise

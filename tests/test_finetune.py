@@ -233,7 +233,7 @@ def test_a_lora_run_samples_resumes_exactly_and_is_refused_without_a_pretrained_
     for name in ("lora.safetensors", "lora_ema.safetensors"):
         a, b = (load_file(last_checkpoint(r) / name) for r in (straight, resumed))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    result = run_cli("sample", straight, "--prompt", "a dog", "-o", tmp_path / "grid.png", "--steps", "2")
+    result = run_cli("sample", straight, "--prompt", "a dog", "-o", tmp_path / "grid.png", "--sampler-steps", "2")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "grid.png").stat().st_size > 0
     with pytest.raises(InputError, match=r"other settings \(lora_rank \(--lora-rank\): 2 -> 0"):
@@ -360,7 +360,7 @@ def test_dreambooth_trains_on_instance_and_class_batches_and_resumes_exactly(dat
     assert state["loader"]["class"]["batches"] == 4  # one class batch per step
     assert sum(s["batches"] for s in state["loader"]["sources"]) == 4
     result = run_cli(
-        "sample", straight, "--prompt", "a photo of sks", "-o", tmp_path / "g.png", "--steps", "2"
+        "sample", straight, "--prompt", "a photo of sks", "-o", tmp_path / "g.png", "--sampler-steps", "2"
     )
     assert result.exit_code == 0, result.output
     result = run_cli("train", "--instance", data / "photos", "-o", tmp_path / "x")
@@ -424,7 +424,7 @@ def test_images_pack_writes_img2dataset_shards_from_a_folder_and_resumes(tmp_pat
 @pytest.mark.slow
 def test_class_images_come_from_the_base_pipeline_into_a_folder_that_packs(data, tmp_path, run_cli):
     out = tmp_path / "class-images"
-    args = ["sample", data / "base", "--prompt", "a photo of a dog", "--count", "3", "--steps", "2"]
+    args = ["sample", data / "base", "--prompt", "a photo of a dog", "--count", "3", "--sampler-steps", "2"]
     args += ["--width", "64", "--height", "64", "--to-folder", out]
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
@@ -433,10 +433,23 @@ def test_class_images_come_from_the_base_pipeline_into_a_folder_that_packs(data,
     assert all(p.with_suffix(".txt").read_text().strip() == "a photo of a dog" for p in pngs)
     first = pngs[0].read_bytes()
     pngs[2].unlink()  # a stopped call: run again, the missing image is made, the others kept
-    assert run_cli(*args).exit_code == 0
+    again = run_cli(*args)
+    assert again.exit_code == 0 and "3 image(s) of these prompts" in again.output, again.output
     assert pngs[2].exists() and pngs[0].read_bytes() == first
     result = run_cli("images", "pack", out, "-o", tmp_path / "class-shards")
     assert result.exit_code == 0 and "packed 3 image(s)" in result.output
+    # a new prompt is not the old prompt's images: they are made anew
+    cat = [a if a != "a photo of a dog" else "a photo of a cat" for a in args]
+    result = run_cli(*cat)
+    assert result.exit_code == 0 and "(3 made now)" in result.output, result.output
+    assert all(p.with_suffix(".txt").read_text().strip() == "a photo of a cat" for p in pngs)
+    # images it did not write are neither counted as its own nor overwritten
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "000000.png").write_bytes(first)
+    result = run_cli(*args[:-1], theirs)
+    assert result.exit_code == 2 and "000000.png was not written by `latentmill sample`" in result.output
+    assert (theirs / "000000.png").read_bytes() == first
 
 
 @pytest.mark.slow

@@ -301,7 +301,7 @@ def test_sample_grids_during_training_and_the_sample_command(latents, tmp_path, 
     assert [g.name for g in grids] == ["step-0000002.png", "step-0000004.png"]
     assert Image.open(grids[0]).size == (4 * 128, 128)
     result = run_cli(
-        "sample", run, "--prompt", "a cat", "--prompt", "a dog", "--steps", "2", "-o", tmp_path / "grid.png"
+        "sample", run, "--prompt", "a cat", "--prompt", "a dog", "--sampler-steps", "2", "-o", tmp_path / "grid.png"
     )
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "grid.png").size == (2 * 128, 128)
@@ -490,7 +490,7 @@ def test_size_and_crop_conditioning_reaches_the_unet(latents, tmp_path, run_cli)
     )
     assert len(losses) == 3 and all(loss == loss for loss in losses)
     assert (
-        run_cli("sample", run, "--prompt", "a cat", "--steps", "2", "-o", tmp_path / "g.png").exit_code == 0
+        run_cli("sample", run, "--prompt", "a cat", "--sampler-steps", "2", "-o", tmp_path / "g.png").exit_code == 0
     )
     result = run_cli("export", run, "-o", tmp_path / "pipe")
     assert result.exit_code == 2 and "size/crop conditioning" in result.output
@@ -721,7 +721,7 @@ def test_a_merged_run_is_a_run_that_export_sample_and_init_from_take(latents, tm
     result = run_cli("export", merged, "-o", tmp_path / "pipe")
     assert result.exit_code == 0 and (tmp_path / "pipe" / "model_index.json").exists(), result.output
     result = run_cli(
-        "sample", merged, "--prompt", "a red circle", "--steps", "2", "-o", tmp_path / "grid.png"
+        "sample", merged, "--prompt", "a red circle", "--sampler-steps", "2", "-o", tmp_path / "grid.png"
     )
     assert result.exit_code == 0 and (tmp_path / "grid.png").exists(), result.output
     # --init-from starts from the merged weights: one small step later the U-Net is still next to them

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from latentmill.errors import InputError
 from latentmill.train.latentspace import from_unet_space
 
 
@@ -105,7 +106,6 @@ def sampler(source: str | Path, use_ema: bool = True):
     """make(prompts, seed, steps, guidance, size) -> (N, H, W, 3) uint8 images, from a run's last checkpoint
     (its text encoder, the latents' VAE) or from a diffusers pipeline folder (e.g. the base model whose
     class images DreamBooth preserves)."""
-    from latentmill.errors import InputError
 
     if (Path(source) / "model_index.json").exists():
         from diffusers import StableDiffusionPipeline
@@ -173,6 +173,9 @@ def sample_run(
     return save_grid(sampler(run, use_ema)(prompts, seed, steps, guidance, size), output)
 
 
+SAMPLE_INDEX = ".latentmill-samples.json"
+
+
 def sample_to_folder(
     source: str | Path,
     prompts: list[str],
@@ -184,29 +187,55 @@ def sample_to_folder(
     size: tuple[int, int] | None = None,
     batch_size: int = 4,
     progress=None,
-) -> int:
+) -> tuple[int, int]:
     """`count` images of each prompt as folder/NNNNNN.png with the prompt in NNNNNN.txt, what
-    `latentmill images pack` reads (DreamBooth's class images). Batch b is drawn with seed + b and files are
-    written atomically, so a stopped call, run again, keeps what it made and makes the same rest."""
+    `latentmill images pack` reads (DreamBooth's class images); returns (images in the folder for these
+    prompts and settings, images made by this call). Batch b is drawn with seed + b and files are written
+    atomically; an index beside them (.latentmill-samples.json) records what made each file, so a stopped
+    call, run again, keeps what it made and makes the rest, and another prompt or setting makes anew.
+    Files this command did not write are never taken as its own, nor overwritten."""
+    import hashlib
+    import json
+
     from PIL import Image
 
-    from latentmill.curate.atomic import atomic_path
+    from latentmill.curate.atomic import atomic_path, write_json
+    from latentmill.curate.lineage import model_fingerprint
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    index_path = folder / SAMPLE_INDEX
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
     jobs = [prompt for prompt in prompts for _ in range(count)]
-    make = None
+    settings = [model_fingerprint(str(source)), steps, guidance, seed, list(size or []), batch_size]
+    make, made = None, 0
     for batch, start in enumerate(range(0, len(jobs), batch_size)):
         chunk = jobs[start : start + batch_size]
-        names = [folder / f"{start + i:06d}" for i in range(len(chunk))]
-        if not all(name.with_suffix(".png").exists() for name in names):
+        names = [f"{start + i:06d}" for i in range(len(chunk))]
+        keys = [
+            hashlib.sha256(json.dumps([*settings, batch, i, prompt]).encode()).hexdigest()[:16]
+            for i, prompt in enumerate(chunk)
+        ]
+        foreign = [n for n in names if (folder / f"{n}.png").exists() and n not in index]
+        if foreign:
+            raise InputError(
+                f"{folder}: {foreign[0]}.png was not written by `latentmill sample`; give an empty folder "
+                f"(or one this command filled) to --to-folder."
+            )
+        done = all(
+            index.get(n) == k and (folder / f"{n}.png").exists() for n, k in zip(names, keys, strict=True)
+        )
+        if not done:
             make = make or sampler(source)
-            for name, prompt, image in zip(
-                names, chunk, make(chunk, seed + batch, steps, guidance, size), strict=True
+            for name, key, prompt, image in zip(
+                names, keys, chunk, make(chunk, seed + batch, steps, guidance, size), strict=True
             ):
-                name.with_suffix(".txt").write_text(prompt + "\n")
-                with atomic_path(name.with_suffix(".png")) as tmp:
+                (folder / f"{name}.txt").write_text(prompt + "\n")
+                with atomic_path(folder / f"{name}.png") as tmp:
                     Image.fromarray(image).save(tmp, format="PNG")
+                index[name] = key
+                made += 1
+            write_json(index_path, index)
         if progress:
             progress(len(chunk))
-    return len(jobs)
+    return len(jobs), made

@@ -144,7 +144,7 @@ def sample(source, output, to_folder, **kwargs):
         from latentmill.progress import progress_bar
 
         with progress_bar(len(c.prompts) * c.count, "sample", "img") as bar:
-            made = sample_to_folder(
+            total, made = sample_to_folder(
                 source,
                 c.prompts,
                 to_folder,
@@ -155,7 +155,7 @@ def sample(source, output, to_folder, **kwargs):
                 c.size,
                 progress=bar.update,
             )
-        click.echo(f"{made} image(s) in {to_folder}")
+        click.echo(f"{total} image(s) of these prompts in {to_folder} ({made} made now)")
         return
     prompts = [p for p in c.prompts for _ in range(c.count)]
     path = sample_run(

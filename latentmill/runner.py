@@ -16,6 +16,7 @@ from pathlib import Path
 from latentmill.errors import InputError
 from latentmill.layout import Layout
 from latentmill.plan import KEEP, REDO, clear, completion, finish, plan, stale
+from latentmill.preflight import preflight
 from latentmill.stages import STAGE_NAMES, STAGES, Context, Stage, producer, section
 
 
@@ -38,6 +39,7 @@ def run_recipe(
     first = STAGE_NAMES.index(start) if start else 0
     last = STAGE_NAMES.index(until) if until else len(STAGES) - 1
     layout = Layout(work)
+    preflight(recipe, list(STAGES[first : last + 1]), urls)  # every missing file or model, at once
     steps = plan(recipe, layout, list(STAGES[first : last + 1]), urls)
     for step in steps:
         log(step.describe())

@@ -233,7 +233,9 @@ def test_a_lora_run_samples_resumes_exactly_and_is_refused_without_a_pretrained_
     for name in ("lora.safetensors", "lora_ema.safetensors"):
         a, b = (load_file(last_checkpoint(r) / name) for r in (straight, resumed))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    result = run_cli("sample", straight, "--prompt", "a dog", "-o", tmp_path / "grid.png", "--sampler-steps", "2")
+    result = run_cli(
+        "sample", straight, "--prompt", "a dog", "-o", tmp_path / "grid.png", "--sampler-steps", "2"
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "grid.png").stat().st_size > 0
     with pytest.raises(InputError, match=r"other settings \(lora_rank \(--lora-rank\): 2 -> 0"):

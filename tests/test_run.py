@@ -217,3 +217,27 @@ def test_run_works_like_make_and_a_moved_work_folder_is_a_no_op(tmp_path, run_cl
 
     a, b = outputs(work), outputs(reference)
     assert a.keys() == b.keys() and len(a) > 3 and a == b
+
+
+def test_preflight_lists_every_missing_file_and_model_at_once(tmp_path, run_cli):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"urls: {{path: {tmp_path / 'urls.parquet'}}}\n"
+        "score: {clip_model: ViT-B-32, pretrained: laion2b_s34b_b79k, aesthetic_head: missing-aesthetic.pth,\n"
+        "        heads: [missing-probe.safetensors]}\n"
+        "encode: {vae: nobody/no-such-vae}\n"
+        f"train: {{model: {tmp_path / 'no-pipeline'}, text_encoder: openclip:ViT-B-32:laion2b_s34b_b79k}}\n"
+    )
+    result = run_cli("run", recipe, "-w", tmp_path / "work")
+    assert result.exit_code == 2, result.output
+    for missing in (
+        "urls: the URL table " + str(tmp_path / "urls.parquet") + " does not exist",
+        "score.aesthetic_head: missing-aesthetic.pth does not exist",
+        "score.heads: missing-probe.safetensors does not exist",
+        "`hf download laion/CLIP-ViT-B-32-laion2B-s34B-b79K open_clip_pytorch_model.bin`",
+        "encode.vae: nobody/no-such-vae is not in the local Hugging Face cache: `hf download nobody/no-such-vae`",
+        "train.model: " + str(tmp_path / "no-pipeline") + " does not exist",
+        "train.text_encoder: open_clip ViT-B-32:laion2b_s34b_b79k",
+    ):
+        assert missing in result.output, (missing, result.output)
+    assert not (tmp_path / "work").exists()  # nothing ran

@@ -301,7 +301,16 @@ def test_sample_grids_during_training_and_the_sample_command(latents, tmp_path, 
     assert [g.name for g in grids] == ["step-0000002.png", "step-0000004.png"]
     assert Image.open(grids[0]).size == (4 * 128, 128)
     result = run_cli(
-        "sample", run, "--prompt", "a cat", "--prompt", "a dog", "--sampler-steps", "2", "-o", tmp_path / "grid.png"
+        "sample",
+        run,
+        "--prompt",
+        "a cat",
+        "--prompt",
+        "a dog",
+        "--sampler-steps",
+        "2",
+        "-o",
+        tmp_path / "grid.png",
     )
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "grid.png").size == (2 * 128, 128)
@@ -490,7 +499,10 @@ def test_size_and_crop_conditioning_reaches_the_unet(latents, tmp_path, run_cli)
     )
     assert len(losses) == 3 and all(loss == loss for loss in losses)
     assert (
-        run_cli("sample", run, "--prompt", "a cat", "--sampler-steps", "2", "-o", tmp_path / "g.png").exit_code == 0
+        run_cli(
+            "sample", run, "--prompt", "a cat", "--sampler-steps", "2", "-o", tmp_path / "g.png"
+        ).exit_code
+        == 0
     )
     result = run_cli("export", run, "-o", tmp_path / "pipe")
     assert result.exit_code == 2 and "size/crop conditioning" in result.output

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.atomic import atomic_path, write_json
+from latentmill.curate.lineage import make_record, record_path
 from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
 from latentmill.curate.tables import UrlTable, columns_field
 from latentmill.errors import InputError, NothingLeft, nothing_left
@@ -210,12 +211,25 @@ def run_img2dataset(
     )
 
 
-def download(source: str | Path, output: str | Path, config: DownloadConfig) -> dict:
-    """Download the URL table `source` into image shards under `output`; return the summary."""
+def download(source: str | Path, output: str | Path, config: DownloadConfig, overwrite: bool = False) -> dict:
+    """Download the URL table `source` into image shards under `output`; return the summary. An `output`
+    downloaded from another table or with other settings is refused, or with `overwrite` emptied first."""
+    from latentmill.curate.lineage import LINEAGE, claim, remove_files
+
     config.validate()
     output = Path(output)
     state = output / STATE_DIR
     created = not output.exists()
+    if not created:
+
+        def clear():
+            remove_files(output, ("*.tar", "*.parquet", "*_stats.json"))
+            for path in state.glob("*"):
+                if path.is_file() and path.name != LINEAGE:
+                    path.unlink()
+
+        state.mkdir(parents=True, exist_ok=True)
+        claim(output, make_record("download", config, inputs={"table": source}), overwrite, clear)
     state.mkdir(parents=True, exist_ok=True)
     try:
         input_path, extras, dropped = prepare_input(source, state, config)
@@ -227,6 +241,8 @@ def download(source: str | Path, output: str | Path, config: DownloadConfig) -> 
             shutil.rmtree(output, ignore_errors=True)
         raise
     write_json(state / "download.json", {"source": str(source), "extras": extras, "config": asdict(config)})
+    if created:
+        write_json(record_path(output), make_record("download", config, inputs={"table": source}))
     before = done_shards(output)
     started = time.perf_counter()
     run_img2dataset(

@@ -178,9 +178,16 @@ def read_record(output: str | Path) -> dict | None:
         return None
 
 
+# image shard folders keep it in _latentmill/: img2dataset takes every other name there for a shard
+IMAGE_SHARDS_RECORD = Path("_latentmill") / LINEAGE
+
+
 def record_path(output: str | Path) -> Path:
-    """Where an output keeps its record: FOLDER/lineage.json, or FILE.lineage.json beside a file."""
+    """Where an output keeps its record: FOLDER/lineage.json (FOLDER/_latentmill/lineage.json in an image
+    shard folder), or FILE.lineage.json beside a file."""
     output = Path(output)
+    if (output / IMAGE_SHARDS_RECORD).exists() or (output / IMAGE_SHARDS_RECORD.parent).is_dir():
+        return output / IMAGE_SHARDS_RECORD
     if output.is_dir() or (not output.is_file() and not output.suffix):
         return output / LINEAGE
     return Path(str(output) + "." + LINEAGE)

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.funnel import format_funnel, funnel_steps
+from latentmill.curate.lineage import make_record, record_path
 from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
 from latentmill.curate.tables import UrlTable, columns_field
 from latentmill.curate.urlhash import SeenUrls, hash_urls
@@ -207,6 +208,7 @@ def prefilter(source: str | Path, output: str | Path, config: PrefilterConfig, p
         f"prefilter funnel ends at {steps[-1]['remaining']}, kept {kept_rows}",
     )
     write_json(output.with_name(output.stem + ".funnel.json"), funnel)
+    write_json(record_path(output), make_record("prefilter", config, inputs={"table": source}))
     if input_rows and not kept_rows:
         raise nothing_left(f"prefilter {source}", input_rows, dropped)
     return funnel

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from latentmill.curate.atomic import atomic_path, write_json
+from latentmill.curate.lineage import input_fingerprint, make_record, record_path
 from latentmill.errors import InputError
 from latentmill.filters.clusterpairs import AssignStage, PairStage, fit_centroids
 from latentmill.filters.embeddings import embeddings_folder, embeddings_path
@@ -182,6 +183,7 @@ def dedup(
     clock.lap("groups")
     funnel["passes"] = clock.laps
     write_json(output / "funnel.json", funnel)
+    write_json(record_path(output), make_record("dedup", config, inputs={"scores": scores, "images": images}))
     return funnel
 
 
@@ -199,6 +201,8 @@ def _work_folder(output: Path, config: DedupConfig, shards: list[Path]) -> Path:
         "partitions": config.partitions,
         "seed": config.seed,
         "shards": [s.stem for s in shards],
+        # scored again (other embeddings): the passes again
+        "scores": input_fingerprint(shards[0].parent) if shards else None,
     }
     saved = work / "settings.json"
     if saved.exists() and json.loads(saved.read_text()) != settings:  # other settings: start the passes over

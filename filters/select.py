@@ -69,8 +69,12 @@ class SelectConfig(StageConfig):
 
 
 def select(scores: str | Path, output: str | Path, config: SelectConfig | None = None) -> dict:
-    """Select from every score shard; return the funnel (rows dropped by each rule, in order)."""
+    """Select from every score shard; return the funnel (rows dropped by each rule, in order). The whole
+    selection is written anew and swapped in, with its lineage record (selection/lineage.json)."""
     import pyarrow.parquet as pq
+
+    from latentmill.curate.atomic import write_json
+    from latentmill.curate.lineage import make_record, record_path
 
     config = (config or SelectConfig()).validate()
     scores, output = Path(scores), Path(output)
@@ -92,6 +96,8 @@ def select(scores: str | Path, output: str | Path, config: SelectConfig | None =
     tmp.mkdir(parents=True)
     try:
         funnel = _select_into(tmp, output, shards, rules, config.plots)
+        record = make_record("select", config, inputs={"scores": scores, "dedup": config.dedup})
+        write_json(record_path(tmp), record)  # what this selection was made from
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous selection stays as it was
         raise

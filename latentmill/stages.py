@@ -114,7 +114,8 @@ def _download(ctx: Context) -> dict:
 
         return pack_images(url_source(ctx), ctx.layout.images, section(ctx.recipe, "pack"))
     url_source(ctx)  # the demo's server must be up while img2dataset downloads
-    return download(ctx.layout.kept, ctx.layout.images, section(ctx.recipe, "download", **ctx.allowed))
+    config = section(ctx.recipe, "download", **ctx.allowed)
+    return download(ctx.layout.kept, ctx.layout.images, config, overwrite=True)  # as the plan decided
 
 
 def _score(ctx: Context) -> dict:

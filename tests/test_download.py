@@ -14,7 +14,7 @@ import pytest
 
 from latentmill.curate.download import DownloadConfig, download, retry_failed
 from latentmill.curate.imageshards import iter_image_shard, list_image_shards
-from latentmill.errors import NothingLeft
+from latentmill.errors import InputError, NothingLeft
 from tests.conftest import write_table
 
 pytestmark = pytest.mark.slow  # end to end: real downloads, Ray, training runs
@@ -61,6 +61,11 @@ def test_a_second_run_downloads_nothing(sample_table, tmp_path, server):
     second = download(table, out, fast(server))
     assert second["new_shards"] == 0 and second["new_images"] == 0
     assert second["success"] == first["success"] and second["failures"] == first["failures"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == stamps
+    assert len(server.requests) == requests_before
+    # other settings into the same folder: refused by name, nothing downloaded or removed
+    with pytest.raises(InputError, match=r"settings.image_size: \d+ -> 96.*--overwrite"):
+        download(table, out, fast(server, image_size=96))
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == stamps
     assert len(server.requests) == requests_before
 

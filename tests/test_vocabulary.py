@@ -53,6 +53,7 @@ COMMAND_CONFIGS = {
             "output",
             "retry_folder",
             "only_reason",
+            "overwrite",
             *COLUMNS,
         },
     ),

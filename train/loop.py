@@ -226,6 +226,8 @@ def _set_up(config: TrainConfig) -> Training:
     ).to(device)
     _check_resume_point(run, config)
     run.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and not config.resume:
+        _record_lineage(run, config, sets)
     if config.init_from:
         _init_from(unet, Path(config.init_from))
     if config.gradient_checkpointing:
@@ -287,6 +289,18 @@ def _set_up(config: TrainConfig) -> Training:
         start,
         changes,
     )
+
+
+def _record_lineage(run: Path, config: TrainConfig, sets: list) -> None:
+    """RUN/lineage.json: the settings that shape the weights, the latent folders and the models they
+    start from, by content (latentmill.curate.lineage)."""
+    from latentmill.curate.atomic import write_json
+    from latentmill.curate.lineage import make_record, record_path
+
+    inputs = {f"latents[{i}]": folder for i, (folder, _) in enumerate(sets)}
+    models = {"model": config.model, "text_encoder": config.text_encoder, "vae": config.vae}
+    models["init_from"] = config.init_from
+    write_json(record_path(run), make_record("train", config, inputs=inputs, models=models))
 
 
 def _check_resume_point(run: Path, config: TrainConfig) -> None:

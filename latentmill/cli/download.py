@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import click_options, column_options, columns_from, config_from
+from latentmill.cli.options import click_options, column_options, columns_from, config_from, overwrite_option
 from latentmill.curate.download import DownloadConfig
 
 
@@ -24,7 +24,8 @@ from latentmill.curate.download import DownloadConfig
 )
 @click_options(DownloadConfig)
 @column_options
-def download(table, output, retry_folder, only_reason, **kwargs):
+@overwrite_option
+def download(table, output, retry_folder, only_reason, overwrite, **kwargs):
     """Download the URL TABLE into WebDataset image shards with img2dataset.
 
     Shards are exactly img2dataset's (`{key}.jpg/.txt/.json` in `{shard}.tar`, with `{shard}.parquet`
@@ -48,5 +49,5 @@ def download(table, output, retry_folder, only_reason, **kwargs):
     if retry_folder:
         summary = retry_failed(retry_folder, config, set(only_reason) or None)
     else:
-        summary = run_download(table, output, config)
+        summary = run_download(table, output, config, overwrite=overwrite)
     click.echo(format_summary(summary))

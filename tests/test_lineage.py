@@ -1,0 +1,65 @@
+"""Lineage records: fingerprints by content, never by path; differences named; RUNTIME fields left out."""
+
+import dataclasses
+
+import pytest
+
+from latentmill.curate.lineage import (
+    claim,
+    content_fingerprint,
+    differences,
+    make_record,
+    read_record,
+    settings_of,
+)
+from latentmill.errors import InputError
+from latentmill.stages import LISTS, SECTIONS
+
+
+def test_a_file_keeps_its_fingerprint_when_moved_and_loses_it_when_changed(tmp_path):
+    a = tmp_path / "a" / "head.safetensors"
+    a.parent.mkdir()
+    a.write_bytes(b"weights")
+    before = content_fingerprint(a)
+    moved = tmp_path / "elsewhere" / "renamed.safetensors"
+    moved.parent.mkdir()
+    a.rename(moved)
+    assert content_fingerprint(moved) == before
+    moved.write_bytes(b"weightz")
+    assert content_fingerprint(moved) != before
+
+
+def test_records_take_files_by_content_and_name_what_changed(tmp_path):
+    from latentmill.filters.score import ScoreConfig
+
+    head = tmp_path / "probe.safetensors"
+    head.write_bytes(b"1")
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "00000.tar").write_bytes(b"tar")
+    plain = make_record("score", ScoreConfig(), inputs={"images": images})
+    with_head = make_record("score", ScoreConfig(heads=[str(head)]), inputs={"images": images})
+    other_workers = make_record("score", ScoreConfig(workers=7, batch_size=3), inputs={"images": images})
+    assert other_workers["fingerprint"] == plain["fingerprint"]  # RUNTIME fields are not lineage
+    assert differences(plain, with_head) == [f'settings.heads: changed (["{head}"])']
+    assert str(tmp_path) not in str({k: v for k, v in with_head.items() if k != "labels"})
+
+    out = tmp_path / "scores"
+    out.mkdir()
+    cleared = []
+    claim(out, plain, overwrite=False, clear=lambda: cleared.append(1))
+    with pytest.raises(InputError, match=r"settings.heads: changed .*--overwrite"):
+        claim(out, with_head, overwrite=False, clear=lambda: cleared.append(1))
+    assert not cleared and read_record(out)["fingerprint"] == plain["fingerprint"]
+    assert claim(out, with_head, overwrite=True, clear=lambda: cleared.append(1)) and cleared == [1]
+    assert read_record(out)["fingerprint"] == with_head["fingerprint"]
+
+
+def test_every_runtime_name_is_a_field_of_its_config():
+    for name, load in SECTIONS.items():
+        cls = load()
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(cls.RUNTIME) <= fields, (name, set(cls.RUNTIME) - fields)
+    for cls in LISTS.values():
+        assert set(getattr(cls, "RUNTIME", ())) <= {f.name for f in dataclasses.fields(cls)}
+    assert "steps" not in settings_of(SECTIONS["train"]()(shards=["x"], output="y"))

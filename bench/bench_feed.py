@@ -218,6 +218,7 @@ def resume_startup(args) -> dict:
     run = OUT / "resume-run-resampled"
     base = dict(
         shards=str(data / "latents"),
+        model="tiny",
         text_encoder=str(data / "pipeline"),
         batch_size=8,
         warmup_steps=10,
@@ -360,6 +361,7 @@ def ours(data: Path, steps: int, batch_size: int) -> float:
         TrainConfig(
             shards=str(data / "latents"),
             output=str(run),
+            model="tiny",
             batch_size=batch_size,
             steps=steps + 5,
             log_every=1,

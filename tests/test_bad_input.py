@@ -111,7 +111,7 @@ def zoo(tmp_path_factory):
 def cases():
     """(id, args with {z} for the zoo, what the message must name)."""
     L, R, IM, S = "{z}/lat", "{z}/run", "{z}/images", "{z}/scores"
-    train = ["train", L, "-o", R]
+    train = ["train", L, "-o", R, "--model", "tiny"]
     sample = ["sample", "{z}/emptydir", "--prompt", "x"]
     score = ["score", IM, "-o", "{z}/out", "--clip-model", "latentmill-tiny", "--pretrained", "none"]
     select = ["select", S, "-o", "{z}/sel"]
@@ -268,15 +268,32 @@ def cases():
             "emptydir: no checkpoints",
         ),
         ("train-no-tars", train, "no latent shards"),
-        ("train-missing-pattern", ["train", "{z}/lat/{00000..00003}.tar", "-o", R], "no latent shards at"),
+        ("train-no-model", ["train", L, "-o", R], "train: give --model: tiny, sd15, sd2-base"),
+        (
+            "train-missing-pattern",
+            ["train", "{z}/lat/{00000..00003}.tar", "-o", R, "--model", "tiny"],
+            "no latent shards at",
+        ),
         ("train-resume-new-run", [*train, "--resume"], "no latent shards"),
         # tampered manifests
-        ("manifest-list", ["train", "{z}/lat-list", "-o", R], "not a latentmill manifest"),
-        ("manifest-no-channels", ["train", "{z}/lat-channels", "-o", R], "no 'latent_channels'"),
+        ("manifest-list", ["train", "{z}/lat-list", "-o", R, "--model", "tiny"], "not a latentmill manifest"),
+        (
+            "manifest-no-channels",
+            ["train", "{z}/lat-channels", "-o", R, "--model", "tiny"],
+            "no 'latent_channels'",
+        ),
         ("manifest-buckets", ["latents", "verify", "{z}/lat-buckets"], "'buckets' is"),
-        ("manifest-scale", ["train", "{z}/lat-scale", "-o", R], "'scaling_factor' is \"big\""),
+        (
+            "manifest-scale",
+            ["train", "{z}/lat-scale", "-o", R, "--model", "tiny"],
+            "'scaling_factor' is \"big\"",
+        ),
         ("manifest-text-shape", ["latents", "verify", "{z}/lat-text"], "'text_encoder' is"),
-        ("manifest-resolution", ["train", "{z}/lat-resolution", "-o", R], "'resolution' is"),
+        (
+            "manifest-resolution",
+            ["train", "{z}/lat-resolution", "-o", R, "--model", "tiny"],
+            "'resolution' is",
+        ),
         # damaged checkpoints
         ("ckpt-export-missing", ["export", "{z}/ck-missing", "-o", "{z}/p"], "ema.safetensors is missing"),
         ("ckpt-sample-cut", ["sample", "{z}/ck-cut", "--prompt", "x"], "ema.safetensors is cut off"),

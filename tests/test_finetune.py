@@ -244,7 +244,7 @@ def test_a_lora_run_samples_resumes_exactly_and_is_refused_without_a_pretrained_
         config(data, tmp_path / "x", model="tiny", lora_rank=4).validate()
     result = run_cli("export", tmp_path / "straight", "--format", "kohya", "-o", tmp_path / "k.safetensors")
     assert result.exit_code == 0
-    result = run_cli("train", data / "photos", "-o", tmp_path / "y", "--lora-alpha", "4")
+    result = run_cli("train", data / "photos", "-o", tmp_path / "y", "--model", "tiny", "--lora-alpha", "4")
     assert result.exit_code == 2 and "--lora-rank" in result.output
 
 
@@ -297,7 +297,9 @@ def test_folders_mixed_together_must_share_the_latent_space(data, tmp_path, run_
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(InputError, match="share the VAE"):
         TrainingData(latent_sets([str(data / "photos"), str(other)]), None, None, batch_size=2)
-    result = run_cli("train", data / "photos", data / "paintings", "--mix", "0.5", "-o", tmp_path / "r")
+    result = run_cli(
+        "train", data / "photos", data / "paintings", "--mix", "0.5", "-o", tmp_path / "r", "--model", "tiny"
+    )
     assert result.exit_code == 2 and "one weight per folder" in result.output
 
 
@@ -365,7 +367,7 @@ def test_dreambooth_trains_on_instance_and_class_batches_and_resumes_exactly(dat
         "sample", straight, "--prompt", "a photo of sks", "-o", tmp_path / "g.png", "--sampler-steps", "2"
     )
     assert result.exit_code == 0, result.output
-    result = run_cli("train", "--instance", data / "photos", "-o", tmp_path / "x")
+    result = run_cli("train", "--instance", data / "photos", "-o", tmp_path / "x", "--model", "tiny")
     assert result.exit_code == 2 and "--class-data" in result.output
 
 

@@ -49,6 +49,7 @@ def config(latents, run, **overrides):
     base = dict(
         shards=str(latents / "latents"),
         output=str(run),
+        model="tiny",
         text_encoder=str(latents / "pipeline"),
         batch_size=8,
         learning_rate=1e-3,
@@ -92,7 +93,16 @@ def test_a_resumed_run_repeats_the_uninterrupted_one_exactly(latents, tmp_path):
 
 def test_resume_takes_the_runs_settings_and_refuses_other_ones_by_name(latents, tmp_path, run_cli):
     run = tmp_path / "run"
-    base = ["--text-encoder", latents / "pipeline", "--batch-size", "8", "--learning-rate", "0.001"]
+    base = [
+        "--model",
+        "tiny",
+        "--text-encoder",
+        latents / "pipeline",
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "0.001",
+    ]
     first = run_cli(
         "train",
         latents / "latents",
@@ -161,6 +171,8 @@ def test_two_processes_with_torchrun_read_disjoint_shards_and_take_equal_steps(l
             "latentmill",
             "train",
             str(latents / "latents"),
+            "--model",
+            "tiny",
             "-o",
             str(run),
             "--text-encoder",
@@ -663,14 +675,18 @@ def test_caption_dropout_uses_the_stored_empty_caption(latents, tmp_path):
 
     loader = LatentLoader(expand_shards(str(out)), batch_size=8, mode="epoch")
     batch = next(iter(loader))
-    cfg = TrainConfig(shards=str(out), output=str(tmp_path / "r"), caption_dropout=1.0)
+    cfg = TrainConfig(shards=str(out), output=str(tmp_path / "r"), model="tiny", caption_dropout=1.0)
     encode_text, width, _ = text_conditioning(cfg, manifest, out, "cpu", "fp32")
     states = encode_text(batch, torch.Generator().manual_seed(0))
     assert width == 32 and states.shape == (8, 77, 32)
     for row in states:
         assert torch.equal(row, torch.from_numpy(stored_empty.astype(np.float32)))
     kept = text_conditioning(
-        TrainConfig(shards=str(out), output="x", caption_dropout=0.0), manifest, out, "cpu", "fp32"
+        TrainConfig(shards=str(out), output="x", model="tiny", caption_dropout=0.0),
+        manifest,
+        out,
+        "cpu",
+        "fp32",
     )[0]
     assert torch.equal(kept(batch, torch.Generator().manual_seed(0)), batch["text_emb"].float())
 

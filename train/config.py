@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 from latentmill.errors import InputError
 from latentmill.schema import StageConfig, opt
@@ -43,7 +43,11 @@ class TrainConfig(StageConfig):
         help="Latent folders (or brace patterns, shard files, URLs); several folders are mixed (see mix).",
         cli=False,
     )
-    model: str = opt("tiny", "tiny, sd15, sd2-base, or a pretrained diffusers folder or id.")
+    model: str | None = opt(
+        None,
+        "tiny, sd15, sd2-base (a new U-Net of that architecture, random weights), or a pretrained diffusers "
+        "pipeline or U-Net folder or model id.",
+    )
     text_encoder: str | None = opt(
         None, "openclip:NAME[:PRETRAINED] or a pipeline folder; default: text_emb in the shards."
     )
@@ -147,6 +151,12 @@ class TrainConfig(StageConfig):
         return [self.instance] if self.instance else list(self.shards)
 
     def check_more(self) -> None:
+        if not self.model:
+            raise InputError(
+                f"train: give --model: {', '.join(UNET_CONFIGS)} (a new U-Net of that architecture, random "
+                f"weights: `tiny` for a first look on a CPU), or a pretrained diffusers pipeline or U-Net folder "
+                f"or model id (fine-tuning)."
+            )
         if self.instance and self.shards:
             raise InputError(
                 f"{self.name('instance')} and SHARDS both given: give the subject's latents once, "
@@ -239,14 +249,11 @@ def resume_differences(saved: dict, config: TrainConfig) -> tuple[list[str], lis
     return refused, allowed
 
 
-def resumed_config(saved: dict, given: TrainConfig, typed: list[str]) -> TrainConfig:
-    """What `train --resume` continues with: the run's saved configuration, with the options typed on
-    the command line (`typed`) and the paths given now; the shards too when none were given."""
-    keep = set(typed) | set(RESUME_PATHS)
-    values = {f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved and f.name not in keep}
-    if not given.shards and saved.get("shards"):
-        values["shards"] = saved["shards"]
-    return replace(given, **values).validate()
+def resumed_values(saved: dict, typed: list[str]) -> dict:
+    """What `train --resume` takes from the run's saved configuration: every setting not typed on the
+    command line (paths excepted: they are where the run is now)."""
+    names = {f.name for f in fields(TrainConfig)} - set(typed) - set(RESUME_PATHS)
+    return {key: value for key, value in saved.items() if key in names}
 
 
 @dataclass

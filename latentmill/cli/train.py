@@ -34,16 +34,15 @@ def train(ctx, shards, output, **kwargs):
     from tqdm import tqdm
 
     from latentmill.train.checkpoint import last_state
-    from latentmill.train.config import resumed_config
+    from latentmill.train.config import resumed_values
     from latentmill.train.loop import train as run_train
 
-    typed = given_on_command_line(TrainConfig, ctx)
     saved = last_state(Path(output)) if kwargs.get("resume") and Path(output).exists() else None
     saved_config = (saved or {}).get("config") or {}
+    # resuming: the run's own settings, but for the options typed now (refused by train() if not allowed)
+    kwargs |= resumed_values(saved_config, given_on_command_line(TrainConfig, ctx))
     shards = list(shards) or list(saved_config.get("shards") or [])  # resume: the run's own shards
     config = config_from(TrainConfig, kwargs, shards=shards, output=output)
-    if saved:
-        config = resumed_config(saved_config, config, typed)
     with tqdm(total=config.steps, desc="train", unit="step", dynamic_ncols=True, leave=False) as bar:
 
         def progress(metrics):

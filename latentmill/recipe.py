@@ -39,19 +39,28 @@ def _nearest(word: str, choices) -> str:
     return f" Did you mean '{near[0]}'?" if near else ""
 
 
-def load_recipe(name_or_path: str, overrides: list[str] = ()) -> dict:
-    """A validated recipe dict: a shipped name (`demo`) or a YAML file, then `section.key=value` overrides."""
+def recipe_text(name_or_path: str) -> str:
+    """The YAML text of a shipped recipe (by name) or of a recipe file."""
+    return _read(name_or_path)[0]
+
+
+def _read(name_or_path: str) -> tuple[str, str]:
+    """(text, source) of a recipe: a YAML file, or a shipped name."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.exists():
-        text, source = path.read_text(), str(path)
-    else:
-        shipped = resources.files("latentmill.recipes") / f"{name_or_path}.yaml"
-        if not shipped.is_file():
-            raise InputError(
-                f"recipe {name_or_path!r}: not a YAML file nor a shipped recipe.{_nearest(name_or_path, list_recipes())} "
-                f"Shipped: {', '.join(list_recipes())}."
-            )
-        text, source = shipped.read_text(), name_or_path
+        return path.read_text(), str(path)
+    shipped = resources.files("latentmill.recipes") / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise InputError(
+            f"recipe {name_or_path!r}: not a YAML file nor a shipped recipe.{_nearest(name_or_path, list_recipes())} "
+            f"Shipped: {', '.join(list_recipes())}."
+        )
+    return shipped.read_text(), name_or_path
+
+
+def load_recipe(name_or_path: str, overrides: list[str] = ()) -> dict:
+    """A validated recipe dict: a shipped name (`demo`) or a YAML file, then `section.key=value` overrides."""
+    text, source = _read(name_or_path)
     try:
         recipe = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:

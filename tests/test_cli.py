@@ -8,7 +8,7 @@ import pytest
 from latentmill import __version__
 from latentmill.cli import COMMANDS
 
-GROUPS = {"urls": ["inspect", "prefilter"], "images": ["inspect"]}
+GROUPS = {"urls": ["inspect", "prefilter"], "images": ["inspect"], "recipes": [None, "show"]}
 SUBCOMMANDS = [[name, sub] for name in COMMANDS for sub in GROUPS.get(name, [None])]
 SUBCOMMANDS = [[c for c in command if c] for command in SUBCOMMANDS]
 

@@ -44,6 +44,15 @@ def test_every_shipped_recipe_validates_and_is_listed(run_cli):
     assert result.exit_code == 0 and all(name in result.output for name in names)
 
 
+def test_recipes_show_prints_a_recipe_that_loads_as_it_is(run_cli, tmp_path):
+    result = run_cli("recipes", "show", "demo")
+    assert result.exit_code == 0 and "fit_head:" in result.output
+    (tmp_path / "mine.yaml").write_text(result.output)
+    assert load_recipe(str(tmp_path / "mine.yaml")) == load_recipe("demo")
+    missing = run_cli("recipes", "show", "dmeo")
+    assert missing.exit_code == 2 and "Did you mean 'demo'?" in missing.output
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -137,6 +137,27 @@ def test_resume_takes_the_runs_settings_and_refuses_other_ones_by_name(latents, 
     assert "is at step 6 of 3: nothing to train" in done.output and "nan" not in done.output
 
 
+def test_epochs_are_steps_over_every_sample(latents, tmp_path, run_cli):
+    run = tmp_path / "epochs"
+    args = [
+        "train",
+        latents / "latents",
+        "-o",
+        run,
+        "--model",
+        "tiny",
+        "--text-encoder",
+        latents / "pipeline",
+    ]
+    result = run_cli(*args, "--epochs", "1", "--batch-size", "16", "--checkpoint-every", "100")
+    assert result.exit_code == 0, result.output
+    assert "1 epoch(s) of the data: 4 steps" in result.output  # 64 latents, 16 a batch
+    state = json.loads((run / "checkpoints" / "step-0000004" / "state.json").read_text())
+    assert state["step"] == 4 and state["config"]["epochs"] == 1
+    both = run_cli(*args, "--epochs", "1", "--steps", "5")
+    assert both.exit_code == 2 and "--steps or --epochs, not both" in both.output
+
+
 def test_epoch_mode_visits_every_sample_once_in_one_bucket_batches(latents):
     loader = LatentLoader(expand_shards(str(latents / "latents")), batch_size=5, mode="epoch", seed=3)
     seen, buckets = [], []

@@ -36,6 +36,7 @@ class TrainConfig(StageConfig):
         "sample_every",
         "sample_prompts",
         "sample_steps",
+        "epochs",
     )
     output: str = opt(help="Run folder (checkpoints, log.jsonl).", cli=False)
     shards: list[str] = opt(
@@ -57,6 +58,12 @@ class TrainConfig(StageConfig):
         "(default: the manifest's).",
     )
     steps: int = opt(1000, "Optimizer steps.", low=1)
+    epochs: int | None = opt(
+        None,
+        "Train for this many passes over the data instead of --steps: steps = epochs x samples / "
+        "(batch size x grad accum x ranks), rounded up.",
+        low=1,
+    )
     batch_size: int = opt(16, "Per rank and micro-step.", low=1)
     grad_accum: int = opt(1, "Micro-steps per optimizer step.", low=1)
     learning_rate: float = opt(1e-4, "AdamW learning rate.", low=0.0, low_open=True, old=("--lr",))
@@ -215,6 +222,7 @@ class ExportConfig(StageConfig):
 # differs from the run's is refused: the checkpoint, the loader position or the schedule would not fit it.
 RESUME_MAY_CHANGE = (
     "steps",
+    "epochs",
     "log_every",
     "checkpoint_every",
     "keep_checkpoints",

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -88,6 +88,9 @@ def train(config: TrainConfig, progress=None, log=None) -> dict:
     to say what a resumed run does (resuming from step N of M, or nothing left to train)."""
     config.validate()
     t = _set_up(config)
+    config = t.config  # with --epochs: the steps they come to
+    if log and t.rank == 0 and config.epochs:
+        log(f"{config.epochs} epoch(s) of the data: {config.steps} steps")
     if config.resume and log and t.rank == 0:
         for change in t.changes:
             if change["step"] == t.start:
@@ -207,6 +210,8 @@ def _set_up(config: TrainConfig) -> Training:
         pin_memory=device.startswith("cuda"),
     )
     manifest = data.manifest
+    if config.epochs:
+        config = replace(config, steps=_steps_of_epochs(config, data, world))
     encode_text, text_width, encode_prompts = text_conditioning(
         config, manifest, data.folder, device, precision
     )
@@ -289,6 +294,12 @@ def _set_up(config: TrainConfig) -> Training:
         start,
         changes,
     )
+
+
+def _steps_of_epochs(config: TrainConfig, data: TrainingData, world: int) -> int:
+    """--epochs as optimizer steps: every sample of every latent set once per epoch (rounded up)."""
+    samples = sum(loader.manifest["samples"] for loader in data.loaders)
+    return max(1, math.ceil(config.epochs * samples / (config.batch_size * config.grad_accum * world)))
 
 
 def _record_lineage(run: Path, config: TrainConfig, sets: list) -> None:

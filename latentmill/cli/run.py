@@ -1,4 +1,4 @@
-"""`latentmill recipes`, `run` and `status`."""
+"""`latentmill recipes` (and `recipes show`), `run` and `status`."""
 
 from __future__ import annotations
 
@@ -9,18 +9,35 @@ from latentmill.curate.executors import ExecutorConfig
 from latentmill.stages import STAGE_NAMES
 
 
-@click.command()
-def recipes():
-    """List the shipped recipes, one line each.
+@click.group(invoke_without_command=True)
+@click.pass_context
+def recipes(ctx):
+    """List the shipped recipes, one line each; `recipes show NAME` prints one.
+
+    \b
+    Examples:
+      latentmill recipes
+      latentmill recipes show demo > my-recipe.yaml
+    """
+    if ctx.invoked_subcommand is None:
+        from latentmill.recipe import list_recipes
+
+        for name, description in list_recipes().items():
+            click.echo(f"{name:<28}{description}")
+
+
+@recipes.command("show")
+@click.argument("name")
+def show(name):
+    """Print the YAML of a shipped recipe (or of a recipe file), to read or to copy and edit.
 
     \b
     Example:
-      latentmill recipes
+      latentmill recipes show laion-aesthetics-v2-5plus
     """
-    from latentmill.recipe import list_recipes
+    from latentmill.recipe import recipe_text
 
-    for name, description in list_recipes().items():
-        click.echo(f"{name:<28}{description}")
+    click.echo(recipe_text(name), nl=False)
 
 
 @click.command()

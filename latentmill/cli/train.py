@@ -40,10 +40,14 @@ def train(ctx, shards, output, **kwargs):
     saved = last_state(Path(output)) if kwargs.get("resume") and Path(output).exists() else None
     saved_config = (saved or {}).get("config") or {}
     # resuming: the run's own settings, but for the options typed now (refused by train() if not allowed)
-    kwargs |= resumed_values(saved_config, given_on_command_line(TrainConfig, ctx))
+    typed = given_on_command_line(TrainConfig, ctx)
+    if "epochs" in typed and "steps" in typed:
+        raise click.UsageError("give --steps or --epochs, not both.")
+    kwargs |= resumed_values(saved_config, typed)
     shards = list(shards) or list(saved_config.get("shards") or [])  # resume: the run's own shards
     config = config_from(TrainConfig, kwargs, shards=shards, output=output)
-    with tqdm(total=config.steps, desc="train", unit="step", dynamic_ncols=True, leave=False) as bar:
+    total = None if config.epochs else config.steps  # epochs: the steps are known once the data is read
+    with tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, leave=False) as bar:
 
         def progress(metrics):
             bar.n = metrics["step"]

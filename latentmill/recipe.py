@@ -117,6 +117,21 @@ def validate(recipe: dict, source: str) -> None:
         )
 
 
+def load_section_file(path: str | Path, name: str) -> dict:
+    """A YAML file of one section's keys (`train --config FILE`: the keys of a recipe's `train:`),
+    checked as the recipe's section is: unknown keys named with the nearest, values validated."""
+    try:
+        body = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror}).") from None
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({err}).") from None
+    if isinstance(body, dict) and set(body) == {name}:  # a recipe-shaped file: {train: {...}}
+        body = body[name] or {}
+    _check_mapping(SECTIONS[name](), body, str(path), name)
+    return body
+
+
 def _check_mapping(schema, body, source: str, where: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(schema)}
     allowed = set(fields) - RUN_MANAGED.get(where, set())

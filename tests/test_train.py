@@ -158,6 +158,20 @@ def test_epochs_are_steps_over_every_sample(latents, tmp_path, run_cli):
     assert both.exit_code == 2 and "--steps or --epochs, not both" in both.output
 
 
+def test_a_config_file_gives_train_settings_and_options_override_it(latents, tmp_path, run_cli):
+    settings = tmp_path / "style.yaml"
+    settings.write_text("model: tiny\nsteps: 2\nbatch_size: 4\nlearning_rate: 0.002\nwarmup_steps: 1\n")
+    run = tmp_path / "run"
+    args = ["train", latents / "latents", "-o", run, "--text-encoder", latents / "pipeline"]
+    result = run_cli(*args, "--config", settings, "--learning-rate", "0.003")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "checkpoints" / "step-0000002" / "state.json").read_text())["config"]
+    assert (saved["steps"], saved["batch_size"], saved["learning_rate"]) == (2, 4, 0.003)
+    settings.write_text("modle: tiny\n")
+    bad = run_cli(*args[:3], tmp_path / "other", "--config", settings)
+    assert bad.exit_code == 2 and "style.yaml: unknown key train.modle. Did you mean" in bad.output
+
+
 def test_epoch_mode_visits_every_sample_once_in_one_bucket_batches(latents):
     loader = LatentLoader(expand_shards(str(latents / "latents")), batch_size=5, mode="epoch", seed=3)
     seen, buckets = [], []

@@ -66,7 +66,7 @@ COMMAND_CONFIGS = {
     ("fit-head",): ((FitHeadConfig,), {"output", "embeddings", "scores", "labels", "add_column"}),
     ("encode",): ((EncodeConfig, ExecutorConfig), {"output", "selection", "overwrite"}),
     ("buckets",): ((EncodeConfig,), {"images", "selection", "plot", "as_json"}),
-    ("train",): ((TrainConfig,), {"output"}),
+    ("train",): ((TrainConfig,), {"output", "config_file"}),
     ("export",): ((ExportConfig,), {"output"}),
     ("sample",): ((SampleConfig,), {"output", "to_folder"}),
     ("merge",): ((MergeConfig,), {"output"}),

@@ -13,9 +13,15 @@ from latentmill.train.config import ExportConfig, MergeConfig, SampleConfig, Tra
 @click.command()
 @click.argument("shards", nargs=-1)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Run folder (checkpoints, log.jsonl).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A YAML file of train settings (the keys of a recipe's train: section); options given override it.",
+)
 @click_options(TrainConfig)
 @click.pass_context
-def train(ctx, shards, output, **kwargs):
+def train(ctx, shards, output, config_file, **kwargs):
     """Train a U-Net straight from latent shards (SHARDS: folders, brace patterns or files).
 
     Several folders are mixed (--mix weights); --lora-rank trains LoRA adapters on a pretrained --model;
@@ -30,6 +36,7 @@ def train(ctx, shards, output, **kwargs):
       latentmill train latents/ -o runs/style --model sd15-pipeline/ --text-encoder sd15-pipeline/ --lora-rank 16
       latentmill train photos/ paintings/ --mix 0.8,0.2 -o runs/mixed --model sd15-pipeline/ ...
       latentmill train --instance dog-latents/ --class-data class-latents/ -o runs/dog --lora-rank 8 ...
+      latentmill train latents/ -o runs/style --config style.yaml --learning-rate 5e-5
     """
     from tqdm import tqdm
 
@@ -43,6 +50,11 @@ def train(ctx, shards, output, **kwargs):
     typed = given_on_command_line(TrainConfig, ctx)
     if "epochs" in typed and "steps" in typed:
         raise click.UsageError("give --steps or --epochs, not both.")
+    if config_file:  # the file's settings, under the options typed now
+        from latentmill.recipe import load_section_file
+
+        kwargs |= {k: v for k, v in load_section_file(config_file, "train").items() if k not in typed}
+        typed = typed + list(load_section_file(config_file, "train"))
     kwargs |= resumed_values(saved_config, typed)
     shards = list(shards) or list(saved_config.get("shards") or [])  # resume: the run's own shards
     config = config_from(TrainConfig, kwargs, shards=shards, output=output)

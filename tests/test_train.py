@@ -172,6 +172,23 @@ def test_a_config_file_gives_train_settings_and_options_override_it(latents, tmp
     assert bad.exit_code == 2 and "style.yaml: unknown key train.modle. Did you mean" in bad.output
 
 
+def test_sample_grids_reach_tensorboard_and_wandb(latents, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    grids = dict(steps=2, sample_every=2, sample_steps=2, sample_prompts=["a cat"])
+    train(config(latents, tmp_path / "tb", **grids))
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    assert "samples" in events.Tags()["images"] and "train/loss" in events.Tags()["scalars"]
+    assert [image.step for image in events.Images("samples")] == [2]
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(config(latents, tmp_path / "wb", report_to="wandb", **grids))
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert not (tmp_path / "wb" / "tensorboard").exists()
+
+
 def test_epoch_mode_visits_every_sample_once_in_one_bucket_batches(latents):
     loader = LatentLoader(expand_shards(str(latents / "latents")), batch_size=5, mode="epoch", seed=3)
     seen, buckets = [], []

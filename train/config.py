@@ -37,6 +37,7 @@ class TrainConfig(StageConfig):
         "sample_prompts",
         "sample_steps",
         "epochs",
+        "report_to",
     )
     output: str = opt(help="Run folder (checkpoints, log.jsonl).", cli=False)
     shards: list[str] = opt(
@@ -58,6 +59,12 @@ class TrainConfig(StageConfig):
         "(default: the manifest's).",
     )
     steps: int = opt(1000, "Optimizer steps.", low=1)
+    report_to: str = opt(
+        "tensorboard",
+        "Where metrics and sample grids go besides log.jsonl: tensorboard (RUN/tensorboard), wandb (project "
+        "latentmill; WANDB_MODE=offline keeps it local; WANDB_* variables apply) or none.",
+        choices=("tensorboard", "wandb", "none"),
+    )
     epochs: int | None = opt(
         None,
         "Train for this many passes over the data instead of --steps: steps = epochs x samples / "
@@ -223,6 +230,7 @@ class ExportConfig(StageConfig):
 RESUME_MAY_CHANGE = (
     "steps",
     "epochs",
+    "report_to",
     "log_every",
     "checkpoint_every",
     "keep_checkpoints",

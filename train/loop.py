@@ -114,7 +114,7 @@ def train(config: TrainConfig, progress=None, log=None) -> dict:
     recent_keys: dict[int, list[str]] = {}
     interval_samples, interval_start = 0, time.perf_counter()
 
-    with _RunLog(t.run, t.rank) as log:  # closed on every way out: the end, an error, Ctrl-C
+    with _RunLog(t.run, t.rank, config) as run_log:  # closed on every way out: the end, an error, Ctrl-C
         for step in range(t.start, config.steps):
             for group in t.optimizer.param_groups:
                 group["lr"] = config.learning_rate * _lr_factor(step, config)
@@ -166,7 +166,7 @@ def train(config: TrainConfig, progress=None, log=None) -> dict:
             }
             interval_samples, interval_start = 0, time.perf_counter()
             if logging:
-                log.write(metrics)
+                run_log.write(metrics)
                 if progress:
                     progress(metrics)
             if (
@@ -176,7 +176,8 @@ def train(config: TrainConfig, progress=None, log=None) -> dict:
                 and (step + 1) % config.sample_every == 0
             ):
                 with t.weights.ema_unet() as ema:
-                    _sample_grid(t.run, step + 1, ema, t.encode_prompts, t.manifest, config)
+                    grid = _sample_grid(t.run, step + 1, ema, t.encode_prompts, t.manifest, config)
+                run_log.image(step + 1, grid)
             if checkpointing:
                 _checkpoint(t, step + 1)
     return metrics | _rank_report(t)
@@ -230,6 +231,7 @@ def _set_up(config: TrainConfig) -> Training:
         config.size_conditioning,
     ).to(device)
     _check_resume_point(run, config)
+    _check_reporting(config)
     run.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not config.resume:
         _record_lineage(run, config, sets)
@@ -331,17 +333,26 @@ def _check_resume_point(run: Path, config: TrainConfig) -> None:
 
 
 class _RunLog:
-    """Rank 0's metrics: one JSON line per logged step in RUN/log.jsonl, and the same scalars in
-    TensorBoard (when installed). Other ranks write nothing."""
+    """Rank 0's metrics: one JSON line per logged step in RUN/log.jsonl, and the same scalars and the
+    sample grids in TensorBoard (RUN/tensorboard) or Weights & Biases, as --report-to says. Other ranks
+    write nothing."""
 
-    def __init__(self, run: Path, rank: int):
-        self.run, self.rank = run, rank
-        self.file = self.board = None
+    def __init__(self, run: Path, rank: int, config: TrainConfig):
+        self.run, self.rank, self.config = run, rank, config
+        self.file = self.board = self.wandb = None
 
     def __enter__(self):
-        if self.rank == 0:
-            self.file = open(self.run / "log.jsonl", "a")  # noqa: SIM115 - closed in __exit__
+        if self.rank != 0:
+            return self
+        self.file = open(self.run / "log.jsonl", "a")  # noqa: SIM115 - closed in __exit__
+        if self.config.report_to == "tensorboard":
             self.board = _tensorboard(self.run)
+        elif self.config.report_to == "wandb":
+            import wandb
+
+            self.wandb = wandb.init(
+                project="latentmill", name=self.run.name, dir=str(self.run), config=asdict(self.config)
+            )
         return self
 
     def write(self, metrics: dict) -> None:
@@ -349,15 +360,43 @@ class _RunLog:
             return
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()
+        scalars = {f"train/{k}": metrics[k] for k in ("loss", "lr", "grad_norm", "samples_per_s")}
         if self.board:
-            for name in ("loss", "lr", "grad_norm", "samples_per_s"):
-                self.board.add_scalar(f"train/{name}", metrics[name], metrics["step"])
+            for name, value in scalars.items():
+                self.board.add_scalar(name, value, metrics["step"])
+        if self.wandb:
+            self.wandb.log(scalars, step=metrics["step"])
+
+    def image(self, step: int, path: Path) -> None:
+        """A sample grid, beside its PNG in RUN/samples/."""
+        import numpy as np
+        from PIL import Image
+
+        if self.board:
+            self.board.add_image(
+                "samples", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC"
+            )
+        if self.wandb:
+            import wandb
+
+            self.wandb.log({"samples": wandb.Image(str(path))}, step=step)
 
     def __exit__(self, *exc):
-        for writer in (self.file, self.board):
+        for writer in (self.file, self.board, self.wandb):
             if writer is not None:
-                writer.close()
+                writer.close() if writer is not self.wandb else writer.finish()
         return False
+
+
+def _check_reporting(config: TrainConfig) -> None:
+    if config.report_to == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise InputError(
+                "--report-to wandb: Weights & Biases is not installed: `pip install wandb` (or --report-to "
+                "tensorboard)."
+            ) from None
 
 
 def _checkpoint(t: Training, step: int) -> None:

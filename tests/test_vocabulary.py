@@ -294,3 +294,16 @@ def test_the_readme_examples_use_no_old_spelling():
     for old in ("--lr ", "--address ", "--max-aspect-ratio", "--threads ", "--allow-private-addresses"):
         assert old not in examples, old
     assert not re.search(r"latentmill (encode|buckets)[^\n]*--(min|max)-side", examples)
+
+
+def test_the_readme_recipe_table_names_exactly_the_shipped_recipes():
+    from latentmill.recipe import list_recipes
+
+    table = README.read_text().split("| recipe | what it does |", 1)[1].split("\n\n", 1)[0]
+    named = set(re.findall(r"^\| `([\w.-]+)`", table, flags=re.M)) | set(
+        re.findall(r"`, `([\w.-]+)` \|", table)
+    )
+    assert named == set(list_recipes())
+    examples = "\n".join(re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S))
+    for name in re.findall(r"latentmill run ([\w.-]+)", examples):
+        assert name in list_recipes(), name

@@ -256,7 +256,7 @@ def _export(ctx: Context) -> dict:
     config = section(ctx.recipe, "export")
     format = export_format(config.format, bool(train_section.get("lora_rank")))
     text = train_section.get("text_encoder", "")
-    if format == "pipeline" and (not text or str(text).startswith("openclip:")):
+    if format in ("pipeline", "single-file") and (not text or str(text).startswith("openclip:")):
         return {
             "skipped": "a StableDiffusionPipeline needs a CLIPTextModel text encoder folder (this run used an "
             "open_clip text tower); `latentmill sample` generates from the run directly"

@@ -268,6 +268,25 @@ def test_the_export_loads_in_stable_diffusion_pipeline_and_generates(latents, tm
     assert image.shape == (128, 128, 3)
 
 
+def test_the_single_file_export_loads_with_from_single_file_as_the_same_model(latents, tmp_path, run_cli):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    run = tmp_path / "run"
+    train(config(latents, run, steps=2, checkpoint_every=2))
+    assert run_cli("export", run, "-o", tmp_path / "pipeline").exit_code == 0
+    result = run_cli("export", run, "--format", "single-file", "-o", tmp_path / "model.safetensors")
+    assert result.exit_code == 0, result.output
+    single = StableDiffusionPipeline.from_single_file(
+        str(tmp_path / "model.safetensors"), config=str(tmp_path / "pipeline"), local_files_only=True
+    )
+    folder = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(single, part).state_dict(), getattr(folder, part).state_dict()
+        assert a.keys() == b.keys(), part
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
 def test_merge_arithmetic_is_exact(tmp_path, run_cli):
     import torch
     from safetensors.torch import load_file, save_file

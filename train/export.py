@@ -11,11 +11,31 @@ from latentmill.errors import InputError
 def export_pipeline(
     run: str | Path, output: str | Path, use_ema: bool = True, vae: str | None = None
 ) -> Path:
-    """Write `output` so that `StableDiffusionPipeline.from_pretrained(output)` loads and runs.
+    """Write `output` so that `StableDiffusionPipeline.from_pretrained(output)` loads and runs."""
+    output = Path(output)
+    pipeline_of_run(run, use_ema, vae).save_pretrained(output)
+    return output
 
-    The text encoder must be a CLIPTextModel pipeline folder (the run's `--text-encoder`); the VAE is the
-    one the latents were made with (the manifest's), or `vae`.
-    """
+
+def export_single_file(run: str | Path, output: Path, use_ema: bool = True, vae: str | None = None) -> Path:
+    """The whole model (U-Net, VAE, text encoder) as one .safetensors file in the original Stable
+    Diffusion layout (train/singlefile.py), what A1111, ComfyUI and diffusers' `from_single_file` load."""
+    from safetensors.torch import save_file
+
+    from latentmill.curate.atomic import atomic_path
+    from latentmill.train.singlefile import to_single_file
+
+    pipeline = pipeline_of_run(run, use_ema, vae)
+    target = export_target(Path(run), output, "single-file")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        save_file(to_single_file(pipeline.unet, pipeline.vae, pipeline.text_encoder), str(tmp))
+    return target
+
+
+def pipeline_of_run(run: str | Path, use_ema: bool = True, vae: str | None = None):
+    """A run as a StableDiffusionPipeline. The text encoder must be a CLIPTextModel pipeline folder (the
+    run's `--text-encoder`); the VAE is the one the latents were made with (the manifest's), or `vae`."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -60,9 +80,7 @@ def export_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    output = Path(output)
-    pipeline.save_pretrained(output)
-    return output
+    return pipeline
 
 
 def export_format(format: str, lora: bool) -> str:
@@ -74,7 +92,8 @@ def export_format(format: str, lora: bool) -> str:
 
 def export_target(run: Path, output: Path, format: str) -> Path:
     """What an export writes, and what shows it done: the pipeline's model_index.json, diffusers' LoRA
-    file in OUTPUT, or kohya's file (OUTPUT if it ends in .safetensors, else OUTPUT/RUN_NAME.safetensors)."""
+    file in OUTPUT, or kohya's or the single file (OUTPUT if it ends in .safetensors, else
+    OUTPUT/RUN_NAME.safetensors)."""
     from latentmill.train.lora import DIFFUSERS_FILE
 
     if format == "pipeline":
@@ -94,6 +113,8 @@ def export_run(
     format = export_format(format, loaded.is_lora)
     if format == "pipeline":
         return export_pipeline(run, output, use_ema, vae)
+    if format == "single-file":
+        return export_single_file(run, Path(output), use_ema, vae)
     if not loaded.is_lora:
         raise InputError(
             f"--format {format}: {run} trained the whole U-Net, not a LoRA adapter; export it as a "

@@ -318,6 +318,52 @@ def test_without_weights_folders_mix_in_proportion_to_their_sizes(data):
     assert mixture.weights == sizes
 
 
+def test_repeats_weigh_each_folder_by_size_times_repeats(data, tmp_path, run_cli):
+    sizes = [json.loads((data / n / "manifest.json").read_text())["samples"] for n in ("photos", "paintings")]
+    mixture = _mixture(data, mix=None, repeats=[3, 1])
+    assert mixture.weights == [sizes[0] * 3, sizes[1]]
+    drawn = [mixture.source_of(n) for n in range(2000)]
+    assert abs(drawn.count(0) / 2000 - 3 * sizes[0] / (3 * sizes[0] + sizes[1])) < 0.04
+    with pytest.raises(InputError, match="--repeats has 1 value"):
+        _mixture(data, mix=None, repeats=[2])
+    both = run_cli(
+        "train",
+        data / "photos",
+        data / "paintings",
+        "--repeats",
+        "3,1",
+        "--mix",
+        "0.5,0.5",
+        "-o",
+        tmp_path / "r",
+        "--model",
+        "tiny",
+    )
+    assert both.exit_code == 2 and "--repeats or --mix, not both" in both.output
+
+
+def test_caption_tags_are_shuffled_and_dropped_keeping_the_first_ones_and_repeat_on_resume():
+    import torch
+
+    from latentmill.train.conditioning import caption_variants
+
+    caption = "sks dog, red collar, on grass, sunny, photo"
+    shuffled = TrainConfig(shards=["x"], output="y", model="tiny", shuffle_tags=True, keep_tags=1)
+    seen = {caption_variants([caption], shuffled, torch.Generator().manual_seed(s))[0] for s in range(20)}
+    assert len(seen) > 5 and all(v.startswith("sks dog, ") for v in seen)
+    assert all(sorted(v.split(", ")) == sorted(caption.split(", ")) for v in seen)
+    same = [caption_variants([caption], shuffled, torch.Generator().manual_seed(7))[0] for _ in range(2)]
+    assert same[0] == same[1]  # the step's generator decides: a resumed run sees the same captions
+    dropped = TrainConfig(shards=["x"], output="y", model="tiny", tag_dropout=1.0, keep_tags=2)
+    assert caption_variants([caption], dropped, torch.Generator()) == ["sks dog, red collar"]
+    plain = TrainConfig(shards=["x"], output="y", model="tiny")
+    generator = torch.Generator().manual_seed(1)
+    assert caption_variants([caption], plain, generator) == [caption]
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(1).get_state())  # no draw
+    with pytest.raises(InputError, match="--shuffle-tags and --tag-dropout change caption text"):
+        TrainConfig(shards=["x"], output="y", model="tiny", shuffle_tags=True).validate()
+
+
 # --- DreamBooth ----------------------------------------------------------------------------------------
 
 

@@ -30,6 +30,26 @@ def size_condition(text: torch.Tensor, metas: list[dict]) -> dict:
     }
 
 
+def caption_variants(captions: list[str], config: TrainConfig, generator: torch.Generator) -> list[str]:
+    """Each caption's comma-separated tags as this step sees them: the first `keep_tags` in place, each
+    other tag left out with chance `tag_dropout`, the rest shuffled with `shuffle_tags` (kohya's
+    keep_tokens, caption_tag_dropout_rate, shuffle_caption). Draws come from the step's generator, so a
+    resumed run sees the same captions; with neither option, captions pass unchanged and nothing is drawn."""
+    if not (config.shuffle_tags or config.tag_dropout):
+        return list(captions)
+    out = []
+    for caption in captions:
+        tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
+        kept, rest = tags[: config.keep_tags], tags[config.keep_tags :]
+        if config.tag_dropout:
+            draws = torch.rand(len(rest), generator=generator).tolist()
+            rest = [tag for tag, draw in zip(rest, draws, strict=True) if draw >= config.tag_dropout]
+        if config.shuffle_tags:
+            rest = [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()]
+        out.append(", ".join(kept + rest))
+    return out
+
+
 def text_conditioning(config: TrainConfig, manifest: dict, folder, device: str, precision: str):
     """(encode(batch, generator) -> (B, tokens, width) text states on `device` with caption dropout to the
     empty caption's states, width, prompts encoder for sample grids or None)."""
@@ -48,7 +68,8 @@ def text_conditioning(config: TrainConfig, manifest: dict, folder, device: str, 
         empty = encoder.encode_tensor([""])[0].float()  # once
 
         def encode(batch, generator):
-            return dropout(encoder.encode_tensor(batch["captions"]).float(), empty, generator)
+            captions = caption_variants(batch["captions"], config, generator)
+            return dropout(encoder.encode_tensor(captions).float(), empty, generator)
 
         def prompts(texts):
             return encoder.encode_tensor(list(texts)).float().cpu(), empty.cpu()

@@ -84,6 +84,15 @@ class TrainConfig(StageConfig):
     caption_dropout: float = opt(
         0.1, "Share of captions replaced by the empty one (for classifier-free guidance).", low=0.0, high=1.0
     )
+    shuffle_tags: bool = opt(
+        False, "Shuffle each caption's comma-separated tags at every step (with --text-encoder)."
+    )
+    keep_tags: int = opt(
+        0, "Tags at the front of a caption kept in place by --shuffle-tags and --tag-dropout.", low=0
+    )
+    tag_dropout: float = opt(
+        0.0, "Chance that each tag (but the kept ones) is left out of a caption at a step.", low=0.0, high=1.0
+    )
     size_conditioning: bool = opt(False, "SDXL-style conditioning on each image's original size and crop.")
     ema_decay: float = opt(
         0.9999, "EMA decay of the weights that are sampled and exported.", low=0.0, high=1.0
@@ -139,6 +148,12 @@ class TrainConfig(StageConfig):
         "drawn with these odds (default: in proportion to their sizes).",
         separated=True,
     )
+    repeats: list[int] | None = opt(
+        None,
+        "Times each latent folder is seen per pass, comma-separated (10,1), as kohya's NAME_N folders: "
+        "folders are drawn in proportion to size x repeats (not with --mix).",
+        separated=True,
+    )
     instance: str | None = opt(
         None, "DreamBooth: the subject's latent folder (instead of SHARDS), with --class-data.", path=True
     )
@@ -165,6 +180,15 @@ class TrainConfig(StageConfig):
         return [self.instance] if self.instance else list(self.shards)
 
     def check_more(self) -> None:
+        if self.repeats and self.mix:
+            raise InputError(
+                "train: give --repeats or --mix, not both (repeats weigh folders by size x repeats)."
+            )
+        if (self.shuffle_tags or self.tag_dropout) and not self.text_encoder:
+            raise InputError(
+                "train: --shuffle-tags and --tag-dropout change caption text, which needs --text-encoder (captions "
+                "encoded as they train); latents encoded with --text-encoder hold fixed caption embeddings."
+            )
         if not self.model:
             raise InputError(
                 f"train: give --model: {', '.join(UNET_CONFIGS)} (a new U-Net of that architecture, random "

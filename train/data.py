@@ -71,12 +71,14 @@ class TrainingData:
         class_data: str | None,
         seed: int = 0,
         rank: int = 0,
+        repeats: list[int] | None = None,
         **loader_options,
     ):
-        if mix is not None and len(mix) != len(sets):
-            raise InputError(
-                f"--mix has {len(mix)} weight(s) for {len(sets)} latent folder(s): one weight per folder."
-            )
+        for option, values in (("--mix", mix), ("--repeats", repeats)):
+            if values is not None and len(values) != len(sets):
+                raise InputError(
+                    f"{option} has {len(values)} value(s) for {len(sets)} latent folder(s): one per folder."
+                )
         options = loader_options | {"rank": rank}
         self.loaders = [LatentLoader(shards, seed=seed, **options) for _, shards in sets]
         self.class_loader = (
@@ -85,6 +87,8 @@ class TrainingData:
         names = [name for name, _ in sets] + ([class_data] if class_data else [])
         check_same_latent_space([loader.manifest for loader in self._everyone()], names)
         sizes = [loader.manifest.get("samples") or len(loader.shards) for loader in self.loaders]
+        if repeats:  # kohya's NAME_N folders: a folder is seen N times for each pass over the others
+            sizes = [size * n for size, n in zip(sizes, repeats, strict=True)]
         self.weights = list(mix) if mix is not None else sizes
         self.seed, self.rank = seed, rank
         self.drawn = 0  # batches drawn from the mixture so far

@@ -200,6 +200,7 @@ def _set_up(config: TrainConfig) -> Training:
         sets,
         config.mix,
         config.class_data,
+        repeats=config.repeats,
         batch_size=config.batch_size,
         seed=config.seed,
         rank=rank,
@@ -299,8 +300,10 @@ def _set_up(config: TrainConfig) -> Training:
 
 
 def _steps_of_epochs(config: TrainConfig, data: TrainingData, world: int) -> int:
-    """--epochs as optimizer steps: every sample of every latent set once per epoch (rounded up)."""
-    samples = sum(loader.manifest["samples"] for loader in data.loaders)
+    """--epochs as optimizer steps: every sample of every latent set once per epoch, `repeats` times for
+    a folder given repeats (rounded up)."""
+    repeats = config.repeats or [1] * len(data.loaders)
+    samples = sum(loader.manifest["samples"] * n for loader, n in zip(data.loaders, repeats, strict=True))
     return max(1, math.ceil(config.epochs * samples / (config.batch_size * config.grad_accum * world)))
 
 

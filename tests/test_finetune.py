@@ -324,7 +324,9 @@ def test_repeats_weigh_each_folder_by_size_times_repeats(data, tmp_path, run_cli
     assert mixture.weights == [sizes[0] * 3, sizes[1]]
     drawn = [mixture.source_of(n) for n in range(2000)]
     assert abs(drawn.count(0) / 2000 - 3 * sizes[0] / (3 * sizes[0] + sizes[1])) < 0.04
-    with pytest.raises(InputError, match="--repeats has 1 value"):
+    with pytest.raises(
+        InputError, match="--repeats has 1 count.s. for 2 latent folder.s.: one count per folder"
+    ):
         _mixture(data, mix=None, repeats=[2])
     both = run_cli(
         "train",

@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 from latentmill.errors import InputError, warn
+from latentmill.train.config import RESUME_MAY_CHANGE, TrainConfig, resume_differences
 
 STATE_FILES = ("optimizer.safetensors", "optimizer.json", "state.json", "unet_config.json")
 
@@ -191,3 +192,35 @@ def load_checkpoint(folder: Path, weights, optimizer) -> dict:
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
     return json.loads((folder / "state.json").read_text())
+
+
+def check_resume_point(run: Path, config: TrainConfig) -> None:
+    """A run folder with checkpoints is continued only with --resume, and --resume needs checkpoints of
+    the same kind of run."""
+    if checkpoints(run) and not config.resume:
+        raise InputError(
+            f"{run} already has checkpoints (last: {checkpoints(run)[-1].name}): pass --resume to continue "
+            f"that run, or give a new -o."
+        )
+    if config.resume and not checkpoints(run):
+        raise InputError(
+            f"--resume: {run} has no checkpoints to resume from. Check -o, or drop --resume to start a new run."
+        )
+    if config.resume:
+        _check_same_run(run, config)
+
+
+def _check_same_run(run: Path, config: TrainConfig) -> None:
+    """--resume continues the run as it was configured: a setting that differs from the saved one is
+    refused by name, except the few RESUME_MAY_CHANGE (recorded when the run resumes)."""
+    try:
+        saved = json.loads((checkpoints(run)[-1] / "state.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a damaged newest checkpoint: the fallback deals with it
+    refused, _ = resume_differences(saved, config)
+    if refused:
+        raise InputError(
+            f"--resume: {run} was trained with other settings ({'; '.join(refused)}). Resume with the run's "
+            f"settings (leave those options out: the saved ones are used), or start a new run with another -o. "
+            f"On resume only {', '.join(RESUME_MAY_CHANGE)} may change."
+        )

@@ -74,10 +74,10 @@ class TrainingData:
         repeats: list[int] | None = None,
         **loader_options,
     ):
-        for option, values in (("--mix", mix), ("--repeats", repeats)):
+        for option, values, what in (("--mix", mix, "weight"), ("--repeats", repeats, "count")):
             if values is not None and len(values) != len(sets):
                 raise InputError(
-                    f"{option} has {len(values)} value(s) for {len(sets)} latent folder(s): one per folder."
+                    f"{option} has {len(values)} {what}(s) for {len(sets)} latent folder(s): one {what} per folder."
                 )
         options = loader_options | {"rank": rank}
         self.loaders = [LatentLoader(shards, seed=seed, **options) for _, shards in sets]

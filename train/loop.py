@@ -21,6 +21,7 @@ import torch
 from latentmill.devices import resolve_device_precision, torch_dtype
 from latentmill.errors import InputError, TrainingFailed
 from latentmill.train.checkpoint import (
+    check_resume_point,
     checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -30,11 +31,12 @@ from latentmill.train.checkpoint import (
     truncate_log,
 )
 from latentmill.train.conditioning import text_conditioning
-from latentmill.train.config import RESUME_MAY_CHANGE, TrainConfig, resume_differences
+from latentmill.train.config import TrainConfig, resume_differences
 from latentmill.train.data import TrainingData, latent_sets
 from latentmill.train.latentspace import to_unet_space
 from latentmill.train.models import build_unet
 from latentmill.train.objective import Objective
+from latentmill.train.runlog import RunLog, check_reporting
 from latentmill.train.weights import FullWeights, LoraWeights
 
 
@@ -114,7 +116,7 @@ def train(config: TrainConfig, progress=None, log=None) -> dict:
     recent_keys: dict[int, list[str]] = {}
     interval_samples, interval_start = 0, time.perf_counter()
 
-    with _RunLog(t.run, t.rank, config) as run_log:  # closed on every way out: the end, an error, Ctrl-C
+    with RunLog(t.run, t.rank, config) as run_log:  # closed on every way out: the end, an error, Ctrl-C
         for step in range(t.start, config.steps):
             for group in t.optimizer.param_groups:
                 group["lr"] = config.learning_rate * _lr_factor(step, config)
@@ -231,8 +233,8 @@ def _set_up(config: TrainConfig) -> Training:
         config.seed,
         config.size_conditioning,
     ).to(device)
-    _check_resume_point(run, config)
-    _check_reporting(config)
+    check_resume_point(run, config)
+    check_reporting(config)
     run.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not config.resume:
         _record_lineage(run, config, sets)
@@ -319,89 +321,6 @@ def _record_lineage(run: Path, config: TrainConfig, sets: list) -> None:
     write_json(record_path(run), make_record("train", config, inputs=inputs, models=models))
 
 
-def _check_resume_point(run: Path, config: TrainConfig) -> None:
-    """A run folder with checkpoints is continued only with --resume, and --resume needs checkpoints of
-    the same kind of run."""
-    if checkpoints(run) and not config.resume:
-        raise InputError(
-            f"{run} already has checkpoints (last: {checkpoints(run)[-1].name}): pass --resume to continue "
-            f"that run, or give a new -o."
-        )
-    if config.resume and not checkpoints(run):
-        raise InputError(
-            f"--resume: {run} has no checkpoints to resume from. Check -o, or drop --resume to start a new run."
-        )
-    if config.resume:
-        _check_same_run(run, config)
-
-
-class _RunLog:
-    """Rank 0's metrics: one JSON line per logged step in RUN/log.jsonl, and the same scalars and the
-    sample grids in TensorBoard (RUN/tensorboard) or Weights & Biases, as --report-to says. Other ranks
-    write nothing."""
-
-    def __init__(self, run: Path, rank: int, config: TrainConfig):
-        self.run, self.rank, self.config = run, rank, config
-        self.file = self.board = self.wandb = None
-
-    def __enter__(self):
-        if self.rank != 0:
-            return self
-        self.file = open(self.run / "log.jsonl", "a")  # noqa: SIM115 - closed in __exit__
-        if self.config.report_to == "tensorboard":
-            self.board = _tensorboard(self.run)
-        elif self.config.report_to == "wandb":
-            import wandb
-
-            self.wandb = wandb.init(
-                project="latentmill", name=self.run.name, dir=str(self.run), config=asdict(self.config)
-            )
-        return self
-
-    def write(self, metrics: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
-        scalars = {f"train/{k}": metrics[k] for k in ("loss", "lr", "grad_norm", "samples_per_s")}
-        if self.board:
-            for name, value in scalars.items():
-                self.board.add_scalar(name, value, metrics["step"])
-        if self.wandb:
-            self.wandb.log(scalars, step=metrics["step"])
-
-    def image(self, step: int, path: Path) -> None:
-        """A sample grid, beside its PNG in RUN/samples/."""
-        import numpy as np
-        from PIL import Image
-
-        if self.board:
-            self.board.add_image(
-                "samples", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC"
-            )
-        if self.wandb:
-            import wandb
-
-            self.wandb.log({"samples": wandb.Image(str(path))}, step=step)
-
-    def __exit__(self, *exc):
-        for writer in (self.file, self.board, self.wandb):
-            if writer is not None:
-                writer.close() if writer is not self.wandb else writer.finish()
-        return False
-
-
-def _check_reporting(config: TrainConfig) -> None:
-    if config.report_to == "wandb":
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise InputError(
-                "--report-to wandb: Weights & Biases is not installed: `pip install wandb` (or --report-to "
-                "tensorboard)."
-            ) from None
-
-
 def _checkpoint(t: Training, step: int) -> None:
     """Rank 0 saves weights, optimizer, loader position and config atomically; every rank waits for it."""
     if t.rank == 0:
@@ -431,31 +350,6 @@ def _rank_report(t: Training) -> dict:
     ranks.mkdir(exist_ok=True)
     (ranks / f"rank-{t.rank}.json").write_text(json.dumps(report | {"steps": t.config.steps - t.start}))
     return report
-
-
-def _tensorboard(run: Path):
-    """A TensorBoard writer into RUN/tensorboard (None when tensorboard is not installed)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run / "tensorboard"))
-
-
-def _check_same_run(run: Path, config: TrainConfig) -> None:
-    """--resume continues the run as it was configured: a setting that differs from the saved one is
-    refused by name, except the few RESUME_MAY_CHANGE (recorded when the run resumes)."""
-    try:
-        saved = json.loads((checkpoints(run)[-1] / "state.json").read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # a damaged newest checkpoint: the fallback deals with it
-    refused, _ = resume_differences(saved, config)
-    if refused:
-        raise InputError(
-            f"--resume: {run} was trained with other settings ({'; '.join(refused)}). Resume with the run's "
-            f"settings (leave those options out: the saved ones are used), or start a new run with another -o. "
-            f"On resume only {', '.join(RESUME_MAY_CHANGE)} may change."
-        )
 
 
 def _stop_on_nonfinite(first_bad: torch.Tensor, recent_keys: dict, run: Path, last_finite) -> None:

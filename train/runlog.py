@@ -1,0 +1,87 @@
+"""Where a run's metrics and sample grids go: RUN/log.jsonl always (rank 0), and TensorBoard or Weights &
+Biases as `--report-to` says."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from latentmill.errors import InputError
+from latentmill.train.config import TrainConfig
+
+
+class RunLog:
+    """Rank 0's metrics: one JSON line per logged step in RUN/log.jsonl, and the same scalars and the
+    sample grids in TensorBoard (RUN/tensorboard) or Weights & Biases, as --report-to says. Other ranks
+    write nothing."""
+
+    def __init__(self, run: Path, rank: int, config: TrainConfig):
+        self.run, self.rank, self.config = run, rank, config
+        self.file = self.board = self.wandb = None
+
+    def __enter__(self):
+        if self.rank != 0:
+            return self
+        self.file = open(self.run / "log.jsonl", "a")  # noqa: SIM115 - closed in __exit__
+        if self.config.report_to == "tensorboard":
+            self.board = _tensorboard(self.run)
+        elif self.config.report_to == "wandb":
+            import wandb
+
+            self.wandb = wandb.init(
+                project="latentmill", name=self.run.name, dir=str(self.run), config=asdict(self.config)
+            )
+        return self
+
+    def write(self, metrics: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        scalars = {f"train/{k}": metrics[k] for k in ("loss", "lr", "grad_norm", "samples_per_s")}
+        if self.board:
+            for name, value in scalars.items():
+                self.board.add_scalar(name, value, metrics["step"])
+        if self.wandb:
+            self.wandb.log(scalars, step=metrics["step"])
+
+    def image(self, step: int, path: Path) -> None:
+        """A sample grid, beside its PNG in RUN/samples/."""
+        import numpy as np
+        from PIL import Image
+
+        if self.board:
+            self.board.add_image(
+                "samples", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC"
+            )
+        if self.wandb:
+            import wandb
+
+            self.wandb.log({"samples": wandb.Image(str(path))}, step=step)
+
+    def __exit__(self, *exc):
+        for writer in (self.file, self.board, self.wandb):
+            if writer is not None:
+                writer.close() if writer is not self.wandb else writer.finish()
+        return False
+
+
+def check_reporting(config: TrainConfig) -> None:
+    if config.report_to == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise InputError(
+                "--report-to wandb: Weights & Biases is not installed: `pip install wandb` (or --report-to "
+                "tensorboard)."
+            ) from None
+
+
+def _tensorboard(run: Path):
+    """A TensorBoard writer into RUN/tensorboard (None when tensorboard is not installed)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run / "tensorboard"))

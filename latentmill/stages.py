@@ -121,15 +121,9 @@ def _download(ctx: Context) -> dict:
 def _score(ctx: Context) -> dict:
     from latentmill.filters.score import score
 
-    with progress_bar(None, "[score]", "img") as bar:
-        return score(
-            ctx.layout.images,
-            ctx.layout.scores,
-            section(ctx.recipe, "score"),
-            progress=bar.update,
-            executor=ctx.executor,
-            overwrite=True,  # the plan (latentmill.plan) decided this stage runs with these settings
-        )
+    lay, config = ctx.layout, section(ctx.recipe, "score")
+    with progress_bar(None, "[score]", "img") as bar:  # overwrite: the plan decided this stage runs
+        return score(lay.images, lay.scores, config, bar.update, ctx.executor, overwrite=True)
 
 
 def _fit_head(ctx: Context) -> dict:

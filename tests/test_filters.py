@@ -558,15 +558,20 @@ def test_a_linear_regressor_is_cross_validated_ridge(tmp_path):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
 
 
-def test_a_fitted_head_scores_as_its_own_column(downloaded, tmp_path):
+def _fitted_head(path, target: str, epochs: int):
+    """A head fitted on 32-wide random embeddings (labels: the sign of the first dimension), saved at `path`."""
     from latentmill.filters.fithead import FitHeadConfig, fit_head, save_head
 
     rng = np.random.default_rng(2)
     x = rng.normal(size=(50, 32)).astype(np.float32)
     module, metrics = fit_head(
-        x, (x[:, 0] > 0).astype(np.float32), FitHeadConfig(target="house_style", epochs=50)
+        x, (x[:, 0] > 0).astype(np.float32), FitHeadConfig(target=target, epochs=epochs)
     )
-    save_head(module, tmp_path / "house.safetensors", FitHeadConfig(target="house_style"), 32, metrics)
+    return save_head(module, path, FitHeadConfig(target=target), 32, metrics)
+
+
+def test_a_fitted_head_scores_as_its_own_column(downloaded, tmp_path):
+    _fitted_head(tmp_path / "house.safetensors", "house_style", epochs=50)
     out = tmp_path / "scores"
     score(downloaded / "images", out, ScoreConfig(**TINY, heads=[str(tmp_path / "house.safetensors")]))
     table = pq.read_table(out / "00000.parquet")
@@ -575,14 +580,7 @@ def test_a_fitted_head_scores_as_its_own_column(downloaded, tmp_path):
 
 
 def test_a_new_head_into_a_finished_scores_folder_is_refused_or_scored_again(downloaded, tmp_path, run_cli):
-    from latentmill.filters.fithead import FitHeadConfig, fit_head, save_head
-
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(50, 32)).astype(np.float32)
-    module, metrics = fit_head(
-        x, (x[:, 0] > 0).astype(np.float32), FitHeadConfig(target="wm_probe", epochs=5)
-    )
-    save_head(module, tmp_path / "wm-probe.safetensors", FitHeadConfig(target="wm_probe"), 32, metrics)
+    _fitted_head(tmp_path / "wm-probe.safetensors", "wm_probe", epochs=5)
     out = tmp_path / "scores"
     tiny = ["--clip-model", "latentmill-tiny", "--pretrained", "none"]
     assert run_cli("score", downloaded / "images", "-o", out, *tiny).exit_code == 0

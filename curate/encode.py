@@ -21,7 +21,7 @@ from latentmill.curate.prepare import PreparePool, PrepareSettings, default_work
 from latentmill.curate.selection import kept_keys
 from latentmill.curate.vae import encode_batch
 from latentmill.devices import PRECISIONS, resolve_device_precision
-from latentmill.errors import InputError, invariant
+from latentmill.errors import InputError, invariant, nothing_left
 from latentmill.schema import StageConfig, opt
 
 DOWNSAMPLE = 8  # SD-family VAEs: latent side = image side / 8
@@ -359,6 +359,8 @@ def encode(
     dropped: Counter = Counter()
     for stats in shard_stats.values():
         dropped.update(stats["dropped"])
+    if sum(s["input"] for s in shard_stats.values()) and not manifest["samples"]:
+        raise nothing_left(f"encode {images}: no latents", sum(dropped.values()), dict(dropped))
     return manifest | {"dropped": dict(dropped)}
 
 

@@ -300,15 +300,23 @@ def fit_and_add(
     scores: str | Path | None,
     output: str | Path,
     add_column: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Fit one head on the embeddings' labelled rows and save it to `output`; with `add_column`, add its
     column to the score parquets. `labels`: a csv/parquet with `key` and the target, or a folder of image
-    shards whose sample JSON carries the target. An existing `output` is not fitted again (a resumed run)."""
+    shards whose sample JSON carries the target. An existing `output` fitted from the same settings,
+    labels and embeddings is not fitted again (a resumed run); one fitted from others is refused, or with
+    `overwrite` fitted again (its record: OUTPUT.lineage.json)."""
+    from latentmill.curate.atomic import write_json
+    from latentmill.curate.lineage import claim, make_record, read_record, record_path
     from latentmill.filters.heads import check_column, fitted_metadata
 
     config.validate()
     check_column(config.column or config.target, "--column" if config.column else f"--target {config.target}")
     output, scores = Path(output), Path(scores) if scores else scores_folder(embeddings)
+    record = make_record("fit-head", config, inputs={"labels": labels, "embeddings": embeddings})
+    if output.exists() and (read_record(output) or record)["fingerprint"] != record["fingerprint"]:
+        claim(output, record, overwrite, clear=lambda: output.unlink())  # refused, or removed to fit again
     if not output.exists():
         labels = Path(labels)
         table = (
@@ -319,6 +327,7 @@ def fit_and_add(
         x, y = labelled_embeddings(embeddings, table, scores, source=str(labels))
         module, metrics = fit_head(x, y, config)
         save_head(module, output, config, x.shape[1], metrics)
+    write_json(record_path(output), record)
     if add_column:
         add_head_column(output, scores, embeddings)
     return fitted_metadata(output)["metrics"] | {"column": config.column or config.target}

@@ -26,7 +26,7 @@ from latentmill.curate.imageshards import (
     list_image_shards,
 )
 from latentmill.devices import PRECISIONS
-from latentmill.errors import InputError
+from latentmill.errors import InputError, nothing_left
 from latentmill.filters.embeddings import embeddings_folder
 from latentmill.schema import StageConfig, opt
 
@@ -332,6 +332,9 @@ def score(
         totals.update({"shards": 1, "images": stats["images"], "scored": stats["scored"]})
         for reason, n in stats["errors"].items():
             totals[f"error:{reason}"] += n
+    if totals["images"] and not totals["scored"]:
+        errors = {k.removeprefix("error:"): v for k, v in totals.items() if k.startswith("error:")}
+        raise nothing_left(f"score {images}: no image could be scored", totals["images"], errors)
     return dict(totals)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.funnel import format_funnel, funnel_steps
-from latentmill.errors import InputError, invariant
+from latentmill.errors import InputError, invariant, nothing_left
 from latentmill.filters.rules import PRESETS, Rule, derived_columns
 from latentmill.schema import StageConfig, opt
 
@@ -102,6 +102,9 @@ def select(scores: str | Path, output: str | Path, config: SelectConfig | None =
         shutil.rmtree(tmp, ignore_errors=True)  # the previous selection stays as it was
         raise
     _swap_in(tmp, output)
+    if funnel["input"] and not funnel["kept"]:
+        drops = {step["rule"]: step["dropped"] for step in funnel["steps"]}
+        raise nothing_left(f"select {scores} (loosen the thresholds)", funnel["input"], drops)
     return funnel
 
 

@@ -20,7 +20,6 @@ from latentmill.curate.encode import EncodeConfig
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.curate.pack import PackConfig
 from latentmill.curate.prefilter import PrefilterConfig
-from latentmill.errors import InputError
 from latentmill.filters.dedup import DedupConfig
 from latentmill.filters.fithead import FitHeadConfig
 from latentmill.filters.select import SelectConfig
@@ -137,7 +136,7 @@ def _fit_head(ctx: Context) -> dict:
         config = from_section(FitHeadConfig, spec)
         column = config.column or config.target
         out[column] = fit_and_add(
-            config, lay.images, lay.embeddings, lay.scores, lay.head(column), add_column=True
+            config, lay.images, lay.embeddings, lay.scores, lay.head(column), add_column=True, overwrite=True
         )
     return out
 
@@ -186,12 +185,7 @@ def _encode(ctx: Context) -> dict:
                 progress=bar.update,
                 overwrite=True,  # the plan (latentmill.plan) decided this stage runs with these settings
             )
-        out[resolution] = manifest
-    if "train" in ctx.recipe and not all(m["samples"] for m in out.values()):
-        raise InputError(
-            "no latents to train on: the selection kept nothing. Loosen the select thresholds "
-            "(latentmill select ... or --set select.KEY=VALUE) and run again."
-        )
+        out[resolution] = manifest  # (no latents at all: encode says why, exit 3)
     return out
 
 

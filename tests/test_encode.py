@@ -15,7 +15,7 @@ from latentmill.curate.encode import EncodeConfig, encode, encode_batch
 from latentmill.curate.imageshards import iter_image_shard
 from latentmill.curate.latentshards import check_vae, iter_latent_shard, read_manifest
 from latentmill.curate.vae import load_vae
-from latentmill.errors import InputError
+from latentmill.errors import InputError, NothingLeft
 from tests.conftest import image_entry, kill_when_done, make_shard, tiny_clip_text_pipeline
 
 SMALL = dict(resolution=256, batch_size=4, vae="tiny")
@@ -149,12 +149,11 @@ def test_selection_and_too_small_policy(image_shards, tmp_path):
             ),
             selection / f"{shard}.parquet",
         )
-    strict = encode(
-        image_shards, tmp_path / "a", EncodeConfig(vae="tiny", resolution=512), selection=selection
-    )
-    # every selected picture (at most 512x256) must be enlarged 1.375x to 1.71x to cover its 512-bucket
-    assert strict["dropped"] == {"not_selected": 2, "too_small": 10}
-    assert strict["samples"] == 0
+    # every selected picture (at most 512x256) must be enlarged 1.375x to 1.71x to cover its 512-bucket:
+    # nothing left, which is not a success (exit 3 on the command line), but the manifest says so
+    with pytest.raises(NothingLeft, match=r"none of 12 left: too_small 10; not_selected 2"):
+        encode(image_shards, tmp_path / "a", EncodeConfig(vae="tiny", resolution=512), selection=selection)
+    assert read_manifest(tmp_path / "a")["samples"] == 0
     relaxed = encode(
         image_shards,
         tmp_path / "b",
@@ -175,8 +174,13 @@ def test_undecodable_images_and_nonfinite_latents_are_dropped_with_a_reason(tmp_
     with torch.no_grad():
         broken.encoder.conv_in.weight[0, 0, 0, 0] = float("nan")
     broken.save_pretrained(tmp_path / "nan-vae")
-    stats = encode(images, tmp_path / "nan", EncodeConfig(resolution=256, vae=str(tmp_path / "nan-vae")))
-    assert stats["dropped"] == {"nonfinite_latent": 1, "undecodable": 1} and stats["samples"] == 0
+    with pytest.raises(
+        NothingLeft,
+        match=r"none of 2 left: (undecodable 1; nonfinite_latent 1|nonfinite_latent 1; undecodable 1)",
+    ):
+        encode(images, tmp_path / "nan", EncodeConfig(resolution=256, vae=str(tmp_path / "nan-vae")))
+    stats = json.loads((tmp_path / "nan" / "00000.stats.json").read_text())
+    assert stats["dropped"] == {"nonfinite_latent": 1, "undecodable": 1} and stats["written"] == 0
 
 
 def test_hostile_sample_metadata_still_encodes(tmp_path):

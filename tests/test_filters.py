@@ -516,6 +516,18 @@ def test_fit_head_separates_separable_embeddings_and_not_shuffled_labels(tmp_pat
     probabilities = head(torch.from_numpy(x.astype(np.float32)))
     assert ((probabilities >= 0.5) == (labels == 1)).mean() >= 0.9
 
+    # the same head file with other settings: refused by name, not silently kept; --overwrite fits again
+    args = ["fit-head", "--embeddings", tmp_path / "embeddings", "--labels", tmp_path / "labels.parquet"]
+    args += ["--target", "watermark", "--column", "wm_probe", "-o", tmp_path / "probe.safetensors"]
+    before = (tmp_path / "probe.safetensors").read_bytes()
+    assert run_cli(*args).exit_code == 0 and (tmp_path / "probe.safetensors").read_bytes() == before
+    refused = run_cli(*args, "--kind", "mlp")
+    assert refused.exit_code == 2 and 'settings.kind: "linear" -> "mlp"' in refused.output, refused.output
+    assert (tmp_path / "probe.safetensors").read_bytes() == before
+    again = run_cli(*args, "--kind", "mlp", "--epochs", "5", "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "probe.safetensors").read_bytes() != before
+
 
 def test_fit_head_regression_reports_mae_and_spearman(tmp_path):
     from latentmill.filters.fithead import FitHeadConfig, fit_head

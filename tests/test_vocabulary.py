@@ -63,7 +63,10 @@ COMMAND_CONFIGS = {
     ),  # None: ScoreConfig, imported lazily (torch)
     ("select",): ((SelectConfig,), {"output"}),
     ("dedup",): ((DedupConfig, ExecutorConfig), {"output", "images"}),
-    ("fit-head",): ((FitHeadConfig,), {"output", "embeddings", "scores", "labels", "add_column"}),
+    ("fit-head",): (
+        (FitHeadConfig,),
+        {"output", "embeddings", "scores", "labels", "add_column", "overwrite"},
+    ),
     ("encode",): ((EncodeConfig, ExecutorConfig), {"output", "selection", "overwrite"}),
     ("buckets",): ((EncodeConfig,), {"images", "selection", "plot", "as_json"}),
     ("train",): ((TrainConfig,), {"output", "config_file"}),

@@ -61,7 +61,8 @@ def score(images, output, overwrite, **kwargs):
 )
 @click.option("-o", "--output", required=True, type=click.Path(), help="Head file (.safetensors).")
 @click_options(FitHeadConfig)
-def fit_head(embeddings, scores, labels, add_column, output, **kwargs):
+@overwrite_option
+def fit_head(embeddings, scores, labels, add_column, output, overwrite, **kwargs):
     """Fit a head on labelled CLIP embeddings; print held-out metrics; save it for `score --head`.
 
     The recipe stage `fit_head:` runs this once per item, with the image shards as labels and
@@ -77,7 +78,9 @@ def fit_head(embeddings, scores, labels, add_column, output, **kwargs):
     from latentmill.filters.fithead import fit_and_add, format_metrics
 
     config = config_from(FitHeadConfig, kwargs)
-    metrics = fit_and_add(config, labels, embeddings, scores, output, add_column=add_column)
+    metrics = fit_and_add(
+        config, labels, embeddings, scores, output, add_column=add_column, overwrite=overwrite
+    )
     click.echo(f"{config.kind} head: {format_metrics(metrics)}")
     click.echo(
         f"saved {output} (column {metrics['column']})" + (", added to the scores" if add_column else "")

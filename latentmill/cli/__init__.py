@@ -135,6 +135,9 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 def cli(ctx, debug):
     """latentmill: from a table of image URLs to a trained latent-diffusion model.
 
+    Exit codes: 0 success, 2 bad input (the message names it), 3 nothing left (every input refused or
+    failed), 1 any other failure.
+
     \b
     Example, from a LAION-style parquet to image shards:
       latentmill urls inspect laion.parquet

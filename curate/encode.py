@@ -177,20 +177,24 @@ class _ShardEncoder:
         if not _finite(mean, std, flipped, text):
             self.dropped["nonfinite_latent"] += 1
             return
-        scores = {
-            k: v
-            for k, v in sample.meta.items()
-            if k not in ("caption", "key", "status", "error_message", "exif")
-        }
-        meta = {
-            "bucket": list(placement.bucket),
-            "original_size": list(placement.original_size),
-            "crop": list(placement.crop),
-            "resized_size": list(placement.resized_size),
-            **scores,
-        }
+        meta = sample_meta(sample.meta, placement)
         self.writer.add(key, mean, sample.caption, meta, std=std, flipped=flipped, text_emb=text)
         self.per_bucket[f"{placement.bucket[0]}x{placement.bucket[1]}"] += 1
+
+
+def sample_meta(image_meta: dict, placement) -> dict:
+    """A latent sample's JSON: its bucket, original size, crop and resized size, then the image sample's
+    own fields (scores, url, sizes) but for img2dataset's bookkeeping."""
+    carried = {
+        k: v for k, v in image_meta.items() if k not in ("caption", "key", "status", "error_message", "exif")
+    }
+    return {
+        "bucket": list(placement.bucket),
+        "original_size": list(placement.original_size),
+        "crop": list(placement.crop),
+        "resized_size": list(placement.resized_size),
+        **carried,
+    }
 
 
 def encode_shard(

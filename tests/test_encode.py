@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from latentmill.curate.buckets import place, resize_and_crop
-from latentmill.curate.encode import EncodeConfig, encode, encode_batch
+from latentmill.curate.encode import EncodeConfig, encode, encode_batch, sample_meta
 from latentmill.curate.imageshards import iter_image_shard
 from latentmill.curate.latentshards import check_vae, iter_latent_shard, read_manifest
 from latentmill.curate.vae import load_vae
@@ -425,18 +425,7 @@ def reference_encode_shard(image_shard, output, config, vae, text_encoder=None):
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key in order:
             sample, placement, mean, std, flipped = results[key]
-            scores = {
-                k: v
-                for k, v in sample.meta.items()
-                if k not in ("caption", "key", "status", "error_message", "exif")
-            }
-            meta = {
-                "bucket": list(placement.bucket),
-                "original_size": list(placement.original_size),
-                "crop": list(placement.crop),
-                "resized_size": list(placement.resized_size),
-                **scores,
-            }
+            meta = sample_meta(sample.meta, placement)  # what the JSON holds is not what this pins
             files = {"latent.npy": npy_bytes(mean.astype(np.float16))}
             if std is not None:
                 files["latent_std.npy"] = npy_bytes(std.astype(np.float16))

@@ -248,51 +248,20 @@ def test_the_watermark_head_sees_laions_full_decode_on_large_jpegs(tmp_path, run
 
 def test_heads_are_checked_before_any_work(downloaded, tmp_path, run_cli):
     heads = write_heads(tmp_path, dim=768)  # the real ViT-L/14 size, not the tiny model's 32
-    result = run_cli(
-        "score",
-        downloaded / "images",
-        "-o",
-        tmp_path / "s",
-        "--clip-model",
-        "latentmill-tiny",
-        "--pretrained",
-        "none",
-        "--aesthetic-head",
-        heads["aesthetic"],
-    )
+    tiny = ["score", downloaded / "images", "-o", tmp_path / "s", "--clip-model", "latentmill-tiny"]
+    tiny += ["--pretrained", "none"]
+    result = run_cli(*tiny, "--aesthetic-head", heads["aesthetic"])
     assert result.exit_code == 2 and "768-d" in result.output and "32-d" in result.output
     assert not (tmp_path / "s").exists()
     bad = tmp_path / "bad.pth"
     torch.save({"fc.weight": torch.zeros(1, 32)}, bad)
-    result = run_cli(
-        "score",
-        downloaded / "images",
-        "-o",
-        tmp_path / "s",
-        "--clip-model",
-        "latentmill-tiny",
-        "--pretrained",
-        "none",
-        "--unsafe-head",
-        bad,
-    )
+    result = run_cli(*tiny, "--unsafe-head", bad)
     assert (
         result.exit_code == 2
         and "not a LAION NSFW detector" in result.output
         and "Accepted:" in result.output
     )
-    result = run_cli(
-        "score",
-        downloaded / "images",
-        "-o",
-        tmp_path / "s",
-        "--clip-model",
-        "latentmill-tiny",
-        "--pretrained",
-        "none",
-        "--aesthetic-head",
-        tmp_path / "nowhere.pth",
-    )
+    result = run_cli(*tiny, "--aesthetic-head", tmp_path / "nowhere.pth")
     assert result.exit_code == 2 and "nowhere.pth: no such head file" in result.output
 
 

@@ -259,7 +259,7 @@ def resume_startup(args) -> dict:
 def loader_rate(args) -> dict:
     from bench.bench_loader import make_latents
     from latentmill.curate.latentshards import LatentShardWriter
-    from latentmill.train.loader import LatentLoader, expand_shards
+    from latentmill.train.loader import expand_shards
 
     folder = OUT / f"latents-text-{args.images}"
     if not (folder / "manifest.json").exists():
@@ -286,22 +286,13 @@ def loader_rate(args) -> dict:
         (folder / "manifest.json").write_text(json.dumps(manifest))
     shards = expand_shards(str(folder))
     results = {}
+    from bench.bench_loader import epoch_rate
+
+    def stored_captions(batch):
+        assert batch["text_emb"].shape[1:] == (77, 768)
+
     for workers in (0, 0, 1, 2):  # the first run warms the page cache
-        loader = LatentLoader(shards, batch_size=32, mode="epoch", workers=workers)
-        start, samples = time.perf_counter(), 0
-        for batch in loader:
-            if loader.state.epoch > 0:
-                break
-            assert batch["text_emb"].shape[1:] == (77, 768)
-            samples += len(batch["keys"])
-        seconds = time.perf_counter() - start
-        rate = samples / seconds
-        results[f"workers={workers}"] = {
-            "samples": samples,
-            "seconds": round(seconds, 2),
-            "samples_per_s": round(rate, 1),
-            "samples_per_s_per_reader": round(rate / max(1, workers), 1),
-        }
+        results[f"workers={workers}"] = epoch_rate(shards, workers, check=stored_captions)
         print(workers, results[f"workers={workers}"], flush=True)
     results["gpu_reference_samples_per_s"] = GPU_SAMPLES_PER_S
     return results

@@ -67,8 +67,31 @@ def make_latents(folder: Path, count: int, shards: int = 8) -> None:
     )
 
 
+def epoch_rate(shards: list[str], workers: int, check=None) -> dict:
+    """One epoch of the shards through LatentLoader (batches of 32, `workers` processes): samples/s, in
+    all and per reader. `check(batch)` looks at each batch."""
+    from latentmill.train.loader import LatentLoader
+
+    loader = LatentLoader(shards, batch_size=32, mode="epoch", workers=workers)
+    start, samples = time.perf_counter(), 0
+    for batch in loader:
+        if loader.state.epoch > 0:
+            break
+        if check:
+            check(batch)
+        samples += len(batch["keys"])
+    seconds = time.perf_counter() - start
+    rate = samples / seconds
+    return {
+        "samples": samples,
+        "seconds": round(seconds, 2),
+        "samples_per_s": round(rate, 1),
+        "samples_per_s_per_reader": round(rate / max(1, workers), 1),
+    }
+
+
 def main() -> None:
-    from latentmill.train.loader import LatentLoader, expand_shards
+    from latentmill.train.loader import expand_shards
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
@@ -79,20 +102,7 @@ def main() -> None:
     shards = expand_shards(str(folder))
     results = {}
     for workers in (0, 0, 2):  # the first run warms the page cache
-        loader = LatentLoader(shards, batch_size=32, mode="epoch", workers=workers)
-        start, samples = time.perf_counter(), 0
-        for batch in loader:
-            if loader.state.epoch > 0:
-                break
-            samples += len(batch["keys"])
-        seconds = time.perf_counter() - start
-        rate = samples / seconds
-        results[f"workers={workers}"] = {
-            "samples": samples,
-            "seconds": round(seconds, 2),
-            "samples_per_s": round(rate, 1),
-            "samples_per_s_per_reader": round(rate / max(1, workers), 1),
-        }
+        results[f"workers={workers}"] = epoch_rate(shards, workers)
     per_reader = results["workers=0"]["samples_per_s"]
     results["gpu_reference_samples_per_s"] = GPU_SAMPLES_PER_S
     results["readers_needed_per_gpu"] = round(GPU_SAMPLES_PER_S / per_reader, 2)

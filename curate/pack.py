@@ -49,9 +49,15 @@ def _caption(path: Path, default: str | None) -> str | None:
     return text.read_text(encoding="utf-8", errors="replace").strip() if text.exists() else default
 
 
-def pack_images(folder: str | Path, output: str | Path, config: PackConfig | None = None) -> dict:
+def pack_images(
+    folder: str | Path, output: str | Path, config: PackConfig | None = None, overwrite: bool = False
+) -> dict:
     """Write `output/{shard}.tar` (+ `.parquet`, `_stats.json`) from the images in `folder`; return the
-    totals: images packed, and dropped by reason (the decoder's: undecodable, truncated, ...; no_caption)."""
+    totals: images packed, and dropped by reason (the decoder's: undecodable, truncated, ...; no_caption).
+    Done shards are kept; an `output` packed from other pictures or captions is refused, or with
+    `overwrite` packed again (its record: output/_latentmill/lineage.json)."""
+    from latentmill.curate.lineage import IMAGE_SHARDS_RECORD, claim, make_record, remove_files
+
     config = (config or PackConfig()).validate()
     folder, output = Path(folder), Path(output)
     files = image_files(folder)
@@ -62,6 +68,11 @@ def pack_images(folder: str | Path, output: str | Path, config: PackConfig | Non
                 f"{folder}: no image has a caption (.txt beside it); give --caption 'a photo of ...' for all."
             )
     output.mkdir(parents=True, exist_ok=True)
+    (output / IMAGE_SHARDS_RECORD).parent.mkdir(exist_ok=True)
+    record = make_record("pack", config, inputs={"folder": folder})
+    claim(
+        output, record, overwrite, clear=lambda: remove_files(output, ("*.tar", "*.parquet", "*_stats.json"))
+    )
     totals = {"packed": 0, "dropped": {}}
     for index in range(0, len(files), config.shard_size):
         shard = f"{index // config.shard_size:05d}"

@@ -111,7 +111,7 @@ def _download(ctx: Context) -> dict:
     if from_folder(ctx.recipe):  # a folder of the user's own images: packed into image shards instead
         from latentmill.curate.pack import pack_images
 
-        return pack_images(url_source(ctx), ctx.layout.images, section(ctx.recipe, "pack"))
+        return pack_images(url_source(ctx), ctx.layout.images, section(ctx.recipe, "pack"), overwrite=True)
     url_source(ctx)  # the demo's server must be up while img2dataset downloads
     config = section(ctx.recipe, "download", **ctx.allowed)
     return download(ctx.layout.kept, ctx.layout.images, config, overwrite=True)  # as the plan decided

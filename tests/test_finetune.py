@@ -462,13 +462,16 @@ def test_images_pack_writes_img2dataset_shards_from_a_folder_and_resumes(tmp_pat
     assert captions["pic1.png"] == "my own caption" and captions["pic0.png"] == "a photo of sks"
     assert len(samples) == 6 and stats.samples == 6
     before = [s.stat().st_mtime_ns for s in shards]
-    assert (
-        run_cli(
-            "images", "pack", folder, "-o", tmp_path / "shards", "--caption", "x", "--shard-size", "4"
-        ).exit_code
-        == 0
-    )
+    pack = ["images", "pack", folder, "-o", tmp_path / "shards", "--shard-size", "4"]
+    assert run_cli(*pack, "--caption", "a photo of sks").exit_code == 0
     assert [s.stat().st_mtime_ns for s in shards] == before  # done shards are kept
+    # another caption is not the same shards: refused by name, not silently kept; --overwrite packs again
+    other = run_cli(*pack, "--caption", "x")
+    assert other.exit_code == 2 and 'settings.caption: "a photo of sks" -> "x"' in other.output, other.output
+    assert [s.stat().st_mtime_ns for s in shards] == before
+    assert run_cli(*pack, "--caption", "x", "--overwrite").exit_code == 0
+    samples = [s for shard in shards for s in iter_image_shard(shard, ShardReadStats())]
+    assert {s.meta["url"]: s.caption for s in samples}["pic0.png"] == "x"
     result = run_cli("images", "pack", tmp_path / "shards", "-o", tmp_path / "nothing")
     assert result.exit_code == 2 and "no image files" in result.output
 

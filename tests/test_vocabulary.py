@@ -73,7 +73,7 @@ COMMAND_CONFIGS = {
     ("export",): ((ExportConfig,), {"output"}),
     ("sample",): ((SampleConfig,), {"output", "to_folder"}),
     ("merge",): ((MergeConfig,), {"output"}),
-    ("images", "pack"): ((PackConfig,), {"output"}),
+    ("images", "pack"): ((PackConfig,), {"output", "overwrite"}),
     ("run",): ((ExecutorConfig,), {"urls", "work", "overrides", "until", "dry_run"}),
 }
 # where a flag is not --KEY: a repeatable option takes the singular, the executor's kind is --executor

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from latentmill.cli.options import click_options, config_from
+from latentmill.cli.options import click_options, config_from, overwrite_option
 from latentmill.curate.pack import PackConfig
 
 
@@ -52,7 +52,8 @@ def inspect(folder, decode, as_json):
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder for the image shards.")
 @click_options(PackConfig)
-def pack(folder, output, **kwargs):
+@overwrite_option
+def pack(folder, output, overwrite, **kwargs):
     """Pack a folder of images (jpg, png, webp; captions in NAME.txt beside them, or --caption) into image
     shards in img2dataset's layout, for `score`, `select` and `encode`. Resumable.
 
@@ -63,5 +64,5 @@ def pack(folder, output, **kwargs):
     """
     from latentmill.curate.pack import format_pack_summary, pack_images
 
-    totals = pack_images(folder, output, config_from(PackConfig, kwargs))
+    totals = pack_images(folder, output, config_from(PackConfig, kwargs), overwrite=overwrite)
     click.echo(f"{format_pack_summary(totals)} into {output}")

@@ -249,23 +249,14 @@ class ExportConfig(StageConfig):
     vae: str | None = opt(None, "VAE for the pipeline (default: the one the latents were made with).")
 
 
-# what `train --resume` may change: how long to train, how often to log, checkpoint and sample, the loader
-# processes. Recorded in state.json ("changes") with the step they changed at. Any other setting that
-# differs from the run's is refused: the checkpoint, the loader position or the schedule would not fit it.
-RESUME_MAY_CHANGE = (
-    "steps",
-    "epochs",
-    "report_to",
-    "log_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "sample_every",
-    "sample_steps",
-    "sample_prompts",
-    "workers",
-)
 # where the run reads and writes: paths, not settings (a moved work folder resumes)
 RESUME_PATHS = ("output", "shards", "resume", "init_from")
+# what `train --resume` may change: the settings that do not shape the weights (TrainConfig.RUNTIME, which
+# `run` leaves out of a run's lineage too): how long to train, how often to log, checkpoint and sample,
+# where to report, the loader processes, the device, compile and gradient checkpointing. Recorded in
+# state.json ("changes") with the step they changed at. Any other setting that differs from the run's is
+# refused: the checkpoint, the loader position or the schedule would not fit it.
+RESUME_MAY_CHANGE = tuple(key for key in TrainConfig.RUNTIME if key not in RESUME_PATHS)
 
 
 def resume_differences(saved: dict, config: TrainConfig) -> tuple[list[str], list[dict]]:

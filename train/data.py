@@ -10,6 +10,8 @@ embeddings); their bucket sets may differ.
 
 from __future__ import annotations
 
+import math
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -61,6 +63,21 @@ def check_same_latent_space(manifests: list[dict], names: list[str]) -> None:
             )
 
 
+def loader_workers(workers: int | None, device: str, shards_per_rank: int) -> int:
+    """Loader processes per rank: as given, or on CUDA several (cores shared between the node's ranks, at
+    most 4, at most one per shard), on CPU none (the cores are busy with the model)."""
+    if workers is not None:
+        return workers
+    if not device.startswith("cuda"):
+        return 0
+    from latentmill.curate.prepare import available_cores
+
+    cores = available_cores()
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = min(4, max(1, cores // ranks_here - 1), shards_per_rank)
+    return workers if workers > 1 else 0
+
+
 class TrainingData:
     """Batches for the loop: `next()` gives (batch, class batch or None). `sets` as `latent_sets` gives them."""
 
@@ -87,6 +104,7 @@ class TrainingData:
         names = [name for name, _ in sets] + ([class_data] if class_data else [])
         check_same_latent_space([loader.manifest for loader in self._everyone()], names)
         sizes = [loader.manifest.get("samples") or len(loader.shards) for loader in self.loaders]
+        self.repeats = list(repeats or [1] * len(self.loaders))
         if repeats:  # kohya's NAME_N folders: a folder is seen N times for each pass over the others
             sizes = [size * n for size, n in zip(sizes, repeats, strict=True)]
         self.weights = list(mix) if mix is not None else sizes
@@ -98,6 +116,14 @@ class TrainingData:
     @property
     def manifest(self) -> dict:
         return self.loaders[0].manifest
+
+    def steps_of_epochs(self, epochs: int, samples_per_step: int) -> int:
+        """`epochs` as optimizer steps: every sample of every latent set once per epoch, `repeats` times
+        for a folder given repeats (rounded up)."""
+        samples = sum(
+            loader.manifest["samples"] * n for loader, n in zip(self.loaders, self.repeats, strict=True)
+        )
+        return max(1, math.ceil(epochs * samples / samples_per_step))
 
     @property
     def folder(self):

@@ -32,7 +32,7 @@ from latentmill.train.checkpoint import (
 )
 from latentmill.train.conditioning import text_conditioning
 from latentmill.train.config import TrainConfig, resume_differences
-from latentmill.train.data import TrainingData, latent_sets
+from latentmill.train.data import TrainingData, latent_sets, loader_workers
 from latentmill.train.latentspace import to_unet_space
 from latentmill.train.models import build_unet
 from latentmill.train.objective import Objective
@@ -210,12 +210,14 @@ def _set_up(config: TrainConfig) -> Training:
         mode=config.mode,
         shuffle_buffer=config.shuffle_buffer,
         flip=config.flip,
-        workers=_loader_workers(config, device, min(len(shards) for _, shards in sets) // world),
+        workers=loader_workers(config.workers, device, min(len(shards) for _, shards in sets) // world),
         pin_memory=device.startswith("cuda"),
     )
     manifest = data.manifest
     if config.epochs:
-        config = replace(config, steps=_steps_of_epochs(config, data, world))
+        config = replace(
+            config, steps=data.steps_of_epochs(config.epochs, config.batch_size * config.grad_accum * world)
+        )
     encode_text, text_width, encode_prompts = text_conditioning(
         config, manifest, data.folder, device, precision
     )
@@ -301,14 +303,6 @@ def _set_up(config: TrainConfig) -> Training:
     )
 
 
-def _steps_of_epochs(config: TrainConfig, data: TrainingData, world: int) -> int:
-    """--epochs as optimizer steps: every sample of every latent set once per epoch, `repeats` times for
-    a folder given repeats (rounded up)."""
-    repeats = config.repeats or [1] * len(data.loaders)
-    samples = sum(loader.manifest["samples"] * n for loader, n in zip(data.loaders, repeats, strict=True))
-    return max(1, math.ceil(config.epochs * samples / (config.batch_size * config.grad_accum * world)))
-
-
 def _record_lineage(run: Path, config: TrainConfig, sets: list) -> None:
     """RUN/lineage.json: the settings that shape the weights, the latent folders and the models they
     start from, by content (latentmill.curate.lineage)."""
@@ -365,21 +359,6 @@ def _stop_on_nonfinite(first_bad: torch.Tensor, recent_keys: dict, run: Path, la
         f"To try: check those samples with `latentmill latents verify`, lower --learning-rate, keep "
         f"--max-grad-norm on, or train in fp32 (--precision fp32); then --resume."
     )
-
-
-def _loader_workers(config: TrainConfig, device: str, shards_per_rank: int) -> int:
-    """Loader processes per rank: as given, or on CUDA several (cores shared between the node's ranks, at
-    most 4, at most one per shard), on CPU none (the cores are busy with the model)."""
-    if config.workers is not None:
-        return config.workers
-    if not device.startswith("cuda"):
-        return 0
-    from latentmill.curate.prepare import available_cores
-
-    cores = available_cores()
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    workers = min(4, max(1, cores // ranks_here - 1), shards_per_rank)
-    return workers if workers > 1 else 0
 
 
 def _sample_grid(run: Path, step: int, ema, encode_prompts, manifest: dict, config: TrainConfig) -> Path:

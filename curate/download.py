@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -23,15 +22,13 @@ import pyarrow.parquet as pq
 
 from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.atomic import atomic_path, write_json
+from latentmill.curate.downloadresults import STATE_DIR, done_shards, failed_rows, summarize
 from latentmill.curate.lineage import make_record, record_path
 from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
 from latentmill.curate.tables import UrlTable, columns_field
 from latentmill.errors import InputError, NothingLeft, nothing_left
 from latentmill.schema import StageConfig, opt
 
-STATE_DIR = (
-    "_latentmill"  # inside the output folder; not a *.json at top level, which img2dataset reads as shards
-)
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
 # names img2dataset writes itself: a table column with one of these is carried as `source_{name}`
 RESERVED = {
@@ -283,106 +280,6 @@ def retry_failed(output: str | Path, config: DownloadConfig, reasons: set[str] |
     return _finish(output, state, before, time.perf_counter() - started)
 
 
-def done_shards(output: Path) -> list[str]:
-    """Shard names whose `_stats.json` exists (img2dataset's own completion marker)."""
-    return sorted(p.name[: -len("_stats.json")] for p in output.glob("*_stats.json"))
-
-
-def _shard_tables(output: Path, columns: list[str]) -> list[pa.Table]:
-    tables = []
-    for shard in done_shards(output):
-        path = output / f"{shard}.parquet"
-        if path.exists():
-            present = pq.read_schema(path).names
-            tables.append(pq.read_table(path, columns=[c for c in columns if c in present]))
-    return tables
-
-
-def failed_rows(output: Path, extras: list[str]) -> pa.Table:
-    """The latest failure of every URL in the shards that never succeeded, with its `reason`."""
-    base = ["url", "caption", "status", "error_message"]
-    tables = _shard_tables(output, base + extras)
-    if not tables:
-        return pa.table({"url": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
-    rows = pa.concat_tables(tables, promote_options="default").to_pylist()
-    succeeded = {r["url"] for r in rows if r["status"] == "success"}
-    latest: dict[str, dict] = {}
-    for row in rows:
-        if row["status"] != "success" and row["url"] not in succeeded:
-            latest[row["url"]] = row
-    out = [
-        {k: v for k, v in r.items() if k not in ("status", "error_message")}
-        | {"reason": failure_reason(r["error_message"])}
-        for r in latest.values()
-    ]
-    return (
-        pa.Table.from_pylist(out)
-        if out
-        else pa.table({"url": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
-    )
-
-
-_REASONS = [
-    (re.compile(r"private_address:"), lambda m: "private_address"),  # the connect-time guard (netguard)
-    (re.compile(r"HTTP Error (\d{3})"), lambda m: f"http_{m.group(1)}"),
-    (re.compile(r"timed? ?out", re.I), lambda m: "timeout"),
-    (re.compile(r"X-Robots-Tag", re.I), lambda m: "opted_out"),
-    (re.compile(r"image too small", re.I), lambda m: "too_small"),
-    (re.compile(r"aspect ratio too large", re.I), lambda m: "aspect_too_large"),
-    (
-        re.compile(r"image area too large|CV_IO_MAX_IMAGE_PIXELS|DecompressionBomb", re.I),
-        lambda m: "too_large",
-    ),
-    (
-        re.compile(
-            r"Connection refused|Name or service not known|nodename nor servname|getaddrinfo|No route", re.I
-        ),
-        lambda m: "unreachable",
-    ),
-    (re.compile(r"SSL|certificate", re.I), lambda m: "tls_error"),
-    (
-        re.compile(r"decod|NoneType|cannot identify|imread|image file|shape|channel|empty", re.I),
-        lambda m: "undecodable",
-    ),
-]
-
-
-def failure_reason(message: str | None) -> str:
-    """img2dataset's error message mapped to a short reason (the raw text is kept in the shard parquet)."""
-    if not message:
-        return "unknown"
-    for pattern, name in _REASONS:
-        match = pattern.search(message)
-        if match:
-            return name(match)
-    return "other: " + message.strip().splitlines()[0][:60]
-
-
-def summarize(output: Path) -> dict:
-    """Successes, failures grouped by reason and totals over every finished shard of `output`."""
-    tables = _shard_tables(output, ["url", "status", "error_message"])
-    success, failures = 0, {}
-    if tables:
-        rows = pa.concat_tables(tables).to_pylist()
-        succeeded = {r["url"] for r in rows if r["status"] == "success"}
-        success = len(succeeded)
-        latest = {r["url"]: r for r in rows if r["status"] != "success" and r["url"] not in succeeded}
-        for row in latest.values():
-            reason = failure_reason(row["error_message"])
-            failures[reason] = failures.get(reason, 0) + 1
-    state = output / STATE_DIR
-    if (state / "dropped.parquet").exists():
-        for reason in (
-            pq.read_table(state / "dropped.parquet", columns=["reason"]).column("reason").to_pylist()
-        ):
-            failures[reason] = failures.get(reason, 0) + 1
-    return {
-        "success": success,
-        "failed": sum(failures.values()),
-        "failures": dict(sorted(failures.items(), key=lambda kv: -kv[1])),
-    }
-
-
 def _finish(output: Path, state: Path, shards_before: list[str], seconds: float) -> dict:
     shards_after = done_shards(output)
     new = sorted(set(shards_after) - set(shards_before))
@@ -396,19 +293,3 @@ def _finish(output: Path, state: Path, shards_before: list[str], seconds: float)
     }
     write_json(state / "summary.json", summary)
     return summary
-
-
-def format_summary(summary: dict) -> str:
-    lines = [
-        f"images {summary['success']:,} downloaded, {summary['failed']:,} failed, in {summary['shards']} shard(s)"
-    ]
-    for reason, count in summary["failures"].items():
-        lines.append(f"  {reason:<22}{count:>8,}")
-    if summary["new_shards"]:
-        lines.append(
-            f"this run: {summary['new_images']:,} images in {summary['new_shards']} new shard(s), "
-            f"{summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s"
-        )
-    else:
-        lines.append("this run: nothing to download, every shard was already done")
-    return "\n".join(lines)

@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from latentmill.curate.atomic import write_json
+from latentmill.curate.downloadresults import STATE_DIR
 from latentmill.errors import InputError
 from latentmill.schema import spec_of
 
@@ -179,7 +180,7 @@ def read_record(output: str | Path) -> dict | None:
 
 
 # image shard folders keep it in _latentmill/: img2dataset takes every other name there for a shard
-IMAGE_SHARDS_RECORD = Path("_latentmill") / LINEAGE
+IMAGE_SHARDS_RECORD = Path(STATE_DIR) / LINEAGE
 
 
 def record_path(output: str | Path) -> Path:

@@ -257,7 +257,7 @@ def _export(ctx: Context) -> dict:
 
 
 def _summaries():
-    from latentmill.curate.download import format_summary
+    from latentmill.curate.downloadresults import format_summary
     from latentmill.curate.encode import format_encode_summary
     from latentmill.curate.pack import format_pack_summary
     from latentmill.curate.prefilter import format_prefilter_funnel

@@ -39,7 +39,8 @@ def download(table, output, retry_folder, only_reason, overwrite, **kwargs):
       latentmill download --retry-failed images/ --only-reason timeout
     """
     from latentmill.curate.download import download as run_download
-    from latentmill.curate.download import format_summary, retry_failed
+    from latentmill.curate.download import retry_failed
+    from latentmill.curate.downloadresults import format_summary
 
     if bool(table) == bool(retry_folder):
         raise click.UsageError("give either TABLE (with -o) or --retry-failed FOLDER.")

@@ -314,7 +314,10 @@ def fit_and_add(
     config.validate()
     check_column(config.column or config.target, "--column" if config.column else f"--target {config.target}")
     output, scores = Path(output), Path(scores) if scores else scores_folder(embeddings)
-    record = make_record("fit-head", config, inputs={"labels": labels, "embeddings": embeddings})
+    # the embeddings by the record of the score run that wrote them beside its scores (hashing every
+    # embedding file on each call would read the whole dataset); by content when there is no such record
+    made_by = scores if read_record(scores) else embeddings
+    record = make_record("fit-head", config, inputs={"labels": labels, "embeddings": made_by})
     if output.exists() and (read_record(output) or record)["fingerprint"] != record["fingerprint"]:
         claim(output, record, overwrite, clear=lambda: output.unlink())  # refused, or removed to fit again
     if not output.exists():

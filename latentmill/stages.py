@@ -9,7 +9,6 @@ Every stage is resumable on its own (done shards are skipped, training goes on f
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -72,7 +71,7 @@ class Stage:
     produced: Callable | None = None
 
 
-@dataclasses.dataclass
+@dataclass
 class TrainStage(StageConfig):
     """One item of `stages:`: a training stage at one resolution, started from the previous stage's weights."""
 

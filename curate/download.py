@@ -21,10 +21,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from latentmill.curate.addresses import private_address_mask
-from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.downloadresults import STATE_DIR, done_shards, failed_rows, summarize
 from latentmill.curate.lineage import make_record, record_path
 from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
+from latentmill.curate.storage import atomic_path, write_json
 from latentmill.curate.tables import UrlTable, columns_field
 from latentmill.errors import InputError, NothingLeft, nothing_left
 from latentmill.schema import StageConfig, opt

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from latentmill.curate.atomic import write_json
 from latentmill.curate.buckets import make_buckets
 from latentmill.curate.imageshards import ImageSample, ShardReadStats, iter_image_shard, list_image_shards
 from latentmill.curate.latentshards import LatentShardWriter, write_manifest
 from latentmill.curate.prepare import PreparePool, PrepareSettings, default_workers
 from latentmill.curate.selection import kept_keys
+from latentmill.curate.storage import location, make_folder, write_json
 from latentmill.curate.vae import encode_batch
 from latentmill.devices import PRECISIONS, resolve_device_precision
 from latentmill.errors import InputError, invariant, nothing_left
@@ -316,7 +316,7 @@ def encode(
     from latentmill.curate.executors import ExecutorConfig, run_shards
     from latentmill.curate.lineage import claim, make_record, remove_files
 
-    images, output = Path(images), Path(output)
+    images, output = location(images), location(output)
     shards = list_image_shards(images)
     if not shards:
         raise InputError(f"{images}: no .tar image shards. Make them with `latentmill download`.")
@@ -340,7 +340,7 @@ def encode(
         "source": str(images),
         "selection": str(selection) if selection else None,
     }
-    output.mkdir(parents=True, exist_ok=True)
+    make_folder(output)
     record = make_record("encode", config, inputs={"images": images, "selection": selection})
 
     def clear():
@@ -374,11 +374,10 @@ EMPTY_CAPTION = "empty_caption.text_emb.npy"
 def _write_empty_caption(output: Path, text_encoder) -> str:
     """Store the empty caption's embedding beside the shards: the trainer's caption dropout uses it (what
     the text encoder gives for "", as in classifier-free guidance), not zeros."""
-    from latentmill.curate.atomic import atomic_path
     from latentmill.curate.latentshards import LATENT_DTYPE, npy_bytes
+    from latentmill.curate.storage import write_bytes
 
-    with atomic_path(output / EMPTY_CAPTION) as tmp:
-        tmp.write_bytes(npy_bytes(text_encoder.encode([""])[0].astype(LATENT_DTYPE)))
+    write_bytes(output / EMPTY_CAPTION, npy_bytes(text_encoder.encode([""])[0].astype(LATENT_DTYPE)))
     return EMPTY_CAPTION
 
 

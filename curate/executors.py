@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from latentmill.curate.storage import location, set_options
+from latentmill.curate.storage import options as storage_options
 from latentmill.schema import StageConfig, opt
 
 
@@ -113,14 +115,21 @@ def _run_on_ray(stage: ShardStage, shards: list[Path], executor: ExecutorConfig,
 
         @ray.remote
         class StageActor:
-            def __init__(self, stage):
+            """Holds the stage's models; reads each shard from its URL and writes the outputs itself
+            (nothing here assumes the driver's disk)."""
+
+            def __init__(self, stage, storage_options):
+                set_options(storage_options)
                 self.stage, self.state = stage, stage.setup()
 
             def process(self, shard):
-                return self.stage.process(Path(shard), self.state)
+                return self.stage.process(location(shard), self.state)
+
+            def node(self):
+                return ray.get_runtime_context().get_node_id()
 
         def start_actor():
-            return StageActor.options(**options).remote(stage)
+            return StageActor.options(**options).remote(stage, storage_options())
 
         idle = deque(start_actor() for _ in range(min(count, len(shards))))
         replacements = len(idle) * (

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from latentmill.curate.storage import local_file, location
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MAX_IMAGE_PIXELS = 178_956_970  # pillow's own default bomb limit, made explicit
 
@@ -123,7 +125,7 @@ class ShardReadStats:
 
 def list_image_shards(folder: str | Path) -> list[Path]:
     """The `.tar` shards of an image folder, sorted; img2dataset's `_tmp` and hidden files are skipped."""
-    folder = Path(folder)
+    folder = location(folder)
     if folder.is_file():
         return [folder]
     return sorted(p for p in folder.glob("*.tar") if not p.name.startswith((".", "_")))
@@ -199,10 +201,11 @@ def iter_image_shard(
 
     A key that comes back later in the tar (two samples with one key) keeps its first sample; the later
     ones are counted in `stats.duplicate_key`, in both orders."""
-    path = Path(path)
+    path = location(path)
     stats = stats if stats is not None else ShardReadStats()
-    if key_order:
-        yield from _iter_in_key_order(path, stats)
+    if key_order:  # an index and a seek per sample: from a local copy of a shard in an object store
+        with local_file(path) as local:
+            yield from _iter_in_key_order(local, stats)
         return
     yield from _iter_in_tar_order(path, stats)
 
@@ -252,7 +255,7 @@ def _iter_in_key_order(path: Path, stats: ShardReadStats) -> Iterator[ImageSampl
 def _iter_in_tar_order(path: Path, stats: ShardReadStats) -> Iterator[ImageSample]:
     key, members, seen = None, {}, set()
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        with path.open("rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
                 if not (named := _member_key_ext(member)):
                     continue

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latentmill.curate.atomic import atomic_path, write_json
+from latentmill.curate.storage import atomic_path, is_remote, location, make_folder, write_json
 from latentmill.errors import InputError
 
 MANIFEST = "manifest.json"
@@ -46,11 +46,11 @@ class LatentShardWriter:
     def __init__(self, folder: Path, shard: str):
         import tempfile
 
-        self.folder, self.shard = Path(folder), shard
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._spill = tempfile.TemporaryFile(
-            dir=self.folder, prefix=f".{shard}.spill-"
-        )  # gone if we are killed
+        self.folder, self.shard = location(folder), shard
+        make_folder(self.folder)
+        self._spill = tempfile.TemporaryFile(  # gone if we are killed; beside the output on disk
+            dir=None if is_remote(self.folder) else self.folder, prefix=f".{shard}.spill-"
+        )
         self._index: dict[str, list[tuple[str, int, int]]] = {}  # key -> [(ext, offset, size)]
         self._rows: dict[str, dict] = {}
         self.duplicates = 0
@@ -142,33 +142,45 @@ class _Hashing:
 
 
 def is_url(spec: str | Path) -> bool:
-    """A location webdataset's gopen reads (http(s)://, s3 through pipe:, gs:// ...), not a local path."""
-    return "://" in str(spec) or str(spec).startswith("pipe:")
+    """Not a local path: an object store URL (s3://, gs://), http(s):// or a webdataset pipe: command."""
+    return is_remote(spec) or str(spec).startswith("pipe:")
+
+
+def _through_gopen(spec) -> bool:
+    return str(spec).startswith(("pipe:", "http://", "https://"))
 
 
 def open_stream(spec: str | Path):
-    """A binary stream of a local file or of any URL webdataset accepts."""
-    if is_url(spec):
+    """A binary stream of a local file, an object (s3://, gs:// through fsspec), or an http(s)/pipe: URL
+    (webdataset's gopen)."""
+    if _through_gopen(spec):
         from webdataset import gopen
 
         return gopen(str(spec), "rb")
-    return open(spec, "rb")
+    return location(spec).open("rb")
+
+
+def join(folder, name: str):
+    """`folder/name` for a folder given as a path, an object store URL or an http(s) prefix."""
+    if _through_gopen(folder):
+        return f"{str(folder).rstrip('/')}/{name}"
+    return location(folder) / name
 
 
 def read_manifest(folder: str | Path) -> dict:
-    """`folder/manifest.json`; `folder` may be a URL prefix (https://host/latents) read through gopen."""
-    location = f"{str(folder).rstrip('/')}/{MANIFEST}" if is_url(folder) else Path(folder) / MANIFEST
-    if not is_url(location) and not Path(location).exists():
+    """`folder/manifest.json`; `folder` may be an object store URL or an http(s) prefix (read through gopen)."""
+    where = join(folder, MANIFEST)
+    if not _through_gopen(where) and not where.exists():
         raise InputError(
-            f"{location}: no manifest. Latent folders are made by `latentmill encode`; "
+            f"{where}: no manifest. Latent folders are made by `latentmill encode`; "
             f"if that run was interrupted, run it again to finish."
         )
     try:
-        with open_stream(location) as stream:
+        with open_stream(where) as stream:
             manifest = json.loads(stream.read())
     except (OSError, ValueError, RecursionError) as err:
-        raise InputError(f"{location}: cannot read the manifest ({err}).") from None
-    check_manifest(manifest, location)
+        raise InputError(f"{where}: cannot read the manifest ({err}).") from None
+    check_manifest(manifest, where)
     return manifest
 
 
@@ -354,7 +366,7 @@ def verify_latents(folder: str | Path, progress=None) -> dict:
     """Check every shard of a latent folder against its manifest: present, the recorded sha256, and the
     recorded sample count, every sample readable and of the manifest's shape. Returns
     {"shards": n, "samples": n, "problems": ["{shard}.tar: what", ...]} (empty problems: all good)."""
-    folder = Path(folder)
+    folder = location(folder)
     manifest = read_manifest(folder)
     recorded = manifest.get("shards")
     if not isinstance(recorded, dict):
@@ -368,7 +380,7 @@ def verify_latents(folder: str | Path, progress=None) -> dict:
             problems.append(f"{path.name}: missing")
             continue
         digest = hashlib.sha256()
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         if digest.hexdigest() != entry.get("sha256"):

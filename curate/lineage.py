@@ -24,8 +24,8 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
-from latentmill.curate.atomic import write_json
 from latentmill.curate.downloadresults import STATE_DIR
+from latentmill.curate.storage import file_version, is_remote, location, make_folder, remove, write_json
 from latentmill.errors import InputError
 from latentmill.schema import spec_of
 
@@ -49,7 +49,7 @@ def settings_of(config, skip: tuple[str, ...] = ()) -> dict:
 def _portable(value):
     """A setting as the record keeps it: a string naming an existing file or folder becomes its content
     fingerprint (a path is not what made the output; the file is)."""
-    if isinstance(value, str) and value and Path(value).exists():
+    if isinstance(value, str) and value and _exists(value):
         return "content:" + content_fingerprint(value)
     if isinstance(value, (list, tuple)):
         return [_portable(v) for v in value]
@@ -61,23 +61,41 @@ def _portable(value):
 def content_fingerprint(path: str | Path) -> str:
     """sha256 of a file's bytes, or of a folder's files (relative names and bytes, in name order).
     Files over 64 MiB are hashed by size, first and last 4 MiB, so large weight files stay cheap."""
-    root = Path(path).resolve()
+    root = location(path)
+    root = root if is_remote(root) else root.resolve()
     digest = hashlib.sha256()
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    for file in files:
+    for name, file in _files(root):
         if file.name.endswith(LINEAGE):
             continue
-        digest.update(b"" if file == root else str(file.relative_to(root)).encode())
-        stat = file.stat()
-        digest.update(_file_digest(str(file), stat.st_size, stat.st_mtime_ns))
+        digest.update(name.encode())
+        size, version = file_version(file)
+        digest.update(_file_digest(str(file), size, version))
     return digest.hexdigest()[:16]
 
 
+def _files(root) -> list[tuple[str, object]]:
+    """(name relative to root, path) of a file ("" for itself) or of every file under a folder, sorted."""
+    if root.is_file():
+        return [("", root)]
+    if is_remote(root):
+        base = root.path.rstrip("/") + "/"
+        found = root.fs.find(root.path)
+        return [(f[len(base) :], root / f[len(base) :]) for f in sorted(found) if f.startswith(base)]
+    return [(str(p.relative_to(root)), p) for p in sorted(root.rglob("*")) if p.is_file()]
+
+
+def _exists(spec: str) -> bool:
+    try:
+        return location(spec).exists()
+    except (OSError, ValueError):
+        return False
+
+
 @lru_cache(maxsize=65536)
-def _file_digest(file: str, size: int, mtime_ns: int) -> bytes:
-    """A file's digest, cached in this process by (path, size, mtime)."""
+def _file_digest(file: str, size: int, version: str) -> bytes:
+    """A file's digest, cached in this process by (path, size, mtime or ETag)."""
     digest = hashlib.sha256(str(size).encode())
-    with open(file, "rb") as f:
+    with location(file).open("rb") as f:
         if size <= _WHOLE_FILE_BYTES:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
@@ -93,13 +111,13 @@ def model_fingerprint(spec: str | None) -> str | None:
     else the name itself (an architecture name such as `tiny`, or a model hub id)."""
     if not spec:
         return None
-    return "content:" + content_fingerprint(spec) if Path(spec).exists() else f"name:{spec}"
+    return "content:" + content_fingerprint(spec) if _exists(spec) else f"name:{spec}"
 
 
 def input_fingerprint(path: str | Path) -> str | None:
     """An input folder or file: the fingerprint of its lineage record when latentmill made it, else its
     content (a URL table, image shards made elsewhere); None when it does not exist."""
-    path = Path(path)
+    path = location(path)
     record = read_record(path)
     if record is not None:
         return record["fingerprint"]
@@ -186,12 +204,12 @@ IMAGE_SHARDS_RECORD = Path(STATE_DIR) / LINEAGE
 def record_path(output: str | Path) -> Path:
     """Where an output keeps its record: FOLDER/lineage.json (FOLDER/_latentmill/lineage.json in an image
     shard folder), or FILE.lineage.json beside a file."""
-    output = Path(output)
+    output = location(output)
     if (output / IMAGE_SHARDS_RECORD).exists() or (output / IMAGE_SHARDS_RECORD.parent).is_dir():
         return output / IMAGE_SHARDS_RECORD
     if output.is_dir() or (not output.is_file() and not output.suffix):
         return output / LINEAGE
-    return Path(str(output) + "." + LINEAGE)
+    return location(str(output) + "." + LINEAGE)
 
 
 def claim(
@@ -221,17 +239,17 @@ def claim(
             )
         clear()
         cleared = True
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     write_json(path, record)
     return cleared
 
 
 def remove_files(folder: str | Path, patterns: tuple[str, ...]) -> None:
     """Delete a folder's files matching any of `patterns` (what `clear` does for a shard folder)."""
-    folder = Path(folder)
+    folder = location(folder)
     if not folder.exists():
         return
     for pattern in patterns:
         for path in folder.glob(pattern):
             if path.is_file():
-                path.unlink()
+                remove(path)

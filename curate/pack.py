@@ -16,8 +16,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.imageshards import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
+from latentmill.curate.storage import atomic_path, write_json
 from latentmill.errors import InputError
 from latentmill.schema import StageConfig, opt
 

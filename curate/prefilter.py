@@ -18,10 +18,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from latentmill.curate.addresses import private_address_mask
-from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.funnel import format_funnel, funnel_steps
 from latentmill.curate.lineage import make_record, record_path
 from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
+from latentmill.curate.storage import atomic_path, write_json
 from latentmill.curate.tables import UrlTable, columns_field
 from latentmill.curate.urlhash import SeenUrls, hash_urls
 from latentmill.errors import InputError, invariant, nothing_left

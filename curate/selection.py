@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from latentmill.curate.storage import location
 from latentmill.errors import InputError
 
 
@@ -11,7 +12,7 @@ def kept_keys(selection: str | Path | None, shard: str) -> set[str] | None:
     """The keys to keep in `shard`, or None when there is no selection (everything is kept)."""
     if selection is None:
         return None
-    path = Path(selection) / f"{shard}.parquet"
+    path = location(selection) / f"{shard}.parquet"
     if not path.exists():
         raise InputError(
             f"{path}: the selection has no file for image shard {shard}. "
@@ -19,7 +20,8 @@ def kept_keys(selection: str | Path | None, shard: str) -> set[str] | None:
         )
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    with path.open("rb") as f:
+        table = pq.read_table(f)
     missing = {"key", "keep"} - set(table.column_names)
     if missing:
         raise InputError(

@@ -157,7 +157,7 @@ def write_tiny_clip_pipeline(folder: str | Path) -> Path:
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from latentmill.curate.atomic import atomic_path
+    from latentmill.curate.storage import atomic_path
 
     folder = Path(folder)
     if (folder / "tokenizer" / "tokenizer_config.json").exists():

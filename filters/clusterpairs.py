@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from latentmill.curate.atomic import atomic_path, write_json
+from latentmill.curate.storage import atomic_path, write_json
 from latentmill.errors import InputError
 from latentmill.filters.embeddings import embeddings_path
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.lineage import input_fingerprint, make_record, record_path
+from latentmill.curate.storage import atomic_path, write_json
 from latentmill.errors import InputError
 from latentmill.filters.clusterpairs import AssignStage, PairStage, fit_centroids
 from latentmill.filters.embeddings import embeddings_folder, embeddings_path

@@ -231,7 +231,7 @@ def save_head(module, path: str | Path, config: FitHeadConfig, input_dim: int, m
     """safetensors weights with the metadata `heads.load_fitted` needs."""
     from safetensors.torch import save_file
 
-    from latentmill.curate.atomic import atomic_path
+    from latentmill.curate.storage import atomic_path
     from latentmill.filters.heads import check_column
 
     path = Path(path)
@@ -276,7 +276,7 @@ def add_head_column(head_path: str | Path, scores: str | Path, embeddings: str |
     import pyarrow.parquet as pq
     import torch
 
-    from latentmill.curate.atomic import atomic_path
+    from latentmill.curate.storage import atomic_path
     from latentmill.filters.heads import load_fitted
 
     head = load_fitted(head_path)
@@ -307,8 +307,8 @@ def fit_and_add(
     shards whose sample JSON carries the target. An existing `output` fitted from the same settings,
     labels and embeddings is not fitted again (a resumed run); one fitted from others is refused, or with
     `overwrite` fitted again (its record: OUTPUT.lineage.json)."""
-    from latentmill.curate.atomic import write_json
     from latentmill.curate.lineage import claim, make_record, read_record, record_path
+    from latentmill.curate.storage import write_json
     from latentmill.filters.heads import check_column, fitted_metadata
 
     config.validate()

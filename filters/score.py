@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.bucketstats import header_size
 from latentmill.curate.imageshards import (
     ImageDecodeError,
@@ -25,6 +24,7 @@ from latentmill.curate.imageshards import (
     iter_image_shard,
     list_image_shards,
 )
+from latentmill.curate.storage import atomic_path, write_json
 from latentmill.devices import PRECISIONS
 from latentmill.errors import InputError, nothing_left
 from latentmill.filters.embeddings import embeddings_folder

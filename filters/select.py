@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from latentmill.curate.atomic import atomic_path, write_json
 from latentmill.curate.funnel import format_funnel, funnel_steps
+from latentmill.curate.storage import atomic_path, write_json
 from latentmill.errors import InputError, invariant, nothing_left
 from latentmill.filters.rules import PRESETS, Rule, derived_columns
 from latentmill.schema import StageConfig, opt
@@ -73,8 +73,8 @@ def select(scores: str | Path, output: str | Path, config: SelectConfig | None =
     selection is written anew and swapped in, with its lineage record (selection/lineage.json)."""
     import pyarrow.parquet as pq
 
-    from latentmill.curate.atomic import write_json
     from latentmill.curate.lineage import make_record, record_path
+    from latentmill.curate.storage import write_json
 
     config = (config or SelectConfig()).validate()
     scores, output = Path(scores), Path(output)

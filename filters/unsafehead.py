@@ -69,7 +69,7 @@ def save_keras_nsfw(model, path: str | Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from latentmill.curate.atomic import atomic_path
+    from latentmill.curate.storage import atomic_path
 
     tensors = {
         "norm.mean": torch.from_numpy(np.array(model.mean, np.float32)),

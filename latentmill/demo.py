@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from latentmill.curate.atomic import write_json
 from latentmill.curate.bucketstats import bucket_distribution, plot_distribution
+from latentmill.curate.storage import write_json
 from latentmill.curate.vaefit import VaeFitConfig, fit_vae
 from latentmill.layout import Layout
 from latentmill.recipe import load_recipe

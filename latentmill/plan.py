@@ -15,8 +15,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latentmill.curate.atomic import write_json
 from latentmill.curate.lineage import content_fingerprint, differences, fingerprint, settings_of
+from latentmill.curate.storage import write_json
 from latentmill.layout import Layout
 from latentmill.schema import from_section
 from latentmill.stages import PLACEHOLDERS, STAGES, Stage, producer

@@ -11,7 +11,7 @@ import io
 import json
 from pathlib import Path
 
-from latentmill.curate.atomic import atomic_path
+from latentmill.curate.storage import atomic_path
 from latentmill.errors import InputError
 from latentmill.layout import Layout
 

@@ -197,3 +197,82 @@ class DyingStage:
             self.marker.touch()
             os._exit(1)
         return self.stage.process(shard, state)
+
+
+class S3Server:
+    """moto's S3 server on 127.0.0.1 (a real HTTP endpoint reached through s3fs), counting the requests
+    that write (PUT, POST, DELETE) so tests can tell a re-run that wrote nothing."""
+
+    def __init__(self):
+        import logging
+
+        from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self.writes: list[tuple[str, str]] = []
+        server = self
+
+        class Counting(ThreadedMotoServer):
+            def _server_entry(self):
+                from moto.moto_server.threaded_moto_server import MotoRequestHandler
+                from moto.server import DomainDispatcherApplication, create_backend_app
+                from werkzeug.serving import make_server
+
+                app = DomainDispatcherApplication(create_backend_app)
+
+                def counting(environ, start_response):
+                    if environ["REQUEST_METHOD"] in ("PUT", "POST", "DELETE"):
+                        server.writes.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")))
+                    return app(environ, start_response)
+
+                self._server = make_server(
+                    self._ip_address, self._port, counting, True, request_handler=MotoRequestHandler
+                )
+                self._server_ready_event.set()
+                self._server.serve_forever()
+
+        self._server = Counting(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        self.endpoint = "http://{}:{}".format(*self._server.get_host_and_port())
+        self._buckets = 0
+
+    def bucket(self) -> str:
+        """A new empty bucket (moto's state lives as long as the server)."""
+        import boto3
+
+        self._buckets += 1
+        name = f"lm-test-{self._buckets}"
+        boto3.client("s3", endpoint_url=self.endpoint).create_bucket(Bucket=name)
+        return name
+
+    def stop(self):
+        self._server.stop()
+
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The loopback S3 server for the session, with the environment a user sets (AWS_ENDPOINT_URL and
+    keys) so s3fs, subprocesses and Ray workers started by the tests all reach it."""
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    server = S3Server()
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=server.endpoint)
+    yield server
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def bucket(s3_server):
+    """s3://NAME of a fresh bucket on the loopback S3 server."""
+    return f"s3://{s3_server.bucket()}"

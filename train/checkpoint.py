@@ -173,7 +173,7 @@ def truncate_log(run: Path, step: int) -> None:
             continue
         if not isinstance(entry, dict) or entry.get("step", 0) <= step:
             kept.append(line)
-    from latentmill.curate.atomic import atomic_path
+    from latentmill.curate.storage import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text("".join(f"{line}\n" for line in kept))

@@ -22,7 +22,7 @@ def export_single_file(run: str | Path, output: Path, use_ema: bool = True, vae:
     Diffusion layout (train/singlefile.py), what A1111, ComfyUI and diffusers' `from_single_file` load."""
     from safetensors.torch import save_file
 
-    from latentmill.curate.atomic import atomic_path
+    from latentmill.curate.storage import atomic_path
     from latentmill.train.singlefile import to_single_file
 
     pipeline = pipeline_of_run(run, use_ema, vae)
@@ -128,7 +128,7 @@ def export_lora(loaded, output: Path, format: str) -> Path:
     renamed."""
     from safetensors.torch import save_file
 
-    from latentmill.curate.atomic import atomic_path
+    from latentmill.curate.storage import atomic_path
     from latentmill.train.lora import kohya_metadata, to_diffusers, to_kohya
 
     adapter, tensors = loaded.adapter, loaded.adapter_weights()

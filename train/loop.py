@@ -306,8 +306,8 @@ def _set_up(config: TrainConfig) -> Training:
 def _record_lineage(run: Path, config: TrainConfig, sets: list) -> None:
     """RUN/lineage.json: the settings that shape the weights, the latent folders and the models they
     start from, by content (latentmill.curate.lineage)."""
-    from latentmill.curate.atomic import write_json
     from latentmill.curate.lineage import make_record, record_path
+    from latentmill.curate.storage import write_json
 
     inputs = {f"latents[{i}]": folder for i, (folder, _) in enumerate(sets)}
     models = {"model": config.model, "text_encoder": config.text_encoder, "vae": config.vae}

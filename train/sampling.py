@@ -199,8 +199,8 @@ def sample_to_folder(
 
     from PIL import Image
 
-    from latentmill.curate.atomic import atomic_path, write_json
     from latentmill.curate.lineage import model_fingerprint
+    from latentmill.curate.storage import atomic_path, write_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,35 @@ class NothingLeftError(click.ClickException):
     exit_code = 3
 
 
+def _set_storage_options(ctx, param, values):
+    if values:
+        from latentmill.curate.storage import options, parse_option, set_options
+
+        set_options(options() | dict(parse_option(v) for v in values))
+
+
+STORAGE_OPTION = click.Option(
+    ["--storage-option"],
+    multiple=True,
+    metavar="KEY=VALUE",
+    expose_value=False,
+    is_eager=True,
+    callback=_set_storage_options,
+    help="Passed to fsspec for s3://, gs://… paths (endpoint_url=http://10.0.0.5:9000, anon=true); "
+    "credentials come from the usual places (AWS_* variables, AWS_PROFILE, the instance role).",
+)
+
+
+def _with_storage_option(command: click.Command) -> click.Command:
+    """Every command takes --storage-option (a group: each of its subcommands)."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _with_storage_option(sub)
+    elif STORAGE_OPTION not in command.params:
+        command.params.append(STORAGE_OPTION)
+    return command
+
+
 class LazyGroup(click.Group):
     """A group whose subcommands are imported when invoked, not when the group is built."""
 
@@ -99,7 +128,7 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attr = COMMANDS[name][0].split(":")
-        return getattr(importlib.import_module(module), attr)
+        return _with_storage_option(getattr(importlib.import_module(module), attr))
 
     def invoke(self, ctx):
         from latentmill.errors import InputError, NothingLeft, TrainingFailed
@@ -118,6 +147,13 @@ class LazyGroup(click.Group):
             if os.environ.get("LATENTMILL_DEBUG") == "1":
                 raise
             raise click.ClickException(str(err)) from None  # exit 1: the input was fine, training was not
+        except Exception as err:  # an object store's refusal (no bucket, no access, no endpoint): exit 2
+            from latentmill.curate.storage import explain
+
+            message = explain(err)
+            if message is None or os.environ.get("LATENTMILL_DEBUG") == "1":
+                raise
+            raise BadInput(message) from None
 
     def format_commands(self, ctx, formatter):
         rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from latentmill.cli.options import click_options, config_from
+from latentmill.cli.options import Location, click_options, config_from
 from latentmill.curate.encode import EncodeConfig
 
 
@@ -15,13 +15,13 @@ from latentmill.curate.encode import EncodeConfig
     EncodeConfig, only=("resolution", "bucket_min_side", "bucket_max_side", "step", "bucket_assign")
 )
 @click.option(
-    "--images", type=click.Path(exists=True), help="Image shards: show how they fall into the buckets."
+    "--images", type=Location(exists=True), help="Image shards: show how they fall into the buckets."
 )
 @click.option(
-    "--selection", type=click.Path(exists=True), help="With --images: count only the selected images."
+    "--selection", type=Location(exists=True), help="With --images: count only the selected images."
 )
 @click.option(
-    "--plot", type=click.Path(), help="With --images: write a bar chart PNG here (default: buckets.png)."
+    "--plot", type=Location(), help="With --images: write a bar chart PNG here (default: buckets.png)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the bucket list, or the distribution.")
 def buckets(images, selection, plot, as_json, **kwargs):

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import click_options, config_from
+from latentmill.cli.options import Location, click_options, config_from
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.filters.dedup import DedupConfig
 
 
 @click.command()
-@click.argument("scores", type=click.Path(exists=True))
+@click.argument("scores", type=Location(exists=True))
 @click.option(
-    "-o", "--output", required=True, type=click.Path(), help="Output folder: {shard}.parquet and funnel.json."
+    "-o", "--output", required=True, type=Location(), help="Output folder: {shard}.parquet and funnel.json."
 )
 @click.option(
-    "--images", type=click.Path(exists=True), help="The image shards: also group byte-identical images."
+    "--images", type=Location(exists=True), help="The image shards: also group byte-identical images."
 )
 @click_options(DedupConfig)
 @click_options(ExecutorConfig)

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import click_options, column_options, columns_from, config_from, overwrite_option
+from latentmill.cli.options import (
+    Location,
+    click_options,
+    column_options,
+    columns_from,
+    config_from,
+    overwrite_option,
+)
 from latentmill.curate.download import DownloadConfig
 
 
 @click.command()
-@click.argument("table", type=click.Path(), required=False)
-@click.option("-o", "--output", type=click.Path(), help="Output folder of image shards.")
+@click.argument("table", type=Location(), required=False)
+@click.option("-o", "--output", type=Location(), help="Output folder of image shards.")
 @click.option(
     "--retry-failed",
     "retry_folder",
-    type=click.Path(),
+    type=Location(),
     help="Instead of TABLE: download again the rows that failed in this image folder, into new shards.",
 )
 @click.option(

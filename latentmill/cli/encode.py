@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import click_options, config_from, overwrite_option
+from latentmill.cli.options import Location, click_options, config_from, overwrite_option
 from latentmill.curate.encode import EncodeConfig
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.progress import progress_bar
 
 
 @click.command()
-@click.argument("images", type=click.Path(exists=True))
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder of latent shards.")
+@click.argument("images", type=Location(exists=True))
+@click.option("-o", "--output", required=True, type=Location(), help="Output folder of latent shards.")
 @click.option(
-    "--selection", type=click.Path(exists=True), help="Selection folder (key, keep); default: keep all."
+    "--selection", type=Location(exists=True), help="Selection folder (key, keep); default: keep all."
 )
 @click_options(EncodeConfig)
 @click_options(ExecutorConfig)

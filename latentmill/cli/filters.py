@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import click_options, config_from, overwrite_option
+from latentmill.cli.options import Location, click_options, config_from, overwrite_option
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.filters.fithead import FitHeadConfig
 from latentmill.filters.score import ScoreConfig
@@ -12,8 +12,8 @@ from latentmill.progress import progress_bar
 
 
 @click.command()
-@click.argument("images", type=click.Path(exists=True))
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder of score parquets.")
+@click.argument("images", type=Location(exists=True))
+@click.option("-o", "--output", required=True, type=Location(), help="Output folder of score parquets.")
 @click_options(ScoreConfig)
 @click_options(ExecutorConfig)
 @overwrite_option
@@ -40,17 +40,17 @@ def score(images, output, overwrite, **kwargs):
 
 @click.command("fit-head")
 @click.option(
-    "--embeddings", required=True, type=click.Path(exists=True), help="Folder of embeddings/{shard}.npy."
+    "--embeddings", required=True, type=Location(exists=True), help="Folder of embeddings/{shard}.npy."
 )
 @click.option(
     "--scores",
-    type=click.Path(exists=True),
+    type=Location(exists=True),
     help="Score folder matching the embeddings (default: ../scores).",
 )
 @click.option(
     "--labels",
     required=True,
-    type=click.Path(exists=True),
+    type=Location(exists=True),
     help="csv or parquet with `key` and the target, or a folder of image shards whose JSON carries it.",
 )
 @click.option(
@@ -59,7 +59,7 @@ def score(images, output, overwrite, **kwargs):
     help="Also add the head's column to the score parquets (from the saved "
     "embeddings, no pass over the images).",
 )
-@click.option("-o", "--output", required=True, type=click.Path(), help="Head file (.safetensors).")
+@click.option("-o", "--output", required=True, type=Location(), help="Head file (.safetensors).")
 @click_options(FitHeadConfig)
 @overwrite_option
 def fit_head(embeddings, scores, labels, add_column, output, overwrite, **kwargs):
@@ -89,8 +89,8 @@ def fit_head(embeddings, scores, labels, add_column, output, overwrite, **kwargs
 
 @click.command("convert-head")
 @click.argument("kind", type=click.Choice(["laion-nsfw"]))
-@click.argument("source", type=click.Path(exists=True))
-@click.option("-o", "--output", required=True, type=click.Path(), help="Head file to write (.safetensors).")
+@click.argument("source", type=Location(exists=True))
+@click.option("-o", "--output", required=True, type=Location(), help="Head file to write (.safetensors).")
 def convert_head(kind, source, output):
     """Convert LAION's published NSFW detector (a Keras SavedModel zip) to one safetensors file.
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from latentmill.cli.options import click_options, config_from, overwrite_option
+from latentmill.cli.options import Location, click_options, config_from, overwrite_option
 from latentmill.curate.pack import PackConfig
 
 
@@ -16,7 +16,7 @@ def images():
 
 
 @images.command()
-@click.argument("folder", type=click.Path(exists=True))
+@click.argument("folder", type=Location(exists=True))
 @click.option("--decode", is_flag=True, help="Decode every image and count the ones that fail, by reason.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def inspect(folder, decode, as_json):
@@ -49,8 +49,8 @@ def inspect(folder, decode, as_json):
 
 
 @images.command()
-@click.argument("folder", type=click.Path(exists=True, file_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(), help="Folder for the image shards.")
+@click.argument("folder", type=Location(exists=True, file_okay=False))
+@click.option("-o", "--output", required=True, type=Location(), help="Folder for the image shards.")
 @click_options(PackConfig)
 @overwrite_option
 def pack(folder, output, overwrite, **kwargs):

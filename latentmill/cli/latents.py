@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from latentmill.cli.options import Location
 from latentmill.progress import progress_bar
 
 
@@ -18,7 +19,7 @@ def latents():
 
 
 @latents.command()
-@click.argument("folder", type=click.Path(exists=True))
+@click.argument("folder", type=Location(exists=True))
 def verify(folder):
     """Every shard against the manifest: present, its sha256, its sample count, every sample readable.
 

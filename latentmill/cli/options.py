@@ -15,6 +15,33 @@ from latentmill.schema import flag_of, kind_of, spec_of
 POSITIVE = click.IntRange(min=1)  # counts that must be at least one: steps, sizes
 
 
+class Location(click.Path):
+    """A local path (checked as click.Path checks it) or a storage URL (s3://bucket/prefix, gs://…),
+    passed on as text; with exists=True a URL must name an object or a prefix holding some."""
+
+    name = "location"
+
+    def convert(self, value, param, ctx):
+        from latentmill.curate.storage import is_remote, location
+
+        text = str(value)
+        if not is_remote(text):
+            return super().convert(value, param, ctx)
+        try:
+            where = location(text)
+            if self.exists and not where.exists():
+                self.fail(
+                    f"{text}: nothing there (no such object or prefix, or the bucket is missing).", param, ctx
+                )
+        except click.BadParameter:
+            raise
+        except Exception as err:  # the store itself refused: say why, as exit 2
+            from latentmill.curate.storage import explain
+
+            self.fail(explain(err) or f"{text}: {err}", param, ctx)
+        return text
+
+
 def column_options(func):
     """--url-col, --caption-col, --width-col, ...: name a table's columns when they are not LAION's."""
     for role in reversed(list(DEFAULT_COLUMNS)):
@@ -75,7 +102,7 @@ def click_type(cls, field: dataclasses.Field):
         return click.IntRange(min=low, max=None if spec.high is None else int(spec.high))
     if kind == "float":
         return Finite(spec.low, spec.high, min_open=spec.low_open)
-    return click.Path() if spec.path else click.STRING
+    return Location() if spec.path else click.STRING
 
 
 def click_options(cls, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = ()):

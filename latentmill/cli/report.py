@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import click
 
+from latentmill.cli.options import Location
+
 
 @click.command()
-@click.argument("work", type=click.Path(exists=True))
-@click.option("-o", "--output", type=click.Path(), help="HTML file (default: WORK/report/index.html).")
+@click.argument("work", type=Location(exists=True))
+@click.option("-o", "--output", type=Location(), help="HTML file (default: WORK/report/index.html).")
 def report(work, output):
     """One self-contained HTML page of WORK: funnel, score histograms, buckets, thumbnails, loss, samples.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import click_options, config_from, given_on_command_line
+from latentmill.cli.options import Location, click_options, config_from, given_on_command_line
 from latentmill.curate.executors import ExecutorConfig
 from latentmill.stages import STAGE_NAMES
 
@@ -42,8 +42,8 @@ def show(name):
 
 @click.command()
 @click.argument("recipe")
-@click.option("--urls", type=click.Path(exists=True), help="The URL table (for recipes that read one).")
-@click.option("-w", "--work", default="work", show_default=True, type=click.Path(), help="Work folder.")
+@click.option("--urls", type=Location(exists=True), help="The URL table (for recipes that read one).")
+@click.option("-w", "--work", default="work", show_default=True, type=Location(), help="Work folder.")
 @click.option(
     "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe value."
 )
@@ -83,7 +83,7 @@ def run(ctx, recipe, urls, work, overrides, until, dry_run, **kwargs):
 
 
 @click.command()
-@click.argument("work", type=click.Path(exists=True))
+@click.argument("work", type=Location(exists=True))
 def status(work):
     """Every stage's progress in WORK: shards done of total, samples kept.
 

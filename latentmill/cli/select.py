@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import click_options, config_from
+from latentmill.cli.options import Location, click_options, config_from
 from latentmill.filters.select import SelectConfig
 
 
 @click.command()
-@click.argument("scores", type=click.Path(exists=True))
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder of selection parquets.")
+@click.argument("scores", type=Location(exists=True))
+@click.option("-o", "--output", required=True, type=Location(), help="Output folder of selection parquets.")
 @click_options(SelectConfig)
 def select(scores, output, **kwargs):
     """Apply thresholds to the scores; write selection parquets (key, keep, reason) and print the funnel.

@@ -6,17 +6,17 @@ from pathlib import Path
 
 import click
 
-from latentmill.cli.options import click_options, config_from, given_on_command_line
+from latentmill.cli.options import Location, click_options, config_from, given_on_command_line
 from latentmill.train.config import ExportConfig, MergeConfig, SampleConfig, TrainConfig
 
 
 @click.command()
 @click.argument("shards", nargs=-1)
-@click.option("-o", "--output", required=True, type=click.Path(), help="Run folder (checkpoints, log.jsonl).")
+@click.option("-o", "--output", required=True, type=Location(), help="Run folder (checkpoints, log.jsonl).")
 @click.option(
     "--config",
     "config_file",
-    type=click.Path(exists=True, dir_okay=False),
+    type=Location(exists=True, dir_okay=False),
     help="A YAML file of train settings (the keys of a recipe's train: section); options given override it.",
 )
 @click_options(TrainConfig)
@@ -74,8 +74,8 @@ def train(ctx, shards, output, config_file, **kwargs):
 
 
 @click.command()
-@click.argument("run", type=click.Path(exists=True))
-@click.option("-o", "--output", required=True, type=click.Path(), help="diffusers pipeline folder to write.")
+@click.argument("run", type=Location(exists=True))
+@click.option("-o", "--output", required=True, type=Location(), help="diffusers pipeline folder to write.")
 @click_options(ExportConfig)
 def export(run, output, **kwargs):
     """Write RUN's last checkpoint as a folder StableDiffusionPipeline.from_pretrained loads; a LoRA run's
@@ -95,10 +95,10 @@ def export(run, output, **kwargs):
 
 
 @click.command()
-@click.argument("a", type=click.Path(exists=True), required=False)
-@click.argument("b", type=click.Path(exists=True), required=False)
+@click.argument("a", type=Location(exists=True), required=False)
+@click.argument("b", type=Location(exists=True), required=False)
 @click_options(MergeConfig)
-@click.option("-o", "--output", required=True, type=click.Path(), help="Run folder for the merged weights.")
+@click.option("-o", "--output", required=True, type=Location(), help="Run folder for the merged weights.")
 def merge(a, b, output, **kwargs):
     """Merge two runs (or .safetensors files): (1 - alpha) * A + alpha * B, or A + alpha * (B - BASE); or
     bake a LoRA adapter into a whole U-Net.
@@ -133,12 +133,12 @@ def merge(a, b, output, **kwargs):
 
 
 @click.command()
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source", type=Location(exists=True))
 @click_options(SampleConfig)
-@click.option("-o", "--output", default="samples.png", show_default=True, type=click.Path(), help="Grid PNG.")
+@click.option("-o", "--output", default="samples.png", show_default=True, type=Location(), help="Grid PNG.")
 @click.option(
     "--to-folder",
-    type=click.Path(file_okay=False),
+    type=Location(file_okay=False),
     help="Write each image as NNNNNN.png with its prompt in NNNNNN.txt (for `images pack`), not a grid.",
 )
 def sample(source, output, to_folder, **kwargs):

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from latentmill.cli.options import click_options, column_options, columns_from, config_from
+from latentmill.cli.options import Location, click_options, column_options, columns_from, config_from
 from latentmill.curate.prefilter import PrefilterConfig
 from latentmill.progress import progress_bar
 
@@ -17,7 +17,7 @@ def urls():
 
 
 @urls.command()
-@click.argument("table", type=click.Path())
+@click.argument("table", type=Location())
 @column_options
 @click.option("--sample-rows", default=200_000, show_default=True, help="Reservoir size for percentiles.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -40,8 +40,8 @@ def inspect(table, sample_rows, as_json, **kwargs):
 
 
 @urls.command()
-@click.argument("table", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output parquet of the kept rows.")
+@click.argument("table", type=Location())
+@click.option("-o", "--output", required=True, type=Location(), help="Output parquet of the kept rows.")
 @click_options(PrefilterConfig)
 @column_options
 def prefilter(table, output, **kwargs):

@@ -1,0 +1,248 @@
+"""Where data lives: a local path, or an fsspec URL (s3://bucket/prefix, gs://…, memory:// in tests).
+
+Every stage names its folders and files through `location()`: a `pathlib.Path` for a local path, a
+`upath.UPath` (the same path API over fsspec) for a URL, so `/`, `.name`, `.glob()`, `.exists()`,
+`.open()` read the same either way. Writes go through `atomic_path()`: on disk a temporary name and a
+rename, as always; in an object store the file is made locally and uploaded whole (one object appears
+complete or not at all), and a stage's completion marker (a shard's stats file) is written after its
+data, so a killed writer never leaves a marker without its data. `write_bytes`/`write_json` leave an
+identical file alone, so a finished stage run again writes nothing (no PUT).
+
+Credentials and endpoints come from the standard places (for S3: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_PROFILE, the instance role); `set_options()` (the `--storage-option KEY=VALUE`
+flags, the recipe's `storage_options:`) passes anything else to fsspec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from latentmill.errors import InputError
+
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+# protocol -> (the package that implements it, the latentmill extra that installs it)
+EXTRAS = {
+    "s3": ("s3fs", "s3"),
+    "s3a": ("s3fs", "s3"),
+    "gs": ("gcsfs", "gcs"),
+    "gcs": ("gcsfs", "gcs"),
+    "az": ("adlfs", "azure"),
+    "abfs": ("adlfs", "azure"),
+}
+_options: dict = {}
+
+
+def set_options(options: dict) -> None:
+    """Options every remote location is opened with (fsspec's storage_options: endpoint_url, anon, …)."""
+    _options.clear()
+    _options.update(options)
+
+
+def options() -> dict:
+    return dict(_options)
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` as given to --storage-option: VALUE read as JSON when it is (true, 3, {"a": 1}), else text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise InputError(
+            f"--storage-option {text!r}: expected KEY=VALUE, e.g. endpoint_url=http://10.0.0.5:9000."
+        )
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+def protocol_of(spec) -> str | None:
+    """The URL scheme of `spec` ("s3"), or None for a local path."""
+    if isinstance(spec, Path):
+        return None
+    if hasattr(spec, "protocol") and hasattr(spec, "fs"):  # a UPath
+        return spec.protocol or None
+    match = _URL.match(str(spec))
+    return match.group(1).lower() if match else None
+
+
+def is_remote(spec) -> bool:
+    return protocol_of(spec) not in (None, "file", "local")
+
+
+def location(spec: str | os.PathLike):
+    """A local path as `Path`, a URL as a `UPath` with the storage options; a missing fsspec backend is a
+    clear error naming the extra that installs it."""
+    if isinstance(spec, Path) or (hasattr(spec, "protocol") and hasattr(spec, "fs")):
+        return spec
+    text = os.fspath(spec)
+    protocol = protocol_of(text)
+    if protocol in (None, "file", "local"):
+        return Path(text.split("://", 1)[1] if protocol else text)
+    _require(protocol, text)
+    from upath import UPath
+
+    return UPath(text, **_options)
+
+
+def _require(protocol: str, spec: str) -> None:
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError:
+        package, extra = EXTRAS.get(protocol, (f"the fsspec backend for {protocol}://", None))
+        fix = f"pip install 'latentmill[{extra}]'" if extra else f"install {package}"
+        raise InputError(
+            f"{spec}: {protocol}:// needs {package}, which is not installed. Fix: {fix}."
+        ) from None
+    except ValueError:
+        raise InputError(
+            f"{spec}: unknown storage protocol {protocol}://. Use a local path, s3://, gs:// or another "
+            f"fsspec protocol."
+        ) from None
+
+
+def make_folder(path) -> None:
+    """A folder to write into: created on disk; in an object store folders are prefixes and need nothing
+    (creating one must never create a bucket by accident)."""
+    if not is_remote(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """Yield a local temporary path to write `path`'s content into. On success: on disk, renamed onto
+    `path`; in an object store, uploaded as one object. On failure nothing appears."""
+    path = location(path)
+    if is_remote(path):
+        with tempfile.TemporaryDirectory(prefix="latentmill-") as folder:
+            tmp = Path(folder) / path.name
+            yield tmp
+            upload(tmp, path)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def upload(local: Path, path) -> None:
+    """Put a local file at `path` (a UPath) whole: S3 shows an object only once its upload completed."""
+    path.fs.put_file(str(local), path.path)
+
+
+def read_bytes_if_exists(path) -> bytes | None:
+    try:
+        return location(path).read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+def write_bytes(path, data: bytes) -> bool:
+    """Write `data` atomically unless `path` already holds exactly it; True when it wrote."""
+    if read_bytes_if_exists(path) == data:
+        return False
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return True
+
+
+def write_json(path, data) -> bool:
+    """Write `data` as indented JSON, atomically, unless the file already holds exactly it."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n"
+    return write_bytes(path, text.encode())
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if isinstance(value, Path) or is_remote(value):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+@contextmanager
+def local_file(path) -> Iterator[Path]:
+    """A local file with `path`'s content, for readers that need one (random access, memory maps): the
+    path itself on disk, a temporary download of the object otherwise."""
+    path = location(path)
+    if not is_remote(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="latentmill-") as folder:
+        tmp = Path(folder) / path.name
+        path.fs.get_file(path.path, str(tmp))
+        yield tmp
+
+
+def file_version(path) -> tuple[int, str]:
+    """(size, version) of a file, to cache what was computed from its content: the mtime on disk, the
+    ETag (or last-modified time) in an object store."""
+    if not is_remote(path):
+        stat = Path(path).stat()
+        return stat.st_size, str(stat.st_mtime_ns)
+    info = path.fs.info(path.path)
+    version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("created") or ""
+    return int(info.get("size") or 0), str(version)
+
+
+def remove(path) -> None:
+    """Delete a file or a folder with everything under it (no error when absent)."""
+    path = location(path)
+    if is_remote(path):
+        try:
+            path.fs.rm(path.path, recursive=True)
+        except FileNotFoundError:
+            pass
+    elif path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def explain(err: BaseException) -> str | None:
+    """A storage failure as the one line a user needs (what failed, the fix), or None when `err` is not one."""
+    name = type(err).__name__
+    text = str(err)
+    chain = [err]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if nxt in chain or len(chain) > 8:
+            break
+        chain.append(nxt)
+    names = {type(e).__name__ for e in chain}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or _options.get("endpoint_url") or "the default endpoint"
+    if names & {
+        "EndpointConnectionError",
+        "ClientConnectorError",
+        "ConnectTimeoutError",
+        "ConnectionClosedError",
+    }:
+        return (
+            f"cannot reach the object store at {endpoint} ({text.splitlines()[0][:160] if text else name}). "
+            f"Check AWS_ENDPOINT_URL or --storage-option endpoint_url=…, and that the server is up."
+        )
+    if names & {"NoCredentialsError", "PartialCredentialsError"}:
+        return (
+            "no credentials for the object store. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+            "AWS_PROFILE), or run where an instance role provides them."
+        )
+    if isinstance(err, PermissionError) or names & {"InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+        return (
+            f"the object store refused access ({text.splitlines()[0][:200] if text else name}). Check "
+            f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and that they may read and write there."
+        )
+    if isinstance(err, FileNotFoundError) and "bucket does not exist" in text.lower():
+        return f"{text}: the bucket of the URL does not exist. Create it, or fix the URL's bucket name."
+    return None

@@ -1,0 +1,204 @@
+"""The storage layer: memory:// for the module's own rules, moto's S3 server on 127.0.0.1 (through s3fs and
+AWS_ENDPOINT_URL, as users reach MinIO or S3) for stages run against an object store."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from latentmill.curate import storage
+from latentmill.curate.encode import EncodeConfig, encode
+from latentmill.errors import InputError
+from tests.conftest import image_entry, kill_when_done, make_shard
+
+SMALL = dict(resolution=256, batch_size=2, vae="tiny", workers=0, torch_threads=1)
+
+
+def test_a_url_is_a_path_of_the_store_and_a_local_path_stays_a_path(tmp_path):
+    from pathlib import Path
+
+    assert storage.location(tmp_path) == tmp_path and isinstance(storage.location(str(tmp_path)), Path)
+    assert storage.location(f"file://{tmp_path}") == tmp_path
+    remote = storage.location("memory://bucket/work") / "images" / "00000.tar"
+    assert storage.is_remote(remote) and str(remote) == "memory://bucket/work/images/00000.tar"
+    assert (remote.name, remote.stem) == ("00000.tar", "00000")
+
+
+def test_writes_are_whole_and_an_identical_file_is_left_alone():
+    target = storage.location("memory://writes/folder/a.json")
+    assert storage.write_json(target, {"a": 1}) is True
+    assert storage.write_json(target, {"a": 1}) is False  # the same bytes: nothing written
+    assert target.read_text() == '{\n  "a": 1\n}\n'
+    with pytest.raises(RuntimeError), storage.atomic_path("memory://writes/folder/b.bin") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+    assert not storage.location("memory://writes/folder/b.bin").exists()  # nothing appears on failure
+
+
+def test_a_missing_backend_names_the_extra_and_an_unknown_protocol_is_refused(monkeypatch):
+    import fsspec
+
+    def missing(protocol):
+        raise ImportError(f"Install gcsfs to access {protocol}")
+
+    monkeypatch.setattr(fsspec, "get_filesystem_class", missing)
+    with pytest.raises(InputError, match=r"gs://b/x: gs:// needs gcsfs.*pip install 'latentmill\[gcs\]'"):
+        storage.location("gs://b/x")
+    monkeypatch.undo()
+    with pytest.raises(InputError, match="unknown storage protocol nosuch://"):
+        storage.location("nosuch://b/x")
+
+
+def test_storage_options_are_parsed_as_json_or_text():
+    assert storage.parse_option("endpoint_url=http://10.0.0.5:9000") == (
+        "endpoint_url",
+        "http://10.0.0.5:9000",
+    )
+    assert storage.parse_option("anon=true") == ("anon", True)
+    assert storage.parse_option('client_kwargs={"region_name": "eu"}') == (
+        "client_kwargs",
+        {"region_name": "eu"},
+    )
+    with pytest.raises(InputError, match="KEY=VALUE"):
+        storage.parse_option("nokey")
+
+
+# --- against the loopback S3 server ---------------------------------------------------------------------
+
+
+def _images(folder, shards=3, per_shard=4):
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(shards):
+        make_shard(
+            folder / f"{shard:05d}.tar",
+            [
+                image_entry(f"{shard:05d}{i:04d}", 300 + 24 * i, 256, seed=shard * 10 + i)
+                for i in range(per_shard)
+            ],
+        )
+    return folder
+
+
+def _upload(folder, url):
+    target = storage.location(url)
+    for path in sorted(folder.iterdir()):
+        storage.upload(path, target / path.name)
+
+
+def _digests(where, suffixes=(".tar", ".parquet")):
+    """sha256 of every tar and parquet under a folder or prefix, by name."""
+    where = storage.location(where)
+    if storage.is_remote(where):
+        where.fs.invalidate_cache()
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in where.iterdir()
+        if p.name.endswith(suffixes)
+    }
+
+
+def _encode_cmd(images, out):
+    return [sys.executable, "-m", "latentmill", "encode", str(images), "-o", str(out), "--resolution", "256",
+            "--batch-size", "1", "--vae", "tiny", "--workers", "0", "--torch-threads", "1"]  # fmt: skip
+
+
+def test_encode_into_s3_writes_the_bytes_a_local_encode_writes_and_a_rerun_puts_nothing(
+    tmp_path, bucket, s3_server, run_cli
+):
+    local = _images(tmp_path / "images")
+    _upload(local, f"{bucket}/images")
+    reference = encode(local, tmp_path / "latents", EncodeConfig(**SMALL))
+    result = run_cli(
+        "encode", f"{bucket}/images", "-o", f"{bucket}/latents", "--resolution", "256", "--batch-size", "2",
+        "--vae", "tiny", "--workers", "0", "--torch-threads", "1",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    expected = _digests(tmp_path / "latents")
+    assert len(expected) == 6 and _digests(f"{bucket}/latents") == expected
+    manifest = storage.location(f"{bucket}/latents/manifest.json").read_text()
+    assert f'"samples": {reference["samples"]}' in manifest
+
+    before = len(s3_server.writes)
+    again = encode(f"{bucket}/images", f"{bucket}/latents", EncodeConfig(**SMALL))
+    assert again["samples"] == reference["samples"]
+    assert s3_server.writes[before:] == []  # a finished stage run again writes nothing
+
+
+class _S3Marker:
+    """`exists()` of one object, asked of the server itself (no client-side listing cache)."""
+
+    def __init__(self, url):
+        import boto3
+
+        self.bucket, self.key = url[len("s3://") :].split("/", 1)
+        self.client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+
+    def exists(self):
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.key)
+            return True
+        except Exception:
+            return False
+
+
+@pytest.mark.slow  # kills and restarts subprocesses
+def test_an_encode_into_s3_killed_midway_and_two_writers_end_identical(tmp_path, bucket):
+    local = _images(tmp_path / "images", shards=5)
+    _upload(local, f"{bucket}/images")
+    subprocess.run(_encode_cmd(local, tmp_path / "reference"), check=True, capture_output=True)
+    expected = _digests(tmp_path / "reference")
+
+    killed = f"{bucket}/killed"
+    process = subprocess.Popen(
+        _encode_cmd(f"{bucket}/images", killed), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    kill_when_done(process, _S3Marker(f"{killed}/00000.stats.json"))
+    assert not _S3Marker(f"{killed}/manifest.json").exists(), "the encode was not stopped mid-way"
+    subprocess.run(_encode_cmd(f"{bucket}/images", killed), check=True, capture_output=True)
+    assert _digests(killed) == expected
+
+    shared = f"{bucket}/shared"
+    writers = [
+        subprocess.Popen(
+            _encode_cmd(f"{bucket}/images", shared), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    for writer in writers:
+        assert writer.wait() == 0, writer.stderr.read().decode()[-2000:]
+    assert _digests(shared) == expected
+
+
+def test_bad_storage_input_is_a_clear_exit_2(tmp_path, bucket, s3_server, run_cli):
+    encode_args = ["--vae", "tiny", "--resolution", "256", "--workers", "0"]
+    missing = run_cli("encode", "s3://no-such-bucket/images", "-o", f"{bucket}/out", *encode_args)
+    assert missing.exit_code == 2 and "s3://no-such-bucket/images" in missing.output
+    assert "bucket is missing" in missing.output and "Traceback" not in missing.output
+
+    (storage.location(f"{bucket}/empty") / "note.txt").write_text("no shards here")
+    empty = run_cli("encode", f"{bucket}/empty", "-o", f"{bucket}/out", *encode_args)
+    assert empty.exit_code == 2 and "no .tar image shards" in empty.output
+
+    closed = subprocess.run(
+        [sys.executable, "-m", "latentmill", "encode", f"{bucket}/images", "-o", f"{bucket}/out", *encode_args],
+        capture_output=True, text=True,
+        env=os.environ | {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"},
+    )  # fmt: skip
+    assert closed.returncode == 2, closed.stderr
+    assert "cannot reach the object store at http://127.0.0.1:9" in closed.stderr
+    assert "Traceback" not in closed.stderr
+
+
+def test_a_cut_off_shard_in_the_store_is_counted_not_fatal(tmp_path, bucket):
+    local = _images(tmp_path / "images", shards=2)
+    data = (local / "00001.tar").read_bytes()
+    (local / "00001.tar").write_bytes(data[: len(data) // 2])  # what a writer killed mid-copy leaves
+    _upload(local, f"{bucket}/images")
+    manifest = encode(f"{bucket}/images", f"{bucket}/latents", EncodeConfig(**SMALL))
+    stats = storage.location(f"{bucket}/latents/00001.stats.json").read_text()
+    assert '"damaged_tar": true' in stats and manifest["shards"]["00000"]["samples"] == 4

@@ -365,7 +365,8 @@ def encode(
         dropped.update(stats["dropped"])
     if sum(s["input"] for s in shard_stats.values()) and not manifest["samples"]:
         raise nothing_left(f"encode {images}: no latents", sum(dropped.values()), dict(dropped))
-    return manifest | {"dropped": dict(dropped)}
+    nodes = Counter(stats["node"] for stats in shard_stats.values() if "node" in stats)  # Ray: where
+    return manifest | {"dropped": dict(dropped), "nodes": dict(sorted(nodes.items()))}
 
 
 EMPTY_CAPTION = "empty_caption.text_emb.npy"
@@ -389,6 +390,10 @@ def format_encode_summary(manifest: dict, output: str | Path = "") -> str:
     ]
     for bucket, count in sorted(manifest["per_bucket"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {bucket:>10} {count:>8,}")
+    if manifest.get("nodes"):
+        lines.append(
+            "shards by Ray node: " + ", ".join(f"{node[:12]} {n}" for node, n in manifest["nodes"].items())
+        )
     if manifest["dropped"]:
         lines.append("dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(manifest["dropped"].items())))
     return "\n".join(lines)

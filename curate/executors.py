@@ -5,8 +5,9 @@ A stage is a picklable object with `setup()` (load the models once per worker), 
 (one input shard -> its outputs and stats, atomically) and `stats_path(shard)` (the stats file written
 last: a shard whose stats file exists is done and is skipped).
 `local` runs the shards here, one after the other, with one model. `ray` starts one actor per GPU (or
-`actors` CPU actors), each holding its model, hands shards out as actors free up, retries a failed
-shard up to `retries` times on another free actor, and replaces an actor whose process dies.
+`actors` CPU actors, spread over the nodes), each holding its model, hands shards out as actors free
+up, retries a shard that failed up to `shard_retries` times on another actor, and lets Ray restart an
+actor whose process or node died (the shard it held is retried on the restarted actor).
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ def _last_line(err: BaseException) -> str:
 
 
 def _run_on_ray(stage: ShardStage, shards: list[Path], executor: ExecutorConfig, progress) -> dict[str, dict]:
+    """Ray's own fault tolerance handles lost processes and nodes: an actor whose process or node dies is
+    restarted (on any node with room, `max_restarts`) and the shard it held is retried there
+    (`max_task_retries`). A shard that raises on a live actor is handed to another actor (a bad GPU, a
+    full disk), up to `shard_retries` times. Each result carries the id of the node that made it."""
     import ray
 
     started_here = False
@@ -111,7 +116,12 @@ def _run_on_ray(stage: ShardStage, shards: list[Path], executor: ExecutorConfig,
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         count = executor.actors or gpus or 2
-        options = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+        options = {
+            **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
+            "scheduling_strategy": "SPREAD",  # across nodes first: a lost node takes fewer actors with it
+            "max_restarts": executor.shard_retries + 1,
+            "max_task_retries": executor.shard_retries,
+        }
 
         @ray.remote
         class StageActor:
@@ -123,18 +133,14 @@ def _run_on_ray(stage: ShardStage, shards: list[Path], executor: ExecutorConfig,
                 self.stage, self.state = stage, stage.setup()
 
             def process(self, shard):
-                return self.stage.process(location(shard), self.state)
+                stats = self.stage.process(location(shard), self.state)
+                return stats | {"node": ray.get_runtime_context().get_node_id()}
 
-            def node(self):
-                return ray.get_runtime_context().get_node_id()
-
-        def start_actor():
-            return StageActor.options(**options).remote(stage, storage_options())
-
-        idle = deque(start_actor() for _ in range(min(count, len(shards))))
-        replacements = len(idle) * (
-            executor.shard_retries + 1
-        )  # a bound, so a shard that kills every actor stops
+        live = [
+            StageActor.options(**options).remote(stage, storage_options())
+            for _ in range(min(count, len(shards)))
+        ]
+        idle = deque(live)
         queue = deque((str(s), 0, None) for s in shards)  # (shard, attempt, the actor it failed on)
         running: dict = {}
         results: dict[str, dict] = {}
@@ -144,28 +150,16 @@ def _run_on_ray(stage: ShardStage, shards: list[Path], executor: ExecutorConfig,
                 shard, attempt, failed_on = queue.popleft()
                 actor = _pick(idle, failed_on)
                 running[actor.process.remote(shard)] = (shard, attempt, actor)
+            if not running:  # shards left and no live actor to run them
+                failures.update({s: "no live actor left" for s, _, _ in queue})
+                break
             finished, _ = ray.wait(list(running), num_returns=1)
             shard, attempt, actor = running.pop(finished[0])
             try:
                 stats = ray.get(finished[0])
-            except (
-                ray.exceptions.RayActorError
-            ) as err:  # the actor's process died: replace it, retry the shard
-                if replacements > 0:
-                    replacements -= 1
-                    idle.append(start_actor())
-                _retry_or_fail(
-                    queue,
-                    failures,
-                    shard,
-                    attempt,
-                    None,
-                    executor.shard_retries,
-                    f"its actor died ({_last_line(err)})",
-                )
-                if not idle and not running and queue:
-                    failures.update({s: "no live actor left" for s, _, _ in queue})
-                    queue.clear()
+            except ray.exceptions.RayActorError as err:  # died more often than Ray restarts it
+                live.remove(actor)
+                failures[shard] = f"its actor died ({_last_line(err)})"
                 continue
             except Exception as err:  # the shard failed on a live actor: retry it on another one, then report
                 idle.append(actor)

@@ -271,13 +271,16 @@ def checked_npy(data: bytes, shape: tuple, what: str, why: str) -> np.ndarray:
     return np.frombuffer(data, dtype=LATENT_DTYPE, offset=offset).reshape(shape).copy()  # one copy: writable
 
 
-def iter_latent_shard(path: str | Path, manifest: dict, errors: dict | None = None) -> Iterator[dict]:
+def iter_latent_shard(
+    path: str | Path, manifest: dict, errors: dict | None = None, stream=None
+) -> Iterator[dict]:
     """Samples of one latent shard (a path or a URL), each checked against the manifest: shape
     (C, bucket_h/8, bucket_w/8), float16.
 
     Yields dicts with key, latent (and latent_std / latent_flip / text_emb when stored), caption, meta.
     A sample that fails a check raises InputError, or, when `errors` is given, is skipped and counted
-    there (reason -> count); so is a damaged tar (what follows the damage is lost).
+    there (reason -> count); so is a damaged tar (what follows the damage is lost). `stream`: the shard's
+    bytes already opened (a cached copy of a remote shard), read and closed here.
     """
     channels = manifest["latent_channels"]
     factor = manifest["downsample_factor"]
@@ -324,7 +327,7 @@ def iter_latent_shard(path: str | Path, manifest: dict, errors: dict | None = No
             return None
 
     try:
-        with open_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with stream or open_stream(path) as opened, tarfile.open(fileobj=opened, mode="r|") as tar:
             for member in tar:
                 key, _, ext = member.name.partition(".")
                 if key != current and current is not None:

@@ -839,3 +839,42 @@ def test_a_merged_run_is_a_run_that_export_sample_and_init_from_take(latents, tm
         load_file(merged / "checkpoints" / checkpoint.name / "unet.safetensors")["conv_in.weight"],
         weights["conv_in.weight"],
     )
+
+
+def test_training_streams_shards_from_s3_and_keeps_its_run_there_resuming_exactly(latents, tmp_path, bucket):
+    from latentmill.curate import storage
+    from latentmill.train.shardcache import ShardCache
+
+    for path in sorted((latents / "latents").iterdir()):
+        storage.upload(path, storage.location(f"{bucket}/latents/{path.name}"))
+    remote = dict(shards=f"{bucket}/latents", cache_dir=str(tmp_path / "cache"), cache_limit="200kB")
+    straight, resumed = [], []
+    train(
+        config(latents, tmp_path / "local", steps=6, checkpoint_every=3),
+        progress=lambda m: straight.append(m["loss"]),
+    )
+    run = f"{bucket}/runs/a"
+    train(
+        config(latents, run, steps=3, checkpoint_every=3, **remote),
+        progress=lambda m: resumed.append(m["loss"]),
+    )
+    train(
+        config(latents, run, steps=6, checkpoint_every=3, resume=True, **remote),
+        progress=lambda m: resumed.append(m["loss"]),
+    )
+    assert resumed == straight  # the same stream from the store as from disk, resumed exactly
+    names = {p.name for p in storage.location(f"{run}/checkpoints").iterdir()}
+    assert names == {"step-0000003", "step-0000006"}
+    state = storage.location(f"{run}/checkpoints/step-0000006/state.json").read_text()
+    assert '"step": 6' in state
+    log = storage.location(f"{run}/log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log if '"loss"' in line][-1] == 6
+    # the cache stays under its limit: of the 4 shards read (~87 kB each), the earlier ones were evicted
+    cached = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    assert 0 < sum(p.stat().st_size for p in cached) <= 200_000 and len(cached) < 4
+    cache = ShardCache(tmp_path / "cache2", limit=10**9)
+    shard = f"{bucket}/latents/00000.tar"
+    with cache.open(shard, [f"{bucket}/latents/00001.tar"]) as stream:
+        assert stream.read() == (latents / "latents" / "00000.tar").read_bytes()
+    cache.close()
+    assert cache.downloads == 2  # the shard and, read ahead, the next one

@@ -26,6 +26,8 @@ class TrainConfig(StageConfig):
         "resume",
         "init_from",
         "workers",
+        "cache_dir",
+        "cache_limit",
         "device",
         "compile",
         "gradient_checkpointing",
@@ -108,6 +110,17 @@ class TrainConfig(StageConfig):
         "Loader processes per rank reading shards (default: up to 4 on CUDA, with pinned memory; 0 on CPU).",
         low=0,
     )
+    cache_dir: str | None = opt(
+        None,
+        "Shards in an object store (s3://…): the local folder their copies stream through "
+        "(default: a temporary folder of the run).",
+        path=True,
+    )
+    cache_limit: str = opt(
+        "50GB",
+        "Shards in an object store: the most the cache folder holds; the least recently read shards are "
+        "evicted first.",
+    )
     flip: bool = opt(True, "Use the stored flipped latents (encode --flip) half of the time.")
     seed: int = opt(0, "Seed of the weights, the noise and the data order.")
     device: str = opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -180,6 +193,9 @@ class TrainConfig(StageConfig):
         return [self.instance] if self.instance else list(self.shards)
 
     def check_more(self) -> None:
+        from latentmill.train.shardcache import parse_size
+
+        parse_size(self.cache_limit)
         if self.repeats and self.mix:
             raise InputError(
                 "train: give --repeats or --mix, not both (repeats weigh folders by size x repeats)."

@@ -63,6 +63,16 @@ def check_same_latent_space(manifests: list[dict], names: list[str]) -> None:
             )
 
 
+def shard_cache(config, sets: list[tuple[str, list[str]]]):
+    """The local cache remote shards stream through (None when every shard is on local disk)."""
+    from latentmill.curate.storage import is_remote
+    from latentmill.train.shardcache import ShardCache, parse_size
+
+    if not any(is_remote(shard) for _, shards in sets for shard in shards):
+        return None
+    return ShardCache(config.cache_dir, parse_size(config.cache_limit))
+
+
 def loader_workers(workers: int | None, device: str, shards_per_rank: int) -> int:
     """Loader processes per rank: as given, or on CUDA several (cores shared between the node's ranks, at
     most 4, at most one per shard), on CPU none (the cores are busy with the model)."""

@@ -23,8 +23,10 @@ import numpy as np
 import torch
 
 from latentmill.curate.latentshards import is_url, iter_latent_shard, read_manifest
+from latentmill.curate.storage import is_remote, location
 from latentmill.errors import InputError
 from latentmill.train.latentspace import posterior_sample
+from latentmill.train.shardcache import ShardCache
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
@@ -37,6 +39,8 @@ def expand_shards(spec: str | list[str]) -> list[str]:
         path = Path(item)
         if not is_url(item) and path.is_dir():
             shards += [str(p) for p in sorted(path.glob("*.tar"))]
+        elif is_remote(item) and not str(item).endswith(".tar") and "{" not in str(item):  # a store prefix
+            shards += sorted(str(p) for p in location(item).glob("*.tar"))
         else:
             expanded = list(braceexpand.braceexpand(str(item)))
             missing = [p for p in expanded if not is_url(p) and not Path(p).exists()]
@@ -105,6 +109,7 @@ class LatentLoader:
     sample_posterior: bool = True  # mean + std * noise where the std is stored
     pin_memory: bool = False  # page-locked batches, for non-blocking copies to a GPU
     prefetch: int = 4  # batches each worker prepares ahead
+    cache: ShardCache | None = None  # local copies of shards in an object store, read ahead
     state: LoaderState = field(default_factory=LoaderState)
     skipped: dict = field(default_factory=dict)  # this process's reader: reason -> samples or shards skipped
     _worker_skipped: dict = field(default_factory=dict)
@@ -152,9 +157,10 @@ class LatentLoader:
             order = [rng.choice(mine) for _ in range(10_000)]
         return order, rng
 
-    def _read(self, shard: str) -> Iterator[dict]:
+    def _read(self, shard: str, upcoming: list[str] = ()) -> Iterator[dict]:
         try:
-            yield from iter_latent_shard(shard, self.manifest, errors=self.skipped)
+            stream = self.cache.open(shard, upcoming) if self.cache and is_remote(shard) else None
+            yield from iter_latent_shard(shard, self.manifest, errors=self.skipped, stream=stream)
         except OSError:  # the shard cannot be opened at all (missing file, URL down)
             self.skipped["unreadable_shard"] = self.skipped.get("unreadable_shard", 0) + 1
 
@@ -215,7 +221,8 @@ class LatentLoader:
         if not position.draining:
             for shard_index in range(position.shard_index, len(order)):
                 skip = position.offset if shard_index == position.shard_index else 0
-                for offset, sample in enumerate(self._read(order[shard_index]), start=1):
+                upcoming = order[shard_index + 1 : shard_index + 4]  # read ahead from an object store
+                for offset, sample in enumerate(self._read(order[shard_index], upcoming), start=1):
                     if offset <= skip:
                         continue
                     sample["shard"] = order[shard_index]

@@ -8,7 +8,6 @@ run repeats an uninterrupted one exactly (bit-exact on CPU).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -32,11 +31,12 @@ from latentmill.train.checkpoint import (
 )
 from latentmill.train.conditioning import text_conditioning
 from latentmill.train.config import TrainConfig, resume_differences
-from latentmill.train.data import TrainingData, latent_sets, loader_workers
+from latentmill.train.data import TrainingData, latent_sets, loader_workers, shard_cache
 from latentmill.train.latentspace import to_unet_space
 from latentmill.train.models import build_unet
 from latentmill.train.objective import Objective
-from latentmill.train.runlog import RunLog, check_reporting
+from latentmill.train.remoterun import RunMirror, mirror_of
+from latentmill.train.runlog import RunLog, check_reporting, rank_report
 from latentmill.train.weights import FullWeights, LoraWeights
 
 
@@ -77,6 +77,7 @@ class Training:
     model: torch.nn.Module  # the U-Net, wrapped in DDP and torch.compile where asked
     start: int  # the first step to run (0, or the resumed checkpoint's step)
     changes: list  # settings changed on resume: {step, key, from, to}, kept in every later state.json
+    mirror: RunMirror | None = None  # the run folder is in an object store: `run` is its local copy
 
     def prepared(self, batch: dict, generator) -> tuple:
         """(latents in the U-Net's space, caption states with dropout, metas) on the device."""
@@ -104,7 +105,7 @@ def train(config: TrainConfig, progress=None, log=None) -> dict:
             log(
                 f"{t.run} is at step {t.start} of {config.steps}: nothing to train (give a larger --steps to go on)"
             )
-        return {"step": t.start, "finished_before": True} | _rank_report(t)
+        return {"step": t.start, "finished_before": True} | rank_report(t)
     device, world = t.device, t.world
     autocast = dict(
         device_type=device.split(":")[0], dtype=torch_dtype(t.precision), enabled=t.precision != "fp32"
@@ -182,7 +183,7 @@ def train(config: TrainConfig, progress=None, log=None) -> dict:
                 run_log.image(step + 1, grid)
             if checkpointing:
                 _checkpoint(t, step + 1)
-    return metrics | _rank_report(t)
+    return metrics | rank_report(t)
 
 
 def _set_up(config: TrainConfig) -> Training:
@@ -194,7 +195,8 @@ def _set_up(config: TrainConfig) -> Training:
     device, precision = resolve_device_precision(config.device, config.precision)  # fp16: refused by validate
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    run = Path(config.output)
+    mirror = mirror_of(config.output)  # a run in an object store trains through a local copy
+    run = mirror.pull() if mirror else Path(config.output)
     # the latent folders (a mixture, DreamBooth's class images beside), read before anything is written:
     # bad input leaves no run folder
     sets = latent_sets(config.sources())
@@ -212,6 +214,7 @@ def _set_up(config: TrainConfig) -> Training:
         flip=config.flip,
         workers=loader_workers(config.workers, device, min(len(shards) for _, shards in sets) // world),
         pin_memory=device.startswith("cuda"),
+        cache=shard_cache(config, sets),
     )
     manifest = data.manifest
     if config.epochs:
@@ -300,6 +303,7 @@ def _set_up(config: TrainConfig) -> Training:
         model,
         start,
         changes,
+        mirror,
     )
 
 
@@ -328,22 +332,10 @@ def _checkpoint(t: Training, step: int) -> None:
             t.config.keep_checkpoints,
             t.changes,
         )
+        if t.mirror:
+            t.mirror.push()
     if t.world > 1:
         torch.distributed.barrier()
-
-
-def _rank_report(t: Training) -> dict:
-    """What this rank trained on (RUN/ranks/rank-N.json): its shards, steps and skipped samples."""
-    report = {
-        "skipped": t.data.skipped_total(),
-        "rank": t.rank,
-        "world_size": t.world,
-        "shards": t.data.my_shards,
-    }
-    ranks = t.run / "ranks"
-    ranks.mkdir(exist_ok=True)
-    (ranks / f"rank-{t.rank}.json").write_text(json.dumps(report | {"steps": t.config.steps - t.start}))
-    return report
 
 
 def _stop_on_nonfinite(first_bad: torch.Tensor, recent_keys: dict, run: Path, last_finite) -> None:

@@ -85,3 +85,19 @@ def _tensorboard(run: Path):
     except ImportError:
         return None
     return SummaryWriter(str(run / "tensorboard"))
+
+
+def rank_report(t) -> dict:
+    """What this rank trained on (RUN/ranks/rank-N.json): its shards, steps and skipped samples."""
+    report = {
+        "skipped": t.data.skipped_total(),
+        "rank": t.rank,
+        "world_size": t.world,
+        "shards": t.data.my_shards,
+    }
+    ranks = t.run / "ranks"
+    ranks.mkdir(exist_ok=True)
+    (ranks / f"rank-{t.rank}.json").write_text(json.dumps(report | {"steps": t.config.steps - t.start}))
+    if t.mirror:  # the end of the run: everything to the store (each other rank: its report)
+        t.mirror.push(None if t.rank == 0 else [f"ranks/rank-{t.rank}.json"])
+    return report

@@ -1,0 +1,149 @@
+"""A bounded local cache of latent shards that live in an object store, with read-ahead.
+
+Training reads each remote shard from a local copy: the shard being read and the next `ahead` ones of the
+worker's order are downloaded in background threads (so the GPU does not wait on a GET), and when the
+folder would grow past `limit` bytes the least recently used shards that no reader holds are evicted
+(MosaicML streaming's idea). A shard file is opened before it may be evicted, and an unlinked open file
+stays readable, so several loader processes can share one cache folder. Downloads land under a temporary
+name and are renamed into place: a killed download never leaves a partial shard.
+
+What is read, and in which order, is the same as straight from the store: the cache changes when bytes
+arrive, not which, so resume stays exact.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from latentmill.curate.storage import location
+from latentmill.errors import InputError
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(text: str | int, option: str = "--cache-limit") -> int:
+    """`50GB`, `512MiB`, `1e9` -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _UNITS:
+        raise InputError(f"{option} {text!r}: give a size such as 50GB, 512MiB or 1000000000.")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+class ShardCache:
+    def __init__(self, folder: str | os.PathLike | None, limit: int, ahead: int = 2):
+        self.limit, self.ahead = limit, ahead
+        self._own = folder is None  # a temporary folder of this run, removed with it
+        self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="latentmill-cache-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self._own:
+            atexit.register(shutil.rmtree, self.folder, True)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self.downloads = 0  # shards fetched from the store by this process
+        self._size_hint = 1  # the last shard's size: how many fit under the limit
+        self._incoming: dict[str, int] = {}  # downloads in flight: their bytes count against the limit
+
+    def __getstate__(self):  # loader worker processes start their own threads
+        return {
+            k: v for k, v in self.__dict__.items() if k not in ("_pool", "_pending", "_lock", "_incoming")
+        }
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _pool=None, _pending={}, _lock=threading.Lock(), _incoming={})
+        self._own = False  # the process that made the folder removes it
+
+    def path_of(self, shard: str) -> Path:
+        digest = hashlib.sha256(shard.encode()).hexdigest()[:16]
+        return self.folder / f"{digest}-{Path(shard).name}"
+
+    def open(self, shard: str, upcoming: list[str] = ()):
+        """An open binary file of `shard`'s bytes (downloaded unless cached); the next shards of
+        `upcoming` start downloading in the background."""
+        self._start(shard)  # queued before the read-ahead
+        room = max(0, self.limit // max(1, self._size_hint) - 1)  # read ahead only what fits beside it
+        for later in list(upcoming)[: min(self.ahead, room)]:
+            self._start(later)
+        for _ in range(3):  # another reader may evict it between the download and the open: fetch again
+            self._start(shard).result()
+            path = self.path_of(shard)
+            try:
+                stream = open(path, "rb")  # held open: eviction cannot take it from under the reader
+            except FileNotFoundError:
+                continue
+            os.utime(path)  # most recently used
+            return stream
+        raise OSError(f"{shard}: evicted from the cache as soon as it arrived; raise --cache-limit.")
+
+    def _start(self, shard: str) -> Future:
+        with self._lock:
+            future = self._pending.get(shard)
+            if future is not None and not (future.done() and not self.path_of(shard).exists()):
+                return future
+            if self.path_of(shard).exists():
+                future = Future()
+                future.set_result(None)
+            else:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max(1, self.ahead), thread_name_prefix="shard-fetch")
+                future = self._pool.submit(self._download, shard)
+            self._pending[shard] = future
+            return future
+
+    def _download(self, shard: str) -> None:
+        source = location(shard)
+        size = source.fs.size(source.path)
+        target = self.path_of(shard)
+        with self._lock:
+            self._size_hint = max(1, size)
+            self._make_room(size, keep=target)
+            self._incoming[shard] = size
+        tmp = target.with_name(f".{target.name}.part-{os.getpid()}-{threading.get_ident()}")
+        try:
+            source.fs.get_file(source.path, str(tmp))
+            os.replace(tmp, target)
+            self.downloads += 1
+        finally:
+            tmp.unlink(missing_ok=True)
+            with self._lock:
+                self._incoming.pop(shard, None)
+
+    def _make_room(self, incoming: int, keep: Path) -> None:
+        """Evict least recently used shards until `incoming` more bytes (and those in flight) fit under the
+        limit. The shard a reader needs is fetched even when it alone is over the limit."""
+        files = []
+        for path in self.folder.iterdir():
+            if path.name.startswith("."):
+                continue
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            files.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in files) + sum(self._incoming.values())
+        for _, size, path in sorted(files):
+            if total + incoming <= self.limit:
+                break
+            if path == keep:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._own:
+            shutil.rmtree(self.folder, ignore_errors=True)

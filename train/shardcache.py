@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import multiprocessing
 import os
 import re
 import shutil
 import tempfile
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-from latentmill.curate.storage import location
+from latentmill.curate.storage import location, options, set_options
 from latentmill.errors import InputError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -50,6 +51,7 @@ class ShardCache:
         if self._own:
             atexit.register(shutil.rmtree, self.folder, True)
         self._pool: ThreadPoolExecutor | None = None
+        self._processes: ProcessPoolExecutor | None = None
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
         self.downloads = 0  # shards fetched from the store by this process
@@ -58,11 +60,15 @@ class ShardCache:
 
     def __getstate__(self):  # loader worker processes start their own threads
         return {
-            k: v for k, v in self.__dict__.items() if k not in ("_pool", "_pending", "_lock", "_incoming")
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("_pool", "_processes", "_pending", "_lock", "_incoming")
         }
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _pool=None, _pending={}, _lock=threading.Lock(), _incoming={})
+        self.__dict__.update(
+            state, _pool=None, _processes=None, _pending={}, _lock=threading.Lock(), _incoming={}
+        )
         self._own = False  # the process that made the folder removes it
 
     def path_of(self, shard: str) -> Path:
@@ -112,13 +118,25 @@ class ShardCache:
             self._incoming[shard] = size
         tmp = target.with_name(f".{target.name}.part-{os.getpid()}-{threading.get_ident()}")
         try:
-            source.fs.get_file(source.path, str(tmp))
+            self._fetcher().submit(_fetch, shard, str(tmp), options()).result()
             os.replace(tmp, target)
             self.downloads += 1
         finally:
             tmp.unlink(missing_ok=True)
             with self._lock:
                 self._incoming.pop(shard, None)
+
+    def _fetcher(self) -> ProcessPoolExecutor:
+        """The processes that move the bytes: a GET in a thread of the training process would hold its
+        interpreter lock for every chunk it receives, and slow the reader (bench_stream.py)."""
+        with self._lock:
+            if self._processes is None:
+                self._processes = ProcessPoolExecutor(
+                    max(1, self.ahead),
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_lower_priority,
+                )
+            return self._processes
 
     def _make_room(self, incoming: int, keep: Path) -> None:
         """Evict least recently used shards until `incoming` more bytes (and those in flight) fit under the
@@ -145,5 +163,23 @@ class ShardCache:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._processes is not None:
+            self._processes.shutdown(wait=True, cancel_futures=True)
+            self._processes = None
         if self._own:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _fetch(shard: str, target: str, storage_options: dict) -> None:
+    """In a fetch process: one object to a local file."""
+    set_options(storage_options)
+    source = location(shard)
+    source.fs.get_file(source.path, target)
+
+
+def _lower_priority() -> None:
+    """Fetch processes yield the cores to the training process: they only need to stay one shard ahead."""
+    try:
+        os.nice(5)
+    except OSError:
+        pass

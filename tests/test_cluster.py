@@ -127,3 +127,65 @@ def test_encode_on_two_nodes_from_s3_survives_losing_a_node_and_equals_a_local_r
     assert _digests(out) == _digests(tmp_path / "reference")  # identical to the run on one machine
     nodes = re.search(r"shards by Ray node: (.*)", stdout).group(1)
     assert len(nodes.split(", ")) == 2, stdout  # shards ran on both nodes
+
+
+def _weights(path) -> dict:
+    from safetensors.torch import load
+
+    return load(path.read_bytes())
+
+
+def test_ray_train_on_two_nodes_loses_a_node_resumes_and_equals_torchrun(tmp_path, bucket, cluster):
+    from latentmill.curate import storage
+    from latentmill.curate.encode import EncodeConfig, encode
+    from tests.conftest import image_entry, make_shard, tiny_clip_text_pipeline
+
+    (tmp_path / "images").mkdir()
+    for s in range(4):
+        make_shard(
+            tmp_path / "images" / f"{s:05d}.tar",
+            [image_entry(f"{s:05d}{i:04d}", 256, 256 if i % 2 else 192, seed=i % 4) for i in range(8)],
+        )
+    tiny_clip_text_pipeline(tmp_path / "pipeline")  # caption embeddings stored: the workers need no encoder
+    config = EncodeConfig(vae="tiny", resolution=128, step=32, bucket_min_side=64, workers=0,
+                          text_encoder=str(tmp_path / "pipeline"))  # fmt: skip
+    encode(tmp_path / "images", tmp_path / "latents", config)
+    _upload(tmp_path / "latents", f"{bucket}/latents")
+    args = ["--model", "tiny", "--steps", "40", "--batch-size", "2", "--checkpoint-every", "10",
+            "--log-every", "10", "--learning-rate", "1e-3", "--workers", "0"]  # fmt: skip
+    torchrun = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "latentmill",
+         "train", str(tmp_path / "latents"), "-o", str(tmp_path / "torchrun"), *args],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+
+    run = f"{bucket}/runs/ray"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "latentmill", "train", f"{bucket}/latents", "-o", run, *args, "--launcher", "ray",
+         "--ray-address", cluster.address, "--num-workers", "2"],
+        env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while _count_objects(f"{run}/checkpoints/step-0000010", "state.json") == 0 and process.poll() is None:
+        assert time.monotonic() < deadline, "no first checkpoint"
+        time.sleep(0.05)
+    assert process.poll() is None, (
+        "training ended before the node could be lost: " + process.stderr.read()[-3000:]
+    )
+    cluster.second_raylet().send_signal(signal.SIGKILL)  # a worker's node is gone mid-run
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-4000:]
+    (tmp_path / "out.txt").write_text(stdout + stderr)
+    assert "resuming" in stdout + stderr, "the workers were not restarted from a checkpoint"
+    final = storage.location(f"{run}/checkpoints/step-0000040")
+    local_copy = tmp_path / "ray-final"
+    local_copy.mkdir()
+    for name in ("unet.safetensors", "ema.safetensors"):
+        final.fs.get_file((final / name).path, str(local_copy / name))
+        ours = _weights(local_copy / name)
+        theirs = _weights(tmp_path / "torchrun" / "checkpoints" / "step-0000040" / name)
+        assert ours.keys() == theirs.keys()
+        assert all((ours[k] == theirs[k]).all() for k in ours), f"{name} differs from torchrun's"
+    ranks = [storage.location(f"{run}/ranks/rank-{r}.json").read_text() for r in range(2)]
+    assert all('"world_size": 2' in text for text in ranks)

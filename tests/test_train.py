@@ -878,3 +878,26 @@ def test_training_streams_shards_from_s3_and_keeps_its_run_there_resuming_exactl
         assert stream.read() == (latents / "latents" / "00000.tar").read_bytes()
     cache.close()
     assert cache.downloads == 2  # the shard and, read ahead, the next one
+
+
+def test_a_torchrun_run_resumed_repeats_the_straight_run_on_every_rank(latents, tmp_path):
+    from safetensors.torch import load_file
+
+    def torchrun(run, steps, *more):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+             "latentmill", "train", str(latents / "latents"), "--model", "tiny", "-o", str(run), "--text-encoder",
+             str(latents / "pipeline"), "--steps", str(steps), "--batch-size", "4", "--checkpoint-every", "3",
+             "--workers", "0", *more],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    torchrun(tmp_path / "straight", 6)
+    torchrun(tmp_path / "resumed", 3)
+    torchrun(tmp_path / "resumed", 6, "--resume")
+    state = json.loads((tmp_path / "resumed" / "checkpoints" / "step-0000003" / "state.json").read_text())
+    assert len(state["loader"]["ranks"]) == 2  # each rank's own position, not rank 0's for both
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-0000006" / "unet.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-0000006" / "unet.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)

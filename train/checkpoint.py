@@ -83,7 +83,9 @@ def checkpoints(run: Path) -> list[Path]:
 
 def last_state(run: Path) -> dict | None:
     """state.json of the run's newest checkpoint (step, config), or None when it has none."""
-    found = checkpoints(Path(run))
+    from latentmill.curate.storage import location
+
+    found = checkpoints(location(run))
     return json.loads((found[-1] / "state.json").read_text()) if found else None
 
 
@@ -177,6 +179,23 @@ def truncate_log(run: Path, step: int) -> None:
 
     with atomic_path(path) as tmp:
         tmp.write_text("".join(f"{line}\n" for line in kept))
+
+
+def loader_state_of(saved: dict, rank: int, world: int) -> dict:
+    """This rank's loader position in a checkpoint's state.json (a run of many ranks keeps each one's)."""
+    if "ranks" not in saved:
+        if world > 1:
+            raise InputError(
+                f"--resume: the checkpoint was written by one process; resume it with one, not {world}."
+            )
+        return saved
+    if len(saved["ranks"]) != world:
+        raise InputError(
+            f"--resume: the checkpoint was written by {len(saved['ranks'])} ranks, this run has {world}: the "
+            f"shards split by rank, so resume with {len(saved['ranks'])} (torchrun --nproc-per-node, "
+            f"--num-workers)."
+        )
+    return saved["ranks"][rank]
 
 
 def load_checkpoint(folder: Path, weights, optimizer) -> dict:

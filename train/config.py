@@ -28,6 +28,11 @@ class TrainConfig(StageConfig):
         "workers",
         "cache_dir",
         "cache_limit",
+        "launcher",
+        "ray_address",
+        "num_workers",
+        "gpus_per_worker",
+        "max_failures",
         "device",
         "compile",
         "gradient_checkpointing",
@@ -120,6 +125,19 @@ class TrainConfig(StageConfig):
         "50GB",
         "Shards in an object store: the most the cache folder holds; the least recently read shards are "
         "evicted first.",
+    )
+    launcher: str = opt(
+        "local",
+        "local: this process (many GPUs: start it with torchrun); ray: Ray Train workers across a cluster.",
+        choices=("local", "ray"),
+    )
+    ray_address: str | None = opt(None, "--launcher ray: the cluster ('auto', HOST:6379); default: Ray here.")
+    num_workers: int = opt(1, "--launcher ray: training workers (one per GPU), across the nodes.", low=1)
+    gpus_per_worker: float = opt(
+        0.0, "--launcher ray: GPUs each worker takes (0: CPU workers, gloo).", low=0.0
+    )
+    max_failures: int = opt(
+        2, "--launcher ray: times a lost worker or node restarts the workers from the last checkpoint.", low=0
     )
     flip: bool = opt(True, "Use the stored flipped latents (encode --flip) half of the time.")
     seed: int = opt(0, "Seed of the weights, the noise and the data order.")

@@ -24,6 +24,7 @@ from latentmill.train.checkpoint import (
     checkpoints,
     latest_checkpoint,
     load_checkpoint,
+    loader_state_of,
     remove_stale_temporaries,
     save_checkpoint,
     training_files,
@@ -280,7 +281,7 @@ def _set_up(config: TrainConfig) -> Training:
         start = state["step"]
         _, allowed = resume_differences(state.get("config") or {}, config)
         changes = list(state.get("changes") or []) + [{"step": start} | change for change in allowed]
-        data.load_state_dict(state["loader"])
+        data.load_state_dict(loader_state_of(state["loader"], rank, world))
         if rank == 0:
             truncate_log(run, start)
     model = torch.nn.parallel.DistributedDataParallel(unet) if world > 1 else unet
@@ -321,13 +322,18 @@ def _record_lineage(run: Path, config: TrainConfig, sets: list) -> None:
 
 def _checkpoint(t: Training, step: int) -> None:
     """Rank 0 saves weights, optimizer, loader position and config atomically; every rank waits for it."""
+    loader = t.data.state_dict()
+    if t.world > 1:  # every rank reads its own shards: each one's position is kept
+        positions = [None] * t.world
+        torch.distributed.all_gather_object(positions, loader)
+        loader = {"ranks": positions}
     if t.rank == 0:
         save_checkpoint(
             t.run,
             step,
             t.weights,
             t.optimizer,
-            t.data.state_dict(),
+            loader,
             asdict(t.config),
             t.config.keep_checkpoints,
             t.changes,

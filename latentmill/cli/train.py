@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from latentmill.cli.options import Location, click_options, config_from, given_on_command_line
+from latentmill.curate.storage import location
 from latentmill.train.config import ExportConfig, MergeConfig, SampleConfig, TrainConfig
 
 
@@ -33,6 +32,7 @@ def train(ctx, shards, output, config_file, **kwargs):
     Examples:
       latentmill train latents-256/ -o runs/stage1 --model sd15 --text-encoder sd15-pipeline/ --steps 20000
       torchrun --nproc-per-node 8 -m latentmill train latents-512/ -o runs/stage2 --init-from runs/stage1 ...
+      latentmill train s3://b/latents-512 -o s3://b/runs/a --launcher ray --ray-address auto --num-workers 16 --gpus-per-worker 1 ...
       latentmill train latents/ -o runs/style --model sd15-pipeline/ --text-encoder sd15-pipeline/ --lora-rank 16
       latentmill train photos/ paintings/ --mix 0.8,0.2 -o runs/mixed --model sd15-pipeline/ ...
       latentmill train --instance dog-latents/ --class-data class-latents/ -o runs/dog --lora-rank 8 ...
@@ -44,7 +44,7 @@ def train(ctx, shards, output, config_file, **kwargs):
     from latentmill.train.config import resumed_values
     from latentmill.train.loop import train as run_train
 
-    saved = last_state(Path(output)) if kwargs.get("resume") and Path(output).exists() else None
+    saved = last_state(output) if kwargs.get("resume") and location(output).exists() else None
     saved_config = (saved or {}).get("config") or {}
     # resuming: the run's own settings, but for the options typed now (refused by train() if not allowed)
     typed = given_on_command_line(TrainConfig, ctx)
@@ -66,7 +66,12 @@ def train(ctx, shards, output, config_file, **kwargs):
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.1f}")
             bar.refresh()
 
-        metrics = run_train(config, progress=progress, log=click.echo)
+        if config.launcher == "ray":
+            from latentmill.train.raylaunch import launch
+
+            metrics = launch(config, log=click.echo)
+        else:
+            metrics = run_train(config, progress=progress, log=click.echo)
     if metrics.get("rank", 0) == 0 and not metrics.get("finished_before"):
         click.echo(
             f"step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}; checkpoints in {output}/checkpoints"

@@ -1,0 +1,105 @@
+"""`train --launcher ray`: the same training loop torchrun runs, as Ray Train's TorchTrainer workers.
+
+One worker per GPU (or CPU worker with gloo), across the cluster's nodes; Ray Train starts the process
+group, and each worker runs `train()` with its rank, so the shards split by rank exactly as under
+torchrun. Shards and the run folder live in an object store (nothing assumes the driver's disk). When a
+worker or its node is lost, Ray Train's FailureConfig starts the group again (on the nodes left) and
+every worker resumes from the run's last checkpoint, exactly as `--resume` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from latentmill.curate.storage import is_remote
+from latentmill.curate.storage import options as storage_options
+from latentmill.errors import InputError
+from latentmill.train.config import TrainConfig
+
+
+def check_launch(config: TrainConfig) -> None:
+    """A run on a cluster must not assume one machine's disk: its shards and run folder are URLs."""
+    local = [
+        s for s in config.sources() if not is_remote(s) and not str(s).startswith(("http://", "https://"))
+    ]
+    if config.ray_address not in (None, "local") and (local or not is_remote(config.output)):
+        where = local[0] if local else config.output
+        raise InputError(
+            f"--launcher ray: {where} is a local path, which the other nodes of the cluster cannot see. "
+            f"Put the latent shards and the run folder (-o) in an object store (s3://bucket/…)."
+        )
+
+
+def launch(config: TrainConfig, log=None) -> dict:
+    """Train under Ray Train; return the step the run's last checkpoint holds."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from latentmill.train.checkpoint import check_resume_point
+    from latentmill.train.remoterun import mirror_of
+
+    check_launch(config)
+    mirror = mirror_of(config.output)
+    check_resume_point(
+        mirror.pull() if mirror else Path(config.output), config
+    )  # refused here, not in N workers
+    started_here = not ray.is_initialized()
+    if started_here:
+        if config.ray_address:
+            ray.init(address=config.ray_address)
+        else:
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+    try:
+        gpus = config.gpus_per_worker
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={"config": asdict(config), "storage_options": storage_options()},
+            scaling_config=ScalingConfig(
+                num_workers=config.num_workers,
+                use_gpu=gpus > 0,
+                resources_per_worker={"GPU": gpus, "CPU": 1} if gpus > 0 else {"CPU": 1},
+                # GPU workers packed (NCCL over NVLink inside a node); CPU workers spread over the nodes
+                placement_strategy="PACK" if gpus > 0 else "SPREAD",
+            ),
+            run_config=RunConfig(failure_config=FailureConfig(max_failures=config.max_failures)),
+        )
+        trainer.fit()
+        from latentmill.train.checkpoint import last_state
+
+        state = last_state(config.output) or {}
+        if log:
+            log(f"Ray Train: {config.num_workers} worker(s) finished at step {state.get('step')}")
+        return {"step": state.get("step"), "finished_before": True}
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _worker(loop_config: dict) -> None:
+    """One Ray Train worker: the rank Ray gave it, then the loop torchrun would run. A restart after a
+    lost worker finds the checkpoints of the attempt before and resumes from the last."""
+    import os
+
+    from ray import train as ray_train
+
+    from latentmill.curate.storage import set_options
+    from latentmill.train.checkpoint import checkpoints
+    from latentmill.train.loop import train
+    from latentmill.train.remoterun import mirror_of
+
+    set_options(loop_config["storage_options"])
+    context = ray_train.get_context()
+    os.environ.update(
+        RANK=str(context.get_world_rank()),
+        WORLD_SIZE=str(context.get_world_size()),
+        LOCAL_RANK=str(context.get_local_rank()),
+        LOCAL_WORLD_SIZE=str(context.get_local_world_size()),
+    )
+    config = TrainConfig(**loop_config["config"])
+    mirror = mirror_of(config.output)
+    run = mirror.pull() if mirror else Path(config.output)
+    resume = config.resume or bool(checkpoints(run))  # the driver refused a finished run without --resume
+    metrics = train(replace(config, launcher="local", resume=resume), log=print)  # print: to the driver
+    ray_train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

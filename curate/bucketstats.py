@@ -14,6 +14,7 @@ from PIL import Image
 from latentmill.curate.buckets import Bucket, assign_bucket, needed_upscale
 from latentmill.curate.imageshards import iter_image_shard, list_image_shards
 from latentmill.curate.selection import kept_keys
+from latentmill.curate.storage import atomic_path, location, make_folder
 
 ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
@@ -97,8 +98,9 @@ def plot_distribution(distribution: dict, path: str | Path, title: str = "") -> 
     ax.tick_params(axis="x", rotation=90, labelsize=7)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    path = location(path)
+    make_folder(path.parent)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return path

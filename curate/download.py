@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,15 @@ from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.downloadresults import STATE_DIR, done_shards, failed_rows, summarize
 from latentmill.curate.lineage import make_record, record_path
 from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
-from latentmill.curate.storage import atomic_path, write_json
+from latentmill.curate.storage import (
+    arrow_file,
+    atomic_path,
+    location,
+    make_folder,
+    remove,
+    storage_environment,
+    write_json,
+)
 from latentmill.curate.tables import UrlTable, columns_field
 from latentmill.errors import InputError, NothingLeft, nothing_left
 from latentmill.schema import StageConfig, opt
@@ -172,6 +179,9 @@ def run_img2dataset(
         config.allow_hosts, config.resolver
     )
 
+    # img2dataset opens the output folder with fsspec itself: the storage options reach it as the standard
+    # variables (its processes inherit them)
+    os.environ.update(storage_environment())
     if config.distributor == "ray":
         import ray
 
@@ -214,7 +224,7 @@ def download(source: str | Path, output: str | Path, config: DownloadConfig, ove
     from latentmill.curate.lineage import LINEAGE, claim, remove_files
 
     config.validate()
-    output = Path(output)
+    output = location(output)
     state = output / STATE_DIR
     created = not output.exists()
     if not created:
@@ -223,19 +233,19 @@ def download(source: str | Path, output: str | Path, config: DownloadConfig, ove
             remove_files(output, ("*.tar", "*.parquet", "*_stats.json"))
             for path in state.glob("*"):
                 if path.is_file() and path.name != LINEAGE:
-                    path.unlink()
+                    remove(path)
 
-        state.mkdir(parents=True, exist_ok=True)
+        make_folder(state)
         claim(output, make_record("download", config, inputs={"table": source}), overwrite, clear)
-    state.mkdir(parents=True, exist_ok=True)
+    make_folder(state)
     try:
         input_path, extras, dropped = prepare_input(source, state, config)
-        rows = pq.read_metadata(input_path).num_rows
+        rows = pq.read_metadata(arrow_file(input_path)).num_rows
         if not rows:
             raise nothing_left(f"download {source}", sum(dropped.values()), dropped)
     except (InputError, NothingLeft):
         if created:  # a table refused before any download leaves nothing behind
-            shutil.rmtree(output, ignore_errors=True)
+            remove(output)
         raise
     write_json(state / "download.json", {"source": str(source), "extras": extras, "config": asdict(config)})
     if created:
@@ -243,7 +253,11 @@ def download(source: str | Path, output: str | Path, config: DownloadConfig, ove
     before = done_shards(output)
     started = time.perf_counter()
     run_img2dataset(
-        input_path, output, extras, has_caption="caption" in pq.read_schema(input_path).names, config=config
+        input_path,
+        output,
+        extras,
+        has_caption="caption" in pq.read_schema(arrow_file(input_path)).names,
+        config=config,
     )
     summary = _finish(output, state, before, time.perf_counter() - started)
     if not summary["success"]:
@@ -253,7 +267,7 @@ def download(source: str | Path, output: str | Path, config: DownloadConfig, ove
 
 def retry_failed(output: str | Path, config: DownloadConfig, reasons: set[str] | None = None) -> dict:
     """Download again the rows of `output`'s shards that failed (optionally only these reasons) into new shards."""
-    output = Path(output)
+    output = location(output)
     state = output / STATE_DIR
     if not (state / "download.json").exists():
         raise InputError(

@@ -9,6 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from latentmill.curate.storage import arrow_file
+
 # latentmill's bookkeeping inside an image-shard folder: not a *.json at top level, which img2dataset
 # reads as shards
 STATE_DIR = "_latentmill"
@@ -24,8 +26,8 @@ def _shard_tables(output: Path, columns: list[str]) -> list[pa.Table]:
     for shard in done_shards(output):
         path = output / f"{shard}.parquet"
         if path.exists():
-            present = pq.read_schema(path).names
-            tables.append(pq.read_table(path, columns=[c for c in columns if c in present]))
+            present = pq.read_schema(arrow_file(path)).names
+            tables.append(pq.read_table(arrow_file(path), columns=[c for c in columns if c in present]))
     return tables
 
 
@@ -104,7 +106,9 @@ def summarize(output: Path) -> dict:
     state = output / STATE_DIR
     if (state / "dropped.parquet").exists():
         for reason in (
-            pq.read_table(state / "dropped.parquet", columns=["reason"]).column("reason").to_pylist()
+            pq.read_table(arrow_file(state / "dropped.parquet"), columns=["reason"])
+            .column("reason")
+            .to_pylist()
         ):
             failures[reason] = failures.get(reason, 0) + 1
     return {

@@ -21,7 +21,7 @@ from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.funnel import format_funnel, funnel_steps
 from latentmill.curate.lineage import make_record, record_path
 from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
-from latentmill.curate.storage import atomic_path, write_json
+from latentmill.curate.storage import atomic_path, location, write_json
 from latentmill.curate.tables import UrlTable, columns_field
 from latentmill.curate.urlhash import SeenUrls, hash_urls
 from latentmill.errors import InputError, invariant, nothing_left
@@ -152,7 +152,7 @@ def prefilter(source: str | Path, output: str | Path, config: PrefilterConfig, p
     Also writes `OUTPUT.dropped.parquet` (dropped rows with a `reason` column) and
     `OUTPUT.funnel.json`, all atomically. `progress(rows)` is called after each batch.
     """
-    output = Path(output)
+    output = location(output)
     table = UrlTable.open(source, config.columns)
     rules = build_rules(config, table)
     names = [name for name, _ in rules] + (["duplicate_url"] if not config.keep_duplicates else [])

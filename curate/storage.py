@@ -109,6 +109,19 @@ def _require(protocol: str, spec: str) -> None:
         ) from None
 
 
+# fsspec storage options a tool reads only from the environment (img2dataset) -> the variable
+_ENVIRONMENT = {
+    "endpoint_url": "AWS_ENDPOINT_URL",
+    "key": "AWS_ACCESS_KEY_ID",
+    "secret": "AWS_SECRET_ACCESS_KEY",
+}
+
+
+def storage_environment() -> dict[str, str]:
+    """The storage options as the standard variables, for tools that open URLs with defaults."""
+    return {var: str(_options[key]) for key, var in _ENVIRONMENT.items() if key in _options}
+
+
 def make_folder(path) -> None:
     """A folder to write into: created on disk; in an object store folders are prefixes and need nothing
     (creating one must never create a bucket by accident)."""
@@ -184,6 +197,71 @@ def local_file(path) -> Iterator[Path]:
         tmp = Path(folder) / path.name
         path.fs.get_file(path.path, str(tmp))
         yield tmp
+
+
+def arrow_file(path):
+    """What pyarrow's readers take for `path`: the path on disk, or an open file of the object."""
+    path = location(path)
+    return path.open("rb") if is_remote(path) else str(path)
+
+
+def move(source, target) -> None:
+    """Move a file or folder (in an object store: copied, then deleted)."""
+    source, target = location(source), location(target)
+    if is_remote(source):
+        source.fs.mv(source.path, target.path, recursive=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, target)
+
+
+def publish_folder(local: Path, target, last: tuple[str, ...] = ("lineage.json",)) -> None:
+    """Make the folder `target` hold exactly the files of the local folder `local`: each file written
+    whole (identical ones left alone), the names in `last` after the others, then files no longer there
+    removed."""
+    target = location(target)
+    names = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    for name in sorted(names, key=lambda n: n in last):
+        write_bytes(target / name, (local / name).read_bytes())
+    if is_remote(target):
+        base = target.path.rstrip("/") + "/"
+        target.fs.invalidate_cache()
+        present = [f[len(base) :] for f in target.fs.find(target.path) if f.startswith(base)]
+        for name in sorted(set(present) - set(names)):
+            remove(target / name)
+
+
+def read_parquet(path, columns: list[str] | None = None):
+    """A parquet file (on disk or in a store) as a pyarrow Table."""
+    import pyarrow.parquet as pq
+
+    path = location(path)
+    if not is_remote(path):
+        return pq.read_table(path, columns=columns)
+    with path.open("rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def parquet_schema(path):
+    import pyarrow.parquet as pq
+
+    path = location(path)
+    if not is_remote(path):
+        return pq.read_schema(path)
+    with path.open("rb") as f:
+        return pq.read_schema(f)
+
+
+def load_npy(path, mmap: bool = False):
+    """A .npy array: memory-mapped on disk when asked, read whole from a store."""
+    import io
+
+    import numpy as np
+
+    path = location(path)
+    if not is_remote(path):
+        return np.load(path, mmap_mode="r" if mmap else None)
+    return np.load(io.BytesIO(path.read_bytes()))
 
 
 def file_version(path) -> tuple[int, str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from latentmill.curate.storage import arrow_file, location
 from latentmill.errors import InputError
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -37,7 +38,7 @@ BATCH_ROWS = 65_536
 
 def table_files(path: str | Path) -> list[Path]:
     """The table files at `path`: the file itself, or the supported files in a folder, sorted."""
-    path = Path(path)
+    path = location(path)
     if not path.exists():
         raise InputError(
             f"{path}: no such file or folder. Give a parquet, csv, tsv or jsonl file, or a folder of them."
@@ -60,14 +61,14 @@ def _open_batches(file: Path, columns: list[str] | None, batch_rows: int) -> Ite
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            reader = pq.ParquetFile(file)
+            reader = pq.ParquetFile(arrow_file(file))
             yield from reader.iter_batches(batch_size=batch_rows, columns=columns)
             return
         if fmt in ("csv", "tsv"):
             import pyarrow.csv as pcsv
 
             reader = pcsv.open_csv(
-                file,
+                arrow_file(file),
                 read_options=pcsv.ReadOptions(block_size=1 << 24),
                 parse_options=pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
                 convert_options=pcsv.ConvertOptions(include_columns=columns),
@@ -75,7 +76,7 @@ def _open_batches(file: Path, columns: list[str] | None, batch_rows: int) -> Ite
         else:
             import pyarrow.json as pjson
 
-            reader = pjson.open_json(file, read_options=pjson.ReadOptions(block_size=1 << 24))
+            reader = pjson.open_json(arrow_file(file), read_options=pjson.ReadOptions(block_size=1 << 24))
         for batch in reader:
             if columns is not None and fmt == "jsonl":
                 batch = batch.select(columns)
@@ -94,7 +95,7 @@ def read_schema(file: Path) -> pa.Schema:
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_schema(file)
+            return pq.read_schema(arrow_file(file))
         except (pa.ArrowInvalid, OSError) as err:
             raise InputError(
                 f"{file}: cannot be read as parquet ({str(err).splitlines()[0]}); check that it is a real "
@@ -176,7 +177,7 @@ class UrlTable:
                     f"{file}: missing column(s) {', '.join(missing)} that {files[0].name} has. "
                     f"Columns found: {', '.join(other.names)}."
                 )
-        return cls(Path(path), files, schema, columns)
+        return cls(location(path), files, schema, columns)
 
     def num_rows(self) -> int | None:
         """Row count from parquet metadata, or None where it would need a full read."""
@@ -184,7 +185,7 @@ class UrlTable:
             return None
         import pyarrow.parquet as pq
 
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
+        return sum(pq.ParquetFile(arrow_file(f)).metadata.num_rows for f in self.files)
 
     def batches(
         self, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS

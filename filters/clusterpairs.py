@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from latentmill.curate.storage import atomic_path, write_json
+from latentmill.curate.storage import atomic_path, load_npy, make_folder, read_parquet, write_json
 from latentmill.errors import InputError
 from latentmill.filters.embeddings import embeddings_path
 
@@ -35,13 +35,13 @@ def fit_centroids(shards: list[Path], config: DedupConfig) -> np.ndarray:
     """Spherical k-means on a seeded sample of the embeddings (at most `config.sample` rows)."""
     import faiss
 
-    counts = [np.load(embeddings_path(s), mmap_mode="r").shape[0] for s in shards]
+    counts = [load_npy(embeddings_path(s), mmap=True).shape[0] for s in shards]
     total = sum(counts)
     rng = np.random.default_rng(config.seed)
     share = min(1.0, config.sample / max(total, 1))
     parts = []
     for shard, count in zip(shards, counts, strict=True):
-        matrix = np.load(embeddings_path(shard), mmap_mode="r")
+        matrix = load_npy(embeddings_path(shard), mmap=True)
         picked = np.sort(rng.choice(count, size=min(count, math.ceil(count * share)), replace=False))
         rows = np.asarray(matrix[picked])
         parts.append(rows[valid_rows(rows)])
@@ -72,7 +72,7 @@ class AssignStage:
     def setup(self):
         import faiss
 
-        centroids = np.load(self.work / "centroids.npy")
+        centroids = load_npy(self.work / "centroids.npy")
         index = faiss.IndexFlatIP(centroids.shape[1])
         index.add(centroids)
         return index
@@ -84,8 +84,8 @@ class AssignStage:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        matrix = np.load(embeddings_path(shard))  # one shard: read once, whole
-        keys = pq.read_table(shard, columns=["key"]).column("key").to_pylist()
+        matrix = load_npy(embeddings_path(shard))  # one shard: read once, whole
+        keys = read_parquet(shard, columns=["key"]).column("key").to_pylist()
         if len(keys) != matrix.shape[0]:
             raise InputError(
                 f"{embeddings_path(shard)}: {matrix.shape[0]} rows for {len(keys)} keys in {shard}; "
@@ -102,7 +102,7 @@ class AssignStage:
             pick = np.flatnonzero(parts == part)
             pick = pick[np.argsort(clusters[pick], kind="stable")]
             folder = self.work / "parts" / f"{part:05d}"
-            folder.mkdir(parents=True, exist_ok=True)
+            make_folder(folder)
             with atomic_path(folder / f"{shard.stem}.npy") as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, x[local[pick]].astype(np.float16))
@@ -140,8 +140,8 @@ class PairStage:
         import pyarrow.parquet as pq
 
         pieces = sorted(part.glob("*.parquet"))
-        tables = [pq.read_table(p) for p in pieces]
-        arrays = [np.load(p.with_suffix(".npy"), mmap_mode="r") for p in pieces]
+        tables = [read_parquet(p) for p in pieces]
+        arrays = [load_npy(p.with_suffix(".npy"), mmap=True) for p in pieces]
         found: dict[tuple[str, str], float] = {}
         sizes = []
         clusters = sorted(set().union(*(set(t.column("cluster").to_pylist()) for t in tables)))

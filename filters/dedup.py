@@ -25,7 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from latentmill.curate.lineage import input_fingerprint, make_record, record_path
-from latentmill.curate.storage import atomic_path, write_json
+from latentmill.curate.storage import (
+    atomic_path,
+    load_npy,
+    location,
+    make_folder,
+    parquet_schema,
+    read_parquet,
+    write_json,
+)
 from latentmill.errors import InputError
 from latentmill.filters.clusterpairs import AssignStage, PairStage, fit_centroids
 from latentmill.filters.embeddings import embeddings_folder, embeddings_path
@@ -146,7 +154,7 @@ def dedup(
     from latentmill.curate.executors import ExecutorConfig, run_shards
 
     config = (config or DedupConfig()).validate()
-    scores, output = Path(scores), Path(output)
+    scores, output = location(scores), location(output)
     shards = score_shards(scores)
     work = _work_folder(output, config, shards)
     clock = _PassClock()
@@ -163,7 +171,7 @@ def dedup(
     part_stats = run_shards(PairStage(work, config), parts, executor, progress=tick)
     clock.lap("pairs")
     semantic = _read_pairs(work, parts)
-    exact = exact_pairs(Path(images)) if config.exact and images else []
+    exact = exact_pairs(location(images)) if config.exact and images else []
     duplicate_of, best, members = _groups(semantic + exact, shards, config.keep)
     total = sum(_write_shard_duplicates(shard, output, duplicate_of, best) for shard in shards)
     sizes = Counter(len(g) for g in members.values())
@@ -175,7 +183,7 @@ def dedup(
         "group_sizes": {str(k): v for k, v in sorted(sizes.items())},
         "pairs": len(semantic),
         "exact_pairs": len(exact),
-        "clusters": int(np.load(work / "centroids.npy", mmap_mode="r").shape[0]),
+        "clusters": int(load_npy(work / "centroids.npy", mmap=True).shape[0]),
         "largest_cluster": max((s["largest_cluster"] for s in part_stats.values()), default=0),
         "threshold": config.threshold,
         "keep": config.keep,
@@ -191,7 +199,7 @@ def _work_folder(output: Path, config: DedupConfig, shards: list[Path]) -> Path:
     """OUTPUT/_work, holding the passes' intermediate files; emptied when the settings that shape them
     changed since they were written."""
     work = output / WORK
-    work.mkdir(parents=True, exist_ok=True)
+    make_folder(work)
     settings = {
         "threshold": config.threshold,
         "clusters": config.clusters,
@@ -206,21 +214,20 @@ def _work_folder(output: Path, config: DedupConfig, shards: list[Path]) -> Path:
     }
     saved = work / "settings.json"
     if saved.exists() and json.loads(saved.read_text()) != settings:  # other settings: start the passes over
-        import shutil
+        from latentmill.curate.storage import remove
 
-        shutil.rmtree(work)
-        work.mkdir(parents=True)
+        remove(work)
+        make_folder(work)
     write_json(saved, settings)
     return work
 
 
 def _read_pairs(work: Path, parts: list[Path]) -> list[tuple[str, str, float]]:
     """(a, b, similarity) of every pair the cluster parts found."""
-    import pyarrow.parquet as pq
 
     pairs = []
     for part in parts:
-        table = pq.read_table(work / "pairs" / f"{part.name}.parquet").to_pydict()
+        table = read_parquet(work / "pairs" / f"{part.name}.parquet").to_pydict()
         pairs += list(zip(table["a"], table["b"], table["similarity"], strict=True))
     return pairs
 
@@ -248,7 +255,7 @@ def _write_shard_duplicates(shard: Path, output: Path, duplicate_of: dict, best:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    keys = pq.read_table(shard, columns=["key"]).column("key").to_pylist()
+    keys = read_parquet(shard, columns=["key"]).column("key").to_pylist()
     table = pa.table(
         {
             "key": pa.array(keys, pa.string()),
@@ -281,14 +288,13 @@ class _PassClock:
 
 
 def _keep_scores(shards: list[Path], column: str, wanted: set[str]) -> dict[str, float]:
-    import pyarrow.parquet as pq
 
     out = {}
     for shard in shards:
-        names = pq.read_schema(shard).names
+        names = parquet_schema(shard).names
         if column not in names:
             continue
-        table = pq.read_table(shard, columns=["key", column]).to_pydict()
+        table = read_parquet(shard, columns=["key", column]).to_pydict()
         out.update(
             {k: v for k, v in zip(table["key"], table[column], strict=True) if k in wanted and v is not None}
         )
@@ -298,16 +304,15 @@ def _keep_scores(shards: list[Path], column: str, wanted: set[str]) -> dict[str,
 def duplicate_keys(folder: str | Path) -> set[str]:
     """The keys a dedup folder marks as duplicates (what `select --dedup` drops)."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    folder = Path(folder)
+    folder = location(folder)
     if not (folder / "funnel.json").exists():
         raise InputError(
             f"{folder}: not a finished dedup folder (no funnel.json). Run `latentmill dedup` first."
         )
     keys: set[str] = set()
     for path in sorted(folder.glob("*.parquet")):
-        table = pq.read_table(path, columns=["key", "duplicate_of"])
+        table = read_parquet(path, columns=["key", "duplicate_of"])
         keys.update(table.filter(pc.is_valid(table.column("duplicate_of"))).column("key").to_pylist())
     return keys
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from latentmill.curate.storage import load_npy, location, read_parquet
 from latentmill.errors import InputError
 from latentmill.filters.embeddings import scores_folder
 from latentmill.schema import StageConfig, opt
@@ -49,7 +50,7 @@ def read_labels(labels: str | Path, target: str) -> dict[str, float]:
     """key -> target from a csv or parquet with `key` and the target column."""
     import pandas as pd
 
-    labels = Path(labels)
+    labels = location(labels)
     if not labels.exists():
         raise InputError(f"{labels}: no such labels file.")
     try:
@@ -87,10 +88,9 @@ def labelled_embeddings(
 ):
     """(X float32 (N, D), y float32 (N,)) for the labelled keys that have an embedding; embedding rows are
     matched to keys through the score parquets (default: ../scores beside the embeddings)."""
-    import pyarrow.parquet as pq
 
-    embeddings = Path(embeddings)
-    scores = Path(scores) if scores else scores_folder(embeddings)
+    embeddings = location(embeddings)
+    scores = location(scores) if scores else scores_folder(embeddings)
     files = sorted(embeddings.glob("*.npy"))
     if not files:
         raise InputError(f"{embeddings}: no embeddings. Run `latentmill score --save-embeddings` first.")
@@ -102,8 +102,8 @@ def labelled_embeddings(
                 f"{parquet}: missing; embeddings rows are matched to keys through the score parquet "
                 f"(give --scores)."
             )
-        keys = pq.read_table(parquet, columns=["key"]).column("key").to_pylist()
-        for key, row in zip(keys, np.load(file), strict=True):
+        keys = read_parquet(parquet, columns=["key"]).column("key").to_pylist()
+        for key, row in zip(keys, load_npy(file), strict=True):
             if key in labels and np.isfinite(row).all():
                 rows.append(row.astype(np.float32))
                 ys.append(float(labels[key]))
@@ -234,7 +234,7 @@ def save_head(module, path: str | Path, config: FitHeadConfig, input_dim: int, m
     from latentmill.curate.storage import atomic_path
     from latentmill.filters.heads import check_column
 
-    path = Path(path)
+    path = location(path)
     check_column(
         config.column or config.target,
         "fit-head --column" if config.column else f"fit-head --target {config.target}",
@@ -280,11 +280,11 @@ def add_head_column(head_path: str | Path, scores: str | Path, embeddings: str |
     from latentmill.filters.heads import load_fitted
 
     head = load_fitted(head_path)
-    for parquet in sorted(Path(scores).glob("*.parquet")):
-        matrix = np.load(Path(embeddings) / f"{parquet.stem}.npy").astype(np.float32)
+    for parquet in sorted(location(scores).glob("*.parquet")):
+        matrix = load_npy(location(embeddings) / f"{parquet.stem}.npy").astype(np.float32)
         values = head(torch.from_numpy(np.nan_to_num(matrix)))
         values = np.where(np.isnan(matrix).any(axis=1), np.nan, values).astype(np.float32)
-        table = pq.read_table(parquet)
+        table = read_parquet(parquet)
         if head.column in table.column_names:
             table = table.drop([head.column])
         table = table.append_column(head.column, pa.array(values, mask=np.isnan(values)))
@@ -313,7 +313,7 @@ def fit_and_add(
 
     config.validate()
     check_column(config.column or config.target, "--column" if config.column else f"--target {config.target}")
-    output, scores = Path(output), Path(scores) if scores else scores_folder(embeddings)
+    output, scores = location(output), location(scores) if scores else scores_folder(embeddings)
     # the embeddings by the record of the score run that wrote them beside its scores (hashing every
     # embedding file on each call would read the whole dataset); by content when there is no such record
     made_by = scores if read_record(scores) else embeddings
@@ -321,7 +321,7 @@ def fit_and_add(
     if output.exists() and (read_record(output) or record)["fingerprint"] != record["fingerprint"]:
         claim(output, record, overwrite, clear=lambda: output.unlink())  # refused, or removed to fit again
     if not output.exists():
-        labels = Path(labels)
+        labels = location(labels)
         table = (
             labels_from_image_shards(labels, config.target)
             if labels.is_dir()

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from latentmill.curate.storage import is_remote, local_file, location
 from latentmill.errors import InputError
 
 # the columns `score` writes for every image: a head writing one of them would overwrite it
@@ -47,7 +48,10 @@ def load_state_dict(path: str | Path) -> dict:
     """Tensors from a .pth/.pt/.bin (weights only, mapped to CPU) or a .safetensors file."""
     import torch
 
-    path = Path(path)
+    if is_remote(path) and location(path).exists():  # a head in an object store: read from a local copy
+        with local_file(path) as local:
+            return load_state_dict(local)
+    path = location(path)
     if not path.exists():
         raise InputError(f"{path}: no such head file. Download the published weights and pass their path.")
     if path.stat().st_size == 0:
@@ -218,7 +222,10 @@ def load_watermark(path: str | Path, column: str = "pwatermark") -> Head:
 def fitted_metadata(path: str | Path) -> dict:
     """The metadata of a head saved by `latentmill fit-head` (column, target, kind, input_dim, task, and
     `metrics`, decoded), checked to be one."""
-    path = Path(path)
+    if is_remote(path) and location(path).exists():
+        with local_file(path) as local:
+            return fitted_metadata(local)
+    path = location(path)
     if not path.exists():
         raise InputError(f"{path}: no such head file.")
     meta = safetensors_metadata(path, "a head saved by `latentmill fit-head`")

@@ -24,7 +24,7 @@ from latentmill.curate.imageshards import (
     iter_image_shard,
     list_image_shards,
 )
-from latentmill.curate.storage import atomic_path, write_json
+from latentmill.curate.storage import atomic_path, location, make_folder, write_json
 from latentmill.devices import PRECISIONS
 from latentmill.errors import InputError, nothing_left
 from latentmill.filters.embeddings import embeddings_folder
@@ -298,14 +298,14 @@ def score(
     from latentmill.curate.executors import ExecutorConfig, run_shards
     from latentmill.curate.lineage import claim, make_record, remove_files
 
-    images, output = Path(images), Path(output)
+    images, output = location(images), location(output)
     shards = list_image_shards(images)
     if not shards:
         raise InputError(f"{images}: no .tar image shards. Make them with `latentmill download`.")
     embeddings_dir = embeddings_folder(output) if config.save_embeddings else None
     stage = ScoreStage(config, output, embeddings_dir)
     clip, heads = stage.setup()  # here too: bad heads are refused before anything is written
-    output.mkdir(parents=True, exist_ok=True)
+    make_folder(output)
 
     def clear():
         remove_files(output, ("*.parquet", "*.stats.json", "score_config.json"))
@@ -313,7 +313,7 @@ def score(
 
     claim(output, make_record("score", config, inputs={"images": images}), overwrite, clear)
     if embeddings_dir:
-        embeddings_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(embeddings_dir)
     write_json(
         output / "score_config.json",
         asdict(config)

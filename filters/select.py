@@ -7,13 +7,23 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from latentmill.curate.funnel import format_funnel, funnel_steps
-from latentmill.curate.storage import atomic_path, write_json
+from latentmill.curate.storage import (
+    atomic_path,
+    is_remote,
+    location,
+    make_folder,
+    parquet_schema,
+    publish_folder,
+    read_parquet,
+    write_json,
+)
 from latentmill.errors import InputError, invariant, nothing_left
 from latentmill.filters.rules import PRESETS, Rule, derived_columns
 from latentmill.schema import StageConfig, opt
@@ -71,13 +81,12 @@ class SelectConfig(StageConfig):
 def select(scores: str | Path, output: str | Path, config: SelectConfig | None = None) -> dict:
     """Select from every score shard; return the funnel (rows dropped by each rule, in order). The whole
     selection is written anew and swapped in, with its lineage record (selection/lineage.json)."""
-    import pyarrow.parquet as pq
 
     from latentmill.curate.lineage import make_record, record_path
     from latentmill.curate.storage import write_json
 
     config = (config or SelectConfig()).validate()
-    scores, output = Path(scores), Path(output)
+    scores, output = location(scores), location(output)
     shards = sorted(p for p in scores.glob("*.parquet") if (scores / f"{p.stem}.stats.json").exists())
     if not shards:
         raise InputError(
@@ -85,13 +94,18 @@ def select(scores: str | Path, output: str | Path, config: SelectConfig | None =
             f"Run `latentmill score` first."
         )
     known = sorted(
-        set(derived_columns({c: np.zeros(1) for c in pq.read_schema(shards[0]).names if c not in NON_SCORE}))
+        set(derived_columns({c: np.zeros(1) for c in parquet_schema(shards[0]).names if c not in NON_SCORE}))
         | {"width", "height"}
     )
     rules = [Rule(name, expression, known) for name, expression in config.rule_specs()]
     if config.dedup:
         rules.append(DuplicateRule(config.dedup))
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"  # written whole, then swapped in
+    # written whole beside the output (in a local folder for an object store), then swapped in
+    tmp = (
+        Path(tempfile.mkdtemp(prefix="latentmill-select-"))
+        if is_remote(output)
+        else output.parent / f".{output.name}.tmp-{os.getpid()}"
+    )
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -124,8 +138,14 @@ class DuplicateRule:
         return np.fromiter((key not in self.keys for key in keys), dtype=bool, count=len(keys))
 
 
-def _swap_in(new: Path, final: Path) -> None:
-    """Replace the folder `final` with `new`: two renames, the old selection removed only after."""
+def _swap_in(new: Path, final) -> None:
+    """Replace the folder `final` with `new`: two renames, the old selection removed only after. In an
+    object store: the new files sent (identical ones left alone), the lineage record last, stale ones
+    removed."""
+    if is_remote(final):
+        publish_folder(new, final)
+        shutil.rmtree(new, ignore_errors=True)
+        return
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
         os.replace(final, old)
@@ -143,7 +163,7 @@ def _select_into(output: Path, final: Path, shards: list[Path], rules: list, plo
     total = kept_total = 0
     for shard in shards:
         try:
-            table = pq.read_table(shard)
+            table = read_parquet(shard)
         except (pa.ArrowInvalid, OSError) as err:
             raise InputError(
                 f"{shard}: cannot be read as parquet ({str(err)[:120]}). Score that shard again: delete "
@@ -207,7 +227,7 @@ def plot_histograms(values: dict[str, list], rules: list[Rule], folder: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     paths = []
     for column in sorted(values):
         if column in ("width", "height", "max_side"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from latentmill.curate.storage import location
 from latentmill.filters.embeddings import embeddings_folder
 
 LATENTS_PREFIX = "latents-"
@@ -30,7 +31,7 @@ class Layout:
     work: Path
 
     def __post_init__(self):
-        object.__setattr__(self, "work", Path(self.work))
+        object.__setattr__(self, "work", location(self.work))  # a folder, or a prefix in an object store
 
     def paths(self, name: str) -> list[Path]:
         """The paths behind a stage input or output name: one path, or every latents-RES folder and run."""

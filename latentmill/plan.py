@@ -11,12 +11,10 @@ re-runs as a no-op.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from latentmill.curate.lineage import content_fingerprint, differences, fingerprint, settings_of
-from latentmill.curate.storage import write_json
+from latentmill.curate.storage import location, move, remove, write_json
 from latentmill.layout import Layout
 from latentmill.schema import from_section
 from latentmill.stages import PLACEHOLDERS, STAGES, Stage, producer
@@ -64,7 +62,7 @@ def _external(name: str, recipe: dict, layout: Layout, urls: str | None) -> str 
     path = (
         layout.sample_table if source == "sample-server" else urls or (recipe.get("urls") or {}).get("path")
     )
-    return content_fingerprint(path) if path and Path(path).exists() else None
+    return content_fingerprint(path) if path and location(path).exists() else None
 
 
 def completion(layout: Layout, stage: Stage) -> dict | None:
@@ -118,20 +116,17 @@ def _reason(line: str, stage: Stage) -> str:
 def clear(step: Step, layout: Layout) -> None:
     """Remove what a changed stage made before it is redone (a training run is moved aside to
     runs/.replaced/NAME, not deleted), and its completion record."""
-    (layout.lineage / f"{step.stage.name}.json").unlink(missing_ok=True)
+    remove(layout.lineage / f"{step.stage.name}.json")
     for name in step.stage.outputs:
         if producer(name) is not step.stage:
             continue  # e.g. fit-head adds a column to scores/, which the score stage made
         for path in layout.paths(name):
             if name == "runs":
                 aside = layout.runs / ".replaced" / path.name
-                shutil.rmtree(aside, ignore_errors=True)
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                path.rename(aside)
-            elif path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+                remove(aside)
+                move(path, aside)
+            else:
+                remove(path)
 
 
 def finish(step: Step, recipe: dict, layout: Layout, urls: str | None, report: dict) -> None:

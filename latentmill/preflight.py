@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from latentmill.curate.storage import location
 from latentmill.errors import InputError
 from latentmill.stages import PLACEHOLDERS, Stage, section
 
@@ -21,7 +22,7 @@ def preflight(recipe: dict, stages: list[Stage], urls: str | None = None) -> Non
         what = "image folder" if source == "folder" else "URL table"
         if not path:
             problems.append(f"urls: this recipe reads a {what}: give --urls, or set urls.path")
-        elif not Path(path).exists():
+        elif not location(path).exists():
             problems.append(f"urls: the {what} {path} does not exist")
     if "score" in names:
         score = section(recipe, "score")
@@ -47,7 +48,7 @@ def preflight(recipe: dict, stages: list[Stage], urls: str | None = None) -> Non
 
 
 def _file(key: str, path: str | None) -> list[str]:
-    return [f"{key}: {path} does not exist"] if path and not Path(path).exists() else []
+    return [f"{key}: {path} does not exist"] if path and not location(path).exists() else []
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -11,7 +11,7 @@ import io
 import json
 from pathlib import Path
 
-from latentmill.curate.storage import atomic_path
+from latentmill.curate.storage import location, read_parquet, write_bytes
 from latentmill.errors import InputError
 from latentmill.layout import Layout
 
@@ -105,7 +105,6 @@ def _head_section(work: Path) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pyarrow.parquet as pq
 
     from latentmill.filters.fithead import format_metrics, labels_from_image_shards
     from latentmill.filters.heads import fitted_metadata
@@ -125,9 +124,7 @@ def _head_section(work: Path) -> str:
         pairs = [
             (labels[k], v)
             for parquet in sorted(lay.scores.glob("*.parquet"))
-            for k, v in zip(
-                *pq.read_table(parquet, columns=["key", column]).to_pydict().values(), strict=True
-            )
+            for k, v in zip(*read_parquet(parquet, columns=["key", column]).to_pydict().values(), strict=True)
             if k in labels and v is not None
         ]
         if not pairs:
@@ -159,14 +156,13 @@ def _thumbnail_uri(sample) -> str | None:
 
 def _dedup_section(lay: Layout, groups_shown: int = 5) -> str:
     """A few groups of duplicates: the kept image first, then its duplicates with their similarity."""
-    import pyarrow.parquet as pq
 
     from latentmill.curate.imageshards import iter_image_shard, list_image_shards
 
     funnel = json.loads((lay.dedup / "funnel.json").read_text())
     groups: dict[str, list[tuple[str, float]]] = {}
     for path in sorted(lay.dedup.glob("*.parquet")):
-        table = pq.read_table(path).to_pydict()
+        table = read_parquet(path).to_pydict()
         for key, kept, similarity in zip(
             table["key"], table["duplicate_of"], table["similarity"], strict=True
         ):
@@ -198,7 +194,6 @@ def _dedup_section(lay: Layout, groups_shown: int = 5) -> str:
 
 def _thumbnails(work: Path) -> dict[str, list[tuple[str, str, str]]]:
     """reason ('kept' or why dropped) -> [(key, caption, data URI)], a few of each."""
-    import pyarrow.parquet as pq
 
     from latentmill.curate.imageshards import iter_image_shard, list_image_shards
 
@@ -208,7 +203,7 @@ def _thumbnails(work: Path) -> dict[str, list[tuple[str, str, str]]]:
         selection = lay.selection / f"{shard.stem}.parquet"
         reasons = {}
         if selection.exists():
-            table = pq.read_table(selection).to_pylist()
+            table = read_parquet(selection).to_pylist()
             reasons = {r["key"]: ("kept" if r["keep"] else r["reason"]) for r in table}
         for sample in iter_image_shard(shard):
             group = reasons.get(sample.key, "kept")
@@ -244,7 +239,7 @@ def _vae_section(folder: Path) -> str:
 
 def build_report(work: str | Path, output: str | Path | None = None) -> Path:
     """Write WORK/report/index.html (or `output`); return its path."""
-    work = Path(work)
+    work = location(work)
     lay = Layout(work)
     if not lay.urls.exists() and not lay.images.exists():
         raise InputError(
@@ -264,9 +259,8 @@ figcaption {{ font-size: .75rem; max-width: 128px; color: #555; }} table.funnel 
 </style></head>
 <body><h1>latentmill report: {html.escape(str(work))}</h1><nav>{nav}</nav>{content}</body></html>
 """
-    output = Path(output) if output else lay.report / "index.html"
-    with atomic_path(output) as tmp:
-        tmp.write_text(page)
+    output = location(output) if output else lay.report / "index.html"
+    write_bytes(output, page.encode())
     return output
 
 

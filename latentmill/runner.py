@@ -13,6 +13,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from pathlib import Path
 
+from latentmill.curate.storage import make_folder
 from latentmill.errors import InputError
 from latentmill.layout import Layout
 from latentmill.plan import KEEP, REDO, clear, completion, finish, plan, stale
@@ -45,7 +46,7 @@ def run_recipe(
         log(step.describe())
     if dry_run:
         return {"plan": [{"stage": s.stage.name, "action": s.action, "reasons": s.reasons} for s in steps]}
-    layout.urls.mkdir(parents=True, exist_ok=True)
+    make_folder(layout.urls)
     report: dict = {}
     with ExitStack() as stack:
         ctx = Context(recipe, layout, executor or section(recipe, "executor"), urls, log, stack)

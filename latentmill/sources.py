@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from latentmill.curate.storage import arrow_file, atomic_path, location, write_bytes
 from latentmill.errors import InputError
 from latentmill.schema import StageConfig, from_section, opt
 
@@ -59,11 +60,12 @@ def url_source(ctx: Context) -> Path:
                 f"the demo's image server cannot listen on 127.0.0.1:{port} again ({err}); free the "
                 f"port, or start over in a new work folder."
             ) from None
-        lay.server_port.write_text(str(server.port))
+        write_bytes(lay.server_port, str(server.port).encode())
         if not lay.sample_table.exists():
             rows = sample_rows(server.url(""), n_synthetic=source.synthetic, photo_views=source.photo_views)
-            pq.write_table(pa.Table.from_pylist(rows), lay.sample_table)
-        prerender(pq.read_table(lay.sample_table, columns=["URL"]).column("URL").to_pylist())
+            with atomic_path(lay.sample_table) as tmp:
+                pq.write_table(pa.Table.from_pylist(rows), tmp)
+        prerender(pq.read_table(arrow_file(lay.sample_table), columns=["URL"]).column("URL").to_pylist())
         ctx.log(f"[urls] sample URLs served on {server.url('/')}")
         # the demo's own loopback server, and only it, is an exception to the private-address guard
         ctx.allowed["allow_hosts"] = [f"127.0.0.1:{server.port}"]
@@ -77,5 +79,5 @@ def url_source(ctx: Context) -> Path:
             else "a URL table: give --urls FILE"
         )
         raise InputError(f"this recipe reads {what} (or set urls.path).")
-    ctx.table = Path(path)
-    return Path(path)
+    ctx.table = location(path)
+    return ctx.table

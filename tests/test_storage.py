@@ -202,3 +202,30 @@ def test_a_cut_off_shard_in_the_store_is_counted_not_fatal(tmp_path, bucket):
     manifest = encode(f"{bucket}/images", f"{bucket}/latents", EncodeConfig(**SMALL))
     stats = storage.location(f"{bucket}/latents/00001.stats.json").read_text()
     assert '"damaged_tar": true' in stats and manifest["shards"]["00000"]["samples"] == 4
+
+
+@pytest.mark.slow  # the whole demo recipe, twice
+def test_the_demo_recipe_runs_in_s3_and_status_and_report_read_it(bucket, s3_server, tmp_path):
+    from tests.test_run import SMALL
+
+    work = f"{bucket}/work"
+    cli = [sys.executable, "-m", "latentmill"]
+    first = subprocess.run([*cli, "run", "demo", "-w", work, *SMALL], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    names = {p.name for p in storage.location(work).iterdir()}
+    assert {"urls", "images", "scores", "selection", "latents-128", "runs", "export", "lineage"} <= names
+    assert not os.path.exists("s3:"), "a URL was taken for a local path"
+
+    before = len(s3_server.writes)
+    again = subprocess.run([*cli, "run", "demo", "-w", work, *SMALL], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ["prefilter", "download", "score", "fit-head", "select", "encode", "train", "export"]:
+        assert f"[{stage}] keep: up to date" in again.stdout, again.stdout
+    assert s3_server.writes[before:] == []  # a finished run again: not one PUT
+
+    status = subprocess.run([*cli, "status", work], capture_output=True, text=True)
+    assert status.returncode == 0 and "step 6/6" in status.stdout, status.stdout + status.stderr
+    report = subprocess.run([*cli, "report", work], capture_output=True, text=True)
+    assert report.returncode == 0 and f"wrote {work}/report/index.html" in report.stdout, report.stderr
+    page = storage.location(f"{work}/report/index.html").read_text()
+    assert "<h3>Kept</h3>" in page and 'alt="loss main"' in page and 'alt="buckets"' in page

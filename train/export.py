@@ -106,8 +106,17 @@ def export_target(run: Path, output: Path, format: str) -> Path:
 def export_run(
     run: str | Path, output: str | Path, format: str = "auto", use_ema: bool = True, vae=None
 ) -> Path:
-    """`latentmill export`: a pipeline folder, or for a LoRA run (by default) its adapter file."""
+    """`latentmill export`: a pipeline folder, or for a LoRA run (by default) its adapter file. The run
+    and the output may be in an object store (read from a local copy; written locally, then sent)."""
+    from latentmill.curate.storage import is_remote
     from latentmill.train.runs import load_run
+
+    if is_remote(run):
+        from latentmill.train.remoterun import RunMirror
+
+        run = RunMirror(str(run)).pull()
+    if is_remote(output):
+        return _export_to_store(run, output, format, use_ema, vae)
 
     loaded = load_run(run, use_ema)
     format = export_format(format, loaded.is_lora)
@@ -121,6 +130,23 @@ def export_run(
             f"pipeline (--format pipeline), or train with --lora-rank."
         )
     return export_lora(loaded, Path(output), format)
+
+
+def _export_to_store(run, output, format: str, use_ema: bool, vae):
+    import tempfile
+
+    from latentmill.curate.storage import location, publish_folder, upload
+
+    output = location(output)
+    with tempfile.TemporaryDirectory(prefix="latentmill-export-") as folder:
+        local = Path(folder) / output.name
+        made = export_run(run, local, format, use_ema, vae)
+        if local.is_dir():
+            publish_folder(local, output, last=("model_index.json", "lineage.json"))
+        else:
+            upload(made, output)
+            return output
+        return output / made.relative_to(local) if made != local else output
 
 
 def export_lora(loaded, output: Path, format: str) -> Path:

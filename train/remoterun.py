@@ -23,7 +23,9 @@ class RunMirror:
     def __init__(self, url: str, local: str | os.PathLike | None = None):
         self.remote = location(url)
         digest = hashlib.sha256(str(self.remote).encode()).hexdigest()[:16]
-        self.local = Path(local) if local else Path(tempfile.gettempdir()) / f"latentmill-run-{digest}"
+        # named as the run (exports and messages use the run's name), under a folder of its URL
+        root = Path(tempfile.gettempdir()) / f"latentmill-run-{digest}"
+        self.local = Path(local) if local else root / self.remote.name
         self.local.mkdir(parents=True, exist_ok=True)
 
     def _remote_files(self) -> list[str]:

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from latentmill.curate.storage import location
 from latentmill.errors import InputError, warn
 from latentmill.train.checkpoint import checkpoints, is_lora, latest_checkpoint, weights_needed
 
@@ -93,7 +94,7 @@ class Run:
 
         config = self.config
         sources = [config["instance"]] if config.get("instance") else config["shards"]
-        return read_manifest(Path(expand_shards(sources)[0]).parent)
+        return read_manifest(location(expand_shards(sources)[0]).parent)
 
 
 def load_run(run: str | Path, use_ema: bool = True, what: str = "") -> Run:

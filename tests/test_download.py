@@ -232,3 +232,34 @@ def test_the_ray_distributor_downloads_the_same_images(server, tmp_path):
         ray.shutdown()
     assert summary["success"] == 12 and summary["shards"] == 1
     assert sorted(s.meta["url"] for s in shard_samples(tmp_path / "images")) == sorted(r["URL"] for r in rows)
+
+
+def test_download_writes_to_s3_retries_from_there_and_guards_image_urls_not_the_store(
+    fresh_server, tmp_path, bucket, s3_server, run_cli
+):
+    from latentmill.curate import storage
+
+    # the store is on a private address (127.0.0.1): its own connections pass, an image URL pointing at it
+    # does not, even with the object there
+    from tests.conftest import image_entry
+
+    storage.location(f"{bucket}/private/secret.jpg").write_bytes(image_entry("secret", 320, 320)[1]["jpg"])
+    rows = [
+        {"URL": fresh_server.url(f"/flaky/{i}/gen/{i}/320x320.jpg"), "TEXT": f"flaky {i}"} for i in range(2)
+    ]
+    rows += [{"URL": fresh_server.url(f"/gen/{i}/320x320.jpg"), "TEXT": f"steady {i}"} for i in range(10, 13)]
+    rows += [{"URL": f"{s3_server.endpoint}/{bucket[5:]}/private/secret.jpg", "TEXT": "the store itself"}]
+    table = write_table(tmp_path / "urls.parquet", rows)
+    out = f"{bucket}/images"
+    first = download(table, out, fast(fresh_server))
+    assert first["success"] == 3 and first["failures"] == {"http_503": 2, "private_address": 1}
+    assert storage.location(f"{out}/_latentmill/summary.json").exists()
+    assert not any(os.path.exists(p) for p in ("s3:", "images"))  # nothing landed on the local disk
+
+    writes = len(s3_server.writes)
+    result = run_cli("download", "--retry-failed", out, "--only-reason", "http_503", "--processes", "1",
+                     "--min-image-size", "64", "--allow-host", f"127.0.0.1:{fresh_server.port}")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(s3_server.writes) > writes  # the new shard went to the store
+    urls = sorted(s.meta["url"] for s in shard_samples(out))
+    assert urls == sorted(r["URL"] for r in rows[:5])  # each good image once; the store's object never

@@ -229,3 +229,80 @@ def test_the_demo_recipe_runs_in_s3_and_status_and_report_read_it(bucket, s3_ser
     assert report.returncode == 0 and f"wrote {work}/report/index.html" in report.stdout, report.stderr
     page = storage.location(f"{work}/report/index.html").read_text()
     assert "<h3>Kept</h3>" in page and 'alt="loss main"' in page and 'alt="buckets"' in page
+
+
+def test_wrong_credentials_are_a_clear_exit_2(tmp_path):
+    """moto's server with its access checks on: keys it does not know are refused, as S3 refuses them."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=os.environ | {"INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):  # until it listens
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        env = os.environ | {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG1",
+            "AWS_SECRET_ACCESS_KEY": "wrong",
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "latentmill", "encode", "s3://bucket/images", "-o", "s3://bucket/latents",
+             "--vae", "tiny"],
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait()
+    assert result.returncode == 2, result.stderr
+    assert "the object store refused access" in result.stderr and "AWS_ACCESS_KEY_ID" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_dedup_select_and_latents_verify_in_s3_match_the_local_ones(tmp_path, bucket, run_cli):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.test_dedup import planted, write_scores
+
+    matrix, _ = planted(n=600, bases=20)
+    write_scores(tmp_path, matrix, shards=2, aesthetic=np.random.default_rng(1).uniform(4, 8, len(matrix)))
+    for shard in (tmp_path / "scores").glob("*.parquet"):  # the columns select needs
+        table = pq.read_table(shard)
+        for name, value in (("url", "u"), ("caption", "c"), ("error", None)):
+            table = table.append_column(name, pa.array([value] * table.num_rows, pa.string()))
+        for name in ("width", "height", "original_width", "original_height"):
+            table = table.append_column(name, pa.array([512] * table.num_rows, pa.int32()))
+        pq.write_table(table, shard)
+    for folder in ("scores", "embeddings"):
+        _upload(tmp_path / folder, f"{bucket}/{folder}")
+    for root in (str(tmp_path), bucket):
+        result = run_cli("dedup", f"{root}/scores", "-o", f"{root}/dedup", "--threshold", "0.95")
+        assert result.exit_code == 0, result.output
+        result = run_cli("select", f"{root}/scores", "-o", f"{root}/selection", "--dedup", f"{root}/dedup",
+                         "--where", "aesthetic >= 5")  # fmt: skip
+        assert result.exit_code == 0, result.output
+    for folder in ("dedup", "selection"):
+        local = _digests(tmp_path / folder, (".parquet",))
+        assert local and _digests(f"{bucket}/{folder}", (".parquet",)) == local
+    assert storage.location(f"{bucket}/selection/plots").is_dir()
+
+    images = _images(tmp_path / "images", shards=2)
+    _upload(images, f"{bucket}/images")
+    encode(f"{bucket}/images", f"{bucket}/latents", EncodeConfig(**SMALL))
+    good = run_cli("latents", "verify", f"{bucket}/latents")
+    assert good.exit_code == 0 and "8 samples: all match" in good.output, good.output
+    storage.location(f"{bucket}/latents/00001.tar").write_bytes(b"cut off")
+    bad = run_cli("latents", "verify", f"{bucket}/latents")
+    assert bad.exit_code != 0 and "00001.tar" in bad.output

@@ -18,6 +18,7 @@ from latentmill.schema import from_section, spec_of
 from latentmill.stages import LISTS, PLACEHOLDERS, SECTIONS
 
 SCALARS = {"description"}
+MAPPINGS = {"storage_options"}  # passed as they are (to fsspec)
 RENAMED_SECTIONS = {"fit_heads": "fit_head"}  # old section name -> new, accepted with a warning
 RUN_MANAGED = {
     "train": {"shards", "output", "init_from", "resume"},  # set by the runner, not by recipes
@@ -86,7 +87,7 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> dict:
 def validate(recipe: dict, source: str) -> None:
     """Every section and list item checked as its stage config checks it: names, types, ranges, choices.
     Renamed keys are accepted (in place) with a warning."""
-    known = set(SECTIONS) | SCALARS | set(LISTS)
+    known = set(SECTIONS) | SCALARS | MAPPINGS | set(LISTS)
     for old, new in RENAMED_SECTIONS.items():
         if old in recipe and new not in recipe:
             warn(f"{source}: the section {old} is now {new}; the old name goes in the next release.")
@@ -97,6 +98,13 @@ def validate(recipe: dict, source: str) -> None:
                 f"{source}: unknown section {name!r}.{_nearest(name, known)} Sections: {', '.join(sorted(known))}."
             )
         if name in SCALARS:
+            continue
+        if name in MAPPINGS:
+            if not isinstance(body or {}, dict) or not all(isinstance(k, str) for k in body or {}):
+                raise InputError(
+                    f"{source}: {name} is a mapping of fsspec options (endpoint_url: http://10.0.0.5:9000), "
+                    f"not a {type(body).__name__}."
+                )
             continue
         if name in LISTS:
             if not isinstance(body or [], list):

@@ -14,6 +14,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from latentmill.curate.storage import make_folder
+from latentmill.curate.storage import options as storage_options
+from latentmill.curate.storage import set_options as set_storage_options
 from latentmill.errors import InputError
 from latentmill.layout import Layout
 from latentmill.plan import KEEP, REDO, clear, completion, finish, plan, stale
@@ -39,6 +41,8 @@ def run_recipe(
             raise InputError(f"{option} {name!r}: use one of {', '.join(STAGE_NAMES)}.")
     first = STAGE_NAMES.index(start) if start else 0
     last = STAGE_NAMES.index(until) if until else len(STAGES) - 1
+    # the recipe's storage_options, under those given with --storage-option
+    set_storage_options((recipe.get("storage_options") or {}) | storage_options())
     layout = Layout(work)
     preflight(recipe, list(STAGES[first : last + 1]), urls)  # every missing file or model, at once
     steps = plan(recipe, layout, list(STAGES[first : last + 1]), urls)

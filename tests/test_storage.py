@@ -306,3 +306,27 @@ def test_dedup_select_and_latents_verify_in_s3_match_the_local_ones(tmp_path, bu
     storage.location(f"{bucket}/latents/00001.tar").write_bytes(b"cut off")
     bad = run_cli("latents", "verify", f"{bucket}/latents")
     assert bad.exit_code != 0 and "00001.tar" in bad.output
+
+
+def test_a_recipe_carries_storage_options_and_a_bad_one_is_named(tmp_path):
+    from latentmill.recipe import load_recipe
+    from latentmill.runner import run_recipe
+
+    good = tmp_path / "r.yaml"
+    good.write_text(
+        "storage_options: {endpoint_url: 'http://10.0.0.5:9000', anon: true}\nencode: {vae: tiny}\n"
+    )
+    recipe = load_recipe(str(good))
+    saved = storage.options()
+    try:
+        storage.set_options({"anon": False})  # as --storage-option anon=false: the command line wins
+        (tmp_path / "urls.csv").write_text("url\nhttps://example.com/a.jpg\n")
+        run_recipe(recipe, tmp_path / "work", urls=str(tmp_path / "urls.csv"), until="prefilter", dry_run=True,
+                   log=lambda line: None)  # fmt: skip
+        assert storage.options() == {"endpoint_url": "http://10.0.0.5:9000", "anon": False}
+    finally:
+        storage.set_options(saved)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("storage_options: [endpoint_url]\n")
+    with pytest.raises(InputError, match="storage_options is a mapping of fsspec options"):
+        load_recipe(str(bad))

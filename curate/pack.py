@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentmill.curate.imageshards import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
-from latentmill.curate.storage import atomic_path, write_json
+from latentmill.curate.storage import atomic_path, location, make_folder, write_json
 from latentmill.errors import InputError
 from latentmill.schema import StageConfig, opt
 
@@ -59,7 +59,7 @@ def pack_images(
     from latentmill.curate.lineage import IMAGE_SHARDS_RECORD, claim, make_record, remove_files
 
     config = (config or PackConfig()).validate()
-    folder, output = Path(folder), Path(output)
+    folder, output = Path(folder), location(output)
     files = image_files(folder)
     if config.caption is None:
         missing = [p for p in files if not p.with_suffix(".txt").exists()]
@@ -67,7 +67,7 @@ def pack_images(
             raise InputError(
                 f"{folder}: no image has a caption (.txt beside it); give --caption 'a photo of ...' for all."
             )
-    output.mkdir(parents=True, exist_ok=True)
+    make_folder(output)
     (output / IMAGE_SHARDS_RECORD).parent.mkdir(exist_ok=True)
     record = make_record("pack", config, inputs={"folder": folder})
     claim(

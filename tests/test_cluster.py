@@ -151,8 +151,8 @@ def test_ray_train_on_two_nodes_loses_a_node_resumes_and_equals_torchrun(tmp_pat
                           text_encoder=str(tmp_path / "pipeline"))  # fmt: skip
     encode(tmp_path / "images", tmp_path / "latents", config)
     _upload(tmp_path / "latents", f"{bucket}/latents")
-    args = ["--model", "tiny", "--steps", "40", "--batch-size", "2", "--checkpoint-every", "10",
-            "--log-every", "10", "--learning-rate", "1e-3", "--workers", "0"]  # fmt: skip
+    args = ["--model", "tiny", "--steps", "24", "--batch-size", "2", "--checkpoint-every", "6",
+            "--log-every", "6", "--learning-rate", "1e-3", "--workers", "0"]  # fmt: skip
     torchrun = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "latentmill",
          "train", str(tmp_path / "latents"), "-o", str(tmp_path / "torchrun"), *args],
@@ -167,7 +167,7 @@ def test_ray_train_on_two_nodes_loses_a_node_resumes_and_equals_torchrun(tmp_pat
         env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 300
-    while _count_objects(f"{run}/checkpoints/step-0000010", "state.json") == 0 and process.poll() is None:
+    while _count_objects(f"{run}/checkpoints/step-0000006", "state.json") == 0 and process.poll() is None:
         assert time.monotonic() < deadline, "no first checkpoint"
         time.sleep(0.05)
     assert process.poll() is None, (
@@ -178,13 +178,13 @@ def test_ray_train_on_two_nodes_loses_a_node_resumes_and_equals_torchrun(tmp_pat
     assert process.returncode == 0, stderr[-4000:]
     (tmp_path / "out.txt").write_text(stdout + stderr)
     assert "resuming" in stdout + stderr, "the workers were not restarted from a checkpoint"
-    final = storage.location(f"{run}/checkpoints/step-0000040")
+    final = storage.location(f"{run}/checkpoints/step-0000024")
     local_copy = tmp_path / "ray-final"
     local_copy.mkdir()
     for name in ("unet.safetensors", "ema.safetensors"):
         final.fs.get_file((final / name).path, str(local_copy / name))
         ours = _weights(local_copy / name)
-        theirs = _weights(tmp_path / "torchrun" / "checkpoints" / "step-0000040" / name)
+        theirs = _weights(tmp_path / "torchrun" / "checkpoints" / "step-0000024" / name)
         assert ours.keys() == theirs.keys()
         assert all((ours[k] == theirs[k]).all() for k in ours), f"{name} differs from torchrun's"
     ranks = [storage.location(f"{run}/ranks/rank-{r}.json").read_text() for r in range(2)]

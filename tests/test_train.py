@@ -901,3 +901,25 @@ def test_a_torchrun_run_resumed_repeats_the_straight_run_on_every_rank(latents, 
     a = load_file(tmp_path / "straight" / "checkpoints" / "step-0000006" / "unet.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoints" / "step-0000006" / "unet.safetensors")
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_runs_in_s3_are_sampled_merged_and_trained_from(latents, tmp_path, bucket, run_cli):
+    from PIL import Image
+
+    from latentmill.curate import storage
+
+    run = f"{bucket}/runs/first"
+    train(config(latents, run, steps=2, checkpoint_every=2))
+    result = run_cli("sample", run, "--prompt", "a cat", "--sampler-steps", "2", "-o", f"{bucket}/grid.png")
+    assert result.exit_code == 0, result.output
+    (tmp_path / "grid.png").write_bytes(storage.location(f"{bucket}/grid.png").read_bytes())
+    assert Image.open(tmp_path / "grid.png").size == (128, 128)
+    merged = f"{bucket}/runs/merged"
+    result = run_cli("merge", run, run, "--alpha", "0.5", "-o", merged)
+    assert result.exit_code == 0, result.output
+    assert storage.location(f"{merged}/checkpoints/step-0000002/state.json").exists()
+    train(config(latents, f"{bucket}/runs/second", steps=1, init_from=merged))
+    assert storage.location(f"{bucket}/runs/second/checkpoints/step-0000001/ema.safetensors").exists()
+    result = run_cli("export", merged, "-o", f"{bucket}/export")
+    assert result.exit_code == 0, result.output
+    assert storage.location(f"{bucket}/export/model_index.json").exists()

@@ -245,7 +245,7 @@ def _set_up(config: TrainConfig) -> Training:
     if rank == 0 and not config.resume:
         _record_lineage(run, config, sets)
     if config.init_from:
-        _init_from(unet, Path(config.init_from))
+        _init_from(unet, config.init_from)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if device.startswith("cuda"):

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
+from latentmill.curate.storage import is_remote, location, publish_folder
 from latentmill.errors import InputError
 from latentmill.train.checkpoint import checkpoints
 from latentmill.train.runs import Run, load_run
@@ -23,6 +25,9 @@ def _source(path: Path, use_ema: bool) -> tuple[dict, Run | None]:
     """(U-Net weights, the run they come from or None for a .safetensors file or a diffusers folder)."""
     from safetensors.torch import load_file
 
+    if is_remote(path):  # a run in an object store
+        loaded = load_run(path, use_ema)
+        return loaded.weights(), loaded
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise InputError(f"{path}: no such weights file.")
@@ -52,7 +57,7 @@ def merge(
     state.json) that `export`, `sample` and `--init-from` accept. The merged run takes its configuration
     (text encoder, latents, prediction type) from `config_from`, else from the first input that is a run.
     Written whole, then renamed."""
-    inputs = [Path(p) for p in (a, b, *([base] if base else []))]
+    inputs = [p if is_remote(p) else Path(p) for p in (a, b, *([base] if base else []))]
     sources = [_source(p, use_ema) for p in inputs]
     donor = (
         load_run(config_from, use_ema, "--config-from")
@@ -84,7 +89,7 @@ def merge(
         "method": "add_difference" if base else "weighted_sum",
         "config_from": str(donor.path),
     }
-    return _write_run(Path(output), merged, donor, recipe)
+    return _write_run(output if is_remote(output) else Path(output), merged, donor, recipe)
 
 
 def merge_lora_run(
@@ -113,7 +118,7 @@ def merge_lora_run(
         "method": "lora",
         "config_from": str(run.path),
     }
-    return _write_run(Path(output), merged, run, recipe)
+    return _write_run(output if is_remote(output) else Path(output), merged, run, recipe)
 
 
 def _write_run(output: Path, merged: dict, donor: Run, recipe: dict) -> Path:
@@ -121,6 +126,13 @@ def _write_run(output: Path, merged: dict, donor: Run, recipe: dict) -> Path:
     renamed. A LoRA donor's configuration loses its LoRA settings: the merged run is a whole U-Net."""
     from safetensors.torch import save_file
 
+    if is_remote(output):  # made here whole, then sent (state.json last)
+        if location(output).exists():
+            raise InputError(f"{output} already holds files; merge into a new folder.")
+        with tempfile.TemporaryDirectory(prefix="latentmill-merge-") as folder:
+            made = _write_run(Path(folder) / location(output).name, merged, donor, recipe)
+            publish_folder(made, output, last=("state.json",))
+        return location(output)
     if checkpoints(output):
         raise InputError(
             f"{output} already holds a run ({checkpoints(output)[-1].name}); merge into a new folder."

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentmill.curate.storage import location
+from latentmill.curate.storage import is_remote, location
 from latentmill.errors import InputError, warn
 from latentmill.train.checkpoint import checkpoints, is_lora, latest_checkpoint, weights_needed
 
@@ -100,8 +100,12 @@ class Run:
 def load_run(run: str | Path, use_ema: bool = True, what: str = "") -> Run:
     """The run's last intact checkpoint with the files sample/export/merge need; `what` names the option in
     messages (e.g. "--init-from")."""
-    run = Path(run)
     name = f"{what} {run}".strip()
+    if is_remote(run):  # a run in an object store: its newest complete checkpoint, copied here
+        from latentmill.train.remoterun import RunMirror
+
+        run = RunMirror(str(run)).pull()
+    run = Path(run)
     if not run.is_dir():
         raise InputError(f"{name}: not a run folder.")
     found = checkpoints(run)

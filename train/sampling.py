@@ -96,9 +96,11 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int = 4) -> Path:
     grid = Image.new("RGB", (columns * w, rows * h), "white")
     for i, image in enumerate(images):
         grid.paste(Image.fromarray(image), ((i % columns) * w, (i // columns) * h))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    from latentmill.curate.storage import atomic_path, location
+
+    path = location(path)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
     return path
 
 

@@ -330,3 +330,27 @@ def test_a_recipe_carries_storage_options_and_a_bad_one_is_named(tmp_path):
     bad.write_text("storage_options: [endpoint_url]\n")
     with pytest.raises(InputError, match="storage_options is a mapping of fsspec options"):
         load_recipe(str(bad))
+
+
+def test_inspecting_commands_read_the_store(tmp_path, bucket, run_cli):
+    local = _images(tmp_path / "images", shards=2)
+    _upload(local, f"{bucket}/images")
+    (tmp_path / "urls.csv").write_text(
+        "URL,TEXT\nhttps://example.com/a.jpg,a cat\nhttps://example.com/b.jpg,a dog\n"
+    )
+    storage.upload(tmp_path / "urls.csv", storage.location(f"{bucket}/urls.csv"))
+    table = run_cli("urls", "inspect", f"{bucket}/urls.csv")
+    assert table.exit_code == 0 and "urls.csv: 2 rows in 1 file(s)" in table.output, table.output
+    shards = run_cli("images", "inspect", f"{bucket}/images")
+    assert shards.exit_code == 0 and "total: 8 samples in 2 shard(s)" in shards.output, shards.output
+    chart = run_cli("buckets", "--images", f"{bucket}/images", "--plot", f"{bucket}/buckets.png")
+    assert chart.exit_code == 0, chart.output
+    assert storage.location(f"{bucket}/buckets.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "pictures").mkdir()
+    for name, data in [image_entry(f"p{i}", 320, 256, seed=i) for i in range(3)]:
+        (tmp_path / "pictures" / f"{name}.jpg").write_bytes(data["jpg"])
+    packed = run_cli(
+        "images", "pack", tmp_path / "pictures", "-o", f"{bucket}/packed", "--caption", "a picture"
+    )
+    assert packed.exit_code == 0, packed.output
+    assert storage.location(f"{bucket}/packed/00000.tar").exists()

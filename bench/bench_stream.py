@@ -7,7 +7,8 @@ in moto's S3 server, run as its own process on 127.0.0.1 (a real HTTP endpoint, 
 MinIO would be). One epoch is read by `LatentLoader` (epoch mode, batch 32, in the training process) from
 local disk, and from S3 through a cold, fresh ShardCache (every shard fetched during the epoch, the next
 ones read ahead, by fetch processes started once before the timing as in a training run); runs
-alternate, `--repeats` of each; the ratios are S3 / local of the best and of the median runs.
+alternate, `--repeats` of each; the ratios are S3 / local of the best and of the median runs, and the
+median of each S3 run over the disk run just before it (the fairest on a machine whose speed drifts).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ahead", type=int, default=2, help="shards fetched ahead (fetch processes)")
     args = parser.parse_args()
     folder = OUT / f"latents-{args.images}"
     if not (folder / "manifest.json").exists():
@@ -88,7 +90,7 @@ def main() -> None:
         assert len(local) == len(remote) == args.shards
         epoch(local)  # warm the page cache and the imports
         cache_dir = Path(tempfile.mkdtemp(prefix="bench-cache-"))
-        cache = ShardCache(cache_dir, limit=10**10)
+        cache = ShardCache(cache_dir, limit=10**10, ahead=args.ahead)
         epoch(remote[:2], cache)  # start the fetch processes once, as a training run does
         rates: dict[str, list[float]] = {"local": [], "s3": []}
         for _ in range(args.repeats):
@@ -106,6 +108,7 @@ def main() -> None:
         server.wait()
     best = {k: max(v) for k, v in rates.items()}
     median = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
+    pairs = sorted(s3 / disk for s3, disk in zip(rates["s3"], rates["local"], strict=True))
     shard_mb = sum(p.stat().st_size for p in folder.glob("*.tar")) / args.shards / 1e6
     print(
         json.dumps(
@@ -113,10 +116,14 @@ def main() -> None:
                 "images": args.images,
                 "shards": args.shards,
                 "shard_mb": round(shard_mb, 1),
+                "ahead": args.ahead,
                 "local_samples_per_s": round(best["local"], 1),
                 "s3_samples_per_s": round(best["s3"], 1),
                 "s3_over_local_best": round(best["s3"] / best["local"], 3),
                 "s3_over_local_median": round(median["s3"] / median["local"], 3),
+                "s3_over_local_pairwise_median": round(
+                    pairs[len(pairs) // 2], 3
+                ),  # each S3 run / the disk run before it
                 "s3_over_one_h100": round(best["s3"] / GPU_SAMPLES_PER_S, 1),
                 "all_runs": {k: [round(r, 1) for r in v] for k, v in rates.items()},
             },

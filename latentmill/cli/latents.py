@@ -30,7 +30,7 @@ def verify(folder):
     Example:
       latentmill latents verify latents-512/
     """
-    from latentmill.curate.latentshards import verify_latents
+    from latentmill.curate.latentverify import verify_latents
     from latentmill.errors import InputError
 
     with progress_bar(None, "verify", unit="shard") as bar:

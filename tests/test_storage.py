@@ -229,6 +229,16 @@ def test_the_demo_recipe_runs_in_s3_and_status_and_report_read_it(bucket, s3_ser
     assert report.returncode == 0 and f"wrote {work}/report/index.html" in report.stdout, report.stderr
     page = storage.location(f"{work}/report/index.html").read_text()
     assert "<h3>Kept</h3>" in page and 'alt="loss main"' in page and 'alt="buckets"' in page
+    # --open: a local copy, handed to the browser ($BROWSER: a script that notes what it was given)
+    opened = tmp_path / "opened.txt"
+    browser = tmp_path / "browser.py"
+    browser.write_text(f"import sys, pathlib; pathlib.Path({str(opened)!r}).write_text(sys.argv[1])\n")
+    env = os.environ | {"BROWSER": f"{sys.executable} {browser} %s"}
+    shown = subprocess.run([*cli, "report", work, "--open"], capture_output=True, text=True, env=env)
+    assert shown.returncode == 0, shown.stderr
+    copy = shown.stdout.split("local copy: ")[1].strip()
+    assert opened.read_text().startswith("file://") and opened.read_text().endswith(copy)
+    assert open(copy).read() == page
 
 
 def test_wrong_credentials_are_a_clear_exit_2(tmp_path):
@@ -354,3 +364,26 @@ def test_inspecting_commands_read_the_store(tmp_path, bucket, run_cli):
     )
     assert packed.exit_code == 0, packed.output
     assert storage.location(f"{bucket}/packed/00000.tar").exists()
+
+
+def test_prefilter_and_score_in_s3_write_the_bytes_they_write_on_disk(tmp_path, bucket):
+    from latentmill.curate.imageserver import sample_rows
+    from latentmill.curate.prefilter import PrefilterConfig, prefilter
+    from latentmill.filters.score import ScoreConfig, score
+    from tests.conftest import write_table
+
+    table = write_table(tmp_path / "table.parquet", sample_rows("http://images.example/"))
+    storage.upload(table, storage.location(f"{bucket}/table.parquet"))
+    rules = PrefilterConfig(min_side=256, max_pwatermark=0.5)
+    for root in (str(tmp_path), bucket):
+        prefilter(f"{root}/table.parquet", f"{root}/urls/kept.parquet", rules)
+    assert _digests(tmp_path / "urls") == _digests(f"{bucket}/urls") and len(_digests(tmp_path / "urls")) == 2
+
+    local = _images(tmp_path / "images", shards=2)
+    _upload(local, f"{bucket}/images")
+    tiny = ScoreConfig(clip_model="tiny", pretrained="none", workers=0, batch_size=4, torch_threads=1,
+                       save_embeddings=True)  # fmt: skip
+    for root in (str(tmp_path), bucket):
+        score(f"{root}/images", f"{root}/scores", tiny)
+    assert _digests(tmp_path / "scores") == _digests(f"{bucket}/scores")
+    assert _digests(tmp_path / "embeddings", (".npy",)) == _digests(f"{bucket}/embeddings", (".npy",))

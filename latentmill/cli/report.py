@@ -34,9 +34,10 @@ def report(work, output, open_it):
         import webbrowser
         from pathlib import Path
 
-        local = Path(written)
         if is_remote(written):
             local = Path(tempfile.gettempdir()) / f"latentmill-report-{written.parent.parent.name}.html"
             local.write_bytes(written.read_bytes())
             click.echo(f"local copy: {local}")
+        else:
+            local = Path(written)
         webbrowser.open(local.resolve().as_uri())

@@ -49,6 +49,12 @@ def _caption(path: Path, default: str | None) -> str | None:
     return text.read_text(encoding="utf-8", errors="replace").strip() if text.exists() else default
 
 
+def _outside(path: Path, root: Path) -> bool:
+    """`path` (or the file a link there points to) lies outside the folder being packed: a link out of
+    the folder must not bring a file from elsewhere (an image, or a system file as a caption) in."""
+    return not path.resolve().is_relative_to(root.resolve())
+
+
 def pack_images(
     folder: str | Path, output: str | Path, config: PackConfig | None = None, overwrite: bool = False
 ) -> dict:
@@ -68,7 +74,7 @@ def pack_images(
                 f"{folder}: no image has a caption (.txt beside it); give --caption 'a photo of ...' for all."
             )
     make_folder(output)
-    (output / IMAGE_SHARDS_RECORD).parent.mkdir(exist_ok=True)
+    make_folder((output / IMAGE_SHARDS_RECORD).parent)
     record = make_record("pack", config, inputs={"folder": folder})
     claim(
         output, record, overwrite, clear=lambda: remove_files(output, ("*.tar", "*.parquet", "*_stats.json"))
@@ -94,6 +100,9 @@ def _pack_shard(folder: Path, files: list[Path], output: Path, shard: str, first
     rows, dropped = [], {}
     with atomic_path(output / f"{shard}.tar") as tmp, tarfile.open(tmp, "w") as tar:
         for number, path in enumerate(files, start=first):
+            if _outside(path, folder) or _outside(path.with_suffix(".txt"), folder):
+                dropped["outside_folder"] = dropped.get("outside_folder", 0) + 1
+                continue
             data = path.read_bytes()
             caption = _caption(path, config.caption)
             try:

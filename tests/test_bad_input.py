@@ -329,3 +329,49 @@ def test_bad_input_is_exit_2_naming_the_culprit_and_changes_nothing(zoo, run_cli
     assert culprit in result.output, (name, result.output[-600:])
     assert "Traceback" not in result.output
     assert tree_digest(zoo) == before, f"{name} changed the folder"
+
+
+def test_images_pack_skips_files_linked_from_outside_the_folder(tmp_path, run_cli):
+    """A link out of the packed folder brings nothing in: not an image from elsewhere, not a system file
+    as a caption. Both are skipped and counted as outside_folder."""
+    import tarfile
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret.txt").write_text("SECRET TOKEN 1234")
+    (elsewhere / "other.jpg").write_bytes(image_entry("o", 320, 256, seed=3)[1]["jpg"])
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(image_entry("g", 320, 256, seed=1)[1]["jpg"])
+    (folder / "good.txt").write_text("a good picture")
+    (folder / "linked.jpg").symlink_to(elsewhere / "other.jpg")  # an image from elsewhere
+    (folder / "leaky.jpg").write_bytes(image_entry("l", 320, 256, seed=2)[1]["jpg"])
+    (folder / "leaky.txt").symlink_to(elsewhere / "secret.txt")  # a caption from a file elsewhere
+    result = run_cli("images", "pack", folder, "-o", tmp_path / "packed")
+    assert result.exit_code == 0, result.output
+    assert "packed 1 image(s); dropped: outside_folder 2" in result.output
+    with tarfile.open(tmp_path / "packed" / "00000.tar") as tar:
+        contents = b"".join(tar.extractfile(m).read() for m in tar.getmembers())
+    assert b"SECRET TOKEN" not in contents and b"a good picture" in contents
+    (folder / "inside.txt").write_text("a caption inside")
+    (folder / "also.jpg").symlink_to(folder / "good.jpg")  # a link that stays inside is fine
+    (folder / "also.txt").symlink_to(folder / "inside.txt")
+    again = run_cli("images", "pack", folder, "-o", tmp_path / "packed-2")
+    assert "packed 2 image(s); dropped: outside_folder 2" in again.output, again.output
+
+
+def test_the_instance_folder_as_its_own_class_data_is_refused(tmp_path):
+    from latentmill.errors import InputError
+    from latentmill.train.config import TrainConfig
+
+    (tmp_path / "dog").mkdir()
+    for class_data in (str(tmp_path / "dog"), str(tmp_path / "dog") + "/", str(tmp_path / "." / "dog")):
+        config = TrainConfig(output=str(tmp_path / "run"), model="tiny", instance=str(tmp_path / "dog"),
+                             class_data=class_data)  # fmt: skip
+        with pytest.raises(
+            InputError, match=r"\(--class-data\) .* is the train.instance \(--instance\) folder"
+        ):
+            config.validate()
+    (tmp_path / "dogs").mkdir()
+    TrainConfig(output=str(tmp_path / "run"), model="tiny", instance=str(tmp_path / "dog"),
+                class_data=str(tmp_path / "dogs")).validate()  # fmt: skip

@@ -243,6 +243,12 @@ class TrainConfig(StageConfig):
                 f"{self.name('instance')} is DreamBooth's subject and needs {self.name('class_data')} "
                 f"(the class images' latents); to fine-tune on the folder alone, give it as SHARDS."
             )
+        if self.instance and self.class_data and _same_place(self.instance, self.class_data):
+            raise InputError(
+                f"{self.name('class_data')} {self.class_data} is the {self.name('instance')} folder: prior "
+                f"preservation needs latents of other images of the class (make them with `latentmill "
+                f"sample --to-folder`, then pack and encode them)."
+            )
         # one weight per folder is checked where shard files are grouped into folders (train/data.py)
         if self.mix is not None and (any(w < 0 for w in self.mix) or sum(self.mix) <= 0):
             raise InputError(f"{self.name('mix')} {self.mix}: weights are >= 0 and not all 0.")
@@ -367,3 +373,14 @@ class MergeConfig(StageConfig):
         "The run whose configuration the merged run takes (default: the first of A, B, BASE that is a run).",
         path=True,
     )
+
+
+def _same_place(a: str, b: str) -> bool:
+    """Two folders given as paths or URLs name the same place (links and trailing slashes aside)."""
+    from pathlib import Path
+
+    from latentmill.curate.storage import is_remote
+
+    if is_remote(a) or is_remote(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()

@@ -387,3 +387,18 @@ def test_prefilter_and_score_in_s3_write_the_bytes_they_write_on_disk(tmp_path, 
         score(f"{root}/images", f"{root}/scores", tiny)
     assert _digests(tmp_path / "scores") == _digests(f"{bucket}/scores")
     assert _digests(tmp_path / "embeddings", (".npy",)) == _digests(f"{bucket}/embeddings", (".npy",))
+
+
+def test_a_stale_local_copy_of_a_run_never_stands_in_for_the_store(tmp_path, bucket):
+    from latentmill.train.remoterun import RunMirror
+
+    run = f"{bucket}/runs/a"
+    storage.location(f"{run}/checkpoints/step-0000001/state.json").write_text('{"shards": "new/path"}')
+    storage.location(f"{run}/log.jsonl").write_text('{"step": 1}\n')
+    mirror = RunMirror(run, local=tmp_path / "copy")
+    (tmp_path / "copy" / "checkpoints" / "step-0000001").mkdir(parents=True)
+    (tmp_path / "copy" / "checkpoints" / "step-0000001" / "state.json").write_text('{"shards": "old/path"}')
+    (tmp_path / "copy" / "stale.txt").write_text("from an earlier run")  # the same size, other bytes above
+    local = mirror.pull()
+    assert (local / "checkpoints" / "step-0000001" / "state.json").read_text() == '{"shards": "new/path"}'
+    assert (local / "log.jsonl").read_text() == '{"step": 1}\n' and not (local / "stale.txt").exists()

@@ -51,9 +51,7 @@ class RunMirror:
                 path.unlink()
         for name in wanted:
             target = self.local / name
-            if target.exists() and target.stat().st_size == (self.remote / name).fs.size(
-                (self.remote / name).path
-            ):
+            if _same_content(target, self.remote / name):  # a copy from an earlier pull of this run
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
@@ -84,3 +82,20 @@ class RunMirror:
 
 def mirror_of(output: str) -> RunMirror | None:
     return RunMirror(output) if is_remote(output) else None
+
+
+def _same_content(local: Path, remote) -> bool:
+    """The local file holds the object's bytes: same size and its MD5 equal to the object's ETag (S3's
+    ETag of a single-part upload). Anything else (a multipart ETag, a store without ETags) is fetched
+    again: a stale copy must never stand in for the store's file."""
+    if not local.exists():
+        return False
+    info = remote.fs.info(remote.path)
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+    if not etag or "-" in etag or int(info.get("size") or -1) != local.stat().st_size:
+        return False
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(local, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest() == etag

@@ -3,8 +3,6 @@ with caption dropout to the empty caption, and SDXL-style size and crop conditio
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from latentmill.errors import InputError, warn
@@ -95,7 +93,7 @@ def _stored_empty_caption(info: dict, folder) -> torch.Tensor:
 
     import numpy as np
 
-    from latentmill.curate.latentshards import is_url, open_stream
+    from latentmill.curate.latentshards import join, open_stream
 
     if not info.get("empty"):
         warn(
@@ -103,9 +101,7 @@ def _stored_empty_caption(info: dict, folder) -> torch.Tensor:
             "uses zeros. Re-encode with `latentmill encode --text-encoder ...` to drop to the empty caption."
         )
         return torch.zeros(info["shape"])
-    location = (
-        f"{str(folder).rstrip('/')}/{info['empty']}" if is_url(folder) else Path(folder) / info["empty"]
-    )
+    location = join(folder, info["empty"])
     try:
         with open_stream(location) as stream:
             array = np.load(io.BytesIO(stream.read()), allow_pickle=False)

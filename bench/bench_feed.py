@@ -281,7 +281,7 @@ def loader_rate(args) -> dict:
                     flipped=s["latent_flip"],
                     text_emb=rng.standard_normal((77, 768)).astype(np.float16),
                 )
-            manifest["shards"][shard]["sha256"] = writer.close()
+            manifest["shards"][shard].update(writer.close())
         manifest["text_encoder"] = {"name": "synthetic", "fingerprint": "none", "shape": [77, 768]}
         (folder / "manifest.json").write_text(json.dumps(manifest))
     shards = expand_shards(str(folder))

@@ -48,8 +48,7 @@ def make_latents(folder: Path, count: int, shards: int = 8) -> None:
         stats[f"{shard:05d}"] = {
             "written": count // shards,
             "per_bucket": per_bucket,
-            "sha256": writer.close(),
-        }
+        } | writer.close()
     write_manifest(
         folder,
         {

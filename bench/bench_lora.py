@@ -61,8 +61,7 @@ def prepare(folder: Path, count: int = 64) -> None:
         stats[f"{shard:05d}"] = {
             "written": count // 2,
             "per_bucket": {"256x256": count // 2},
-            "sha256": writer.close(),
-        }
+        } | writer.close()
     write_manifest(
         latents,
         {

@@ -244,7 +244,7 @@ def encode_shard(
     finally:
         if own_pool:
             pool.close()
-    sha256 = writer.close()
+    checksums = writer.close()  # {xxh3_128, sha256}: the manifest's, checked as training reads
     dropped = encoder.dropped
     for reason in ("incomplete", "duplicate_key"):
         if getattr(read_stats, reason):
@@ -257,8 +257,7 @@ def encode_shard(
         "damaged_tar": read_stats.damaged,
         "bad_metadata": read_stats.bad_metadata,  # read without their unusable .json fields or caption
         "per_bucket": dict(sorted(encoder.per_bucket.items())),
-        "sha256": sha256,
-    }
+    } | checksums
     invariant(
         stats["input"] == stats["written"] + sum(stats["dropped"].values()),
         f"shard {shard}: input != written + dropped in {stats}",

@@ -9,7 +9,6 @@ original_size, crop, scores, url). Beside it `{shard}.parquet` (key, bucket, cap
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -19,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from latentmill.curate.shardchecksum import KINDS, UNLISTED, HashingReader, HashingWriter, recorded
 from latentmill.curate.storage import atomic_path, is_remote, location, make_folder, write_json
-from latentmill.errors import InputError
+from latentmill.errors import InputError, warn
 
 MANIFEST = "manifest.json"
 LATENT_DTYPE = np.float16
@@ -94,17 +94,18 @@ class LatentShardWriter:
             "caption": caption or "",
         }
 
-    def close(self) -> str:
-        """Write `{shard}.tar` and `{shard}.parquet`; return the tar's sha256."""
+    def close(self) -> dict[str, str]:
+        """Write `{shard}.tar` and `{shard}.parquet`; return the tar's digests ({"xxh3_128", "sha256"})."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         tar_path = self.folder / f"{self.shard}.tar"
-        digest = hashlib.sha256()
         with atomic_path(tar_path) as tmp:
             with (
                 open(tmp, "wb") as raw,
-                tarfile.open(fileobj=_Hashing(raw, digest), mode="w", format=tarfile.PAX_FORMAT) as tar,
+                tarfile.open(
+                    fileobj=(hashing := HashingWriter(raw)), mode="w", format=tarfile.PAX_FORMAT
+                ) as tar,
             ):
                 for key in sorted(self._index):
                     for ext, offset, size in self._index[key]:
@@ -124,21 +125,7 @@ class LatentShardWriter:
         )
         with atomic_path(self.folder / f"{self.shard}.parquet") as tmp:
             pq.write_table(pa.Table.from_pylist(self.rows, schema=schema), tmp)
-        return digest.hexdigest()
-
-
-class _Hashing:
-    """A write-only file that hashes what passes through it (the tar's sha256 without reading it back)."""
-
-    def __init__(self, raw, digest):
-        self.raw, self.digest = raw, digest
-
-    def write(self, data) -> int:
-        self.digest.update(data)
-        return self.raw.write(data)
-
-    def tell(self) -> int:
-        return self.raw.tell()
+        return hashing.hexdigests()
 
 
 def is_url(spec: str | Path) -> bool:
@@ -272,7 +259,7 @@ def checked_npy(data: bytes, shape: tuple, what: str, why: str) -> np.ndarray:
 
 
 def iter_latent_shard(
-    path: str | Path, manifest: dict, errors: dict | None = None, stream=None
+    path: str | Path, manifest: dict, errors: dict | None = None, stream=None, verify: bool = False
 ) -> Iterator[dict]:
     """Samples of one latent shard (a path or a URL), each checked against the manifest: shape
     (C, bucket_h/8, bucket_w/8), float16.
@@ -281,11 +268,15 @@ def iter_latent_shard(
     A sample that fails a check raises InputError, or, when `errors` is given, is skipped and counted
     there (reason -> count); so is a damaged tar (what follows the damage is lost). `stream`: the shard's
     bytes already opened (a cached copy of a remote shard), read and closed here.
+
+    `verify`: the shard's bytes are hashed as they stream and its samples held back until the digest
+    matches the manifest's (curate/shardchecksum.py): a shard changed since encode wrote it, or one the
+    manifest does not list, yields nothing (counted as checksum_mismatch / unlisted_shard, with a
+    warning), or raises when `errors` is None.
     """
     channels = manifest["latent_channels"]
     factor = manifest["downsample_factor"]
     buckets = {tuple(b) for b in manifest["buckets"]}
-    current, files = None, {}
 
     def finish(key, files):
         meta = json.loads(files.get("json", b"{}"))
@@ -316,36 +307,68 @@ def iter_latent_shard(
             raise InputError(f"{path}: sample {key} has no latent.npy.")
         return sample
 
-    def checked(key, files):
+    def checked(key, files) -> dict | Exception:
         try:
             return finish(key, files)
         except (InputError, ValueError, OSError) as err:
-            if errors is None:
-                raise
-            reason = "bad_sample" if isinstance(err, InputError) else "unreadable_sample"
-            errors[reason] = errors.get(reason, 0) + 1
-            return None
+            return err
 
-    try:
-        with stream or open_stream(path) as opened, tarfile.open(fileobj=opened, mode="r|") as tar:
+    def passed(items) -> Iterator[dict]:
+        """The samples; each one that failed a check raised, or counted in `errors`."""
+        for item in items:
+            if not isinstance(item, Exception):
+                yield item
+            elif errors is None:
+                raise item
+            else:
+                reason = "bad_sample" if isinstance(item, InputError) else "unreadable_sample"
+                errors[reason] = errors.get(reason, 0) + 1
+
+    def samples(opened) -> Iterator[dict]:
+        current, files = None, {}
+        with tarfile.open(fileobj=opened, mode="r|") as tar:
             for member in tar:
                 key, _, ext = member.name.partition(".")
                 if key != current and current is not None:
-                    sample = checked(current, files)
-                    if sample is not None:
-                        yield sample
+                    yield checked(current, files)
                     files = {}
                 current = key
                 files[ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError) as err:
-        if errors is None:
-            raise InputError(f"{path}: damaged tar ({err}).") from None
-        errors["damaged_shard"] = errors.get("damaged_shard", 0) + 1
+        if current is not None:
+            yield checked(current, files)
+
+    expected = recorded(manifest, str(path).rsplit("/", 1)[-1].removesuffix(".tar")) if verify else None
+    if expected == UNLISTED:
+        _refuse_shard(path, errors, "unlisted_shard", "is not in the manifest's shard table")
         return
-    if current is not None:
-        sample = checked(current, files)
-        if sample is not None:
-            yield sample
+    try:
+        with stream or open_stream(path) as opened:
+            if expected is None:
+                yield from passed(samples(opened))
+                return
+            reader = HashingReader(opened, *expected)
+            held = list(samples(reader))  # nothing leaves before the whole shard is vouched for
+            problem = reader.finish()
+    except (tarfile.TarError, EOFError) as err:
+        _refuse_shard(path, errors, "damaged_shard", f"is a damaged tar ({err})")
+        return
+    if problem:
+        _refuse_shard(path, errors, "checksum_mismatch", f"changed since encode wrote it: {problem}")
+        return
+    yield from passed(held)
+
+
+def _refuse_shard(path, errors: dict | None, reason: str, what: str) -> None:
+    """A shard that must not be read: an InputError (errors is None), else counted under `reason` with a
+    warning."""
+    message = (
+        f"{path} {what}. `latentmill latents verify` lists every damaged shard; re-encode the folder "
+        f"(`latentmill encode`) to rewrite them."
+    )
+    if errors is None:
+        raise InputError(message)
+    errors[reason] = errors.get(reason, 0) + 1
+    warn(f"{message} Skipped ({reason}); `train --strict` stops instead.")
 
 
 def write_manifest(folder: Path, header: dict, shard_stats: dict[str, dict]) -> dict:
@@ -358,7 +381,8 @@ def write_manifest(folder: Path, header: dict, shard_stats: dict[str, dict]) -> 
         "samples": sum(s["written"] for s in shard_stats.values()),
         "per_bucket": dict(sorted(per_bucket.items())),
         "shards": {
-            name: {"samples": s["written"], "sha256": s["sha256"]} for name, s in sorted(shard_stats.items())
+            name: {"samples": s["written"]} | {k: s[k] for k in KINDS if k in s}
+            for name, s in sorted(shard_stats.items())
         },
     }
     write_json(folder / MANIFEST, manifest)

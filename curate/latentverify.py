@@ -2,17 +2,53 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from latentmill.curate.latentshards import MANIFEST, iter_latent_shard, read_manifest
+from latentmill.curate.shardchecksum import KINDS, new_digest
 from latentmill.curate.storage import location
 from latentmill.errors import InputError
 
 
+def _digest_problems(path, entry: dict) -> list[str]:
+    """Every digest the manifest records for one tar (sha256, xxh3_128), computed in one pass."""
+    kinds = [kind for kind in KINDS if kind in entry] or ["sha256"]
+    digests = {kind: new_digest(kind) for kind in kinds}
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            for digest in digests.values():
+                digest.update(block)
+    return [
+        f"{kind} {digest.hexdigest()[:12]}… differs from the manifest's {str(entry.get(kind))[:12]}…"
+        for kind, digest in digests.items()
+        if digest.hexdigest() != entry.get(kind)
+    ]
+
+
+def _total_problems(manifest: dict, recorded: dict) -> list[str]:
+    """The manifest's totals against its own shard table: `samples` and `per_bucket` must add up."""
+    counts = [entry.get("samples") for entry in recorded.values()]
+    if not all(isinstance(n, int) for n in counts):
+        return [f"{MANIFEST}: a shard's 'samples' is not a whole number"]
+    problems = []
+    if manifest.get("samples") != sum(counts):
+        problems.append(
+            f"{MANIFEST}: 'samples' is {manifest.get('samples')}, but its shards add up to {sum(counts)}"
+        )
+    per_bucket = manifest.get("per_bucket")
+    if not isinstance(per_bucket, dict) or not all(isinstance(n, int) for n in per_bucket.values()):
+        problems.append(f"{MANIFEST}: 'per_bucket' is not a table of bucket -> sample count")
+    elif sum(per_bucket.values()) != sum(counts):
+        problems.append(
+            f"{MANIFEST}: 'per_bucket' adds up to {sum(per_bucket.values())}, its shards to {sum(counts)}"
+        )
+    return problems
+
+
 def verify_latents(folder: str | Path, progress=None) -> dict:
-    """Check every shard of a latent folder against its manifest: present, the recorded sha256, and the
-    recorded sample count, every sample readable and of the manifest's shape. Returns
+    """Check every shard of a latent folder against its manifest: present, the recorded digests (sha256,
+    xxh3_128), the recorded sample count, every sample readable and of the manifest's shape, and the
+    manifest's totals against its shard table. Returns
     {"shards": n, "samples": n, "problems": ["{shard}.tar: what", ...]} (empty problems: all good)."""
     folder = location(folder)
     manifest = read_manifest(folder)
@@ -27,15 +63,7 @@ def verify_latents(folder: str | Path, progress=None) -> dict:
         if not path.exists():
             problems.append(f"{path.name}: missing")
             continue
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != entry.get("sha256"):
-            problems.append(
-                f"{path.name}: sha256 {digest.hexdigest()[:12]}… differs from the manifest's "
-                f"{str(entry.get('sha256'))[:12]}…"
-            )
+        problems += [f"{path.name}: {p}" for p in _digest_problems(path, entry)]
         errors: dict = {}
         count = sum(1 for _ in iter_latent_shard(path, manifest, errors))
         samples += count
@@ -51,4 +79,5 @@ def verify_latents(folder: str | Path, progress=None) -> dict:
             progress(1)
     extra = sorted(p.name for p in folder.glob("*.tar") if p.stem not in recorded)
     problems += [f"{name}: not in the manifest" for name in extra]
+    problems += _total_problems(manifest, recorded)
     return {"shards": len(recorded), "samples": samples, "problems": problems}

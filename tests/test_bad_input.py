@@ -375,3 +375,20 @@ def test_the_instance_folder_as_its_own_class_data_is_refused(tmp_path):
     (tmp_path / "dogs").mkdir()
     TrainConfig(output=str(tmp_path / "run"), model="tiny", instance=str(tmp_path / "dog"),
                 class_data=str(tmp_path / "dogs")).validate()  # fmt: skip
+
+
+def test_a_lora_rank_above_the_adapted_layers_smallest_dimension_is_refused():
+    from latentmill.errors import InputError
+    from latentmill.train.lora import add_lora, target_modules
+    from latentmill.train.models import build_unet
+
+    unet = build_unet("tiny", latent_channels=4, cross_attention_dim=32, sample_size=16)
+    layers = dict(unet.named_modules())
+    limit = min(min(layers[n].in_features, layers[n].out_features) for n in target_modules(unet, "attention"))
+    with pytest.raises(
+        InputError, match=rf"--lora-rank 100000 is above .* layers it adapts \({limit}, .*to_"
+    ):
+        add_lora(unet, 100000, 1.0, "attention", seed=0)
+    with pytest.raises(InputError, match=rf"--lora-rank {limit + 1} is above"):
+        add_lora(unet, limit + 1, 1.0, "attention", seed=0)
+    assert add_lora(unet, limit, 1.0, "attention", seed=0)  # the largest rank that adds capacity

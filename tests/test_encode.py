@@ -219,11 +219,23 @@ def test_latents_verify_checks_every_shard_against_the_manifest(image_shards, tm
     result = run_cli("latents", "verify", out)
     assert result.exit_code == 2, result.output
     assert "00000.tar: sha256" in result.output and "00001.tar: missing" in result.output
-    assert "00002.tar: not in the manifest" in result.output and "5 problem(s)" in result.output
+    assert "00002.tar: not in the manifest" in result.output and "6 problem(s)" in result.output
+    assert "00000.tar: xxh3_128" in result.output  # the digest training checks as it reads
     assert (
         "00000.tar: 1 bad_sample" in result.output
         and "00000.tar: 5 readable samples, the manifest records 6" in result.output
     )
+    fresh = tmp_path / "fresh"
+    encode(image_shards, fresh, EncodeConfig(**SMALL))
+    manifest = json.loads((fresh / "manifest.json").read_text())
+    (fresh / "manifest.json").write_text(json.dumps(manifest | {"samples": 13}))  # the totals edited
+    result = run_cli("latents", "verify", fresh)
+    assert result.exit_code == 2 and "'samples' is 13, but its shards add up to 12" in result.output
+    bucket = next(iter(manifest["per_bucket"]))
+    manifest["per_bucket"][bucket] += 5
+    (fresh / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("latents", "verify", fresh)
+    assert result.exit_code == 2 and "'per_bucket' adds up to 17, its shards to 12" in result.output
 
 
 def test_latents_from_another_vae_are_refused(image_shards, tmp_path, run_cli):

@@ -145,6 +145,26 @@ def test_an_exported_lora_loads_in_diffusers_changes_its_output_and_matches_the_
     assert abs(after - before).max() > 1e-2  # the adapter changes the images
     assert abs(after - baked).max() < 1e-4  # and means what the merge bakes in (alpha / rank included)
 
+    # another base (one weight changed): refused with both fingerprints, unless --force
+    from safetensors.torch import save_file
+
+    from latentmill.curate.fingerprints import weights_fingerprint
+
+    other = base_unet(data).state_dict()
+    other["conv_in.bias"] = other["conv_in.bias"] + 0.5
+    save_file({k: v.contiguous() for k, v in other.items()}, tmp_path / "other.safetensors")
+    adapter = json.loads((last_checkpoint(run) / "adapter.json").read_text())
+    refused = run_cli("merge", tmp_path / "other.safetensors", "--lora", run, "-o", tmp_path / "wrong")
+    assert refused.exit_code == 2 and "not the weights the LoRA adapter" in refused.output
+    assert weights_fingerprint(other) in refused.output and adapter["base_fingerprint"] in refused.output
+    assert not (tmp_path / "wrong").exists()
+    forced = run_cli(
+        "merge", tmp_path / "other.safetensors", "--lora", run, "--force", "-o", tmp_path / "wrong"
+    )
+    assert forced.exit_code == 0 and "not the weights the LoRA adapter" in forced.output
+    same = run_cli("merge", data / "base", "--lora", run, "-o", tmp_path / "same-base")
+    assert same.exit_code == 0 and "not the weights" not in same.output  # its own base, given as A
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("targets", ["attention", "all-linear"])

@@ -508,7 +508,25 @@ def test_shards_are_read_from_urls(latents, tmp_path):
         server.shutdown()
 
 
-def test_corrupt_samples_are_skipped_and_counted(latents, tmp_path):
+def _record_in_manifest(folder, *shards):
+    """Make the manifest vouch for shards changed by hand (as a hostile folder would): their digests."""
+    from latentmill.curate.shardchecksum import KINDS, new_digest
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for shard in shards:
+        data = (folder / f"{shard}.tar").read_bytes()
+        entry = manifest["shards"].setdefault(shard, {"samples": 0})
+        for kind in KINDS:
+            digest = new_digest(kind)
+            digest.update(data)
+            entry[kind] = digest.hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_corrupt_samples_and_shards_are_skipped_and_counted(latents, tmp_path):
+    """Samples the manifest vouches for but cannot be used are skipped one by one; a shard whose bytes are
+    not the ones encode wrote (cut off, one byte changed, not in the manifest) is skipped whole: not one of
+    its samples is trained on."""
     import shutil
 
     import numpy as np
@@ -524,6 +542,9 @@ def test_corrupt_samples_are_skipped_and_counted(latents, tmp_path):
     writer.close()
     data = (folder / "00001.tar").read_bytes()
     (folder / "00001.tar").write_bytes(data[: len(data) // 2])  # a truncated shard
+    data = bytearray((folder / "00002.tar").read_bytes())
+    data[len(data) // 2] ^= 1  # one bit of one latent: the tar still reads
+    (folder / "00002.tar").write_bytes(bytes(data))
     import io
 
     from latentmill.curate.latentshards import npy_bytes
@@ -533,23 +554,52 @@ def test_corrupt_samples_are_skipped_and_counted(latents, tmp_path):
         header, {"descr": "<f2", "fortran_order": False, "shape": (4, 10**6, 10**6)}
     )
     meta = json.dumps({"bucket": [128, 128]}).encode()
-    make_shard(
-        folder / "00004.tar",
-        [
-            ("huge0000", {"latent.npy": header.getvalue() + bytes(2048), "json": meta}),
-            ("notnpy00", {"latent.npy": b"\x93NUMPY garbage", "json": meta}),
-            ("good0002", {"latent.npy": npy_bytes(np.zeros((4, 16, 16), np.float16)), "json": meta}),
-        ],
-    )
+    bad_samples = [
+        ("huge0000", {"latent.npy": header.getvalue() + bytes(2048), "json": meta}),
+        ("notnpy00", {"latent.npy": b"\x93NUMPY garbage", "json": meta}),
+        ("good0002", {"latent.npy": npy_bytes(np.zeros((4, 16, 16), np.float16)), "json": meta}),
+    ]
+    make_shard(folder / "00004.tar", bad_samples)
+    make_shard(folder / "00005.tar", bad_samples)  # not in the manifest
+    _record_in_manifest(folder, "00000", "00004")
     loader = LatentLoader(expand_shards(str(folder)), batch_size=4, mode="epoch")
-    keys = [key for batch in loader.epoch_batches(0) for key in batch["keys"]]
-    assert {"good0000", "good0001", "good0002"} <= set(keys) and not {
-        "bad00000",
-        "huge0000",
-        "notnpy00",
-    } & set(keys)
-    assert loader.skipped_total() == {"bad_sample": 3, "damaged_shard": 1}
-    assert 32 + 3 < len(keys) < 32 + 3 + 16  # shards 2 and 3 whole, part of shard 1
+    with pytest.warns(LatentmillWarning) as warned:
+        keys = [key for batch in loader.epoch_batches(0) for key in batch["keys"]]
+    assert sorted(keys) == sorted(
+        ["good0000", "good0001", "good0002"] + [f"00003{i:04d}" for i in range(16)]
+    )  # shard 3 whole; nothing of shards 1, 2 and 5
+    assert loader.skipped_total() == {
+        "bad_sample": 3,
+        "damaged_shard": 1,
+        "checksum_mismatch": 1,
+        "unlisted_shard": 1,
+    }
+    messages = " ".join(str(w.message) for w in warned)
+    assert "00002.tar changed since encode wrote it: xxh3_128" in messages
+    assert "00005.tar is not in the manifest's shard table" in messages
+    strict = LatentLoader(expand_shards(str(folder / "00002.tar")), batch_size=4, mode="epoch", strict=True)
+    with pytest.raises(InputError, match=r"00002.tar changed since encode wrote it: xxh3_128 \w+… differs"):
+        list(strict.epoch_batches(0))
+
+
+def test_a_damaged_shard_is_counted_in_the_log_or_stops_a_strict_run(latents, tmp_path, run_cli):
+    import shutil
+
+    folder = tmp_path / "latents"
+    shutil.copytree(latents / "latents", folder)
+    data = bytearray((folder / "00003.tar").read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    (folder / "00003.tar").write_bytes(bytes(data))
+    args = ["train", folder, "--model", "tiny", "--text-encoder", latents / "pipeline", "--batch-size", "8",
+            "--mode", "epoch", "--epochs", "1", "--log-every", "1"]  # fmt: skip
+    result = run_cli(*args, "-o", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "00003.tar changed since encode wrote it" in result.output
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert list(log[-1]["skipped"]) == ["checksum_mismatch"]  # once per epoch that read it
+    strict = run_cli(*args, "-o", tmp_path / "strict", "--strict")
+    assert strict.exit_code == 2 and "00003.tar changed since encode wrote it" in strict.output
+    assert "Traceback" not in strict.output
 
 
 def test_size_and_crop_conditioning_reaches_the_unet(latents, tmp_path, run_cli):

@@ -28,6 +28,7 @@ class TrainConfig(StageConfig):
         "workers",
         "cache_dir",
         "cache_limit",
+        "strict",
         "launcher",
         "ray_address",
         "num_workers",
@@ -125,6 +126,11 @@ class TrainConfig(StageConfig):
         "50GB",
         "Shards in an object store: the most the cache folder holds; the least recently read shards are "
         "evicted first.",
+    )
+    strict: bool = opt(
+        False,
+        "Stop at the first damaged latent shard or sample (bytes changed since encode, a broken tar) instead "
+        "of skipping it with a warning and counting it in log.jsonl.",
     )
     launcher: str = opt(
         "local",
@@ -368,6 +374,10 @@ class MergeConfig(StageConfig):
         path=True,
     )
     ema: bool = opt(True, "Merge the EMA weights (--no-ema: the raw ones).")
+    force: bool = opt(
+        False,
+        "--lora: bake the adapter into a base it was not trained on (its weights' fingerprint differs).",
+    )
     config_from: str | None = opt(
         None,
         "The run whose configuration the merged run takes (default: the first of A, B, BASE that is a run).",

@@ -110,6 +110,7 @@ class LatentLoader:
     pin_memory: bool = False  # page-locked batches, for non-blocking copies to a GPU
     prefetch: int = 4  # batches each worker prepares ahead
     cache: ShardCache | None = None  # local copies of shards in an object store, read ahead
+    strict: bool = False  # a damaged shard or sample stops training (InputError) instead of being skipped
     state: LoaderState = field(default_factory=LoaderState)
     skipped: dict = field(default_factory=dict)  # this process's reader: reason -> samples or shards skipped
     _worker_skipped: dict = field(default_factory=dict)
@@ -160,7 +161,9 @@ class LatentLoader:
     def _read(self, shard: str, upcoming: list[str] = ()) -> Iterator[dict]:
         try:
             stream = self.cache.open(shard, upcoming) if self.cache and is_remote(shard) else None
-            yield from iter_latent_shard(shard, self.manifest, errors=self.skipped, stream=stream)
+            yield from iter_latent_shard(
+                shard, self.manifest, errors=None if self.strict else self.skipped, stream=stream, verify=True
+            )
         except OSError:  # the shard cannot be opened at all (missing file, URL down)
             self.skipped["unreadable_shard"] = self.skipped.get("unreadable_shard", 0) + 1
 
@@ -171,7 +174,7 @@ class LatentLoader:
             wanted.setdefault(shard, set()).add(key)
         found: dict[tuple[str, str], dict] = {}
         for shard, keys in wanted.items():
-            for sample in iter_latent_shard(shard, self.manifest, errors={}):
+            for sample in iter_latent_shard(shard, self.manifest, errors={}, verify=True):
                 if sample["key"] in keys and (shard, sample["key"]) not in found:
                     sample["shard"] = shard
                     found[(shard, sample["key"])] = sample

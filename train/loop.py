@@ -168,6 +168,8 @@ def train(config: TrainConfig, progress=None, log=None) -> dict:
                 "samples_per_s": interval_samples * world / max(elapsed, 1e-9),
                 "epoch": t.data.epoch,
             }
+            if skipped := t.data.skipped_total():  # damaged shards and samples this rank did not train on
+                metrics["skipped"] = skipped
             interval_samples, interval_start = 0, time.perf_counter()
             if logging:
                 run_log.write(metrics)
@@ -216,6 +218,7 @@ def _set_up(config: TrainConfig) -> Training:
         workers=loader_workers(config.workers, device, min(len(shards) for _, shards in sets) // world),
         pin_memory=device.startswith("cuda"),
         cache=shard_cache(config, sets),
+        strict=config.strict,
     )
     manifest = data.manifest
     if config.epochs:

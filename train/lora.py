@@ -50,6 +50,15 @@ def add_lora(unet, rank: int, alpha: float, targets: str, seed: int) -> list[str
     from peft import LoraConfig
 
     names = target_modules(unet, targets)
+    modules = dict(unet.named_modules())
+    smallest = min(names, key=lambda n: min(modules[n].in_features, modules[n].out_features))
+    limit = min(modules[smallest].in_features, modules[smallest].out_features)
+    if rank > limit:
+        raise InputError(
+            f"--lora-rank {rank} is above the smallest dimension of the layers it adapts ({limit}, "
+            f"{smallest}): a rank above it adds parameters but no capacity. Use --lora-rank {limit} or less "
+            f"(or other --lora-targets)."
+        )
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):  # peft draws A from the global generator: seed it, then restore
         torch.manual_seed(seed)

@@ -98,9 +98,11 @@ def merge_lora_run(
     alpha: float = 1.0,
     base: str | Path | None = None,
     use_ema: bool = True,
+    force: bool = False,
 ) -> Path:
     """Bake a LoRA run's adapter into its base (or into `base`: a run, a diffusers folder or a .safetensors
-    file) at scale `alpha`: a complete run of full weights, trained-on configuration kept."""
+    file) at scale `alpha`: a complete run of full weights, trained-on configuration kept. A base whose
+    fingerprint is not the one the adapter was trained on is refused, unless `force`."""
     from latentmill.train.lora import merge_lora
 
     run = load_run(adapter, use_ema, "--lora")
@@ -109,7 +111,11 @@ def merge_lora_run(
             f"--lora {adapter}: not a LoRA run (no adapter.json in {run.checkpoint.name}); merge whole "
             f"runs as A and B instead."
         )
-    base_weights = _source(Path(base), use_ema)[0] if base else run.base_weights()
+    if base:
+        base_weights = _source(base if is_remote(base) else Path(base), use_ema)[0]
+        run.check_base(base_weights, base, force)
+    else:
+        base_weights = run.base_weights(force)
     merged = merge_lora(base_weights, run.adapter_weights(), run.adapter["alpha"], alpha)
     recipe = {
         "lora": str(adapter),

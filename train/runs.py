@@ -54,11 +54,9 @@ class Run:
 
         return merge_lora(self.base_weights(), self.adapter_weights(), self.adapter["alpha"], lora_scale)
 
-    def base_weights(self) -> dict:
+    def base_weights(self, force: bool = True) -> dict:
         """A LoRA run's base U-Net weights (its --model folder, or its --init-from run's), checked against
-        the fingerprint the adapter was trained on."""
-        from latentmill.curate.fingerprints import weights_fingerprint
-
+        the fingerprint the adapter was trained on (`check_base`)."""
         adapter = self.adapter
         base = adapter["base"]
         if Path(base).is_dir() and checkpoints(Path(base)):
@@ -68,12 +66,27 @@ class Run:
 
             what = f"{self.path}: its LoRA adapter was trained on {base}, which is not"
             state = load_pretrained_unet(base, what).state_dict()
-        if weights_fingerprint(state) != adapter.get("base_fingerprint"):
-            warn(
-                f"{base}: these are not the weights the adapter in {self.path} was trained on "
-                f"(fingerprint {weights_fingerprint(state)}, trained on {adapter.get('base_fingerprint')})."
-            )
+        self.check_base(state, base, force)
         return state
+
+    def check_base(self, state: dict, name, force: bool) -> None:
+        """U-Net weights `state` (named `name`) against the base the adapter records: a different base is an
+        InputError naming both fingerprints, or with `force` a warning."""
+        from latentmill.curate.fingerprints import weights_fingerprint
+
+        found, trained = weights_fingerprint(state), self.adapter.get("base_fingerprint")
+        if found == trained:
+            return
+        message = (
+            f"{name}: not the weights the LoRA adapter in {self.path} was trained on (fingerprint {found}; "
+            f"the adapter's base {self.adapter['base']} had {trained})."
+        )
+        if not force:
+            raise InputError(
+                f"{message} Baked in, it makes a model nobody trained: give the base it was trained on, or "
+                f"--force to merge anyway."
+            )
+        warn(message)
 
     def unet_config(self) -> dict:
         return json.loads((self.checkpoint / "unet_config.json").read_text())

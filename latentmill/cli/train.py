@@ -120,13 +120,15 @@ def merge(a, b, output, **kwargs):
     from latentmill.train.merge import merge_lora_run
 
     config = config_from(MergeConfig, kwargs)
+    if config.force and not config.lora:
+        raise click.UsageError("--force applies to --lora only (a base the adapter was not trained on).")
     if config.lora:
         if b or config.base or config.config_from:
             raise click.UsageError(
                 "--lora merges one adapter into one base (A): drop B, --base and --config-from."
             )
         alpha = 1.0 if config.alpha is None else config.alpha
-        path = merge_lora_run(config.lora, output, alpha, base=a, use_ema=config.ema)
+        path = merge_lora_run(config.lora, output, alpha, base=a, use_ema=config.ema, force=config.force)
         click.echo(f"wrote {path} (LoRA {config.lora} at scale {alpha})")
         return
     if not (a and b) or config.alpha is None:

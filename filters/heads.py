@@ -76,6 +76,35 @@ def load_state_dict(path: str | Path) -> dict:
     return state
 
 
+def load_into(module, state: dict, path, what: str):
+    """`state` loaded into `module`, checked tensor by tensor first: no key missing or extra, every value a
+    tensor of the module's shape, floats finite. Each problem is an InputError naming the key."""
+    import torch
+
+    expected = module.state_dict()
+    for key, value in state.items():
+        if key not in expected:
+            raise InputError(
+                f"{path}: {key!r} is not a tensor of a {what} (it has {', '.join(list(expected)[:8])}"
+                f"{' ...' if len(expected) > 8 else ''})."
+            )
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"{path}: {key} is a {type(value).__name__}, not a tensor.")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise InputError(
+                f"{path}: {key} has shape {list(value.shape)}, expected {list(expected[key].shape)} for a {what}."
+            )
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise InputError(
+                f"{path}: {key} holds NaN or infinite values; a usable {what} has finite weights."
+            )
+    missing = [key for key in expected if key not in state]
+    if missing:
+        raise InputError(f"{path}: not a complete {what}: no {', '.join(missing[:8])}.")
+    module.load_state_dict(state)
+    return module
+
+
 def _first_line(err: BaseException) -> str:
     return ((str(err).splitlines() or [""])[0] or type(err).__name__)[:120]
 
@@ -173,7 +202,7 @@ def load_aesthetic(path: str | Path, column: str = "aesthetic") -> Head:
         dim = int(state["weight"].shape[-1])
         check_layout(path, state, {"weight": (1, dim)}, "LAION aesthetic v1")
         module = nn.Linear(dim, 1)
-    module.load_state_dict(state)
+    load_into(module, state, path, "LAION aesthetic head")
     return Head(column, dim, module.eval())
 
 
@@ -206,7 +235,7 @@ def load_watermark(path: str | Path, column: str = "pwatermark") -> Head:
     from torch import nn
 
     net = watermark_module()
-    net.load_state_dict(state)
+    load_into(net, state, path, "LAION-5B watermark detector")
 
     class WatermarkProbability(nn.Module):
         def __init__(self):
@@ -240,10 +269,36 @@ def load_fitted(path: str | Path) -> Head:
     """A head saved by `latentmill fit-head` (safetensors, metadata: column, kind, input_dim, task)."""
     meta = fitted_metadata(path)
     check_column(meta.get("column", ""), str(path))
-    dim, kind = int(meta["input_dim"]), meta["kind"]
-    module = fitted_module(kind, dim, json.loads(meta.get("hidden", "[]")), meta["task"] == "classification")
-    module.load_state_dict(load_state_dict(path))
+    dim, kind, hidden = _fitted_shape(meta, path)
+    module = fitted_module(kind, dim, hidden, meta.get("task") == "classification")
+    load_into(module, load_state_dict(path), path, f"{kind} head")
     return Head(meta["column"], dim, module.eval())
+
+
+def _fitted_shape(meta: dict, path) -> tuple[int, str, list[int]]:
+    """(input_dim, kind, hidden sizes) from a fitted head's metadata, each checked."""
+
+    def size(text) -> int | None:
+        return int(text) if isinstance(text, str) and text.isdigit() and 0 < int(text) <= 1 << 16 else None
+
+    if size(meta.get("input_dim")) is None:
+        raise InputError(
+            f"{path}: metadata input_dim is {meta.get('input_dim')!r}, expected an embedding width."
+        )
+    if meta.get("kind") not in ("linear", "mlp") or meta.get("task") not in ("regression", "classification"):
+        raise InputError(
+            f"{path}: metadata kind {meta.get('kind')!r} / task {meta.get('task')!r}: expected linear or mlp, "
+            f"regression or classification."
+        )
+    try:
+        hidden = json.loads(meta.get("hidden", "[]"))
+    except ValueError:
+        hidden = None
+    if not isinstance(hidden, list) or not all(size(str(h)) for h in hidden):
+        raise InputError(
+            f"{path}: metadata hidden is {meta.get('hidden')!r}, expected a list of layer sizes."
+        )
+    return size(meta["input_dim"]), meta["kind"], [int(h) for h in hidden]
 
 
 def fitted_module(kind: str, input_dim: int, hidden: list[int], sigmoid: bool):

@@ -20,6 +20,7 @@ initialisers; epsilon as the constant of the Normalization's Maximum.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ import numpy as np
 from latentmill.filters.tfbundle import BundleError, proto_fields, read_checkpoint
 
 KERAS_EPSILON = 1e-7  # keras.backend.epsilon(), Normalization's floor on the standard deviation
+ACTIVATIONS = ("relu", "sigmoid", "linear")
+# What is read from a zip, checked before anything is extracted: LAION's zips hold 7 members, 4.7 MB, at
+# most 17:1. A member claiming more (a zip bomb) is refused; one whose data runs past its claim is too.
+ZIP_LIMITS = {"members": 256, "member_bytes": 128 << 20, "total_bytes": 256 << 20, "ratio": 200}
 
 
 @dataclass
@@ -44,6 +49,41 @@ class KerasNsfw:
     activations: list[str]  # after each dense layer: relu, sigmoid or linear
     epsilon: float = KERAS_EPSILON
     source: str = ""
+
+    def check(self) -> KerasNsfw:
+        """Every tensor of the right shape (a chain from input_dim to one output) and finite; the
+        activations known. A problem raises BundleError naming the tensor."""
+        if not isinstance(self.input_dim, int) or not 0 < self.input_dim <= 1 << 16:
+            raise BundleError(f"input_dim {self.input_dim!r}: expected an embedding width")
+        named = {"norm.mean": self.mean, "norm.variance": self.variance}
+        for name, value in named.items():
+            if np.shape(value) != (self.input_dim,):
+                raise BundleError(f"{name} has shape {list(np.shape(value))}, expected [{self.input_dim}]")
+        if len(self.dense) != len(self.activations) or not self.dense:
+            raise BundleError(f"{len(self.dense)} dense layers for {len(self.activations)} activations")
+        width = self.input_dim
+        for i, ((weight, bias), activation) in enumerate(zip(self.dense, self.activations, strict=True)):
+            if np.ndim(weight) != 2 or np.shape(weight)[1] != width or np.shape(bias) != np.shape(weight)[:1]:
+                raise BundleError(
+                    f"dense.{i}: weight {list(np.shape(weight))}, bias {list(np.shape(bias))} do not follow a "
+                    f"{width}-wide layer"
+                )
+            if activation not in ACTIVATIONS:
+                raise BundleError(
+                    f"dense.{i}: activation {activation!r}, expected one of {', '.join(ACTIVATIONS)}"
+                )
+            named |= {f"dense.{i}.weight": weight, f"dense.{i}.bias": bias}
+            width = np.shape(weight)[0]
+        if width != 1:
+            raise BundleError(f"the last dense layer has {width} outputs, expected 1 (the probability)")
+        for name, value in named.items():
+            if not np.isfinite(np.asarray(value, dtype=np.float64)).all():
+                raise BundleError(
+                    f"{name} holds NaN or infinite values; a usable detector has finite weights"
+                )
+        if not isinstance(self.epsilon, float) or not math.isfinite(self.epsilon) or self.epsilon < 0:
+            raise BundleError(f"epsilon {self.epsilon!r}: expected a finite number >= 0")
+        return self
 
     def encode_categorical(self, x: np.ndarray) -> np.ndarray:
         """Step 1: float32 copy of `x` (N, D) with NaN -> 0 and each categorical column replaced by its index."""
@@ -114,7 +154,7 @@ def _layer_plan(config: dict) -> tuple[int, list[int], list[int], list[str]]:
             )
     if width is None or not dense:
         raise BundleError("no InputLayer or no Dense layer in the model config")
-    unknown = [a for a in activations if a not in ("relu", "sigmoid", "linear")]
+    unknown = [a for a in activations if a not in ACTIVATIONS]
     if unknown:
         raise BundleError(f"activations {unknown}: only relu, sigmoid and linear are supported")
     return width, categorical, dense, activations
@@ -212,11 +252,52 @@ def read_keras_nsfw(path: str | Path) -> KerasNsfw:
     if path.is_dir():
         return _read_folder(path, str(path))
     with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(path) as archive:
-        archive.extractall(tmp)
+        _extract_bounded(archive, Path(tmp))
         folders = sorted({p.parent for p in Path(tmp).rglob("saved_model.pb")})
         if len(folders) != 1:
             raise BundleError(f"expected one SavedModel (saved_model.pb) in the zip, found {len(folders)}")
         return _read_folder(folders[0], path.name)
+
+
+def _extract_bounded(archive: zipfile.ZipFile, folder: Path) -> None:
+    """Extract `archive` into `folder` within ZIP_LIMITS (checked on what the zip claims before anything is
+    written, then on the bytes as they come). Encrypted members and links are refused."""
+    members = [m for m in archive.infolist() if not m.is_dir()]
+    limits = ZIP_LIMITS
+    if len(members) > limits["members"]:
+        raise BundleError(f"{len(members)} members; a SavedModel zip has a handful")
+    for member in members:
+        if member.flag_bits & 0x1:
+            raise BundleError(f"{member.filename}: an encrypted member")
+        if member.external_attr >> 28 == 0o12:  # a symbolic link (unix mode in the high bits)
+            raise BundleError(f"{member.filename}: a symbolic link")
+        if member.file_size > limits["member_bytes"]:
+            raise BundleError(
+                f"{member.filename}: {member.file_size:,} bytes uncompressed, more than the "
+                f"{limits['member_bytes']:,} a predictor head needs"
+            )
+        if member.file_size > 1 << 20 and member.file_size > limits["ratio"] * max(member.compress_size, 1):
+            raise BundleError(
+                f"{member.filename}: compressed {member.file_size // max(member.compress_size, 1):,}:1 "
+                f"(a zip bomb?); at most {limits['ratio']}:1 is read"
+            )
+    total = sum(m.file_size for m in members)
+    if total > limits["total_bytes"]:
+        raise BundleError(
+            f"{total:,} bytes uncompressed, more than the {limits['total_bytes']:,} read from a zip"
+        )
+    for member in members:
+        target = folder / member.filename
+        if not target.resolve().is_relative_to(folder.resolve()):
+            raise BundleError(f"{member.filename}: a path out of the archive's folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        written = 0
+        with archive.open(member) as source, open(target, "wb") as out:
+            while block := source.read(1 << 20):
+                written += len(block)
+                if written > member.file_size:
+                    raise BundleError(f"{member.filename}: more data than the zip claims")
+                out.write(block)
 
 
 def _read_folder(folder: Path, source: str) -> KerasNsfw:
@@ -260,6 +341,6 @@ def _read_folder(folder: Path, source: str) -> KerasNsfw:
         np.asarray(norm["variance"], np.float32).reshape(width),
         pairs,
         activations,
-        epsilon,
+        float(epsilon),
         source,
-    )
+    ).check()

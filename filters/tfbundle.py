@@ -8,6 +8,7 @@ tables, one data shard, float/int/string tensors. Anything else raises `BundleEr
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,7 +132,9 @@ def _entry(value: bytes) -> dict:
 
 
 def _decode(raw: bytes, entry: dict, name: str):
-    count = int(np.prod(entry["shape"])) if entry["shape"] else 1
+    if any(not isinstance(d, int) or d < 0 for d in entry["shape"]):
+        raise BundleError(f"variable {name}: shape {entry['shape'][:8]} is not a list of sizes")
+    count = math.prod(entry["shape"])
     if entry["dtype"] == DT_STRING:  # varint lengths, a 4-byte checksum, then the bytes
         lengths, pos = [], 0
         for _ in range(count):
@@ -145,9 +148,16 @@ def _decode(raw: bytes, entry: dict, name: str):
         return np.array(strings, dtype=object).reshape(entry["shape"])
     if entry["dtype"] not in DTYPES:
         raise BundleError(f"variable {name}: unsupported dtype enum {entry['dtype']}")
-    return np.frombuffer(raw, dtype=np.dtype(DTYPES[entry["dtype"]]).newbyteorder("<"), count=count).reshape(
-        entry["shape"]
-    )
+    dtype = np.dtype(DTYPES[entry["dtype"]]).newbyteorder("<")
+    if count * dtype.itemsize != len(raw):
+        raise BundleError(
+            f"variable {name}: shape {entry['shape'][:8]} of {dtype.name} does not fit the {len(raw)} bytes "
+            f"the data shard holds for it"
+        )
+    value = np.frombuffer(raw, dtype=dtype, count=count).reshape(entry["shape"])
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise BundleError(f"variable {name}: holds NaN or infinite values; a usable head has finite weights")
+    return value
 
 
 def read_checkpoint(variables_dir: str | Path) -> dict[str, np.ndarray]:

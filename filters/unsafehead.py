@@ -10,12 +10,34 @@
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from pathlib import Path
 
 from latentmill.errors import InputError, warn
-from latentmill.filters.heads import Head, check_layout, load_state_dict, safetensors_metadata
+from latentmill.filters.heads import Head, check_layout, load_into, load_state_dict, safetensors_metadata
+from latentmill.filters.tfbundle import BundleError
 
 NSFW_FORMAT = "latentmill.head/laion-nsfw-1"
+# What reading a damaged or hostile SavedModel, zip or converted file raises: BadZipFile, zlib.error (a
+# corrupt deflate stream), NotImplementedError (a compression method zipfile lacks), RuntimeError (a
+# password needed), and the key, index, type and value errors of a parser fed garbage.
+UNREADABLE = (
+    BundleError,
+    zipfile.BadZipFile,
+    zlib.error,
+    KeyError,
+    IndexError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    OverflowError,
+    RecursionError,
+    NotImplementedError,
+    RuntimeError,
+    EOFError,
+    OSError,
+)
 
 
 def keras_nsfw_module(model):
@@ -97,7 +119,14 @@ def save_keras_nsfw(model, path: str | Path) -> None:
 
 
 def read_converted_nsfw(path: str | Path, state: dict, meta: dict):
-    """A `KerasNsfw` from a file written by `save_keras_nsfw`."""
+    """A `KerasNsfw` from a file written by `save_keras_nsfw`, checked (`KerasNsfw.check`)."""
+    try:
+        return _converted_nsfw(path, state, meta).check()
+    except UNREADABLE as err:
+        raise InputError(f"{path}: not a head written by `convert-head laion-nsfw` ({_why(err)}).") from None
+
+
+def _converted_nsfw(path, state: dict, meta: dict):
     from latentmill.filters.kerasnsfw import KerasNsfw
 
     dim = int(meta["input_dim"])
@@ -107,7 +136,12 @@ def read_converted_nsfw(path: str | Path, state: dict, meta: dict):
         for i in range(len(activations))
     ]
     lookups = {}
+    known = {"norm.mean", "norm.variance"} | {
+        f"dense.{i}.{t}" for i in range(len(dense)) for t in ("weight", "bias")
+    }
     for key in state:
+        if key not in known and not (key.startswith("lookup.") and key.endswith((".keys", ".values"))):
+            raise BundleError(f"{key!r} is not a tensor of a converted detector")
         if key.startswith("lookup.") and key.endswith(".keys"):
             column = int(key.split(".")[1])
             texts = bytes(state[key].numpy()).decode().split("\n")
@@ -166,17 +200,19 @@ def load_unsafe(path: str | Path, column: str = "punsafe") -> Head:
 
 
 def read_laion_nsfw(path: Path):
-    import zipfile
-
     from latentmill.filters.kerasnsfw import read_keras_nsfw
-    from latentmill.filters.tfbundle import BundleError
 
     try:
         return read_keras_nsfw(path)
-    except (BundleError, zipfile.BadZipFile, KeyError, ValueError, OSError) as err:
+    except UNREADABLE as err:  # the boundary of a parser of untrusted binary formats
         raise InputError(
-            f"{path}: not LAION's Keras NSFW detector as published ({err}). Accepted: {UNSAFE_LAYOUTS}."
+            f"{path}: not LAION's Keras NSFW detector as published ({_why(err)}). Accepted: {UNSAFE_LAYOUTS}."
         ) from None
+
+
+def _why(err: BaseException) -> str:
+    text = str(err).splitlines()[0][:200] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if not isinstance(err, BundleError) else text
 
 
 def _port_module(path, state: dict):
@@ -218,6 +254,10 @@ def _port_module(path, state: dict):
         epsilon=0.0,
         source=str(path),
     )
+    try:
+        model.check()
+    except BundleError as err:
+        raise InputError(f"{path}: {err}.") from None
     return dim, keras_nsfw_module(model).eval()
 
 
@@ -253,5 +293,5 @@ def _h14_module(path, state: dict):
         "LAION ViT-H/14 NSFW detector (h14_nsfw.pth)",
     )
     module = h14_nsfw_module(dim)
-    module.load_state_dict(state)
+    load_into(module, state, path, "LAION ViT-H/14 NSFW detector")
     return dim, module.eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,6 +16,17 @@ from latentmill.curate.imageserver import ImageServer, prerender, sample_rows
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
 
+
+# LAION's published predictor files, read from beside the project (never copied into it).
+FIXTURES = Path(
+    os.environ.get("LATENTMILL_LAION_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "laion")
+)
+needs_fixtures = pytest.mark.skipif(
+    not FIXTURES.is_dir(),
+    reason=f"LAION's published predictor files are not at {FIXTURES}: get sac+logos+ava1-l14-linearMSE.pth from "
+    "christophschuhmann/improved-aesthetic-predictor and clip_autokeras_binary_nsfw.zip, "
+    "clip_autokeras_nsfw_b32.zip from LAION-AI/CLIP-based-NSFW-Detector (or set LATENTMILL_LAION_FIXTURES)",
+)
 
 @pytest.fixture(scope="session")
 def server():

@@ -3,6 +3,7 @@ changed (the zoo folder, which holds the earlier outputs, is byte-identical afte
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import image_entry, make_shard
+from tests.conftest import FIXTURES, image_entry, make_shard, needs_fixtures
 
 
 def tree_digest(root):
@@ -392,3 +393,138 @@ def test_a_lora_rank_above_the_adapted_layers_smallest_dimension_is_refused():
     with pytest.raises(InputError, match=rf"--lora-rank {limit + 1} is above"):
         add_lora(unet, limit + 1, 1.0, "attention", seed=0)
     assert add_lora(unet, limit, 1.0, "attention", seed=0)  # the largest rank that adds capacity
+
+
+# --- convert-head on hostile archives ----------------------------------------------------------------
+
+SAVED = "clip_autokeras_nsfw_b32/"
+GARBAGE_MODEL = {
+    SAVED + "saved_model.pb": b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01garbage",
+    SAVED + "keras_metadata.pb": b"\x0a\x05hello",
+    SAVED + "variables/variables.index": b"not a table",
+    SAVED + "variables/variables.data-00000-of-00001": b"",
+}
+
+
+def _write_zip(path, members, method=None):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", method or zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def _patch_zip_headers(path, member, offsets):
+    """Overwrite fields of `member`'s local and central headers: {(local offset, central offset): bytes}."""
+    data = bytearray(path.read_bytes())
+    name = member.encode()
+    for signature, start in ((b"PK\x03\x04", 30), (b"PK\x01\x02", 46)):
+        at = 0
+        while (at := data.find(signature, at)) >= 0:
+            if data[at + start : at + start + len(name)] == name:
+                for (local, central), value in offsets.items():
+                    field = at + (local if signature == b"PK\x03\x04" else central)
+                    data[field : field + len(value)] = value
+            at += 4
+    path.write_bytes(bytes(data))
+
+
+def _hostile_zips(tmp_path):
+    """(id, the zip, what the message must name)."""
+    import zipfile
+
+    index = SAVED + "variables/variables.index"
+    made = []
+    made.append(("garbage-members", _write_zip(tmp_path / "garbage.zip", GARBAGE_MODEL), "not LAION's Keras"))
+    empty = {name: b"" for name in GARBAGE_MODEL}
+    made.append(("empty-members", _write_zip(tmp_path / "empty.zip", empty), "not LAION's Keras"))
+    varint = GARBAGE_MODEL | {SAVED + "keras_metadata.pb": b"\x0a" + b"\xff" * 30}
+    made.append(("huge-varint", _write_zip(tmp_path / "varint.zip", varint), "truncated varint"))
+    length = GARBAGE_MODEL | {SAVED + "keras_metadata.pb": b"\x0a\xff\xff\xff\xff\x0f{}"}
+    made.append(("huge-length", _write_zip(tmp_path / "length.zip", length), "not LAION's Keras"))
+    bomb = GARBAGE_MODEL | {SAVED + "saved_model.pb": bytes(64 << 20)}  # 64 MiB of zeros: ~1000:1
+    made.append(("zip-bomb", _write_zip(tmp_path / "bomb.zip", bomb), "(a zip bomb?)"))
+    traversal = GARBAGE_MODEL | {"../../escaped.pb": b"x"}
+    made.append(("path-traversal", _write_zip(tmp_path / "traversal.zip", traversal), "escaped.pb"))
+    encrypted = _write_zip(tmp_path / "encrypted.zip", GARBAGE_MODEL)
+    _patch_zip_headers(encrypted, index, {(6, 8): b"\x01\x00"})  # general purpose flag: encrypted
+    made.append(("encrypted-member", encrypted, "variables.index: an encrypted member"))
+    method = _write_zip(tmp_path / "method.zip", GARBAGE_MODEL)
+    _patch_zip_headers(method, index, {(8, 10): b"\x63\x00"})  # compression method 99 (AES)
+    made.append(("unknown-compression", method, "compression method is not supported"))
+    deflate = _write_zip(tmp_path / "deflate.zip", GARBAGE_MODEL | {index: b"table " * 4000})
+    data = bytearray(deflate.read_bytes())  # scramble the deflate stream of the index's data
+    start = data.find(index.encode()) + len(index)
+    data[start + 4 : start + 40] = bytes(range(36))
+    deflate.write_bytes(bytes(data))
+    made.append(("corrupt-deflate", deflate, "while decompressing data"))
+    stored = _write_zip(tmp_path / "stored.zip", GARBAGE_MODEL, method=zipfile.ZIP_STORED)
+    made.append(("stored-garbage", stored, "not LAION's Keras"))
+    return made
+
+
+def test_convert_head_refuses_hostile_archives_before_extracting_them(tmp_path, run_cli):
+    """Each archive is exit 2 naming the zip and why, with nothing written: not the head, not a temporary
+    file beside it, nothing extracted outside the temporary folder."""
+    import tempfile
+
+    cases = _hostile_zips(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    before_tmp = set(Path(tempfile.gettempdir()).iterdir())
+    for name, archive, culprit in cases:
+        result = run_cli("convert-head", "laion-nsfw", archive, "-o", out / "head.safetensors")
+        assert result.exit_code == 2, (name, result.output[-600:])
+        assert archive.name in result.output and culprit in result.output, (name, result.output[-600:])
+        assert "Traceback" not in result.output, name
+        assert not list(out.iterdir()), name
+    assert not (tmp_path.parent / "escaped.pb").exists() and not list(tmp_path.rglob("escaped.pb"))
+    assert set(Path(tempfile.gettempdir()).iterdir()) <= before_tmp  # the extraction folders are gone
+
+
+@needs_fixtures
+@pytest.mark.parametrize(
+    "name, culprit",
+    [
+        ("nan-kernel", "holds NaN or infinite values"),
+        ("layer-out-of-order", "not LAION's Keras"),
+        ("input-width-text", "not LAION's Keras"),
+        ("truncated-index", "not LAION's Keras"),
+        ("truncated-data", "does not fit the"),
+    ],
+)
+def test_convert_head_refuses_a_damaged_published_zip_naming_the_tensor(tmp_path, run_cli, name, culprit):
+    """LAION's real B/32 zip, one thing changed (lengths kept, so every container still parses)."""
+    import zipfile
+
+    from latentmill.filters.tfbundle import _entry, read_table
+
+    source = FIXTURES / "clip_autokeras_nsfw_b32.zip"
+    with zipfile.ZipFile(source) as archive:
+        members = {m.filename: archive.read(m) for m in archive.infolist() if not m.is_dir()}
+    meta, index = SAVED + "keras_metadata.pb", SAVED + "variables/variables.index"
+    data = SAVED + "variables/variables.data-00000-of-00001"
+    if name == "nan-kernel":
+        (tmp_path / "variables.index").write_bytes(members[index])
+        kernel = next(
+            (key.decode(), _entry(value))
+            for key, value in read_table(tmp_path / "variables.index").items()
+            if key.endswith(b"kernel/.ATTRIBUTES/VARIABLE_VALUE")
+        )
+        at = kernel[1]["offset"] + 8
+        members[data] = members[data][:at] + np.float32(np.nan).tobytes() + members[data][at + 4 :]
+        culprit = f"variable {kernel[0]}: holds NaN"
+    elif name == "layer-out-of-order":
+        members[meta] = members[meta].replace(b'"class_name": "Dense"', b'"class_name": "ReLU" ', 1)
+    elif name == "input-width-text":
+        members[meta] = members[meta].replace(b"[null, 512]", b'[null, "a"]', 1)
+    elif name == "truncated-index":
+        members[index] = members[index][: len(members[index]) // 2]
+    elif name == "truncated-data":
+        members[data] = members[data][: len(members[data]) // 2]
+    archive = _write_zip(tmp_path / "damaged.zip", members)
+    result = run_cli("convert-head", "laion-nsfw", archive, "-o", tmp_path / "head.safetensors")
+    assert result.exit_code == 2, result.output[-600:]
+    assert "damaged.zip" in result.output and culprit in result.output, result.output[-600:]
+    assert not (tmp_path / "head.safetensors").exists()

@@ -19,16 +19,9 @@ from latentmill.errors import InputError, LatentmillWarning
 from latentmill.filters.heads import load_aesthetic
 from latentmill.filters.kerasnsfw import KerasNsfw, read_keras_nsfw
 from latentmill.filters.unsafehead import h14_nsfw_module, load_unsafe, save_keras_nsfw
+from tests.conftest import FIXTURES, needs_fixtures
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("LATENTMILL_LAION_FIXTURES", ROOT.parent / "shared" / "fixtures" / "laion"))
 REFERENCE = Path(__file__).parent / "laion_reference"
-needs_fixtures = pytest.mark.skipif(
-    not FIXTURES.is_dir(),
-    reason=f"LAION's published predictor files are not at {FIXTURES}: get sac+logos+ava1-l14-linearMSE.pth from "
-    "christophschuhmann/improved-aesthetic-predictor and clip_autokeras_binary_nsfw.zip, "
-    "clip_autokeras_nsfw_b32.zip from LAION-AI/CLIP-based-NSFW-Detector (or set LATENTMILL_LAION_FIXTURES)",
-)
 
 
 def reference_module():

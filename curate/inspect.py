@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from latentmill.curate.tables import NUMERIC_ROLES, UrlTable
 from latentmill.curate.urlhash import SeenUrls, hash_urls
+from latentmill.errors import InputError
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 
@@ -110,12 +111,15 @@ def inspect_table(
 
 
 def column_values(batch: pa.RecordBatch, column: str) -> np.ndarray:
-    return (
-        batch.column(batch.schema.get_field_index(column))
-        .cast(pa.float64())
-        .fill_null(np.nan)
-        .to_numpy(zero_copy_only=False)
-    )
+    """A numeric column as float64 (nulls NaN; integers past 2**53 rounded, not refused)."""
+    values = batch.column(batch.schema.get_field_index(column))
+    try:
+        values = values.cast(pa.float64(), safe=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise InputError(
+            f"column {column!r} holds {values.type}, not numbers; name the right column (--width-col, --height-col, ...)."
+        ) from None
+    return values.fill_null(np.nan).to_numpy(zero_copy_only=False)
 
 
 def format_report(report: dict) -> str:

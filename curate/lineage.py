@@ -67,7 +67,7 @@ def content_fingerprint(path: str | Path) -> str:
     for name, file in _files(root):
         if file.name.endswith(LINEAGE):
             continue
-        digest.update(name.encode())
+        digest.update(name.encode("utf-8", "surrogateescape"))  # a file name need not be UTF-8
         size, version = file_version(file)
         digest.update(_file_digest(str(file), size, version))
     return digest.hexdigest()[:16]

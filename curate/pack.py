@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,24 @@ def _outside(path: Path, root: Path) -> bool:
     return not path.resolve().is_relative_to(root.resolve())
 
 
+def _check_inputs(files: list[Path], output) -> None:
+    """What would stop packing halfway, refused before a shard is written: a name that is not UTF-8 (a
+    shard's metadata is JSON text), a caption path that is a folder, an output that is a file."""
+    if output.is_file():
+        raise InputError(f"-o {output}: a file; give a folder for the image shards.")
+    for path in files:
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(
+                f"{os.fsencode(path)!r}: the file name is not UTF-8; rename it (e.g. convmv -f latin1 -t utf8)."
+            ) from None
+        if path.with_suffix(".txt").is_dir():
+            raise InputError(
+                f"{path.with_suffix('.txt')}: a folder where {path.name}'s caption file would be; rename it."
+            )
+
+
 def pack_images(
     folder: str | Path, output: str | Path, config: PackConfig | None = None, overwrite: bool = False
 ) -> dict:
@@ -67,6 +86,7 @@ def pack_images(
     config = (config or PackConfig()).validate()
     folder, output = Path(folder), location(output)
     files = image_files(folder)
+    _check_inputs(files, output)
     if config.caption is None:
         missing = [p for p in files if not p.with_suffix(".txt").exists()]
         if len(missing) == len(files):

@@ -171,7 +171,8 @@ def prefilter(source: str | Path, output: str | Path, config: PrefilterConfig, p
                 alive = np.ones(batch.num_rows, dtype=bool)
                 reason = np.full(batch.num_rows, None, dtype=object)
                 for name, passes in rules:
-                    fails = alive & ~passes(batch).to_numpy(zero_copy_only=False)
+                    ok = pc.fill_null(passes(batch), False).to_numpy(zero_copy_only=False).astype(bool)
+                    fails = alive & ~ok  # a null verdict fails: a count is never taken from garbage
                     dropped[name] += int(fails.sum())
                     reason[fails] = name
                     alive &= ~fails

@@ -232,24 +232,34 @@ def publish_folder(local: Path, target, last: tuple[str, ...] = ("lineage.json",
 
 
 def read_parquet(path, columns: list[str] | None = None):
-    """A parquet file (on disk or in a store) as a pyarrow Table."""
+    """A parquet file (on disk or in a store) as a pyarrow Table; a damaged one is an InputError naming it."""
     import pyarrow.parquet as pq
 
-    path = location(path)
-    if not is_remote(path):
-        return pq.read_table(path, columns=columns)
-    with path.open("rb") as f:
-        return pq.read_table(f, columns=columns)
+    return _parquet(path, lambda source: pq.read_table(source, columns=columns))
 
 
 def parquet_schema(path):
     import pyarrow.parquet as pq
 
+    return _parquet(path, pq.read_schema)
+
+
+def _parquet(path, read):
+    import pyarrow as pa
+
     path = location(path)
-    if not is_remote(path):
-        return pq.read_schema(path)
-    with path.open("rb") as f:
-        return pq.read_schema(f)
+    try:
+        if not is_remote(path):
+            return read(path)
+        with path.open("rb") as f:
+            return read(f)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+        if isinstance(err, FileNotFoundError | PermissionError) or explain(err):
+            raise  # a missing file, or a store's refusal: the callers and the CLI say those
+        raise InputError(
+            f"{path}: cannot be read as parquet ({str(err).splitlines()[0][:160]}): cut off or damaged. "
+            f"Run the stage that wrote it again (its shard is redone when its stats file is removed)."
+        ) from None
 
 
 def load_npy(path, mmap: bool = False):

@@ -36,7 +36,7 @@ from latentmill.curate.storage import (
 )
 from latentmill.errors import InputError
 from latentmill.filters.clusterpairs import AssignStage, PairStage, fit_centroids
-from latentmill.filters.embeddings import embeddings_folder, embeddings_path
+from latentmill.filters.embeddings import checked_embeddings, embeddings_folder, embeddings_path
 from latentmill.schema import StageConfig, opt
 
 WORK = "_work"
@@ -87,6 +87,53 @@ def score_shards(scores: Path) -> list[Path]:
             f"{embeddings_folder(scores)}. Score with --save-embeddings."
         )
     return shards
+
+
+def check_inputs(shards: list[Path], keep: str) -> None:
+    """Everything the passes will read, checked before the first one starts (nothing is written for a bad
+    input): per score shard, string keys without nulls, unique over every shard, a numeric `keep` column
+    where there is one; its embeddings file 2-d float of the same width everywhere, one row per key."""
+    import pyarrow as pa
+    import xxhash
+
+    width, hashes = None, []
+    for shard in shards:
+        schema = parquet_schema(shard)
+        key_type = schema.field("key").type if "key" in schema.names else None
+        if key_type is None or not (pa.types.is_string(key_type) or pa.types.is_large_string(key_type)):
+            found = schema.field("key").type if "key" in schema.names else "no key column"
+            raise InputError(f"{shard}: the key column is {found}, expected strings (a score shard's keys).")
+        if keep in schema.names and not (
+            pa.types.is_integer(schema.field(keep).type) or pa.types.is_floating(schema.field(keep).type)
+        ):
+            raise InputError(
+                f"--keep {keep}: in {shard} that column is {schema.field(keep).type}, not a number; keep by "
+                f"a score column (aesthetic, clip_similarity, ...)."
+            )
+        keys = read_parquet(shard, columns=["key"]).column("key")
+        if keys.null_count:
+            raise InputError(f"{shard}: {keys.null_count} row(s) without a key; score that shard again.")
+        keys = keys.to_pylist()
+        _, width = checked_embeddings(embeddings_path(shard), rows=len(keys), width=width)
+        hashes.append(np.array([xxhash.xxh3_64_intdigest(k.encode()) for k in keys], dtype=np.uint64))
+    hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    values, counts = np.unique(hashes, return_counts=True)
+    if (counts > 1).any():
+        repeated = set(values[counts > 1][:5].tolist())
+        where = [
+            (shard.stem, k)
+            for shard in shards
+            for k in read_parquet(shard, columns=["key"]).column("key").to_pylist()
+            if xxhash.xxh3_64_intdigest(k.encode()) in repeated
+        ]
+        repeats = Counter(k for _, k in where)
+        key, times = repeats.most_common(1)[0]
+        if times > 1:  # not two keys sharing a 64-bit hash
+            shards_of = sorted({s for s, k in where if k == key})
+            raise InputError(
+                f"key {key!r} is on {times} rows (shard(s) {', '.join(shards_of)}): keys must be unique to "
+                f"name what dedup keeps. Were two downloads scored into one folder?"
+            )
 
 
 # --- exact duplicates ---------------------------------------------------------------------------------------
@@ -156,6 +203,7 @@ def dedup(
     config = (config or DedupConfig()).validate()
     scores, output = location(scores), location(output)
     shards = score_shards(scores)
+    check_inputs(shards, config.keep)
     work = _work_folder(output, config, shards)
     clock = _PassClock()
     if not (work / "centroids.npy").exists():

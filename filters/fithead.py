@@ -18,7 +18,7 @@ import numpy as np
 
 from latentmill.curate.storage import load_npy, location, read_parquet
 from latentmill.errors import InputError
-from latentmill.filters.embeddings import scores_folder
+from latentmill.filters.embeddings import checked_embeddings, scores_folder
 from latentmill.schema import StageConfig, opt
 
 
@@ -94,7 +94,7 @@ def labelled_embeddings(
     files = sorted(embeddings.glob("*.npy"))
     if not files:
         raise InputError(f"{embeddings}: no embeddings. Run `latentmill score --save-embeddings` first.")
-    rows, ys = [], []
+    rows, ys, width = [], [], None
     for file in files:
         parquet = scores / f"{file.stem}.parquet"
         if not parquet.exists():
@@ -103,6 +103,7 @@ def labelled_embeddings(
                 f"(give --scores)."
             )
         keys = read_parquet(parquet, columns=["key"]).column("key").to_pylist()
+        width = checked_embeddings(file, rows=len(keys), width=width)[1]
         for key, row in zip(keys, load_npy(file), strict=True):
             if key in labels and np.isfinite(row).all():
                 rows.append(row.astype(np.float32))
@@ -280,11 +281,15 @@ def add_head_column(head_path: str | Path, scores: str | Path, embeddings: str |
     from latentmill.filters.heads import load_fitted
 
     head = load_fitted(head_path)
-    for parquet in sorted(location(scores).glob("*.parquet")):
+    parquets = sorted(location(scores).glob("*.parquet"))
+    for parquet in parquets:  # every shard checked before the first is rewritten
+        rows = read_parquet(parquet, columns=["key"]).num_rows
+        checked_embeddings(location(embeddings) / f"{parquet.stem}.npy", rows=rows, width=head.input_dim)
+    for parquet in parquets:
+        table = read_parquet(parquet)
         matrix = load_npy(location(embeddings) / f"{parquet.stem}.npy").astype(np.float32)
         values = head(torch.from_numpy(np.nan_to_num(matrix)))
         values = np.where(np.isnan(matrix).any(axis=1), np.nan, values).astype(np.float32)
-        table = read_parquet(parquet)
         if head.column in table.column_names:
             table = table.drop([head.column])
         table = table.append_column(head.column, pa.array(values, mask=np.isnan(values)))

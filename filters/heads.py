@@ -121,7 +121,13 @@ def safetensors_metadata(path: Path, what: str) -> dict:
 
 
 def check_layout(path, state: dict, expected: dict[str, tuple | None], what: str) -> None:
-    """Every expected key present with its shape (None: any shape); a clear message otherwise."""
+    """Every value a tensor, every expected key present with its shape (None: any shape); a clear message
+    otherwise."""
+    import torch
+
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"{path}: {key} is a {type(value).__name__}, not a tensor; not a {what} file.")
     missing = [k for k in expected if k not in state]
     if missing:
         raise InputError(

@@ -153,6 +153,12 @@ def _swap_in(new: Path, final) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _numeric(kind) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+
+
 def _select_into(output: Path, final: Path, shards: list[Path], rules: list, plots: bool) -> dict:
     """Write the selection into `output`, the funnel naming its plots where they will be: under `final`."""
     import pyarrow as pa
@@ -169,10 +175,16 @@ def _select_into(output: Path, final: Path, shards: list[Path], rules: list, plo
                 f"{shard}: cannot be read as parquet ({str(err)[:120]}). Score that shard again: delete "
                 f"{shard.stem}.stats.json beside it and re-run `latentmill score`."
             ) from None
-        columns = {
+        missing = [c for c in ("key", "error") if c not in table.column_names]
+        if missing:
+            raise InputError(
+                f"{shard}: no {' or '.join(repr(c) for c in missing)} column: not a score shard written by "
+                f"`latentmill score`. Score that shard again (delete {shard.stem}.stats.json and re-run)."
+            )
+        columns = {  # the numbers rules can test; text columns (a carried licence, say) are left out
             c: table.column(c).to_numpy(zero_copy_only=False)
             for c in table.column_names
-            if c not in NON_SCORE
+            if c not in NON_SCORE and _numeric(table.schema.field(c).type)
         }
         columns = derived_columns({c: np.asarray(v, dtype=float) for c, v in columns.items()})
         for c, v in columns.items():

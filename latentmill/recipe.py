@@ -79,7 +79,13 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> dict:
         recipe.setdefault(section, {})
         if not isinstance(recipe[section], dict):
             raise InputError(f"--set {override!r}: {section} is not a section of keys.")
-        recipe[section][field] = yaml.safe_load(value)
+        try:
+            recipe[section][field] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise InputError(
+                f"--set {override!r}: the value is not plain YAML ({str(err).splitlines()[0]}); write a "
+                f"number, a word, or a [list]."
+            ) from None
     validate(recipe, source)
     return recipe
 

@@ -11,6 +11,7 @@ import io
 import json
 from pathlib import Path
 
+from latentmill.curate.latentshards import read_manifest
 from latentmill.curate.storage import location, read_parquet, write_bytes
 from latentmill.errors import InputError
 from latentmill.layout import Layout
@@ -31,24 +32,36 @@ def _figure_uri(fig) -> str:
     return _png_uri(buffer.getvalue())
 
 
+def _record(path: Path, *keys: str) -> dict:
+    """A stage's JSON record (a funnel, a summary, a manifest) with `keys`; a damaged one is an InputError
+    naming it, since a report built around it would show wrong numbers."""
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        raise InputError(f"{path}: cannot be read ({err}); run the stage that wrote it again.") from None
+    if not isinstance(record, dict) or any(key not in record for key in keys):
+        raise InputError(
+            f"{path}: not the record its stage writes (expected {', '.join(keys)}); run that stage again."
+        )
+    return record
+
+
 def funnel_rows(work: Path) -> list[tuple[str, int]]:
     """(stage, rows remaining) from URLs to latents."""
     rows, lay = [], Layout(work)
     prefilter = lay.kept_funnel
     if prefilter.exists():
-        f = json.loads(prefilter.read_text())
+        f = _record(prefilter, "input_rows", "kept_rows")
         rows += [("URLs", f["input_rows"]), ("after prefilter", f["kept_rows"])]
     summary = lay.download_summary
     if summary.exists():
-        rows.append(("downloaded", json.loads(summary.read_text())["success"]))
+        rows.append(("downloaded", _record(summary, "success")["success"]))
     selection = lay.select_funnel
     if selection.exists():
-        rows.append(("selected", json.loads(selection.read_text())["kept"]))
+        rows.append(("selected", _record(selection, "kept")["kept"]))
     for resolution, latents in lay.latent_folders().items():
         if (latents / "manifest.json").exists():
-            rows.append(
-                (f"latents ({resolution} px)", json.loads((latents / "manifest.json").read_text())["samples"])
-            )
+            rows.append((f"latents ({resolution} px)", read_manifest(latents).get("samples", 0)))
     return rows
 
 
@@ -159,7 +172,7 @@ def _dedup_section(lay: Layout, groups_shown: int = 5) -> str:
 
     from latentmill.curate.imageshards import iter_image_shard, list_image_shards
 
-    funnel = json.loads((lay.dedup / "funnel.json").read_text())
+    funnel = _record(lay.dedup / "funnel.json")
     groups: dict[str, list[tuple[str, float]]] = {}
     for path in sorted(lay.dedup.glob("*.parquet")):
         table = read_parquet(path).to_pydict()
@@ -226,7 +239,7 @@ TINY_MODELS_NOTE = (
 
 
 def _vae_section(folder: Path) -> str:
-    fit = json.loads((folder / "fit.json").read_text())
+    fit = _record(folder / "fit.json")
     return (
         f"<p>Top row: held-out pictures; bottom row: the VAE's reconstructions (8x downsampled to 4 latent "
         f"channels and back). Fitted for {fit['steps']} CPU steps on {fit['pictures']} selected pictures: "
@@ -271,7 +284,7 @@ def _funnel_section(lay: Layout) -> str:
         f'<img alt="funnel" src="{_funnel_chart(rows)}">' if rows else ""
     )
     if lay.download_summary.exists():
-        failures = json.loads(lay.download_summary.read_text())["failures"]
+        failures = _record(lay.download_summary, "failures")["failures"]
         body += (
             "<h3>Download failures</h3><ul>"
             + "".join(f"<li>{html.escape(k)}: {v}</li>" for k, v in failures.items())
@@ -302,7 +315,7 @@ def _bucket_section(lay: Layout) -> str:
     selection = lay.selection if lay.selection.exists() else None
     manifest = latents[resolution] / "manifest.json"
     buckets = (
-        [tuple(b) for b in json.loads(manifest.read_text())["buckets"]]
+        [tuple(b) for b in read_manifest(latents[resolution])["buckets"]]
         if manifest.exists()
         else make_buckets(resolution)
     )  # the bucket set the latents were made with

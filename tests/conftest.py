@@ -19,7 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a
 
 # LAION's published predictor files, read from beside the project (never copied into it).
 FIXTURES = Path(
-    os.environ.get("LATENTMILL_LAION_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "laion")
+    os.environ.get(
+        "LATENTMILL_LAION_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "laion"
+    )
 )
 needs_fixtures = pytest.mark.skipif(
     not FIXTURES.is_dir(),
@@ -27,6 +29,7 @@ needs_fixtures = pytest.mark.skipif(
     "christophschuhmann/improved-aesthetic-predictor and clip_autokeras_binary_nsfw.zip, "
     "clip_autokeras_nsfw_b32.zip from LAION-AI/CLIP-based-NSFW-Detector (or set LATENTMILL_LAION_FIXTURES)",
 )
+
 
 @pytest.fixture(scope="session")
 def server():

@@ -6,7 +6,13 @@ import click
 
 
 @click.command("serve-images")
-@click.option("--port", default=8765, show_default=True, help="Port on 127.0.0.1.")
+@click.option(
+    "--port",
+    default=8765,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port on 127.0.0.1 (0: any free one).",
+)
 @click.option(
     "--write-table", type=click.Path(), help="Also write a LAION-like URL table of the served images here."
 )

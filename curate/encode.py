@@ -18,7 +18,7 @@ from latentmill.curate.imageshards import ImageSample, ShardReadStats, iter_imag
 from latentmill.curate.latentshards import LatentShardWriter, write_manifest
 from latentmill.curate.prepare import PreparePool, PrepareSettings, default_workers
 from latentmill.curate.selection import kept_keys
-from latentmill.curate.storage import location, make_folder, write_json
+from latentmill.curate.storage import location, make_folder, remove_stale_temporaries, write_json
 from latentmill.curate.vae import encode_batch
 from latentmill.devices import PRECISIONS, resolve_device_precision
 from latentmill.errors import InputError, invariant, nothing_left
@@ -346,6 +346,7 @@ def encode(
         remove_files(output, ("*.tar", "*.parquet", "*.stats.json", "manifest.json", EMPTY_CAPTION))
 
     claim(output, record, overwrite, clear)
+    remove_stale_temporaries(output)  # of an earlier run killed mid-write
     if text_encoder is not None:
         header["text_encoder"]["empty"] = _write_empty_caption(output, text_encoder)
     try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentmill.curate.imageshards import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
-from latentmill.curate.storage import atomic_path, location, make_folder, write_json
+from latentmill.curate.storage import atomic_path, location, make_folder, remove_stale_temporaries, write_json
 from latentmill.errors import InputError
 from latentmill.schema import StageConfig, opt
 
@@ -99,6 +99,7 @@ def pack_images(
     claim(
         output, record, overwrite, clear=lambda: remove_files(output, ("*.tar", "*.parquet", "*_stats.json"))
     )
+    remove_stale_temporaries(output)  # of an earlier run killed mid-write
     totals = {"packed": 0, "dropped": {}}
     for index in range(0, len(files), config.shard_size):
         shard = f"{index // config.shard_size:05d}"

@@ -141,13 +141,52 @@ def atomic_path(path) -> Iterator[Path]:
             upload(tmp, path)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def temporary_name(path: Path) -> Path:
+    """Where a file or folder is made before it is renamed onto `path`: `.NAME.tmp-HOST-PID`, so that
+    the next run can tell a dead writer's leftovers (`remove_stale_temporaries`) from a live one's."""
+    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", os.uname().nodename)[:40] or "host"
+_TEMPORARY = re.compile(r"^\..+\.tmp-(?:(?P<host>[A-Za-z0-9_]+)-)?(?P<pid>\d+)$")
+
+
+def remove_stale_temporaries(folder, recursive: bool = True) -> int:
+    """Remove the temporaries (`.NAME.tmp-[HOST-]PID`, files or folders) that writers killed mid-write left
+    under `folder` on disk: those of this host whose process is gone. A live writer's, and another host's
+    (a shared file system), are left alone. Returns how many were removed."""
+    folder = location(folder)
+    if is_remote(folder) or not folder.is_dir():
+        return 0  # a store never shows a half-written object
+    removed = 0
+    for path in folder.rglob(".*.tmp-*") if recursive else folder.glob(".*.tmp-*"):
+        found = _TEMPORARY.match(path.name)
+        if not found or found["host"] not in (None, _HOST) or _alive(int(found["pid"])):
+            continue
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def upload(local: Path, path) -> None:

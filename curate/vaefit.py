@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from latentmill.curate.storage import temporary_name
 from latentmill.errors import InputError
 
 
@@ -137,7 +138,7 @@ def fit_vae(
         "scaling_factor": round(scaling, 5),
         "config": asdict(config),
     }
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(output)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     _save_reconstructions(model, held_out, tmp / "reconstructions.png")

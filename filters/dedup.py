@@ -32,6 +32,7 @@ from latentmill.curate.storage import (
     make_folder,
     parquet_schema,
     read_parquet,
+    remove_stale_temporaries,
     write_json,
 )
 from latentmill.errors import InputError
@@ -205,6 +206,7 @@ def dedup(
     shards = score_shards(scores)
     check_inputs(shards, config.keep)
     work = _work_folder(output, config, shards)
+    remove_stale_temporaries(output)  # of an earlier run killed mid-write (the passes' files included)
     clock = _PassClock()
     if not (work / "centroids.npy").exists():
         with atomic_path(work / "centroids.npy") as tmp:

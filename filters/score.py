@@ -24,7 +24,7 @@ from latentmill.curate.imageshards import (
     iter_image_shard,
     list_image_shards,
 )
-from latentmill.curate.storage import atomic_path, location, make_folder, write_json
+from latentmill.curate.storage import atomic_path, location, make_folder, remove_stale_temporaries, write_json
 from latentmill.devices import PRECISIONS
 from latentmill.errors import InputError, nothing_left
 from latentmill.filters.embeddings import embeddings_folder
@@ -312,6 +312,7 @@ def score(
         remove_files(embeddings_folder(output), ("*.npy",))
 
     claim(output, make_record("score", config, inputs={"images": images}), overwrite, clear)
+    remove_stale_temporaries(output)  # of an earlier run killed mid-write
     if embeddings_dir:
         make_folder(embeddings_dir)
     write_json(

@@ -83,7 +83,7 @@ def select(scores: str | Path, output: str | Path, config: SelectConfig | None =
     selection is written anew and swapped in, with its lineage record (selection/lineage.json)."""
 
     from latentmill.curate.lineage import make_record, record_path
-    from latentmill.curate.storage import write_json
+    from latentmill.curate.storage import temporary_name, write_json
 
     config = (config or SelectConfig()).validate()
     scores, output = location(scores), location(output)
@@ -101,11 +101,7 @@ def select(scores: str | Path, output: str | Path, config: SelectConfig | None =
     if config.dedup:
         rules.append(DuplicateRule(config.dedup))
     # written whole beside the output (in a local folder for an object store), then swapped in
-    tmp = (
-        Path(tempfile.mkdtemp(prefix="latentmill-select-"))
-        if is_remote(output)
-        else output.parent / f".{output.name}.tmp-{os.getpid()}"
-    )
+    tmp = Path(tempfile.mkdtemp(prefix="latentmill-select-")) if is_remote(output) else temporary_name(output)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -20,6 +20,7 @@ from latentmill.errors import InputError
 from latentmill.layout import Layout
 from latentmill.plan import KEEP, REDO, clear, completion, finish, plan, stale
 from latentmill.preflight import preflight
+from latentmill.sources import from_folder
 from latentmill.stages import STAGE_NAMES, STAGES, Context, Stage, producer, section
 
 
@@ -44,7 +45,20 @@ def run_recipe(
     # the recipe's storage_options, under those given with --storage-option
     set_storage_options((recipe.get("storage_options") or {}) | storage_options())
     layout = Layout(work)
-    preflight(recipe, list(STAGES[first : last + 1]), urls)  # every missing file or model, at once
+    chosen = STAGES[first : last + 1]
+    if chosen and not any(stage.applies(recipe) for stage in chosen):
+        raise InputError(
+            f"--until {until or STAGE_NAMES[-1]}: "
+            + (
+                f"the {chosen[0].name} stage does not run"
+                if len(chosen) == 1
+                else f"none of the stages {', '.join(s.name for s in chosen)} runs"
+            )  # fmt: skip
+            + " for this recipe"
+            f"{' (its pictures come from a folder, which the download stage packs)' if from_folder(recipe) else ''}"
+            f", so nothing would be done. Run until a later stage."
+        )
+    preflight(recipe, list(chosen), urls)  # every missing file or model, at once
     steps = plan(recipe, layout, list(STAGES[first : last + 1]), urls)
     for step in steps:
         log(step.describe())

@@ -132,7 +132,10 @@ def kill_when_done(process, marker):
             except subprocess.TimeoutExpired:
                 pass
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended by itself
+            pass
         process.wait()
 
 

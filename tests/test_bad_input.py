@@ -161,6 +161,7 @@ def _round_two_files(z):
     with open(os.fsencode(z / "pics-latin1") + b"/caf\xe9.jpg", "wb") as f:
         f.write(jpg)
     (z / "afile").write_text("not a folder")
+    (z / "folder-source.yaml").write_text("urls:\n  source: folder\n  path: /nonexistent/pictures\n")
     base = {
         "key": ["000000000"],
         "url": ["u"],
@@ -542,6 +543,16 @@ def cases():
             "recipe-set-yaml-anchor",
             ["run", "demo", "--work", "{z}/w", "--set", "train.steps=*nowhere"],
             "train.steps=*nowhere",
+        ),
+        (
+            "recipe-folder-until-prefilter",
+            ["run", "{z}/folder-source.yaml", "--work", "{z}/w", "--until", "prefilter"],
+            "--until prefilter: the prefilter stage does not run for this recipe (its pictures come from a folder",
+        ),
+        (
+            "recipe-folder-missing",
+            ["run", "{z}/folder-source.yaml", "--work", "{z}/w", "--until", "download"],
+            "the image folder /nonexistent/pictures does not exist",
         ),
         ("serve-port", ["serve-images", "--port", "99999"], "99999 is not in the range 0<=x<=65535"),
     ]

@@ -552,3 +552,68 @@ def test_a_recipe_packs_a_folder_trains_a_lora_and_exports_it(data, tmp_path, ru
     assert (tmp_path / "work" / "report" / "index.html").exists()
     result = run_cli("status", tmp_path / "work")
     assert result.exit_code == 0 and "train" in result.output
+
+
+class _LogLines:
+    """A kill marker: `log.jsonl` holds a line for `step` (and, with `checkpoint`, that checkpoint is done)."""
+
+    def __init__(self, run, step, checkpoint=None):
+        self.log, self.step = run / "log.jsonl", step
+        self.checkpoint = (
+            run / "checkpoints" / f"step-{checkpoint:07d}" / "state.json" if checkpoint else None
+        )
+
+    def exists(self):
+        if self.checkpoint and not self.checkpoint.exists():
+            return False
+        lines = self.log.read_text().splitlines() if self.log.exists() else []
+        return any(line.startswith(f'{{"step": {self.step},') for line in lines)
+
+
+@pytest.mark.slow  # kills and restarts training processes
+def test_a_lora_run_killed_before_or_after_its_first_checkpoint_resumes_to_the_straight_runs_log(
+    data, tmp_path
+):
+    """Killed before its first checkpoint, a run resumes from step 0 with its saved settings (or starts
+    again when not resumed) and its log is the straight run's, line for line; killed after one, the same."""
+    import subprocess
+    import sys
+
+    from tests.conftest import kill_when_done
+
+    def command(run, *extra):
+        return [sys.executable, "-m", "latentmill", "train", "-o", str(run), *extra]
+
+    settings = [str(data / "photos"), "--model", str(data / "base"), "--text-encoder", str(data / "text"),
+                "--lora-rank", "2", "--steps", "8", "--checkpoint-every", "5", "--log-every", "1",
+                "--batch-size", "4", "--learning-rate", "0.01", "--warmup-steps", "1"]  # fmt: skip
+
+    def log(run):
+        return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+    def losses(run):
+        return [(entry["step"], entry["loss"]) for entry in log(run)]
+
+    straight = tmp_path / "straight"
+    subprocess.run(command(straight, *settings), check=True, capture_output=True)
+    assert [step for step, _ in losses(straight)] == list(range(1, 9))
+    for name, marker, then in (
+        ("early-resumed", lambda run: _LogLines(run, 2), ["--resume"]),  # no checkpoint yet
+        ("early-restarted", lambda run: _LogLines(run, 2), settings),  # started again, not resumed
+        ("late-resumed", lambda run: _LogLines(run, 6, checkpoint=5), ["--resume"]),
+    ):
+        run = tmp_path / name
+        process = subprocess.Popen(
+            command(run, *settings),
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        kill_when_done(process, marker(run))
+        steps = [entry["step"] for entry in log(run)]
+        assert steps and steps[-1] < 8, (name, steps)  # stopped mid-way
+        if name.startswith("early"):
+            assert not list((run / "checkpoints").glob("step-*")), (name, "a checkpoint was written")
+        result = subprocess.run(command(run, *then), capture_output=True, text=True)
+        assert result.returncode == 0, (name, result.stderr[-800:])
+        assert losses(run) == losses(straight), name  # each step once, with the straight run's loss

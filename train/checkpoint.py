@@ -9,6 +9,7 @@ import shutil
 import struct
 from pathlib import Path
 
+from latentmill.curate.storage import temporary_name
 from latentmill.errors import InputError, warn
 from latentmill.train.config import RESUME_MAY_CHANGE, TrainConfig, resume_differences
 
@@ -53,7 +54,7 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     folder = run / "checkpoints" / f"step-{step:07d}"
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, state in weights.tensors().items():
@@ -81,12 +82,27 @@ def checkpoints(run: Path) -> list[Path]:
     return sorted(p for p in folder.glob("step-*") if (p / "state.json").exists()) if folder.exists() else []
 
 
+STARTED = "started.json"  # a run's settings as it started: what --resume takes before the first checkpoint
+
+
 def last_state(run: Path) -> dict | None:
-    """state.json of the run's newest checkpoint (step, config), or None when it has none."""
+    """state.json of the run's newest checkpoint (step, config); for a run stopped before its first
+    checkpoint, step 0 and the settings it started with (RUN/started.json); None for no run."""
     from latentmill.curate.storage import location
 
     found = checkpoints(location(run))
-    return json.loads((found[-1] / "state.json").read_text()) if found else None
+    if found:
+        return json.loads((found[-1] / "state.json").read_text())
+    started = location(run) / STARTED
+    return {"step": 0, "config": json.loads(started.read_text())} if started.exists() else None
+
+
+def record_start(run: Path, config: dict) -> None:
+    """RUN/started.json, written as a new run starts: a run killed before its first checkpoint resumes from
+    step 0 with these settings."""
+    from latentmill.curate.storage import write_json
+
+    write_json(run / STARTED, config)
 
 
 def remove_stale_temporaries(run: Path) -> list[Path]:
@@ -221,7 +237,7 @@ def check_resume_point(run: Path, config: TrainConfig) -> None:
             f"{run} already has checkpoints (last: {checkpoints(run)[-1].name}): pass --resume to continue "
             f"that run, or give a new -o."
         )
-    if config.resume and not checkpoints(run):
+    if config.resume and not checkpoints(run) and not (run / STARTED).exists():
         raise InputError(
             f"--resume: {run} has no checkpoints to resume from. Check -o, or drop --resume to start a new run."
         )
@@ -233,7 +249,7 @@ def _check_same_run(run: Path, config: TrainConfig) -> None:
     """--resume continues the run as it was configured: a setting that differs from the saved one is
     refused by name, except the few RESUME_MAY_CHANGE (recorded when the run resumes)."""
     try:
-        saved = json.loads((checkpoints(run)[-1] / "state.json").read_text())["config"]
+        saved = last_state(run)["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # a damaged newest checkpoint: the fallback deals with it
     refused, _ = resume_differences(saved, config)

@@ -25,6 +25,7 @@ from latentmill.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     loader_state_of,
+    record_start,
     remove_stale_temporaries,
     save_checkpoint,
     training_files,
@@ -247,6 +248,7 @@ def _set_up(config: TrainConfig) -> Training:
     run.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not config.resume:
         _record_lineage(run, config, sets)
+        record_start(run, asdict(config))
     if config.init_from:
         _init_from(unet, config.init_from)
     if config.gradient_checkpointing:
@@ -277,7 +279,9 @@ def _set_up(config: TrainConfig) -> Training:
     start, changes = 0, []
     if rank == 0:
         remove_stale_temporaries(run)
-    if config.resume:
+    if rank == 0 and not checkpoints(run):  # a new run, or one stopped before its first checkpoint
+        truncate_log(run, 0)
+    if config.resume and checkpoints(run):
         state = load_checkpoint(
             latest_checkpoint(run, training_files(weights.files), fallback=True), weights, optimizer
         )

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from latentmill.curate.storage import is_remote, location, publish_folder
+from latentmill.curate.storage import is_remote, location, publish_folder, temporary_name
 from latentmill.errors import InputError
 from latentmill.train.checkpoint import checkpoints
 from latentmill.train.runs import Run, load_run
@@ -143,7 +143,7 @@ def _write_run(output: Path, merged: dict, donor: Run, recipe: dict) -> Path:
         raise InputError(
             f"{output} already holds a run ({checkpoints(output)[-1].name}); merge into a new folder."
         )
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(output)
     shutil.rmtree(tmp, ignore_errors=True)
     folder = tmp / "checkpoints" / donor.checkpoint.name
     folder.mkdir(parents=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from latentmill.curate.storage import arrow_file
+from latentmill.curate.storage import arrow_file, parquet_schema, read_parquet
 
 # latentmill's bookkeeping inside an image-shard folder: not a *.json at top level, which img2dataset
 # reads as shards
@@ -26,8 +26,8 @@ def _shard_tables(output: Path, columns: list[str]) -> list[pa.Table]:
     for shard in done_shards(output):
         path = output / f"{shard}.parquet"
         if path.exists():
-            present = pq.read_schema(arrow_file(path)).names
-            tables.append(pq.read_table(arrow_file(path), columns=[c for c in columns if c in present]))
+            present = parquet_schema(path).names
+            tables.append(read_parquet(path, columns=[c for c in columns if c in present]))
     return tables
 
 

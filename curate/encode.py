@@ -17,7 +17,7 @@ from latentmill.curate.buckets import make_buckets
 from latentmill.curate.imageshards import ImageSample, ShardReadStats, iter_image_shard, list_image_shards
 from latentmill.curate.latentshards import LatentShardWriter, write_manifest
 from latentmill.curate.prepare import PreparePool, PrepareSettings, default_workers
-from latentmill.curate.selection import kept_keys
+from latentmill.curate.selection import check_selection, kept_keys
 from latentmill.curate.storage import location, make_folder, remove_stale_temporaries, write_json
 from latentmill.curate.vae import encode_batch
 from latentmill.devices import PRECISIONS, resolve_device_precision
@@ -339,6 +339,7 @@ def encode(
         "source": str(images),
         "selection": str(selection) if selection else None,
     }
+    check_selection(selection, [shard.stem for shard in shards])  # before anything is written
     make_folder(output)
     record = make_record("encode", config, inputs={"images": images, "selection": selection})
 
@@ -392,7 +393,7 @@ def format_encode_summary(manifest: dict, output: str | Path = "") -> str:
         lines.append(f"  {bucket:>10} {count:>8,}")
     if manifest.get("nodes"):
         lines.append(
-            "shards by Ray node: " + ", ".join(f"{node[:12]} {n}" for node, n in manifest["nodes"].items())
+            "shards by Ray node: " + ", ".join(f"{k[:12]} {n}" for k, n in manifest["nodes"].items())
         )
     if manifest["dropped"]:
         lines.append("dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(manifest["dropped"].items())))

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 def funnel_steps(total: int, dropped: dict[str, int]) -> list[dict]:
     """[{rule, dropped, remaining}] in the order of `dropped`; the last `remaining` is what was kept."""
+    from latentmill.errors import invariant
+
     steps, remaining = [], total
     for rule, count in dropped.items():
+        invariant(count >= 0, f"rule {rule} dropped {count} rows")
         remaining -= count
         steps.append({"rule": rule, "dropped": count, "remaining": remaining})
     return steps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from latentmill.curate.latentshards import MANIFEST, iter_latent_shard, read_manifest
@@ -27,7 +28,7 @@ def _digest_problems(path, entry: dict) -> list[str]:
 
 def _total_problems(manifest: dict, recorded: dict) -> list[str]:
     """The manifest's totals against its own shard table: `samples` and `per_bucket` must add up."""
-    counts = [entry.get("samples") for entry in recorded.values()]
+    counts = [entry.get("samples") if isinstance(entry, dict) else None for entry in recorded.values()]
     if not all(isinstance(n, int) for n in counts):
         return [f"{MANIFEST}: a shard's 'samples' is not a whole number"]
     problems = []
@@ -60,6 +61,9 @@ def verify_latents(folder: str | Path, progress=None) -> dict:
     problems, samples = [], 0
     for name, entry in sorted(recorded.items()):
         path = folder / f"{name}.tar"
+        if not isinstance(entry, dict):
+            problems.append(f"{MANIFEST}: the entry of shard {name} is {json.dumps(entry)[:40]}, not a table")
+            continue
         if not path.exists():
             problems.append(f"{path.name}: missing")
             continue

@@ -190,11 +190,13 @@ def _show(value) -> str:
 
 
 def read_record(output: str | Path) -> dict | None:
-    """The lineage record an output keeps (None: it has none)."""
+    """The lineage record an output keeps (None: it has none, or one that is not a record: damaged or
+    hand-edited, it vouches for nothing and the output is taken by content)."""
     try:
-        return json.loads(record_path(output).read_text())
+        record = json.loads(record_path(output).read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) and isinstance(record.get("fingerprint"), str) else None
 
 
 # image shard folders keep it in _latentmill/: img2dataset takes every other name there for a shard

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from latentmill.curate.storage import location
+from latentmill.curate.storage import location, read_parquet
 from latentmill.errors import InputError
 
 
@@ -18,10 +18,7 @@ def kept_keys(selection: str | Path | None, shard: str) -> set[str] | None:
             f"{path}: the selection has no file for image shard {shard}. "
             f"Run `latentmill select` over every score shard, or leave out --selection."
         )
-    import pyarrow.parquet as pq
-
-    with path.open("rb") as f:
-        table = pq.read_table(f)
+    table = read_parquet(path)
     missing = {"key", "keep"} - set(table.column_names)
     if missing:
         raise InputError(
@@ -32,3 +29,9 @@ def kept_keys(selection: str | Path | None, shard: str) -> set[str] | None:
         for k, keep in zip(table.column("key").to_pylist(), table.column("keep").to_pylist(), strict=True)
         if keep
     }
+
+
+def check_selection(selection: str | Path | None, shards: list[str]) -> None:
+    """Every shard's selection file there and readable (an InputError naming the first that is not)."""
+    for shard in shards if selection is not None else []:
+        kept_keys(selection, shard)

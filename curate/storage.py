@@ -126,6 +126,10 @@ def make_folder(path) -> None:
     """A folder to write into: created on disk; in an object store folders are prefixes and need nothing
     (creating one must never create a bucket by accident)."""
     if not is_remote(path):
+        if Path(path).is_file():
+            raise InputError(
+                f"{path}: a file, where a folder is written; give a folder (a new one, or one this command made)."
+            )
         Path(path).mkdir(parents=True, exist_ok=True)
 
 

@@ -71,6 +71,7 @@ def zoo(tmp_path_factory):
         "scale": good | {"scaling_factor": "big"},
         "text": good | {"text_encoder": {"shape": [77, -1]}},
         "resolution": good | {"resolution": 10**30},
+        "entry": good | {"shards": {"00000": 5}},
     }
     for name, manifest in tampered.items():
         (z / f"lat-{name}").mkdir()
@@ -161,6 +162,8 @@ def _round_two_files(z):
     with open(os.fsencode(z / "pics-latin1") + b"/caf\xe9.jpg", "wb") as f:
         f.write(jpg)
     (z / "afile").write_text("not a folder")
+    (z / "badsel").mkdir()
+    (z / "badsel" / "00000.parquet").write_text("garbage")
     (z / "folder-source.yaml").write_text("urls:\n  source: folder\n  path: /nonexistent/pictures\n")
     base = {
         "key": ["000000000"],
@@ -554,6 +557,22 @@ def cases():
             ["run", "{z}/folder-source.yaml", "--work", "{z}/w", "--until", "download"],
             "the image folder /nonexistent/pictures does not exist",
         ),
+        (
+            "verify-manifest-entry",
+            ["latents", "verify", "{z}/lat-entry"],
+            "the entry of shard 00000 is 5, not a table",
+        ),
+        (
+            "encode-out-file",
+            ["encode", "{z}/images", "-o", "{z}/afile", "--vae", "tiny"],
+            "afile: a file, where a folder",
+        ),
+        ("score-out-file", [*score[:2], "-o", "{z}/afile", *score[4:]], "afile: a file, where a folder"),
+        (
+            "encode-garbage-selection",
+            ["encode", "{z}/images", "-o", "{z}/o", "--vae", "tiny", "--selection", "{z}/badsel"],
+            "badsel/00000.parquet: cannot be read as parquet",
+        ),
         ("serve-port", ["serve-images", "--port", "99999"], "99999 is not in the range 0<=x<=65535"),
     ]
 
@@ -771,3 +790,21 @@ def test_convert_head_refuses_a_damaged_published_zip_naming_the_tensor(tmp_path
     assert result.exit_code == 2, result.output[-600:]
     assert "damaged.zip" in result.output and culprit in result.output, result.output[-600:]
     assert not (tmp_path / "head.safetensors").exists()
+
+
+def test_the_prefilter_funnel_counts_hostile_urls_once_each_and_never_negative(tmp_path, run_cli):
+    urls = [None, "", "http://10.0.0.1/a.jpg", "http://[::1]/x.jpg", "http://example.com/a.jpg", "ftp://x/y",
+            "http://%31%30.0.0.1/a", "http://0x7f000001/", "http://example.com/a.jpg", "http://[fe80::1%25eth0]/",
+            "http://user@127.0.0.1:80@example.com/", "HTTP://LOCALHOST./a"] * 3  # fmt: skip
+    table = pa.table({"URL": pa.array(urls, pa.string()), "TEXT": ["a caption long enough"] * len(urls)})
+    pq.write_table(table, tmp_path / "hostile.parquet")
+    result = run_cli("urls", "prefilter", tmp_path / "hostile.parquet", "-o", tmp_path / "kept.parquet")
+    assert result.exit_code == 0, result.output
+    funnel = json.loads((tmp_path / "kept.funnel.json").read_text())
+    assert all(step["dropped"] >= 0 for step in funnel["steps"])
+    kept = pq.read_table(tmp_path / "kept.parquet").num_rows
+    assert funnel["input_rows"] - sum(s["dropped"] for s in funnel["steps"]) == funnel["kept_rows"] == kept
+    reasons = pq.read_table(tmp_path / "kept.dropped.parquet").column("reason").to_pylist()
+    assert {r: reasons.count(r) for r in set(reasons)} == {
+        s["rule"]: s["dropped"] for s in funnel["steps"] if s["dropped"]
+    }

@@ -130,7 +130,10 @@ def make_folder(path) -> None:
             raise InputError(
                 f"{path}: a file, where a folder is written; give a folder (a new one, or one this command made)."
             )
-        Path(path).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except (NotADirectoryError, FileExistsError):
+            raise InputError(f"{path}: a file stands where a folder on this path must go.") from None
 
 
 @contextmanager

@@ -135,10 +135,22 @@ def damage(folder: Path, needed: tuple[str, ...]) -> str | None:
                 if 8 + header + max(ends, default=0) > data_size:
                     return f"{name} is cut off"
             else:
-                json.loads(path.read_text())
+                value = json.loads(path.read_text())
+                if not isinstance(value, dict) or (name == "state.json" and not _a_state(value)):
+                    return f"{name} is not what latentmill writes there"
         except (OSError, ValueError, KeyError, TypeError, IndexError, OverflowError, struct.error):
             return f"{name} is unreadable"
     return None
+
+
+def _a_state(state: dict) -> bool:
+    step = state.get("step")
+    return (
+        isinstance(step, int)
+        and not isinstance(step, bool)
+        and step >= 0
+        and isinstance(state.get("config"), dict)
+    )
 
 
 def latest_checkpoint(run: Path, needed: tuple[str, ...], fallback: bool = False) -> Path | None:

@@ -11,15 +11,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
 from latentmill.curate.buckets import make_buckets
 from latentmill.curate.imageshards import ImageSample, ShardReadStats, iter_image_shard, list_image_shards
 from latentmill.curate.latentshards import LatentShardWriter, write_manifest
 from latentmill.curate.prepare import PreparePool, PrepareSettings, default_workers
 from latentmill.curate.selection import check_selection, kept_keys
+from latentmill.curate.shardencoder import ShardEncoder
 from latentmill.curate.storage import location, make_folder, remove_stale_temporaries, write_json
-from latentmill.curate.vae import encode_batch
 from latentmill.devices import PRECISIONS, resolve_device_precision
 from latentmill.errors import InputError, invariant, nothing_left
 from latentmill.schema import StageConfig, opt
@@ -57,6 +55,11 @@ class EncodeConfig(StageConfig):
     batch_size: int = opt(16, "Images per VAE call (one bucket per batch).", low=1)
     flip: bool = opt(False, "Also store the latent of the horizontally flipped image.")
     std: bool = opt(False, "Also store the posterior std (fresh latent samples at train time).")
+    alpha_mask: bool = opt(
+        False,
+        "Also store a loss mask at latent size: the image's alpha channel, or the NAME.mask.png packed beside "
+        "it (absent: all ones), for train --masked-loss.",
+    )
     crop: str = opt(
         "center", "Where a bucket's crop is taken (random: seeded per sample).", choices=("center", "random")
     )
@@ -107,96 +110,6 @@ class EncodeConfig(StageConfig):
         self.buckets()
 
 
-def _finite(*arrays) -> bool:
-    return all(
-        np.isfinite(a).all() and np.isfinite(a.astype(np.float16)).all() for a in arrays if a is not None
-    )
-
-
-class _ShardEncoder:
-    """The per-shard state of a streamed encode: per-bucket batches filling up as prepared samples arrive,
-    caption batches in key order, and samples waiting for the other half (latent or caption) before
-    they are written. Batches are the same whatever the workers: each bucket's samples in key order, cut
-    every `batch_size`; captions likewise over all samples in key order."""
-
-    def __init__(self, config: EncodeConfig, vae, text_encoder, writer: LatentShardWriter):
-        self.config, self.vae, self.text_encoder, self.writer = config, vae, text_encoder, writer
-        self.buckets: dict[tuple[int, int], list] = {}
-        self.captions: list[tuple[str, str]] = []
-        self.latents: dict[str, tuple] = {}  # key -> (sample, placement, mean, std, flipped)
-        self.texts: dict[str, np.ndarray] = {}
-        self.dropped: Counter = Counter()
-        self.per_bucket: Counter = Counter()
-
-    def add(self, sample, prepared) -> None:
-        bucket = prepared.placement.bucket
-        items = self.buckets.setdefault(bucket, [])
-        items.append((sample, prepared.placement, prepared.pixels))
-        if len(items) == self.config.batch_size:
-            self._encode_images(self.buckets.pop(bucket))
-        if self.text_encoder is not None:
-            self.captions.append((sample.key, sample.caption or ""))
-            if len(self.captions) == self.config.batch_size:
-                self._encode_captions()
-
-    def finish(self) -> None:
-        for bucket in list(self.buckets):
-            self._encode_images(self.buckets.pop(bucket))
-        if self.captions:
-            self._encode_captions()
-        invariant(not self.latents and not self.texts, "encode finished with samples not written")
-
-    def _encode_images(self, items: list) -> None:
-        pixels = np.stack([p for _, _, p in items])
-        mean, std, flipped = encode_batch(
-            self.vae, pixels, self.config.device, self.config.std, self.config.flip
-        )
-        for i, (sample, placement, _) in enumerate(items):
-            self.latents[sample.key] = (
-                sample,
-                placement,
-                mean[i],
-                None if std is None else std[i],
-                None if flipped is None else flipped[i],
-            )
-            self._write_if_complete(sample.key)
-
-    def _encode_captions(self) -> None:
-        keys = [key for key, _ in self.captions]
-        embeddings = self.text_encoder.encode([caption for _, caption in self.captions])
-        self.captions = []
-        for key, embedding in zip(keys, embeddings, strict=True):
-            self.texts[key] = embedding
-            self._write_if_complete(key)
-
-    def _write_if_complete(self, key: str) -> None:
-        if key not in self.latents or (self.text_encoder is not None and key not in self.texts):
-            return
-        sample, placement, mean, std, flipped = self.latents.pop(key)
-        text = self.texts.pop(key, None)
-        if not _finite(mean, std, flipped, text):
-            self.dropped["nonfinite_latent"] += 1
-            return
-        meta = sample_meta(sample.meta, placement)
-        self.writer.add(key, mean, sample.caption, meta, std=std, flipped=flipped, text_emb=text)
-        self.per_bucket[f"{placement.bucket[0]}x{placement.bucket[1]}"] += 1
-
-
-def sample_meta(image_meta: dict, placement) -> dict:
-    """A latent sample's JSON: its bucket, original size, crop and resized size, then the image sample's
-    own fields (scores, url, sizes) but for img2dataset's bookkeeping."""
-    carried = {
-        k: v for k, v in image_meta.items() if k not in ("caption", "key", "status", "error_message", "exif")
-    }
-    return {
-        "bucket": list(placement.bucket),
-        "original_size": list(placement.original_size),
-        "crop": list(placement.crop),
-        "resized_size": list(placement.resized_size),
-        **carried,
-    }
-
-
 def encode_shard(
     image_shard: Path,
     output: Path,
@@ -213,12 +126,17 @@ def encode_shard(
     the batches in flight, not by the shard."""
     shard = image_shard.stem
     settings = PrepareSettings(
-        tuple(config.buckets()), config.max_upscale, config.crop, config.seed, config.bucket_assign
+        tuple(config.buckets()),
+        config.max_upscale,
+        config.crop,
+        config.seed,
+        config.bucket_assign,
+        mask_factor=DOWNSAMPLE if config.alpha_mask else 0,
     )
     keep = kept_keys(selection, shard)
     read_stats = ShardReadStats()
     writer = LatentShardWriter(output, shard)
-    encoder = _ShardEncoder(config, vae, text_encoder, writer)
+    encoder = ShardEncoder(config, vae, text_encoder, writer)
     waiting: dict[str, object] = {}  # key -> sample (caption, metadata) while its pixels are prepared
 
     def selected():
@@ -229,7 +147,10 @@ def encode_shard(
             waiting[sample.key] = ImageSample(
                 sample.key, sample.shard, b"", sample.image_ext, sample.caption, sample.meta
             )
-            yield sample.key, sample.image_bytes
+            yield (
+                sample.key,
+                (sample.image_bytes, sample.mask_bytes) if config.alpha_mask else sample.image_bytes,
+            )
 
     own_pool = pool is None
     pool = pool or PreparePool(0)
@@ -334,6 +255,7 @@ def encode(
         "buckets": [list(b) for b in buckets],
         "has_std": config.std,
         "has_flip": config.flip,
+        "has_mask": config.alpha_mask,
         "text_encoder": text_encoder.describe() if text_encoder else None,
         "encode_config": {k: v for k, v in asdict(resolved).items() if k != "workers"},
         "source": str(images),

@@ -95,6 +95,7 @@ class ImageSample:
     image_ext: str
     caption: str | None = None
     meta: dict = field(default_factory=dict)
+    mask_bytes: bytes | None = None  # {key}.mask.png: which pixels the loss learns from (white: all)
 
     def image(self, draft_size: tuple[int, int] | None = None) -> Image.Image:
         """The decoded RGB image (raises ImageDecodeError)."""
@@ -153,7 +154,13 @@ def _sample_from(
     stats.samples += 1
     stats.bad_metadata += bad or cleaned
     return ImageSample(
-        key=key, shard=shard, image_bytes=members[ext], image_ext=ext, caption=caption, meta=meta
+        key=key,
+        shard=shard,
+        image_bytes=members[ext],
+        image_ext=ext,
+        caption=caption,
+        meta=meta,
+        mask_bytes=members.get("mask.png"),
     )
 
 

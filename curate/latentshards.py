@@ -1,7 +1,8 @@
 """Latent shards (the format: README.md, "Formats"): writing them byte-reproducibly, the manifest, and the checked reader.
 
 `{shard}.tar` holds per sample `{key}.latent.npy` (float16 (C, H/8, W/8) posterior mean, unscaled),
-optionally `{key}.latent_std.npy`, `{key}.latent_flip.npy` and `{key}.text_emb.npy` (float16
+optionally `{key}.latent_std.npy`, `{key}.latent_flip.npy`, `{key}.mask.npy` (float16 (1, H/8, W/8) loss
+mask in [0, 1]) and `{key}.text_emb.npy` (float16
 (context_length, width) caption hidden states), `{key}.txt` and `{key}.json` (bucket,
 original_size, crop, scores, url). Beside it `{shard}.parquet` (key, bucket, caption) and
 `{shard}.stats.json` (the completion marker, written last). `manifest.json` describes the folder.
@@ -18,18 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from latentmill.curate.npyio import LATENT_DTYPE, checked_npy, npy_bytes
 from latentmill.curate.shardchecksum import KINDS, UNLISTED, HashingReader, HashingWriter, recorded
 from latentmill.curate.storage import atomic_path, is_remote, location, make_folder, write_json
 from latentmill.errors import InputError, warn
 
 MANIFEST = "manifest.json"
-LATENT_DTYPE = np.float16
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
 
 
 class LatentShardWriter:
@@ -41,7 +36,15 @@ class LatentShardWriter:
     added twice keeps its first sample (`duplicates` counts the rest).
     """
 
-    FILE_ORDER = ("latent.npy", "latent_std.npy", "latent_flip.npy", "text_emb.npy", "txt", "json")
+    FILE_ORDER = (
+        "latent.npy",
+        "latent_std.npy",
+        "latent_flip.npy",
+        "mask.npy",
+        "text_emb.npy",
+        "txt",
+        "json",
+    )
 
     def __init__(self, folder: Path, shard: str):
         import tempfile
@@ -68,6 +71,7 @@ class LatentShardWriter:
         std: np.ndarray | None = None,
         flipped: np.ndarray | None = None,
         text_emb: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
     ) -> None:
         if key in self._index:
             self.duplicates += 1
@@ -79,6 +83,8 @@ class LatentShardWriter:
             files["latent_flip.npy"] = npy_bytes(flipped.astype(LATENT_DTYPE))
         if text_emb is not None:
             files["text_emb.npy"] = npy_bytes(text_emb.astype(LATENT_DTYPE))
+        if mask is not None:
+            files["mask.npy"] = npy_bytes(mask.astype(LATENT_DTYPE))
         files["txt"] = (caption or "").encode("utf-8")
         files["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
         entries = []
@@ -234,30 +240,6 @@ def check_vae(manifest: dict, fingerprint: str, folder: str | Path) -> None:
         )
 
 
-def checked_npy(data: bytes, shape: tuple, what: str, why: str) -> np.ndarray:
-    """A float16 .npy of exactly `shape`, its header checked before anything is allocated (a header may
-    claim any shape; numpy would allocate it before noticing the data is short)."""
-    stream = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(stream)
-        read_header = (
-            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        )
-        header = read_header(stream)
-    except (ValueError, SyntaxError, TypeError, EOFError) as err:
-        raise InputError(f"{what}: not a .npy array ({err}).") from None
-    found_shape, fortran, dtype = header
-    if tuple(found_shape) != tuple(shape) or dtype != LATENT_DTYPE or fortran:
-        raise InputError(
-            f"{what} is {dtype}{list(found_shape)}{' (Fortran order)' if fortran else ''}, expected "
-            f"float16{list(shape)} {why}."
-        )
-    offset = stream.tell()
-    if len(data) - offset != int(np.prod(shape)) * np.dtype(LATENT_DTYPE).itemsize:
-        raise InputError(f"{what}: {len(data) - offset} bytes of data for float16{list(shape)}.")
-    return np.frombuffer(data, dtype=LATENT_DTYPE, offset=offset).reshape(shape).copy()  # one copy: writable
-
-
 def iter_latent_shard(
     path: str | Path, manifest: dict, errors: dict | None = None, stream=None, verify: bool = False
 ) -> Iterator[dict]:
@@ -295,6 +277,13 @@ def iter_latent_shard(
                     f"{path}: sample {key} {name}",
                     f"for bucket {list(bucket)} (manifest)",
                 )
+        if "mask.npy" in files:
+            sample["mask"] = checked_npy(
+                files["mask.npy"],
+                (1, bucket[1] // factor, bucket[0] // factor),
+                f"{path}: sample {key} mask",
+                f"for bucket {list(bucket)} (manifest)",
+            )
         if "text_emb.npy" in files:
             expected = tuple((manifest.get("text_encoder") or {}).get("shape", ()))
             sample["text_emb"] = checked_npy(

@@ -3,7 +3,7 @@ take local pictures (a subject's photos for DreamBooth, class images made with `
 they take downloads.
 
 Each image keeps its bytes (no re-encoding); its caption is the `.txt` file beside it (`dog1.jpg` ->
-`dog1.txt`) or `caption`. Files are taken in sorted path order, so packing twice gives the same shards;
+`dog1.txt`) or `caption`, and its loss mask, if any, the `dog1.mask.png` beside it. Files are taken in sorted path order, so packing twice gives the same shards;
 a file that does not decode is dropped and counted with its reason. Shards are written atomically and a
 shard with its `_stats.json` is done: re-running skips it.
 """
@@ -22,6 +22,8 @@ from latentmill.curate.storage import atomic_path, location, make_folder, remove
 from latentmill.errors import InputError
 from latentmill.schema import StageConfig, opt
 
+MASK_SUFFIX = ".mask.png"
+
 
 @dataclass
 class PackConfig(StageConfig):
@@ -38,11 +40,22 @@ def image_files(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder of images.")
     files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and not _is_mask(p)
     )
     if not files:
         raise InputError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it or below it.")
     return files
+
+
+def _is_mask(path: Path) -> bool:
+    return path.name.lower().endswith(MASK_SUFFIX)
+
+
+def _mask_file(path: Path) -> Path:
+    """Where an image's loss mask lies: `NAME.mask.png` beside `NAME.jpg` (white: learned)."""
+    return path.with_name(path.stem + MASK_SUFFIX)
 
 
 def _caption(path: Path, default: str | None) -> str | None:
@@ -121,7 +134,8 @@ def _pack_shard(folder: Path, files: list[Path], output: Path, shard: str, first
     rows, dropped = [], {}
     with atomic_path(output / f"{shard}.tar") as tmp, tarfile.open(tmp, "w") as tar:
         for number, path in enumerate(files, start=first):
-            if _outside(path, folder) or _outside(path.with_suffix(".txt"), folder):
+            mask = _mask_file(path)
+            if any(_outside(p, folder) for p in (path, path.with_suffix(".txt"), mask)):
                 dropped["outside_folder"] = dropped.get("outside_folder", 0) + 1
                 continue
             data = path.read_bytes()
@@ -146,11 +160,10 @@ def _pack_shard(folder: Path, files: list[Path], output: Path, shard: str, first
                 "status": "success",
             }
             extension = path.suffix.lower().lstrip(".")
-            for name, payload in (
-                (f"{key}.{extension}", data),
-                (f"{key}.txt", caption.encode()),
-                (f"{key}.json", json.dumps(meta).encode()),
-            ):
+            payloads = [(f"{key}.{extension}", data), (f"{key}.txt", caption.encode())]
+            if mask.is_file():  # encode --alpha-mask takes it as the loss mask
+                payloads.append((f"{key}.mask.png", mask.read_bytes()))
+            for name, payload in [*payloads, (f"{key}.json", json.dumps(meta).encode())]:
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))

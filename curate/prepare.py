@@ -44,6 +44,7 @@ class PrepareSettings:
     crop: str = "center"  # or "random": seeded per (seed, shard, key)
     seed: int = 0
     assign: str = "kohya"  # bucket assignment and resize rounding: kohya or log (curate.buckets)
+    mask_factor: int = 0  # > 0: also the loss mask at 1 / mask_factor of the pixels (curate.lossmask)
 
 
 @dataclass
@@ -54,10 +55,13 @@ class Prepared:
     pixels: np.ndarray | None = None
     placement: Placement | None = None
     reason: str = ""
+    mask: np.ndarray | None = None  # float32 (1, h, w) at latent size, with PrepareSettings.mask_factor
 
 
-def prepare_sample(shard: str, key: str, image_bytes: bytes, settings: PrepareSettings) -> Prepared:
-    """Decode one image, pick its bucket, resize to cover it and crop."""
+def prepare_sample(shard: str, key: str, data: bytes | tuple, settings: PrepareSettings) -> Prepared:
+    """Decode one image, pick its bucket, resize to cover it and crop. `data`: the image's bytes, or (its
+    bytes, its mask file's bytes or None) when a loss mask is made too."""
+    image_bytes, mask_bytes = data if isinstance(data, tuple) else (data, None)
     try:
         image = decode_image(image_bytes)
     except ImageDecodeError as err:
@@ -70,7 +74,15 @@ def prepare_sample(shard: str, key: str, image_bytes: bytes, settings: PrepareSe
         rng = np.random.default_rng([settings.seed, zlib.crc32(f"{shard}/{key}".encode())])
     placement = place(image.width, image.height, bucket, rng, settings.assign)
     pixels = np.asarray(resize_and_crop(image, placement), dtype=np.uint8)
-    return Prepared(key, pixels=pixels, placement=placement)
+    mask = None
+    if settings.mask_factor:
+        from latentmill.curate.lossmask import latent_mask, source_mask
+
+        try:
+            mask = latent_mask(source_mask(image_bytes, mask_bytes), placement, settings.mask_factor)
+        except (OSError, ValueError, SyntaxError):
+            return Prepared(key, reason="undecodable_mask")
+    return Prepared(key, pixels=pixels, placement=placement, mask=mask)
 
 
 def _prepare_chunk(
@@ -140,9 +152,9 @@ class PreparePool:
         ]
 
     def map(
-        self, shard: str, samples: Iterable[tuple[str, bytes]], settings: PrepareSettings
+        self, shard: str, samples: Iterable[tuple[str, bytes | tuple]], settings: PrepareSettings
     ) -> Iterator[Prepared]:
-        """Prepared samples of (key, image bytes) pairs, in the order given."""
+        """Prepared samples of (key, image bytes or (image, mask file) bytes) pairs, in the order given."""
         if self._pool is None:
             for key, data in samples:
                 yield prepare_sample(shard, key, data, settings)

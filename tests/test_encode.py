@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from latentmill.curate.buckets import place, resize_and_crop
-from latentmill.curate.encode import EncodeConfig, encode, encode_batch, sample_meta
+from latentmill.curate.encode import EncodeConfig, encode
 from latentmill.curate.imageshards import iter_image_shard
 from latentmill.curate.latentshards import check_vae, iter_latent_shard, read_manifest
-from latentmill.curate.vae import load_vae
+from latentmill.curate.shardencoder import sample_meta
+from latentmill.curate.vae import encode_batch, load_vae
 from latentmill.errors import InputError, NothingLeft
 from tests.conftest import image_entry, kill_when_done, make_shard, tiny_clip_text_pipeline
 

@@ -413,6 +413,7 @@ def test_a_nan_loss_stops_with_the_step_and_the_keys(latents, tmp_path, run_cli)
     for i in range(16):
         writer.add(f"nan{i:04d}", np.full((4, 16, 16), np.nan, np.float32), "broken", {"bucket": [128, 128]})
     writer.close()
+    _record_in_manifest(bad, "00000")  # vouched for: the loss, not the checksum, must catch these
     run = tmp_path / "run"
     with pytest.raises(
         TrainingFailed, match=r"loss is nan at step \d+ \(last finite loss logged: .*\); batch keys: nan"

@@ -97,12 +97,20 @@ def last_state(run: Path) -> dict | None:
     return {"step": 0, "config": json.loads(started.read_text())} if started.exists() else None
 
 
-def record_start(run: Path, config: dict) -> None:
-    """RUN/started.json, written as a new run starts: a run killed before its first checkpoint resumes from
-    step 0 with these settings."""
+def record_start(run: Path, config: TrainConfig, sets: list) -> None:
+    """What a new run keeps as it starts: RUN/lineage.json (the settings that shape the weights, the latent
+    folders and the models it starts from, by content: latentmill.curate.lineage) and RUN/started.json (its
+    settings: a run killed before its first checkpoint resumes from step 0 with them)."""
+    from dataclasses import asdict
+
+    from latentmill.curate.lineage import make_record, record_path
     from latentmill.curate.storage import write_json
 
-    write_json(run / STARTED, config)
+    inputs = {f"latents[{i}]": folder for i, (folder, _) in enumerate(sets)}
+    models = {"model": config.model, "text_encoder": config.text_encoder, "vae": config.vae}
+    models["init_from"] = config.init_from
+    write_json(record_path(run), make_record("train", config, inputs=inputs, models=models))
+    write_json(run / STARTED, asdict(config))
 
 
 def remove_stale_temporaries(run: Path) -> list[Path]:

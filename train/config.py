@@ -127,6 +127,9 @@ class TrainConfig(StageConfig):
         "Shards in an object store: the most the cache folder holds; the least recently read shards are "
         "evicted first.",
     )
+    masked_loss: bool = opt(
+        False, "Weight each sample's loss by its mask (encode --alpha-mask), over its mean."
+    )
     strict: bool = opt(
         False,
         "Stop at the first damaged latent shard or sample (bytes changed since encode, a broken tar) instead "

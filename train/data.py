@@ -150,6 +150,17 @@ class TrainingData:
     def _everyone(self) -> list[LatentLoader]:
         return self.loaders + ([self.class_loader] if self.class_loader else [])
 
+    def check_masks(self, names: list) -> None:
+        """--masked-loss needs loss masks in every latent folder trained on (class images may have none)."""
+        unmasked = [
+            n for n, loader in zip(names, self.loaders, strict=True) if not loader.manifest.get("has_mask")
+        ]
+        if unmasked:
+            raise InputError(
+                f"--masked-loss: {', '.join(map(str, unmasked))} hold(s) no loss masks; encode with `latentmill "
+                f"encode --alpha-mask` (the alpha channel, or NAME.mask.png packed beside each image)."
+            )
+
     def skipped_total(self) -> dict:
         total: dict = {}
         for loader in self._everyone():

@@ -250,11 +250,13 @@ class LatentLoader:
 
     def _collate(self, samples: list[dict], epoch: int, worker: int, index: int) -> dict:
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker, index])
-        latents = []
+        latents, masks = [], []
         for sample in samples:
             flipped = self.flip and "latent_flip" in sample and rng.random() < 0.5
             std = sample.get("latent_std") if self.sample_posterior and not flipped else None
             latents.append(posterior_sample(sample["latent_flip"] if flipped else sample["latent"], std, rng))
+            if "mask" in sample:  # the loss mask goes where its image went
+                masks.append(np.flip(sample["mask"], -1) if flipped else sample["mask"])
         batch = {
             "keys": [s["key"] for s in samples],
             "latents": torch.from_numpy(np.stack(latents)),
@@ -263,6 +265,8 @@ class LatentLoader:
             "worker": worker,
             "skipped": dict(self.skipped),
         }  # a worker's counts travel with its batches
+        if len(masks) == len(samples):
+            batch["mask"] = torch.from_numpy(np.stack(masks).astype(np.float32))
         if all("text_emb" in s for s in samples):
             batch["text_emb"] = torch.from_numpy(
                 np.stack([s["text_emb"] for s in samples])

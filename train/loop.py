@@ -82,10 +82,13 @@ class Training:
     mirror: RunMirror | None = None  # the run folder is in an object store: `run` is its local copy
 
     def prepared(self, batch: dict, generator) -> tuple:
-        """(latents in the U-Net's space, caption states with dropout, metas) on the device."""
+        """(latents in the U-Net's space, caption states with dropout, metas, the loss mask or None) on the
+        device."""
         scale, shift = self.manifest["scaling_factor"], self.manifest.get("shift_factor") or 0.0
         latents = to_unet_space(batch["latents"].to(self.device, non_blocking=True), scale, shift)
-        return latents, self.encode_text(batch, generator), batch["meta"]
+        mask = batch.get("mask") if self.config.masked_loss else None  # class images may have none
+        mask = mask.to(self.device, non_blocking=True) if mask is not None else None
+        return latents, self.encode_text(batch, generator), batch["meta"], mask
 
 
 def train(config: TrainConfig, progress=None, log=None) -> dict:
@@ -222,6 +225,8 @@ def _set_up(config: TrainConfig) -> Training:
         strict=config.strict,
     )
     manifest = data.manifest
+    if config.masked_loss:
+        data.check_masks([name for name, _ in sets])
     if config.epochs:
         config = replace(
             config, steps=data.steps_of_epochs(config.epochs, config.batch_size * config.grad_accum * world)
@@ -247,8 +252,7 @@ def _set_up(config: TrainConfig) -> Training:
     check_reporting(config)
     run.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not config.resume:
-        _record_lineage(run, config, sets)
-        record_start(run, asdict(config))
+        record_start(run, config, sets)
     if config.init_from:
         _init_from(unet, config.init_from)
     if config.gradient_checkpointing:
@@ -313,18 +317,6 @@ def _set_up(config: TrainConfig) -> Training:
         changes,
         mirror,
     )
-
-
-def _record_lineage(run: Path, config: TrainConfig, sets: list) -> None:
-    """RUN/lineage.json: the settings that shape the weights, the latent folders and the models they
-    start from, by content (latentmill.curate.lineage)."""
-    from latentmill.curate.lineage import make_record, record_path
-    from latentmill.curate.storage import write_json
-
-    inputs = {f"latents[{i}]": folder for i, (folder, _) in enumerate(sets)}
-    models = {"model": config.model, "text_encoder": config.text_encoder, "vae": config.vae}
-    models["init_from"] = config.init_from
-    write_json(record_path(run), make_record("train", config, inputs=inputs, models=models))
 
 
 def _checkpoint(t: Training, step: int) -> None:

@@ -28,8 +28,12 @@ class Objective:
         # on the device once, not copied there every step
         self.alphas = self.schedule.alphas_cumprod.to(self.device)
 
-    def loss(self, model, latents: torch.Tensor, text: torch.Tensor, metas: list, generator) -> torch.Tensor:
-        """The batch's mean loss (a scalar on the model's device)."""
+    def loss(
+        self, model, latents: torch.Tensor, text: torch.Tensor, metas: list, mask, generator
+    ) -> torch.Tensor:
+        """The batch's mean loss (a scalar on the model's device). `mask` (B, 1, h, w) in [0, 1], or None:
+        each sample's squared error weighted by it and divided by its mean (kohya's masked loss), so a
+        subject on a transparent background is learned without the background, at the same loss scale."""
         device, b = latents.device, latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator).to(device)
         if self.noise_offset:
@@ -43,7 +47,12 @@ class Objective:
         )
         extra = {"added_cond_kwargs": size_condition(text, metas)} if self.size_conditioning else {}
         prediction = model(noisy, timesteps, encoder_hidden_states=text, **extra).sample
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        if mask is None:
+            per_sample = error.mean(dim=(1, 2, 3))
+        else:
+            mask = mask.float()
+            per_sample = (error * mask).mean(dim=(1, 2, 3)) / mask.mean(dim=(1, 2, 3)).clamp_min(1e-6)
         if self.min_snr_gamma:
             alphas = self.alphas[timesteps]
             snr = alphas / (1 - alphas)
@@ -55,8 +64,8 @@ class Objective:
 
     def step_loss(self, model, instance: tuple, class_images: tuple | None, prior_weight: float, generator):
         """One micro-step's loss: the batch's, plus `prior_weight` times the class batch's (DreamBooth's
-        prior preservation). Each batch is (latents, text states, metas); they may come from different
-        buckets, so they take separate forward passes."""
+        prior preservation). Each batch is (latents, text states, metas, loss mask or None); they may come
+        from different buckets, so they take separate forward passes."""
         loss = self.loss(model, *instance, generator)
         if class_images is not None:
             loss = loss + prior_weight * self.loss(model, *class_images, generator)

@@ -82,7 +82,7 @@ def main() -> None:
     if not (images / "00000.tar").exists():
         make_shards(images, args.images)
 
-    from latentmill.curate import encode as encode_module
+    from latentmill.curate import shardencoder as encode_module  # where encode_batch is called
     from latentmill.curate.encode import EncodeConfig, encode_shard
     from latentmill.curate.vae import load_vae
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from latentmill.curate.buckets import make_buckets
 from latentmill.curate.imageshards import ImageSample, ShardReadStats, iter_image_shard, list_image_shards
+from latentmill.curate.inpaintmasks import DEFAULT_MIX, parse_mix
 from latentmill.curate.latentshards import LatentShardWriter, write_manifest
 from latentmill.curate.prepare import PreparePool, PrepareSettings, default_workers
 from latentmill.curate.selection import check_selection, kept_keys
@@ -60,6 +61,14 @@ class EncodeConfig(StageConfig):
         "Also store a loss mask at latent size: the image's alpha channel, or the NAME.mask.png packed beside "
         "it (absent: all ones), for train --masked-loss.",
     )
+    mask_variants: int = opt(
+        0,
+        "Inpainting: also store K seeded masks per image and the latents of the masked images (for train "
+        "--inpainting); each costs a latent and a latent-size mask per sample.",
+        low=0,
+        high=16,
+    )
+    mask_mix: str = opt(DEFAULT_MIX, "Inpainting masks: kind=weight of rectangles, ellipses, strokes, full.")
     crop: str = opt(
         "center", "Where a bucket's crop is taken (random: seeded per sample).", choices=("center", "random")
     )
@@ -108,6 +117,12 @@ class EncodeConfig(StageConfig):
 
     def check_more(self) -> None:
         self.buckets()
+        parse_mix(self.mask_mix)
+        if self.mask_variants and self.flip:
+            raise InputError(
+                "--mask-variants with --flip: a flipped image's masked latent is not the flip of the stored one; "
+                "encode inpainting data without --flip."
+            )
 
 
 def encode_shard(
@@ -256,6 +271,11 @@ def encode(
         "has_std": config.std,
         "has_flip": config.flip,
         "has_mask": config.alpha_mask,
+        "inpainting": (
+            {"variants": config.mask_variants, "mix": parse_mix(config.mask_mix)}
+            if config.mask_variants
+            else None
+        ),
         "text_encoder": text_encoder.describe() if text_encoder else None,
         "encode_config": {k: v for k, v in asdict(resolved).items() if k != "workers"},
         "source": str(images),

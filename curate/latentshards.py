@@ -1,11 +1,10 @@
 """Latent shards (the format: README.md, "Formats"): writing them byte-reproducibly, the manifest, and the checked reader.
 
-`{shard}.tar` holds per sample `{key}.latent.npy` (float16 (C, H/8, W/8) posterior mean, unscaled),
-optionally `{key}.latent_std.npy`, `{key}.latent_flip.npy`, `{key}.mask.npy` (float16 (1, H/8, W/8) loss
-mask in [0, 1]) and `{key}.text_emb.npy` (float16
-(context_length, width) caption hidden states), `{key}.txt` and `{key}.json` (bucket,
-original_size, crop, scores, url). Beside it `{shard}.parquet` (key, bucket, caption) and
-`{shard}.stats.json` (the completion marker, written last). `manifest.json` describes the folder.
+`{shard}.tar` holds per sample `{key}.latent.npy` (float16 (C, H/8, W/8) posterior mean, unscaled), optionally
+`latent_std`, `latent_flip`, `mask` (loss mask), `inpaint_mask` + `masked_latent` (inpainting variants) and
+`text_emb` (.npy), `{key}.txt` and `{key}.json` (bucket, original_size, crop, scores, url). Beside it
+`{shard}.parquet` (key, bucket, caption) and `{shard}.stats.json` (the completion marker, written last).
+`manifest.json` describes the folder.
 """
 
 from __future__ import annotations
@@ -41,6 +40,8 @@ class LatentShardWriter:
         "latent_std.npy",
         "latent_flip.npy",
         "mask.npy",
+        "inpaint_mask.npy",
+        "masked_latent.npy",
         "text_emb.npy",
         "txt",
         "json",
@@ -72,6 +73,7 @@ class LatentShardWriter:
         flipped: np.ndarray | None = None,
         text_emb: np.ndarray | None = None,
         mask: np.ndarray | None = None,
+        inpaint: tuple | None = None,
     ) -> None:
         if key in self._index:
             self.duplicates += 1
@@ -85,6 +87,9 @@ class LatentShardWriter:
             files["text_emb.npy"] = npy_bytes(text_emb.astype(LATENT_DTYPE))
         if mask is not None:
             files["mask.npy"] = npy_bytes(mask.astype(LATENT_DTYPE))
+        if inpaint is not None:  # (K masks (K, 1, h, w), K masked images' latents (K, C, h, w))
+            files["inpaint_mask.npy"] = npy_bytes(inpaint[0].astype(LATENT_DTYPE))
+            files["masked_latent.npy"] = npy_bytes(inpaint[1].astype(LATENT_DTYPE))
         files["txt"] = (caption or "").encode("utf-8")
         files["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
         entries = []
@@ -185,10 +190,6 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _bucket(value) -> bool:
-    return isinstance(value, list) and len(value) == 2 and all(_positive_int(v) for v in value)
-
-
 def _shape(value) -> bool:
     return isinstance(value, list) and 0 < len(value) <= 4 and all(_positive_int(v) for v in value)
 
@@ -200,7 +201,7 @@ MANIFEST_SCHEMA = {  # key -> (check, what it must be)
     "scaling_factor": (lambda v: _finite(v) and v != 0, "a finite non-zero number"),
     "shift_factor": (lambda v: v is None or _finite(v), "a finite number or null"),
     "buckets": (
-        lambda v: isinstance(v, list) and len(v) > 0 and all(_bucket(b) for b in v),
+        lambda v: isinstance(v, list) and len(v) > 0 and all(_shape(b) and len(b) == 2 for b in v),
         "a list of [width, height]",
     ),
     "vae": (
@@ -208,6 +209,10 @@ MANIFEST_SCHEMA = {  # key -> (check, what it must be)
         "an object with a fingerprint",
     ),
     "encode_config": (lambda v: isinstance(v, dict), "an object"),
+    "inpainting": (
+        lambda v: v is None or (isinstance(v, dict) and _positive_int(v.get("variants"))),
+        "null or {variants}",
+    ),
     "text_encoder": (
         lambda v: v is None or (isinstance(v, dict) and _shape(v.get("shape"))),
         "null or an object with a shape",
@@ -220,7 +225,7 @@ def check_manifest(manifest, location) -> None:
     if not isinstance(manifest, dict):
         raise InputError(f"{location}: not a latentmill manifest (a JSON object is expected).")
     for key, (check, what) in MANIFEST_SCHEMA.items():
-        if key not in manifest and key != "shift_factor":
+        if key not in manifest and key not in ("shift_factor", "inpainting"):  # absent in older manifests
             raise InputError(
                 f"{location}: no {key!r}; not a complete latentmill manifest. Re-run `latentmill encode` "
                 f"into this folder to rewrite it."
@@ -284,6 +289,20 @@ def iter_latent_shard(
                 f"{path}: sample {key} mask",
                 f"for bucket {list(bucket)} (manifest)",
             )
+        variants = (manifest.get("inpainting") or {}).get("variants", 0)
+        if variants:  # inpainting data: K masks and K masked latents, both required
+            h, w = bucket[1] // factor, bucket[0] // factor
+            for name, shape in (
+                ("inpaint_mask", (variants, 1, h, w)),
+                ("masked_latent", (variants, channels, h, w)),
+            ):
+                if f"{name}.npy" not in files:
+                    raise InputError(
+                        f"{path}: sample {key} has no {name}.npy (the manifest says {variants} variants)."
+                    )
+                sample[name] = checked_npy(
+                    files[f"{name}.npy"], shape, f"{path}: sample {key} {name}", "(manifest)"
+                )
         if "text_emb.npy" in files:
             expected = tuple((manifest.get("text_encoder") or {}).get("shape", ()))
             sample["text_emb"] = checked_npy(

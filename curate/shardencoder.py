@@ -32,7 +32,7 @@ class ShardEncoder:
         self.config, self.vae, self.text_encoder, self.writer = config, vae, text_encoder, writer
         self.buckets: dict[tuple[int, int], list] = {}
         self.captions: list[tuple[str, str]] = []
-        self.latents: dict[str, tuple] = {}  # key -> (sample, placement, mean, std, flipped, mask)
+        self.latents: dict[str, tuple] = {}  # key -> (sample, placement, mean, std, flipped, mask, inpaint)
         self.texts: dict[str, np.ndarray] = {}
         self.dropped: Counter = Counter()
         self.per_bucket: Counter = Counter()
@@ -60,6 +60,7 @@ class ShardEncoder:
         mean, std, flipped = encode_batch(
             self.vae, pixels, self.config.device, self.config.std, self.config.flip
         )
+        inpaint = self._inpainting(items, pixels, mean) if self.config.mask_variants else [None] * len(items)
         for i, (sample, placement, _, mask) in enumerate(items):
             self.latents[sample.key] = (
                 sample,
@@ -68,8 +69,28 @@ class ShardEncoder:
                 None if std is None else std[i],
                 None if flipped is None else flipped[i],
                 mask,
+                inpaint[i],
             )
             self._write_if_complete(sample.key)
+
+    def _inpainting(self, items: list, pixels: np.ndarray, mean: np.ndarray) -> list[tuple]:
+        """Per item (its K masks at latent size (K, 1, h, w), its K masked images' latents (K, C, h, w)):
+        each variant's masks drawn per sample (curate/inpaintmasks.py), the masked batch through the VAE."""
+        from latentmill.curate.inpaintmasks import latent_size_mask, parse_mix, variant_mask
+        from latentmill.curate.vae import encode_masked
+
+        mix, (height, width) = parse_mix(self.config.mask_mix), pixels.shape[1:3]
+        factor = height // mean.shape[2]
+        masks, latents = [], []
+        for k in range(self.config.mask_variants):
+            drawn = np.stack(
+                [variant_mask(self.config.seed, s.shard, s.key, k, height, width, mix)[1] for s, *_ in items]
+            )
+            latents.append(encode_masked(self.vae, pixels, drawn, self.config.device))
+            masks.append(np.stack([latent_size_mask(m, factor) for m in drawn]))
+        return [
+            (np.stack([m[i] for m in masks]), np.stack([x[i] for x in latents])) for i in range(len(items))
+        ]
 
     def _encode_captions(self) -> None:
         keys = [key for key, _ in self.captions]
@@ -82,13 +103,23 @@ class ShardEncoder:
     def _write_if_complete(self, key: str) -> None:
         if key not in self.latents or (self.text_encoder is not None and key not in self.texts):
             return
-        sample, placement, mean, std, flipped, mask = self.latents.pop(key)
+        sample, placement, mean, std, flipped, mask, inpaint = self.latents.pop(key)
         text = self.texts.pop(key, None)
-        if not _finite(mean, std, flipped, text):
+        if not _finite(mean, std, flipped, text, *(inpaint or ())):
             self.dropped["nonfinite_latent"] += 1
             return
         meta = sample_meta(sample.meta, placement)
-        self.writer.add(key, mean, sample.caption, meta, std=std, flipped=flipped, text_emb=text, mask=mask)
+        self.writer.add(
+            key,
+            mean,
+            sample.caption,
+            meta,
+            std=std,
+            flipped=flipped,
+            text_emb=text,
+            mask=mask,
+            inpaint=inpaint,
+        )
         self.per_bucket[f"{placement.bucket[0]}x{placement.bucket[1]}"] += 1
 
 

@@ -134,6 +134,19 @@ def encode_batch(vae, images, device: str, with_std: bool, with_flip: bool = Fal
     return mean, std, flipped
 
 
+def encode_masked(vae, pixels: np.ndarray, masks: np.ndarray, device: str) -> np.ndarray:
+    """Posterior means of masked images as Stable Diffusion's inpainting recipe makes them: the image in
+    [-1, 1] times (mask < 0.5), so what is to be filled in is 0 (grey). `pixels` uint8 (N, H, W, 3), `masks`
+    (N, H, W), True (or 1) where masked."""
+    import torch
+
+    dtype = next(vae.model.parameters()).dtype
+    with torch.inference_mode():
+        batch = _to_tensor(pixels, device, dtype)
+        keep = torch.from_numpy(np.asarray(masks, dtype=np.float32) < 0.5).to(batch.device)[:, None]
+        return vae.model.encode(batch * keep.to(dtype)).latent_dist.mean.float().cpu().numpy()
+
+
 def _memory_format(device: str):
     import torch
 

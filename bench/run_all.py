@@ -19,6 +19,10 @@ for script, args in (
     ("bench_feed.py", ["resume", "--late", "2000"]),
     ("bench_feed.py", ["loader", "--images", "1024"]),
     ("bench_feed.py", ["overhead", "--steps", "40", "--repeats", "3"]),
+    ("bench_stream.py", []),
+    ("bench_checksum.py", ["--images", "512", "--rounds", "7"]),
+    ("bench_inpaint.py", ["--images", "48"]),
 ):
     print(f"== {script} {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, str(HERE / script), *args], check=True, cwd=HERE)
+    module = f"bench.{script.removesuffix('.py')}"  # as modules: they share helpers through `bench.`
+    subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=HERE.parent)

@@ -60,6 +60,7 @@ class EncodeConfig(StageConfig):
         False,
         "Also store a loss mask at latent size: the image's alpha channel, or the NAME.mask.png packed beside "
         "it (absent: all ones), for train --masked-loss.",
+        since="0.2",
     )
     mask_variants: int = opt(
         0,
@@ -67,8 +68,11 @@ class EncodeConfig(StageConfig):
         "--inpainting); each costs a latent and a latent-size mask per sample.",
         low=0,
         high=16,
+        since="0.2",
     )
-    mask_mix: str = opt(DEFAULT_MIX, "Inpainting masks: kind=weight of rectangles, ellipses, strokes, full.")
+    mask_mix: str = opt(
+        DEFAULT_MIX, "Inpainting masks: kind=weight of rectangles, ellipses, strokes, full.", since="0.2"
+    )
     crop: str = opt(
         "center", "Where a bucket's crop is taken (random: seeded per sample).", choices=("center", "random")
     )

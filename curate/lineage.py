@@ -35,14 +35,15 @@ _EDGE_BYTES = 4 << 20
 
 
 def settings_of(config, skip: tuple[str, ...] = ()) -> dict:
-    """The fields of a config that change its stage's output (all but its class's RUNTIME ones), minus
-    `skip` (paths recorded as models or inputs instead)."""
+    """The fields of a config that change its stage's output (all but its class's RUNTIME ones, and those
+    added later (`since`) while at their default), minus `skip` (paths recorded as models or inputs)."""
     out = {}
     runtime = set(getattr(type(config), "RUNTIME", ())) | set(skip)
     for field in dataclasses.fields(config):
-        if spec_of(field) is None or field.name in runtime:
-            continue
-        out[field.name] = _portable(getattr(config, field.name))
+        spec, value = spec_of(field), getattr(config, field.name)
+        if spec is None or field.name in runtime or (spec.since and value == field.default):
+            continue  # an option newer than a record, at its default, made no difference to it
+        out[field.name] = _portable(value)
     return out
 
 

@@ -42,6 +42,9 @@ class Spec:
     cli: bool = True  # False: a recipe key without a flag (set by the runner, or a tuning knob)
     metavar: str | None = None
     path: bool = False  # a file or folder: shown as PATH
+    # the release that added the option: at its default, it stays out of lineage records, so outputs made
+    # before it existed still count as made with the same settings (no redo after an upgrade)
+    since: str | None = None
     separated: bool = False  # a list given as one comma-separated value (`--mix 0.8,0.2`), not repeated
 
 

@@ -63,3 +63,20 @@ def test_every_runtime_name_is_a_field_of_its_config():
     for cls in LISTS.values():
         assert set(getattr(cls, "RUNTIME", ())) <= {f.name for f in dataclasses.fields(cls)}
     assert "steps" not in settings_of(SECTIONS["train"]()(shards=["x"], output="y"))
+
+
+def test_options_added_later_leave_older_records_unchanged_at_their_default():
+    """An option declared with `since` stays out of the record at its default, so an output made before the
+    option existed is not redone after an upgrade; set to anything else, it is recorded like any other."""
+    from latentmill.curate.encode import EncodeConfig
+    from latentmill.curate.lineage import differences, make_record, settings_of
+    from latentmill.train.config import TrainConfig
+
+    newer = {"alpha_mask", "mask_variants", "mask_mix"}
+    assert not newer & set(settings_of(EncodeConfig()))
+    assert "masked_loss" not in settings_of(TrainConfig(output="r", model="tiny"))
+    assert {"resolution", "flip", "std"} <= set(settings_of(EncodeConfig()))  # older options: always
+    before = make_record("encode", EncodeConfig())
+    after = make_record("encode", EncodeConfig(alpha_mask=True))
+    assert after["settings"]["alpha_mask"] is True and before["fingerprint"] != after["fingerprint"]
+    assert differences(before, after) == ["settings.alpha_mask: (none) -> true"]

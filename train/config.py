@@ -128,7 +128,7 @@ class TrainConfig(StageConfig):
         "evicted first.",
     )
     masked_loss: bool = opt(
-        False, "Weight each sample's loss by its mask (encode --alpha-mask), over its mean."
+        False, "Weight each sample's loss by its mask (encode --alpha-mask), over its mean.", since="0.2"
     )
     strict: bool = opt(
         False,

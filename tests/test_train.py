@@ -914,6 +914,17 @@ def test_training_streams_shards_from_s3_and_keeps_its_run_there_resuming_exactl
         progress=lambda m: resumed.append(m["loss"]),
     )
     assert resumed == straight  # the same stream from the store as from disk, resumed exactly
+    # a run killed before its first checkpoint resumes from the store too: its settings went there at once
+    early = f"{bucket}/runs/early"
+    train(config(latents, early, steps=2, checkpoint_every=2, **remote))
+    assert storage.location(f"{early}/started.json").exists()
+    storage.remove(f"{early}/checkpoints")  # as if killed before step 2's checkpoint
+    again: list = []
+    train(
+        config(latents, early, steps=2, checkpoint_every=2, resume=True, **remote),
+        progress=lambda m: again.append(m["loss"]),
+    )
+    assert again == straight[:2]
     names = {p.name for p in storage.location(f"{run}/checkpoints").iterdir()}
     assert names == {"step-0000003", "step-0000006"}
     state = storage.location(f"{run}/checkpoints/step-0000006/state.json").read_text()

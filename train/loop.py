@@ -253,6 +253,8 @@ def _set_up(config: TrainConfig) -> Training:
     run.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not config.resume:
         record_start(run, config, sets)
+        if mirror:  # in the store at once: a run killed before its first checkpoint resumes from there
+            mirror.push(only=["lineage.json", "started.json"])
     if config.init_from:
         _init_from(unet, config.init_from)
     if config.gradient_checkpointing:

@@ -50,6 +50,14 @@ def _latentmill(*args):
     return [sys.executable, "-m", "latentmill", *map(str, args)]
 
 
+def _kill_midway(command, marker) -> None:
+    """Run `command` and SIGKILL it (its whole group) as soon as `marker` exists."""
+    process = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    kill_when_done(process, marker)
+
+
 @pytest.mark.slow  # kills and restarts a subprocess
 def test_images_pack_killed_mid_shard_leaves_nothing_after_the_next_run(tmp_path):
     pictures = tmp_path / "pictures"
@@ -60,13 +68,7 @@ def test_images_pack_killed_mid_shard_leaves_nothing_after_the_next_run(tmp_path
     pack = ("images", "pack", pictures, "--caption", "a picture", "--shard-size", "40")
     subprocess.run(_latentmill(*pack, "-o", tmp_path / "straight"), check=True, capture_output=True)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        _latentmill(*pack, "-o", killed),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    kill_when_done(process, _Glob(killed, ".00001.tar.tmp-*"))  # shard 1 half written
+    _kill_midway(_latentmill(*pack, "-o", killed), _Glob(killed, ".00001.tar.tmp-*"))  # shard 1 half written
     assert temporaries(killed), "the kill left no temporary: it came too late to test anything"
     assert not (killed / "00003_stats.json").exists()
     subprocess.run(_latentmill(*pack, "-o", killed), check=True, capture_output=True)
@@ -98,13 +100,7 @@ def test_dedup_killed_mid_pass_removes_dead_writers_temporaries_and_ends_identic
     dedup = ("dedup", scores, "--partitions", "4", "--clusters", "3")
     subprocess.run(_latentmill(*dedup, "-o", tmp_path / "straight"), check=True, capture_output=True)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        _latentmill(*dedup, "-o", killed),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    kill_when_done(process, _Glob(killed / "_work" / "assign", "00002.stats.json"))
+    _kill_midway(_latentmill(*dedup, "-o", killed), _Glob(killed / "_work" / "assign", "00002.stats.json"))
     assert not (killed / "funnel.json").exists(), "the dedup run was not stopped mid-way"
     # what killed writers leave (a kill inside np.save is too short to hit reliably, so placed here) and
     # what a writer still at work has open: only the dead ones' go

@@ -376,7 +376,7 @@ def _refuse_shard(path, errors: dict | None, reason: str, what: str) -> None:
     if errors is None:
         raise InputError(message)
     errors[reason] = errors.get(reason, 0) + 1
-    warn(f"{message} Skipped ({reason}); `train --strict` stops instead.")
+    warn(f"{message} Skipped ({reason}); with `train --strict` it stops the run.")
 
 
 def write_manifest(folder: Path, header: dict, shard_stats: dict[str, dict]) -> dict:

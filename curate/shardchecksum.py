@@ -64,15 +64,6 @@ class HashingReader:
             return None
         return f"{self.kind} {found[:12]}… differs from the manifest's {self.expected[:12]}…"
 
-    def close(self) -> None:
-        self.raw.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 def recorded(manifest: dict, shard: str) -> tuple[str, str] | None:
     """(kind, digest) the manifest records for the shard named `shard` (its file name without `.tar`);

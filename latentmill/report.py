@@ -1,7 +1,7 @@
 """`latentmill report WORK`: one self-contained HTML page (images inline as data URIs) of a work folder:
 the funnel from URLs to latents, score histograms with their thresholds, the fitted heads against their
-labels, the bucket chart, thumbnails of kept and dropped images by reason, the loss curve and the sample
-grids."""
+labels, the bucket chart, thumbnails of kept and dropped images by reason, stored masks
+(latentmill/reportmasks.py), the loss curve and the sample grids."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from latentmill.curate.latentshards import read_manifest
 from latentmill.curate.storage import location, read_parquet, write_bytes
 from latentmill.errors import InputError
 from latentmill.layout import Layout
+from latentmill.reportmasks import mask_section
 
 THUMBS_PER_GROUP = 8
 
@@ -367,6 +368,7 @@ SECTIONS = (
     ),
     ("buckets", "Aspect buckets", _bucket_section),
     ("thumbnails", "Kept and dropped images", _thumbnail_section),
+    ("masks", "Loss and inpainting masks", mask_section),
     (
         "dedup",
         "Duplicate groups",

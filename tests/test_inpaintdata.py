@@ -114,3 +114,19 @@ def test_inpainting_data_is_refused_with_flip_and_checked_by_verify(inpaint, tmp
     result = run_cli("latents", "verify", tampered)
     assert result.exit_code == 2, result.output
     assert "00000.tar: 5 bad_sample" in result.output and "00001.tar: 5 bad_sample" in result.output
+
+
+def test_the_report_shows_each_samples_inpainting_masks(inpaint, tmp_path):
+    import shutil
+
+    from latentmill.report import build_report
+
+    work = tmp_path / "work"
+    shutil.copytree(inpaint / "images", work / "images")
+    shutil.copytree(inpaint / "latents", work / "latents-128")
+    page = build_report(work).read_text()
+    section = page[page.index('<section id="masks">') :]
+    section = section[: section.index("</section>")]
+    assert (
+        section.count(": inpainting mask 0") == 5 and section.count(": inpainting mask 1") == 5
+    )  # a shard: 5

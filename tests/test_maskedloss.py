@@ -173,3 +173,22 @@ def test_masked_training_resumes_exactly_and_needs_masks(masked, tmp_path):
         match=r"--masked-loss: .*unmasked hold\(s\) no loss masks; encode with `latentmill encode --alpha-mask`",
     ):
         train(_config(root, tmp_path / "x", shards=str(root / "unmasked"), steps=1))
+
+
+def test_the_report_shows_the_stored_loss_masks(masked, tmp_path):
+    import shutil
+
+    from latentmill.report import build_report
+
+    root, _, _ = masked
+    work = tmp_path / "work"
+    shutil.copytree(root / "images", work / "images")
+    shutil.copytree(root / "latents", work / "latents-128")
+    page = build_report(work).read_text()
+    section = page[page.index('<section id="masks">') :]
+    section = section[: section.index("</section>")]
+    assert "latents-128: white is learned" in section
+    assert section.count('alt="mask"') == 6 and section.count(": loss mask") == 6  # the first 6 samples
+    shutil.rmtree(work / "latents-128")
+    shutil.copytree(root / "unmasked", work / "latents-128")
+    assert '<section id="masks">' not in build_report(work).read_text()  # no masks, no section

@@ -102,8 +102,9 @@ def check_inputs(shards: list[Path], keep: str) -> None:
         schema = parquet_schema(shard)
         key_type = schema.field("key").type if "key" in schema.names else None
         if key_type is None or not (pa.types.is_string(key_type) or pa.types.is_large_string(key_type)):
-            found = schema.field("key").type if "key" in schema.names else "no key column"
-            raise InputError(f"{shard}: the key column is {found}, expected strings (a score shard's keys).")
+            raise InputError(
+                f"{shard}: the key column is {key_type or 'missing'}, expected strings (a score shard's keys)."
+            )
         if keep in schema.names and not (
             pa.types.is_integer(schema.field(keep).type) or pa.types.is_floating(schema.field(keep).type)
         ):

@@ -294,3 +294,9 @@ def s3_server():
 def bucket(s3_server):
     """s3://NAME of a fresh bucket on the loopback S3 server."""
     return f"s3://{s3_server.bucket()}"
+
+
+def report_section(page: str, section: str) -> str:
+    """The HTML of one section of a report page (`<section id=...>` to its end)."""
+    start = page.index(f'<section id="{section}">')
+    return page[start : page.index("</section>", start)]

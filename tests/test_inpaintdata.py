@@ -14,7 +14,7 @@ from latentmill.curate.inpaintmasks import DEFAULT_MIX, draw_mask, latent_size_m
 from latentmill.curate.latentshards import iter_latent_shard, read_manifest
 from latentmill.curate.vae import load_vae
 from latentmill.errors import InputError
-from tests.conftest import image_entry, make_shard
+from tests.conftest import image_entry, make_shard, report_section
 
 ENCODE = dict(vae="tiny", resolution=128, bucket_min_side=64, bucket_max_side=256, step=32, workers=0)
 
@@ -125,8 +125,7 @@ def test_the_report_shows_each_samples_inpainting_masks(inpaint, tmp_path):
     shutil.copytree(inpaint / "images", work / "images")
     shutil.copytree(inpaint / "latents", work / "latents-128")
     page = build_report(work).read_text()
-    section = page[page.index('<section id="masks">') :]
-    section = section[: section.index("</section>")]
+    section = report_section(page, "masks")
     assert (
         section.count(": inpainting mask 0") == 5 and section.count(": inpainting mask 1") == 5
     )  # a shard: 5

@@ -15,7 +15,7 @@ from latentmill.curate.latentshards import iter_latent_shard, read_manifest
 from latentmill.errors import InputError
 from latentmill.train.config import TrainConfig
 from latentmill.train.loop import train
-from tests.conftest import tiny_clip_text_pipeline
+from tests.conftest import report_section, tiny_clip_text_pipeline
 
 ENCODE = dict(vae="tiny", resolution=128, bucket_min_side=64, bucket_max_side=256, step=32, workers=0)
 
@@ -185,8 +185,7 @@ def test_the_report_shows_the_stored_loss_masks(masked, tmp_path):
     shutil.copytree(root / "images", work / "images")
     shutil.copytree(root / "latents", work / "latents-128")
     page = build_report(work).read_text()
-    section = page[page.index('<section id="masks">') :]
-    section = section[: section.index("</section>")]
+    section = report_section(page, "masks")
     assert "latents-128: white is learned" in section
     assert section.count('alt="mask"') == 6 and section.count(": loss mask") == 6  # the first 6 samples
     shutil.rmtree(work / "latents-128")

@@ -37,7 +37,8 @@ from latentmill.stagestatus import (
     shard_status,
     train_status,
 )
-from latentmill.train.config import ExportConfig, TrainConfig
+from latentmill.train.commandconfigs import ExportConfig
+from latentmill.train.config import TrainConfig
 
 
 @dataclass

@@ -397,11 +397,12 @@ def test_the_prior_preservation_loss_is_the_instance_mse_plus_the_weighted_class
 
     unet = base_unet(data)
     g = torch.Generator().manual_seed(0)
-    instance = (torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g), [{}] * 2, None)
+    instance = (torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g), [{}] * 2, None, None)
     class_images = (
         torch.randn(3, 4, 16, 12, generator=g),
         torch.randn(3, 77, 32, generator=g),
         [{}] * 3,
+        None,
         None,
     )
     objective = Objective(training_scheduler("epsilon"), "epsilon", min_snr_gamma=None)
@@ -411,7 +412,7 @@ def test_the_prior_preservation_loss_is_the_instance_mse_plus_the_weighted_class
         # the same draws by hand, in the documented order: per batch noise, then timesteps
         draws = torch.Generator().manual_seed(5)
         terms = []
-        for latents, text, _, _ in (instance, class_images):
+        for latents, text, _, _, _ in (instance, class_images):
             noise = torch.randn(latents.shape, generator=draws)
             t = torch.randint(0, 1000, (latents.shape[0],), generator=draws)
             noisy = objective.schedule.add_noise(latents, noise, t)

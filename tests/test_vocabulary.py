@@ -26,7 +26,8 @@ from latentmill.filters.select import SelectConfig
 from latentmill.recipe import RUN_MANAGED
 from latentmill.schema import flag_of, kind_of, spec_of
 from latentmill.stages import LISTS, SECTIONS
-from latentmill.train.config import ExportConfig, MergeConfig, SampleConfig, TrainConfig
+from latentmill.train.commandconfigs import ExportConfig, MergeConfig, SampleConfig
+from latentmill.train.config import TrainConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -182,6 +182,56 @@ class TrainConfig(StageConfig):
         "LoRA: the layers that get adapters: attention (q, k, v, out), attention+ff, or all-linear.",
         choices=("attention", "attention+ff", "all-linear"),
     )
+    lora_text_encoder: bool = opt(
+        False,
+        "LoRA: adapters on the text encoder's attention layers too (needs --text-encoder PIPELINE_FOLDER).",
+        since="0.2",
+    )
+    text_encoder_targets: str = opt(
+        "attention",
+        "--lora-text-encoder: the text encoder's layers that get adapters: attention (q, k, v, out) or "
+        "attention+mlp.",
+        choices=("attention", "attention+mlp"),
+        since="0.2",
+    )
+    text_encoder_lr: float | None = opt(
+        None,
+        "Learning rate of the text encoder's adapters and of a --textual-inversion token (default: "
+        "--learning-rate).",
+        low=0.0,
+        low_open=True,
+        since="0.2",
+    )
+    inpainting: bool = opt(
+        False,
+        "Train an inpainting U-Net on latents encoded with --mask-variants: its input is the noisy latents, "
+        "the mask and the masked image's latents; a 4-channel --model gets the extra conv_in channels "
+        "zero-initialised, a 9-channel inpainting model trains as it is.",
+        since="0.2",
+    )
+    textual_inversion: str | None = opt(
+        None,
+        "Textual inversion: add this token (e.g. '<my-cat>') to the tokenizer and train only its embedding "
+        "(with --lora-rank: pivotal tuning, the adapters too). Needs --text-encoder PIPELINE_FOLDER.",
+        since="0.2",
+    )
+    init_word: str | None = opt(
+        None, "--textual-inversion: the word whose embedding the new token's vectors start from.", since="0.2"
+    )
+    vectors: int = opt(1, "--textual-inversion: embedding vectors of the new token.", low=1, since="0.2")
+    placeholder: str | None = opt(
+        None,
+        "--textual-inversion: the word of each caption the token takes the place of (default: the "
+        "--ti-templates captions).",
+        since="0.2",
+    )
+    ti_templates: str | None = opt(
+        None,
+        "--textual-inversion: captions made from the original paper's templates ('a photo of a {}') instead "
+        "of the samples' captions: object or style (the default without --placeholder: object).",
+        choices=("object", "style"),
+        since="0.2",
+    )
     mix: list[float] | None = opt(
         None,
         "Weights of several latent folders, comma-separated (0.8,0.2): each batch comes from one folder, "
@@ -271,6 +321,9 @@ class TrainConfig(StageConfig):
                 f"{self.model} is a fresh one. Give --model PIPELINE_FOLDER (e.g. Stable Diffusion 1.5) or "
                 f"--init-from RUN."
             )
+        from latentmill.train.modes import check_modes
+
+        check_modes(self)
 
     def validate(self) -> TrainConfig:
         if self.precision == "fp16":
@@ -279,23 +332,6 @@ class TrainConfig(StageConfig):
                 f"loop does not have; use bf16 on CUDA (as fast, no scaler needed) or fp32 on CPU."
             )
         return super().validate()
-
-
-@dataclass
-class ExportConfig(StageConfig):
-    """`latentmill export`: a run's last checkpoint as a diffusers pipeline folder, or a LoRA run's adapter."""
-
-    SECTION = "export"
-    format: str = opt(
-        "auto",
-        "pipeline: a StableDiffusionPipeline folder; diffusers: the LoRA file load_lora_weights reads; "
-        "kohya: the lora_unet_... file of sd-scripts, ComfyUI and A1111; single-file: the whole model in one "
-        ".safetensors in the original SD layout (A1111, ComfyUI, from_single_file) (auto: diffusers for LoRA "
-        "runs, else pipeline).",
-        choices=("auto", "pipeline", "diffusers", "kohya", "single-file"),
-    )
-    ema: bool = opt(True, "Export the EMA weights (--no-ema: the raw ones).")
-    vae: str | None = opt(None, "VAE for the pipeline (default: the one the latents were made with).")
 
 
 # where the run reads and writes: paths, not settings (a moved work folder resumes)
@@ -335,57 +371,6 @@ def resumed_values(saved: dict, typed: list[str]) -> dict:
     command line (paths excepted: they are where the run is now)."""
     names = {f.name for f in fields(TrainConfig)} - set(typed) - set(RESUME_PATHS)
     return {key: value for key, value in saved.items() if key in names}
-
-
-@dataclass
-class SampleConfig(StageConfig):
-    """`latentmill sample`: images from a run's last checkpoint or a diffusers pipeline folder."""
-
-    SECTION = "sample"
-    prompts: list[str] = opt(factory=list, help="A prompt (repeatable): one image each.", flag="--prompt")
-    sampler_steps: int = opt(20, "Denoising steps of the DDIM sampler.", low=1, old=("--steps",))
-    guidance: float = opt(5.0, "Classifier-free guidance scale.")
-    seed: int = opt(0, "Seed of the starting noise.")
-    width: int | None = opt(None, "Image width in px (default: the training resolution).", low=1)
-    height: int | None = opt(None, "Image height in px (default: the training resolution).", low=1)
-    count: int = opt(1, "Images per prompt.", low=1)
-
-    def check_more(self) -> None:
-        if not self.prompts:
-            raise InputError("sample: give at least one --prompt.")
-        if (self.width is None) != (self.height is None):
-            raise InputError("sample: give both --width and --height, or neither (the training resolution).")
-
-    @property
-    def size(self) -> tuple[int, int] | None:
-        return (self.width, self.height) if self.width else None
-
-
-@dataclass
-class MergeConfig(StageConfig):
-    """`latentmill merge`: a weighted sum or add-difference of two runs, or a LoRA adapter baked in."""
-
-    SECTION = "merge"
-    alpha: float | None = opt(
-        None,
-        "Weight of B (weighted sum), of B - BASE (add difference), or of the adapter (--lora; default 1).",
-    )
-    base: str | None = opt(None, "Add difference: A + alpha * (B - BASE).", path=True)
-    lora: str | None = opt(
-        None,
-        "A LoRA run: bake its adapter into A (default: the base it was trained on) at scale alpha.",
-        path=True,
-    )
-    ema: bool = opt(True, "Merge the EMA weights (--no-ema: the raw ones).")
-    force: bool = opt(
-        False,
-        "--lora: bake the adapter into a base it was not trained on (its weights' fingerprint differs).",
-    )
-    config_from: str | None = opt(
-        None,
-        "The run whose configuration the merged run takes (default: the first of A, B, BASE that is a run).",
-        path=True,
-    )
 
 
 def _same_place(a: str, b: str) -> bool:

@@ -111,8 +111,8 @@ class TrainingData:
         self.class_loader = (
             LatentLoader(expand_shards(class_data), seed=seed + 1, **options) if class_data else None
         )
-        names = [name for name, _ in sets] + ([class_data] if class_data else [])
-        check_same_latent_space([loader.manifest for loader in self._everyone()], names)
+        self.names = [name for name, _ in sets] + ([class_data] if class_data else [])
+        check_same_latent_space(self.manifests, self.names)
         sizes = [loader.manifest.get("samples") or len(loader.shards) for loader in self.loaders]
         self.repeats = list(repeats or [1] * len(self.loaders))
         if repeats:  # kohya's NAME_N folders: a folder is seen N times for each pass over the others
@@ -134,6 +134,11 @@ class TrainingData:
             loader.manifest["samples"] * n for loader, n in zip(self.loaders, self.repeats, strict=True)
         )
         return max(1, math.ceil(epochs * samples / samples_per_step))
+
+    @property
+    def manifests(self) -> list[dict]:
+        """Every folder's manifest, the class images' last."""
+        return [loader.manifest for loader in self._everyone()]
 
     @property
     def folder(self):

@@ -34,9 +34,10 @@ def export_single_file(run: str | Path, output: Path, use_ema: bool = True, vae:
 
 
 def pipeline_of_run(run: str | Path, use_ema: bool = True, vae: str | None = None):
-    """A run as a StableDiffusionPipeline. The text encoder must be a CLIPTextModel pipeline folder (the
-    run's `--text-encoder`); the VAE is the one the latents were made with (the manifest's), or `vae`."""
-    from diffusers import StableDiffusionPipeline
+    """A run as a StableDiffusionPipeline (a StableDiffusionInpaintPipeline for an inpainting run). The
+    text encoder must be a CLIPTextModel pipeline folder (the run's `--text-encoder`); the VAE is the one
+    the latents were made with (the manifest's), or `vae`."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from latentmill.curate.vae import load_vae
@@ -70,7 +71,9 @@ def pipeline_of_run(run: str | Path, use_ema: bool = True, vae: str | None = Non
         text_path / "tokenizer" if (text_path / "tokenizer").exists() else text_path
     )
     scheduler = sampling_scheduler(config["prediction"])
-    pipeline = StableDiffusionPipeline(
+    inpainting = unet.config.in_channels > unet.config.out_channels
+    kind = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipeline = kind(
         vae=vae_model,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

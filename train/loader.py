@@ -25,6 +25,7 @@ import torch
 from latentmill.curate.latentshards import is_url, iter_latent_shard, read_manifest
 from latentmill.curate.storage import is_remote, location
 from latentmill.errors import InputError
+from latentmill.train.inpainting import draw_variants
 from latentmill.train.latentspace import posterior_sample
 from latentmill.train.shardcache import ShardCache
 
@@ -267,6 +268,7 @@ class LatentLoader:
         }  # a worker's counts travel with its batches
         if len(masks) == len(samples):
             batch["mask"] = torch.from_numpy(np.stack(masks).astype(np.float32))
+        batch |= draw_variants(samples, rng)  # inpainting: one stored mask variant per sample
         if all("text_emb" in s for s in samples):
             batch["text_emb"] = torch.from_numpy(
                 np.stack([s["text_emb"] for s in samples])

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from latentmill.devices import resolve_device_precision, torch_dtype
-from latentmill.errors import InputError, TrainingFailed
+from latentmill.errors import TrainingFailed
 from latentmill.train.checkpoint import (
     check_resume_point,
     checkpoints,
@@ -34,11 +34,14 @@ from latentmill.train.checkpoint import (
 from latentmill.train.conditioning import text_conditioning
 from latentmill.train.config import TrainConfig, resume_differences
 from latentmill.train.data import TrainingData, latent_sets, loader_workers, shard_cache
+from latentmill.train.inpainting import check_inpainting_data, conditioning, grid_examples
 from latentmill.train.latentspace import to_unet_space
 from latentmill.train.models import build_unet
 from latentmill.train.objective import Objective
 from latentmill.train.remoterun import RunMirror, mirror_of
 from latentmill.train.runlog import RunLog, check_reporting, rank_report
+from latentmill.train.runs import init_from
+from latentmill.train.samplegrid import sample_grid
 from latentmill.train.weights import FullWeights, LoraWeights
 
 
@@ -80,15 +83,20 @@ class Training:
     start: int  # the first step to run (0, or the resumed checkpoint's step)
     changes: list  # settings changed on resume: {step, key, from, to}, kept in every later state.json
     mirror: RunMirror | None = None  # the run folder is in an object store: `run` is its local copy
+    examples: dict | None = None  # an inpainting run's sample-grid inputs (train/inpainting.py)
 
     def prepared(self, batch: dict, generator) -> tuple:
-        """(latents in the U-Net's space, caption states with dropout, metas, the loss mask or None) on the
-        device."""
+        """(latents in the U-Net's space, caption states with dropout, metas, the loss mask or None, the
+        inpainting conditioning or None) on the device."""
         scale, shift = self.manifest["scaling_factor"], self.manifest.get("shift_factor") or 0.0
         latents = to_unet_space(batch["latents"].to(self.device, non_blocking=True), scale, shift)
         mask = batch.get("mask") if self.config.masked_loss else None  # class images may have none
         mask = mask.to(self.device, non_blocking=True) if mask is not None else None
-        return latents, self.encode_text(batch, generator), batch["meta"], mask
+        inpaint = None
+        if self.config.inpainting:
+            inpaint = conditioning(batch["inpaint_mask"], batch["masked_latent"], scale, shift)
+            inpaint = inpaint.to(self.device, non_blocking=True)
+        return latents, self.encode_text(batch, generator), batch["meta"], mask, inpaint
 
 
 def train(config: TrainConfig, progress=None, log=None) -> dict:
@@ -186,7 +194,7 @@ def train(config: TrainConfig, progress=None, log=None) -> dict:
                 and (step + 1) % config.sample_every == 0
             ):
                 with t.weights.ema_unet() as ema:
-                    grid = _sample_grid(t.run, step + 1, ema, t.encode_prompts, t.manifest, config)
+                    grid = sample_grid(t.run, step + 1, ema, t.encode_prompts, t.manifest, config, t.examples)
                 run_log.image(step + 1, grid)
             if checkpointing:
                 _checkpoint(t, step + 1)
@@ -227,6 +235,8 @@ def _set_up(config: TrainConfig) -> Training:
     manifest = data.manifest
     if config.masked_loss:
         data.check_masks([name for name, _ in sets])
+    if config.inpainting:
+        check_inpainting_data(data.manifests, data.names)
     if config.epochs:
         config = replace(
             config, steps=data.steps_of_epochs(config.epochs, config.batch_size * config.grad_accum * world)
@@ -247,6 +257,8 @@ def _set_up(config: TrainConfig) -> Training:
         sample_size,
         config.seed,
         config.size_conditioning,
+        config.inpainting,
+        frozen=bool(config.lora_rank and not config.init_from),
     ).to(device)
     check_resume_point(run, config)
     check_reporting(config)
@@ -256,7 +268,7 @@ def _set_up(config: TrainConfig) -> Training:
         if mirror:  # in the store at once: a run killed before its first checkpoint resumes from there
             mirror.push(only=["lineage.json", "started.json"])
     if config.init_from:
-        _init_from(unet, config.init_from)
+        init_from(unet, config.init_from)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if device.startswith("cuda"):
@@ -300,6 +312,9 @@ def _set_up(config: TrainConfig) -> Training:
     model = torch.nn.parallel.DistributedDataParallel(unet) if world > 1 else unet
     if config.compile:
         model = torch.compile(model)
+    examples = None
+    if config.inpainting and rank == 0 and config.sample_every and encode_prompts:
+        examples = grid_examples(data.loaders[0].shards[0], manifest, min(4, len(config.sample_prompts)))
     return Training(
         config,
         run,
@@ -318,6 +333,7 @@ def _set_up(config: TrainConfig) -> Training:
         start,
         changes,
         mirror,
+        examples,
     )
 
 
@@ -358,34 +374,3 @@ def _stop_on_nonfinite(first_bad: torch.Tensor, recent_keys: dict, run: Path, la
         f"To try: check those samples with `latentmill latents verify`, lower --learning-rate, keep "
         f"--max-grad-norm on, or train in fp32 (--precision fp32); then --resume."
     )
-
-
-def _sample_grid(run: Path, step: int, ema, encode_prompts, manifest: dict, config: TrainConfig) -> Path:
-    """A grid of the fixed prompts at a fixed seed from the EMA weights: samples/step-NNNNNNN.png."""
-    from latentmill.train.sampling import generate_from_manifest, save_grid
-
-    states, empty = encode_prompts(config.sample_prompts)
-    images = generate_from_manifest(
-        ema,
-        states,
-        empty,
-        manifest,
-        config.vae,
-        steps=config.sample_steps,
-        seed=config.seed,
-        prediction=config.prediction,
-    )
-    return save_grid(images, run / "samples" / f"step-{step:07d}.png")
-
-
-def _init_from(unet, run: Path) -> None:
-    from latentmill.train.runs import load_run
-
-    weights = load_run(run, use_ema=True, what="--init-from").weights()
-    try:
-        unet.load_state_dict(weights)
-    except RuntimeError as err:
-        raise InputError(
-            f"--init-from {run}: its U-Net does not match --model's "
-            f"({str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err})."
-        ) from None

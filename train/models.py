@@ -71,24 +71,44 @@ def build_unet(
     sample_size: int,
     seed: int = 0,
     size_conditioning: bool = False,
+    inpainting: bool = False,
+    frozen: bool = False,
 ):
-    """A named architecture with fresh weights (seeded), or a pretrained diffusers folder/id (fine-tuning)."""
+    """A named architecture with fresh weights (seeded), or a pretrained diffusers folder/id (fine-tuning).
+    `inpainting`: the U-Net takes the mask and the masked image's latents too (train/inpainting.py); a
+    4-channel pretrained one gets them as zero-initialised conv_in channels, unless it stays `frozen`
+    (LoRA), where new channels would never learn."""
     import torch
     from diffusers import UNet2DConditionModel
+
+    from latentmill.train.inpainting import inpainting_channels, inpainting_unet
 
     if spec in UNET_CONFIGS:
         torch.manual_seed(seed)
         extra = size_conditioning_config(cross_attention_dim, spec) if size_conditioning else {}
         return UNet2DConditionModel(
             sample_size=sample_size,
-            in_channels=latent_channels,
+            in_channels=inpainting_channels(latent_channels) if inpainting else latent_channels,
             out_channels=latent_channels,
             cross_attention_dim=cross_attention_dim,
             **UNET_CONFIGS[spec],
             **extra,
         )
     unet = load_pretrained_unet(spec, f"--model {spec}: not a named config ({', '.join(UNET_CONFIGS)}) nor")
-    if unet.config.in_channels != latent_channels:
+    if inpainting:
+        unet, widened = inpainting_unet(unet, latent_channels, spec)
+        if widened and frozen:
+            raise InputError(
+                f"--inpainting with --lora-rank: --model {spec} is not an inpainting U-Net, and LoRA leaves its "
+                f"new mask channels at zero. Give an inpainting model (9 input channels), or --init-from a run "
+                f"trained with --inpainting."
+            )
+    elif unet.config.in_channels == inpainting_channels(latent_channels):
+        raise InputError(
+            f"--model {spec} is an inpainting U-Net ({unet.config.in_channels} input channels): train it with "
+            f"--inpainting on latents encoded with --mask-variants."
+        )
+    elif unet.config.in_channels != latent_channels:
         raise InputError(
             f"--model {spec} takes {unet.config.in_channels}-channel latents; the shards hold {latent_channels}."
         )

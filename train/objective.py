@@ -29,11 +29,13 @@ class Objective:
         self.alphas = self.schedule.alphas_cumprod.to(self.device)
 
     def loss(
-        self, model, latents: torch.Tensor, text: torch.Tensor, metas: list, mask, generator
+        self, model, latents: torch.Tensor, text: torch.Tensor, metas: list, mask, generator, inpaint=None
     ) -> torch.Tensor:
         """The batch's mean loss (a scalar on the model's device). `mask` (B, 1, h, w) in [0, 1], or None:
         each sample's squared error weighted by it and divided by its mean (kohya's masked loss), so a
-        subject on a transparent background is learned without the background, at the same loss scale."""
+        subject on a transparent background is learned without the background, at the same loss scale.
+        `inpaint` (B, 1 + C, h, w), or None: an inpainting U-Net's mask and masked-image latents, fed
+        beside the noisy latents."""
         device, b = latents.device, latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator).to(device)
         if self.noise_offset:
@@ -46,7 +48,8 @@ class Objective:
             noise if self.prediction == "epsilon" else self.schedule.get_velocity(latents, noise, timesteps)
         )
         extra = {"added_cond_kwargs": size_condition(text, metas)} if self.size_conditioning else {}
-        prediction = model(noisy, timesteps, encoder_hidden_states=text, **extra).sample
+        inputs = noisy if inpaint is None else torch.cat([noisy, inpaint.to(noisy.dtype)], dim=1)
+        prediction = model(inputs, timesteps, encoder_hidden_states=text, **extra).sample
         error = F.mse_loss(prediction.float(), target.float(), reduction="none")
         if mask is None:
             per_sample = error.mean(dim=(1, 2, 3))
@@ -64,9 +67,14 @@ class Objective:
 
     def step_loss(self, model, instance: tuple, class_images: tuple | None, prior_weight: float, generator):
         """One micro-step's loss: the batch's, plus `prior_weight` times the class batch's (DreamBooth's
-        prior preservation). Each batch is (latents, text states, metas, loss mask or None); they may come
+        prior preservation). Each batch is (latents, text states, metas, loss mask or None, inpainting
+        conditioning or None); they may come
         from different buckets, so they take separate forward passes."""
-        loss = self.loss(model, *instance, generator)
+        loss = self.batch_loss(model, instance, generator)
         if class_images is not None:
-            loss = loss + prior_weight * self.loss(model, *class_images, generator)
+            loss = loss + prior_weight * self.batch_loss(model, class_images, generator)
         return loss
+
+    def batch_loss(self, model, batch: tuple, generator) -> torch.Tensor:
+        latents, text, metas, mask, inpaint = batch
+        return self.loss(model, latents, text, metas, mask, generator, inpaint)

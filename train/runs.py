@@ -129,3 +129,15 @@ def load_run(run: str | Path, use_ema: bool = True, what: str = "") -> Run:
             f"made by `latentmill merge`."
         )
     return Run(run, found, json.loads((found / "state.json").read_text()), use_ema)
+
+
+def init_from(unet, run: Path) -> None:
+    """`train --init-from RUN`: the run's EMA weights into `unet`, which must have its architecture."""
+    weights = load_run(run, use_ema=True, what="--init-from").weights()
+    try:
+        unet.load_state_dict(weights)
+    except RuntimeError as err:
+        raise InputError(
+            f"--init-from {run}: its U-Net does not match --model's "
+            f"({str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err})."
+        ) from None

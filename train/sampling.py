@@ -25,18 +25,27 @@ def generate(
     guidance: float = 5.0,
     seed: int = 0,
     prediction: str = "epsilon",
+    inpaint: torch.Tensor | None = None,
 ) -> np.ndarray:
-    """(N, H, W, 3) uint8 images for N prompts' text states; `size` is (width, height) in pixels."""
+    """(N, H, W, 3) uint8 images for N prompts' text states; `size` is (width, height) in pixels. An
+    inpainting U-Net takes `inpaint` (N, 1 + C, h, w: the mask and the masked image's latents in the
+    U-Net's space) beside the latents; without it, everything is masked (plain text-to-image)."""
     from latentmill.train.schedule import sampling_scheduler
 
     scheduler = sampling_scheduler(prediction)
     scheduler.set_timesteps(steps)
     device = next(unet.parameters()).device
     n = text_states.shape[0]
-    channels = unet.config.in_channels
+    channels = unet.config.out_channels
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn((n, channels, size[1] // 8, size[0] // 8), generator=generator).to(device)
     context = torch.cat([empty_state.expand(n, -1, -1), text_states]).to(device)
+    if unet.config.in_channels > channels:  # an inpainting U-Net
+        from latentmill.train.inpainting import unconditioned
+
+        if inpaint is None:
+            inpaint = unconditioned(unet, vae, n, size, scaling_factor, shift_factor, device)
+        inpaint = torch.cat([inpaint, inpaint]).to(device)
     extra = {}
     if (
         getattr(unet.config, "addition_embed_type", None) == "text_time"
@@ -45,9 +54,10 @@ def generate(
         time_ids = torch.tensor([[h, w, 0, 0, h, w]] * (2 * n), dtype=context.dtype, device=device)
         extra = {"added_cond_kwargs": {"text_embeds": context.mean(dim=1), "time_ids": time_ids}}
     for t in scheduler.timesteps:
-        prediction_both = unet(
-            torch.cat([latents, latents]), t, encoder_hidden_states=context, **extra
-        ).sample
+        inputs = torch.cat([latents, latents])
+        if inpaint is not None:
+            inputs = torch.cat([inputs, inpaint.to(inputs.dtype)], dim=1)
+        prediction_both = unet(inputs, t, encoder_hidden_states=context, **extra).sample
         unconditional, conditional = prediction_both.chunk(2)
         guided = unconditional + guidance * (conditional - unconditional)
         latents = scheduler.step(guided, t, latents).prev_sample

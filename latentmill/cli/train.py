@@ -6,7 +6,8 @@ import click
 
 from latentmill.cli.options import Location, click_options, config_from, given_on_command_line
 from latentmill.curate.storage import location
-from latentmill.train.config import ExportConfig, MergeConfig, SampleConfig, TrainConfig
+from latentmill.train.commandconfigs import ExportConfig, MergeConfig, SampleConfig
+from latentmill.train.config import TrainConfig
 
 
 @click.command()

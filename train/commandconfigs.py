@@ -1,0 +1,76 @@
+"""The configurations of the commands that read a finished run: `export`, `sample` and `merge`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from latentmill.errors import InputError
+from latentmill.schema import StageConfig, opt
+
+
+@dataclass
+class ExportConfig(StageConfig):
+    """`latentmill export`: a run's last checkpoint as a diffusers pipeline folder, or a LoRA run's adapter."""
+
+    SECTION = "export"
+    format: str = opt(
+        "auto",
+        "pipeline: a StableDiffusionPipeline folder; diffusers: the LoRA file load_lora_weights reads; "
+        "kohya: the lora_unet_... file of sd-scripts, ComfyUI and A1111; single-file: the whole model in one "
+        ".safetensors in the original SD layout (A1111, ComfyUI, from_single_file) (auto: diffusers for LoRA "
+        "runs, else pipeline).",
+        choices=("auto", "pipeline", "diffusers", "kohya", "single-file"),
+    )
+    ema: bool = opt(True, "Export the EMA weights (--no-ema: the raw ones).")
+    vae: str | None = opt(None, "VAE for the pipeline (default: the one the latents were made with).")
+
+
+@dataclass
+class SampleConfig(StageConfig):
+    """`latentmill sample`: images from a run's last checkpoint or a diffusers pipeline folder."""
+
+    SECTION = "sample"
+    prompts: list[str] = opt(factory=list, help="A prompt (repeatable): one image each.", flag="--prompt")
+    sampler_steps: int = opt(20, "Denoising steps of the DDIM sampler.", low=1, old=("--steps",))
+    guidance: float = opt(5.0, "Classifier-free guidance scale.")
+    seed: int = opt(0, "Seed of the starting noise.")
+    width: int | None = opt(None, "Image width in px (default: the training resolution).", low=1)
+    height: int | None = opt(None, "Image height in px (default: the training resolution).", low=1)
+    count: int = opt(1, "Images per prompt.", low=1)
+
+    def check_more(self) -> None:
+        if not self.prompts:
+            raise InputError("sample: give at least one --prompt.")
+        if (self.width is None) != (self.height is None):
+            raise InputError("sample: give both --width and --height, or neither (the training resolution).")
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        return (self.width, self.height) if self.width else None
+
+
+@dataclass
+class MergeConfig(StageConfig):
+    """`latentmill merge`: a weighted sum or add-difference of two runs, or a LoRA adapter baked in."""
+
+    SECTION = "merge"
+    alpha: float | None = opt(
+        None,
+        "Weight of B (weighted sum), of B - BASE (add difference), or of the adapter (--lora; default 1).",
+    )
+    base: str | None = opt(None, "Add difference: A + alpha * (B - BASE).", path=True)
+    lora: str | None = opt(
+        None,
+        "A LoRA run: bake its adapter into A (default: the base it was trained on) at scale alpha.",
+        path=True,
+    )
+    ema: bool = opt(True, "Merge the EMA weights (--no-ema: the raw ones).")
+    force: bool = opt(
+        False,
+        "--lora: bake the adapter into a base it was not trained on (its weights' fingerprint differs).",
+    )
+    config_from: str | None = opt(
+        None,
+        "The run whose configuration the merged run takes (default: the first of A, B, BASE that is a run).",
+        path=True,
+    )

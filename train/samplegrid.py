@@ -1,0 +1,35 @@
+"""The sample grids a run writes every `--sample-every` steps, from the EMA weights at a fixed seed: the
+sample prompts; for an inpainting run, the first training samples' masked images (red: to fill in) above
+what the model fills in, prompted by their captions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from latentmill.train.config import TrainConfig
+
+
+def sample_grid(
+    run: Path, step: int, ema, encode_prompts, manifest: dict, config: TrainConfig, examples: dict | None
+) -> Path:
+    """samples/step-NNNNNNN.png; `examples`: an inpainting run's (train/inpainting.py `grid_examples`)."""
+    from latentmill.curate.vae import load_vae
+    from latentmill.train.inpainting import conditioning, masked_inputs
+    from latentmill.train.sampling import generate_from_manifest, save_grid
+
+    options = dict(steps=config.sample_steps, seed=config.seed, prediction=config.prediction)
+    target = run / "samples" / f"step-{step:07d}.png"
+    if examples is None:
+        states, empty = encode_prompts(config.sample_prompts)
+        return save_grid(generate_from_manifest(ema, states, empty, manifest, config.vae, **options), target)
+    states, empty = encode_prompts(examples["captions"])
+    scale, shift = manifest["scaling_factor"], manifest.get("shift_factor") or 0.0
+    inpaint = conditioning(examples["mask"], examples["masked_latent"], scale, shift)
+    results = generate_from_manifest(
+        ema, states, empty, manifest, config.vae, examples["size"], inpaint=inpaint, **options
+    )
+    vae = load_vae(config.vae or manifest["encode_config"]["vae"]).model
+    inputs = masked_inputs(examples, vae)
+    return save_grid(np.concatenate([inputs, results]), target, columns=len(results))

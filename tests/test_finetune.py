@@ -397,7 +397,13 @@ def test_the_prior_preservation_loss_is_the_instance_mse_plus_the_weighted_class
 
     unet = base_unet(data)
     g = torch.Generator().manual_seed(0)
-    instance = (torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g), [{}] * 2, None, None)
+    instance = (
+        torch.randn(2, 4, 16, 16, generator=g),
+        torch.randn(2, 77, 32, generator=g),
+        [{}] * 2,
+        None,
+        None,
+    )
     class_images = (
         torch.randn(3, 4, 16, 12, generator=g),
         torch.randn(3, 77, 32, generator=g),

@@ -188,10 +188,20 @@ def is_lora(folder: Path) -> bool:
     return (folder / "adapter.json").exists()
 
 
-def weights_needed(use_ema: bool, lora: bool = False) -> tuple[str, ...]:
-    """The files export, sample and merge read from a checkpoint."""
-    if lora:
+def unet_kind(folder: Path) -> str:
+    """What a checkpoint holds of the U-Net: lora (adapters on a base), frozen (its base as it was: textual
+    inversion alone) or full (the whole U-Net)."""
+    if is_lora(folder):
+        return "lora"
+    return "frozen" if (folder / "frozen_unet.json").exists() else "full"
+
+
+def weights_needed(use_ema: bool, kind: str = "full") -> tuple[str, ...]:
+    """The files export, sample and merge read from a checkpoint (`kind` as `unet_kind` gives it)."""
+    if kind == "lora":
         weights = ("lora_ema.safetensors" if use_ema else "lora.safetensors", "adapter.json")
+    elif kind == "frozen":
+        weights = ("frozen_unet.json",)
     else:
         weights = ("ema.safetensors" if use_ema else "unet.safetensors",)
     return weights + ("unet_config.json", "state.json")

@@ -17,9 +17,10 @@ class ExportConfig(StageConfig):
         "auto",
         "pipeline: a StableDiffusionPipeline folder; diffusers: the LoRA file load_lora_weights reads; "
         "kohya: the lora_unet_... file of sd-scripts, ComfyUI and A1111; single-file: the whole model in one "
-        ".safetensors in the original SD layout (A1111, ComfyUI, from_single_file) (auto: diffusers for LoRA "
-        "runs, else pipeline).",
-        choices=("auto", "pipeline", "diffusers", "kohya", "single-file"),
+        ".safetensors in the original SD layout (A1111, ComfyUI, from_single_file); embedding: a textual-inversion "
+        "token as learned_embeds.safetensors (diffusers) and NAME.safetensors (A1111) (auto: diffusers for "
+        "LoRA runs, embedding for textual inversion alone, else pipeline).",
+        choices=("auto", "pipeline", "diffusers", "kohya", "single-file", "embedding"),
     )
     ema: bool = opt(True, "Export the EMA weights (--no-ema: the raw ones).")
     vae: str | None = opt(None, "VAE for the pipeline (default: the one the latents were made with).")

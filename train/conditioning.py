@@ -48,9 +48,12 @@ def caption_variants(captions: list[str], config: TrainConfig, generator: torch.
     return out
 
 
-def text_conditioning(config: TrainConfig, manifest: dict, folder, device: str, precision: str):
+def text_conditioning(config: TrainConfig, manifest: dict, folder, device: str, precision: str, text=None):
     """(encode(batch, generator) -> (B, tokens, width) text states on `device` with caption dropout to the
-    empty caption's states, width, prompts encoder for sample grids or None)."""
+    empty caption's states, width, prompts encoder for sample grids or None). `text`: a text encoder that
+    partly trains (train/texttraining.py), encoded with the graph kept."""
+    if text is not None:
+        return _trained_text(config, text)
 
     def dropout(states, empty, generator):
         drop = (torch.rand(states.shape[0], generator=generator) < config.caption_dropout).to(device)
@@ -116,3 +119,24 @@ def _stored_empty_caption(info: dict, folder) -> torch.Tensor:
             f"{info['shape']}."
         )
     return torch.from_numpy(array.astype(np.float32))
+
+
+def _trained_text(config: TrainConfig, text):
+    """Conditioning through a text encoder that trains: the empty caption is encoded with the rest (its
+    states change as the encoder does); textual inversion's captions have the token in them."""
+    from latentmill.train.ticaptions import expand_token, ti_captions
+
+    def encode(batch, generator):
+        captions = caption_variants(batch["captions"], config, generator)
+        if config.textual_inversion:
+            captions = ti_captions(captions, config, generator)
+        drop = (torch.rand(len(captions), generator=generator) < config.caption_dropout).tolist()
+        return text.encode(["" if d else c for c, d in zip(captions, drop, strict=True)]).float()
+
+    @torch.no_grad()
+    def prompts(texts):
+        if config.textual_inversion:
+            texts = [expand_token(t, config.textual_inversion, config.vectors) for t in texts]
+        return text.encode(list(texts)).float().cpu(), text.encode([""])[0].float().cpu()
+
+    return encode, text.width, prompts

@@ -325,6 +325,11 @@ class TrainConfig(StageConfig):
 
         check_modes(self)
 
+    @property
+    def trains_text(self) -> bool:
+        """Whether part of the text encoder trains (a textual-inversion token, text-encoder LoRA)."""
+        return bool(self.textual_inversion or self.lora_text_encoder)
+
     def validate(self) -> TrainConfig:
         if self.precision == "fp16":
             raise InputError(

@@ -64,12 +64,17 @@ def pipeline_of_run(run: str | Path, use_ema: bool = True, vae: str | None = Non
     from latentmill.curate.textencoder import text_encoder_folder
 
     text_path = text_encoder_folder(text_spec)
-    text_encoder = CLIPTextModel.from_pretrained(
-        text_path / "text_encoder" if (text_path / "text_encoder").exists() else text_path
-    )
-    tokenizer = CLIPTokenizer.from_pretrained(
-        text_path / "tokenizer" if (text_path / "tokenizer").exists() else text_path
-    )
+    if loaded.text_file("token.json") or loaded.text_file("text_adapter.json"):
+        from latentmill.train.textexport import trained_text_model
+
+        text_encoder, tokenizer = trained_text_model(loaded)  # its LoRA baked in, its token added
+    else:
+        text_encoder = CLIPTextModel.from_pretrained(
+            text_path / "text_encoder" if (text_path / "text_encoder").exists() else text_path
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(
+            text_path / "tokenizer" if (text_path / "tokenizer").exists() else text_path
+        )
     scheduler = sampling_scheduler(config["prediction"])
     inpainting = unet.config.in_channels > unet.config.out_channels
     kind = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
@@ -86,11 +91,12 @@ def pipeline_of_run(run: str | Path, use_ema: bool = True, vae: str | None = Non
     return pipeline
 
 
-def export_format(format: str, lora: bool) -> str:
-    """`auto` resolved: the adapter file (diffusers) for a LoRA run, else a pipeline folder."""
+def export_format(format: str, lora: bool, token: bool = False) -> str:
+    """`auto` resolved: the adapter file (diffusers) for a LoRA run, the embedding files for textual
+    inversion alone, else a pipeline folder."""
     if format != "auto":
         return format
-    return "diffusers" if lora else "pipeline"
+    return "diffusers" if lora else "embedding" if token else "pipeline"
 
 
 def export_target(run: Path, output: Path, format: str) -> Path:
@@ -103,6 +109,10 @@ def export_target(run: Path, output: Path, format: str) -> Path:
         return output / "model_index.json"
     if format == "diffusers":
         return output / DIFFUSERS_FILE
+    if format == "embedding":
+        from latentmill.train.textexport import DIFFUSERS_EMBEDDINGS
+
+        return output / DIFFUSERS_EMBEDDINGS
     return output if output.suffix == ".safetensors" else output / f"{run.name}.safetensors"
 
 
@@ -122,7 +132,11 @@ def export_run(
         return _export_to_store(run, output, format, use_ema, vae)
 
     loaded = load_run(run, use_ema)
-    format = export_format(format, loaded.is_lora)
+    format = export_format(format, loaded.is_lora, bool(loaded.text_file("token.json")))
+    if format == "embedding":
+        from latentmill.train.textexport import export_embeddings
+
+        return export_embeddings(loaded, Path(output))
     if format == "pipeline":
         return export_pipeline(run, output, use_ema, vae)
     if format == "single-file":
@@ -162,13 +176,26 @@ def export_lora(loaded, output: Path, format: str) -> Path:
 
     adapter, tensors = loaded.adapter, loaded.adapter_weights()
     target = export_target(loaded.path, output, format)
+    text = loaded.text_file("text_adapter.json")  # the text encoder's adapters go in the same file
+    if text:
+        from latentmill.train.textexport import text_lora_keys
+
+        text_tensors = text_lora_keys(loaded.text_tensors("text_lora"))  # text_model.encoder.layers...
+    if loaded.text_file("token.json"):  # pivotal tuning: the token's files beside the adapter's
+        from latentmill.train.textexport import export_embeddings
+
+        export_embeddings(loaded, target.parent)
     if format == "diffusers":
         with atomic_path(target) as tmp:
-            save_file(to_diffusers(tensors, adapter["alpha"]), str(tmp), metadata={"format": "pt"})
+            out = to_diffusers(tensors, adapter["alpha"])
+            if text:
+                out |= to_diffusers(text_tensors, text["alpha"], prefix="text_encoder")
+            save_file(out, str(tmp), metadata={"format": "pt"})
         return target
     with atomic_path(target) as tmp:
         save_file(
-            to_kohya(tensors, adapter["alpha"]),
+            to_kohya(tensors, adapter["alpha"])
+            | (to_kohya(text_tensors, text["alpha"], prefix="lora_te_") if text else {}),
             str(tmp),
             metadata=kohya_metadata(adapter["rank"], adapter["alpha"], adapter["base"]),
         )

@@ -42,7 +42,8 @@ from latentmill.train.remoterun import RunMirror, mirror_of
 from latentmill.train.runlog import RunLog, check_reporting, rank_report
 from latentmill.train.runs import init_from
 from latentmill.train.samplegrid import sample_grid
-from latentmill.train.weights import FullWeights, LoraWeights
+from latentmill.train.texttraining import TrainableText, average_gradients
+from latentmill.train.weights import FrozenUnet, FullWeights, LoraWeights, WithText, param_groups
 
 
 def _distributed() -> tuple[int, int]:
@@ -76,7 +77,7 @@ class Training:
     manifest: dict
     encode_text: Callable  # (batch, generator) -> caption states, with caption dropout
     encode_prompts: Callable | None  # prompts -> (states, empty state), for sample grids
-    weights: FullWeights | LoraWeights
+    weights: FullWeights | LoraWeights | FrozenUnet | WithText
     optimizer: torch.optim.Optimizer
     objective: Objective
     model: torch.nn.Module  # the U-Net, wrapped in DDP and torch.compile where asked
@@ -84,6 +85,7 @@ class Training:
     changes: list  # settings changed on resume: {step, key, from, to}, kept in every later state.json
     mirror: RunMirror | None = None  # the run folder is in an object store: `run` is its local copy
     examples: dict | None = None  # an inpainting run's sample-grid inputs (train/inpainting.py)
+    text: TrainableText | None = None  # the text encoder, where part of it trains
 
     def prepared(self, batch: dict, generator) -> tuple:
         """(latents in the U-Net's space, caption states with dropout, metas, the loss mask or None, the
@@ -133,7 +135,7 @@ def train(config: TrainConfig, progress=None, log=None) -> dict:
     with RunLog(t.run, t.rank, config) as run_log:  # closed on every way out: the end, an error, Ctrl-C
         for step in range(t.start, config.steps):
             for group in t.optimizer.param_groups:
-                group["lr"] = config.learning_rate * _lr_factor(step, config)
+                group["lr"] = group.get("base_lr", config.learning_rate) * _lr_factor(step, config)
             total_loss, keys = torch.zeros((), device=device), []
             for micro in range(config.grad_accum):
                 batch, class_batch = t.data.next()
@@ -141,7 +143,8 @@ def train(config: TrainConfig, progress=None, log=None) -> dict:
                     hash((config.seed, step, micro, t.rank)) & (2**62 - 1)
                 )
                 last_micro = micro == config.grad_accum - 1
-                no_sync = t.model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
+                ddp = isinstance(t.model, torch.nn.parallel.DistributedDataParallel)
+                no_sync = t.model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
                 with no_sync, torch.autocast(**autocast):
                     instance = t.prepared(batch, generator)
                     class_images = t.prepared(class_batch, generator) if class_batch is not None else None
@@ -159,6 +162,8 @@ def train(config: TrainConfig, progress=None, log=None) -> dict:
                 torch.stack([torch.tensor(step + 1.0, device=device), total_loss.float()]),
                 first_bad,
             )
+            if t.text is not None and world > 1:
+                average_gradients(t.text.params, world)  # DDP averages the U-Net's only
             grad_norm = torch.nn.utils.clip_grad_norm_(t.weights.params, config.max_grad_norm)
             t.optimizer.step()
             t.optimizer.zero_grad(set_to_none=True)
@@ -241,8 +246,9 @@ def _set_up(config: TrainConfig) -> Training:
         config = replace(
             config, steps=data.steps_of_epochs(config.epochs, config.batch_size * config.grad_accum * world)
         )
+    text = TrainableText(config, device, config.seed) if config.trains_text else None
     encode_text, text_width, encode_prompts = text_conditioning(
-        config, manifest, data.folder, device, precision
+        config, manifest, data.folder, device, precision, text
     )
     if config.vae:
         from latentmill.curate.latentshards import check_vae
@@ -273,15 +279,18 @@ def _set_up(config: TrainConfig) -> Training:
         unet.enable_gradient_checkpointing()
     if device.startswith("cuda"):
         unet.to(memory_format=torch.channels_last)
-    # what trains: the whole U-Net, or LoRA adapters on the frozen one (EMA and checkpoints alike)
+    # what trains: the whole U-Net, LoRA adapters on the frozen one, or none of it (textual inversion); and
+    # of the text encoder, a new token's vectors and/or adapters (EMA and checkpoints alike)
+    base = config.init_from or config.model
     if config.lora_rank:
-        base = config.init_from or config.model
         alpha = config.lora_alpha or config.lora_rank
         weights = LoraWeights(unet, config.lora_rank, alpha, config.lora_targets, config.seed, base=base)
     else:
-        weights = FullWeights(unet)
+        weights = FrozenUnet(unet, base) if config.textual_inversion else FullWeights(unet)
+    if text is not None:
+        weights = WithText(weights, text)
     optimizer = torch.optim.AdamW(
-        weights.params,
+        param_groups(weights, config.learning_rate, config.text_encoder_lr),
         lr=config.learning_rate,
         weight_decay=config.weight_decay,
         fused=device.startswith("cuda"),
@@ -309,7 +318,8 @@ def _set_up(config: TrainConfig) -> Training:
         data.load_state_dict(loader_state_of(state["loader"], rank, world))
         if rank == 0:
             truncate_log(run, start)
-    model = torch.nn.parallel.DistributedDataParallel(unet) if world > 1 else unet
+    unet_trains = any(p.requires_grad for p in unet.parameters())
+    model = torch.nn.parallel.DistributedDataParallel(unet) if world > 1 and unet_trains else unet
     if config.compile:
         model = torch.compile(model)
     examples = None
@@ -334,6 +344,7 @@ def _set_up(config: TrainConfig) -> Training:
         changes,
         mirror,
         examples,
+        text,
     )
 
 

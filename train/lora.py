@@ -102,27 +102,29 @@ def merge_lora(base: dict, lora: dict, alpha: float, scale: float = 1.0) -> dict
     return merged
 
 
-def to_diffusers(lora: dict, alpha: float) -> dict[str, torch.Tensor]:
-    """peft names -> diffusers' LoRA file names (`unet.<module>.lora_A.weight`), alpha / rank folded into B."""
+def to_diffusers(lora: dict, alpha: float, prefix: str = "unet") -> dict[str, torch.Tensor]:
+    """peft names -> diffusers' LoRA file names (`unet.<module>.lora_A.weight`; the text encoder's under
+    `text_encoder.`), alpha / rank folded into B."""
     out = {}
     for module in modules_of(lora):
         a, b = lora[f"{module}.lora_A.weight"], lora[f"{module}.lora_B.weight"]
-        out[f"unet.{module}.lora_A.weight"] = a.float().contiguous()
-        out[f"unet.{module}.lora_B.weight"] = (b.float() * (alpha / a.shape[0])).contiguous()
+        out[f"{prefix}.{module}.lora_A.weight"] = a.float().contiguous()
+        out[f"{prefix}.{module}.lora_B.weight"] = (b.float() * (alpha / a.shape[0])).contiguous()
     return out
 
 
-def kohya_name(module: str) -> str:
+def kohya_name(module: str, prefix: str = "lora_unet_") -> str:
     """`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0` ->
-    `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0`."""
-    return "lora_unet_" + module.replace(".", "_")
+    `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0` (the text encoder's:
+    `lora_te_text_model_encoder_layers_0_self_attn_q_proj`)."""
+    return prefix + module.replace(".", "_")
 
 
-def to_kohya(lora: dict, alpha: float) -> dict[str, torch.Tensor]:
+def to_kohya(lora: dict, alpha: float, prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
     """peft names -> kohya's: lora_down (A), lora_up (B) and alpha per module."""
     out = {}
     for module in modules_of(lora):
-        name = kohya_name(module)
+        name = kohya_name(module, prefix)
         out[f"{name}.lora_down.weight"] = lora[f"{module}.lora_A.weight"].float().contiguous()
         out[f"{name}.lora_up.weight"] = lora[f"{module}.lora_B.weight"].float().contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(alpha))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from latentmill.curate.storage import is_remote, location
 from latentmill.errors import InputError, warn
-from latentmill.train.checkpoint import checkpoints, is_lora, latest_checkpoint, weights_needed
+from latentmill.train.checkpoint import checkpoints, is_lora, latest_checkpoint, unet_kind, weights_needed
 
 
 @dataclass
@@ -29,8 +29,21 @@ class Run:
 
     @property
     def adapter(self) -> dict:
-        """A LoRA run's adapter.json: rank, alpha, targets, base, base_fingerprint."""
-        return json.loads((self.checkpoint / "adapter.json").read_text())
+        """A LoRA run's adapter.json: rank, alpha, targets, base, base_fingerprint (a textual-inversion run's
+        frozen_unet.json: base, base_fingerprint)."""
+        name = "frozen_unet.json" if unet_kind(self.checkpoint) == "frozen" else "adapter.json"
+        return json.loads((self.checkpoint / name).read_text())
+
+    def text_file(self, name: str) -> dict | None:
+        """token.json or text_adapter.json where the run trained part of its text encoder, else None."""
+        path = self.checkpoint / name
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def text_tensors(self, stem: str) -> dict:
+        """embeddings or text_lora tensors (EMA or raw, as the run was opened)."""
+        from safetensors.torch import load_file
+
+        return load_file(self.checkpoint / f"{stem}{'_ema' if self.use_ema else ''}.safetensors")
 
     @property
     def weights_file(self) -> Path:
@@ -48,6 +61,8 @@ class Run:
         """The U-Net's weights; for a LoRA run, its base with the adapter baked in at `lora_scale`."""
         from safetensors.torch import load_file
 
+        if unet_kind(self.checkpoint) == "frozen":
+            return self.base_weights()
         if not self.is_lora:
             return load_file(self.weights_file)
         from latentmill.train.lora import merge_lora
@@ -122,7 +137,7 @@ def load_run(run: str | Path, use_ema: bool = True, what: str = "") -> Run:
     if not run.is_dir():
         raise InputError(f"{name}: not a run folder.")
     found = checkpoints(run)
-    found = latest_checkpoint(run, weights_needed(use_ema, bool(found) and is_lora(found[-1])))
+    found = latest_checkpoint(run, weights_needed(use_ema, unet_kind(found[-1]) if found else "full"))
     if not found:
         raise InputError(
             f"{name}: no checkpoints. Train first (`latentmill train ... -o {run}`), or give a run "

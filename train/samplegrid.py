@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from latentmill.train.config import TrainConfig
+from latentmill.train.config import SAMPLE_PROMPTS, TrainConfig
+from latentmill.train.ticaptions import ti_prompts
 
 
 def sample_grid(
@@ -22,7 +23,10 @@ def sample_grid(
     options = dict(steps=config.sample_steps, seed=config.seed, prediction=config.prediction)
     target = run / "samples" / f"step-{step:07d}.png"
     if examples is None:
-        states, empty = encode_prompts(config.sample_prompts)
+        prompts = config.sample_prompts
+        if config.textual_inversion and prompts == SAMPLE_PROMPTS:  # the defaults know nothing of the token
+            prompts = ti_prompts(config)
+        states, empty = encode_prompts(prompts)
         return save_grid(generate_from_manifest(ema, states, empty, manifest, config.vae, **options), target)
     states, empty = encode_prompts(examples["captions"])
     scale, shift = manifest["scaling_factor"], manifest.get("shift_factor") or 0.0

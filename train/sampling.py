@@ -150,14 +150,23 @@ def sampler(source: str | Path, use_ema: bool = True):
             f"them; train with --text-encoder to sample."
         )
     unet = loaded.unet()
-    encoder = load_text_encoder(config["text_encoder"])
+    if loaded.text_file("token.json") or loaded.text_file("text_adapter.json"):
+        from latentmill.train.textexport import prompt_encoder
+
+        encode = prompt_encoder(loaded)  # the run's trained text encoder
+    else:
+        encoder = load_text_encoder(config["text_encoder"])
+
+        def encode(texts):
+            return torch.from_numpy(encoder.encode(texts))
+
     manifest = loaded.manifest()
-    empty = torch.from_numpy(encoder.encode([""]))[0]
+    empty = encode([""])[0]
 
     def from_run(prompts, seed, steps, guidance, size):
         return generate_from_manifest(
             unet,
-            torch.from_numpy(encoder.encode(list(prompts))),
+            encode(list(prompts)),
             empty,
             manifest,
             config.get("vae"),

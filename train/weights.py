@@ -110,3 +110,87 @@ class LoraWeights:
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(self.params, kept)
+
+
+class FrozenUnet:
+    """The U-Net as it was (textual inversion alone trains the text side): nothing of it is saved but its
+    base and the base's fingerprint (frozen_unet.json), which export and sample load it from."""
+
+    files = ("frozen_unet.json",)
+    params: list = []
+
+    def __init__(self, unet, base: str):
+        from latentmill.curate.fingerprints import weights_fingerprint
+
+        self.unet = unet.requires_grad_(False)
+        self.base = {"base": base, "base_fingerprint": weights_fingerprint(unet.state_dict())}
+
+    def update_ema(self, decay: float, step: int) -> None:
+        pass
+
+    def tensors(self) -> dict[str, dict]:
+        return {}
+
+    def extra(self) -> dict[str, str]:
+        return {"frozen_unet.json": json.dumps(self.base, indent=2)}
+
+    def load(self, folder: Path) -> None:
+        pass
+
+    @contextmanager
+    def ema_unet(self):
+        yield self.unet
+
+
+class WithText:
+    """The U-Net's weights (full, LoRA or frozen) and the text encoder's trained part
+    (train/texttraining.py `TrainableText`), saved, averaged and loaded together; the optimizer gets one
+    group each, the text side at its own learning rate."""
+
+    def __init__(self, unet_weights, text):
+        self.unet_weights, self.text = unet_weights, text
+        self.unet = unet_weights.unet
+        self.files = tuple(unet_weights.files) + text.files
+        self.params = list(unet_weights.params) + text.params
+
+    def param_groups(self, lr: float, text_lr: float | None) -> list[dict]:
+        groups = (
+            [{"params": self.unet_weights.params, "lr": lr, "base_lr": lr}]
+            if self.unet_weights.params
+            else []
+        )
+        return groups + [{"params": self.text.params, "lr": text_lr or lr, "base_lr": text_lr or lr}]
+
+    def update_ema(self, decay: float, step: int) -> None:
+        self.unet_weights.update_ema(decay, step)
+        self.text.update_ema(decay, step)
+
+    def tensors(self) -> dict[str, dict]:
+        return self.unet_weights.tensors() | self.text.tensors()
+
+    def extra(self) -> dict[str, str]:
+        return self.unet_weights.extra() | self.text.extra()
+
+    def load(self, folder: Path) -> None:
+        self.unet_weights.load(folder)
+        self.text.load(folder)
+
+    @contextmanager
+    def ema_unet(self):
+        """The EMA U-Net with the text side's EMA swapped in too (sample grids prompt through it)."""
+        kept = [p.detach().clone() for p in self.text.params]
+        with torch.no_grad():
+            torch._foreach_copy_(self.text.params, self.text.ema)
+        try:
+            with self.unet_weights.ema_unet() as unet:
+                yield unet
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.text.params, kept)
+
+
+def param_groups(weights, lr: float, text_lr: float | None = None) -> list[dict]:
+    """The optimizer's groups, each with the learning rate the schedule scales (`base_lr`)."""
+    if isinstance(weights, WithText):
+        return weights.param_groups(lr, text_lr)
+    return [{"params": weights.params, "lr": lr, "base_lr": lr}]

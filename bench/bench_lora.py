@@ -1,11 +1,13 @@
-"""LoRA against full fine-tuning of the same U-Net: step time and peak memory, through `latentmill train`.
+"""LoRA and textual inversion against full fine-tuning of the same U-Net: step time and peak memory,
+through `latentmill train`.
 
-    python bench/bench_lora.py --steps 12
+    python -m bench.bench_lora --steps 12
 
 A "pretrained" U-Net (a small SD-shaped config: 3 levels, 2 layers each, 64-128-256 channels, random
 weights) is written as a diffusers folder; each mode then trains it from synthetic 256 px latents (32x32x4)
 at batch 4 in a fresh process, on the CPU: full fine-tuning (AdamW over every weight, plus the EMA copy),
-and LoRA rank 16 on the attention layers. Reported per mode: seconds per step after the first two steps,
+LoRA rank 16 on the attention layers, and textual inversion of a 4-vector token (the U-Net frozen; the
+text encoder runs with gradients to the token, captions from the object templates). Reported per mode: seconds per step after the first two steps,
 peak resident memory of the process (ru_maxrss) and, exactly, the bytes of training state (weights,
 gradients, AdamW moments, EMA) the mode holds. Results go to bench/out/lora/results.json.
 """
@@ -32,7 +34,7 @@ UNET = dict(
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
-MODES = {"full": [], "lora-16": ["--lora-rank", "16"]}
+MODES = ("full", "lora-16", "ti-4")
 
 
 def prepare(folder: Path, count: int = 64) -> None:
@@ -94,6 +96,8 @@ def state_bytes(folder: Path, mode: str) -> dict:
         add_lora(unet, int(mode.split("-")[1]), float(mode.split("-")[1]), "attention", 0)
     total = sum(p.numel() for p in unet.parameters()) * 4
     trained = sum(p.numel() for p in unet.parameters() if p.requires_grad) * 4
+    if mode.startswith("ti"):  # the token's vectors (32-d tiny text encoder) are all that trains
+        trained = int(mode.split("-")[1]) * 32 * 4
     return {"weights": total, "trained": trained, "state": total + trained * 4}  # + grads, 2 moments, EMA
 
 
@@ -122,6 +126,8 @@ def one(mode: str, folder: Path, steps: int) -> dict:
     )
     if mode.startswith("lora"):
         args["lora_rank"] = int(mode.split("-")[1])
+    if mode.startswith("ti"):
+        args |= dict(textual_inversion="<bench>", init_word="cat", vectors=int(mode.split("-")[1]))
     import shutil
 
     shutil.rmtree(run, ignore_errors=True)
@@ -133,7 +139,7 @@ def one(mode: str, folder: Path, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--one", choices=list(MODES), help=argparse.SUPPRESS)
+    parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.one:
@@ -143,8 +149,9 @@ def main() -> None:
     results = {}
     for mode in MODES:  # each in a fresh process: its own peak memory
         done = subprocess.run(
-            [sys.executable, __file__, "--one", mode, "--steps", str(args.steps)],
+            [sys.executable, "-m", "bench.bench_lora", "--one", mode, "--steps", str(args.steps)],
             check=True,
+            cwd=HERE.parent,
             capture_output=True,
             text=True,
         )
@@ -156,10 +163,14 @@ def main() -> None:
             f"{mode:<10}{r['s_per_step']:>9.3f}{r['peak_rss_mib']:>14.0f}{r['trained'] // 4:>16,}"
             f"{r['state'] / 2**20:>20.1f}"
         )
-    lora = results["lora-16"]
+    lora, ti = results["lora-16"], results["ti-4"]
     print(
         f"LoRA/full: step time x{lora['s_per_step'] / full['s_per_step']:.2f}, peak RSS "
         f"x{lora['peak_rss_mib'] / full['peak_rss_mib']:.2f}, training state x{lora['state'] / full['state']:.2f}"
+    )
+    print(
+        f"textual inversion/LoRA: step time x{ti['s_per_step'] / lora['s_per_step']:.2f}, peak RSS "
+        f"x{ti['peak_rss_mib'] / lora['peak_rss_mib']:.2f}"
     )
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
 

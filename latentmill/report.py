@@ -16,6 +16,7 @@ from latentmill.curate.storage import location, read_parquet, write_bytes
 from latentmill.errors import InputError
 from latentmill.layout import Layout
 from latentmill.reportmasks import mask_section
+from latentmill.reporttokens import token_section
 
 THUMBS_PER_GROUP = 8
 
@@ -369,6 +370,7 @@ SECTIONS = (
     ("buckets", "Aspect buckets", _bucket_section),
     ("thumbnails", "Kept and dropped images", _thumbnail_section),
     ("masks", "Loss and inpainting masks", mask_section),
+    ("tokens", "Learned tokens: their nearest words", token_section),
     (
         "dedup",
         "Duplicate groups",

@@ -250,3 +250,105 @@ def test_bad_textual_inversion_settings_exit_2_with_a_message(data, tmp_path, ru
     )
     assert result.exit_code == 2 and "--vectors" in result.output
     assert not any((tmp_path / n).exists() for n in "abcdef")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "recipe, overrides, made",
+    [
+        (
+            "textual-inversion-sd15",
+            ["train.textual_inversion=<sks>", "train.init_word=cat", "train.vectors=2"],
+            "learned_embeds.safetensors",
+        ),
+        ("inpaint-sd15", ["urls.source=folder", "pack.caption=a picture", "encode.mask_variants=1"], "model_index.json"),
+    ],
+)
+def test_the_textual_inversion_and_inpainting_recipes_run_end_to_end_on_tiny_models(
+    data, tmp_path, run_cli, recipe, overrides, made
+):
+    from tests.test_finetune import _picture_folder
+
+    folder = _picture_folder(tmp_path / "pictures", count=6)
+    tiny = [
+        "score.clip_model=tiny-rn",
+        "score.pretrained=none",
+        "score.workers=0",
+        "score.batch_size=8",
+        "score.device=cpu",
+        "select.min_side=64",
+        "encode.resolution=64",
+        "encode.step=32",
+        "encode.vae=tiny",
+        "encode.device=cpu",
+        f"train.model={data / 'unet'}",
+        f"train.text_encoder={data / 'text'}",
+        "train.steps=2",
+        "train.batch_size=2",
+        "train.warmup_steps=1",
+        "train.checkpoint_every=2",
+        "train.sample_every=0",
+        "train.device=cpu",
+    ]
+    sets = [arg for item in tiny + overrides for arg in ("--set", item)]
+    result = run_cli("run", recipe, "--urls", folder, "-w", tmp_path / "work", *sets)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "work" / "export" / made).exists()
+
+
+def test_the_report_lists_a_learned_tokens_nearest_words(data, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    from latentmill.report import build_report
+    from latentmill.train.textexport import nearest_words
+    from tests.conftest import report_section
+
+    run = tmp_path / "work" / "runs" / "ti"
+    train(config(data, run, steps=2, checkpoint_every=2, vectors=2))
+    learned = load_file(run / "checkpoints" / "step-0000002" / "embeddings_ema.safetensors")[TOKEN]
+    words = nearest_words(str(data / "text"), learned, count=3)
+    table = CLIPTextModel.from_pretrained(data / "text" / "text_encoder").get_input_embeddings().weight
+    vocab = {i: w for w, i in json.loads((data / "text" / "tokenizer" / "vocab.json").read_text()).items()}
+    for vector, found in zip(learned, words, strict=True):  # by hand: cosine against every vocabulary row
+        cosine = torch.nn.functional.cosine_similarity(vector[None], table[sorted(vocab)], dim=1)
+        best = sorted(vocab)[int(cosine.argmax())]
+        assert found[0] == (vocab[best].replace("</w>", ""), round(float(cosine.max()), 3))
+        assert [c for _, c in found] == sorted((c for _, c in found), reverse=True)
+    import shutil
+
+    shutil.copytree(data / "images", tmp_path / "work" / "images")  # a work folder: images, runs
+    section = report_section(build_report(tmp_path / "work").read_text(), "tokens")
+    assert "&lt;my-cat&gt;" in section and section.count("<tr><td>") == 2
+    assert f"{words[0][0][0]} ({words[0][0][1]:.2f})" in section
+
+
+@pytest.mark.slow
+def test_textual_inversion_under_torchrun_resumes_to_the_straight_run(data, tmp_path):
+    """Two ranks, the U-Net frozen (no DDP wrapper: the token's gradients are averaged by hand)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def torchrun(run, steps, *more):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+             "latentmill", "train", str(data / "latents"), "--model", str(data / "unet"), "-o", str(run),
+             "--text-encoder", str(data / "text"), "--textual-inversion", TOKEN, "--init-word", "cat",
+             "--steps", str(steps), "--batch-size", "2", "--checkpoint-every", "2", "--workers", "0",
+             "--learning-rate", "0.05", *more],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    torchrun(tmp_path / "straight", 4)
+    torchrun(tmp_path / "resumed", 2)
+    torchrun(tmp_path / "resumed", 4, "--resume")
+    a, b = (
+        load_file(tmp_path / r / "checkpoints" / "step-0000004" / "embeddings.safetensors")
+        for r in ("straight", "resumed")
+    )
+    assert torch.equal(a[TOKEN], b[TOKEN])
+    first = load_file(tmp_path / "resumed" / "checkpoints" / "step-0000002" / "embeddings.safetensors")[TOKEN]
+    assert not torch.equal(first, a[TOKEN])

@@ -124,3 +124,30 @@ def export_embeddings(loaded, folder: Path) -> Path:
     with atomic_path(folder / DIFFUSERS_EMBEDDINGS) as tmp:
         save_file({token["token"]: vectors}, str(tmp), metadata=metadata)
     return folder / DIFFUSERS_EMBEDDINGS
+
+
+def nearest_words(text_encoder: str, vectors: torch.Tensor, count: int = 8) -> list[list[tuple[str, float]]]:
+    """For each of a learned token's vectors, the `count` vocabulary words of `text_encoder` (a pipeline
+    folder) whose embeddings are nearest by cosine: what the token has come to mean, word by word."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from latentmill.curate.textencoder import text_encoder_folder
+
+    folder = text_encoder_folder(text_encoder)
+    model = CLIPTextModel.from_pretrained(
+        folder / "text_encoder" if (folder / "text_encoder").exists() else folder
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(
+        folder / "tokenizer" if (folder / "tokenizer").exists() else folder
+    )
+    table = torch.nn.functional.normalize(model.get_input_embeddings().weight.detach().float(), dim=1)
+    known = torch.tensor(sorted(set(tokenizer.get_vocab().values()) & set(range(len(table)))))
+    cosine = torch.nn.functional.normalize(vectors.float(), dim=1) @ table[known].T
+    best = cosine.topk(min(count, len(known)), dim=1)
+    return [
+        [
+            (tokenizer.convert_ids_to_tokens(int(known[i])).replace("</w>", ""), round(float(c), 3))
+            for c, i in zip(values, indices, strict=True)
+        ]
+        for values, indices in zip(best.values, best.indices, strict=True)
+    ]

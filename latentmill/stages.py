@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
+from latentmill import stagestatus
 from latentmill.curate.download import DownloadConfig
 from latentmill.curate.encode import EncodeConfig
 from latentmill.curate.executors import ExecutorConfig
@@ -26,17 +27,6 @@ from latentmill.layout import Layout
 from latentmill.progress import progress_bar
 from latentmill.schema import StageConfig, from_section, opt
 from latentmill.sources import UrlsSection, from_folder, url_source
-from latentmill.stagestatus import (
-    dedup_status,
-    download_status,
-    encode_status,
-    export_status,
-    fit_head_status,
-    prefilter_status,
-    select_status,
-    shard_status,
-    train_status,
-)
 from latentmill.train.commandconfigs import ExportConfig
 from latentmill.train.config import TrainConfig
 
@@ -308,7 +298,7 @@ STAGES: tuple[Stage, ...] = (
         outputs=("kept", "kept_funnel"),
         run=_prefilter,
         summary=_summary("prefilter"),
-        status=prefilter_status,
+        status=stagestatus.prefilter_status,
         applies=lambda recipe: not from_folder(recipe),
     ),
     Stage(
@@ -318,7 +308,7 @@ STAGES: tuple[Stage, ...] = (
         outputs=("images",),
         run=_download,
         summary=_summary("download"),
-        status=download_status,
+        status=stagestatus.download_status,
     ),
     Stage(
         name="score",
@@ -327,7 +317,7 @@ STAGES: tuple[Stage, ...] = (
         outputs=("scores", "embeddings"),
         run=_score,
         summary=_summary("score"),
-        status=shard_status("*.stats.json"),
+        status=stagestatus.shard_status("*.stats.json"),
     ),
     Stage(
         name="fit-head",
@@ -337,7 +327,7 @@ STAGES: tuple[Stage, ...] = (
         outputs=("heads", "scores"),
         run=_fit_head,
         summary=_summary("fit-head"),
-        status=fit_head_status,
+        status=stagestatus.fit_head_status,
         applies=lambda recipe: bool(recipe.get("fit_head")),
     ),
     Stage(
@@ -347,7 +337,7 @@ STAGES: tuple[Stage, ...] = (
         outputs=("dedup",),
         run=_dedup,
         summary=_summary("dedup"),
-        status=dedup_status,
+        status=stagestatus.dedup_status,
         applies=lambda recipe: "dedup" in recipe,
     ),
     Stage(
@@ -357,7 +347,7 @@ STAGES: tuple[Stage, ...] = (
         outputs=("selection",),
         run=_select,
         summary=_summary("select"),
-        status=select_status,
+        status=stagestatus.select_status,
     ),
     Stage(
         name="encode",
@@ -366,7 +356,7 @@ STAGES: tuple[Stage, ...] = (
         outputs=("latents",),
         run=_encode,
         summary=_summary("encode"),
-        status=encode_status,
+        status=stagestatus.encode_status,
     ),
     Stage(
         name="train",
@@ -376,7 +366,7 @@ STAGES: tuple[Stage, ...] = (
         outputs=("runs",),
         run=_train,
         summary=_summary("train"),
-        status=train_status,
+        status=stagestatus.train_status,
         applies=lambda recipe: "train" in recipe,
         pending=_training_left,
         produced=_steps_reached,
@@ -388,7 +378,7 @@ STAGES: tuple[Stage, ...] = (
         outputs=("export",),
         run=_export,
         summary=_summary("export"),
-        status=export_status,
+        status=stagestatus.export_status,
         applies=lambda recipe: "train" in recipe,
     ),
 )

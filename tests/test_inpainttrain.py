@@ -154,6 +154,7 @@ def test_inpainting_training_resumes_exactly_draws_grids_and_exports_an_inpaint_
 
 @pytest.mark.slow
 def test_lora_trains_on_an_inpainting_unet_and_loads_in_the_inpaint_pipeline(data, tmp_path):
+    from PIL import Image
     from safetensors.torch import load_file
 
     run = tmp_path / "lora"
@@ -163,6 +164,36 @@ def test_lora_trains_on_an_inpainting_unet_and_loads_in_the_inpaint_pipeline(dat
     from latentmill.train.runs import load_run
 
     assert load_run(run).unet().config.in_channels == 9
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from latentmill.curate.vae import load_vae
+    from latentmill.train.export import export_run
+    from latentmill.train.schedule import sampling_scheduler
+
+    pipe = StableDiffusionInpaintPipeline(
+        vae=load_vae("tiny").model,
+        text_encoder=CLIPTextModel.from_pretrained(data / "text" / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(data / "text" / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(data / "base9"),
+        scheduler=sampling_scheduler("epsilon"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), 16))
+
+    def fill():
+        return pipe(
+            "a red circle", image=image, mask_image=mask, height=64, width=64, num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0), output_type="np",
+        ).images[0]  # fmt: skip
+
+    before = fill()
+    pipe.load_lora_weights(str(export_run(run, tmp_path / "lora-file")))
+    assert np.abs(fill() - before).max() > 1e-5  # the adapter loads into the inpainting pipeline and acts
     with pytest.raises(InputError, match="LoRA leaves its new mask channels at zero"):
         train(config(data, tmp_path / "x", lora_rank=2, steps=1))
 

@@ -200,6 +200,13 @@ def test_pivotal_tuning_resumes_exactly_and_its_lora_loads_with_diffusers_and_ko
     baked = StableDiffusionPipeline.from_pretrained(tmp_path / "baked")
     baked.set_progress_bar_config(disable=True)
     expected = generate(baked)
+    from latentmill.train.merge import merge_lora_run
+
+    merge_lora_run(straight, tmp_path / "merged")  # the token and text adapters come along with the U-Net
+    export_run(tmp_path / "merged", tmp_path / "merged-pipeline", format="pipeline")
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged-pipeline")
+    merged.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(generate(merged), expected, atol=1e-5)
     lora_file = export_run(straight, tmp_path / "diffusers", format="diffusers")
     keys = load_file(lora_file)
     assert any(k.startswith("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A") for k in keys)
@@ -261,7 +268,11 @@ def test_bad_textual_inversion_settings_exit_2_with_a_message(data, tmp_path, ru
             ["train.textual_inversion=<sks>", "train.init_word=cat", "train.vectors=2"],
             "learned_embeds.safetensors",
         ),
-        ("inpaint-sd15", ["urls.source=folder", "pack.caption=a picture", "encode.mask_variants=1"], "model_index.json"),
+        (
+            "inpaint-sd15",
+            ["urls.source=folder", "pack.caption=a picture", "encode.mask_variants=1"],
+            "model_index.json",
+        ),
     ],
 )
 def test_the_textual_inversion_and_inpainting_recipes_run_end_to_end_on_tiny_models(
@@ -352,3 +363,23 @@ def test_textual_inversion_under_torchrun_resumes_to_the_straight_run(data, tmp_
     assert torch.equal(a[TOKEN], b[TOKEN])
     first = load_file(tmp_path / "resumed" / "checkpoints" / "step-0000002" / "embeddings.safetensors")[TOKEN]
     assert not torch.equal(first, a[TOKEN])
+
+
+def test_dreambooth_class_images_keep_their_captions_under_textual_inversion():
+    from latentmill.train.conditioning import _trained_text
+
+    seen = []
+
+    class Text:
+        width = 4
+
+        def encode(self, captions):
+            seen.append(captions)
+            return torch.zeros(len(captions), 2, 4)
+
+    encode, _, _ = _trained_text(
+        TrainConfig(output="r", textual_inversion="<t>", caption_dropout=0.0), Text()
+    )
+    encode({"captions": ["a dog"]}, torch.Generator().manual_seed(0))
+    encode({"captions": ["a dog"], "prior": True}, torch.Generator().manual_seed(0))
+    assert "<t>" in seen[0][0] and seen[1] == ["a dog"]

@@ -128,7 +128,7 @@ def _trained_text(config: TrainConfig, text):
 
     def encode(batch, generator):
         captions = caption_variants(batch["captions"], config, generator)
-        if config.textual_inversion:
+        if config.textual_inversion and not batch.get("prior"):  # class images keep their captions
             captions = ti_captions(captions, config, generator)
         drop = (torch.rand(len(captions), generator=generator) < config.caption_dropout).tolist()
         return text.encode(["" if d else c for c, d in zip(captions, drop, strict=True)]).float()

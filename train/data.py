@@ -191,7 +191,9 @@ class TrainingData:
             return batch, None
         if self._class_stream is None:
             self._class_stream = iter(self.class_loader)
-        return batch, next(self._class_stream)
+        class_batch = next(self._class_stream)
+        class_batch["prior"] = True  # DreamBooth's class images: their captions stay theirs
+        return batch, class_batch
 
     # --- the position, saved in each checkpoint -------------------------------------------------------
 

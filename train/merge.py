@@ -127,9 +127,20 @@ def merge_lora_run(
     return _write_run(output if is_remote(output) else Path(output), merged, run, recipe)
 
 
+TEXT_FILES = (
+    "token.json",
+    "embeddings.safetensors",
+    "embeddings_ema.safetensors",
+    "text_adapter.json",
+    "text_lora.safetensors",
+    "text_lora_ema.safetensors",
+)
+
+
 def _write_run(output: Path, merged: dict, donor: Run, recipe: dict) -> Path:
-    """A complete run in `output` (one checkpoint: weights, U-Net config, state.json), written whole, then
-    renamed. A LoRA donor's configuration loses its LoRA settings: the merged run is a whole U-Net."""
+    """A complete run in `output` (one checkpoint: weights, U-Net config, state.json, and the donor's
+    trained text-encoder files), written whole, then renamed. A LoRA donor's configuration loses its U-Net
+    LoRA settings: the merged run is a whole U-Net."""
     from safetensors.torch import save_file
 
     if is_remote(output):  # made here whole, then sent (state.json last)
@@ -151,6 +162,9 @@ def _write_run(output: Path, merged: dict, donor: Run, recipe: dict) -> Path:
     save_file(merged, str(folder / "ema.safetensors"))
     save_file(merged, str(folder / "unet.safetensors"))
     shutil.copy(donor.checkpoint / "unet_config.json", folder / "unet_config.json")
+    for name in TEXT_FILES:  # what the donor trained of its text encoder (a token, adapters) comes along
+        if (donor.checkpoint / name).exists():
+            shutil.copy(donor.checkpoint / name, folder / name)
     config = dict(donor.config) | {"lora_rank": 0, "lora_alpha": None}
     state = dict(donor.state) | {"config": config, "merge": recipe}
     (folder / "state.json").write_text(json.dumps(state, indent=2))

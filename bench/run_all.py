@@ -22,6 +22,7 @@ for script, args in (
     ("bench_stream.py", []),
     ("bench_checksum.py", ["--images", "512", "--rounds", "7"]),
     ("bench_inpaint.py", ["--images", "48"]),
+    ("bench_eval.py", ["--steps", "12"]),
 ):
     print(f"== {script} {' '.join(args)}", flush=True)
     module = f"bench.{script.removesuffix('.py')}"  # as modules: they share helpers through `bench.`

@@ -19,6 +19,7 @@ from latentmill.curate.prepare import PreparePool, PrepareSettings, default_work
 from latentmill.curate.selection import check_selection, kept_keys
 from latentmill.curate.shardencoder import ShardEncoder
 from latentmill.curate.storage import location, make_folder, remove_stale_temporaries, write_json
+from latentmill.curate.validationsplit import VALIDATION, SplitWriter, validation_stats
 from latentmill.devices import PRECISIONS, resolve_device_precision
 from latentmill.errors import InputError, invariant, nothing_left
 from latentmill.schema import StageConfig, opt
@@ -72,6 +73,14 @@ class EncodeConfig(StageConfig):
     )
     mask_mix: str = opt(
         DEFAULT_MIX, "Inpainting masks: kind=weight of rectangles, ellipses, strokes, full.", since="0.2"
+    )
+    validation_share: float = opt(
+        0.0,
+        "Hold out this share of the samples (by a hash of the key: the same on every re-run) in OUT/validation/, "
+        "for train --eval-every; they never train.",
+        low=0.0,
+        high=0.5,
+        since="0.2",
     )
     crop: str = opt(
         "center", "Where a bucket's crop is taken (random: seeded per sample).", choices=("center", "random")
@@ -154,7 +163,8 @@ def encode_shard(
     )
     keep = kept_keys(selection, shard)
     read_stats = ShardReadStats()
-    writer = LatentShardWriter(output, shard)
+    writer = SplitWriter(output, shard, config.validation_share) if config.validation_share else None
+    writer = writer or LatentShardWriter(output, shard)
     encoder = ShardEncoder(config, vae, text_encoder, writer)
     waiting: dict[str, object] = {}  # key -> sample (caption, metadata) while its pixels are prepared
 
@@ -198,8 +208,10 @@ def encode_shard(
         "bad_metadata": read_stats.bad_metadata,  # read without their unusable .json fields or caption
         "per_bucket": dict(sorted(encoder.per_bucket.items())),
     } | checksums
+    if config.validation_share:
+        stats["held_out"] = writer.held  # to the validation split
     invariant(
-        stats["input"] == stats["written"] + sum(stats["dropped"].values()),
+        stats["input"] == stats["written"] + stats.get("held_out", 0) + sum(stats["dropped"].values()),
         f"shard {shard}: input != written + dropped in {stats}",
     )
     write_json(output / f"{shard}.stats.json", stats)
@@ -291,6 +303,8 @@ def encode(
 
     def clear():
         remove_files(output, ("*.tar", "*.parquet", "*.stats.json", "manifest.json", EMPTY_CAPTION))
+        if (output / VALIDATION).exists():
+            remove_files(output / VALIDATION, ("*.tar", "*.parquet", "*.stats.json", "manifest.json"))
 
     claim(output, record, overwrite, clear)
     remove_stale_temporaries(output)  # of an earlier run killed mid-write
@@ -306,6 +320,10 @@ def encode(
         )
     finally:
         pool.close()
+    if config.validation_share:  # the held-out split: same format, its own manifest
+        held = validation_stats(output, sorted(shard_stats))
+        write_manifest(output / VALIDATION, header | {"split": VALIDATION}, held)
+        header["validation"] = {"share": config.validation_share, "folder": VALIDATION}
     manifest = write_manifest(output, header, shard_stats)
     dropped: Counter = Counter()
     for stats in shard_stats.values():

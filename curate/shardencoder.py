@@ -109,7 +109,7 @@ class ShardEncoder:
             self.dropped["nonfinite_latent"] += 1
             return
         meta = sample_meta(sample.meta, placement)
-        self.writer.add(
+        held = self.writer.add(  # True: held out for validation (encode --validation-share)
             key,
             mean,
             sample.caption,
@@ -120,7 +120,8 @@ class ShardEncoder:
             mask=mask,
             inpaint=inpaint,
         )
-        self.per_bucket[f"{placement.bucket[0]}x{placement.bucket[1]}"] += 1
+        if not held:
+            self.per_bucket[f"{placement.bucket[0]}x{placement.bucket[1]}"] += 1
 
 
 def sample_meta(image_meta: dict, placement) -> dict:

@@ -15,6 +15,7 @@ from latentmill.curate.latentshards import read_manifest
 from latentmill.curate.storage import location, read_parquet, write_bytes
 from latentmill.errors import InputError
 from latentmill.layout import Layout
+from latentmill.reportevals import eval_section
 from latentmill.reportmasks import mask_section
 from latentmill.reporttokens import token_section
 
@@ -105,7 +106,16 @@ def _loss_chart(log: Path) -> str | None:
     if not entries:
         return None
     fig, ax = plt.subplots(figsize=(7, 3))
-    ax.plot([e["step"] for e in entries], [e["loss"] for e in entries], color="#C44E52", linewidth=1)
+    ax.plot(
+        [e["step"] for e in entries], [e["loss"] for e in entries], color="#C44E52", linewidth=1, label="loss"
+    )
+    for key, color in (("val_loss", "#4C72B0"), ("val_loss_ema", "#55A868")):  # train --eval-every
+        held = [e for e in entries if isinstance(e.get(key), (int, float))]
+        if held:
+            ax.plot(
+                [e["step"] for e in held], [e[key] for e in held], "o-", color=color, markersize=3, label=key
+            )
+            ax.legend(fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
@@ -382,5 +392,6 @@ SECTIONS = (
         lambda lay: _vae_section(lay.vae) if (lay.vae / "fit.json").exists() else None,
     ),
     ("loss", "Training loss", _loss_section),
+    ("evals", "Evaluation: CLIP score, FID, KID", eval_section),
     ("samples", "Sample grids", _samples_section),
 )

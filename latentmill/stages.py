@@ -200,8 +200,13 @@ def _train(ctx: Context) -> dict:
             out[stage["name"]] = {"step": state["step"], "loss": state.get("loss"), "finished_before": True}
         else:
             with progress_bar(config.steps, f"[train {stage['name']}]", "step") as bar:
+                from latentmill.evaluation import training_eval
+
                 metrics = train(
-                    config, progress=lambda m, bar=bar: bar.update(m["step"] - bar.n), log=ctx.log
+                    config,
+                    progress=lambda m, bar=bar: bar.update(m["step"] - bar.n),
+                    log=ctx.log,
+                    evaluate=training_eval(config),
                 )
             out[stage["name"]] = {"step": metrics.get("step"), "loss": metrics.get("loss")}
         previous = run

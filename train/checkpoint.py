@@ -11,7 +11,8 @@ from pathlib import Path
 
 from latentmill.curate.storage import temporary_name
 from latentmill.errors import InputError, warn
-from latentmill.train.config import RESUME_MAY_CHANGE, TrainConfig, resume_differences
+from latentmill.train.config import TrainConfig
+from latentmill.train.resumeconfig import RESUME_MAY_CHANGE, resume_differences
 
 STATE_FILES = ("optimizer.safetensors", "optimizer.json", "state.json", "unet_config.json")
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from latentmill.errors import InputError
 from latentmill.schema import StageConfig, opt
@@ -46,6 +46,12 @@ class TrainConfig(StageConfig):
         "sample_steps",
         "epochs",
         "report_to",
+        "eval_every",
+        "eval_shards",
+        "eval_samples",
+        "eval_prompts",
+        "eval_reference",
+        "eval_features",
     )
     output: str = opt(help="Run folder (checkpoints, log.jsonl).", cli=False)
     shards: list[str] = opt(
@@ -260,6 +266,39 @@ class TrainConfig(StageConfig):
         help="A prompt of the sample grids (repeatable).",
     )
     sample_steps: int = opt(20, "DDIM steps of the sample grids.", low=1)
+    eval_every: int = opt(
+        0,
+        "Every N steps, the validation loss: the denoising loss on held-out latents at 8 fixed timesteps with "
+        "fixed noise (raw and EMA weights), logged as val_loss (0: never).",
+        low=0,
+        since="0.2",
+    )
+    eval_shards: str | None = opt(
+        None,
+        "Latents the validation loss is measured on (default: the validation/ folder `encode "
+        "--validation-share` made beside the first training folder).",
+        since="0.2",
+    )
+    eval_samples: int = opt(256, "The most held-out samples the validation loss uses.", low=1, since="0.2")
+    eval_prompts: str | None = opt(
+        None,
+        "With --eval-every: also generate one image per prompt of this file (EMA weights, fixed seed) on rank 0 "
+        "and log their CLIP score (and FID/KID against --eval-reference).",
+        path=True,
+        since="0.2",
+    )
+    eval_reference: str | None = opt(
+        None,
+        "--eval-prompts: the reference images (or .npz statistics) of FID and KID.",
+        path=True,
+        since="0.2",
+    )
+    eval_features: str = opt(
+        "clip:tiny-rn",
+        "--eval-prompts: the CLIP model of the score and the feature space of FID/KID (clip:MODEL[:PRETRAINED]; "
+        "see `latentmill eval`).",
+        since="0.2",
+    )
 
     def __post_init__(self):
         if isinstance(self.shards, str):  # one folder, as recipes and older checkpoints give it
@@ -337,45 +376,6 @@ class TrainConfig(StageConfig):
                 f"loop does not have; use bf16 on CUDA (as fast, no scaler needed) or fp32 on CPU."
             )
         return super().validate()
-
-
-# where the run reads and writes: paths, not settings (a moved work folder resumes)
-RESUME_PATHS = ("output", "shards", "resume", "init_from")
-# what `train --resume` may change: the settings that do not shape the weights (TrainConfig.RUNTIME, which
-# `run` leaves out of a run's lineage too): how long to train, how often to log, checkpoint and sample,
-# where to report, the loader processes, the device, compile and gradient checkpointing. Recorded in
-# state.json ("changes") with the step they changed at. Any other setting that differs from the run's is
-# refused: the checkpoint, the loader position or the schedule would not fit it.
-RESUME_MAY_CHANGE = tuple(key for key in TrainConfig.RUNTIME if key not in RESUME_PATHS)
-
-
-def resume_differences(saved: dict, config: TrainConfig) -> tuple[list[str], list[dict]]:
-    """(refused, allowed) differences between a run's saved configuration and the one given to resume it:
-    refused as `key: saved -> given` lines, allowed as {key, from, to} records."""
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-    refused, allowed = [], []
-    for f in fields(TrainConfig):
-        if f.name in RESUME_PATHS:
-            continue
-        before = saved.get(f.name, defaults[f.name])
-        now = getattr(config, f.name)
-        if isinstance(before, (list, tuple)) or isinstance(now, (list, tuple)):
-            before, now = list(before or []), list(now or [])
-        if before == now:
-            continue
-        if f.name in RESUME_MAY_CHANGE:
-            allowed.append({"key": f.name, "from": before, "to": now})
-        else:
-            flag = "--" + f.name.replace("_", "-")
-            refused.append(f"{f.name} ({flag}): {before!r} -> {now!r}")
-    return refused, allowed
-
-
-def resumed_values(saved: dict, typed: list[str]) -> dict:
-    """What `train --resume` takes from the run's saved configuration: every setting not typed on the
-    command line (paths excepted: they are where the run is now)."""
-    names = {f.name for f in fields(TrainConfig)} - set(typed) - set(RESUME_PATHS)
-    return {key: value for key, value in saved.items() if key in names}
 
 
 def _same_place(a: str, b: str) -> bool:

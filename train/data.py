@@ -113,6 +113,12 @@ class TrainingData:
         )
         self.names = [name for name, _ in sets] + ([class_data] if class_data else [])
         check_same_latent_space(self.manifests, self.names)
+        for name, manifest in zip(self.names, self.manifests, strict=True):
+            if manifest.get("split") == "validation":
+                raise InputError(
+                    f"{name}: a held-out validation split (`encode --validation-share`): it never trains. Train "
+                    f"on the folder above it; --eval-every measures the validation loss on this one."
+                )
         sizes = [loader.manifest.get("samples") or len(loader.shards) for loader in self.loaders]
         self.repeats = list(repeats or [1] * len(self.loaders))
         if repeats:  # kohya's NAME_N folders: a folder is seen N times for each pass over the others

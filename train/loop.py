@@ -32,17 +32,19 @@ from latentmill.train.checkpoint import (
     truncate_log,
 )
 from latentmill.train.conditioning import text_conditioning
-from latentmill.train.config import TrainConfig, resume_differences
+from latentmill.train.config import TrainConfig
 from latentmill.train.data import TrainingData, latent_sets, loader_workers, shard_cache
 from latentmill.train.inpainting import check_inpainting_data, conditioning, grid_examples
 from latentmill.train.latentspace import to_unet_space
 from latentmill.train.models import build_unet
 from latentmill.train.objective import Objective
 from latentmill.train.remoterun import RunMirror, mirror_of
+from latentmill.train.resumeconfig import resume_differences
 from latentmill.train.runlog import RunLog, check_reporting, rank_report
 from latentmill.train.runs import init_from
 from latentmill.train.samplegrid import sample_grid
 from latentmill.train.texttraining import TrainableText, average_gradients
+from latentmill.train.validation import ValidationSet, validation_set
 from latentmill.train.weights import FrozenUnet, FullWeights, LoraWeights, WithText, param_groups
 
 
@@ -86,6 +88,7 @@ class Training:
     mirror: RunMirror | None = None  # the run folder is in an object store: `run` is its local copy
     examples: dict | None = None  # an inpainting run's sample-grid inputs (train/inpainting.py)
     text: TrainableText | None = None  # the text encoder, where part of it trains
+    validation: ValidationSet | None = None  # rank 0's held-out latents (--eval-every)
 
     def prepared(self, batch: dict, generator) -> tuple:
         """(latents in the U-Net's space, caption states with dropout, metas, the loss mask or None, the
@@ -101,9 +104,11 @@ class Training:
         return latents, self.encode_text(batch, generator), batch["meta"], mask, inpaint
 
 
-def train(config: TrainConfig, progress=None, log=None) -> dict:
+def train(config: TrainConfig, progress=None, log=None, evaluate=None) -> dict:
     """Train a U-Net on latent shards into `config.output`; return the last step's metrics. `log`: where
-    to say what a resumed run does (resuming from step N of M, or nothing left to train)."""
+    to say what a resumed run does (resuming from step N of M, or nothing left to train). `evaluate`: at
+    --eval-every steps, rank 0 calls it with the EMA U-Net, the prompt encoder and the manifest for more
+    numbers to log (latentmill/evaluation.py `TrainingEval`: CLIP score, FID)."""
     config.validate()
     t = _set_up(config)
     config = t.config  # with --epochs: the steps they come to
@@ -169,7 +174,8 @@ def train(config: TrainConfig, progress=None, log=None) -> dict:
             t.optimizer.zero_grad(set_to_none=True)
             t.weights.update_ema(config.ema_decay, step)
 
-            logging = (step + 1) % config.log_every == 0 or step == t.start
+            evaluating = bool(config.eval_every) and (step + 1) % config.eval_every == 0
+            logging = (step + 1) % config.log_every == 0 or step == t.start or evaluating
             checkpointing = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
             if not (logging or checkpointing):
                 continue
@@ -187,6 +193,11 @@ def train(config: TrainConfig, progress=None, log=None) -> dict:
             }
             if skipped := t.data.skipped_total():  # damaged shards and samples this rank did not train on
                 metrics["skipped"] = skipped
+            if evaluating and t.validation:  # rank 0: the held-out loss, raw and EMA weights
+                metrics |= t.validation.measure(t.weights, t.objective, t.encode_prompts, config.inpainting)
+            if evaluating and evaluate and t.rank == 0:
+                with t.weights.ema_unet() as ema:
+                    metrics |= evaluate(ema, t.encode_prompts, t.manifest, config)
             interval_samples, interval_start = 0, time.perf_counter()
             if logging:
                 run_log.write(metrics)
@@ -242,6 +253,7 @@ def _set_up(config: TrainConfig) -> Training:
         data.check_masks([name for name, _ in sets])
     if config.inpainting:
         check_inpainting_data(data.manifests, data.names)
+    validation = validation_set(config, sets, manifest, device, rank)  # --eval-every's held-out latents
     if config.epochs:
         config = replace(
             config, steps=data.steps_of_epochs(config.epochs, config.batch_size * config.grad_accum * world)
@@ -345,6 +357,7 @@ def _set_up(config: TrainConfig) -> Training:
         mirror,
         examples,
         text,
+        validation,
     )
 
 

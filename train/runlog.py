@@ -40,6 +40,11 @@ class RunLog:
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()
         scalars = {f"train/{k}": metrics[k] for k in ("loss", "lr", "grad_norm", "samples_per_s")}
+        scalars |= {
+            f"validation/{k}": metrics[k]
+            for k in ("val_loss", "val_loss_ema", "clip_score", "fid", "kid")
+            if isinstance(metrics.get(k), (int, float))
+        }
         if self.board:
             for name, value in scalars.items():
                 self.board.add_scalar(name, value, metrics["step"])

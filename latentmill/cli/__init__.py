@@ -42,6 +42,10 @@ COMMANDS = {
         "latentmill.cli.select:select",
         "Apply thresholds to the scores; selection parquets and the funnel.",
     ),
+    "eval": (
+        "latentmill.cli.evaluate:evaluate",
+        "CLIP score, FID, KID of a run's images, or between two image sets (`eval fid A B`).",
+    ),
     "fit-head": ("latentmill.cli.filters:fit_head", "Fit a linear or MLP head on labelled CLIP embeddings."),
     "convert-head": (
         "latentmill.cli.filters:convert_head",

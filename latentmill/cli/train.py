@@ -42,8 +42,8 @@ def train(ctx, shards, output, config_file, **kwargs):
     from tqdm import tqdm
 
     from latentmill.train.checkpoint import last_state
-    from latentmill.train.config import resumed_values
     from latentmill.train.loop import train as run_train
+    from latentmill.train.resumeconfig import resumed_values
 
     saved = last_state(output) if kwargs.get("resume") and location(output).exists() else None
     saved_config = (saved or {}).get("config") or {}
@@ -72,7 +72,9 @@ def train(ctx, shards, output, config_file, **kwargs):
 
             metrics = launch(config, log=click.echo)
         else:
-            metrics = run_train(config, progress=progress, log=click.echo)
+            from latentmill.evaluation import training_eval
+
+            metrics = run_train(config, progress=progress, log=click.echo, evaluate=training_eval(config))
     if metrics.get("rank", 0) == 0 and not metrics.get("finished_before"):
         click.echo(
             f"step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}; checkpoints in {output}/checkpoints"

@@ -1,0 +1,55 @@
+"""The report's evaluation curves: what `train --eval-every` logged besides the loss (CLIP score, FID, KID
+against step; the validation loss is drawn with the training loss)."""
+
+from __future__ import annotations
+
+import html
+import json
+
+from latentmill.layout import Layout
+
+CURVES = (("clip_score", "CLIP score"), ("fid", "FID"), ("kid", "KID"))
+
+
+def eval_section(lay: Layout) -> str | None:
+    body = ""
+    for run in lay.run_folders():
+        log = run / "log.jsonl"
+        if not log.exists():
+            continue
+        entries = []
+        for line in log.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("step"), (int, float)):
+                entries.append(entry)
+        chart = _chart(entries)
+        if chart:
+            body += f'<h3>{html.escape(run.name)}</h3><img alt="evaluation {html.escape(run.name)}" src="{chart}">'
+    return body or None
+
+
+def _chart(entries: list[dict]) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from latentmill.report import _figure_uri
+
+    curves = [
+        (key, title, [(e["step"], e[key]) for e in entries if isinstance(e.get(key), (int, float))])
+        for key, title in CURVES
+    ]
+    curves = [c for c in curves if c[2]]
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.8), squeeze=False)
+    for ax, (_, title, points) in zip(axes[0], curves, strict=True):
+        ax.plot([s for s, _ in points], [v for _, v in points], "o-", color="#4C72B0", markersize=3)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    return _figure_uri(fig)

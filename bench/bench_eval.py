@@ -5,11 +5,12 @@ eval`'s image generation against calling the diffusers pipeline directly.
 
 1. Overhead: bench_lora's SD-shaped U-Net (17.6 M parameters, random weights) trained from synthetic 256 px
    latents at the default batch size (16) on the CPU, seconds per step over steps 2-12; then the default
-   validation loss (256 held-out samples x 8 timesteps, raw and EMA weights) of the same U-Net, timed alone.
+   validation loss (128 held-out samples, the default, x 8 timesteps, raw and EMA weights) of the same U-Net,
+   timed alone.
    The share at `--eval-every 1000` is eval / (1000 x step + eval).
 2. Generation: the same U-Net in a StableDiffusionPipeline folder (tiny VAE and CLIP text model), 8 images
-   of 64 px, 10 DDIM steps: `eval`'s generator (one image per call, image i drawn with seed + i, so it does
-   not depend on the batch) against one call of the pipeline with the 8 prompts (the baseline).
+   of 64 px, 10 DDIM steps: `eval`'s generator (a batch of 8, image i's noise from its own seed + i, so it
+   does not depend on the batch) against one call of the pipeline with the 8 prompts (the baseline).
 Results go to bench/out/eval/results.json.
 """
 
@@ -73,7 +74,7 @@ def overhead(steps: int) -> dict:
     )  # fmt: skip
     step = (times[-1] - times[1]) / (len(times) - 2)
     validation_folder(OUT / "validation")
-    validation = ValidationSet(str(OUT / "validation"), read_manifest(LORA_OUT / "latents"), 256, "cpu")
+    validation = ValidationSet(str(OUT / "validation"), read_manifest(LORA_OUT / "latents"), 128, "cpu")
     unet = build_unet(str(LORA_OUT / "base"), 4, 32, 32)
     text = torch.zeros(1, 77, 32)
     start = time.perf_counter()
@@ -119,8 +120,7 @@ def generation(count: int = 8, steps: int = 10) -> dict:
     make = sampler(folder)
     make(prompts[:1], 0, 2, 5.0, (64, 64))  # warm
     start = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        make([prompt], i, steps, 5.0, (64, 64))
+    make(prompts, 0, steps, 5.0, (64, 64), seeds=list(range(count)))  # eval's call: a seed per image
     ours = count / (time.perf_counter() - start)
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
@@ -140,13 +140,20 @@ def generation(count: int = 8, steps: int = 10) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument(
+        "--only", choices=("overhead", "generation"), help="Run one part (the other's last figures kept)."
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     prepare(LORA_OUT)
-    results = {"overhead": overhead(args.steps), "generation": generation()}
+    results = json.loads((OUT / "results.json").read_text()) if (OUT / "results.json").exists() else {}
+    if args.only != "generation":
+        results["overhead"] = overhead(args.steps)
+    if args.only != "overhead":
+        results["generation"] = generation()
     o, g = results["overhead"], results["generation"]
     print(
-        f"training step {o['s_per_step']:.3f} s; validation loss (256 samples x 8 timesteps, raw + EMA) {o['eval_s']:.2f} s"
+        f"training step {o['s_per_step']:.3f} s; validation loss (128 samples x 8 timesteps, raw + EMA) {o['eval_s']:.2f} s"
     )
     print(f"share of training time at --eval-every 1000: {100 * o['share_at_1000']:.2f}%")
     print(

@@ -3,7 +3,7 @@ compared by.
 
 - `compare_sets(A, B)`: FID (the Fréchet distance of the two sets' features), KID, precision and recall.
 - `evaluate_run(RUN_OR_PIPELINE, prompts, reference)`: images for the prompts (prompt i of the list, cycled
-  to `count`, drawn with seed `seed + i`, one at a time, so an image does not depend on the batch), their CLIP
+  to `count`, its starting noise drawn from seed `seed + i`, so an image does not depend on its batch), their CLIP
   score against their prompts, and FID/KID against the reference set; written to eval.json with the
   settings and the checkpoint's step.
 The formulas are in filters/frechet.py, the feature spaces and image sets in filters/imagefeatures.py.
@@ -68,6 +68,33 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def validation_captions(source: str) -> list[str]:
+    """The captions of a run's held-out latents (`encode --validation-share`, beside its first latent
+    folder): the prompts of `eval RUN` without --prompts."""
+    from latentmill.curate.latentshards import iter_latent_shard, join, read_manifest
+    from latentmill.curate.validationsplit import VALIDATION
+    from latentmill.train.loader import expand_shards
+    from latentmill.train.runs import load_run
+
+    if (Path(source) / "model_index.json").exists():
+        raise InputError(f"eval {source}: a pipeline folder has no held-out captions; give --prompts FILE.")
+    config = load_run(source).config
+    first = config["instance"] or (config["shards"] or [None])[0]
+    folder = join(first, VALIDATION) if first else None
+    if folder is None or not join(folder, "manifest.json").exists():
+        raise InputError(
+            f"eval {source}: give --prompts FILE; the run's latents have no validation split to take captions "
+            f"from (`encode --validation-share`)."
+        )
+    manifest = read_manifest(folder)
+    captions = [
+        s["caption"] for shard in expand_shards(str(folder)) for s in iter_latent_shard(shard, manifest)
+    ]
+    if not captions:
+        raise InputError(f"eval {source}: {folder} holds no samples; give --prompts FILE.")
+    return captions
+
+
 def evaluate_run(
     source: str,
     prompts: list[str],
@@ -83,6 +110,7 @@ def evaluate_run(
     device: str = "cpu",
     kid_only: bool = False,
     progress=None,
+    batch_size: int = 8,
 ) -> dict:
     """Generate `count` images of the prompts from a run or pipeline; their CLIP score, and FID/KID against
     `reference` (a folder of images or image shards, or a .npz of its statistics) in `features` (default:
@@ -107,10 +135,12 @@ def evaluate_run(
     make = sampler(source)  # a run without checkpoints is refused here, before any image is made
     jobs = [prompts[i % len(prompts)] for i in range(count)]
     images = []
-    for i, prompt in enumerate(jobs):
-        images.append(Image.fromarray(make([prompt], seed + i, steps, guidance, size)[0]))
+    for start in range(0, count, batch_size):  # batched, each image from its own seed
+        chunk = jobs[start : start + batch_size]
+        seeds = [seed + start + i for i in range(len(chunk))]
+        images += [Image.fromarray(p) for p in make(chunk, seed, steps, guidance, size, seeds=seeds)]
         if progress:
-            progress(1)
+            progress(len(chunk))
     clip = load_clip(clip_model, clip_pretrained, device)
     with torch.inference_mode():
         image_embeddings = torch.cat([clip.embed_images(torch.stack([clip.preprocess(im)])) for im in images])

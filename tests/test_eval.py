@@ -163,9 +163,36 @@ def test_eval_of_a_run_is_repeatable_and_writes_eval_json(tmp_path, run_cli, mon
     numbers = json.loads((tmp_path / "eval.json").read_text())
     assert numbers["step"] == 2 and numbers["count"] == 6 and 0 <= numbers["clip_score"] <= 100
     assert numbers["settings"]["features"] == "clip:tiny-rn" and np.isfinite(numbers["kid"])
+    from latentmill.train.sampling import sampler
+
+    make = sampler(str(run))  # each image from its own seed: the same image alone or in a batch
+    both = make(["a red circle", "a blue square"], 0, 2, 5.0, None, seeds=[5, 6])
+    alone = make(["a blue square"], 0, 2, 5.0, None, seeds=[6])
+    assert np.abs(both[1].astype(int) - alone[0].astype(int)).max() <= 1
     run_cli(*args, "-o", tmp_path / "again.json")
     assert json.loads((tmp_path / "again.json").read_text()) == numbers  # fixed seeds: the same numbers
+    no_split = run_cli(*[a for a in args if a not in ("--prompts", tmp_path / "prompts.txt")])
+    assert no_split.exit_code == 2 and "give --prompts FILE" in no_split.output  # no held-out captions
     empty = run_cli(*[a if a != tmp_path / "prompts.txt" else tmp_path / "empty.txt" for a in args])
     assert empty.exit_code == 2 and "holds no prompt" in empty.output
     odd = run_cli(*args, "--width", "60", "--height", "64")
     assert odd.exit_code == 2 and "multiples of 8" in odd.output
+
+
+def test_dinov2_features_come_from_a_local_transformers_folder(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    from latentmill.filters.imagefeatures import feature_space
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=14
+    )
+    Dinov2Model(config).save_pretrained(tmp_path / "dinov2")
+    space = feature_space(f"dinov2:{tmp_path / 'dinov2'}")
+    images = [Image.fromarray(np.full((30, 50, 3), v, np.uint8)) for v in (10, 200, 90)]
+    features = space.features(images)
+    assert features.shape == (3, 32) and space.dim == 32 and np.isfinite(features).all()
+    assert np.array_equal(features, space.features(images))  # the same images, the same features
+    with pytest.raises(InputError, match="no DINOv2 model found locally"):
+        feature_space(f"dinov2:{tmp_path / 'nothing'}")

@@ -279,7 +279,12 @@ class TrainConfig(StageConfig):
         "--validation-share` made beside the first training folder).",
         since="0.2",
     )
-    eval_samples: int = opt(256, "The most held-out samples the validation loss uses.", low=1, since="0.2")
+    eval_samples: int = opt(
+        128,
+        "The most held-out samples the validation loss uses (128: about 3% of training time at --eval-every 1000, BENCHMARKS.md).",
+        low=1,
+        since="0.2",
+    )
     eval_prompts: str | None = opt(
         None,
         "With --eval-every: also generate one image per prompt of this file (EMA weights, fixed seed) on rank 0 "

@@ -26,10 +26,12 @@ def generate(
     seed: int = 0,
     prediction: str = "epsilon",
     inpaint: torch.Tensor | None = None,
+    seeds: list[int] | None = None,
 ) -> np.ndarray:
     """(N, H, W, 3) uint8 images for N prompts' text states; `size` is (width, height) in pixels. An
     inpainting U-Net takes `inpaint` (N, 1 + C, h, w: the mask and the masked image's latents in the
-    U-Net's space) beside the latents; without it, everything is masked (plain text-to-image)."""
+    U-Net's space) beside the latents; without it, everything is masked (plain text-to-image). `seeds`: one
+    per image, each image's starting noise drawn from its own (so an image does not depend on its batch)."""
     from latentmill.train.schedule import sampling_scheduler
 
     scheduler = sampling_scheduler(prediction)
@@ -37,8 +39,12 @@ def generate(
     device = next(unet.parameters()).device
     n = text_states.shape[0]
     channels = unet.config.out_channels
-    generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn((n, channels, size[1] // 8, size[0] // 8), generator=generator).to(device)
+    shape = (channels, size[1] // 8, size[0] // 8)
+    if seeds is not None:
+        latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    else:
+        latents = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+    latents = latents.to(device)
     context = torch.cat([empty_state.expand(n, -1, -1), text_states]).to(device)
     if unet.config.in_channels > channels:  # an inpainting U-Net
         from latentmill.train.inpainting import unconditioned
@@ -125,15 +131,18 @@ def sampler(source: str | Path, use_ema: bool = True):
         pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, safety_checker=None)
         pipe.set_progress_bar_config(disable=True)
 
-        def from_pipeline(prompts, seed, steps, guidance, size):
+        def from_pipeline(prompts, seed, steps, guidance, size, seeds=None):
             width, height = size or (None, None)
+            generator = torch.Generator().manual_seed(seed)
+            if seeds is not None:  # one generator per image: diffusers draws each image's noise from its own
+                generator = [torch.Generator().manual_seed(s) for s in seeds]
             images = pipe(
                 list(prompts),
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 width=width,
                 height=height,
-                generator=torch.Generator().manual_seed(seed),
+                generator=generator,
                 output_type="np",
             ).images
             return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
@@ -163,7 +172,7 @@ def sampler(source: str | Path, use_ema: bool = True):
     manifest = loaded.manifest()
     empty = encode([""])[0]
 
-    def from_run(prompts, seed, steps, guidance, size):
+    def from_run(prompts, seed, steps, guidance, size, seeds=None):
         return generate_from_manifest(
             unet,
             encode(list(prompts)),
@@ -175,6 +184,7 @@ def sampler(source: str | Path, use_ema: bool = True):
             guidance=guidance,
             seed=seed,
             prediction=config["prediction"],
+            seeds=seeds,
         )
 
     return from_run

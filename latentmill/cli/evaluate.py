@@ -60,7 +60,10 @@ def fid(a, b, features, device, kid_only, as_json):
 @evaluate.command("run", hidden=True)
 @click.argument("source", type=Location(exists=True))
 @click.option(
-    "--prompts", "prompts_file", required=True, type=Location(exists=False), help="One prompt per line."
+    "--prompts",
+    "prompts_file",
+    type=Location(exists=False),
+    help="One prompt per line (default: the captions of the run's held-out latents, encode --validation-share).",
 )
 @click.option(
     "--reference", type=Location(exists=False), help="Images (folder, image shards) or a .npz for FID/KID."
@@ -87,12 +90,12 @@ def run(source, prompts_file, reference, count, clip_model, clip_pretrained, fea
     CLIP score, and FID/KID against --reference."""
     from latentmill.curate.storage import write_json
     from latentmill.errors import InputError
-    from latentmill.evaluation import evaluate_run, read_prompts
+    from latentmill.evaluation import evaluate_run, read_prompts, validation_captions
     from latentmill.progress import progress_bar
 
     if (width is None) != (height is None):
         raise InputError("eval: give both --width and --height, or neither (the training resolution).")
-    prompts = read_prompts(prompts_file)
+    prompts = read_prompts(prompts_file) if prompts_file else validation_captions(str(source))
     with progress_bar(count, "eval", "img") as bar:
         numbers = evaluate_run(
             str(source), prompts, str(reference) if reference else None, count, clip_model, clip_pretrained,

@@ -10,6 +10,10 @@ from latentmill.curate.textencoder import model_name, register_model_configs
 from latentmill.devices import PRECISIONS, resolve_device_precision, torch_dtype
 from latentmill.errors import InputError, warn
 
+# the CLIP model `score` uses by default, and `eval`'s (the LAION heads were fitted on its embeddings)
+DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-L-14-quickgelu", "openai"
+DEFAULT_SPEC = f"{DEFAULT_MODEL}:{DEFAULT_PRETRAINED}"
+
 
 @dataclass
 class ClipModel:

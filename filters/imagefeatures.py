@@ -8,8 +8,9 @@ Feature spaces (`--features`):
   published weights file `pt_inception-2015-12-05-6726825d.pth`, given as a path (nothing is downloaded).
 - `dinov2:FOLDER`: a transformers Dinov2Model folder (its CLS token).
 
-Every image is resized to the extractor's square input the clean-fid way: the whole image (no crop), with
-PIL's antialiased bicubic filter on uint8 RGB, then scaled as the extractor expects.
+Every image is resized to the extractor's square input the clean-fid way: the whole image (no crop), each
+channel as a float image with PIL's antialiased bicubic filter, not rounded back to 8 bits, then scaled as
+the extractor expects.
 
 Image sets: a folder of image shards (`.tar`), a folder of pictures (png, jpg, webp), or a `.npz` of stored
 statistics (`mu`, `sigma`, `space`). Statistics of a set are cached by the set's content and the space, so
@@ -41,16 +42,22 @@ class FeatureSpace:
     def features(self, images, batch: int = 32) -> np.ndarray:
         out = []
         for start in range(0, len(images), batch):
-            chunk = [resized(im, self.size) for im in images[start : start + batch]]
+            chunk = [resized(im, self.size) for im in images[start : start + batch]]  # float32, 0-255
             out.append(np.asarray(self._embed(chunk), np.float64))
         return np.concatenate(out) if out else np.zeros((0, self.dim))
 
 
 def resized(image, size: int) -> np.ndarray:
-    """uint8 (size, size, 3): the whole image, antialiased bicubic (clean-fid's resize)."""
+    """float32 (size, size, 3) in [0, 255]: the whole image, each channel resized as a float image with PIL's
+    antialiased bicubic filter and not rounded back to 8 bits (clean-fid's "clean" resize)."""
     from PIL import Image
 
-    return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), np.uint8)
+    pixels = np.asarray(image.convert("RGB"), np.float32)
+    channels = [
+        np.asarray(Image.fromarray(pixels[..., c]).resize((size, size), Image.Resampling.BICUBIC))
+        for c in range(3)
+    ]
+    return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.float32)
 
 
 def _to_tensor(batch: list[np.ndarray], mean, std):

@@ -27,6 +27,7 @@ from latentmill.curate.imageshards import (
 from latentmill.curate.storage import atomic_path, location, make_folder, remove_stale_temporaries, write_json
 from latentmill.devices import PRECISIONS
 from latentmill.errors import InputError, nothing_left
+from latentmill.filters.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from latentmill.filters.embeddings import embeddings_folder
 from latentmill.schema import StageConfig, opt
 
@@ -38,9 +39,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class ScoreConfig(StageConfig):
     SECTION = "score"
     RUNTIME = ("device", "batch_size", "workers", "torch_threads")
-    clip_model: str = opt("ViT-L-14-quickgelu", "open_clip model name.")
+    clip_model: str = opt(DEFAULT_MODEL, "open_clip model name.")
     pretrained: str | None = opt(
-        "openai", "open_clip pretrained tag, a local checkpoint file, or 'none' (random weights)."
+        DEFAULT_PRETRAINED, "open_clip pretrained tag, a local checkpoint file, or 'none' (random weights)."
     )
     device: str = opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
     precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.", choices=PRECISIONS)

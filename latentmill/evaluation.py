@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from latentmill.errors import InputError
+from latentmill.filters.clip import DEFAULT_SPEC as CLIP_DEFAULT  # score's model: MODEL:PRETRAINED
 
 
 def _check_enough(count: int, dim: int, name: str, space: str) -> None:
@@ -46,7 +47,7 @@ def set_distances(features_a, stats_a, features_b, stats_b, space, names, kid_on
 
 
 def compare_sets(
-    a: str, b: str, features: str = "clip:tiny-rn", device: str = "cpu", kid_only: bool = False
+    a: str, b: str, features: str = "clip:" + CLIP_DEFAULT, device: str = "cpu", kid_only: bool = False
 ) -> dict:
     """`latentmill eval fid A B`: {fid, kid, kid_std, precision, recall, features, count_a, count_b}."""
     from latentmill.filters.imagefeatures import feature_space, set_features
@@ -100,8 +101,7 @@ def evaluate_run(
     prompts: list[str],
     reference: str | None,
     count: int,
-    clip_model: str = "tiny-rn",
-    clip_pretrained: str | None = None,
+    clip_model: str = CLIP_DEFAULT,
     features: str | None = None,
     seed: int = 0,
     steps: int = 20,
@@ -129,7 +129,7 @@ def evaluate_run(
         raise InputError(
             f"--width/--height {size[0]}x{size[1]}: the latents are 1/8 of the image: use multiples of 8."
         )
-    features = features or f"clip:{clip_model}" + (f":{clip_pretrained}" if clip_pretrained else "")
+    features = features or f"clip:{clip_model}"
     space = feature_space(features, device) if reference else None
     reference_features, reference_stats = set_features(reference, space) if reference else (None, None)
     make = sampler(source)  # a run without checkpoints is refused here, before any image is made
@@ -141,7 +141,8 @@ def evaluate_run(
         images += [Image.fromarray(p) for p in make(chunk, seed, steps, guidance, size, seeds=seeds)]
         if progress:
             progress(len(chunk))
-    clip = load_clip(clip_model, clip_pretrained, device)
+    name, _, pretrained = clip_model.partition(":")
+    clip = load_clip(name, pretrained or None, device)
     with torch.inference_mode():
         image_embeddings = torch.cat([clip.embed_images(torch.stack([clip.preprocess(im)])) for im in images])
         text_embeddings = clip.embed_texts(jobs)
@@ -166,7 +167,6 @@ def evaluate_run(
             "prompts": len(prompts),
             "reference": str(reference) if reference else None,
             "clip_model": clip_model,
-            "clip_pretrained": clip_pretrained,
             "features": features if reference else None,
             "seed": seed,
             "sampler_steps": steps,
@@ -210,7 +210,7 @@ class TrainingEval:
             raise InputError(
                 f"--eval-features {config.eval_features}: inside training, use clip:MODEL[:PRETRAINED]."
             )
-        name, _, pretrained = (rest or "tiny-rn").partition(":")
+        name, _, pretrained = (rest or CLIP_DEFAULT).partition(":")
         self.clip = load_clip(name, pretrained or None)
         self.space = feature_space(config.eval_features) if config.eval_reference else None
         self.reference = set_features(config.eval_reference, self.space) if config.eval_reference else None

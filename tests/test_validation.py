@@ -185,3 +185,21 @@ def test_a_validation_folder_never_trains_and_eval_needs_held_out_latents(data, 
     ):
         train(config(root, tmp_path / "b", shards=str(tmp_path / "plain"), steps=1))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_held_out_latents_of_another_resolution_are_refused_and_prompts_alone_need_no_split(data, tmp_path):
+    from latentmill.train.validation import validation_set
+
+    root, _ = data
+    encode(
+        root / "images",
+        tmp_path / "at128",
+        EncodeConfig(**(ENCODE | {"resolution": 128, "bucket_max_side": 256, "max_upscale": 3.0})),
+    )
+    with pytest.raises(InputError, match=r"resolution is 128, the training folder's is 64"):
+        train(config(root, tmp_path / "a", eval_shards=str(tmp_path / "at128"), steps=1))
+    assert not (tmp_path / "a").exists()
+    encode(root / "images", tmp_path / "plain", EncodeConfig(**ENCODE))
+    sets = [(str(tmp_path / "plain"), [])]
+    with_prompts = config(root, tmp_path / "b", shards=str(tmp_path / "plain"), eval_prompts="prompts.txt")
+    assert validation_set(with_prompts, sets, read_manifest(tmp_path / "plain"), "cpu", 0) is None

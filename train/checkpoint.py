@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 
 from latentmill.curate.storage import temporary_name
-from latentmill.errors import InputError, warn
+from latentmill.errors import InputError, TrainingFailed, warn
 from latentmill.train.config import TrainConfig
 from latentmill.train.resumeconfig import RESUME_MAY_CHANGE, resume_differences
 
@@ -290,3 +290,18 @@ def _check_same_run(run: Path, config: TrainConfig) -> None:
             f"settings (leave those options out: the saved ones are used), or start a new run with another -o. "
             f"On resume only {', '.join(RESUME_MAY_CHANGE)} may change."
         )
+
+
+def stop_on_nonfinite(first_bad, recent_keys: dict, run: Path, last_finite) -> None:
+    """Raise with the step and the batch keys where the loss first stopped being finite, if it did."""
+    step, loss = first_bad.tolist()
+    if step < 0:
+        return
+    keys = recent_keys.get(int(step), [])
+    last = checkpoints(run)[-1].name if checkpoints(run) else "none yet"
+    raise TrainingFailed(
+        f"the loss is {loss} at step {int(step)} (last finite loss logged: {last_finite}); batch keys: "
+        f"{', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}. The last good checkpoint stays: {last}. "
+        f"To try: check those samples with `latentmill latents verify`, lower --learning-rate, keep "
+        f"--max-grad-norm on, or train in fp32 (--precision fp32); then --resume."
+    )

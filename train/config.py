@@ -299,7 +299,7 @@ class TrainConfig(StageConfig):
         since="0.2",
     )
     eval_features: str = opt(
-        "clip:tiny-rn",
+        "clip:ViT-L-14-quickgelu:openai",
         "--eval-prompts: the CLIP model of the score and the feature space of FID/KID (clip:MODEL[:PRETRAINED]; "
         "see `latentmill eval`).",
         since="0.2",

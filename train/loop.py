@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from latentmill.devices import resolve_device_precision, torch_dtype
-from latentmill.errors import TrainingFailed
 from latentmill.train.checkpoint import (
     check_resume_point,
     checkpoints,
@@ -28,6 +27,7 @@ from latentmill.train.checkpoint import (
     record_start,
     remove_stale_temporaries,
     save_checkpoint,
+    stop_on_nonfinite,
     training_files,
     truncate_log,
 )
@@ -180,7 +180,7 @@ def train(config: TrainConfig, progress=None, log=None, evaluate=None) -> dict:
             if not (logging or checkpointing):
                 continue
             # before any checkpoint could save damaged weights
-            _stop_on_nonfinite(first_bad, recent_keys, t.run, metrics.get("loss"))
+            stop_on_nonfinite(first_bad, recent_keys, t.run, metrics.get("loss"))
             recent_keys.clear()
             elapsed = time.perf_counter() - interval_start
             metrics = {
@@ -383,18 +383,3 @@ def _checkpoint(t: Training, step: int) -> None:
             t.mirror.push()
     if t.world > 1:
         torch.distributed.barrier()
-
-
-def _stop_on_nonfinite(first_bad: torch.Tensor, recent_keys: dict, run: Path, last_finite) -> None:
-    """Raise with the step and the batch keys where the loss first stopped being finite, if it did."""
-    step, loss = first_bad.tolist()
-    if step < 0:
-        return
-    keys = recent_keys.get(int(step), [])
-    last = checkpoints(run)[-1].name if checkpoints(run) else "none yet"
-    raise TrainingFailed(
-        f"the loss is {loss} at step {int(step)} (last finite loss logged: {last_finite}); batch keys: "
-        f"{', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}. The last good checkpoint stays: {last}. "
-        f"To try: check those samples with `latentmill latents verify`, lower --learning-rate, keep "
-        f"--max-grad-norm on, or train in fp32 (--precision fp32); then --resume."
-    )

@@ -25,7 +25,8 @@ BATCH = 16
 
 def eval_folder(config, sets: list) -> str | None:
     """Where the validation loss is measured: --eval-shards, or the validation/ folder beside the first
-    training folder when it has a manifest; None when neither (refused when --eval-every asks for it)."""
+    training folder when it has a manifest; None when neither (refused unless --eval-prompts gives
+    --eval-every something else to measure)."""
     from latentmill.curate.latentshards import MANIFEST, join
     from latentmill.curate.validationsplit import VALIDATION
 
@@ -37,6 +38,8 @@ def eval_folder(config, sets: list) -> str | None:
             return str(beside)
     except (AttributeError, OSError):  # an http(s) prefix: only --eval-shards names it
         pass
+    if config.eval_prompts:  # CLIP score and FID only
+        return None
     raise InputError(
         f"--eval-every {config.eval_every}: {sets[0][0]} has no held-out latents beside it ({beside}); encode "
         f"with `latentmill encode --validation-share 0.01`, or name a latent folder with --eval-shards."
@@ -53,7 +56,7 @@ class ValidationSet:
 
         self.folder, self.device = folder, device
         self.manifest = read_manifest(folder)
-        check_same_latent_space([train_manifest, self.manifest], ["the training latents", folder])
+        check_same_latent_space([train_manifest, self.manifest], ["the training folder", folder])
         samples = [
             s for shard in expand_shards(folder) for s in iter_latent_shard(shard, self.manifest, verify=True)
         ]
@@ -130,4 +133,4 @@ def validation_set(config, sets: list, manifest: dict, device: str, rank: int) -
     if not config.eval_every:
         return None
     folder = eval_folder(config, sets)  # every rank checks: a missing folder stops them all
-    return ValidationSet(folder, manifest, config.eval_samples, device) if rank == 0 else None
+    return ValidationSet(folder, manifest, config.eval_samples, device) if rank == 0 and folder else None

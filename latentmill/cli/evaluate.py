@@ -7,6 +7,7 @@ import json
 import click
 
 from latentmill.cli.options import Location
+from latentmill.evaluation import CLIP_DEFAULT
 
 FEATURES_HELP = (
     "Feature space: clip:MODEL[:PRETRAINED] (FID in CLIP space; default clip:<--clip-model>), "
@@ -37,7 +38,7 @@ def evaluate():
 @evaluate.command()
 @click.argument("a", type=Location(exists=True))
 @click.argument("b", type=Location(exists=True))
-@click.option("--features", default="clip:tiny-rn", show_default=True, help=FEATURES_HELP)
+@click.option("--features", default="clip:" + CLIP_DEFAULT, show_default=True, help=FEATURES_HELP)
 @click.option("--device", default="cpu", show_default=True)
 @click.option(
     "--kid-only", is_flag=True, help="KID (and precision/recall) without FID: for sets of few images."
@@ -71,8 +72,12 @@ def fid(a, b, features, device, kid_only, as_json):
 @click.option(
     "--count", default=100, show_default=True, type=click.IntRange(min=1), help="Images to generate."
 )
-@click.option("--clip-model", default="tiny-rn", show_default=True, help="open_clip model of the CLIP score.")
-@click.option("--clip-pretrained", default=None, help="Its pretrained tag or checkpoint file.")
+@click.option(
+    "--clip-model",
+    default=CLIP_DEFAULT,
+    show_default=True,
+    help="open_clip MODEL[:PRETRAINED] of the CLIP score (tag or checkpoint file; none: random, e.g. tiny-rn).",
+)
 @click.option("--features", default=None, help=FEATURES_HELP)
 @click.option("--seed", default=0, show_default=True, type=int, help="Image i is drawn with seed + i.")
 @click.option("--sampler-steps", default=20, show_default=True, type=click.IntRange(min=1))
@@ -84,7 +89,7 @@ def fid(a, b, features, device, kid_only, as_json):
 @click.option(
     "-o", "--output", type=Location(exists=False), help="Write the numbers and settings as JSON here."
 )
-def run(source, prompts_file, reference, count, clip_model, clip_pretrained, features, seed, sampler_steps,
+def run(source, prompts_file, reference, count, clip_model, features, seed, sampler_steps,
         guidance, width, height, device, kid_only, output):  # fmt: skip
     """Generate COUNT images of the prompts from a run (its last checkpoint) or a pipeline folder; their
     CLIP score, and FID/KID against --reference."""
@@ -98,7 +103,7 @@ def run(source, prompts_file, reference, count, clip_model, clip_pretrained, fea
     prompts = read_prompts(prompts_file) if prompts_file else validation_captions(str(source))
     with progress_bar(count, "eval", "img") as bar:
         numbers = evaluate_run(
-            str(source), prompts, str(reference) if reference else None, count, clip_model, clip_pretrained,
+            str(source), prompts, str(reference) if reference else None, count, clip_model,
             features, seed, sampler_steps, guidance, (width, height) if width else None, device, kid_only,
             progress=bar.update,
         )  # fmt: skip

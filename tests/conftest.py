@@ -300,3 +300,36 @@ def report_section(page: str, section: str) -> str:
     """The HTML of one section of a report page (`<section id=...>` to its end)."""
     start = page.index(f'<section id="{section}">')
     return page[start : page.index("</section>", start)]
+
+
+# small latents for training tests: 64 px pictures, the tiny VAE, buckets of 32 px steps
+SMALL_ENCODE = dict(vae="tiny", resolution=64, bucket_min_side=32, bucket_max_side=128, step=32, workers=0)
+
+
+def small_image_shards(folder, shards=2, per_shard=6):
+    """`shards` image shards of 64 px synthetic pictures, keys SSSSSIIII."""
+    folder.mkdir(parents=True)
+    for shard in range(shards):
+        make_shard(
+            folder / f"{shard:05d}.tar",
+            [image_entry(f"{shard:05d}{i:04d}", 64, 64, seed=i) for i in range(per_shard)],
+        )
+    return folder
+
+
+def quick_train_config(root, run, **settings):
+    """A TrainConfig of a test: ROOT/latents and the text pipeline ROOT/text, 4 samples a batch, one warm-up
+    step, every step logged, checkpoints only where a test asks."""
+    from latentmill.train.config import TrainConfig
+
+    base = dict(
+        shards=str(root / "latents"),
+        output=str(run),
+        text_encoder=str(root / "text"),
+        batch_size=4,
+        learning_rate=1e-3,
+        warmup_steps=1,
+        checkpoint_every=1000,
+        log_every=1,
+    )
+    return TrainConfig(**(base | settings))

@@ -10,12 +10,11 @@ import torch
 
 from latentmill.curate.encode import EncodeConfig, encode
 from latentmill.errors import InputError
-from latentmill.train.config import TrainConfig
 from latentmill.train.loop import train
 from latentmill.train.models import build_unet
-from tests.conftest import image_entry, make_shard, tiny_clip_text_pipeline
+from tests.conftest import SMALL_ENCODE, quick_train_config, small_image_shards, tiny_clip_text_pipeline
 
-ENCODE = dict(vae="tiny", resolution=64, bucket_min_side=32, bucket_max_side=128, step=32, workers=0)
+ENCODE = SMALL_ENCODE
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +22,7 @@ def data(tmp_path_factory):
     """Latents with 2 mask variants and without, a tiny CLIP text pipeline, and "pretrained" tiny U-Nets:
     a 4-channel one and a 9-channel inpainting one (diffusers U-Net folders)."""
     root = tmp_path_factory.mktemp("inpaint-train")
-    (root / "images").mkdir()
-    for shard in range(2):
-        make_shard(
-            root / "images" / f"{shard:05d}.tar",
-            [image_entry(f"{shard:05d}{i:04d}", 64, 64, seed=i) for i in range(6)],
-        )
+    small_image_shards(root / "images")
     encode(root / "images", root / "latents", EncodeConfig(mask_variants=2, seed=3, **ENCODE))
     encode(root / "images", root / "plain", EncodeConfig(**ENCODE))
     tiny_clip_text_pipeline(root / "text")
@@ -38,19 +32,7 @@ def data(tmp_path_factory):
 
 
 def config(root, run, **overrides):
-    base = dict(
-        shards=str(root / "latents"),
-        output=str(run),
-        text_encoder=str(root / "text"),
-        model=str(root / "base4"),
-        inpainting=True,
-        batch_size=4,
-        learning_rate=1e-3,
-        warmup_steps=1,
-        checkpoint_every=1000,
-        log_every=1,
-    )
-    return TrainConfig(**(base | overrides))
+    return quick_train_config(root, run, **({"model": str(root / "base4"), "inpainting": True} | overrides))
 
 
 def test_a_widened_unet_predicts_what_its_base_does_at_step_0_for_any_mask(data):
@@ -133,6 +115,10 @@ def test_inpainting_training_resumes_exactly_draws_grids_and_exports_an_inpaint_
     top = np.asarray(grid)[:64].astype(int)
     assert ((top[..., 0] - top[..., 1]) > 60).any()  # the part to fill in, tinted red
 
+    from latentmill.train.sampling import sample_run
+
+    sampled = Image.open(sample_run(straight, ["a red circle"], tmp_path / "plain.png", steps=2))
+    assert sampled.size == (64, 64)  # text-to-image from an inpainting run: everything masked
     export_run(straight, tmp_path / "pipeline")
     pipe = StableDiffusionInpaintPipeline.from_pretrained(tmp_path / "pipeline")
     assert pipe.unet.config.in_channels == 9

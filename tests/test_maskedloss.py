@@ -13,9 +13,8 @@ from PIL import Image
 from latentmill.curate.encode import EncodeConfig, encode
 from latentmill.curate.latentshards import iter_latent_shard, read_manifest
 from latentmill.errors import InputError
-from latentmill.train.config import TrainConfig
 from latentmill.train.loop import train
-from tests.conftest import report_section, tiny_clip_text_pipeline
+from tests.conftest import quick_train_config, report_section, tiny_clip_text_pipeline
 
 ENCODE = dict(vae="tiny", resolution=128, bucket_min_side=64, bucket_max_side=256, step=32, workers=0)
 
@@ -134,19 +133,7 @@ def test_the_masked_loss_is_the_squared_error_weighted_by_the_mask_over_its_mean
 
 
 def _config(root, run, **overrides):
-    base = dict(
-        shards=str(root / "latents"),
-        output=str(run),
-        model="tiny",
-        text_encoder=str(root / "text"),
-        batch_size=4,
-        learning_rate=1e-3,
-        warmup_steps=1,
-        checkpoint_every=1000,
-        log_every=1,
-        masked_loss=True,
-    )
-    return TrainConfig(**(base | overrides))
+    return quick_train_config(root, run, **({"model": "tiny", "masked_loss": True} | overrides))
 
 
 def test_masked_training_resumes_exactly_and_needs_masks(masked, tmp_path):

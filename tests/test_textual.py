@@ -13,21 +13,16 @@ from latentmill.errors import InputError
 from latentmill.train.config import TrainConfig
 from latentmill.train.loop import train
 from latentmill.train.models import build_unet
-from tests.conftest import image_entry, make_shard, tiny_clip_text_pipeline
+from tests.conftest import SMALL_ENCODE, quick_train_config, small_image_shards, tiny_clip_text_pipeline
 
-ENCODE = dict(vae="tiny", resolution=64, bucket_min_side=32, bucket_max_side=128, step=32, workers=0)
+ENCODE = SMALL_ENCODE
 TOKEN = "<my-cat>"
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("textual")
-    (root / "images").mkdir()
-    for shard in range(2):
-        make_shard(
-            root / "images" / f"{shard:05d}.tar",
-            [image_entry(f"{shard:05d}{i:04d}", 64, 64, seed=i) for i in range(6)],
-        )
+    small_image_shards(root / "images")
     encode(root / "images", root / "latents", EncodeConfig(**ENCODE))
     tiny_clip_text_pipeline(root / "text")
     build_unet("tiny", 4, 32, 8, seed=1).save_pretrained(root / "unet")
@@ -35,21 +30,9 @@ def data(tmp_path_factory):
 
 
 def config(root, run, **overrides):
-    base = dict(
-        shards=str(root / "latents"),
-        output=str(run),
-        text_encoder=str(root / "text"),
-        model=str(root / "unet"),
-        textual_inversion=TOKEN,
-        init_word="cat",
-        batch_size=4,
-        learning_rate=5e-2,
-        warmup_steps=1,
-        checkpoint_every=1000,
-        log_every=1,
-        ema_decay=0.0,  # the EMA is the last step's weights: exports show what trained
-    )
-    return TrainConfig(**(base | overrides))
+    ti = dict(model=str(root / "unet"), textual_inversion=TOKEN, init_word="cat", learning_rate=5e-2)
+    ti["ema_decay"] = 0.0  # the EMA is the last step's weights: exports show what trained
+    return quick_train_config(root, run, **(ti | overrides))
 
 
 def base_pipeline(root):

@@ -11,11 +11,10 @@ from latentmill.curate.encode import EncodeConfig, encode
 from latentmill.curate.latentshards import iter_latent_shard, read_manifest
 from latentmill.curate.validationsplit import held_out
 from latentmill.errors import InputError
-from latentmill.train.config import TrainConfig
 from latentmill.train.loop import train
-from tests.conftest import image_entry, make_shard, tiny_clip_text_pipeline
+from tests.conftest import SMALL_ENCODE, image_entry, make_shard, quick_train_config, tiny_clip_text_pipeline
 
-ENCODE = dict(vae="tiny", resolution=64, bucket_min_side=32, bucket_max_side=128, step=32, workers=0)
+ENCODE = SMALL_ENCODE
 SHARE = 0.3
 
 
@@ -73,19 +72,7 @@ def test_the_split_is_a_pure_function_of_the_key_and_never_overlaps(data, tmp_pa
 
 
 def config(root, run, **overrides):
-    base = dict(
-        shards=str(root / "latents"),
-        output=str(run),
-        model="tiny",
-        text_encoder=str(root / "text"),
-        batch_size=4,
-        learning_rate=1e-3,
-        warmup_steps=1,
-        checkpoint_every=1000,
-        log_every=1,
-        eval_every=2,
-    )
-    return TrainConfig(**(base | overrides))
+    return quick_train_config(root, run, **({"model": "tiny", "eval_every": 2} | overrides))
 
 
 def _log(run):

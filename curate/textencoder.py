@@ -106,26 +106,31 @@ def _load_open_clip(spec: str, device: str, seed: int, dtype: str = "fp32") -> T
     )
 
 
-def _load_transformers(spec: str, device: str, dtype: str = "fp32") -> TextEncoder:
-    import torch
+def clip_text_parts(spec: str):
+    """(CLIPTextModel, CLIPTokenizer) of a pipeline folder (text_encoder/ and tokenizer/), a CLIP text model
+    folder, or `clip-tiny`; never downloads. What the frozen encoder, the trained text side and the exports
+    all load."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    path = Path(spec)
+    path = text_encoder_folder(spec)
     text_dir = path / "text_encoder" if (path / "text_encoder").exists() else path
     token_dir = path / "tokenizer" if (path / "tokenizer").exists() else path
     try:
-        model = (
-            CLIPTextModel.from_pretrained(text_dir, local_files_only=True)
-            .to(device)
-            .eval()
-            .requires_grad_(False)
-        )
+        model = CLIPTextModel.from_pretrained(text_dir, local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(token_dir, local_files_only=True)
     except (OSError, ValueError) as err:
         raise InputError(
             f"--text-encoder {spec}: no CLIP text model found ({str(err).splitlines()[0][:160]}). Give a diffusers "
             f"pipeline folder (text_encoder/ and tokenizer/) or openclip:NAME[:PRETRAINED]."
         ) from None
+    return model, tokenizer
+
+
+def _load_transformers(spec: str, device: str, dtype: str = "fp32") -> TextEncoder:
+    import torch
+
+    model, tokenizer = clip_text_parts(spec)
+    model = model.to(device).eval().requires_grad_(False)
 
     # tokenizers saved without model_max_length report a huge sentinel: the position table is the real limit
     context_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)

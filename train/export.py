@@ -38,7 +38,6 @@ def pipeline_of_run(run: str | Path, use_ema: bool = True, vae: str | None = Non
     text encoder must be a CLIPTextModel pipeline folder (the run's `--text-encoder`); the VAE is the one
     the latents were made with (the manifest's), or `vae`."""
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     from latentmill.curate.vae import load_vae
     from latentmill.train.runs import load_run
@@ -61,20 +60,14 @@ def pipeline_of_run(run: str | Path, use_ema: bool = True, vae: str | None = Non
     manifest = loaded.manifest()
     unet = loaded.unet()
     vae_model = load_vae(vae or manifest["encode_config"]["vae"]).model
-    from latentmill.curate.textencoder import text_encoder_folder
-
-    text_path = text_encoder_folder(text_spec)
     if loaded.text_file("token.json") or loaded.text_file("text_adapter.json"):
         from latentmill.train.textexport import trained_text_model
 
         text_encoder, tokenizer = trained_text_model(loaded)  # its LoRA baked in, its token added
     else:
-        text_encoder = CLIPTextModel.from_pretrained(
-            text_path / "text_encoder" if (text_path / "text_encoder").exists() else text_path
-        )
-        tokenizer = CLIPTokenizer.from_pretrained(
-            text_path / "tokenizer" if (text_path / "tokenizer").exists() else text_path
-        )
+        from latentmill.curate.textencoder import clip_text_parts
+
+        text_encoder, tokenizer = clip_text_parts(text_spec)
     scheduler = sampling_scheduler(config["prediction"])
     inpainting = unet.config.in_channels > unet.config.out_channels
     kind = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline

@@ -52,19 +52,12 @@ def text_lora_keys(lora: dict, prefixed: bool = True) -> dict:
 def trained_text_model(loaded):
     """(CLIPTextModel, CLIPTokenizer) of a run: its --text-encoder with the run's text LoRA baked in and
     its learned token added."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     from latentmill.curate.fingerprints import weights_fingerprint
-    from latentmill.curate.textencoder import text_encoder_folder
+    from latentmill.curate.textencoder import clip_text_parts
     from latentmill.train.lora import merge_lora
 
-    folder = text_encoder_folder(loaded.config["text_encoder"])
-    model = CLIPTextModel.from_pretrained(
-        folder / "text_encoder" if (folder / "text_encoder").exists() else folder
-    )
-    tokenizer = CLIPTokenizer.from_pretrained(
-        folder / "tokenizer" if (folder / "tokenizer").exists() else folder
-    )
+    folder = loaded.config["text_encoder"]
+    model, tokenizer = clip_text_parts(folder)
     adapter = loaded.text_file("text_adapter.json")
     if adapter:
         state = model.state_dict()
@@ -129,17 +122,9 @@ def export_embeddings(loaded, folder: Path) -> Path:
 def nearest_words(text_encoder: str, vectors: torch.Tensor, count: int = 8) -> list[list[tuple[str, float]]]:
     """For each of a learned token's vectors, the `count` vocabulary words of `text_encoder` (a pipeline
     folder) whose embeddings are nearest by cosine: what the token has come to mean, word by word."""
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from latentmill.curate.textencoder import clip_text_parts
 
-    from latentmill.curate.textencoder import text_encoder_folder
-
-    folder = text_encoder_folder(text_encoder)
-    model = CLIPTextModel.from_pretrained(
-        folder / "text_encoder" if (folder / "text_encoder").exists() else folder
-    )
-    tokenizer = CLIPTokenizer.from_pretrained(
-        folder / "tokenizer" if (folder / "tokenizer").exists() else folder
-    )
+    model, tokenizer = clip_text_parts(text_encoder)
     table = torch.nn.functional.normalize(model.get_input_embeddings().weight.detach().float(), dim=1)
     known = torch.tensor(sorted(set(tokenizer.get_vocab().values()) & set(range(len(table)))))
     cosine = torch.nn.functional.normalize(vectors.float(), dim=1) @ table[known].T

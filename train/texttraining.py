@@ -86,20 +86,10 @@ class TrainableText:
     """A pipeline's CLIPTextModel and tokenizer with what of them trains; `encode` keeps the graph."""
 
     def __init__(self, config, device: str, seed: int = 0):
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         from latentmill.curate.fingerprints import weights_fingerprint
-        from latentmill.curate.textencoder import text_encoder_folder
+        from latentmill.curate.textencoder import clip_text_parts
 
-        folder = text_encoder_folder(config.text_encoder)
-        sub = lambda name: folder / name if (folder / name).exists() else folder  # noqa: E731
-        try:
-            self.model = CLIPTextModel.from_pretrained(sub("text_encoder"), local_files_only=True)
-            self.tokenizer = CLIPTokenizer.from_pretrained(sub("tokenizer"), local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise InputError(
-                f"--text-encoder {config.text_encoder}: no CLIP text model found ({str(err).splitlines()[0][:160]})."
-            ) from None
+        self.model, self.tokenizer = clip_text_parts(config.text_encoder)
         self.model.eval().requires_grad_(False)
         self.fingerprint = weights_fingerprint(self.model.state_dict())
         self.context = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)

@@ -21,7 +21,7 @@ from latentmill.curate.shardencoder import ShardEncoder
 from latentmill.curate.storage import location, make_folder, remove_stale_temporaries, write_json
 from latentmill.curate.validationsplit import VALIDATION, SplitWriter, validation_stats
 from latentmill.devices import PRECISIONS, resolve_device_precision
-from latentmill.errors import InputError, invariant, nothing_left
+from latentmill.errors import InputError, invariant, nothing_left, warn
 from latentmill.schema import StageConfig, opt
 
 DOWNSAMPLE = 8  # SD-family VAEs: latent side = image side / 8
@@ -188,6 +188,8 @@ def encode_shard(
             sample = waiting.pop(prepared.key)
             if prepared.reason:
                 encoder.dropped[prepared.reason] += 1
+                if prepared.detail:
+                    warn(prepared.detail)
                 continue
             encoder.add(sample, prepared)
         encoder.finish()
@@ -210,6 +212,8 @@ def encode_shard(
     } | checksums
     if config.validation_share:
         stats["held_out"] = writer.held  # to the validation split
+    if config.alpha_mask:
+        stats["empty_masks"] = encoder.empty_masks
     invariant(
         stats["input"] == stats["written"] + stats.get("held_out", 0) + sum(stats["dropped"].values()),
         f"shard {shard}: input != written + dropped in {stats}",
@@ -246,6 +250,31 @@ class EncodeStage:
 
     def stats_path(self, shard: Path) -> Path:
         return self.output / f"{shard.stem}.stats.json"
+
+    def damaged(self, shard: Path, stats: dict) -> str | None:
+        """What is wrong with a done shard's latent tar against its stats (gone, another size, another
+        digest), or None when it is whole."""
+        from latentmill.curate.shardchecksum import FAST, KINDS, new_digest
+
+        tar = self.output / f"{shard.stem}.tar"
+        if not (self.output / f"{shard.stem}.parquet").exists():
+            return f"{shard.stem}.parquet is gone"
+        try:
+            size = tar.stat().st_size
+        except FileNotFoundError:
+            return f"{tar.name} is gone"
+        if isinstance(stats.get("bytes"), int) and size != stats["bytes"]:
+            return f"{tar.name} holds {size:,} bytes, {stats['bytes']:,} when it was written"
+        kind = next((k for k in (FAST, *KINDS) if isinstance(stats.get(k), str)), None)
+        if kind is None:
+            return None  # stats of a release before digests: nothing to check against
+        digest = new_digest(kind)
+        with tar.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != stats[kind]:
+            return f"{tar.name} changed since it was written ({kind} differs)"
+        return None
 
     def process(self, shard: Path, state) -> dict:
         vae, text_encoder, pool, config = state

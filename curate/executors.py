@@ -12,7 +12,6 @@ actor whose process or node died (the shard it held is retried on the restarted 
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,29 @@ class ShardStage(Protocol):
     def setup(self): ...
     def process(self, shard: Path, state) -> dict: ...
     def stats_path(self, shard: Path) -> Path: ...
+
+    # optional: `damaged(shard, stats) -> str | None`, what is wrong with a done shard's outputs (checked
+    # against its stats file), so a re-run redoes it instead of trusting the marker
+
+
+def done_shards(stage: ShardStage, shards: list[Path]) -> dict[str, dict]:
+    """The stats of the shards that are done: a stats file, and (where the stage checks) outputs that match
+    it. A done shard whose outputs are gone or damaged is redone, with a warning naming what is wrong."""
+    from latentmill.curate.records import read_record
+    from latentmill.errors import warn
+
+    done = {}
+    for shard in shards:
+        marker = stage.stats_path(shard)
+        if not marker.exists():
+            continue
+        stats = read_record(marker, dict, f"remove {marker.name} and run again: the shard is redone")
+        problem = stage.damaged(shard, stats) if hasattr(stage, "damaged") else None
+        if problem:
+            warn(f"{shard.stem}: {problem}; encoding it again.")
+            continue
+        done[shard.stem] = stats
+    return done
 
 
 @dataclass
@@ -57,9 +79,7 @@ def run_shards(
     """Process every shard not yet done; return the stats of all shards by name. `local_state`: models the
     caller already loaded, used by the local executor instead of `stage.setup()`."""
     executor.validate()
-    results = {
-        s.stem: json.loads(stage.stats_path(s).read_text()) for s in shards if stage.stats_path(s).exists()
-    }
+    results = done_shards(stage, shards)
     todo = [s for s in shards if s.stem not in results]
     if progress:
         for stats in results.values():

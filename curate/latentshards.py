@@ -105,8 +105,9 @@ class LatentShardWriter:
             "caption": caption or "",
         }
 
-    def close(self) -> dict[str, str]:
-        """Write `{shard}.tar` and `{shard}.parquet`; return the tar's digests ({"xxh3_128", "sha256"})."""
+    def close(self) -> dict:
+        """Write `{shard}.tar` and `{shard}.parquet`; return the tar's digests and size ({"xxh3_128",
+        "sha256", "bytes"})."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -125,6 +126,7 @@ class LatentShardWriter:
                         info.size, info.mtime, info.mode = size, 0, 0o444
                         info.uname = info.gname = ""
                         tar.addfile(info, io.BytesIO(self._spill.read(size)))
+            tar_bytes = tmp.stat().st_size
         self._spill.close()
         schema = pa.schema(
             [
@@ -136,7 +138,7 @@ class LatentShardWriter:
         )
         with atomic_path(self.folder / f"{self.shard}.parquet") as tmp:
             pq.write_table(pa.Table.from_pylist(self.rows, schema=schema), tmp)
-        return hashing.hexdigests()
+        return hashing.hexdigests() | {"bytes": tar_bytes}
 
 
 def is_url(spec: str | Path) -> bool:
@@ -393,5 +395,7 @@ def write_manifest(folder: Path, header: dict, shard_stats: dict[str, dict]) -> 
             for name, s in sorted(shard_stats.items())
         },
     }
+    if any("empty_masks" in s for s in shard_stats.values()):  # loss masks zero everywhere (--alpha-mask)
+        manifest["empty_masks"] = sum(s.get("empty_masks", 0) for s in shard_stats.values())
     write_json(folder / MANIFEST, manifest)
     return manifest

@@ -26,8 +26,15 @@ def source_mask(image_bytes: bytes, mask_bytes: bytes | None) -> Image.Image | N
             has_alpha = image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info)
             return image.convert("RGBA").getchannel("A") if has_alpha else None
     with Image.open(io.BytesIO(mask_bytes)) as mask:
-        mask = mask.convert("L")
-        return mask if mask.size == size else mask.resize(size, Image.Resampling.BILINEAR)
+        if mask.size != size:  # a mask of another picture, or of another crop: never stretched to fit
+            raise MaskSizeMismatch(mask.size, size)
+        return mask.convert("L")
+
+
+class MaskSizeMismatch(ValueError):
+    def __init__(self, mask_size: tuple[int, int], image_size: tuple[int, int]):
+        super().__init__(f"{mask_size[0]}x{mask_size[1]} against its image's {image_size[0]}x{image_size[1]}")
+        self.mask_size, self.image_size = mask_size, image_size
 
 
 def latent_mask(mask: Image.Image | None, placement: Placement, factor: int) -> np.ndarray:

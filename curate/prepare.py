@@ -56,6 +56,7 @@ class Prepared:
     placement: Placement | None = None
     reason: str = ""
     mask: np.ndarray | None = None  # float32 (1, h, w) at latent size, with PrepareSettings.mask_factor
+    detail: str = ""  # why it was dropped, for a warning, where the reason alone does not say enough
 
 
 def prepare_sample(shard: str, key: str, data: bytes | tuple, settings: PrepareSettings) -> Prepared:
@@ -76,10 +77,16 @@ def prepare_sample(shard: str, key: str, data: bytes | tuple, settings: PrepareS
     pixels = np.asarray(resize_and_crop(image, placement), dtype=np.uint8)
     mask = None
     if settings.mask_factor:
-        from latentmill.curate.lossmask import latent_mask, source_mask
+        from latentmill.curate.lossmask import MaskSizeMismatch, latent_mask, source_mask
 
         try:
             mask = latent_mask(source_mask(image_bytes, mask_bytes), placement, settings.mask_factor)
+        except MaskSizeMismatch as err:
+            detail = (
+                f"{shard}: {key}.mask.png is {err}: a loss mask must have its image's size. Dropped "
+                f"(mask_size_mismatch); make the mask at the image's size and pack the folder again."
+            )
+            return Prepared(key, reason="mask_size_mismatch", detail=detail)
         except (OSError, ValueError, SyntaxError):
             return Prepared(key, reason="undecodable_mask")
     return Prepared(key, pixels=pixels, placement=placement, mask=mask)

@@ -36,6 +36,7 @@ class ShardEncoder:
         self.texts: dict[str, np.ndarray] = {}
         self.dropped: Counter = Counter()
         self.per_bucket: Counter = Counter()
+        self.empty_masks = 0  # loss masks that are zero everywhere: samples --masked-loss learns nothing from
 
     def add(self, sample, prepared) -> None:
         bucket = prepared.placement.bucket
@@ -122,6 +123,8 @@ class ShardEncoder:
         )
         if not held:
             self.per_bucket[f"{placement.bucket[0]}x{placement.bucket[1]}"] += 1
+            if mask is not None and not mask.any():
+                self.empty_masks += 1
 
 
 def sample_meta(image_meta: dict, placement) -> dict:

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,9 +85,26 @@ def location(spec: str | os.PathLike):
     if protocol in (None, "file", "local"):
         return Path(text.split("://", 1)[1] if protocol else text)
     _require(protocol, text)
+    check_url(text)
     from upath import UPath
 
     return UPath(text, **_options)
+
+
+def check_url(text: str) -> str:
+    """`text` with its path segments checked: `.`, `..` and empty segments (`s3://b/runs/..`, `s3://b//x`)
+    are refused, as object stores do not resolve them and a local copy named from them would not stay in
+    its folder. One trailing slash is allowed (a prefix)."""
+    rest = text.split("://", 1)[1]
+    segments = rest.rstrip("/").split("/") if rest.rstrip("/") else []
+    bad = [s for s in segments if s in ("", ".", "..")]
+    if bad or not segments:
+        what = "an empty segment (//)" if (bad and bad[0] == "") or not segments else f"a {bad[0]!r} segment"
+        raise InputError(
+            f"{text}: {what} in a store URL. Give the URL spelled out (s3://BUCKET/PREFIX/NAME), without "
+            f"'.', '..' or '//'."
+        )
+    return text
 
 
 def _require(protocol: str, spec: str) -> None:
@@ -142,8 +158,10 @@ def atomic_path(path) -> Iterator[Path]:
     `path`; in an object store, uploaded as one object. On failure nothing appears."""
     path = location(path)
     if is_remote(path):
-        with tempfile.TemporaryDirectory(prefix="latentmill-") as folder:
-            tmp = Path(folder) / path.name
+        from latentmill.curate.scratch import temporary_folder
+
+        with temporary_folder(f"upload of {path}") as folder:
+            tmp = folder / path.name
             yield tmp
             upload(tmp, path)
         return
@@ -239,8 +257,10 @@ def local_file(path) -> Iterator[Path]:
     if not is_remote(path):
         yield path
         return
-    with tempfile.TemporaryDirectory(prefix="latentmill-") as folder:
-        tmp = Path(folder) / path.name
+    from latentmill.curate.scratch import temporary_folder
+
+    with temporary_folder(f"copy of {path}") as folder:
+        tmp = folder / path.name
         path.fs.get_file(path.path, str(tmp))
         yield tmp
 

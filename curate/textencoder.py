@@ -198,9 +198,9 @@ def write_tiny_clip_pipeline(folder: str | Path) -> Path:
 def text_encoder_folder(spec: str) -> Path:
     """The local folder behind a pipeline-style spec (`clip-tiny` is made on first use)."""
     if spec == TINY_CLIP:
-        import tempfile
+        from latentmill.curate.scratch import root
 
-        return write_tiny_clip_pipeline(Path(tempfile.gettempdir()) / "latentmill-clip-tiny")
+        return write_tiny_clip_pipeline(root() / "model-clip-tiny")
     return Path(spec)
 
 

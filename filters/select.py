@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,17 +100,25 @@ def select(scores: str | Path, output: str | Path, config: SelectConfig | None =
     if config.dedup:
         rules.append(DuplicateRule(config.dedup))
     # written whole beside the output (in a local folder for an object store), then swapped in
-    tmp = Path(tempfile.mkdtemp(prefix="latentmill-select-")) if is_remote(output) else temporary_name(output)
+    held = None
+    if is_remote(output):
+        from latentmill.curate.scratch import new_folder
+
+        held = new_folder("tmp", f"selection for {output}")
+        tmp = held.path / "selection"
+    else:
+        tmp = temporary_name(output)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         funnel = _select_into(tmp, output, shards, rules, config.plots)
         record = make_record("select", config, inputs={"scores": scores, "dedup": config.dedup})
         write_json(record_path(tmp), record)  # what this selection was made from
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous selection stays as it was
-        raise
-    _swap_in(tmp, output)
+        _swap_in(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # on failure the previous selection stays as it was
+        if held:
+            held.release(remove=True)
     if funnel["input"] and not funnel["kept"]:
         drops = {step["rule"]: step["dropped"] for step in funnel["steps"]}
         raise nothing_left(f"select {scores} (loosen the thresholds)", funnel["input"], drops)

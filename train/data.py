@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from latentmill.curate.latentshards import is_url
-from latentmill.errors import InputError
+from latentmill.errors import InputError, warn
 from latentmill.train.loader import LatentLoader, LoaderState, expand_shards
 
 MUST_AGREE = ("resolution", "latent_channels", "downsample_factor", "scaling_factor", "shift_factor")
@@ -170,6 +170,20 @@ class TrainingData:
             raise InputError(
                 f"--masked-loss: {', '.join(map(str, unmasked))} hold(s) no loss masks; encode with `latentmill "
                 f"encode --alpha-mask` (the alpha channel, or NAME.mask.png packed beside each image)."
+            )
+        for name, loader in zip(names, self.loaders, strict=True):
+            empty, samples = loader.manifest.get("empty_masks"), loader.manifest.get("samples")
+            if not isinstance(empty, int) or not isinstance(samples, int) or not empty:
+                continue
+            if empty >= samples:
+                raise InputError(
+                    f"--masked-loss: every one of the {samples} loss masks of {name} is empty (zero everywhere), "
+                    f"so the loss would be 0 and nothing would train. Check the alpha channels or NAME.mask.png "
+                    f"files (white: learn, black: ignore), or train without --masked-loss."
+                )
+            warn(
+                f"--masked-loss: {empty} of the {samples} loss masks of {name} are empty (zero everywhere): "
+                f"those samples teach nothing."
             )
 
     def skipped_total(self) -> dict:

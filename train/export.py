@@ -118,9 +118,9 @@ def export_run(
     from latentmill.train.runs import load_run
 
     if is_remote(run):
-        from latentmill.train.remoterun import RunMirror
+        from latentmill.train.remoterun import read_copy
 
-        run = RunMirror(str(run)).pull()
+        run = read_copy(str(run))
     if is_remote(output):
         return _export_to_store(run, output, format, use_ema, vae)
 
@@ -143,13 +143,12 @@ def export_run(
 
 
 def _export_to_store(run, output, format: str, use_ema: bool, vae):
-    import tempfile
-
+    from latentmill.curate.scratch import temporary_folder
     from latentmill.curate.storage import location, publish_folder, upload
 
     output = location(output)
-    with tempfile.TemporaryDirectory(prefix="latentmill-export-") as folder:
-        local = Path(folder) / output.name
+    with temporary_folder(f"export to {output}") as folder:
+        local = folder / output.name
         made = export_run(run, local, format, use_ema, vae)
         if local.is_dir():
             publish_folder(local, output, last=("model_index.json", "lineage.json"))

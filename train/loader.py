@@ -24,10 +24,14 @@ import torch
 
 from latentmill.curate.latentshards import is_url, iter_latent_shard, read_manifest
 from latentmill.curate.storage import is_remote, location
-from latentmill.errors import InputError
+from latentmill.errors import InputError, warn
 from latentmill.train.inpainting import draw_variants
 from latentmill.train.latentspace import posterior_sample
 from latentmill.train.shardcache import ShardCache
+
+
+def _stem(shard: str) -> str:
+    return shard.rsplit("/", 1)[-1].removesuffix(".tar")
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
@@ -115,11 +119,12 @@ class LatentLoader:
     state: LoaderState = field(default_factory=LoaderState)
     skipped: dict = field(default_factory=dict)  # this process's reader: reason -> samples or shards skipped
     _worker_skipped: dict = field(default_factory=dict)
+    missing: int = 0  # shards the manifest lists that are gone (rank 0 counts them)
 
     def skipped_total(self) -> dict:
         """Skipped samples (bad_sample, unreadable_sample) and shards (damaged_shard, unreadable_shard), over
         every worker."""
-        total: dict = {}
+        total: dict = {"missing_shard": self.missing} if self.missing else {}
         for counts in [self.skipped, *self._worker_skipped.values()] if self.workers > 1 else [self.skipped]:
             for reason, n in counts.items():
                 total[reason] = total.get(reason, 0) + n
@@ -141,7 +146,32 @@ class LatentLoader:
             self.shards[0].rsplit("/", 1)[0] if is_url(self.shards[0]) else Path(self.shards[0]).parent
         )
         self.manifest = read_manifest(self.folder)
+        self._check_listed()
         self.my_shards = self.shards[self.rank :: self.world_size]
+
+    def _check_listed(self) -> None:
+        """A shard the manifest lists that is gone (not merely left out of a pattern given) is said at the
+        start, counted as `missing_shard` in the log, and stops a --strict run."""
+        listed = self.manifest.get("shards")
+        if not isinstance(listed, dict):
+            return  # a hand-made folder: no list to hold the shards to
+        present = {_stem(shard) for shard in self.shards}
+        gone = [
+            name
+            for name in sorted(set(listed) - present)
+            if not location(f"{self.folder}/{name}.tar").exists()
+        ]
+        if not gone:
+            return
+        message = (
+            f"{self.folder}: {len(gone)} of the {len(listed)} shard(s) its manifest lists are gone ("
+            f"{', '.join(g + '.tar' for g in gone[:3])}{', …' if len(gone) > 3 else ''}). Re-encode the folder "
+            f"(`latentmill encode` redoes the missing shards)"
+        )
+        if self.strict:
+            raise InputError(message + ", or train without --strict to go on without them.")
+        warn(message + f"; training on the {len(self.shards)} left (counted as missing_shard).")
+        self.missing = len(gone) if self.rank == 0 else 0
 
     @property
     def logical_workers(self) -> int:
@@ -165,8 +195,12 @@ class LatentLoader:
             yield from iter_latent_shard(
                 shard, self.manifest, errors=None if self.strict else self.skipped, stream=stream, verify=True
             )
-        except OSError:  # the shard cannot be opened at all (missing file, URL down)
+        except OSError as err:  # the shard cannot be opened at all (gone since the start, URL down)
+            message = f"{shard}: cannot be read ({err})."
+            if self.strict:
+                raise InputError(f"{message} With --strict this stops the run; check the folder.") from None
             self.skipped["unreadable_shard"] = self.skipped.get("unreadable_shard", 0) + 1
+            warn(f"{message} Skipped (unreadable_shard); with `train --strict` it stops the run.")
 
     def _fetch(self, refs: list) -> dict[tuple[str, str], dict]:
         """The samples named by [shard, key] pairs, each shard read once (resume only)."""

@@ -110,7 +110,16 @@ def train(config: TrainConfig, progress=None, log=None, evaluate=None) -> dict:
     --eval-every steps, rank 0 calls it with the EMA U-Net, the prompt encoder and the manifest for more
     numbers to log (latentmill/evaluation.py `TrainingEval`: CLIP score, FID)."""
     config.validate()
-    t = _set_up(config)
+    mirror = mirror_of(config.output)  # a run in an object store trains through a local copy
+    try:
+        return _train(config, mirror, progress, log, evaluate)
+    finally:
+        if mirror:  # given up on every way out (a finished run has removed it already)
+            mirror.release()
+
+
+def _train(config: TrainConfig, mirror: RunMirror | None, progress, log, evaluate) -> dict:
+    t = _set_up(config, mirror)
     config = t.config  # with --epochs: the steps they come to
     if log and t.rank == 0 and config.epochs:
         log(f"{config.epochs} epoch(s) of the data: {config.steps} steps")
@@ -121,6 +130,7 @@ def train(config: TrainConfig, progress=None, log=None, evaluate=None) -> dict:
         if t.start < config.steps:
             log(f"resuming {t.run} from step {t.start} of {config.steps}")
     if t.start >= config.steps:
+        _finish(t)
         if log and t.rank == 0:
             log(
                 f"{t.run} is at step {t.start} of {config.steps}: nothing to train (give a larger --steps to go on)"
@@ -214,10 +224,21 @@ def train(config: TrainConfig, progress=None, log=None, evaluate=None) -> dict:
                 run_log.image(step + 1, grid)
             if checkpointing:
                 _checkpoint(t, step + 1)
+    _finish(t)
     return metrics | rank_report(t)
 
 
-def _set_up(config: TrainConfig) -> Training:
+def _finish(t: Training) -> None:
+    """A run in a store has sent everything: its working copy is removed (a failed or killed run keeps
+    it, held by nobody, for the next run on the URL to reuse)."""
+    if t.mirror is None:
+        return
+    if t.world > 1:
+        torch.distributed.barrier()  # no rank of this node still reads the copy
+    t.mirror.release(remove_copy=True)
+
+
+def _set_up(config: TrainConfig, mirror: RunMirror | None) -> Training:
     """Everything the loop needs, checked before the run folder is touched where it can be: the device,
     the data, the text conditioning, the U-Net and what of it trains, the optimizer, the resume point."""
     from latentmill.train.schedule import training_scheduler
@@ -226,8 +247,11 @@ def _set_up(config: TrainConfig) -> Training:
     device, precision = resolve_device_precision(config.device, config.precision)  # fp16: refused by validate
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    mirror = mirror_of(config.output)  # a run in an object store trains through a local copy
-    run = mirror.pull() if mirror else Path(config.output)
+    run = mirror.local if mirror else Path(config.output)
+    if mirror and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        mirror.pull()  # held by this process: a second trainer of the URL here is refused
+    if mirror and world > 1:
+        torch.distributed.barrier()  # the node's other ranks use the copy its rank 0 pulled
     # the latent folders (a mixture, DreamBooth's class images beside), read before anything is written:
     # bad input leaves no run folder
     sets = latent_sets(config.sources())

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from latentmill.curate.storage import is_remote, location, publish_folder, temporary_name
@@ -146,8 +145,10 @@ def _write_run(output: Path, merged: dict, donor: Run, recipe: dict) -> Path:
     if is_remote(output):  # made here whole, then sent (state.json last)
         if location(output).exists():
             raise InputError(f"{output} already holds files; merge into a new folder.")
-        with tempfile.TemporaryDirectory(prefix="latentmill-merge-") as folder:
-            made = _write_run(Path(folder) / location(output).name, merged, donor, recipe)
+        from latentmill.curate.scratch import temporary_folder
+
+        with temporary_folder(f"merge into {output}") as folder:
+            made = _write_run(folder / location(output).name, merged, donor, recipe)
             publish_folder(made, output, last=("state.json",))
         return location(output)
     if checkpoints(output):

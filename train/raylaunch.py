@@ -37,13 +37,13 @@ def launch(config: TrainConfig, log=None) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from latentmill.curate.storage import is_remote
     from latentmill.train.checkpoint import check_resume_point
-    from latentmill.train.remoterun import mirror_of
+    from latentmill.train.remoterun import read_copy
 
     check_launch(config)
-    mirror = mirror_of(config.output)
     check_resume_point(
-        mirror.pull() if mirror else Path(config.output), config
+        read_copy(config.output) if is_remote(config.output) else Path(config.output), config
     )  # refused here, not in N workers
     started_here = not ray.is_initialized()
     if started_here:
@@ -99,7 +99,7 @@ def _worker(loop_config: dict) -> None:
     )
     config = TrainConfig(**loop_config["config"])
     mirror = mirror_of(config.output)
-    run = mirror.pull() if mirror else Path(config.output)
-    resume = config.resume or bool(checkpoints(run))  # the driver refused a finished run without --resume
+    done = mirror.remote_checkpoints() if mirror else checkpoints(Path(config.output))
+    resume = config.resume or bool(done)  # the driver refused a finished run without --resume
     metrics = train(replace(config, launcher="local", resume=resume), log=print)  # print: to the driver
     ray_train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -130,9 +130,9 @@ def load_run(run: str | Path, use_ema: bool = True, what: str = "") -> Run:
     messages (e.g. "--init-from")."""
     name = f"{what} {run}".strip()
     if is_remote(run):  # a run in an object store: its newest complete checkpoint, copied here
-        from latentmill.train.remoterun import RunMirror
+        from latentmill.train.remoterun import read_copy
 
-        run = RunMirror(str(run)).pull()
+        run = read_copy(str(run))
     run = Path(run)
     if not run.is_dir():
         raise InputError(f"{name}: not a run folder.")

@@ -1,11 +1,14 @@
 """A bounded local cache of latent shards that live in an object store, with read-ahead.
 
-Training reads each remote shard from a local copy: the shard being read and the next `ahead` ones of the
+Training reads each remote shard from a local copy, named by the object's URL, size and ETag (so a prefix
+re-made since the last run is fetched again, never read from the copies of the old one): the shard being read and the next `ahead` ones of the
 worker's order are downloaded in background threads (so the GPU does not wait on a GET), and when the
 folder would grow past `limit` bytes the least recently used shards that no reader holds are evicted
 (MosaicML streaming's idea). A shard file is opened before it may be evicted, and an unlinked open file
 stays readable, so several loader processes can share one cache folder. Downloads land under a temporary
-name and are renamed into place: a killed download never leaves a partial shard.
+name and are renamed into place: a killed download never leaves a partial shard. Without --cache-dir the
+folder is a `cache-…` folder of latentmill's private scratch space (`curate/scratch.py`), held by the
+training process: removed when it ends, and by the next command when it was killed.
 
 What is read, and in which order, is the same as straight from the store: the cache changes when bytes
 arrive, not which, so resume stays exact.
@@ -18,13 +21,12 @@ import hashlib
 import multiprocessing
 import os
 import re
-import shutil
-import tempfile
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-from latentmill.curate.storage import location, options, set_options
+from latentmill.curate.scratch import new_folder
+from latentmill.curate.storage import file_version, location, options, set_options
 from latentmill.errors import InputError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -45,11 +47,19 @@ def parse_size(text: str | int, option: str = "--cache-limit") -> int:
 class ShardCache:
     def __init__(self, folder: str | os.PathLike | None, limit: int, ahead: int = 2):
         self.limit, self.ahead = limit, ahead
-        self._own = folder is None  # a temporary folder of this run, removed with it
-        self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="latentmill-cache-"))
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if self._own:
-            atexit.register(shutil.rmtree, self.folder, True)
+        self._own = folder is None  # a scratch folder of this run, removed with it
+        self._held = new_folder("cache", "shard cache of a training run") if self._own else None
+        self.folder = self._held.path if self._held else Path(folder)
+        if self._held:
+            atexit.register(self._held.release, True)
+        elif self.folder.exists() and not self.folder.is_dir():
+            raise InputError(f"--cache-dir {folder}: a file; give a folder (made if absent).")
+        else:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise InputError(f"--cache-dir {folder}: cannot make it ({err.strerror}).") from None
+        self._versions: dict[str, tuple[int, str]] = {}  # shard -> (size, ETag), asked once per process
         self._pool: ThreadPoolExecutor | None = None
         self._processes: ProcessPoolExecutor | None = None
         self._pending: dict[str, Future] = {}
@@ -62,18 +72,38 @@ class ShardCache:
         return {
             k: v
             for k, v in self.__dict__.items()
-            if k not in ("_pool", "_processes", "_pending", "_lock", "_incoming")
+            if k not in ("_pool", "_processes", "_pending", "_lock", "_incoming", "_held")
         }
 
     def __setstate__(self, state):
         self.__dict__.update(
-            state, _pool=None, _processes=None, _pending={}, _lock=threading.Lock(), _incoming={}
+            state, _pool=None, _processes=None, _pending={}, _lock=threading.Lock(), _incoming={}, _held=None
         )
         self._own = False  # the process that made the folder removes it
 
+    def version(self, shard: str) -> tuple[int, str]:
+        """(size, ETag) of the shard's object in the store, asked once per process."""
+        if shard not in self._versions:
+            self._versions[shard] = file_version(location(shard))
+        return self._versions[shard]
+
     def path_of(self, shard: str) -> Path:
-        digest = hashlib.sha256(shard.encode()).hexdigest()[:16]
+        """The copy of this version of the shard: a copy of another (a prefix re-made) never matches."""
+        size, etag = self.version(shard)
+        digest = hashlib.sha256(f"{shard}\n{size}\n{etag}".encode()).hexdigest()[:16]
         return self.folder / f"{digest}-{Path(shard).name}"
+
+    def _cached(self, shard: str) -> bool:
+        """A whole copy of the shard's current version is here (a copy of another size is removed)."""
+        path = self.path_of(shard)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return False
+        if size == self.version(shard)[0]:
+            return True
+        path.unlink(missing_ok=True)
+        return False
 
     def open(self, shard: str, upcoming: list[str] = ()):
         """An open binary file of `shard`'s bytes (downloaded unless cached); the next shards of
@@ -94,11 +124,12 @@ class ShardCache:
         raise OSError(f"{shard}: evicted from the cache as soon as it arrived; raise --cache-limit.")
 
     def _start(self, shard: str) -> Future:
+        self.version(shard)  # the store is asked outside the lock
         with self._lock:
             future = self._pending.get(shard)
             if future is not None and not (future.done() and not self.path_of(shard).exists()):
                 return future
-            if self.path_of(shard).exists():
+            if self._cached(shard):
                 future = Future()
                 future.set_result(None)
             else:
@@ -109,8 +140,7 @@ class ShardCache:
             return future
 
     def _download(self, shard: str) -> None:
-        source = location(shard)
-        size = source.fs.size(source.path)
+        size = self.version(shard)[0]
         target = self.path_of(shard)
         with self._lock:
             self._size_hint = max(1, size)
@@ -119,6 +149,8 @@ class ShardCache:
         tmp = target.with_name(f".{target.name}.part-{os.getpid()}-{threading.get_ident()}")
         try:
             self._fetcher().submit(_fetch, shard, str(tmp), options()).result()
+            if tmp.stat().st_size != size:
+                raise OSError(f"{shard}: changed in the store while it was fetched ({size} bytes before)")
             os.replace(tmp, target)
             self.downloads += 1
         finally:
@@ -166,8 +198,8 @@ class ShardCache:
         if self._processes is not None:
             self._processes.shutdown(wait=True, cancel_futures=True)
             self._processes = None
-        if self._own:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        if self._held:
+            self._held.release(remove=True)
 
 
 def _fetch(shard: str, target: str, storage_options: dict) -> None:

@@ -63,6 +63,14 @@ def add_token(tokenizer, model, token: str, vectors: int, init_word: str) -> lis
     init word's token embeddings (cycled when the word has fewer tokens than vectors); return their ids."""
     from latentmill.train.ticaptions import token_names
 
+    context = int(getattr(tokenizer, "model_max_length", 77) or 77)
+    room = max(1, (min(context, 4096) - 2) // 2)  # the other half stays for the caption's own words
+    if vectors > room:
+        raise InputError(
+            f"--vectors {vectors}: the text encoder reads {context} tokens (start and end among them), and "
+            f"every caption must keep room for its own words beside the token's vectors: give at most {room} "
+            f"(1 to 8 is usual)."
+        )
     names = token_names(token, vectors)
     vocabulary = tokenizer.get_vocab()
     taken = [n for n in names if n in vocabulary]

@@ -73,6 +73,10 @@ COMMANDS = {
         "latentmill.cli.latents:latents",
         "Check latent shards against their manifest (latents verify).",
     ),
+    "cache": (
+        "latentmill.cli.cache:cache",
+        "Show or free the local copies latentmill holds (remote runs, shard caches).",
+    ),
     "serve-images": (
         "latentmill.cli.serve:serve_images",
         "Serve test images (and failure cases) on 127.0.0.1.",

@@ -23,8 +23,8 @@ def latents():
 def verify(folder):
     """Every shard against the manifest: present, its sha256, its sample count, every sample readable.
 
-    Exit 0 when all hold, 2 with the list of problems otherwise (copy a shard again, or re-encode it by
-    deleting its .stats.json and running `latentmill encode` again).
+    Exit 0 when all hold, 2 with the list of problems otherwise (copy a shard again, or run the same
+    `latentmill encode` again: it checks each done shard against its stats and redoes the damaged ones).
 
     \b
     Example:

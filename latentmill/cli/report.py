@@ -30,12 +30,13 @@ def report(work, output, open_it):
     written = build_report(work, output)
     click.echo(f"wrote {written}")
     if open_it:
-        import tempfile
         import webbrowser
         from pathlib import Path
 
+        from latentmill.curate.scratch import root
+
         if is_remote(written):
-            local = Path(tempfile.gettempdir()) / f"latentmill-report-{written.parent.parent.name}.html"
+            local = root() / f"report-{written.parent.parent.name}.html"
             local.write_bytes(written.read_bytes())
             click.echo(f"local copy: {local}")
         else:

@@ -189,7 +189,8 @@ def encode_shard(
             if prepared.reason:
                 encoder.dropped[prepared.reason] += 1
                 if prepared.detail:
-                    warn(prepared.detail)
+                    source = sample.meta.get("url") if isinstance(sample.meta, dict) else None
+                    warn(prepared.detail + (f" (its image: {source})" if isinstance(source, str) else ""))
                 continue
             encoder.add(sample, prepared)
         encoder.finish()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from latentmill.curate.imageshards import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
 from latentmill.curate.storage import atomic_path, location, make_folder, remove_stale_temporaries, write_json
-from latentmill.errors import InputError
+from latentmill.errors import InputError, warn
 from latentmill.schema import StageConfig, opt
 
 MASK_SUFFIX = ".mask.png"
@@ -128,6 +128,19 @@ def pack_images(
     return totals
 
 
+def _mask_size_problem(mask: Path, size: tuple[int, int]) -> str | None:
+    """How `mask` differs in size from its image (None when it matches or cannot be read: encode counts
+    an unreadable mask)."""
+    from PIL import Image
+
+    try:
+        with Image.open(mask) as opened:
+            found = opened.size
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return None if found == size else f"{found[0]}x{found[1]} against its image's {size[0]}x{size[1]}"
+
+
 def _pack_shard(folder: Path, files: list[Path], output: Path, shard: str, first: int, config) -> dict:
     import pandas as pd
 
@@ -147,6 +160,12 @@ def _pack_shard(folder: Path, files: list[Path], output: Path, shard: str, first
                 continue
             if caption is None:
                 dropped["no_caption"] = dropped.get("no_caption", 0) + 1
+                continue
+            if mask.is_file() and (problem := _mask_size_problem(mask, image.size)):
+                warn(
+                    f"{mask}: {problem}: a loss mask must have its image's size. Dropped (mask_size_mismatch)."
+                )
+                dropped["mask_size_mismatch"] = dropped.get("mask_size_mismatch", 0) + 1
                 continue
             key = f"{number:09d}"
             meta = {

@@ -18,7 +18,9 @@ def read_record(path, kind: type = dict, fix: str = "", fields: dict[str, type |
     try:
         text = path.read_text()
     except UnicodeDecodeError:
-        raise InputError(f"{path}: not text, so not a record latentmill wrote (damaged?). Fix: {fix}.") from None
+        raise InputError(
+            f"{path}: not text, so not a record latentmill wrote (damaged?). Fix: {fix}."
+        ) from None
     if not text.strip():
         raise InputError(f"{path}: empty (cut off as it was written?). Fix: {fix}.")
     try:

@@ -94,29 +94,61 @@ def hold(path: Path, what: str) -> Held:
     base = root()
     if path.parent != base:
         raise ValueError(f"{path}: not a folder of {base}")
+    deadline = time.monotonic() + 2.0  # a sweeper's or `cache --clear`'s look at the lock takes a moment
+    while True:
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            raise InputError(f"{path}: not a folder of yours; remove it (latentmill makes it anew).")
+        fd = _locked(path)
+        if fd is not None and os.fstat(fd).st_nlink:
+            break  # taken, and not a lock a remover unlinked meanwhile
+        if fd is not None:
+            os.close(fd)
+            continue
+        if time.monotonic() > deadline:
+            holder = holder_of(path) or {}
+            raise FolderInUse(
+                f"{what}: its local copy {path} is in use by another process (host {holder.get('host', '?')}, "
+                f"PID {holder.get('pid', '?')}). Wait for it to finish or stop it; two processes never share one."
+            )
+        time.sleep(0.05)
+    record = {"host": os.uname().nodename, "pid": os.getpid(), "what": what, "since": time.time()}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
+    return Held(path, fd)
+
+
+def _locked(path: Path) -> int | None:
+    """An fd of `path/.lock` holding its flock, or None when another process holds it. A lock file that does
+    not exist yet is made already locked (under another name, then renamed), so no process ever sees an
+    unlocked lock file of a live holder."""
+    lock = path / LOCK
     try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    info = os.lstat(path)
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-        raise InputError(f"{path}: not a folder of yours; remove it (latentmill makes it anew).")
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        fresh = path / f".lock-{os.getpid()}-{time.monotonic_ns()}"
+        fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            os.link(fresh, lock)  # fails when another process made one first: then try for that one
+        except FileExistsError:
+            os.close(fd)
+            os.unlink(fresh)
+            return _locked(path)
+        os.unlink(fresh)
+        return fd
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         os.close(fd)
         if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
             raise
-        holder = holder_of(path) or {}
-        raise FolderInUse(
-            f"{what}: its local copy {path} is in use by another process (host {holder.get('host', '?')}, "
-            f"PID {holder.get('pid', '?')}). Wait for it to finish or stop it; two processes never share one."
-        ) from None
-    record = {"host": os.uname().nodename, "pid": os.getpid(), "what": what, "since": time.time()}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(record).encode(), 0)
-    return Held(path, fd)
+        return None
+    return fd
 
 
 def new_folder(kind: str, what: str) -> Held:
@@ -141,20 +173,44 @@ def holder_of(path: Path) -> dict | None:
 
 def is_held(path: Path) -> bool:
     """A live process holds the folder's lock (a folder without a lock counts as held while it is new:
-    its maker may be between mkdtemp and the lock)."""
+    its maker is between mkdtemp and the lock)."""
+    fd = _take_if_free(path)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def _take_if_free(path: Path) -> int | None:
+    """An fd holding the folder's lock when no live process holds it (so it can be removed with nobody
+    taking it meanwhile), else None."""
     try:
         fd = os.open(path / LOCK, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        return time.time() - os.lstat(path).st_mtime < 60
+        if time.time() - os.lstat(path).st_mtime < 60:
+            return None
+        return os.open(path, os.O_RDONLY)  # an old folder that never had a lock: nobody's
     except OSError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        return True
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_if_free(path: Path) -> bool:
+    """Remove the folder when no live process holds it, holding its lock while it goes."""
+    fd = _take_if_free(path)
+    if fd is None:
+        return False
+    try:
+        (path / LOCK).unlink(missing_ok=True)  # first: a process waiting for it sees an unlinked lock
+        _remove_tree(path)
     finally:
-        os.close(fd)  # also drops the lock just taken
-    return False
+        os.close(fd)
+    return True
 
 
 def folders(base: Path | None = None) -> list[dict]:
@@ -178,8 +234,7 @@ def sweep(base: Path | None = None) -> int:
     removed = 0
     for entry in folders(base or root()):
         if entry["kind"] != "run" and not entry["held"]:
-            _remove_tree(Path(entry["path"]))
-            removed += 1
+            removed += _remove_if_free(Path(entry["path"]))
     return removed
 
 
@@ -188,10 +243,9 @@ def clear() -> tuple[int, int, list[dict]]:
     removed = freed = 0
     kept = []
     for entry in folders():
-        if entry["held"]:
+        if entry["held"] or not _remove_if_free(Path(entry["path"])):
             kept.append(entry)
             continue
-        _remove_tree(Path(entry["path"]))
         removed, freed = removed + 1, freed + entry["bytes"]
     return removed, freed, kept
 

@@ -214,6 +214,11 @@ def test_bad_textual_inversion_settings_exit_2_with_a_message(data, tmp_path, ru
         train(config(data, tmp_path / "a", textual_inversion="a", steps=1))
     with pytest.raises(InputError, match=r"--vectors"):
         config(data, tmp_path / "b", vectors=0).validate()
+    for vectors in (100000, 80, 38):  # beside a 77-token context, captions keep room for their words
+        with pytest.raises(
+            InputError, match=rf"--vectors {vectors}: the text encoder reads 77 tokens.*at most 37"
+        ):
+            train(config(data, tmp_path / "b", vectors=vectors, steps=1))
     with pytest.raises(InputError, match=r"needs --text-encoder PIPELINE_FOLDER"):
         config(data, tmp_path / "c", text_encoder=None).validate()
     with pytest.raises(InputError, match=r"--lora-text-encoder adds LoRA adapters .*give --lora-rank"):

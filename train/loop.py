@@ -130,12 +130,11 @@ def _train(config: TrainConfig, mirror: RunMirror | None, progress, log, evaluat
         if t.start < config.steps:
             log(f"resuming {t.run} from step {t.start} of {config.steps}")
     if t.start >= config.steps:
-        _finish(t)
         if log and t.rank == 0:
             log(
                 f"{t.run} is at step {t.start} of {config.steps}: nothing to train (give a larger --steps to go on)"
             )
-        return {"step": t.start, "finished_before": True} | rank_report(t)
+        return {"step": t.start, "finished_before": True} | _finish(t)
     device, world = t.device, t.world
     autocast = dict(
         device_type=device.split(":")[0], dtype=torch_dtype(t.precision), enabled=t.precision != "fp32"
@@ -224,18 +223,19 @@ def _train(config: TrainConfig, mirror: RunMirror | None, progress, log, evaluat
                 run_log.image(step + 1, grid)
             if checkpointing:
                 _checkpoint(t, step + 1)
-    _finish(t)
-    return metrics | rank_report(t)
+    return metrics | _finish(t)
 
 
-def _finish(t: Training) -> None:
-    """A run in a store has sent everything: its working copy is removed (a failed or killed run keeps
-    it, held by nobody, for the next run on the URL to reuse)."""
-    if t.mirror is None:
-        return
-    if t.world > 1:
-        torch.distributed.barrier()  # no rank of this node still reads the copy
-    t.mirror.release(remove_copy=True)
+def _finish(t: Training) -> dict:
+    """This rank's report (RUN/ranks/rank-N.json); then a run in a store has sent everything and its
+    working copy is removed (a failed or killed run keeps it, held by nobody, for the next run on the URL
+    to reuse)."""
+    report = rank_report(t)
+    if t.mirror is not None:
+        if t.world > 1:
+            torch.distributed.barrier()  # no rank of this node still uses the copy
+        t.mirror.release(remove_copy=True)
+    return report
 
 
 def _set_up(config: TrainConfig, mirror: RunMirror | None) -> Training:

@@ -72,7 +72,9 @@ class RunMirror:
     def remote_checkpoints(self) -> list[str]:
         """The checkpoints of the run in the store that are complete (hold state.json), oldest first."""
         names = self._remote_files()
-        return sorted({n.split("/")[1] for n in names if n.startswith("checkpoints/") and n.endswith("/" + STATE)})
+        return sorted(
+            {n.split("/")[1] for n in names if n.startswith("checkpoints/") and n.endswith("/" + STATE)}
+        )
 
     def pull(self) -> Path:
         """The local working copy, holding the run's files and its newest complete checkpoint."""
@@ -81,7 +83,9 @@ class RunMirror:
         names = self._remote_files()
         complete = self.remote_checkpoints()
         newest = complete[-1] if complete else None
-        wanted = set(n for n in names if not n.startswith("checkpoints/") or (n.split("/") + [""])[1] == newest)
+        wanted = set(
+            n for n in names if not n.startswith("checkpoints/") or (n.split("/") + [""])[1] == newest
+        )
         self.local.mkdir(parents=True, exist_ok=True)
         remove_links(self.local)
         for here, _, files in os.walk(self.local, followlinks=False):  # the store is the truth: drop the rest
@@ -98,6 +102,7 @@ class RunMirror:
             (self.remote / name).fs.get_file((self.remote / name).path, str(tmp))
             os.replace(tmp, target)
         return self.local
+
     def push(self, only: list[str] | None = None) -> None:
         """Send the local files that differ from the store's (or only the names in `only`): checkpoint
         files before their state.json, then the rest; drop checkpoints the local copy no longer has."""

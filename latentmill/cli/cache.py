@@ -44,6 +44,8 @@ def cache(list_, clear):
         return
     for entry in entries:
         holder = f"in use by PID {entry['pid']} on {entry['host']}" if entry["held"] else "not in use"
+        if entry["held"] and entry["pid"] is None:
+            holder = "being made"
         click.echo(
             f"{entry['kind']:<6} {_size(entry['bytes']):>9}  {holder:<32} {entry['path']}  {entry['what'] or ''}"
         )

@@ -59,7 +59,16 @@ class DownloadConfig(StageConfig):
     """How to download. The defaults suit diffusion training, not img2dataset's own (256 px, border, files)."""
 
     SECTION = "download"
-    RUNTIME = ("processes", "http_threads", "distributor", "ray_address", "retries", "timeout", "resolver")
+    RUNTIME = (
+        "processes",
+        "http_threads",
+        "distributor",
+        "ray_address",
+        "ray_timeout",
+        "retries",
+        "timeout",
+        "resolver",
+    )
     image_size: int = opt(
         1024,
         "Cap on the smaller side in px (ratio kept, never upscaled); set above your largest bucket side.",
@@ -85,6 +94,12 @@ class DownloadConfig(StageConfig):
         None,
         "With --distributor ray: the cluster to join ('auto', or ray://HOST:10001); default: a local Ray.",
     )
+    ray_timeout: float = opt(
+        30.0,
+        "Ray: seconds to wait for the cluster to answer before giving up with exit 2.",
+        low=1.0,
+        since="0.3",
+    )
     retries: int = opt(2, "Retries per URL.", low=0)
     timeout: int = opt(10, "Per-request timeout in seconds.", low=1, old_key="timeout_s")
     user_agent_token: str | None = opt(
@@ -101,6 +116,10 @@ class DownloadConfig(StageConfig):
 
     def check_more(self) -> None:
         parse_allow_hosts(self.allow_hosts)
+        if self.distributor == "ray" and self.ray_address:  # before any download: a wrong address ends here
+            from latentmill.curate.raycluster import checked_address
+
+            checked_address(self.ray_address, "--ray-address", self.ray_timeout)
         if self.distributor != "multiprocessing":
             import importlib.util
 
@@ -183,13 +202,10 @@ def run_img2dataset(
     # variables (its processes inherit them)
     os.environ.update(storage_environment())
     if config.distributor == "ray":
-        import ray
+        from latentmill.curate.raycluster import connect
 
-        if not ray.is_initialized():
-            if config.ray_address:
-                ray.init(address=config.ray_address)
-            else:  # a local instance, on loopback only
-                ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=config.processes)
+        # the address checked (form, a GCS answering) within --ray-timeout; without one, Ray on loopback
+        connect(config.ray_address, "--ray-address", config.ray_timeout, num_cpus=config.processes)
     img2dataset_download(
         url_list=str(input_path),
         input_format="parquet",

@@ -56,7 +56,7 @@ class ExecutorConfig(StageConfig):
     """Where the shard stages (score, encode) run: the recipe's `executor:` section, the --executor options."""
 
     SECTION = "executor"
-    RUNTIME = ("kind", "ray_address", "actors", "shard_retries")
+    RUNTIME = ("kind", "ray_address", "ray_timeout", "actors", "shard_retries")
     kind: str = opt(
         "local",
         "Run shards here, or on a Ray cluster (an actor per GPU holding the model).",
@@ -69,8 +69,20 @@ class ExecutorConfig(StageConfig):
         old=("--address",),
         old_key="address",
     )
+    ray_timeout: float = opt(
+        30.0,
+        "Ray: seconds to wait for the cluster to answer before giving up with exit 2.",
+        low=1.0,
+        since="0.3",
+    )
     actors: int | None = opt(None, "Ray: actors (default: one per GPU, or 2 on CPUs).", low=1)
     shard_retries: int = opt(2, "Ray: retries of a failed shard on another actor.", low=0, old_key="retries")
+
+    def check_more(self) -> None:
+        if self.kind == "ray" and self.ray_address:  # before the stage loads a model or writes a file
+            from latentmill.curate.raycluster import checked_address
+
+            checked_address(self.ray_address, "--ray-address", self.ray_timeout)
 
 
 def run_shards(
@@ -126,16 +138,17 @@ def _run_on_ray(stage: ShardStage, shards: list[Path], executor: ExecutorConfig,
     full disk), up to `shard_retries` times. Each result carries the id of the node that made it."""
     import ray
 
-    started_here = False
-    if not ray.is_initialized():
-        if executor.ray_address:
-            ray.init(address=executor.ray_address)
-        else:
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
-            started_here = True
+    from latentmill.curate.raycluster import check_fits, connect, fits
+
+    started_here = connect(executor.ray_address, "--ray-address", executor.ray_timeout)
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        count = executor.actors or gpus or 2
+        need = {"GPU": 1} if gpus else {"CPU": 1}
+        if executor.actors:  # asked for: all of them must be placed, or the extra ones would wait forever
+            check_fits(
+                executor.actors, need, f"--actors {executor.actors}", "Give fewer --actors, or add nodes."
+            )
+        count = executor.actors or gpus or max(1, min(2, fits(need)))
         options = {
             **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
             "scheduling_strategy": "SPREAD",  # across nodes first: a lost node takes fewer actors with it

@@ -31,6 +31,7 @@ class TrainConfig(StageConfig):
         "strict",
         "launcher",
         "ray_address",
+        "ray_timeout",
         "num_workers",
         "gpus_per_worker",
         "max_failures",
@@ -147,6 +148,12 @@ class TrainConfig(StageConfig):
         choices=("local", "ray"),
     )
     ray_address: str | None = opt(None, "--launcher ray: the cluster ('auto', HOST:6379); default: Ray here.")
+    ray_timeout: float = opt(
+        30.0,
+        "Ray: seconds to wait for the cluster to answer before giving up with exit 2.",
+        low=1.0,
+        since="0.3",
+    )
     num_workers: int = opt(1, "--launcher ray: training workers (one per GPU), across the nodes.", low=1)
     gpus_per_worker: float = opt(
         0.0, "--launcher ray: GPUs each worker takes (0: CPU workers, gloo).", low=0.0
@@ -317,6 +324,10 @@ class TrainConfig(StageConfig):
         from latentmill.train.shardcache import parse_size
 
         parse_size(self.cache_limit)
+        if self.launcher == "ray" and self.ray_address not in (None, "local"):
+            from latentmill.curate.raycluster import checked_address
+
+            checked_address(self.ray_address, "--ray-address", self.ray_timeout)
         if self.repeats and self.mix:
             raise InputError(
                 "train: give --repeats or --mix, not both (repeats weigh folders by size x repeats)."

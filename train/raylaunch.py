@@ -45,14 +45,18 @@ def launch(config: TrainConfig, log=None) -> dict:
     check_resume_point(
         read_copy(config.output) if is_remote(config.output) else Path(config.output), config
     )  # refused here, not in N workers
-    started_here = not ray.is_initialized()
-    if started_here:
-        if config.ray_address:
-            ray.init(address=config.ray_address)
-        else:
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+    from latentmill.curate.raycluster import check_fits, connect
+
+    started_here = connect(config.ray_address, "--ray-address", config.ray_timeout)
     try:
         gpus = config.gpus_per_worker
+        # checked before a placement group is asked for: one that cannot be placed waits forever
+        check_fits(
+            config.num_workers,
+            {"CPU": 1, "GPU": gpus} if gpus > 0 else {"CPU": 1},
+            f"--launcher ray --num-workers {config.num_workers}",
+            "Give fewer --num-workers (or --gpus-per-worker), or add nodes to the cluster.",
+        )
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"config": asdict(config), "storage_options": storage_options()},

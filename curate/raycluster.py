@@ -131,44 +131,15 @@ def fits(need: dict[str, float]) -> int:
     return total
 
 
-def autoscales() -> bool:
-    """The cluster runs Ray's autoscaler (it publishes its status in the GCS's key-value store)."""
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    try:
-        return _internal_kv_get("__autoscaling_status") is not None
-    except Exception:  # an older GCS without the key: treat as fixed
-        return False
-
-
-def check_fits(
-    count: int, need: dict[str, float], what: str, fix: str, wait_s: float = 300.0, say=None
-) -> None:
-    """Refuse work that could never be placed: `count` bundles of `need` against what the nodes report. A
-    cluster that autoscales is asked for the bundles and given `wait_s` to grow, with a progress line."""
-    import time
-
+def check_fits(count: int, need: dict[str, float], what: str, fix: str) -> None:
+    """Refuse work that could never be placed: `count` bundles of `need` against what the nodes report."""
     import ray
 
     room = fits(need)
-    if count > room and autoscales():
-        from ray.autoscaler.sdk import request_resources
-
-        request_resources(bundles=[dict(need) for _ in range(count)])
-        deadline = time.monotonic() + wait_s
-        while room < count and time.monotonic() < deadline:
-            (say or print)(
-                f"waiting for the autoscaler: {room} of {count} x {need} fit ({deadline - time.monotonic():.0f} s left)"
-            )
-            time.sleep(min(5.0, max(0.5, deadline - time.monotonic())))
-            room = fits(need)
-        if room < count:
-            request_resources(bundles=[])  # the request withdrawn: the cluster may shrink again
     if count > room:
         have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-        grew = " (after waiting for the autoscaler)" if autoscales() else ""
         raise InputError(
-            f"{what}: {count} x {need} do not fit the cluster, which has {have} on {nodes} node(s){grew}: at most "
+            f"{what}: {count} x {need} do not fit the cluster, which has {have} on {nodes} node(s): at most "
             f"{room} fit. {fix}"
         )

@@ -255,8 +255,11 @@ def test_sample_takes_its_old_steps_flag_with_a_warning(run_cli, tmp_path):
 
 
 def test_run_executor_options_override_the_recipe_section(run_cli, tmp_path, monkeypatch):
+    import latentmill.curate.raycluster
     import latentmill.runner
 
+    # the option's spelling is under test here, not the cluster (test_rayedges.py checks addresses)
+    monkeypatch.setattr(latentmill.curate.raycluster, "checked_address", lambda address, *a: address)
     seen = {}
     monkeypatch.setattr(
         latentmill.runner, "run_recipe", lambda recipe, *a, **k: seen.setdefault("recipe", recipe)

@@ -47,8 +47,8 @@ def parse_size(text: str | int, option: str = "--cache-limit") -> int:
 class ShardCache:
     def __init__(self, folder: str | os.PathLike | None, limit: int, ahead: int = 2):
         self.limit, self.ahead = limit, ahead
-        self._own = folder is None  # a scratch folder of this run, removed with it
-        self._held = new_folder("cache", "shard cache of a training run") if self._own else None
+        # without a folder: a scratch folder of this run, held (and removed) by the process that made it
+        self._held = new_folder("cache", "shard cache of a training run") if folder is None else None
         self.folder = self._held.path if self._held else Path(folder)
         if self._held:
             atexit.register(self._held.release, True)
@@ -79,7 +79,6 @@ class ShardCache:
         self.__dict__.update(
             state, _pool=None, _processes=None, _pending={}, _lock=threading.Lock(), _incoming={}, _held=None
         )
-        self._own = False  # the process that made the folder removes it
 
     def version(self, shard: str) -> tuple[int, str]:
         """(size, ETag) of the shard's object in the store, asked once per process."""

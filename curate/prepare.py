@@ -119,7 +119,7 @@ _ATTACHED: dict = {}
 
 def _attached(name: str):
     """A worker's handle on a parent's shared-memory block, opened once. The parent owns and unlinks it
-    (spawned workers share the parent's resource tracker, so attaching registers nothing new)."""
+    (workers from the fork server share the parent's resource tracker, so attaching registers nothing new)."""
     if name not in _ATTACHED:
         from multiprocessing import shared_memory
 
@@ -140,11 +140,12 @@ class PreparePool:
         self._slots: list = []
         self._slot_image_bytes = 0
         if workers > 0:
-            import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            # spawn: the parent may hold torch's thread pools, which a forked child must not inherit
-            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            from latentmill.curate.workerprocesses import worker_context
+
+            # never forked from this process: it may hold torch's thread pools and a store's client
+            self._pool = ProcessPoolExecutor(workers, mp_context=worker_context())
 
     def _ensure_slots(self, settings: PrepareSettings) -> None:
         from multiprocessing import shared_memory

@@ -99,9 +99,7 @@ def test_encode_on_two_nodes_from_s3_survives_losing_a_node_and_equals_a_local_r
         "256",
         "--batch-size",
         "1",
-        "--workers",
-        "0",
-        "--torch-threads",
+                "--torch-threads",
         "1",
     ]
     reference = subprocess.run(
@@ -147,12 +145,12 @@ def test_ray_train_on_two_nodes_loses_a_node_resumes_and_equals_torchrun(tmp_pat
             [image_entry(f"{s:05d}{i:04d}", 256, 256 if i % 2 else 192, seed=i % 4) for i in range(8)],
         )
     tiny_clip_text_pipeline(tmp_path / "pipeline")  # caption embeddings stored: the workers need no encoder
-    config = EncodeConfig(vae="tiny", resolution=128, step=32, bucket_min_side=64, workers=0,
+    config = EncodeConfig(vae="tiny", resolution=128, step=32, bucket_min_side=64,
                           text_encoder=str(tmp_path / "pipeline"))  # fmt: skip
     encode(tmp_path / "images", tmp_path / "latents", config)
     _upload(tmp_path / "latents", f"{bucket}/latents")
     args = ["--model", "tiny", "--steps", "24", "--batch-size", "2", "--checkpoint-every", "6",
-            "--log-every", "6", "--learning-rate", "1e-3", "--workers", "0"]  # fmt: skip
+            "--log-every", "6", "--learning-rate", "1e-3"]  # fmt: skip
     torchrun = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "latentmill",
          "train", str(tmp_path / "latents"), "-o", str(tmp_path / "torchrun"), *args],

@@ -31,7 +31,7 @@ def test_ray_and_local_executors_give_identical_shards(image_shards, tmp_path, r
             tmp_path / "ray" / f"{shard}.tar"
         ).read_bytes()
 
-    tiny = ScoreConfig(clip_model="tiny", pretrained="none", workers=0, batch_size=4, torch_threads=1)
+    tiny = ScoreConfig(clip_model="tiny", pretrained="none", batch_size=4, torch_threads=1)
     score(image_shards, tmp_path / "scores-local", tiny)
     result = run_cli(
         "score",
@@ -42,9 +42,7 @@ def test_ray_and_local_executors_give_identical_shards(image_shards, tmp_path, r
         "tiny",
         "--pretrained",
         "none",
-        "--workers",
-        "0",
-        "--executor",
+                "--executor",
         "ray",
         "--actors",
         "2",
@@ -86,7 +84,7 @@ def test_an_actor_that_dies_is_replaced_and_the_run_equals_a_local_one(image_sha
     from latentmill.curate.imageshards import list_image_shards
     from tests.conftest import DyingStage
 
-    config = EncodeConfig(vae="tiny", resolution=256, batch_size=4, torch_threads=1, workers=0)
+    config = EncodeConfig(vae="tiny", resolution=256, batch_size=4, torch_threads=1)
     local = encode(image_shards, tmp_path / "local", config)
     out = tmp_path / "ray"
     out.mkdir()

@@ -15,7 +15,7 @@ from latentmill.curate.encode import EncodeConfig, encode
 from latentmill.errors import InputError
 from tests.conftest import image_entry, kill_when_done, make_shard
 
-SMALL = dict(resolution=256, batch_size=2, vae="tiny", workers=0, torch_threads=1)
+SMALL = dict(resolution=256, batch_size=2, vae="tiny", torch_threads=1)
 
 
 def test_a_url_is_a_path_of_the_store_and_a_local_path_stays_a_path(tmp_path):
@@ -103,7 +103,7 @@ def _digests(where, suffixes=(".tar", ".parquet")):
 
 def _encode_cmd(images, out):
     return [sys.executable, "-m", "latentmill", "encode", str(images), "-o", str(out), "--resolution", "256",
-            "--batch-size", "1", "--vae", "tiny", "--workers", "0", "--torch-threads", "1"]  # fmt: skip
+            "--batch-size", "1", "--vae", "tiny", "--torch-threads", "1"]  # fmt: skip
 
 
 def test_encode_into_s3_writes_the_bytes_a_local_encode_writes_and_a_rerun_puts_nothing(
@@ -114,7 +114,7 @@ def test_encode_into_s3_writes_the_bytes_a_local_encode_writes_and_a_rerun_puts_
     reference = encode(local, tmp_path / "latents", EncodeConfig(**SMALL))
     result = run_cli(
         "encode", f"{bucket}/images", "-o", f"{bucket}/latents", "--resolution", "256", "--batch-size", "2",
-        "--vae", "tiny", "--workers", "0", "--torch-threads", "1",
+        "--vae", "tiny", "--torch-threads", "1",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     expected = _digests(tmp_path / "latents")
@@ -175,7 +175,7 @@ def test_an_encode_into_s3_killed_midway_and_two_writers_end_identical(tmp_path,
 
 
 def test_bad_storage_input_is_a_clear_exit_2(tmp_path, bucket, s3_server, run_cli):
-    encode_args = ["--vae", "tiny", "--resolution", "256", "--workers", "0"]
+    encode_args = ["--vae", "tiny", "--resolution", "256"]
     missing = run_cli("encode", "s3://no-such-bucket/images", "-o", f"{bucket}/out", *encode_args)
     assert missing.exit_code == 2 and "s3://no-such-bucket/images" in missing.output
     assert "bucket is missing" in missing.output and "Traceback" not in missing.output
@@ -381,7 +381,7 @@ def test_prefilter_and_score_in_s3_write_the_bytes_they_write_on_disk(tmp_path, 
 
     local = _images(tmp_path / "images", shards=2)
     _upload(local, f"{bucket}/images")
-    tiny = ScoreConfig(clip_model="tiny", pretrained="none", workers=0, batch_size=4, torch_threads=1,
+    tiny = ScoreConfig(clip_model="tiny", pretrained="none", batch_size=4, torch_threads=1,
                        save_embeddings=True)  # fmt: skip
     for root in (str(tmp_path), bucket):
         score(f"{root}/images", f"{root}/scores", tiny)
@@ -402,3 +402,54 @@ def test_a_stale_local_copy_of_a_run_never_stands_in_for_the_store(tmp_path, buc
     local = mirror.pull()
     assert (local / "checkpoints" / "step-0000001" / "state.json").read_text() == '{"shards": "new/path"}'
     assert (local / "log.jsonl").read_text() == '{"step": 1}\n' and not (local / "stale.txt").exists()
+
+
+def _readme_s3_commands() -> list[str]:
+    """The `latentmill …` lines of the README's "Data in object storage" block, in order."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Data in object storage") :]
+    block = section[section.index("```bash", section.index("AWS_ENDPOINT_URL")) :]
+    block = block[: block.index("```", 7)]
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("latentmill ")]
+
+
+def test_the_readme_s3_commands_run_as_written_at_their_defaults(tmp_path, bucket, server, run_cli):
+    """Each stage line of the README's object-storage block, with the bucket and cache folder of the test and
+    only what an offline loopback run needs added: the image server's host let through the guard, the tiny
+    VAE and a tiny model for a few steps (the README's own `...`). No worker count or other setting is
+    pinned: DataLoader and prepare workers start as a user's do. (`run`, `status` and `report` on a work
+    folder in the store: test_the_demo_recipe_runs_in_s3_and_status_and_report_read_it.)"""
+    import shlex
+
+    from latentmill.curate.imageserver import sample_rows
+    from latentmill.filters.score import ScoreConfig, score
+    from latentmill.filters.select import SelectConfig, select
+    from tests.conftest import tiny_clip_text_pipeline, write_table
+
+    commands = _readme_s3_commands()
+    wanted = ["latentmill download s3", "latentmill download --retry", "latentmill encode s3",
+              "latentmill train s3", "latentmill cache --list"]  # fmt: skip
+    lines = {w: next(c for c in commands if c.startswith(w)) for w in wanted}
+    rows = [r for r in sample_rows(server.url("")) if "/gen/" in r["URL"]][:8]
+    storage.upload(write_table(tmp_path / "kept.parquet", rows), storage.location(f"{bucket}/kept.parquet"))
+    tiny_clip_text_pipeline(tmp_path / "text")
+    offline = {
+        "latentmill download s3": ["--allow-host", f"127.0.0.1:{server.port}", "--min-image-size", "64"],
+        "latentmill download --retry": ["--allow-host", f"127.0.0.1:{server.port}"],
+        "latentmill encode s3": ["--vae", "tiny", "--resolution", "128", "--step", "32",
+                                 "--text-encoder", str(tmp_path / "text")],
+        "latentmill train s3": ["--model", "tiny", "--steps", "2", "--batch-size", "2",
+                                "--text-encoder", str(tmp_path / "text")],
+    }  # fmt: skip
+    for want in wanted:
+        line = lines[want].replace("s3://my-bucket", bucket).replace("/nvme/cache", str(tmp_path / "cache"))
+        args = [a for a in shlex.split(line)[1:] if a != "..."] + offline.get(want, [])
+        result = run_cli(*args)
+        assert result.exit_code == 0, f"{line}\n{result.output}"
+        if want == "latentmill download s3":  # the README's selection: score and select the downloaded images
+            score(f"{bucket}/images", f"{bucket}/scores", ScoreConfig(clip_model="tiny", pretrained="none"))
+            select(f"{bucket}/scores", f"{bucket}/selection", SelectConfig(min_side=64))
+    assert storage.location(f"{bucket}/latents-512/manifest.json").exists()
+    assert storage.location(f"{bucket}/runs/v1/checkpoints").is_dir()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import multiprocessing
 import os
 import re
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from latentmill.curate.scratch import new_folder
 from latentmill.curate.storage import file_version, location, options, set_options
+from latentmill.curate.workerprocesses import worker_context
 from latentmill.errors import InputError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -164,7 +164,7 @@ class ShardCache:
             if self._processes is None:
                 self._processes = ProcessPoolExecutor(
                     max(1, self.ahead),
-                    mp_context=multiprocessing.get_context("spawn"),
+                    mp_context=worker_context(),
                     initializer=_lower_priority,
                 )
             return self._processes

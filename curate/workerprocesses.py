@@ -1,0 +1,38 @@
+"""How latentmill starts every worker process of a command (the DataLoader workers of `score` and of the
+training loader, `encode`'s prepare pool, the shard cache's fetchers): from a fork server, never by forking
+the command itself.
+
+A forked child inherits the parent's open object-store clients (fsspec's S3 filesystem refuses to run in
+one: "not fork-safe") and the state of its threads (the event loop of s3fs, the shard cache's fetchers,
+torch's pools), which is what made DataLoader workers crash on a store. A fork server is a clean process
+started once per command, before any of that exists; each worker is forked from it and gets its dataset
+pickled, so a store path arrives as a URL and opens its own client in the worker. Where there is no fork
+server (Windows), workers are spawned, which gives the same guarantee more slowly."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+# imported once by the fork server, so that each worker forked from it starts in milliseconds
+PRELOAD = [
+    "torch",
+    "numpy",
+    "PIL.Image",
+    "latentmill.train.loader",
+    "latentmill.filters.score",
+    "latentmill.curate.prepare",
+]
+
+_context = None
+
+
+def worker_context():
+    """The multiprocessing context for every data worker: the fork server where the platform has one."""
+    global _context
+    if _context is None:
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            _context = multiprocessing.get_context("forkserver")
+            _context.set_forkserver_preload(PRELOAD)
+        else:
+            _context = multiprocessing.get_context("spawn")
+    return _context

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from latentmill.curate.latentshards import MANIFEST, iter_latent_shard, read_manifest
+from latentmill.curate.names import check_stem
 from latentmill.curate.shardchecksum import KINDS, new_digest
 from latentmill.curate.storage import location
 from latentmill.errors import InputError
@@ -60,7 +61,7 @@ def verify_latents(folder: str | Path, progress=None) -> dict:
         )
     problems, samples = [], 0
     for name, entry in sorted(recorded.items()):
-        path = folder / f"{name}.tar"
+        path = folder / f"{check_stem(name, str(folder / MANIFEST), 'shard name')}.tar"
         if not isinstance(entry, dict):
             problems.append(f"{MANIFEST}: the entry of shard {name} is {json.dumps(entry)[:40]}, not a table")
             continue

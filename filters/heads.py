@@ -35,8 +35,11 @@ RESERVED_COLUMNS = (
 
 
 def check_column(column: str, source: str) -> str:
-    """A head's output column: not one of the score table's own columns, not empty."""
-    if not column or column in RESERVED_COLUMNS:
+    """A head's output column: a column name (curate/names.py), not one of the score table's own."""
+    from latentmill.curate.names import check_column as check_name
+
+    check_name(column, source, "head column")
+    if column in RESERVED_COLUMNS:
         raise InputError(
             f"{source}: a head cannot write column {column!r}: {', '.join(RESERVED_COLUMNS)} are the score "
             f"table's own. Name it something else (fit-head --column NAME)."

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from latentmill.curate.funnel import format_funnel, funnel_steps
+from latentmill.curate.names import check_column, inside
 from latentmill.curate.storage import (
     atomic_path,
     is_remote,
@@ -184,6 +185,8 @@ def _select_into(output: Path, final: Path, shards: list[Path], rules: list, plo
                 f"{shard}: no {' or '.join(repr(c) for c in missing)} column: not a score shard written by "
                 f"`latentmill score`. Score that shard again (delete {shard.stem}.stats.json and re-run)."
             )
+        for c in table.column_names:  # a column name becomes a histogram's file name
+            check_column(c, str(shard), "score column")
         columns = {  # the numbers rules can test; text columns (a carried licence, say) are left out
             c: table.column(c).to_numpy(zero_copy_only=False)
             for c in table.column_names
@@ -268,7 +271,7 @@ def plot_histograms(values: dict[str, list], rules: list[Rule], folder: Path) ->
         ax.set_xlabel(column)
         ax.set_ylabel("images")
         fig.tight_layout()
-        path = folder / f"{column}.png"
+        path = inside(folder, f"{check_column(column, 'select', 'score column')}.png")
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")
         plt.close(fig)

@@ -6,7 +6,6 @@ labels, the bucket chart, thumbnails of kept and dropped images by reason, store
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 from pathlib import Path
@@ -16,6 +15,7 @@ from latentmill.curate.storage import location, read_parquet, write_bytes
 from latentmill.errors import InputError
 from latentmill.layout import Layout
 from latentmill.reportevals import eval_section
+from latentmill.reporthtml import Markup, concat, figure, html, image, page
 from latentmill.reportmasks import mask_section
 from latentmill.reporttokens import token_section
 
@@ -123,7 +123,7 @@ def _loss_chart(log: Path) -> str | None:
     return _figure_uri(fig)
 
 
-def _head_section(work: Path) -> str:
+def _head_section(work: Path) -> Markup:
     """Each head fitted in WORK/heads/: its held-out metrics, and its score against the label it learned
     from for every scored image that carries one (a cloud along the diagonal: the head learned the labels)."""
     import matplotlib
@@ -134,14 +134,17 @@ def _head_section(work: Path) -> str:
     from latentmill.filters.fithead import format_metrics, labels_from_image_shards
     from latentmill.filters.heads import fitted_metadata
 
-    body, lay = "", Layout(work)
+    body, lay = [], Layout(work)
     for path in sorted(lay.heads.glob("*.safetensors")) if lay.heads.exists() else []:
         meta = fitted_metadata(path)
         column, target, shown = meta["column"], meta.get("target"), format_metrics(meta["metrics"])
-        body += (
-            f"<h3>{html.escape(column)}"
-            + (f" from {html.escape(target)}" if target else "")
-            + f"</h3><p>metrics on the held-out labels: {html.escape(shown)}</p>"
+        body.append(
+            html(
+                "<h3>{}{}</h3><p>metrics on the held-out labels: {}</p>",
+                column,
+                f" from {target}" if target else "",
+                shown,
+            )
         )
         if not target or not lay.scores.exists():
             continue
@@ -162,8 +165,8 @@ def _head_section(work: Path) -> str:
         ax.set_ylabel(f"fitted score ({column})")
         ax.set_title(f"{column}: {len(pairs)} images")
         fig.tight_layout()
-        body += f'<img alt="{html.escape(column)} against {html.escape(target)}" src="{_figure_uri(fig)}">'
-    return body
+        body.append(image(f"{column} against {target}", _figure_uri(fig)))
+    return concat(body)
 
 
 def _thumbnail_uri(sample) -> str | None:
@@ -179,7 +182,7 @@ def _thumbnail_uri(sample) -> str | None:
     return _png_uri(buffer.getvalue())
 
 
-def _dedup_section(lay: Layout, groups_shown: int = 5) -> str:
+def _dedup_section(lay: Layout, groups_shown: int = 5) -> Markup:
     """A few groups of duplicates: the kept image first, then its duplicates with their similarity."""
 
     from latentmill.curate.imageshards import iter_image_shard, list_image_shards
@@ -199,22 +202,20 @@ def _dedup_section(lay: Layout, groups_shown: int = 5) -> str:
         for sample in iter_image_shard(shard):
             if sample.key in wanted:
                 uris[sample.key] = _thumbnail_uri(sample)
-    body = (
-        f"<p>{funnel['duplicates']:,} duplicates in {funnel['groups']:,} groups (cosine >= {funnel['threshold']}, "
-        f"kept: the highest {html.escape(funnel['keep'])}, else the smallest key).</p>"
-    )
-    for kept, members in groups.items():
-        cells = [(kept, "kept")] + [(k, f"{s:.3f}" if s is not None else "") for k, s in members]
-        body += (
-            '<div class="grid">'
-            + "".join(
-                f'<figure><img alt="{html.escape(k)}" src="{uris[k]}"><figcaption>{html.escape(k)} {label}</figcaption></figure>'
-                for k, label in cells
-                if uris.get(k)
-            )
-            + "</div>"
+    body = [
+        html(
+            "<p>{} duplicates in {} groups (cosine >= {}, kept: the highest {}, else the smallest key).</p>",
+            funnel.get("duplicates"),
+            funnel.get("groups"),
+            funnel.get("threshold"),
+            funnel.get("keep"),
         )
-    return body
+    ]
+    for kept, members in groups.items():
+        cells = [(kept, "kept")] + [(k, f"{s:.3f}" if isinstance(s, float) else "") for k, s in members]
+        figures = concat(figure(k, uris[k], f"{k} {label}") for k, label in cells if uris.get(k))
+        body.append(html('<div class="grid">{}</div>', figures))
+    return concat(body)
 
 
 def _thumbnails(work: Path) -> dict[str, list[tuple[str, str, str]]]:
@@ -240,7 +241,7 @@ def _thumbnails(work: Path) -> dict[str, list[tuple[str, str, str]]]:
     return groups
 
 
-TINY_MODELS_NOTE = (
+TINY_MODELS_NOTE = Markup(
     "<p><b>What these grids can and cannot show.</b> The U-Net here is the tiny architecture, trained for a "
     "few hundred steps on the selected pictures (a few dozen) on a CPU; the VAE is the tiny one, fitted for "
     "a minute on the same pictures. After training, the grids show soft blobs and colour fields in the "
@@ -250,16 +251,16 @@ TINY_MODELS_NOTE = (
 )
 
 
-def _vae_section(folder: Path) -> str:
+def _vae_section(folder: Path) -> Markup:
     fit = _record(folder / "fit.json")
-    return (
-        f"<p>Top row: held-out pictures; bottom row: the VAE's reconstructions (8x downsampled to 4 latent "
-        f"channels and back). Fitted for {fit['steps']} CPU steps on {fit['pictures']} selected pictures: "
-        f"reconstruction PSNR {fit['psnr_random_init_db']} dB with random weights, "
-        f"{fit['psnr_fitted_db']} dB fitted; latent scaling factor {fit['scaling_factor']}. Colours and "
-        f"shapes survive, fine detail does not.</p>"
-        f'<img alt="VAE reconstructions" src="{_png_uri((folder / "reconstructions.png").read_bytes())}">'
-    )
+    return html(
+        "<p>Top row: held-out pictures; bottom row: the VAE's reconstructions (8x downsampled to 4 latent "
+        "channels and back). Fitted for {} CPU steps on {} selected pictures: reconstruction PSNR {} dB with "
+        "random weights, {} dB fitted; latent scaling factor {}. Colours and shapes survive, fine detail does "
+        "not.</p>{}",
+        fit["steps"], fit["pictures"], fit["psnr_random_init_db"], fit["psnr_fitted_db"], fit["scaling_factor"],
+        image("VAE reconstructions", _png_uri((folder / "reconstructions.png").read_bytes())),
+    )  # fmt: skip
 
 
 def build_report(work: str | Path, output: str | Path | None = None) -> Path:
@@ -272,57 +273,39 @@ def build_report(work: str | Path, output: str | Path | None = None) -> Path:
         )
     sections = [(i, title, make(lay)) for i, title, make in SECTIONS]
     sections = [(i, title, body) for i, title, body in sections if body is not None]
-    nav = "".join(f'<a href="#{i}">{html.escape(t)}</a>' for i, t, _ in sections)
-    content = "".join(f'<section id="{i}"><h2>{html.escape(t)}</h2>{b}</section>' for i, t, b in sections)
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>latentmill report: {html.escape(work.name)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }}
-nav a {{ margin-right: 1rem; }} section {{ margin-top: 2rem; }} img {{ max-width: 100%; }}
-.grid {{ display: flex; flex-wrap: wrap; gap: .5rem; }} figure {{ margin: 0; display: inline-block; }}
-figcaption {{ font-size: .75rem; max-width: 128px; color: #555; }} table.funnel td {{ padding: .1rem .8rem; }}
-</style></head>
-<body><h1>latentmill report: {html.escape(str(work))}</h1><nav>{nav}</nav>{content}</body></html>
-"""
+    text = page(work.name, str(work), sections)
     output = location(output) if output else lay.report / "index.html"
-    write_bytes(output, page.encode())
+    write_bytes(output, text.encode())
     return output
 
 
-def _funnel_section(lay: Layout) -> str:
+def _funnel_section(lay: Layout) -> Markup:
     rows = funnel_rows(lay.work)
-    table = "".join(f"<tr><td>{html.escape(n)}</td><td>{v:,}</td></tr>" for n, v in rows)
-    body = f'<table class="funnel">{table}</table>' + (
-        f'<img alt="funnel" src="{_funnel_chart(rows)}">' if rows else ""
-    )
+    table = concat(html("<tr><td>{}</td><td>{:,}</td></tr>", n, v) for n, v in rows)
+    body = [html('<table class="funnel">{}</table>', table)]
+    if rows:
+        body.append(image("funnel", _funnel_chart(rows)))
     if lay.download_summary.exists():
         failures = _record(lay.download_summary, "failures")["failures"]
-        body += (
-            "<h3>Download failures</h3><ul>"
-            + "".join(f"<li>{html.escape(k)}: {v}</li>" for k, v in failures.items())
-            + "</ul>"
-        )
-    return body
+        items = concat(html("<li>{}: {}</li>", k, v) for k, v in failures.items())
+        body.append(html("<h3>Download failures</h3><ul>{}</ul>", items))
+    return concat(body)
 
 
-def _score_section(lay: Layout) -> str:
+def _score_section(lay: Layout) -> Markup:
     plots = sorted((lay.selection / "plots").glob("*.png")) if (lay.selection / "plots").exists() else []
-    return (
-        "".join(
-            f'<figure><img alt="{p.stem}" src="{_png_uri(p.read_bytes())}"><figcaption>{p.stem}</figcaption></figure>'
-            for p in plots
-        )
-        or "<p>No scores yet.</p>"
+    return concat(figure(p.stem, _png_uri(p.read_bytes()), p.stem) for p in plots) or Markup(
+        "<p>No scores yet.</p>"
     )
 
 
-def _bucket_section(lay: Layout) -> str:
+def _bucket_section(lay: Layout) -> Markup:
     from latentmill.curate.buckets import make_buckets
     from latentmill.curate.bucketstats import bucket_distribution, plot_distribution
 
     latents = lay.latent_folders()
     if not (latents and lay.images.exists()):
-        return "<p>No latents yet.</p>"
+        return Markup("<p>No latents yet.</p>")
     resolution = max(latents)
     selection = lay.selection if lay.selection.exists() else None
     manifest = latents[resolution] / "manifest.json"
@@ -333,36 +316,34 @@ def _bucket_section(lay: Layout) -> str:
     )  # the bucket set the latents were made with
     distribution = bucket_distribution(lay.images, buckets, selection)
     chart = plot_distribution(distribution, lay.report / f"buckets-{resolution}.png")
-    return f'<img alt="buckets" src="{_png_uri(chart.read_bytes())}">'
+    return image("buckets", _png_uri(chart.read_bytes()))
 
 
-def _thumbnail_section(lay: Layout) -> str:
-    body = ""
+def _thumbnail_section(lay: Layout) -> Markup:
+    body = []
     if lay.images.exists():
         for group, items in sorted(_thumbnails(lay.work).items(), key=lambda kv: (kv[0] != "kept", kv[0])):
-            cells = "".join(
-                f'<figure><img alt="{html.escape(k)}" src="{uri}"><figcaption>{html.escape(c[:60])}</figcaption></figure>'
-                for k, c, uri in items
-            )
-            body += f'<h3>{"Kept" if group == "kept" else "Dropped: " + html.escape(group)}</h3><div class="grid">{cells}</div>'
-    return body or "<p>No images yet.</p>"
+            cells = concat(figure(k, uri, c[:60]) for k, c, uri in items)
+            title = "Kept" if group == "kept" else f"Dropped: {group}"
+            body.append(html('<h3>{}</h3><div class="grid">{}</div>', title, cells))
+    return concat(body) or Markup("<p>No images yet.</p>")
 
 
-def _loss_section(lay: Layout) -> str:
-    body = ""
+def _loss_section(lay: Layout) -> Markup:
+    body = []
     for run in lay.run_folders():
         chart = _loss_chart(run / "log.jsonl") if (run / "log.jsonl").exists() else None
         if chart:
-            body += f'<h3>{html.escape(run.name)}</h3><img alt="loss {html.escape(run.name)}" src="{chart}">'
-    return body or "<p>No training yet.</p>"
+            body.append(html("<h3>{}</h3>{}", run.name, image(f"loss {run.name}", chart)))
+    return concat(body) or Markup("<p>No training yet.</p>")
 
 
-def _samples_section(lay: Layout) -> str:
-    body = ""
+def _samples_section(lay: Layout) -> Markup:
+    body = []
     for run in lay.run_folders():
         for grid in sorted((run / "samples").glob("*.png")) if (run / "samples").exists() else []:
-            body += f'<figure><img alt="{grid.stem}" src="{_png_uri(grid.read_bytes())}"><figcaption>{html.escape(run.name)} {grid.stem}</figcaption></figure>'
-    body = body or "<p>No sample grids yet.</p>"
+            body.append(figure(grid.stem, _png_uri(grid.read_bytes()), f"{run.name} {grid.stem}"))
+    body = concat(body) or Markup("<p>No sample grids yet.</p>")
     if (lay.vae / "fit.json").exists():  # the demo's tiny models: say what their grids can show
         body = TINY_MODELS_NOTE + body
     return body
@@ -375,7 +356,7 @@ SECTIONS = (
     (
         "heads",
         "Fitted heads against their labels",
-        lambda lay: _head_section(lay.work) or "<p>No fitted heads.</p>",
+        lambda lay: _head_section(lay.work) or Markup("<p>No fitted heads.</p>"),
     ),
     ("buckets", "Aspect buckets", _bucket_section),
     ("thumbnails", "Kept and dropped images", _thumbnail_section),

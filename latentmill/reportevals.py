@@ -3,16 +3,16 @@ against step; the validation loss is drawn with the training loss)."""
 
 from __future__ import annotations
 
-import html
 import json
 
 from latentmill.layout import Layout
+from latentmill.reporthtml import Markup, concat, html, image
 
 CURVES = (("clip_score", "CLIP score"), ("fid", "FID"), ("kid", "KID"))
 
 
-def eval_section(lay: Layout) -> str | None:
-    body = ""
+def eval_section(lay: Layout) -> Markup | None:
+    body = []
     for run in lay.run_folders():
         log = run / "log.jsonl"
         if not log.exists():
@@ -27,8 +27,8 @@ def eval_section(lay: Layout) -> str | None:
                 entries.append(entry)
         chart = _chart(entries)
         if chart:
-            body += f'<h3>{html.escape(run.name)}</h3><img alt="evaluation {html.escape(run.name)}" src="{chart}">'
-    return body or None
+            body.append(html("<h3>{}</h3>{}", run.name, image(f"evaluation {run.name}", chart)))
+    return concat(body) or None
 
 
 def _chart(entries: list[dict]) -> str | None:

@@ -4,16 +4,16 @@ masks) stored for the first samples of the newest latent folder that has them, a
 from __future__ import annotations
 
 import base64
-import html
 import io
 
 from latentmill.layout import Layout
+from latentmill.reporthtml import Markup, concat, figure, html
 
 EXAMPLES = 6  # samples shown
 ENLARGE = 8  # a latent cell as 8 x 8 pixels: the mask over the image it came from
 
 
-def mask_section(lay: Layout) -> str | None:
+def mask_section(lay: Layout) -> Markup | None:
     """Figures of the stored masks (white: learned / kept, black: not learned / to fill in), or None when no
     latent folder holds masks."""
     from latentmill.curate.latentshards import iter_latent_shard, read_manifest
@@ -31,12 +31,12 @@ def mask_section(lay: Layout) -> str | None:
                     figures.append(_figure(sample["mask"][0], f"{sample['key']}: loss mask"))
                 for k, mask in enumerate(sample.get("inpaint_mask", ())):
                     figures.append(_figure(1 - mask[0], f"{sample['key']}: inpainting mask {k}"))
-        note = f"<p>{html.escape(folder.name)}: white is learned (loss masks) or kept (inpainting masks).</p>"
-        return note + '<div class="grid">' + "".join(figures) + "</div>"
+        note = html("<p>{}: white is learned (loss masks) or kept (inpainting masks).</p>", folder.name)
+        return note + html('<div class="grid">{}</div>', concat(figures))
     return None
 
 
-def _figure(mask, caption: str) -> str:
+def _figure(mask, caption: str) -> Markup:
     import numpy as np
     from PIL import Image
 
@@ -47,4 +47,4 @@ def _figure(mask, caption: str) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    return f'<figure><img alt="mask" src="{uri}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    return figure("mask", uri, caption)

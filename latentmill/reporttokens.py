@@ -3,15 +3,15 @@ token's vectors by cosine (train/textexport.py `nearest_words`), from the last c
 
 from __future__ import annotations
 
-import html
 import json
 
 from latentmill.layout import Layout
+from latentmill.reporthtml import Markup, concat, html
 
 NEAREST = 8
 
 
-def token_section(lay: Layout) -> str | None:
+def token_section(lay: Layout) -> Markup | None:
     """A table per textual-inversion run (token, vector, nearest words with their cosine), or None."""
     from safetensors.torch import load_file
 
@@ -25,13 +25,19 @@ def token_section(lay: Layout) -> str | None:
             continue
         token = json.loads((found[-1] / "token.json").read_text())
         vectors = load_file(found[-1] / "embeddings_ema.safetensors")[token["token"]]
-        rows = "".join(
-            f"<tr><td>{i}</td><td>{', '.join(f'{html.escape(w)} ({c:.2f})' for w, c in words)}</td></tr>"
+        rows = concat(
+            html("<tr><td>{}</td><td>{}</td></tr>", i, ", ".join(f"{w} ({c:.2f})" for w, c in words))
             for i, words in enumerate(nearest_words(token["text_encoder"], vectors, NEAREST))
         )
         tables.append(
-            f"<p>{html.escape(run.name)}: <code>{html.escape(token['token'])}</code> (started from "
-            f"<code>{html.escape(token['init_word'])}</code>, step {found[-1].name.split('-')[-1].lstrip('0')})</p>"
-            f"<table><tr><th>vector</th><th>nearest words (cosine)</th></tr>{rows}</table>"
+            html(
+                "<p>{}: <code>{}</code> (started from <code>{}</code>, step {})</p>"
+                "<table><tr><th>vector</th><th>nearest words (cosine)</th></tr>{}</table>",
+                run.name,
+                token["token"],
+                token["init_word"],
+                found[-1].name.split("-")[-1].lstrip("0"),
+                rows,
+            )  # fmt: skip
         )
-    return "".join(tables) or None
+    return concat(tables) or None

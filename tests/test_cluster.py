@@ -99,7 +99,7 @@ def test_encode_on_two_nodes_from_s3_survives_losing_a_node_and_equals_a_local_r
         "256",
         "--batch-size",
         "1",
-                "--torch-threads",
+        "--torch-threads",
         "1",
     ]
     reference = subprocess.run(

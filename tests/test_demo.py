@@ -74,12 +74,11 @@ def assert_fitted_head_decides(work):
     assert photos["keep"].mean() > 0.8 and synthetic["keep"].mean() < 0.5
 
 
-def render_in_chromium(page, tmp_path):
-    import subprocess
-
+def chromium_flags(tmp_path):
+    """Chromium's path and the flags of a headless, offline run with its profile under tmp_path."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Chromium is needed for this test: .ci/run installs Debian's chromium package"
-    flags = [
+    return chromium, [
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
@@ -92,6 +91,12 @@ def render_in_chromium(page, tmp_path):
         "--enable-logging=stderr",
         "--v=0",
     ]
+
+
+def render_in_chromium(page, tmp_path):
+    import subprocess
+
+    chromium, flags = chromium_flags(tmp_path)
     dom = subprocess.run(
         [chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
     )

@@ -42,7 +42,7 @@ def test_ray_and_local_executors_give_identical_shards(image_shards, tmp_path, r
         "tiny",
         "--pretrained",
         "none",
-                "--executor",
+        "--executor",
         "ray",
         "--actors",
         "2",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from latentmill.boundedyaml import load_yaml
 from latentmill.errors import InputError, warn
 from latentmill.schema import from_section, spec_of
 from latentmill.stages import LISTS, PLACEHOLDERS, SECTIONS
@@ -63,7 +64,7 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> dict:
     """A validated recipe dict: a shipped name (`demo`) or a YAML file, then `section.key=value` overrides."""
     text, source = _read(name_or_path)
     try:
-        recipe = yaml.safe_load(text) or {}
+        recipe = load_yaml(text, source) or {}
     except yaml.YAMLError as err:
         raise InputError(f"{source}: not valid YAML ({err}).") from None
     if not isinstance(recipe, dict):
@@ -80,7 +81,7 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> dict:
         if not isinstance(recipe[section], dict):
             raise InputError(f"--set {override!r}: {section} is not a section of keys.")
         try:
-            recipe[section][field] = yaml.safe_load(value)
+            recipe[section][field] = load_yaml(value, f"--set {key}")
         except yaml.YAMLError as err:
             raise InputError(
                 f"--set {override!r}: the value is not plain YAML ({str(err).splitlines()[0]}); write a "
@@ -135,7 +136,7 @@ def load_section_file(path: str | Path, name: str) -> dict:
     """A YAML file of one section's keys (`train --config FILE`: the keys of a recipe's `train:`),
     checked as the recipe's section is: unknown keys named with the nearest, values validated."""
     try:
-        body = yaml.safe_load(Path(path).read_text()) or {}
+        body = load_yaml(Path(path).read_text(), str(path)) or {}
     except OSError as err:
         raise InputError(f"{path}: cannot read ({err.strerror}).") from None
     except yaml.YAMLError as err:

@@ -51,6 +51,7 @@ class EncodeConfig(StageConfig):
         "stabilityai/sd-vae-ft-mse",
         "Diffusers model id or local folder, or an architecture with random "
         "weights: tiny, sd15 (tests, speed runs).",
+        model=True,
     )
     device: str = opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
     precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.", choices=PRECISIONS)
@@ -98,7 +99,7 @@ class EncodeConfig(StageConfig):
         low=1.0,
     )
     text_encoder: str | None = opt(
-        None, "Also store caption embeddings: openclip:NAME[:PRETRAINED] or a pipeline folder."
+        None, "Also store caption embeddings: openclip:NAME[:PRETRAINED] or a pipeline folder.", model=True
     )
     torch_threads: int | None = opt(
         None,

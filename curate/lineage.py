@@ -43,19 +43,29 @@ def settings_of(config, skip: tuple[str, ...] = ()) -> dict:
         spec, value = spec_of(field), getattr(config, field.name)
         if spec is None or field.name in runtime or (spec.since and value == field.default):
             continue  # an option newer than a record, at its default, made no difference to it
-        out[field.name] = _portable(value)
+        out[field.name] = _portable(value) if (spec.path or spec.model) else _plain(value)
     return out
 
 
 def _portable(value):
-    """A setting as the record keeps it: a string naming an existing file or folder becomes its content
-    fingerprint (a path is not what made the output; the file is)."""
+    """A path or model setting as the record keeps it: a string naming an existing file or folder becomes
+    its content fingerprint (a path is not what made the output; the file is). Only options declared
+    `path` or `model` are read this way, so no record depends on what the current directory holds."""
     if isinstance(value, str) and value and _exists(value):
         return "content:" + content_fingerprint(value)
     if isinstance(value, (list, tuple)):
         return [_portable(v) for v in value]
     if isinstance(value, dict):
         return {k: _portable(v) for k, v in value.items()}
+    return value
+
+
+def _plain(value):
+    """Any other setting: its value, as JSON keeps it (tuples as lists)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     return value
 
 
@@ -167,7 +177,9 @@ def differences(old: dict, new: dict) -> list[str]:
             if before.get(name) == now.get(name):
                 continue
             shown = (before.get(name), now.get(name))
-            if part == "settings" and "content:" not in json.dumps(shown, default=str):
+            files = ["content:" in json.dumps(v, default=str) for v in shown]
+            by_label = any(files) and (all(files) or any(v in (None, [], {}, "") for v in shown))
+            if part == "settings" and not by_label:  # a value against a value (or a file): show both
                 lines.append(f"{name}: {_show(shown[0])} -> {_show(shown[1])}")
             else:
                 label = new.get("labels", {}).get(name) or old.get("labels", {}).get(name)
@@ -187,7 +199,12 @@ def _flat(values: dict, prefix: str) -> dict:
 
 
 def _show(value) -> str:
-    return "(none)" if value is None else json.dumps(value)
+    if value is None:
+        return "(none)"
+    if isinstance(value, str) and value.startswith("content:"):
+        return f"a file or folder ({value[8:20]}…)"
+    text = json.dumps(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def read_record(output: str | Path) -> dict | None:

@@ -42,7 +42,9 @@ class ScoreConfig(StageConfig):
     RUNTIME = ("device", "batch_size", "workers", "torch_threads")
     clip_model: str = opt(DEFAULT_MODEL, "open_clip model name.")
     pretrained: str | None = opt(
-        DEFAULT_PRETRAINED, "open_clip pretrained tag, a local checkpoint file, or 'none' (random weights)."
+        DEFAULT_PRETRAINED,
+        "open_clip pretrained tag, a local checkpoint file, or 'none' (random weights).",
+        model=True,
     )
     device: str = opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
     precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.", choices=PRECISIONS)

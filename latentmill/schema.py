@@ -41,7 +41,10 @@ class Spec:
     old_key: str | None = None  # the recipe key's deprecated spelling
     cli: bool = True  # False: a recipe key without a flag (set by the runner, or a tuning knob)
     metavar: str | None = None
-    path: bool = False  # a file or folder: shown as PATH
+    path: bool = False  # a file or folder: shown as PATH, and recorded in lineage by its content
+    # a model: a name or id, or a local file or folder (recorded by content where it is one); no other
+    # setting is ever read as a path, whatever the current directory holds (curate/lineage.py)
+    model: bool = False
     # the release that added the option: at its default, it stays out of lineage records, so outputs made
     # before it existed still count as made with the same settings (no redo after an upgrade)
     since: str | None = None

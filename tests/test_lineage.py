@@ -80,3 +80,39 @@ def test_options_added_later_leave_older_records_unchanged_at_their_default():
     after = make_record("encode", EncodeConfig(alpha_mask=True))
     assert after["settings"]["alpha_mask"] is True and before["fingerprint"] != after["fingerprint"]
     assert differences(before, after) == ["settings.alpha_mask: (none) -> true"]
+
+
+def test_a_setting_is_read_as_a_file_only_where_its_option_is_a_path(tmp_path, monkeypatch):
+    from latentmill.curate.download import DownloadConfig
+    from latentmill.curate.encode import EncodeConfig
+
+    records = []
+    for where in ("empty", "crowded"):
+        folder = tmp_path / where
+        folder.mkdir()
+        if where == "crowded":  # files named like setting values: a token, a VAE name, a choice
+            (folder / "latentmill").mkdir()
+            (folder / "latentmill" / "a.txt").write_text("x")
+            (folder / "center").write_text("a file named like encode's --crop value")
+        monkeypatch.chdir(folder)
+        records.append(
+            (
+                make_record("download", DownloadConfig(user_agent_token="latentmill")),
+                make_record("encode", EncodeConfig(vae="tiny", crop="center")),
+            )
+        )
+    assert records[0] == records[1]
+    assert records[1][0]["settings"]["user_agent_token"] == "latentmill"
+
+    # a model option still names its folder by content, wherever it is given from
+    vae = tmp_path / "crowded" / "myvae"
+    vae.mkdir()
+    (vae / "config.json").write_text("{}")
+    record = make_record("encode", EncodeConfig(vae=str(vae)))
+    assert record["settings"]["vae"].startswith("content:")
+
+    # a changed setting's line shows its old and new value, also against a record that took it for a file
+    old = make_record("download", DownloadConfig(user_agent_token="latentmill"))
+    old["settings"]["user_agent_token"] = "content:0123456789abcdef"
+    new = make_record("download", DownloadConfig(user_agent_token="mybot"))
+    assert differences(old, new) == ['settings.user_agent_token: a file or folder (0123456789ab…) -> "mybot"']

@@ -172,7 +172,7 @@ def _mtimes(work):
 
 
 @pytest.mark.slow
-def test_run_works_like_make_and_a_moved_work_folder_is_a_no_op(tmp_path, run_cli):
+def test_run_works_like_make_and_a_moved_work_folder_is_a_no_op(tmp_path, run_cli, monkeypatch):
     work, reference = tmp_path / "work", tmp_path / "reference"
     subprocess.run(_run_cmd(work), check=True, capture_output=True)
     before = _mtimes(work)
@@ -189,6 +189,17 @@ def test_run_works_like_make_and_a_moved_work_folder_is_a_no_op(tmp_path, run_cl
             assert f"[{stage}] keep: up to date" in again.output, again.output
         assert _mtimes(folder) == before
     work = moved
+
+    # from another directory, one holding files named like the recipe's values (user_agent_token:
+    # latentmill, vae: tiny): still every stage kept, the records untouched
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "latentmill").mkdir(parents=True)
+    (elsewhere / "latentmill" / "x.txt").write_text("a folder named like a setting's value")
+    monkeypatch.chdir(elsewhere)
+    again = run_cli("run", "demo", "-w", work, *SMALL)
+    assert again.exit_code == 0 and again.output.count("keep: up to date") == 8, again.output
+    assert _mtimes(work) == before
+    monkeypatch.undo()
 
     # a changed threshold, up to select: select is redone, encode is marked stale
     where = ["--set", "select.where=['aesthetic_fit >= 5.0']"]

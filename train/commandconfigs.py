@@ -23,7 +23,9 @@ class ExportConfig(StageConfig):
         choices=("auto", "pipeline", "diffusers", "kohya", "single-file", "embedding"),
     )
     ema: bool = opt(True, "Export the EMA weights (--no-ema: the raw ones).")
-    vae: str | None = opt(None, "VAE for the pipeline (default: the one the latents were made with).")
+    vae: str | None = opt(
+        None, "VAE for the pipeline (default: the one the latents were made with).", model=True
+    )
 
 
 @dataclass

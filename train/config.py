@@ -64,14 +64,16 @@ class TrainConfig(StageConfig):
         None,
         "tiny, sd15, sd2-base (a new U-Net of that architecture, random weights), or a pretrained diffusers "
         "pipeline or U-Net folder or model id.",
+        model=True,
     )
     text_encoder: str | None = opt(
-        None, "openclip:NAME[:PRETRAINED] or a pipeline folder; default: text_emb in the shards."
+        None, "openclip:NAME[:PRETRAINED] or a pipeline folder; default: text_emb in the shards.", model=True
     )
     vae: str | None = opt(
         None,
         "VAE for sample grids and export; checked against the one the latents were made with "
         "(default: the manifest's).",
+        model=True,
     )
     steps: int = opt(1000, "Optimizer steps.", low=1)
     report_to: str = opt(

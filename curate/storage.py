@@ -88,7 +88,40 @@ def location(spec: str | os.PathLike):
     check_url(text)
     from upath import UPath
 
-    return UPath(text, **_options)
+    return UPath(text, **bounded_options(protocol, _options))
+
+
+# Every S3 call is bounded: botocore's connect and read timeouts and its standard retry mode (exponential
+# backoff with jitter), and s3fs's own retry loop around it cut to two tries, so a store that stops
+# answering ends a command in about two minutes (2 tries x 3 attempts x (5 + 15) s) instead of never. Any of these is
+# overridden with --storage-option config_kwargs='{"read_timeout": 60}' or a recipe's storage_options.
+S3_CLIENT = {"connect_timeout": 5, "read_timeout": 15, "retries": {"max_attempts": 3, "mode": "standard"}}
+S3FS_TRIES = 2
+UPLOAD_MIN_RATE = 256 * 1024  # bytes/s
+
+
+def store_timeout() -> float:
+    """Seconds a store that never answers takes to fail one call, with the options in force."""
+    client = S3_CLIENT | dict(_options.get("config_kwargs") or {})
+    attempts = (client.get("retries") or {}).get("max_attempts", 3)
+    return S3FS_TRIES * attempts * (client.get("connect_timeout", 60) + client.get("read_timeout", 60))
+
+
+def is_async(fs) -> bool:
+    """An fsspec filesystem whose calls run on its event loop (s3fs, gcsfs): they take `timeout=`."""
+    from fsspec.asyn import AsyncFileSystem
+
+    return isinstance(fs, AsyncFileSystem)
+
+
+def bounded_options(protocol: str, options: dict) -> dict:
+    """The storage options with the bounds above under the user's own (theirs win, key by key)."""
+    if protocol not in ("s3", "s3a"):
+        return options
+    import s3fs
+
+    s3fs.S3FileSystem.retries = S3FS_TRIES  # s3fs reads it per call; its default (5) multiplies the bound
+    return options | {"config_kwargs": S3_CLIENT | dict(options.get("config_kwargs") or {})}
 
 
 def check_url(text: str) -> str:
@@ -216,7 +249,10 @@ def _alive(pid: int) -> bool:
 
 def upload(local: Path, path) -> None:
     """Put a local file at `path` (a UPath) whole: S3 shows an object only once its upload completed."""
-    path.fs.put_file(str(local), path.path)
+    # botocore sends a file with `Expect: 100-continue`, and that wait has no timeout of its own: the whole
+    # upload is bounded instead (the store's bound, plus the time at a slow 256 KB/s)
+    bound = store_timeout() + local.stat().st_size / UPLOAD_MIN_RATE
+    path.fs.put_file(str(local), path.path, **({"timeout": bound} if is_async(path.fs) else {}))
 
 
 def read_bytes_if_exists(path) -> bytes | None:
@@ -377,6 +413,13 @@ def explain(err: BaseException) -> str | None:
         chain.append(nxt)
     names = {type(e).__name__ for e in chain}
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or _options.get("endpoint_url") or "the default endpoint"
+    if names & {"ReadTimeoutError", "FSTimeoutError", "TimeoutError", "ServerTimeoutError"}:
+        timeout = (_options.get("config_kwargs") or {}).get("read_timeout", S3_CLIENT["read_timeout"])
+        return (
+            f"the object store at {endpoint} stopped answering (no reply within {timeout} s, retried with "
+            f"backoff). Check that the server is up and not overloaded, then run the command again: it "
+            f"resumes. A slow store: --storage-option config_kwargs='{{\"read_timeout\": 120}}'."
+        )
     if names & {
         "EndpointConnectionError",
         "ClientConnectorError",

@@ -808,3 +808,11 @@ def test_the_prefilter_funnel_counts_hostile_urls_once_each_and_never_negative(t
     assert {r: reasons.count(r) for r in set(reasons)} == {
         s["rule"]: s["dropped"] for s in funnel["steps"] if s["dropped"]
     }
+
+
+@pytest.mark.parametrize("text", ["e", "+", ".", "1e400", "0", "-5", "1e19", "12 parsecs"])
+def test_a_cache_limit_that_is_no_size_is_exit_2_naming_the_option(text, tmp_path, run_cli):
+    result = run_cli("train", tmp_path / "latents", "-o", tmp_path / "run", "--model", "tiny",
+                     "--cache-limit", text)  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"--cache-limit {text!r}: give a size such as 50GB" in result.output and "Traceback" not in result.output

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import math
 import os
 import re
 import threading
@@ -34,14 +35,27 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K
 
 
 def parse_size(text: str | int, option: str = "--cache-limit") -> int:
-    """`50GB`, `512MiB`, `1e9` -> bytes."""
+    """`50GB`, `512MiB`, `1e9` -> bytes; a size of at least one byte and at most 1 EB, or an InputError
+    naming the option."""
+    hint = f"{option} {text!r}: give a size such as 50GB, 512MiB or 1000000000"
+    if isinstance(text, bool):
+        raise InputError(f"{hint}.")
     if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
-    unit = match.group(2).upper() if match else None
-    if not match or unit not in _UNITS:
-        raise InputError(f"{option} {text!r}: give a size such as 50GB, 512MiB or 1000000000.")
-    return int(float(match.group(1)) * _UNITS[unit])
+        value = text
+    else:
+        match = re.fullmatch(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        unit = match.group(2).upper() if match else None
+        if not match or unit not in _UNITS:
+            raise InputError(f"{hint}.")
+        number = float(match.group(1))
+        if not math.isfinite(number) or number * _UNITS[unit] > 10**18:
+            raise InputError(f"{hint}: at most 1 EB.")
+        value = int(number * _UNITS[unit])
+    if value < 1:
+        raise InputError(f"{hint}: at least one byte (the shard being read is kept whatever the limit).")
+    if value > 10**18:
+        raise InputError(f"{hint}: at most 1 EB.")
+    return value
 
 
 class ShardCache:

@@ -815,4 +815,7 @@ def test_a_cache_limit_that_is_no_size_is_exit_2_naming_the_option(text, tmp_pat
     result = run_cli("train", tmp_path / "latents", "-o", tmp_path / "run", "--model", "tiny",
                      "--cache-limit", text)  # fmt: skip
     assert result.exit_code == 2, result.output
-    assert f"--cache-limit {text!r}: give a size such as 50GB" in result.output and "Traceback" not in result.output
+    assert (
+        f"--cache-limit {text!r}: give a size such as 50GB" in result.output
+        and "Traceback" not in result.output
+    )

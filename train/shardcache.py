@@ -43,7 +43,9 @@ def parse_size(text: str | int, option: str = "--cache-limit") -> int:
     if isinstance(text, int):
         value = text
     else:
-        match = re.fullmatch(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        match = re.fullmatch(
+            r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text)
+        )
         unit = match.group(2).upper() if match else None
         if not match or unit not in _UNITS:
             raise InputError(f"{hint}.")

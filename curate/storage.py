@@ -15,6 +15,7 @@ flags, the recipe's `storage_options:`) passes anything else to fsspec.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -121,7 +122,10 @@ def bounded_options(protocol: str, options: dict) -> dict:
     import s3fs
 
     s3fs.S3FileSystem.retries = S3FS_TRIES  # s3fs reads it per call; its default (5) multiplies the bound
-    return options | {"config_kwargs": S3_CLIENT | dict(options.get("config_kwargs") or {})}
+    client = copy.deepcopy(S3_CLIENT) | copy.deepcopy(dict(options.get("config_kwargs") or {}))
+    # copies: botocore rewrites its retries mapping in place. No listings cache: another writer (img2dataset's
+    # processes, a second encode) changes a prefix between two listings, and a cached one would miss it
+    return {"use_listings_cache": False} | options | {"config_kwargs": client}
 
 
 def check_url(text: str) -> str:

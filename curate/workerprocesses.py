@@ -30,9 +30,29 @@ def worker_context():
     """The multiprocessing context for every data worker: the fork server where the platform has one."""
     global _context
     if _context is None:
+        _keep_temporaries_in_scratch()
         if "forkserver" in multiprocessing.get_all_start_methods():
             _context = multiprocessing.get_context("forkserver")
             _context.set_forkserver_preload(PRELOAD)
         else:
             _context = multiprocessing.get_context("spawn")
     return _context
+
+
+def _keep_temporaries_in_scratch() -> None:
+    """multiprocessing's own temporary folder (the fork server's socket) inside latentmill's scratch folder,
+    not at `$TMPDIR/pymp-*`: a killed command's is then swept by the next one like any other temporary."""
+    from multiprocessing import process
+
+    from latentmill.curate.scratch import new_folder
+
+    config = process.current_process()._config  # where multiprocessing.util.get_temp_dir keeps its folder
+    if config.get("tempdir") is None:
+        held = new_folder("tmp", "multiprocessing's temporaries")
+        if len(str(held.path)) > 80:  # a socket's path must fit in 108 bytes: multiprocessing's default
+            held.release(True)
+            return
+        config["tempdir"] = str(held.path)
+        import atexit
+
+        atexit.register(held.release, True)

@@ -251,7 +251,8 @@ def test_latents_from_another_vae_are_refused(image_shards, tmp_path, run_cli):
         "encode", image_shards, "-o", out, "--resolution", "256", "--vae", tmp_path / "other-vae"
     )
     assert result.exit_code == 2 and "made with other settings or inputs" in result.output
-    assert "settings.vae: changed" in result.output and "--overwrite" in result.output
+    assert "settings.vae: " in result.output and "-> a file or folder (" in result.output
+    assert "--overwrite" in result.output
     # with --overwrite: encoded again with the other VAE, every shard and the manifest
     again = run_cli(
         "encode",

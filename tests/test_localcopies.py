@@ -182,8 +182,7 @@ def test_the_caches_and_temporaries_of_dead_processes_are_swept_and_run_copies_k
 def test_a_remote_runs_working_copy_keeps_to_its_folder_and_is_never_shared(data, bucket, tmp_path):
     """Links planted around and inside the working copy, canaries beside it; a run URL ending in '..';
     two trainers of one URL; a killed one's copy reused and its cache swept by the next."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix="lmc"))  # short, as users' TMPDIR is: sockets live under it
     env = os.environ | {"TMPDIR": str(tmp)}
     victim = tmp_path / "victim"
     victim.mkdir()
@@ -214,7 +213,8 @@ def test_a_remote_runs_working_copy_keeps_to_its_folder_and_is_never_shared(data
             time.sleep(0.2)
         second = _train_cli(data, shards, run, "--steps", "2", env=env)
         assert second.returncode == 2 and f"PID {first.pid})" in second.stderr, second.stderr[-2000:]
-        while not any(p.name.startswith("cache-") for p in copy.parent.iterdir()):
+        started = storage.location(f"{run}/started.json")  # what --resume starts from, before a checkpoint
+        while not (any(p.name.startswith("cache-") for p in copy.parent.iterdir()) and started.exists()):
             assert first.poll() is None and time.monotonic() < deadline, output.read_text()[-2000:]
             time.sleep(0.2)
     finally:

@@ -94,8 +94,8 @@ def location(spec: str | os.PathLike):
 
 # Every S3 call is bounded: botocore's connect and read timeouts and its standard retry mode (exponential
 # backoff with jitter), and s3fs's own retry loop around it cut to two tries, so a store that stops
-# answering ends a command in about two minutes (2 tries x 3 attempts x (5 + 15) s) instead of never. Any of these is
-# overridden with --storage-option config_kwargs='{"read_timeout": 60}' or a recipe's storage_options.
+# answering ends a command in about two minutes (2 tries x 3 attempts x (5 + 15) s) instead of never. Any of
+# these is overridden with --storage-option config_kwargs='{"read_timeout": 60}' or a recipe's storage_options.
 S3_CLIENT = {"connect_timeout": 5, "read_timeout": 15, "retries": {"max_attempts": 3, "mode": "standard"}}
 S3FS_TRIES = 2
 UPLOAD_MIN_RATE = 256 * 1024  # bytes/s
@@ -103,7 +103,7 @@ UPLOAD_MIN_RATE = 256 * 1024  # bytes/s
 
 def store_timeout() -> float:
     """Seconds a store that never answers takes to fail one call, with the options in force."""
-    client = S3_CLIENT | dict(_options.get("config_kwargs") or {})
+    client = _client_config(_options)
     attempts = (client.get("retries") or {}).get("max_attempts", 3)
     return S3FS_TRIES * attempts * (client.get("connect_timeout", 60) + client.get("read_timeout", 60))
 
@@ -115,6 +115,12 @@ def is_async(fs) -> bool:
     return isinstance(fs, AsyncFileSystem)
 
 
+def _client_config(options: dict) -> dict:
+    """botocore's Config fields: the bounds above under the user's `config_kwargs` (copies: botocore
+    rewrites its retries mapping in place)."""
+    return copy.deepcopy(S3_CLIENT) | copy.deepcopy(dict(options.get("config_kwargs") or {}))
+
+
 def bounded_options(protocol: str, options: dict) -> dict:
     """The storage options with the bounds above under the user's own (theirs win, key by key)."""
     if protocol not in ("s3", "s3a"):
@@ -122,8 +128,8 @@ def bounded_options(protocol: str, options: dict) -> dict:
     import s3fs
 
     s3fs.S3FileSystem.retries = S3FS_TRIES  # s3fs reads it per call; its default (5) multiplies the bound
-    client = copy.deepcopy(S3_CLIENT) | copy.deepcopy(dict(options.get("config_kwargs") or {}))
-    # copies: botocore rewrites its retries mapping in place. No listings cache: another writer (img2dataset's
+    client = _client_config(options)
+    # no listings cache: another writer (img2dataset's
     # processes, a second encode) changes a prefix between two listings, and a cached one would miss it
     return {"use_listings_cache": False} | options | {"config_kwargs": client}
 
@@ -418,7 +424,7 @@ def explain(err: BaseException) -> str | None:
     names = {type(e).__name__ for e in chain}
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or _options.get("endpoint_url") or "the default endpoint"
     if names & {"ReadTimeoutError", "FSTimeoutError", "TimeoutError", "ServerTimeoutError"}:
-        timeout = (_options.get("config_kwargs") or {}).get("read_timeout", S3_CLIENT["read_timeout"])
+        timeout = _client_config(_options)["read_timeout"]
         return (
             f"the object store at {endpoint} stopped answering (no reply within {timeout} s, retried with "
             f"backoff). Check that the server is up and not overloaded, then run the command again: it "

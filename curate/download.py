@@ -9,7 +9,6 @@ downloads nothing. `retry_failed` collects the rows that failed and downloads th
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.downloadresults import STATE_DIR, done_shards, failed_rows, summarize
 from latentmill.curate.lineage import make_record, record_path
 from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
+from latentmill.curate.records import read_record
 from latentmill.curate.storage import (
     arrow_file,
     atomic_path,
@@ -291,7 +291,8 @@ def retry_failed(output: str | Path, config: DownloadConfig, reasons: set[str] |
             f"Run `latentmill download TABLE -o {output}` first."
         )
     config.validate()
-    saved = json.loads((state / "download.json").read_text())
+    fix = f"download again into a new folder (or with --overwrite: {output} is cleared)"
+    saved = read_record(state / "download.json", fix=fix, fields={"extras": list})
     extras = saved["extras"]
     failed = failed_rows(output, extras)
     if reasons:
@@ -313,7 +314,10 @@ def retry_failed(output: str | Path, config: DownloadConfig, reasons: set[str] |
 def _finish(output: Path, state: Path, shards_before: list[str], seconds: float) -> dict:
     shards_after = done_shards(output)
     new = sorted(set(shards_after) - set(shards_before))
-    new_images = sum(json.loads((output / f"{s}_stats.json").read_text()).get("successes", 0) for s in new)
+    fix = "delete it (and its shard) and run `latentmill download --retry-failed` again"
+    new_images = sum(
+        read_record(output / f"{s}_stats.json", fix=fix, fields={"successes": int})["successes"] for s in new
+    )
     summary = summarize(output) | {
         "shards": len(shards_after),
         "new_shards": len(new),

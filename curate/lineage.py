@@ -247,8 +247,9 @@ def claim(
     if path.exists():
         try:
             old = json.loads(path.read_text())
-        except ValueError:
+        except (ValueError, RecursionError):
             old = {}
+        old = old if isinstance(old, dict) else {}
     cleared = False
     if old is not None and old.get("fingerprint") != record["fingerprint"]:
         changed = differences(old, record) or ["its lineage record is unreadable"]

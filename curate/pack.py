@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentmill.curate.imageshards import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
+from latentmill.curate.records import read_record
 from latentmill.curate.storage import atomic_path, location, make_folder, remove_stale_temporaries, write_json
 from latentmill.errors import InputError, warn
 from latentmill.schema import StageConfig, opt
@@ -117,7 +118,11 @@ def pack_images(
     for index in range(0, len(files), config.shard_size):
         shard = f"{index // config.shard_size:05d}"
         if (output / f"{shard}_stats.json").exists():  # done in an earlier run
-            stats = json.loads((output / f"{shard}_stats.json").read_text())
+            stats = read_record(
+                output / f"{shard}_stats.json",
+                fields={"successes": int},
+                fix=f"delete it and pack again (shard {shard} is redone)",
+            )
         else:
             stats = _pack_shard(
                 folder, files[index : index + config.shard_size], output, shard, index, config

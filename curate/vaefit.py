@@ -99,7 +99,9 @@ def fit_vae(
 
     config, output = config or VaeFitConfig(), Path(output)
     if (output / "fit.json").exists():
-        return json.loads((output / "fit.json").read_text())
+        from latentmill.curate.records import read_record
+
+        return read_record(output / "fit.json", fix=f"delete {output} and fit again")
     pictures = load_pictures(images, selection, config.size)
     rng = np.random.default_rng(config.seed)
     held_out = pictures[rng.permutation(len(pictures))[: min(8, len(pictures))]]

@@ -65,10 +65,13 @@ class SplitWriter:
 
 def validation_stats(output: Path, shards: list[str]) -> dict[str, dict]:
     """The validation shards' stats, read back for their manifest."""
-    import json
+    from latentmill.curate.records import read_record
 
+    fix = "run encode again with --overwrite"
     return {
-        shard: json.loads((output / VALIDATION / f"{shard}.stats.json").read_text())
+        shard: read_record(
+            output / VALIDATION / f"{shard}.stats.json", fix=fix, fields={"written": int, "per_bucket": dict}
+        )
         for shard in shards
         if (output / VALIDATION / f"{shard}.stats.json").exists()
     }

@@ -17,7 +17,6 @@ embedding is compared in its `probes` nearest clusters, so a pair split by a clu
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,7 +263,7 @@ def _work_folder(output: Path, config: DedupConfig, shards: list[Path]) -> Path:
         "scores": input_fingerprint(shards[0].parent) if shards else None,
     }
     saved = work / "settings.json"
-    if saved.exists() and json.loads(saved.read_text()) != settings:  # other settings: start the passes over
+    if saved.exists() and _saved_settings(saved) != settings:  # other settings (or damaged): the passes over
         from latentmill.curate.storage import remove
 
         remove(work)
@@ -376,3 +375,13 @@ def format_dedup_funnel(funnel: dict) -> str:
         f"{funnel['clusters']} clusters (largest {funnel['largest_cluster']:,}), {funnel['pairs']:,} pairs at "
         f"cosine >= {funnel['threshold']}, {funnel['exact_pairs']:,} byte-identical"
     )
+
+
+def _saved_settings(path: Path) -> dict | None:
+    """The settings the passes in the work folder were made with (None for a damaged record: made anew)."""
+    from latentmill.curate.records import read_record
+
+    try:
+        return read_record(path)
+    except InputError:
+        return None

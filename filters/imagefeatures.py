@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latentmill.errors import InputError
+from latentmill.errors import InputError, warn
 
 PICTURES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -258,32 +258,52 @@ def cache_dir() -> Path:
 def set_features(spec: str, space: FeatureSpace) -> tuple[np.ndarray | None, dict]:
     """(features, stats {mu, sigma, count, space}) of an image set; a `.npz` gives its stored statistics
     only (features None: no KID against it). Folders' statistics are cached by content and space."""
+    from latentmill.curate.records import read_arrays
+
     if spec.endswith(".npz"):
-        with np.load(spec, allow_pickle=False) as stored:
-            if str(stored["space"]) != space.spec:
-                raise InputError(
-                    f"{spec}: statistics in feature space {str(stored['space'])!r}, not {space.spec!r}; compare "
-                    f"sets in one space (--features {str(stored['space'])})."
-                )
-            return None, {"mu": stored["mu"], "sigma": stored["sigma"], "count": int(stored["count"])}
+        fix = "give the .npz that `latentmill eval` cached for the reference set, or the reference images"
+        stored = read_arrays(spec, {"mu": 1, "sigma": 2, "count": 0, "space": 0}, fix=fix)
+        check_statistics(spec, stored, fix)
+        if str(stored["space"]) != space.spec:
+            raise InputError(
+                f"{spec}: statistics in feature space {str(stored['space'])!r}, not {space.spec!r}; compare "
+                f"sets in one space (--features {str(stored['space'])})."
+            )
+        return None, {"mu": stored["mu"], "sigma": stored["sigma"], "count": int(stored["count"])}
     images = load_images(spec)
     key = hashlib.sha256(json.dumps([set_fingerprint(spec), space.spec, space.size]).encode()).hexdigest()[
         :24
     ]
     cached = cache_dir() / f"{key}.npz"
     if cached.exists():
-        with np.load(cached, allow_pickle=False) as stored:
+        try:
+            stored = read_arrays(cached, {"features": 2, "mu": 1, "sigma": 2})
+            check_statistics(cached, stored, "")
             return stored["features"], {
                 "mu": stored["mu"],
                 "sigma": stored["sigma"],
                 "count": len(stored["features"]),
             }
+        except InputError as err:  # a cache: computed again (and written anew) rather than refused
+            warn(f"{err} Computing the statistics again.")
     features = space.features(images)
     from latentmill.filters.frechet import statistics
 
     mu, sigma = statistics(features)
     save_statistics(cached, features, mu, sigma, space.spec)
     return features, {"mu": mu, "sigma": sigma, "count": len(features)}
+
+
+def check_statistics(path, stored: dict, fix: str) -> None:
+    """mu (d,) and sigma (d, d) of one dimension d, finite: what statistics() writes."""
+    mu, sigma = stored["mu"], stored["sigma"]
+    fix = fix or f"delete {path} (computed again)"
+    if sigma.shape != (len(mu), len(mu)) or mu.dtype.kind != "f" or sigma.dtype.kind != "f":
+        raise InputError(
+            f"{path}: mu {mu.shape} and sigma {sigma.shape} are not statistics of one space. Fix: {fix}."
+        )
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise InputError(f"{path}: statistics that are not finite. Fix: {fix}.")
 
 
 def save_statistics(path: Path, features, mu, sigma, space: str) -> None:

@@ -14,7 +14,9 @@ import json
 from dataclasses import dataclass, field
 
 from latentmill.curate.lineage import content_fingerprint, differences, fingerprint, settings_of
+from latentmill.curate.records import read_optional
 from latentmill.curate.storage import location, move, remove, write_json
+from latentmill.errors import InputError
 from latentmill.layout import Layout
 from latentmill.schema import from_section
 from latentmill.stages import PLACEHOLDERS, STAGES, Stage, producer
@@ -67,10 +69,10 @@ def _external(name: str, recipe: dict, layout: Layout, urls: str | None) -> str 
 
 def completion(layout: Layout, stage: Stage) -> dict | None:
     """What the stage's last finished run recorded (None: it never finished)."""
-    try:
-        return json.loads((layout.lineage / f"{stage.name}.json").read_text())
-    except (OSError, ValueError):
-        return None
+    path = layout.lineage / f"{stage.name}.json"
+    fix = f"delete it, and `latentmill run` does the {stage.name} stage again"
+    fields = {"fingerprint": str, "output": (str, type(None)), "record": dict}
+    return read_optional(path, fix=fix, fields=fields)
 
 
 def plan(recipe: dict, layout: Layout, stages: list[Stage], urls: str | None = None) -> list[Step]:
@@ -145,15 +147,25 @@ def _jsonable(report: dict) -> dict:
 
 def stale(layout: Layout) -> dict[str, str]:
     """Stages whose inputs were made again since they finished (recipe-free: from the records alone)."""
-    out = {}
-    for stage in STAGES:
-        done = completion(layout, stage)
-        if done is None:
-            continue
-        for name, recorded in (done["record"].get("inputs") or {}).items():
+    out: dict[str, str] = {}
+    for stage in STAGES:  # in order: a stage reading a stale stage's output is stale too
+        done = _readable_completion(layout, stage)
+        inputs = done["record"].get("inputs") if done else None
+        for name, recorded in (inputs if isinstance(inputs, dict) else {}).items():
             made_by = producer(name)
-            upstream = completion(layout, made_by) if made_by else None
+            upstream = _readable_completion(layout, made_by) if made_by else None
+            if made_by and made_by.name in out:
+                out[stage.name] = f"stale: {name} comes from the {made_by.name} stage, which is stale"
+                break
             if made_by and upstream and upstream["output"] != recorded:
                 out[stage.name] = f"stale: {name} was made again by the {made_by.name} stage"
                 break
     return out
+
+
+def _readable_completion(layout: Layout, stage: Stage) -> dict | None:
+    """completion(), with a damaged record taken as none (status shows it as damaged on its own row)."""
+    try:
+        return completion(layout, stage)
+    except InputError:
+        return None

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from pathlib import Path
 
 from latentmill.curate.latentshards import read_manifest
+from latentmill.curate.records import NUMBER, read_log, read_record
 from latentmill.curate.storage import location, read_parquet, write_bytes
 from latentmill.errors import InputError
 from latentmill.layout import Layout
@@ -35,18 +35,10 @@ def _figure_uri(fig) -> str:
     return _png_uri(buffer.getvalue())
 
 
-def _record(path: Path, *keys: str) -> dict:
-    """A stage's JSON record (a funnel, a summary, a manifest) with `keys`; a damaged one is an InputError
+def _record(path: Path, **fields) -> dict:
+    """A stage's JSON record (a funnel, a summary, a fit) with `fields`: a damaged one is an InputError
     naming it, since a report built around it would show wrong numbers."""
-    try:
-        record = json.loads(path.read_text())
-    except (ValueError, OSError) as err:
-        raise InputError(f"{path}: cannot be read ({err}); run the stage that wrote it again.") from None
-    if not isinstance(record, dict) or any(key not in record for key in keys):
-        raise InputError(
-            f"{path}: not the record its stage writes (expected {', '.join(keys)}); run that stage again."
-        )
-    return record
+    return read_record(path, fix="run the stage that wrote it again with --overwrite", fields=fields)
 
 
 def funnel_rows(work: Path) -> list[tuple[str, int]]:
@@ -54,14 +46,14 @@ def funnel_rows(work: Path) -> list[tuple[str, int]]:
     rows, lay = [], Layout(work)
     prefilter = lay.kept_funnel
     if prefilter.exists():
-        f = _record(prefilter, "input_rows", "kept_rows")
+        f = _record(prefilter, input_rows=int, kept_rows=int)
         rows += [("URLs", f["input_rows"]), ("after prefilter", f["kept_rows"])]
     summary = lay.download_summary
     if summary.exists():
-        rows.append(("downloaded", _record(summary, "success")["success"]))
+        rows.append(("downloaded", _record(summary, success=int)["success"]))
     selection = lay.select_funnel
     if selection.exists():
-        rows.append(("selected", _record(selection, "kept")["kept"]))
+        rows.append(("selected", _record(selection, kept=int)["kept"]))
     for resolution, latents in lay.latent_folders().items():
         if (latents / "manifest.json").exists():
             rows.append((f"latents ({resolution} px)", read_manifest(latents).get("samples", 0)))
@@ -91,18 +83,9 @@ def _loss_chart(log: Path) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    entries = []
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:  # a line cut off by a kill, or damage: the chart shows the rest
-            continue
-        if (
-            isinstance(entry, dict)
-            and isinstance(entry.get("step"), (int, float))
-            and isinstance(entry.get("loss"), (int, float))
-        ):
-            entries.append(entry)
+    entries = [
+        e for e in read_log(log) if isinstance(e.get("loss"), NUMBER) and not isinstance(e["loss"], bool)
+    ]
     if not entries:
         return None
     fig, ax = plt.subplots(figsize=(7, 3))
@@ -187,7 +170,7 @@ def _dedup_section(lay: Layout, groups_shown: int = 5) -> Markup:
 
     from latentmill.curate.imageshards import iter_image_shard, list_image_shards
 
-    funnel = _record(lay.dedup / "funnel.json")
+    funnel = _record(lay.dedup / "funnel.json", duplicates=int, groups=int)
     groups: dict[str, list[tuple[str, float]]] = {}
     for path in sorted(lay.dedup.glob("*.parquet")):
         table = read_parquet(path).to_pydict()
@@ -252,7 +235,8 @@ TINY_MODELS_NOTE = Markup(
 
 
 def _vae_section(folder: Path) -> Markup:
-    fit = _record(folder / "fit.json")
+    numbers = ("steps", "pictures", "psnr_random_init_db", "psnr_fitted_db", "scaling_factor")
+    fit = _record(folder / "fit.json", **dict.fromkeys(numbers, NUMBER))
     return html(
         "<p>Top row: held-out pictures; bottom row: the VAE's reconstructions (8x downsampled to 4 latent "
         "channels and back). Fitted for {} CPU steps on {} selected pictures: reconstruction PSNR {} dB with "
@@ -286,7 +270,7 @@ def _funnel_section(lay: Layout) -> Markup:
     if rows:
         body.append(image("funnel", _funnel_chart(rows)))
     if lay.download_summary.exists():
-        failures = _record(lay.download_summary, "failures")["failures"]
+        failures = _record(lay.download_summary, failures=dict)["failures"]
         items = concat(html("<li>{}: {}</li>", k, v) for k, v in failures.items())
         body.append(html("<h3>Download failures</h3><ul>{}</ul>", items))
     return concat(body)

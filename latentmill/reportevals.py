@@ -3,8 +3,7 @@ against step; the validation loss is drawn with the training loss)."""
 
 from __future__ import annotations
 
-import json
-
+from latentmill.curate.records import read_log
 from latentmill.layout import Layout
 from latentmill.reporthtml import Markup, concat, html, image
 
@@ -17,15 +16,7 @@ def eval_section(lay: Layout) -> Markup | None:
         log = run / "log.jsonl"
         if not log.exists():
             continue
-        entries = []
-        for line in log.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and isinstance(entry.get("step"), (int, float)):
-                entries.append(entry)
-        chart = _chart(entries)
+        chart = _chart(read_log(log))
         if chart:
             body.append(html("<h3>{}</h3>{}", run.name, image(f"evaluation {run.name}", chart)))
     return concat(body) or None

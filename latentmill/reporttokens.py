@@ -3,8 +3,7 @@ token's vectors by cosine (train/textexport.py `nearest_words`), from the last c
 
 from __future__ import annotations
 
-import json
-
+from latentmill.curate.records import read_record
 from latentmill.layout import Layout
 from latentmill.reporthtml import Markup, concat, html
 
@@ -23,7 +22,8 @@ def token_section(lay: Layout) -> Markup | None:
         found = checkpoints(run)
         if not found or not (found[-1] / "token.json").exists():
             continue
-        token = json.loads((found[-1] / "token.json").read_text())
+        fix = f"delete {found[-1]} (the run's checkpoint before it is used) or train again"
+        token = read_record(found[-1] / "token.json", fix=fix, fields={"token": str, "text_encoder": str})
         vectors = load_file(found[-1] / "embeddings_ema.safetensors")[token["token"]]
         rows = concat(
             html("<tr><td>{}</td><td>{}</td></tr>", i, ", ".join(f"{w} ({c:.2f})" for w, c in words))

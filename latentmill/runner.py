@@ -109,7 +109,11 @@ def status(work: str | Path) -> list[dict]:
     old = stale(layout)
     rows = []
     for stage in STAGES:
-        done, detail = stage.status(layout, stage)
+        try:
+            completion(layout, stage)  # a damaged record: its row says so, the others still show
+            done, detail = stage.status(layout, stage)
+        except InputError as err:
+            done, detail = "damaged", str(err)
         present = [name for name in stage.outputs if layout.present(name)]
         if stage.name in old:
             detail = f"{old[stage.name]}; {detail}" if detail else old[stage.name]

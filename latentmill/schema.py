@@ -157,3 +157,18 @@ def from_section(cls, body: dict, **extra):
     """A validated config from a recipe section's mapping (unknown keys are refused by the recipe)."""
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in (body or {}).items()}
     return cls(**(values | extra)).validate()
+
+
+def check_saved(cls, values: dict, path, fix: str) -> dict:
+    """A config that latentmill saved (a run's started.json, a checkpoint's state.json): each declared
+    setting in it of its declared type and bounds, else an InputError naming the file and `fix`."""
+    fields = {f.name: f for f in cls.option_fields()}
+    for key, value in values.items():
+        if key in fields and value is not None:
+            try:
+                check_value(cls, fields[key], value)
+            except InputError as err:
+                raise InputError(
+                    f"{path}: a saved setting is not what latentmill writes ({err}) Fix: {fix}."
+                ) from None
+    return values

@@ -9,7 +9,6 @@ Every stage is resumable on its own (done shards are skipped, training goes on f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -88,7 +87,10 @@ def _prefilter(ctx: Context) -> dict:
 
     table, lay = url_source(ctx), ctx.layout
     if lay.kept_funnel.exists():
-        return json.loads(lay.kept_funnel.read_text())
+        from latentmill.curate.records import read_record
+
+        fix = "delete it and run the prefilter stage again (it is quick)"
+        return read_record(lay.kept_funnel, fix=fix, fields={"kept_rows": int, "input_rows": int})
     with progress_bar(None, "[prefilter]", "rows") as bar:
         return prefilter(
             table, lay.kept, section(ctx.recipe, "prefilter", **ctx.allowed), progress=bar.update

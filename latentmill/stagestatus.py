@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from latentmill.curate.records import NUMBER, read_record
 from latentmill.layout import Layout
 
 if TYPE_CHECKING:
     from latentmill.stages import Stage
+
+
+AGAIN = "run the stage again with --overwrite (or delete the file and run it again)"
 
 
 def count(folder: Path, pattern: str) -> int:
@@ -21,14 +24,14 @@ def count(folder: Path, pattern: str) -> int:
 def prefilter_status(lay: Layout, stage: Stage) -> tuple[str, str]:
     if not lay.kept_funnel.exists():
         return "no", ""
-    f = json.loads(lay.kept_funnel.read_text())
+    f = read_record(lay.kept_funnel, fix=AGAIN, fields={"kept_rows": int, "input_rows": int})
     return "yes", f"{f['kept_rows']:,} of {f['input_rows']:,} rows kept"
 
 
 def download_status(lay: Layout, stage: Stage) -> tuple[str, str]:
     detail = ""
     if lay.download_summary.exists():
-        s = json.loads(lay.download_summary.read_text())
+        s = read_record(lay.download_summary, fix=AGAIN, fields={"success": int, "failed": int})
         detail = f"{s['success']:,} images, {s['failed']:,} failed"
     return f"{count(lay.images, '*_stats.json')} shards", detail
 
@@ -50,7 +53,7 @@ def dedup_status(lay: Layout, stage: Stage) -> tuple[str, str]:
     funnel = lay.dedup / "funnel.json"
     if not funnel.exists():
         return "no", ""
-    f = json.loads(funnel.read_text())
+    f = read_record(funnel, fix=AGAIN, fields={"duplicates": int, "groups": int})
     return "yes", f"{f['duplicates']:,} duplicates in {f['groups']:,} groups"
 
 
@@ -58,7 +61,7 @@ def select_status(lay: Layout, stage: Stage) -> tuple[str, str]:
     done, _ = shard_status("*.parquet")(lay, stage)
     if not lay.select_funnel.exists():
         return done, ""
-    f = json.loads(lay.select_funnel.read_text())
+    f = read_record(lay.select_funnel, fix=AGAIN, fields={"kept": int, "input": int})
     return done, f"{f['kept']:,} of {f['input']:,} kept"
 
 
@@ -67,9 +70,8 @@ def encode_status(lay: Layout, stage: Stage) -> tuple[str, str]:
     for resolution, folder in lay.latent_folders().items():
         done.append(f"{count(folder, '*.stats.json')}/{count(lay.images, '*.tar')}")
         if (folder / "manifest.json").exists():
-            parts.append(
-                f"{json.loads((folder / 'manifest.json').read_text())['samples']:,} latents at {resolution} px"
-            )
+            manifest = read_record(folder / "manifest.json", fix=AGAIN, fields={"samples": int})
+            parts.append(f"{manifest['samples']:,} latents at {resolution} px")
     return (", ".join(done) + " shards") if done else "no", "; ".join(parts)
 
 
@@ -80,8 +82,13 @@ def train_status(lay: Layout, stage: Stage) -> tuple[str, str]:
     for run in lay.run_folders():
         state = last_state(run)
         if state:
-            parts.append(f"{run.name} step {state['step']}/{state['config']['steps']}")
+            steps = state["config"].get("steps")
+            parts.append(f"{run.name} step {state['step']}/{steps if _is_count(steps) else '?'}")
     return ("yes" if parts else "no"), "; ".join(parts)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, NUMBER) and not isinstance(value, bool)
 
 
 def export_status(lay: Layout, stage: Stage) -> tuple[str, str]:

@@ -473,7 +473,7 @@ def cases():
             ["select", "{z}/w-cut/scores", "-o", "{z}/sel"],
             "00000.parquet: cannot be read as parquet",
         ),
-        ("report-cut-funnel", ["report", "{z}/w-cut", "-o", "{z}/rep"], "funnel.json: cannot be read"),
+        ("report-cut-funnel", ["report", "{z}/w-cut", "-o", "{z}/rep"], "funnel.json: damaged JSON"),
         (
             "report-broken-manifest",
             ["report", "{z}/w-manifest", "-o", "{z}/rep"],

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from latentmill.curate.storage import temporary_name
 from latentmill.errors import InputError, TrainingFailed, warn
+from latentmill.schema import check_saved
 from latentmill.train.config import TrainConfig
 from latentmill.train.resumeconfig import RESUME_MAY_CHANGE, resume_differences
 
@@ -89,13 +90,29 @@ STARTED = "started.json"  # a run's settings as it started: what --resume takes 
 def last_state(run: Path) -> dict | None:
     """state.json of the run's newest checkpoint (step, config); for a run stopped before its first
     checkpoint, step 0 and the settings it started with (RUN/started.json); None for no run."""
+    from latentmill.curate.records import read_record
     from latentmill.curate.storage import location
 
     found = checkpoints(location(run))
+    for folder in reversed(found):  # a damaged newest one: resume falls back past it (and says so)
+        if damage(folder, ("state.json",)) is None:
+            state = json.loads((folder / "state.json").read_text())
+            check_saved(TrainConfig, state["config"], folder / "state.json", _REMOVE.format(folder=folder))
+            return state
     if found:
-        return json.loads((found[-1] / "state.json").read_text())
+        newest = found[-1] / "state.json"
+        read_record(newest, fields={"step": int, "config": dict}, fix=_REMOVE.format(folder=found[-1]))
+        raise InputError(
+            f"{newest}: not the state latentmill writes. Fix: {_REMOVE.format(folder=found[-1])}."
+        )
     started = location(run) / STARTED
-    return {"step": 0, "config": json.loads(started.read_text())} if started.exists() else None
+    if not started.exists():
+        return None
+    fix = f"delete {started} and train {run} again without --resume (it stopped before its first checkpoint)"
+    return {"step": 0, "config": check_saved(TrainConfig, read_record(started, fix=fix), started, fix)}
+
+
+_REMOVE = "delete {folder} (with no intact checkpoint left, the run starts over)"
 
 
 def record_start(run: Path, config: TrainConfig, sets: list) -> None:
@@ -147,7 +164,16 @@ def damage(folder: Path, needed: tuple[str, ...]) -> str | None:
                 value = json.loads(path.read_text())
                 if not isinstance(value, dict) or (name == "state.json" and not _a_state(value)):
                     return f"{name} is not what latentmill writes there"
-        except (OSError, ValueError, KeyError, TypeError, IndexError, OverflowError, struct.error):
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            IndexError,
+            OverflowError,
+            RecursionError,
+            struct.error,
+        ):
             return f"{name} is unreadable"
     return None
 
@@ -215,12 +241,15 @@ def truncate_log(run: Path, step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             entry = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if not isinstance(entry, dict) or entry.get("step", 0) <= step:
+        later = (
+            isinstance(entry, dict) and isinstance(entry.get("step"), (int, float)) and entry["step"] > step
+        )
+        if not later:
             kept.append(line)
     from latentmill.curate.storage import atomic_path
 
@@ -251,13 +280,16 @@ def load_checkpoint(folder: Path, weights, optimizer) -> dict:
 
     weights.load(folder)
     tensors = load_file(folder / "optimizer.safetensors")
-    rest = json.loads((folder / "optimizer.json").read_text())
+    from latentmill.curate.records import read_record
+
+    fix = _REMOVE.format(folder=folder)
+    rest = read_record(folder / "optimizer.json", fix=fix, fields={"scalars": dict, "param_groups": list})
     state: dict = {}
     for key, value in [*tensors.items(), *rest["scalars"].items()]:
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
-    return json.loads((folder / "state.json").read_text())
+    return read_record(folder / "state.json", fix=fix, fields={"step": int, "config": dict})
 
 
 def check_resume_point(run: Path, config: TrainConfig) -> None:

@@ -3,10 +3,10 @@ and `--init-from` all read a run's last checkpoint through `load_run`."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from latentmill.curate.records import read_record
 from latentmill.curate.storage import is_remote, location
 from latentmill.errors import InputError, warn
 from latentmill.train.checkpoint import checkpoints, is_lora, latest_checkpoint, unet_kind, weights_needed
@@ -32,12 +32,15 @@ class Run:
         """A LoRA run's adapter.json: rank, alpha, targets, base, base_fingerprint (a textual-inversion run's
         frozen_unet.json: base, base_fingerprint)."""
         name = "frozen_unet.json" if unet_kind(self.checkpoint) == "frozen" else "adapter.json"
-        return json.loads((self.checkpoint / name).read_text())
+        return self._record(name)
 
     def text_file(self, name: str) -> dict | None:
         """token.json or text_adapter.json where the run trained part of its text encoder, else None."""
-        path = self.checkpoint / name
-        return json.loads(path.read_text()) if path.exists() else None
+        return self._record(name) if (self.checkpoint / name).exists() else None
+
+    def _record(self, name: str, **fields) -> dict:
+        fix = f"delete {self.checkpoint} to use the checkpoint before it, or train again"
+        return read_record(self.checkpoint / name, fix=fix, fields=fields)
 
     def text_tensors(self, stem: str) -> dict:
         """embeddings or text_lora tensors (EMA or raw, as the run was opened)."""
@@ -104,7 +107,7 @@ class Run:
         warn(message)
 
     def unet_config(self) -> dict:
-        return json.loads((self.checkpoint / "unet_config.json").read_text())
+        return self._record("unet_config.json")
 
     def unet(self):
         """The U-Net, built from the saved config, with the checkpoint's (EMA) weights."""
@@ -143,7 +146,8 @@ def load_run(run: str | Path, use_ema: bool = True, what: str = "") -> Run:
             f"{name}: no checkpoints. Train first (`latentmill train ... -o {run}`), or give a run "
             f"made by `latentmill merge`."
         )
-    return Run(run, found, json.loads((found / "state.json").read_text()), use_ema)
+    fix = f"delete {found} to use the checkpoint before it, or train again"
+    return Run(run, found, read_record(found / "state.json", fix=fix, fields={"config": dict}), use_ema)
 
 
 def init_from(unet, run: Path) -> None:

@@ -231,12 +231,14 @@ def sample_to_folder(
     from PIL import Image
 
     from latentmill.curate.lineage import model_fingerprint
+    from latentmill.curate.records import read_optional
     from latentmill.curate.storage import atomic_path, write_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index_path = folder / SAMPLE_INDEX
-    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    fix = f"delete {index_path} and the images beside it, or give another --to-folder"
+    index = read_optional(index_path, fix=fix) or {}
     jobs = [prompt for prompt in prompts for _ in range(count)]
     settings = [model_fingerprint(str(source)), steps, guidance, seed, list(size or []), batch_size]
     make, made = None, 0

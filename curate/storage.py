@@ -15,7 +15,6 @@ flags, the recipe's `storage_options:`) passes anything else to fsspec.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -24,6 +23,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from latentmill.curate.storageoptions import (  # noqa: F401 (the storage API, re-exported)
+    S3_CLIENT,
+    S3FS_TRIES,
+    UPLOAD_MIN_RATE,
+    _options,
+    bounded_options,
+    client_config,
+    options,
+    parse_option,
+    set_options,
+    storage_environment,
+    store_timeout,
+)
 from latentmill.errors import InputError
 
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -36,30 +48,6 @@ EXTRAS = {
     "az": ("adlfs", "azure"),
     "abfs": ("adlfs", "azure"),
 }
-_options: dict = {}
-
-
-def set_options(options: dict) -> None:
-    """Options every remote location is opened with (fsspec's storage_options: endpoint_url, anon, …)."""
-    _options.clear()
-    _options.update(options)
-
-
-def options() -> dict:
-    return dict(_options)
-
-
-def parse_option(text: str) -> tuple[str, object]:
-    """`KEY=VALUE` as given to --storage-option: VALUE read as JSON when it is (true, 3, {"a": 1}), else text."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise InputError(
-            f"--storage-option {text!r}: expected KEY=VALUE, e.g. endpoint_url=http://10.0.0.5:9000."
-        )
-    try:
-        return key.strip(), json.loads(value)
-    except ValueError:
-        return key.strip(), value
 
 
 def protocol_of(spec) -> str | None:
@@ -92,46 +80,11 @@ def location(spec: str | os.PathLike):
     return UPath(text, **bounded_options(protocol, _options))
 
 
-# Every S3 call is bounded: botocore's connect and read timeouts and its standard retry mode (exponential
-# backoff with jitter), and s3fs's own retry loop around it cut to two tries, so a store that stops
-# answering ends a command in about two minutes (2 tries x 3 attempts x (5 + 15) s) instead of never. Any of
-# these is overridden with --storage-option config_kwargs='{"read_timeout": 60}' or a recipe's storage_options.
-S3_CLIENT = {"connect_timeout": 5, "read_timeout": 15, "retries": {"max_attempts": 3, "mode": "standard"}}
-S3FS_TRIES = 2
-UPLOAD_MIN_RATE = 256 * 1024  # bytes/s
-
-
-def store_timeout() -> float:
-    """Seconds a store that never answers takes to fail one call, with the options in force."""
-    client = _client_config(_options)
-    attempts = (client.get("retries") or {}).get("max_attempts", 3)
-    return S3FS_TRIES * attempts * (client.get("connect_timeout", 60) + client.get("read_timeout", 60))
-
-
 def is_async(fs) -> bool:
     """An fsspec filesystem whose calls run on its event loop (s3fs, gcsfs): they take `timeout=`."""
     from fsspec.asyn import AsyncFileSystem
 
     return isinstance(fs, AsyncFileSystem)
-
-
-def _client_config(options: dict) -> dict:
-    """botocore's Config fields: the bounds above under the user's `config_kwargs` (copies: botocore
-    rewrites its retries mapping in place)."""
-    return copy.deepcopy(S3_CLIENT) | copy.deepcopy(dict(options.get("config_kwargs") or {}))
-
-
-def bounded_options(protocol: str, options: dict) -> dict:
-    """The storage options with the bounds above under the user's own (theirs win, key by key)."""
-    if protocol not in ("s3", "s3a"):
-        return options
-    import s3fs
-
-    s3fs.S3FileSystem.retries = S3FS_TRIES  # s3fs reads it per call; its default (5) multiplies the bound
-    client = _client_config(options)
-    # no listings cache: another writer (img2dataset's
-    # processes, a second encode) changes a prefix between two listings, and a cached one would miss it
-    return {"use_listings_cache": False} | options | {"config_kwargs": client}
 
 
 def check_url(text: str) -> str:
@@ -166,19 +119,6 @@ def _require(protocol: str, spec: str) -> None:
             f"{spec}: unknown storage protocol {protocol}://. Use a local path, s3://, gs:// or another "
             f"fsspec protocol."
         ) from None
-
-
-# fsspec storage options a tool reads only from the environment (img2dataset) -> the variable
-_ENVIRONMENT = {
-    "endpoint_url": "AWS_ENDPOINT_URL",
-    "key": "AWS_ACCESS_KEY_ID",
-    "secret": "AWS_SECRET_ACCESS_KEY",
-}
-
-
-def storage_environment() -> dict[str, str]:
-    """The storage options as the standard variables, for tools that open URLs with defaults."""
-    return {var: str(_options[key]) for key, var in _ENVIRONMENT.items() if key in _options}
 
 
 def make_folder(path) -> None:
@@ -424,7 +364,7 @@ def explain(err: BaseException) -> str | None:
     names = {type(e).__name__ for e in chain}
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or _options.get("endpoint_url") or "the default endpoint"
     if names & {"ReadTimeoutError", "FSTimeoutError", "TimeoutError", "ServerTimeoutError"}:
-        timeout = _client_config(_options)["read_timeout"]
+        timeout = client_config(_options)["read_timeout"]
         return (
             f"the object store at {endpoint} stopped answering (no reply within {timeout} s, retried with "
             f"backoff). Check that the server is up and not overloaded, then run the command again: it "

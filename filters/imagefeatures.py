@@ -218,25 +218,42 @@ def _dinov2_space(spec: str, folder: str, device: str) -> FeatureSpace:
 
 
 def load_images(spec: str) -> list:
-    """The pictures of an image set: a folder of image shards or of picture files (PIL images, in name order)."""
-    from PIL import Image
+    """The pictures of an image set: a folder of image shards or of picture files (RGB PIL images, in name
+    order). Pictures that do not decode (undecodable, truncated, past the pixel bound) are skipped and
+    counted as score skips them: one warning with the counts and the first file."""
+    from collections import Counter
+
+    from latentmill.curate.imageshards import ImageDecodeError, decode_image
 
     path = Path(spec)
     if not path.is_dir():
         raise InputError(f"{spec}: not a folder of images or image shards (nor a .npz of statistics).")
     shards = sorted(path.glob("*.tar"))
-    images = []
     if shards:
-        import io
-
         from latentmill.curate.imageshards import iter_image_shard
 
-        for shard in shards:
-            images += [Image.open(io.BytesIO(s.image_bytes)) for s in iter_image_shard(shard, key_order=True)]
+        pictures = (
+            (f"{shard.name}:{s.key}", s.image_bytes)
+            for shard in shards
+            for s in iter_image_shard(shard, key_order=True)
+        )
     else:
-        images = [Image.open(p) for p in sorted(path.iterdir()) if p.suffix.lower() in PICTURES]
+        files = [p for p in sorted(path.iterdir()) if p.suffix.lower() in PICTURES and p.is_file()]
+        pictures = ((p.name, p.read_bytes()) for p in files)
+    images, skipped, first = [], Counter(), None
+    for name, data in pictures:
+        try:
+            images.append(decode_image(data))
+        except ImageDecodeError as err:
+            skipped[err.reason] += 1
+            first = first or f"{name} ({err.reason})"
+    if skipped:
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+        warn(
+            f"{spec}: skipped {sum(skipped.values())} picture(s) that do not decode ({counts}; first: {first})."
+        )
     if not images:
-        raise InputError(f"{spec}: no images (image shards or {', '.join(PICTURES)} files).")
+        raise InputError(f"{spec}: no images (image shards or {', '.join(PICTURES)} files that decode).")
     return images
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from latentmill.boundedyaml import load_yaml
+from latentmill.curate.storageoptions import check_options
 from latentmill.errors import InputError, warn
 from latentmill.schema import from_section, spec_of
 from latentmill.stages import LISTS, PLACEHOLDERS, SECTIONS
@@ -112,6 +113,7 @@ def validate(recipe: dict, source: str) -> None:
                     f"{source}: {name} is a mapping of fsspec options (endpoint_url: http://10.0.0.5:9000), "
                     f"not a {type(body).__name__}."
                 )
+            check_options(body or {}, source)
             continue
         if name in LISTS:
             if not isinstance(body or [], list):

@@ -43,6 +43,8 @@ def zoo(tmp_path_factory):
     (z / "stages-map.yaml").write_text("stages:\n  name: a\n")
     (z / "stage-item.yaml").write_text("stages:\n  - 3\n")
     (z / "badyaml.yaml").write_text("train: [unclosed\n")
+    (z / "so-number.yaml").write_text("storage_options:\n  endpoint_url: 9000\n")
+    (z / "so-timeout.yaml").write_text("storage_options:\n  config_kwargs: {read_timeout: -1}\n")
     (z / "empty.pth").write_bytes(b"")
     (z / "text.pth").write_text("text")
     (z / "text.safetensors").write_text("text")
@@ -474,6 +476,33 @@ def cases():
             "00000.parquet: cannot be read as parquet",
         ),
         ("report-cut-funnel", ["report", "{z}/w-cut", "-o", "{z}/rep"], "funnel.json: damaged JSON"),
+        # round three: options and outputs checked before work
+        (
+            "train-cache-dir-a-file",
+            ["train", "{z}/lat", "-o", "{z}/r", "--model", "tiny", "--cache-dir", "{z}/ok.csv"],
+            "ok.csv is a file, not a folder",
+        ),
+        (
+            "recipe-storage-option-number",
+            ["run", "{z}/so-number.yaml", "-w", "{z}/wso", "--dry-run"],
+            "endpoint_url = 9000",
+        ),
+        (
+            "recipe-storage-timeout",
+            ["run", "{z}/so-timeout.yaml", "-w", "{z}/wso", "--dry-run"],
+            "read_timeout = -1",
+        ),
+        (
+            "storage-option-number",
+            ["score", "{z}/images", "-o", "{z}/s", "--storage-option", "anon=3"],
+            "anon = 3",
+        ),
+        ("eval-output-a-folder", ["eval", "run", "{z}/ck-state", "-o", "{z}/emptydir"], "is a directory"),
+        (
+            "sample-output-a-folder",
+            ["sample", "{z}/ck-state", "--prompt", "x", "-o", "{z}/emptydir"],
+            "is a directory",
+        ),
         (
             "report-broken-manifest",
             ["report", "{z}/w-manifest", "-o", "{z}/rep"],

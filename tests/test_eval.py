@@ -196,3 +196,35 @@ def test_dinov2_features_come_from_a_local_transformers_folder(tmp_path):
     assert np.array_equal(features, space.features(images))  # the same images, the same features
     with pytest.raises(InputError, match="no DINOv2 model found locally"):
         feature_space(f"dinov2:{tmp_path / 'nothing'}")
+
+
+def _forged_png(width, height):
+    """A PNG header claiming width x height pixels, without the pixels (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_eval_fid_skips_and_counts_pictures_that_do_not_decode_as_score_does(tmp_path, run_cli, monkeypatch):
+    monkeypatch.setenv("LATENTMILL_CACHE", str(tmp_path / "cache"))
+    clean, b = _pictures(tmp_path / "clean", 12, 0), _pictures(tmp_path / "b", 12, 1)
+    dirty = _pictures(tmp_path / "dirty", 12, 0)
+    (dirty / "zz-text.png").write_text("not a picture")
+    good = (dirty / "0000.png").read_bytes()
+    (dirty / "zz-truncated.png").write_bytes(good[: len(good) // 2])
+    (dirty / "zz-bomb.png").write_bytes(_forged_png(20_000, 10_000))  # 200 M pixels: past the bound
+    args = ("--features", "clip:tiny", "--kid-only", "--json")
+    ours = run_cli("eval", "fid", dirty, b, *args)
+    assert ours.exit_code == 0, ours.output
+    assert (
+        "skipped 3 picture(s)" in ours.output and "too_large" in ours.output and "undecodable" in ours.output
+    )
+    numbers = json.loads(ours.output.strip().splitlines()[-1])
+    reference = json.loads(run_cli("eval", "fid", clean, b, *args).output.strip().splitlines()[-1])
+    assert numbers["count_a"] == 12 and numbers["kid"] == pytest.approx(reference["kid"])

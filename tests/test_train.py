@@ -285,6 +285,16 @@ def test_the_single_file_export_loads_with_from_single_file_as_the_same_model(la
         a, b = getattr(single, part).state_dict(), getattr(folder, part).state_dict()
         assert a.keys() == b.keys(), part
         assert all(torch.equal(a[k], b[k]) for k in a), part
+    before = (tmp_path / "model.safetensors").read_bytes()  # an existing file: refused before any work
+    again = run_cli("export", run, "--format", "single-file", "-o", tmp_path / "model.safetensors")
+    assert again.exit_code == 2 and "exists. Give --overwrite" in again.output
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    replaced = run_cli(
+        "export", run, "--format", "single-file", "-o", tmp_path / "model.safetensors", "--overwrite"
+    )
+    assert replaced.exit_code == 0, replaced.output
+    onto_file = run_cli("export", run, "-o", tmp_path / "model.safetensors")  # a pipeline is a folder
+    assert onto_file.exit_code == 2 and "writes a folder" in onto_file.output
 
 
 def test_merge_arithmetic_is_exact(tmp_path, run_cli):

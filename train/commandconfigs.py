@@ -26,6 +26,9 @@ class ExportConfig(StageConfig):
     vae: str | None = opt(
         None, "VAE for the pipeline (default: the one the latents were made with).", model=True
     )
+    overwrite: bool = opt(
+        False, "Replace an existing output file (a folder's files are replaced as written)."
+    )
 
 
 @dataclass

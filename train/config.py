@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from latentmill.errors import InputError
 from latentmill.schema import StageConfig, opt
-from latentmill.train.models import UNET_CONFIGS
 
 SAMPLE_PROMPTS = [
     "a photograph of a cat",
@@ -323,64 +322,9 @@ class TrainConfig(StageConfig):
         return [self.instance] if self.instance else list(self.shards)
 
     def check_more(self) -> None:
-        from latentmill.train.shardcache import parse_size
+        from latentmill.train.configrules import check_rules
 
-        parse_size(self.cache_limit)
-        if self.launcher == "ray" and self.ray_address not in (None, "local"):
-            from latentmill.curate.raycluster import checked_address
-
-            checked_address(self.ray_address, "--ray-address", self.ray_timeout)
-        if self.repeats and self.mix:
-            raise InputError(
-                "train: give --repeats or --mix, not both (repeats weigh folders by size x repeats)."
-            )
-        if (self.shuffle_tags or self.tag_dropout) and not self.text_encoder:
-            raise InputError(
-                "train: --shuffle-tags and --tag-dropout change caption text, which needs --text-encoder (captions "
-                "encoded as they train); latents encoded with --text-encoder hold fixed caption embeddings."
-            )
-        if not self.model:
-            raise InputError(
-                f"train: give --model: {', '.join(UNET_CONFIGS)} (a new U-Net of that architecture, random "
-                f"weights: `tiny` for a first look on a CPU), or a pretrained diffusers pipeline or U-Net folder "
-                f"or model id (fine-tuning)."
-            )
-        if self.instance and self.shards:
-            raise InputError(
-                f"{self.name('instance')} and SHARDS both given: give the subject's latents once, "
-                f"as SHARDS or as --instance."
-            )
-        if not self.sources():
-            raise InputError(
-                "no latents to train on: give a latent folder (SHARDS), or --instance for DreamBooth."
-            )
-        if self.instance and not self.class_data:
-            raise InputError(
-                f"{self.name('instance')} is DreamBooth's subject and needs {self.name('class_data')} "
-                f"(the class images' latents); to fine-tune on the folder alone, give it as SHARDS."
-            )
-        if self.instance and self.class_data and _same_place(self.instance, self.class_data):
-            raise InputError(
-                f"{self.name('class_data')} {self.class_data} is the {self.name('instance')} folder: prior "
-                f"preservation needs latents of other images of the class (make them with `latentmill "
-                f"sample --to-folder`, then pack and encode them)."
-            )
-        # one weight per folder is checked where shard files are grouped into folders (train/data.py)
-        if self.mix is not None and (any(w < 0 for w in self.mix) or sum(self.mix) <= 0):
-            raise InputError(f"{self.name('mix')} {self.mix}: weights are >= 0 and not all 0.")
-        if self.lora_rank == 0 and self.lora_alpha is not None:
-            raise InputError(
-                f"{self.name('lora_alpha')} is set but LoRA is off: give {self.name('lora_rank')} too."
-            )
-        if self.lora_rank and self.model in UNET_CONFIGS and not self.init_from:
-            raise InputError(
-                f"{self.name('lora_rank')} {self.lora_rank}: LoRA adapts a trained U-Net, and --model "
-                f"{self.model} is a fresh one. Give --model PIPELINE_FOLDER (e.g. Stable Diffusion 1.5) or "
-                f"--init-from RUN."
-            )
-        from latentmill.train.modes import check_modes
-
-        check_modes(self)
+        check_rules(self)
 
     @property
     def trains_text(self) -> bool:
@@ -394,14 +338,3 @@ class TrainConfig(StageConfig):
                 f"loop does not have; use bf16 on CUDA (as fast, no scaler needed) or fp32 on CPU."
             )
         return super().validate()
-
-
-def _same_place(a: str, b: str) -> bool:
-    """Two folders given as paths or URLs name the same place (links and trailing slashes aside)."""
-    from pathlib import Path
-
-    from latentmill.curate.storage import is_remote
-
-    if is_remote(a) or is_remote(b):
-        return str(a).rstrip("/") == str(b).rstrip("/")
-    return Path(a).resolve() == Path(b).resolve()

@@ -109,8 +109,27 @@ def export_target(run: Path, output: Path, format: str) -> Path:
     return output if output.suffix == ".safetensors" else output / f"{run.name}.safetensors"
 
 
+def check_output(run: Path, output: Path, format: str, overwrite: bool) -> None:
+    """Before any work: -o that is a file where a folder is written, or an existing file, refused."""
+    target = export_target(run, output, format)
+    if output.exists() and not output.is_dir() and target != output:
+        raise InputError(
+            f"-o {output}: a file, and --format {format} writes a folder; give a folder (or, for one file, a name "
+            f"ending in .safetensors)."
+        )
+    if target.exists() and not target.is_dir() and target.suffix == ".safetensors" and not overwrite:
+        raise InputError(f"-o {output}: {target} exists. Give --overwrite to replace it, or another -o.")
+    if target.is_dir():
+        raise InputError(f"-o {output}: {target} is a folder; give another -o.")
+
+
 def export_run(
-    run: str | Path, output: str | Path, format: str = "auto", use_ema: bool = True, vae=None
+    run: str | Path,
+    output: str | Path,
+    format: str = "auto",
+    use_ema: bool = True,
+    vae=None,
+    overwrite: bool = False,
 ) -> Path:
     """`latentmill export`: a pipeline folder, or for a LoRA run (by default) its adapter file. The run
     and the output may be in an object store (read from a local copy; written locally, then sent)."""
@@ -126,6 +145,7 @@ def export_run(
 
     loaded = load_run(run, use_ema)
     format = export_format(format, loaded.is_lora, bool(loaded.text_file("token.json")))
+    check_output(Path(run), Path(output), format, overwrite)
     if format == "embedding":
         from latentmill.train.textexport import export_embeddings
 
@@ -149,7 +169,7 @@ def _export_to_store(run, output, format: str, use_ema: bool, vae):
     output = location(output)
     with temporary_folder(f"export to {output}") as folder:
         local = folder / output.name
-        made = export_run(run, local, format, use_ema, vae)
+        made = export_run(run, local, format, use_ema, vae, overwrite=True)
         if local.is_dir():
             publish_folder(local, output, last=("model_index.json", "lineage.json"))
         else:

@@ -99,9 +99,9 @@ class NothingLeftError(click.ClickException):
 
 def _set_storage_options(ctx, param, values):
     if values:
-        from latentmill.curate.storage import options, parse_option, set_options
+        from latentmill.curate.storageoptions import check_options, options, parse_option, set_options
 
-        set_options(options() | dict(parse_option(v) for v in values))
+        set_options(check_options(options() | dict(parse_option(v) for v in values), "--storage-option"))
 
 
 STORAGE_OPTION = click.Option(

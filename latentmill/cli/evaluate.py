@@ -87,7 +87,10 @@ def fid(a, b, features, device, kid_only, as_json):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--kid-only", is_flag=True, help="KID without FID (few images).")
 @click.option(
-    "-o", "--output", type=Location(exists=False), help="Write the numbers and settings as JSON here."
+    "-o",
+    "--output",
+    type=Location(exists=False, dir_okay=False),
+    help="Write the numbers and settings as JSON here.",
 )
 def run(source, prompts_file, reference, count, clip_model, features, seed, sampler_steps,
         guidance, width, height, device, kid_only, output):  # fmt: skip

@@ -98,7 +98,9 @@ def export(run, output, **kwargs):
     from latentmill.train.export import export_run
 
     config = config_from(ExportConfig, kwargs)
-    path = export_run(run, output, config.format, use_ema=config.ema, vae=config.vae)
+    path = export_run(
+        run, output, config.format, use_ema=config.ema, vae=config.vae, overwrite=config.overwrite
+    )
     click.echo(f"wrote {path}")
 
 
@@ -145,7 +147,14 @@ def merge(a, b, output, **kwargs):
 @click.command()
 @click.argument("source", type=Location(exists=True))
 @click_options(SampleConfig)
-@click.option("-o", "--output", default="samples.png", show_default=True, type=Location(), help="Grid PNG.")
+@click.option(
+    "-o",
+    "--output",
+    default="samples.png",
+    show_default=True,
+    type=Location(dir_okay=False),
+    help="Grid PNG.",
+)
 @click.option(
     "--to-folder",
     type=Location(file_okay=False),

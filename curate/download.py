@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from latentmill.curate.addresses import private_address_mask
-from latentmill.curate.downloadresults import STATE_DIR, done_shards, failed_rows, summarize
+from latentmill.curate.downloadresults import STATE_DIR, check_reasons, done_shards, failed_rows, summarize
 from latentmill.curate.lineage import make_record, record_path
 from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
 from latentmill.curate.records import read_record
@@ -296,10 +296,11 @@ def retry_failed(output: str | Path, config: DownloadConfig, reasons: set[str] |
     extras = saved["extras"]
     failed = failed_rows(output, extras)
     if reasons:
+        check_reasons(reasons, failed.column("reason").to_pylist())
         failed = failed.filter(pc.is_in(failed.column("reason"), value_set=pa.array(sorted(reasons))))
     before = done_shards(output)
     if failed.num_rows == 0:
-        return _finish(output, state, before, 0.0)
+        return _finish(output, state, before, 0.0) | {"nothing_to_retry": sorted(reasons or [])}
     attempt = len(list(state.glob("retry-*.parquet"))) + 1
     input_path = state / f"retry-{attempt}.parquet"
     with atomic_path(input_path) as tmp:

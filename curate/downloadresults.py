@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from latentmill.curate.storage import arrow_file, parquet_schema, read_parquet
+from latentmill.errors import InputError
 
 # latentmill's bookkeeping inside an image-shard folder: not a *.json at top level, which img2dataset
 # reads as shards
@@ -80,6 +81,28 @@ _REASONS = [
 ]
 
 
+REASONS = ("private_address", "timeout", "opted_out", "too_small", "aspect_too_large", "too_large")
+REASONS += ("unreachable", "tls_error", "undecodable", "unknown")  # and http_NNN, and "other: ..." by text
+
+
+def check_reasons(asked: set[str], present: list[str]) -> None:
+    """--only-reason names: each a reason latentmill gives (or one this folder's failures have), else an
+    InputError with the nearest name and the reasons in the folder with their counts."""
+    import difflib
+    from collections import Counter
+
+    counts = Counter(present)
+    for name in sorted(asked):
+        if name in REASONS or name in counts or re.fullmatch(r"http_[1-5]\d\d", name):
+            continue
+        near = difflib.get_close_matches(name, [*REASONS, *counts], n=1, cutoff=0.6)
+        found = ", ".join(f"{r} ({n})" for r, n in counts.most_common()) or "none"
+        raise InputError(
+            f"--only-reason {name}: not a failure reason.{f' Did you mean {near[0]}?' if near else ''} "
+            f"Reasons: {', '.join(REASONS)}, http_NNN; failed in this folder: {found}."
+        )
+
+
 def failure_reason(message: str | None) -> str:
     """img2dataset's error message mapped to a short reason (the raw text is kept in the shard parquet)."""
     if not message:
@@ -129,6 +152,9 @@ def format_summary(summary: dict) -> str:
             f"this run: {summary['new_images']:,} images in {summary['new_shards']} new shard(s), "
             f"{summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s"
         )
+    elif "nothing_to_retry" in summary:
+        which = ", ".join(summary["nothing_to_retry"])
+        lines.append(f"this run: nothing to retry (no URL failed{' with ' + which if which else ''})")
     else:
         lines.append("this run: nothing to download, every shard was already done")
     return "\n".join(lines)

@@ -210,8 +210,15 @@ def prefilter(source: str | Path, output: str | Path, config: PrefilterConfig, p
     )
     write_json(output.with_name(output.stem + ".funnel.json"), funnel)
     write_json(record_path(output), make_record("prefilter", config, inputs={"table": source}))
-    if input_rows and not kept_rows:
-        raise nothing_left(f"prefilter {source}", input_rows, dropped)
+    return check_kept(funnel)
+
+
+def check_kept(funnel: dict) -> dict:
+    """The funnel, or NothingLeft (exit 3, each rule's count and its fix) when it kept no row: the same
+    outcome on the run that filtered and on every run that reads its funnel again."""
+    if funnel["input_rows"] and not funnel["kept_rows"]:
+        dropped = {step["rule"]: step["dropped"] for step in funnel.get("steps") or [] if isinstance(step, dict)}
+        raise nothing_left(f"prefilter {funnel.get('source', '')}", funnel["input_rows"], dropped)
     return funnel
 
 

@@ -89,8 +89,10 @@ def _prefilter(ctx: Context) -> dict:
     if lay.kept_funnel.exists():
         from latentmill.curate.records import read_record
 
+        from latentmill.curate.prefilter import check_kept
+
         fix = "delete it and run the prefilter stage again (it is quick)"
-        return read_record(lay.kept_funnel, fix=fix, fields={"kept_rows": int, "input_rows": int})
+        return check_kept(read_record(lay.kept_funnel, fix=fix, fields={"kept_rows": int, "input_rows": int}))
     with progress_bar(None, "[prefilter]", "rows") as bar:
         return prefilter(
             table, lay.kept, section(ctx.recipe, "prefilter", **ctx.allowed), progress=bar.update

@@ -478,6 +478,37 @@ def cases():
         ("report-cut-funnel", ["report", "{z}/w-cut", "-o", "{z}/rep"], "funnel.json: damaged JSON"),
         # round three: options and outputs checked before work
         (
+            "encode-absent-gpu",
+            ["encode", "{z}/images", "-o", "{z}/enc", "--vae", "tiny", "--device", "cuda"],
+            "--device auto",
+        ),
+        (
+            "train-absent-gpu",
+            ["train", "{z}/lat", "-o", "{z}/r", "--model", "tiny", "--device", "cuda:3"],
+            "--device auto",
+        ),
+        (
+            "score-absent-gpu",
+            [
+                "score",
+                "{z}/images",
+                "-o",
+                "{z}/s",
+                "--clip-model",
+                "tiny",
+                "--pretrained",
+                "none",
+                "--device",
+                "cuda",
+            ],
+            "--device auto",
+        ),
+        (
+            "eval-not-a-device",
+            ["eval", "fid", "{z}/images", "{z}/images", "--features", "clip:tiny", "--device", "gpu"],
+            "not a torch device",
+        ),
+        (
             "train-cache-dir-a-file",
             ["train", "{z}/lat", "-o", "{z}/r", "--model", "tiny", "--cache-dir", "{z}/ok.csv"],
             "ok.csv is a file, not a folder",

@@ -126,6 +126,10 @@ def test_retry_failed_downloads_the_failures_into_new_shards(fresh_server, tmp_p
     urls = [s.meta["url"] for s in shard_samples(out)]
     assert sorted(urls) == sorted(r["URL"] for r in rows[:7])  # each good image exactly once
     assert retry_failed(out, fast(fresh_server), {"http_503"})["new_shards"] == 0  # nothing left to retry
+    again = run_cli("download", "--retry-failed", out, "--only-reason", "http_503")
+    assert again.exit_code == 0 and "nothing to retry (no URL failed with http_503)" in again.output
+    typo = run_cli("download", "--retry-failed", out, "--only-reason", "timeoutt")
+    assert typo.exit_code == 2 and "Did you mean timeout?" in typo.output and "http_404 (1)" in typo.output
 
 
 def _download_cmd(table, out, server):

@@ -263,3 +263,18 @@ def test_preflight_lists_every_missing_file_and_model_at_once(tmp_path, run_cli)
     ):
         assert missing in result.output, (missing, result.output)
     assert not (tmp_path / "work").exists()  # nothing ran
+
+
+def test_a_table_the_guard_refuses_whole_gives_the_same_exit_and_hint_on_every_run(server, tmp_path, run_cli):
+    from tests.conftest import write_table
+
+    table = write_table(
+        tmp_path / "u.parquet", [{"URL": server.url(f"/gen/{i}/320x320.jpg"), "TEXT": "x"} for i in range(3)]
+    )
+    (tmp_path / "r.yaml").write_text(f"urls:\n  path: {table}\n")
+    outcomes = [
+        run_cli("run", tmp_path / "r.yaml", "-w", tmp_path / "w", "--until", "download") for _ in range(2)
+    ]
+    for result in outcomes:
+        assert result.exit_code == 3, result.output
+        assert "private_address 3" in result.output and "--allow-host" in result.output

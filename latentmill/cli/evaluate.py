@@ -39,7 +39,9 @@ def evaluate():
 @click.argument("a", type=Location(exists=True))
 @click.argument("b", type=Location(exists=True))
 @click.option("--features", default="clip:" + CLIP_DEFAULT, show_default=True, help=FEATURES_HELP)
-@click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--device", default="auto", show_default=True, help="auto (cuda when available), cpu, cuda, ..."
+)
 @click.option(
     "--kid-only", is_flag=True, help="KID (and precision/recall) without FID: for sets of few images."
 )
@@ -84,7 +86,9 @@ def fid(a, b, features, device, kid_only, as_json):
 @click.option("--guidance", default=5.0, show_default=True, type=float)
 @click.option("--width", type=click.IntRange(min=8), default=None)
 @click.option("--height", type=click.IntRange(min=8), default=None)
-@click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--device", default="auto", show_default=True, help="auto (cuda when available), cpu, cuda, ..."
+)
 @click.option("--kid-only", is_flag=True, help="KID without FID (few images).")
 @click.option(
     "-o",

@@ -47,6 +47,35 @@ def architecture_config(model) -> dict:
     )
 
 
+def _pretrained_vae(spec: str):
+    """A VAE from a local folder or the local Hugging Face cache (never downloading): a VAE of its own
+    (config.json at the top, as stabilityai/sd-vae-ft-mse) or a pipeline's (vae/config.json)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(spec)
+    if path.exists():
+        layouts = ["vae"] if (path / "vae" / "config.json").exists() else [None]
+    else:
+        layouts = [None, "vae"]  # a VAE repository, then a pipeline repository
+    errors = []
+    for subfolder in layouts:
+        try:
+            return AutoencoderKL.from_pretrained(spec, subfolder=subfolder, local_files_only=not path.exists())
+        except (OSError, ValueError) as err:
+            errors.append(str(err).splitlines()[0][:160])
+    hub = (
+        f" Download it first: `hf download {spec}` for a VAE repository (such as stabilityai/sd-vae-ft-mse), "
+        f"or `hf download {spec} --include 'vae/*'` for a pipeline's VAE."
+        if not path.exists() and spec.count("/") == 1
+        else ""
+    )
+    raise InputError(
+        f"VAE '{spec}' could not be loaded ({errors[0]}). Give a local diffusers folder (config.json and "
+        f"diffusion_pytorch_model.safetensors, or a pipeline folder with vae/), or an architecture name: "
+        f"{', '.join(ARCHITECTURES)}.{hub}"
+    ) from None
+
+
 def load_vae(spec: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0) -> LoadedVae:
     """`spec`: an architecture name (random weights from `seed`), a local diffusers folder, or a model id."""
     import torch
@@ -64,19 +93,7 @@ def load_vae(spec: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0)
         )
         name = f"{spec} (random init, seed {seed})"
     else:
-        path = Path(spec)
-        subfolder = "vae" if (path / "vae" / "config.json").exists() else None
-        try:
-            model = AutoencoderKL.from_pretrained(
-                spec, subfolder=subfolder if path.exists() else "vae", local_files_only=not path.exists()
-            )
-        except (OSError, ValueError) as err:
-            raise InputError(
-                f"VAE '{spec}' could not be loaded ({str(err).splitlines()[0][:160]}). Give a local diffusers folder "
-                f"(with config.json and diffusion_pytorch_model.safetensors, or a pipeline folder with vae/), download "
-                f"it first (`huggingface-cli download {spec} --include 'vae/*'`), or use an architecture name: "
-                f"{', '.join(ARCHITECTURES)}."
-            ) from None
+        model = _pretrained_vae(spec)
         name = spec
     model.eval().requires_grad_(False)
     fingerprint = weights_fingerprint(model.state_dict(), architecture_config(model))

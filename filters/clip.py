@@ -67,6 +67,55 @@ def resolve_model_name(name: str, pretrained: str | None) -> str:
     return name
 
 
+def missing_weights(name: str, pretrained: str) -> str | None:
+    """What is missing for open_clip's `name` with the pretrained tag `pretrained` to load without a
+    download (None: its file is in the local Hugging Face cache, or open_clip's own cache), with the
+    command that fetches it."""
+    import open_clip
+    from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    from latentmill.curate.textencoder import register_model_configs
+
+    register_model_configs()
+    resolved = resolve_model_name(name, pretrained)
+    config = open_clip.get_pretrained_cfg(resolved, pretrained)
+    if not config:
+        return f"open_clip {resolved}: no pretrained weights tagged {pretrained!r}"
+    repo = (config.get("hf_hub") or "").strip("/")
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        if any(
+            isinstance(try_to_load_from_cache(repo, f), str) for f in (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME)
+        ):
+            return None
+        return (
+            f"open_clip {resolved}:{pretrained} is not in the local Hugging Face cache: "
+            f"`hf download {repo} {HF_WEIGHTS_NAME}` (or give the checkpoint file as pretrained)"
+        )
+    url = config.get("url") or ""
+    if url and (Path.home() / ".cache" / "clip" / Path(url).name).exists():
+        return None
+    return f"open_clip {resolved}:{pretrained}: its weights are not here: download {url} (or give the file)"
+
+
+def hub_reachable(url: str = "", timeout: float = 3.0) -> bool:
+    """Whether the model hub (HF_ENDPOINT, or the host of `url`) answers a TCP connection within `timeout`
+    seconds: offline, a missing model is refused in seconds instead of after the hub client's retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    parsed = urlparse(url or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision: str = "fp32") -> ClipModel:
     """An open_clip model ready to embed. `pretrained`: a tag, a local checkpoint file, or None/'none'
     for random weights (tests, speed runs)."""
@@ -94,6 +143,13 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision:
             f"--pretrained {pretrained!r}: neither a file nor a pretrained tag of {name} "
             f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'})."
         )
+    missing = missing_weights(name, pretrained) if pretrained and not Path(pretrained).exists() else None
+    url = (open_clip.get_pretrained_cfg(name, pretrained) or {}).get("url", "") if missing else ""
+    if missing and not hub_reachable(url):  # local cache first; offline, no minute of hub retries
+        raise InputError(
+            f"{missing}. The model hub cannot be reached from here, so nothing was downloaded; fetch the weights "
+            f"where it can be, or pass the checkpoint file: --pretrained /path/to/open_clip_pytorch_model.bin."
+        )
     torch.manual_seed(0)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
@@ -101,7 +157,7 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision:
         )
     except (RuntimeError, OSError) as err:
         raise InputError(
-            f"CLIP weights {name}/{pretrained} could not be loaded ({str(err).splitlines()[0][:160]}). Offline, "
+            f"CLIP weights {name}/{pretrained} could not be loaded ({str(err).splitlines()[0]}). Offline, "
             f"download the checkpoint elsewhere and pass its path: --pretrained /path/to/open_clip_pytorch_model.bin."
         ) from None
     model.eval().requires_grad_(False)

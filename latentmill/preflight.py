@@ -101,30 +101,8 @@ def _clip(name: str, pretrained: str | None) -> list[str]:
         return []
     if _looks_like_path(pretrained):
         return [f"score.pretrained: {pretrained} does not exist"]
-    import open_clip
-    from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    from latentmill.curate.textencoder import model_name
+    from latentmill.filters.clip import missing_weights
 
-    from latentmill.curate.textencoder import model_name, register_model_configs
-    from latentmill.filters.clip import resolve_model_name
-
-    register_model_configs()
-    resolved = resolve_model_name(model_name(name), pretrained)
-    config = open_clip.get_pretrained_cfg(resolved, pretrained)
-    if not config:
-        return [f"open_clip {resolved}: no pretrained weights tagged {pretrained!r}"]
-    repo = (config.get("hf_hub") or "").strip("/")
-    if repo:
-        from huggingface_hub import try_to_load_from_cache
-
-        if any(
-            isinstance(try_to_load_from_cache(repo, f), str) for f in (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME)
-        ):
-            return []
-        return [
-            f"open_clip {resolved}:{pretrained} is not in the local Hugging Face cache: "
-            f"`hf download {repo} {HF_WEIGHTS_NAME}` (or give the checkpoint file as pretrained)"
-        ]
-    url = config.get("url") or ""
-    if url and (Path.home() / ".cache" / "clip" / Path(url).name).exists():
-        return []
-    return [f"open_clip {resolved}:{pretrained}: its weights are not here: download {url} (or give the file)"]
+    problem = missing_weights(model_name(name), pretrained)
+    return [problem] if problem else []

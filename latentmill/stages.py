@@ -87,9 +87,8 @@ def _prefilter(ctx: Context) -> dict:
 
     table, lay = url_source(ctx), ctx.layout
     if lay.kept_funnel.exists():
-        from latentmill.curate.records import read_record
-
         from latentmill.curate.prefilter import check_kept
+        from latentmill.curate.records import read_record
 
         fix = "delete it and run the prefilter stage again (it is quick)"
         return check_kept(read_record(lay.kept_funnel, fix=fix, fields={"kept_rows": int, "input_rows": int}))

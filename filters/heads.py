@@ -47,6 +47,28 @@ def check_column(column: str, source: str) -> str:
     return column
 
 
+# LAION's published predictor files -> where each comes from (what a missing one's message names)
+PUBLISHED = {
+    "sac+logos+ava1-l14-linearMSE.pth": "christophschuhmann/improved-aesthetic-predictor on GitHub (the file of that "
+    "name at the repository's top): LAION aesthetic predictor v2, for ViT-L-14 openai embeddings",
+    "clip_autokeras_binary_nsfw.zip": "LAION-AI/CLIP-based-NSFW-Detector on GitHub (the file of that name): the NSFW "
+    "detector for ViT-L-14",
+    "clip_autokeras_nsfw_b32.zip": "LAION-AI/CLIP-based-NSFW-Detector on GitHub (the file of that name): the NSFW "
+    "detector for ViT-B-32",
+    "h14_nsfw.pth": "LAION-AI/CLIP-based-NSFW-Detector on GitHub (the file of that name): the NSFW detector for ViT-H-14",
+    "watermark_model_v1.pt": "LAION-AI/LAION-5B-WatermarkDetection on GitHub "
+    "(https://github.com/LAION-AI/LAION-5B-WatermarkDetection/raw/main/models/watermark_model_v1.pt): "
+    "LAION-5B's watermark detector",
+}
+
+
+def where_from(name: str) -> str:
+    """The fix for a missing head file: where LAION publishes it, by its file name."""
+    if name in PUBLISHED:
+        return f"It is published in {PUBLISHED[name]}; download it and pass its path."
+    return f"Download the published weights (LAION's files: {', '.join(PUBLISHED)}) and pass their path."
+
+
 def load_state_dict(path: str | Path) -> dict:
     """Tensors from a .pth/.pt/.bin (weights only, mapped to CPU) or a .safetensors file."""
     import torch
@@ -56,7 +78,7 @@ def load_state_dict(path: str | Path) -> dict:
             return load_state_dict(local)
     path = location(path)
     if not path.exists():
-        raise InputError(f"{path}: no such head file. Download the published weights and pass their path.")
+        raise InputError(f"{path}: no such head file. {where_from(path.name)}")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty. Download the published weights again.")
     if path.suffix == ".safetensors":

@@ -28,7 +28,10 @@ def preflight(recipe: dict, stages: list[Stage], urls: str | None = None) -> Non
         score = section(recipe, "score")
         problems += _clip(score.clip_model, score.pretrained)
         for key in ("aesthetic_head", "unsafe_head", "watermark_head"):
-            problems += _file(f"score.{key}", getattr(score, key))
+            from latentmill.filters.heads import where_from
+
+            path = getattr(score, key)
+            problems += [f"{p}. {where_from(Path(path).name)}" for p in _file(f"score.{key}", path)]
         for head in score.heads:
             problems += _file("score.heads", head)
     if "encode" in names:

@@ -263,6 +263,10 @@ def test_heads_are_checked_before_any_work(downloaded, tmp_path, run_cli):
     )
     result = run_cli(*tiny, "--aesthetic-head", tmp_path / "nowhere.pth")
     assert result.exit_code == 2 and "nowhere.pth: no such head file" in result.output
+    result = run_cli(
+        *tiny, "--watermark-head", tmp_path / "none" / "watermark_model_v1.pt"
+    )  # where it comes from
+    assert result.exit_code == 2 and "LAION-AI/LAION-5B-WatermarkDetection" in result.output, result.output
 
 
 def test_openai_weights_get_quickgelu():

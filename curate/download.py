@@ -22,10 +22,12 @@ from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.downloadresults import STATE_DIR, check_reasons, done_shards, failed_rows, summarize
 from latentmill.curate.lineage import make_record, record_path
 from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
+from latentmill.curate.quietchild import quiet
 from latentmill.curate.records import read_record
 from latentmill.curate.storage import (
     arrow_file,
     atomic_path,
+    is_remote,
     location,
     make_folder,
     remove,
@@ -206,6 +208,36 @@ def run_img2dataset(
 
         # the address checked (form, a GCS answering) within --ray-timeout; without one, Ray on loopback
         connect(config.ray_address, "--ray-address", config.ray_timeout, num_cpus=config.processes)
+    before = len(done_shards(output))
+    rows = pq.read_metadata(arrow_file(input_path)).num_rows
+    log = _log_path(output)
+    with quiet(
+        log, -(-rows // config.shard_size), "download", "shard", lambda: len(done_shards(output)) - before
+    ):
+        try:
+            _call_img2dataset(
+                img2dataset_download, input_path, output, extras, has_caption, config, incremental_mode
+            )
+        except Exception as err:
+            err.add_note(f"img2dataset's own output: {log}")
+            raise
+
+
+def _log_path(output) -> Path:
+    """Where img2dataset's own output goes: beside latentmill's state in a local output, in the scratch
+    folder for one in an object store."""
+    if not is_remote(output):
+        return Path(output) / STATE_DIR / "img2dataset.log"
+    import hashlib
+
+    from latentmill.curate.scratch import root
+
+    return root() / f"img2dataset-{hashlib.sha256(str(output).encode()).hexdigest()[:16]}.log"
+
+
+def _call_img2dataset(
+    img2dataset_download, input_path, output, extras, has_caption, config, incremental_mode
+):
     img2dataset_download(
         url_list=str(input_path),
         input_format="parquet",

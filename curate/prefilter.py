@@ -217,7 +217,9 @@ def check_kept(funnel: dict) -> dict:
     """The funnel, or NothingLeft (exit 3, each rule's count and its fix) when it kept no row: the same
     outcome on the run that filtered and on every run that reads its funnel again."""
     if funnel["input_rows"] and not funnel["kept_rows"]:
-        dropped = {step["rule"]: step["dropped"] for step in funnel.get("steps") or [] if isinstance(step, dict)}
+        dropped = {
+            step["rule"]: step["dropped"] for step in funnel.get("steps") or [] if isinstance(step, dict)
+        }
         raise nothing_left(f"prefilter {funnel.get('source', '')}", funnel["input_rows"], dropped)
     return funnel
 

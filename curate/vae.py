@@ -60,7 +60,9 @@ def _pretrained_vae(spec: str):
     errors = []
     for subfolder in layouts:
         try:
-            return AutoencoderKL.from_pretrained(spec, subfolder=subfolder, local_files_only=not path.exists())
+            return AutoencoderKL.from_pretrained(
+                spec, subfolder=subfolder, local_files_only=not path.exists()
+            )
         except (OSError, ValueError) as err:
             errors.append(str(err).splitlines()[0][:160])
     hub = (

@@ -181,7 +181,13 @@ def test_a_killed_download_resumes_to_the_same_keys_and_no_truncated_tar(fresh_s
 
     subprocess.run(_download_cmd(table, out, fresh_server), check=True, env=env, capture_output=True)
     reference = tmp_path / "reference"
-    subprocess.run(_download_cmd(table, reference, fresh_server), check=True, env=env, capture_output=True)
+    made = subprocess.run(
+        _download_cmd(table, reference, fresh_server), check=True, env=env, capture_output=True, text=True
+    )
+    # img2dataset's chatter goes to its log, latentmill's summary to the terminal
+    assert "bwm-ng" not in made.stdout + made.stderr and "worker  - success" not in made.stdout + made.stderr
+    assert "bwm-ng" in (reference / "_latentmill" / "img2dataset.log").read_text()
+    assert "images 18 downloaded" in made.stdout
 
     def keys(folder):
         return sorted(s.key for s in shard_samples(folder))

@@ -11,6 +11,7 @@ re-runs as a no-op.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from latentmill.curate.lineage import content_fingerprint, differences, fingerprint, settings_of
@@ -115,9 +116,11 @@ def _reason(line: str, stage: Stage) -> str:
     return line
 
 
-def clear(step: Step, layout: Layout) -> None:
+def clear(step: Step, layout: Layout) -> list[tuple[Path, Path]]:
     """Remove what a changed stage made before it is redone (a training run is moved aside to
-    runs/.replaced/NAME, not deleted), and its completion record."""
+    runs/.replaced/NAME, not deleted), and its completion record; returns (run, where it went) of each run
+    moved aside."""
+    moved = []
     remove(layout.lineage / f"{step.stage.name}.json")
     for name in step.stage.outputs:
         if producer(name) is not step.stage:
@@ -127,8 +130,10 @@ def clear(step: Step, layout: Layout) -> None:
                 aside = layout.runs / ".replaced" / path.name
                 remove(aside)
                 move(path, aside)
+                moved.append((path, aside))
             else:
                 remove(path)
+    return moved
 
 
 def finish(step: Step, recipe: dict, layout: Layout, urls: str | None, report: dict) -> None:

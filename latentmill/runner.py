@@ -74,7 +74,10 @@ def run_recipe(
                 report[stage.name] = (completion(layout, stage) or {}).get("report") or {}
                 continue
             if step.action == REDO:
-                clear(step, layout)
+                for moved, aside in clear(step, layout):
+                    log(
+                        f"[{stage.name}] moved the replaced run {moved} to {aside} (delete it when it is not needed)"
+                    )
             check_inputs(stage, recipe, layout)
             report[stage.name] = stage.run(ctx)
             log(_indent(f"[{stage.name}] ", stage.summary(report[stage.name])))

@@ -210,6 +210,9 @@ def test_run_works_like_make_and_a_moved_work_folder_is_a_no_op(tmp_path, run_cl
     status = run_cli("status", work)
     encode_row = next(line for line in status.output.splitlines() if line.startswith("encode"))
     assert "stale: selection was made again by the select stage" in encode_row
+    for row in ("train", "export"):  # and every stage after it
+        line = next(line for line in status.output.splitlines() if line.startswith(row))
+        assert "which is stale" in line, line
 
     # the plan, then the run: encode, train and export redone, the stages before select untouched
     plan = run_cli("run", "demo", "-w", work, *SMALL, *where, "--dry-run")
@@ -224,6 +227,10 @@ def test_run_works_like_make_and_a_moved_work_folder_is_a_no_op(tmp_path, run_cl
     assert "[score] keep: up to date" in result.stdout and "[encode] redo" in result.stdout
     assert {k: v for k, v in _mtimes(work).items() if k in upstream} == upstream
     assert (work / "runs" / ".replaced" / "main").is_dir()  # the old run moved aside, not deleted
+    assert (
+        f"moved the replaced run {work / 'runs' / 'main'} to {work / 'runs' / '.replaced' / 'main'}"
+        in result.stdout
+    )
 
     # the same bytes as a fresh run with that threshold
     (reference / "urls").mkdir(parents=True)  # the same server port, so the same URLs in the metadata

@@ -111,6 +111,8 @@ def evaluate_run(
     kid_only: bool = False,
     progress=None,
     batch_size: int = 8,
+    text_encoder: str | None = None,
+    negative: str = "",
 ) -> dict:
     """Generate `count` images of the prompts from a run or pipeline; their CLIP score, and FID/KID against
     `reference` (a folder of images or image shards, or a .npz of its statistics) in `features` (default:
@@ -132,7 +134,7 @@ def evaluate_run(
     features = features or f"clip:{clip_model}"
     space = feature_space(features, device) if reference else None
     reference_features, reference_stats = set_features(reference, space) if reference else (None, None)
-    make = sampler(source)  # a run without checkpoints is refused here, before any image is made
+    make = sampler(source, text_encoder=text_encoder, negative=negative)  # no checkpoint: refused here, first
     jobs = [prompts[i % len(prompts)] for i in range(count)]
     images = []
     for start in range(0, count, batch_size):  # batched, each image from its own seed

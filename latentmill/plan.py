@@ -11,8 +11,8 @@ re-runs as a no-op.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from latentmill.curate.lineage import content_fingerprint, differences, fingerprint, settings_of
 from latentmill.curate.records import read_optional

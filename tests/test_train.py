@@ -823,6 +823,47 @@ def test_caption_dropout_uses_the_stored_empty_caption(latents, tmp_path):
     assert torch.equal(kept(batch, torch.Generator().manual_seed(0)), batch["text_emb"].float())
 
 
+def test_a_run_trained_on_stored_caption_states_samples_with_their_encoder_and_a_negative_prompt(
+    latents, tmp_path, run_cli
+):
+    import numpy as np
+    from PIL import Image
+
+    stored = tmp_path / "latents"
+    encode(
+        latents / "images",
+        stored,
+        EncodeConfig(vae="tiny", resolution=128, text_encoder=str(latents / "pipeline")),
+    )
+    run = tmp_path / "run"
+    train(config(latents, run, shards=str(stored), text_encoder=None, steps=2, checkpoint_every=2))
+    grids = {}
+    for name, extra in (
+        ("plain", []),
+        ("negative", ["--negative-prompt", "blurry"]),
+        ("given", ["--text-encoder", latents / "pipeline"]),
+    ):
+        result = run_cli(
+            "sample", run, "--prompt", "a cat", "--sampler-steps", "2", "-o", tmp_path / f"{name}.png", *extra
+        )
+        assert result.exit_code == 0, result.output  # the encoder the manifest names, without --text-encoder
+        grids[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
+    assert np.array_equal(grids["plain"], grids["given"]) and not np.array_equal(
+        grids["plain"], grids["negative"]
+    )
+    other = run_cli(
+        "sample",
+        run,
+        "--prompt",
+        "a cat",
+        "--text-encoder",
+        "openclip:latentmill-tiny",
+        "-o",
+        tmp_path / "x.png",
+    )
+    assert other.exit_code == 2 and "not the text encoder that made the caption states" in other.output
+
+
 def test_resume_truncates_the_log_clears_stale_temporaries_and_falls_back_past_a_damaged_checkpoint(
     latents, tmp_path, run_cli
 ):

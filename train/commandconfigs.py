@@ -43,6 +43,13 @@ class SampleConfig(StageConfig):
     width: int | None = opt(None, "Image width in px (default: the training resolution).", low=1)
     height: int | None = opt(None, "Image height in px (default: the training resolution).", low=1)
     count: int = opt(1, "Images per prompt.", low=1)
+    negative_prompt: str = opt("", "What guidance steers away from (default: the empty caption).")
+    text_encoder: str | None = opt(
+        None,
+        "For a run trained on caption states stored in its shards: the text encoder that made them (default: "
+        "the one its latents' manifest names).",
+        model=True,
+    )
 
     def check_more(self) -> None:
         if not self.prompts:

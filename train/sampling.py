@@ -120,10 +120,12 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int = 4) -> Path:
     return path
 
 
-def sampler(source: str | Path, use_ema: bool = True):
+def sampler(source: str | Path, use_ema: bool = True, text_encoder: str | None = None, negative: str = ""):
     """make(prompts, seed, steps, guidance, size) -> (N, H, W, 3) uint8 images, from a run's last checkpoint
     (its text encoder, the latents' VAE) or from a diffusers pipeline folder (e.g. the base model whose
-    class images DreamBooth preserves)."""
+    class images DreamBooth preserves). `negative`: the caption guidance steers away from (default: the
+    empty one). `text_encoder`: for a run trained on caption states stored in its shards, the encoder
+    that made them (default: the one the latents' manifest names)."""
 
     if (Path(source) / "model_index.json").exists():
         from diffusers import StableDiffusionPipeline
@@ -138,6 +140,7 @@ def sampler(source: str | Path, use_ema: bool = True):
                 generator = [torch.Generator().manual_seed(s) for s in seeds]
             images = pipe(
                 list(prompts),
+                negative_prompt=[negative] * len(prompts) if negative else None,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 width=width,
@@ -148,29 +151,23 @@ def sampler(source: str | Path, use_ema: bool = True):
             return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
         return from_pipeline
-    from latentmill.curate.textencoder import load_text_encoder
     from latentmill.train.runs import load_run
 
     loaded = load_run(source, use_ema)
     config = loaded.config
-    if not config.get("text_encoder"):
-        raise InputError(
-            f"{source} was trained on stored caption embeddings: sampling needs the text encoder that made "
-            f"them; train with --text-encoder to sample."
-        )
+    manifest = loaded.manifest()
     unet = loaded.unet()
     if loaded.text_file("token.json") or loaded.text_file("text_adapter.json"):
         from latentmill.train.textexport import prompt_encoder
 
         encode = prompt_encoder(loaded)  # the run's trained text encoder
     else:
-        encoder = load_text_encoder(config["text_encoder"])
+        encoder = _text_encoder_of(source, config, manifest, text_encoder)
 
         def encode(texts):
             return torch.from_numpy(encoder.encode(texts))
 
-    manifest = loaded.manifest()
-    empty = encode([""])[0]
+    empty = encode([negative])[0]
 
     def from_run(prompts, seed, steps, guidance, size, seeds=None):
         return generate_from_manifest(
@@ -190,6 +187,30 @@ def sampler(source: str | Path, use_ema: bool = True):
     return from_run
 
 
+def _text_encoder_of(source, config: dict, manifest: dict, given: str | None):
+    """The text encoder prompts are encoded with: the run's own (it encoded captions as it trained), else
+    for a run trained on caption states stored in the shards the one given, or the one that stored them
+    (the manifest names it); one whose fingerprint differs from the stored states' is refused."""
+    from latentmill.curate.textencoder import load_text_encoder
+
+    stored = manifest.get("text_encoder") or {}
+    if config.get("text_encoder"):
+        return load_text_encoder(given or config["text_encoder"])
+    spec = given or stored.get("name")
+    if not spec:
+        raise InputError(
+            f"{source} was trained on stored caption embeddings and its latents do not name the text encoder "
+            f"that made them: give --text-encoder (the one `encode --text-encoder` used)."
+        )
+    encoder = load_text_encoder(spec)
+    if stored.get("fingerprint") and encoder.fingerprint != stored["fingerprint"]:
+        raise InputError(
+            f"--text-encoder {spec}: not the text encoder that made the caption states {source} trained on "
+            f"(its latents record {stored.get('name')}, fingerprint {stored['fingerprint'][:12]}); give that one."
+        )
+    return encoder
+
+
 def sample_run(
     run: str | Path,
     prompts: list[str],
@@ -199,9 +220,12 @@ def sample_run(
     seed: int = 0,
     size: tuple[int, int] | None = None,
     use_ema: bool = True,
+    text_encoder: str | None = None,
+    negative: str = "",
 ) -> Path:
     """One image per prompt from a run (or a pipeline folder), as one grid PNG."""
-    return save_grid(sampler(run, use_ema)(prompts, seed, steps, guidance, size), output)
+    make = sampler(run, use_ema, text_encoder, negative)
+    return save_grid(make(prompts, seed, steps, guidance, size), output)
 
 
 SAMPLE_INDEX = ".latentmill-samples.json"
@@ -218,6 +242,8 @@ def sample_to_folder(
     size: tuple[int, int] | None = None,
     batch_size: int = 4,
     progress=None,
+    text_encoder: str | None = None,
+    negative: str = "",
 ) -> tuple[int, int]:
     """`count` images of each prompt as folder/NNNNNN.png with the prompt in NNNNNN.txt, what
     `latentmill images pack` reads (DreamBooth's class images); returns (images in the folder for these
@@ -241,6 +267,7 @@ def sample_to_folder(
     index = read_optional(index_path, fix=fix) or {}
     jobs = [prompt for prompt in prompts for _ in range(count)]
     settings = [model_fingerprint(str(source)), steps, guidance, seed, list(size or []), batch_size]
+    settings += [negative] if negative else []  # (so folders made before --negative-prompt keep their keys)
     make, made = None, 0
     for batch, start in enumerate(range(0, len(jobs), batch_size)):
         chunk = jobs[start : start + batch_size]
@@ -259,7 +286,7 @@ def sample_to_folder(
             index.get(n) == k and (folder / f"{n}.png").exists() for n, k in zip(names, keys, strict=True)
         )
         if not done:
-            make = make or sampler(source)
+            make = make or sampler(source, text_encoder=text_encoder, negative=negative)
             for name, key, prompt, image in zip(
                 names, keys, chunk, make(chunk, seed + batch, steps, guidance, size), strict=True
             ):

@@ -91,13 +91,22 @@ def fid(a, b, features, device, kid_only, as_json):
 )
 @click.option("--kid-only", is_flag=True, help="KID without FID (few images).")
 @click.option(
+    "--negative-prompt", default="", help="What guidance steers away from (default: the empty caption)."
+)
+@click.option(
+    "--text-encoder",
+    default=None,
+    help="For a run trained on caption states stored in its shards: the text encoder that made them (default: the "
+    "one its latents' manifest names).",
+)
+@click.option(
     "-o",
     "--output",
     type=Location(exists=False, dir_okay=False),
     help="Write the numbers and settings as JSON here.",
 )
 def run(source, prompts_file, reference, count, clip_model, features, seed, sampler_steps,
-        guidance, width, height, device, kid_only, output):  # fmt: skip
+        guidance, width, height, device, kid_only, negative_prompt, text_encoder, output):  # fmt: skip
     """Generate COUNT images of the prompts from a run (its last checkpoint) or a pipeline folder; their
     CLIP score, and FID/KID against --reference."""
     from latentmill.curate.storage import write_json
@@ -112,7 +121,7 @@ def run(source, prompts_file, reference, count, clip_model, features, seed, samp
         numbers = evaluate_run(
             str(source), prompts, str(reference) if reference else None, count, clip_model,
             features, seed, sampler_steps, guidance, (width, height) if width else None, device, kid_only,
-            progress=bar.update,
+            progress=bar.update, text_encoder=text_encoder, negative=negative_prompt,
         )  # fmt: skip
     if output:
         write_json(output, numbers)

@@ -188,11 +188,14 @@ def sample(source, output, to_folder, **kwargs):
                 c.seed,
                 c.size,
                 progress=bar.update,
+                text_encoder=c.text_encoder,
+                negative=c.negative_prompt,
             )
         click.echo(f"{total} image(s) of these prompts in {to_folder} ({made} made now)")
         return
     prompts = [p for p in c.prompts for _ in range(c.count)]
     path = sample_run(
-        source, prompts, output, steps=c.sampler_steps, guidance=c.guidance, seed=c.seed, size=c.size
-    )
+        source, prompts, output, steps=c.sampler_steps, guidance=c.guidance, seed=c.seed, size=c.size,
+        text_encoder=c.text_encoder, negative=c.negative_prompt,
+    )  # fmt: skip
     click.echo(f"wrote {path}")

@@ -278,6 +278,9 @@ class EncodeStage:
             return f"{tar.name} changed since it was written ({kind} differs)"
         return None
 
+    def teardown(self, state) -> None:
+        state[2].close()  # the prepare pool: its processes and shared memory
+
     def process(self, shard: Path, state) -> dict:
         vae, text_encoder, pool, config = state
         return encode_shard(shard, self.output, config, vae, self.selection, text_encoder, pool)

@@ -28,7 +28,13 @@ class ShardStage(Protocol):
     def stats_path(self, shard: Path) -> Path: ...
 
     # optional: `damaged(shard, stats) -> str | None`, what is wrong with a done shard's outputs (checked
-    # against its stats file), so a re-run redoes it instead of trusting the marker
+    # against its stats file), so a re-run redoes it instead of trusting the marker; and `teardown(state)`,
+    # what setup() opened closed (a pool's processes and shared memory) before the process holding it ends
+
+
+def teardown(stage: ShardStage, state) -> None:
+    if hasattr(stage, "teardown"):
+        stage.teardown(state)
 
 
 def done_shards(stage: ShardStage, shards: list[Path]) -> dict[str, dict]:
@@ -56,7 +62,7 @@ class ExecutorConfig(StageConfig):
     """Where the shard stages (score, encode) run: the recipe's `executor:` section, the --executor options."""
 
     SECTION = "executor"
-    RUNTIME = ("kind", "ray_address", "ray_timeout", "actors", "shard_retries")
+    RUNTIME = ("kind", "ray_address", "ray_timeout", "ray_scale_wait", "actors", "shard_retries")
     kind: str = opt(
         "local",
         "Run shards here, or on a Ray cluster (an actor per GPU holding the model).",
@@ -73,6 +79,13 @@ class ExecutorConfig(StageConfig):
         30.0,
         "Ray: seconds to wait for the cluster to answer before giving up with exit 2.",
         low=1.0,
+        since="0.3",
+    )
+    ray_scale_wait: float = opt(
+        600.0,
+        "Ray: on a cluster that autoscales, seconds to wait for nodes to start when the work does not fit yet "
+        "(a cluster that launches none is refused at once).",
+        low=0.0,
         since="0.3",
     )
     actors: int | None = opt(None, "Ray: actors (default: one per GPU, or 2 on CPUs).", low=1)
@@ -100,10 +113,14 @@ def run_shards(
         return results
     if executor.kind == "local":
         state = local_state if local_state is not None else stage.setup()
-        for shard in todo:
-            results[shard.stem] = stage.process(shard, state)
-            if progress:
-                progress(results[shard.stem])
+        try:
+            for shard in todo:
+                results[shard.stem] = stage.process(shard, state)
+                if progress:
+                    progress(results[shard.stem])
+        finally:
+            if local_state is None:  # set up here: closed here
+                teardown(stage, state)
         return results
     return results | _run_on_ray(stage, todo, executor, progress)
 
@@ -138,7 +155,7 @@ def _run_on_ray(stage: ShardStage, shards: list[Path], executor: ExecutorConfig,
     full disk), up to `shard_retries` times. Each result carries the id of the node that made it."""
     import ray
 
-    from latentmill.curate.raycluster import check_fits, connect, fits
+    from latentmill.curate.raycluster import check_fits, connect, fits, stderr_line
 
     started_here = connect(executor.ray_address, "--ray-address", executor.ray_timeout)
     try:
@@ -146,8 +163,9 @@ def _run_on_ray(stage: ShardStage, shards: list[Path], executor: ExecutorConfig,
         need = {"GPU": 1} if gpus else {"CPU": 1}
         if executor.actors:  # asked for: all of them must be placed, or the extra ones would wait forever
             check_fits(
-                executor.actors, need, f"--actors {executor.actors}", "Give fewer --actors, or add nodes."
-            )
+                executor.actors, need, f"--actors {executor.actors}", "Give fewer --actors, or add nodes.",
+                executor.ray_scale_wait, log=stderr_line,
+            )  # fmt: skip
         count = executor.actors or gpus or max(1, min(2, fits(need)))
         options = {
             **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
@@ -168,6 +186,9 @@ def _run_on_ray(stage: ShardStage, shards: list[Path], executor: ExecutorConfig,
             def process(self, shard):
                 stats = self.stage.process(location(shard), self.state)
                 return stats | {"node": ray.get_runtime_context().get_node_id()}
+
+            def close(self):
+                teardown(self.stage, self.state)  # the pool and its shared memory, before the actor ends
 
         live = [
             StageActor.options(**options).remote(stage, storage_options())
@@ -204,6 +225,10 @@ def _run_on_ray(stage: ShardStage, shards: list[Path], executor: ExecutorConfig,
             results[Path(shard).stem] = stats
             if progress:
                 progress(stats)
+        try:
+            ray.get([actor.close.remote() for actor in live], timeout=60)
+        except Exception:  # an actor that died or hangs: it ends with the cluster's cleanup
+            pass
         if failures:
             listed = "; ".join(f"{k}: {v}" for k, v in failures.items())
             raise RuntimeError(

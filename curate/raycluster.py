@@ -103,18 +103,27 @@ def _probe(host: str, port: int, address: str, option: str, timeout_s: float) ->
 
 
 def connect(
-    address: str | None, option: str = "--ray-address", timeout_s: float = CONNECT_TIMEOUT_S, **local
+    address: str | None,
+    option: str = "--ray-address",
+    timeout_s: float = CONNECT_TIMEOUT_S,
+    quiet: bool = False,
+    **local,
 ) -> bool:
     """Ray initialised for `address` (checked first), or, without one, a Ray of this machine on 127.0.0.1
-    (`local`: more ray.init arguments for it). Returns whether Ray was started here (to shut down after)."""
+    (`local`: more ray.init arguments for it). `quiet`: the workers' and Ray's own actors' output stays in
+    the cluster's logs instead of being copied into this command's. Returns whether Ray was started here
+    (to shut down after)."""
     import ray
 
     if ray.is_initialized():
         return False
+    import logging
+
+    hush = {"log_to_driver": False, "logging_level": logging.WARNING} if quiet else {}
     if not address:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **local)
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **hush, **local)
         return True
-    ray.init(address=checked_address(address, option, timeout_s))
+    ray.init(address=checked_address(address, option, timeout_s), **hush)
     return False
 
 
@@ -131,15 +140,83 @@ def fits(need: dict[str, float]) -> int:
     return total
 
 
-def check_fits(count: int, need: dict[str, float], what: str, fix: str) -> None:
-    """Refuse work that could never be placed: `count` bundles of `need` against what the nodes report."""
+SCALE_WAIT_S = 600.0  # a cloud node takes minutes to start
+SCALE_GRACE_S = 6.0  # how long an autoscaler has to show a launch after the request
+
+
+def check_fits(
+    count: int,
+    need: dict[str, float],
+    what: str,
+    fix: str,
+    wait_s: float = SCALE_WAIT_S,
+    log=None,
+    status=None,
+) -> None:
+    """Refuse work that could never be placed: `count` bundles of `need` against what the nodes report. A
+    cluster that autoscales is asked for the bundles and waited for (at most `wait_s`, a progress line
+    every poll) while it launches nodes; a cluster that launches nothing within a few seconds is refused
+    at once. `status()` -> (bundles that fit now, nodes launching, what the cluster has, in words): Ray's
+    own by default."""
+    import time
+
+    status = status or (lambda: (fits(need), _launching(), _holdings()))
+    room, launching, have = status()
+    if count <= room:
+        return
+    _request(count, need)
+    try:
+        started = time.monotonic()
+        while True:
+            waited = time.monotonic() - started
+            if room >= count:
+                return
+            if (not launching and waited >= SCALE_GRACE_S) or waited >= wait_s:
+                break
+            if launching and log:
+                log(f"{what}: waiting for the cluster to scale ({room} of {count} fit, {launching} node(s) "
+                    f"starting, {waited:.0f} of {wait_s:.0f} s)")  # fmt: skip
+            time.sleep(min(2.0, max(0.1, wait_s - waited)))
+            room, launching, have = status()
+    finally:
+        _request(0, need)
+    scaled = f" The cluster was still scaling after {wait_s:.0f} s (--ray-scale-wait)." if launching else ""
+    raise InputError(
+        f"{what}: {count} x {need} do not fit the cluster, which has {have}: at most {room} fit.{scaled} {fix}"
+    )
+
+
+def _holdings() -> str:
     import ray
 
-    room = fits(need)
-    if count > room:
-        have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-        raise InputError(
-            f"{what}: {count} x {need} do not fit the cluster, which has {have} on {nodes} node(s): at most "
-            f"{room} fit. {fix}"
-        )
+    have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    return f"{have} on {sum(1 for n in ray.nodes() if n.get('Alive'))} node(s)"
+
+
+def stderr_line(text: str) -> None:
+    """A progress line on stderr (the waits above), apart from the command's output."""
+    import sys
+
+    print(text, file=sys.stderr, flush=True)
+
+
+def _request(count: int, need: dict[str, float]) -> None:
+    """Ask the cluster's autoscaler (if it has one) for `count` bundles of `need`; 0 withdraws the ask."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{k: v for k, v in need.items() if v > 0}] * count)
+    except Exception:  # no autoscaler API here: a static cluster, nothing to ask
+        pass
+
+
+def _launching() -> int:
+    """Nodes the autoscaler is launching or starting now (0 on a cluster without one)."""
+    try:
+        import ray
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
+    except Exception:  # no autoscaler status: nothing is launching
+        return 0
+    return sum(getattr(r, "count", 1) for r in status.pending_launches) + len(status.pending_nodes)

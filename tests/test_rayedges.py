@@ -187,3 +187,42 @@ def test_more_workers_than_the_cluster_holds_are_refused_before_a_placement_grou
     )  # fmt: skip
     assert encode.returncode == 2, encode.stderr[-3000:]
     assert "--actors 4: 4 x {'CPU': 1} do not fit the cluster" in encode.stderr
+
+
+def _statuses(*states):
+    """A cluster's successive (bundles that fit, nodes launching) as check_fits polls it."""
+    replies = iter(states)
+    last = [states[-1]]
+
+    def status():
+        last[0] = next(replies, last[0])
+        return (*last[0], "{'CPU': 1.0} on 1 node(s)")
+
+    return status
+
+
+def test_an_autoscaling_cluster_is_waited_for_within_its_bound_and_a_static_one_is_not(monkeypatch):
+    import time
+
+    from latentmill.curate import raycluster
+    from latentmill.errors import InputError
+
+    monkeypatch.setattr(raycluster, "SCALE_GRACE_S", 0.3)
+    monkeypatch.setattr(raycluster, "_request", lambda count, need: None)
+    lines = []
+    need = {"CPU": 1}
+    # nodes start, then the work fits: it goes on, having said what it waited for
+    raycluster.check_fits(
+        3, need, "--actors 3", "fix", wait_s=30, log=lines.append, status=_statuses((1, 2), (2, 1), (3, 0))
+    )
+    assert lines and "waiting for the cluster to scale (1 of 3 fit, 2 node(s) starting" in lines[0]
+    # nothing launches: refused after the grace, not after the wait
+    started = time.monotonic()
+    with pytest.raises(InputError, match=r"3 x \{'CPU': 1\} do not fit the cluster.*at most 1 fit\. fix"):
+        raycluster.check_fits(3, need, "--actors 3", "fix", wait_s=600, status=_statuses((1, 0)))
+    assert time.monotonic() - started < 5
+    # nodes keep starting but never enough: refused at the bound, saying so
+    started = time.monotonic()
+    with pytest.raises(InputError, match=r"still scaling after 1 s \(--ray-scale-wait\)"):
+        raycluster.check_fits(3, need, "--actors 3", "fix", wait_s=1, status=_statuses((1, 1)))
+    assert time.monotonic() - started < 5

@@ -31,6 +31,7 @@ class TrainConfig(StageConfig):
         "launcher",
         "ray_address",
         "ray_timeout",
+        "ray_scale_wait",
         "num_workers",
         "gpus_per_worker",
         "max_failures",
@@ -153,6 +154,13 @@ class TrainConfig(StageConfig):
         30.0,
         "Ray: seconds to wait for the cluster to answer before giving up with exit 2.",
         low=1.0,
+        since="0.3",
+    )
+    ray_scale_wait: float = opt(
+        600.0,
+        "Ray: on a cluster that autoscales, seconds to wait for nodes to start when the work does not fit yet "
+        "(a cluster that launches none is refused at once).",
+        low=0.0,
         since="0.3",
     )
     num_workers: int = opt(1, "--launcher ray: training workers (one per GPU), across the nodes.", low=1)

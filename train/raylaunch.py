@@ -9,6 +9,7 @@ every worker resumes from the run's last checkpoint, exactly as `--resume` does.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -31,8 +32,10 @@ def check_launch(config: TrainConfig) -> None:
         )
 
 
-def launch(config: TrainConfig, log=None) -> dict:
-    """Train under Ray Train; return the step the run's last checkpoint holds."""
+def launch(config: TrainConfig, log=None, progress=None) -> dict:
+    """Train under Ray Train; return the step the run's last checkpoint holds. Rank 0's log lines and
+    metrics reach `log` and `progress` here through a small actor (the workers' own output, and Ray's, stay
+    in the cluster's logs: no per-worker chatter in the command's output)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -45,9 +48,9 @@ def launch(config: TrainConfig, log=None) -> dict:
     check_resume_point(
         read_copy(config.output) if is_remote(config.output) else Path(config.output), config
     )  # refused here, not in N workers
-    from latentmill.curate.raycluster import check_fits, connect
+    from latentmill.curate.raycluster import check_fits, connect, stderr_line
 
-    started_here = connect(config.ray_address, "--ray-address", config.ray_timeout)
+    started_here = connect(config.ray_address, "--ray-address", config.ray_timeout, quiet=True)
     try:
         gpus = config.gpus_per_worker
         # checked before a placement group is asked for: one that cannot be placed waits forever
@@ -56,10 +59,22 @@ def launch(config: TrainConfig, log=None) -> dict:
             {"CPU": 1, "GPU": gpus} if gpus > 0 else {"CPU": 1},
             f"--launcher ray --num-workers {config.num_workers}",
             "Give fewer --num-workers (or --gpus-per-worker), or add nodes to the cluster.",
+            config.ray_scale_wait,
+            log=stderr_line,
         )
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        relay = (
+            ray.remote(_Relay).options(num_cpus=0, scheduling_strategy=here).remote()
+        )  # lives with the driver
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={"config": asdict(config), "storage_options": storage_options()},
+            train_loop_config={
+                "config": asdict(config),
+                "storage_options": storage_options(),
+                "relay": relay,
+            },
             scaling_config=ScalingConfig(
                 num_workers=config.num_workers,
                 use_gpu=gpus > 0,
@@ -69,7 +84,8 @@ def launch(config: TrainConfig, log=None) -> dict:
             ),
             run_config=RunConfig(failure_config=FailureConfig(max_failures=config.max_failures)),
         )
-        trainer.fit()
+        with _following(relay, log, progress):
+            trainer.fit()
         from latentmill.train.checkpoint import last_state
 
         state = last_state(config.output) or {}
@@ -79,6 +95,59 @@ def launch(config: TrainConfig, log=None) -> dict:
     finally:
         if started_here:
             ray.shutdown()
+
+
+class _Relay:
+    """Rank 0's log lines and latest metrics, kept for the driver to take (an actor: the workers run on
+    other nodes)."""
+
+    def __init__(self):
+        self.lines, self.metrics = [], None
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
+
+    def put(self, metrics: dict) -> None:
+        self.metrics = metrics
+
+    def take(self) -> tuple[list[str], dict | None]:
+        lines, self.lines = self.lines, []
+        return lines, self.metrics
+
+
+@contextmanager
+def _following(relay, log, progress):
+    """A thread that passes the relay's lines to `log` and its metrics to `progress` every second while
+    training runs (and once more at the end)."""
+    import threading
+
+    import ray
+
+    stop = threading.Event()
+
+    def drain():
+        try:
+            lines, metrics = ray.get(relay.take.remote(), timeout=10)
+        except Exception:  # the relay is busy or gone this once: the next poll takes it
+            return
+        for line in lines:
+            if log:
+                log(line)
+        if metrics and progress:
+            progress(metrics)
+
+    def follow():
+        while not stop.wait(1.0):
+            drain()
+
+    thread = threading.Thread(target=follow, name="latentmill-ray-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+        drain()
 
 
 def _worker(loop_config: dict) -> None:
@@ -105,5 +174,15 @@ def _worker(loop_config: dict) -> None:
     mirror = mirror_of(config.output)
     done = mirror.remote_checkpoints() if mirror else checkpoints(Path(config.output))
     resume = config.resume or bool(done)  # the driver refused a finished run without --resume
-    metrics = train(replace(config, launcher="local", resume=resume), log=print)  # print: to the driver
+    relay = loop_config["relay"] if context.get_world_rank() == 0 else None
+
+    def log(line):
+        if relay is not None:
+            relay.log.remote(str(line))
+
+    def progress(metrics):
+        if relay is not None:
+            relay.put.remote({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    metrics = train(replace(config, launcher="local", resume=resume), progress=progress, log=log)
     ray_train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -63,14 +63,17 @@ def train(ctx, shards, output, config_file, **kwargs):
     with tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, leave=False) as bar:
 
         def progress(metrics):
-            bar.n = metrics["step"]
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.1f}")
+            bar.n = int(metrics.get("step", bar.n))
+            bar.set_postfix(
+                loss=f"{metrics.get('loss', float('nan')):.4f}",
+                samples_s=f"{metrics.get('samples_per_s', 0):.1f}",
+            )
             bar.refresh()
 
         if config.launcher == "ray":
             from latentmill.train.raylaunch import launch
 
-            metrics = launch(config, log=click.echo)
+            metrics = launch(config, log=click.echo, progress=progress)
         else:
             from latentmill.evaluation import training_eval
 

@@ -34,6 +34,7 @@ from latentmill.curate.storage import (
     storage_environment,
     write_json,
 )
+from latentmill.curate.storageoptions import bounded_fsspec_environment
 from latentmill.curate.tables import UrlTable, columns_field
 from latentmill.errors import InputError, NothingLeft, nothing_left
 from latentmill.schema import StageConfig, opt
@@ -201,8 +202,8 @@ def run_img2dataset(
     )
 
     # img2dataset opens the output folder with fsspec itself: the storage options reach it as the standard
-    # variables (its processes inherit them)
-    os.environ.update(storage_environment())
+    # variables, and the S3 bounds as fsspec's own configuration (its processes inherit both)
+    os.environ.update(storage_environment() | bounded_fsspec_environment())
     if config.distributor == "ray":
         from latentmill.curate.raycluster import connect
 

@@ -28,6 +28,7 @@ from latentmill.curate.storageoptions import (  # noqa: F401 (the storage API, r
     S3FS_TRIES,
     UPLOAD_MIN_RATE,
     _options,
+    bounded_fsspec_environment,
     bounded_options,
     client_config,
     options,

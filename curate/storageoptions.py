@@ -135,3 +135,14 @@ _ENVIRONMENT = {
 def storage_environment() -> dict[str, str]:
     """The storage options as the standard variables, for tools that open URLs with defaults."""
     return {var: str(_options[key]) for key, var in _ENVIRONMENT.items() if key in _options}
+
+
+def bounded_fsspec_environment() -> dict[str, str]:
+    """The S3 bounds for a tool that opens its own fsspec filesystems (img2dataset): fsspec's
+    configuration variable, which every S3 filesystem a process (or a process it starts) opens takes as
+    its defaults, and fsspec's in-process configuration set the same way for forked children."""
+    import fsspec.config
+
+    bounds = {"config_kwargs": client_config(_options), "use_listings_cache": False}
+    fsspec.config.conf.setdefault("s3", {}).update(bounds)
+    return {"FSSPEC_S3": json.dumps(bounds)}

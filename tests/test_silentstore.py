@@ -124,3 +124,32 @@ def test_a_store_silent_mid_encode_ends_it_and_a_rerun_ends_identical(tmp_path, 
     assert again.returncode == 0, again.stderr[-2000:]
     assert _digests(out) == _digests(tmp_path / "reference")
     assert json.loads(storage.location(f"{out}/manifest.json").read_text())["samples"] == 16
+
+
+def test_a_tools_own_fsspec_clients_get_the_bounds_through_the_environment(tmp_path):
+    """img2dataset opens its output with fsspec itself, in processes of its own: the bounds reach those
+    filesystems through fsspec's configuration variable, so a silent store ends its writes too."""
+    proxy = SilentProxy(None)  # accepts, never answers
+    tight = 'config_kwargs={"read_timeout": 1, "connect_timeout": 1, "retries": {"max_attempts": 1}}'
+    import copy
+
+    import fsspec.config
+
+    saved = copy.deepcopy(fsspec.config.conf)
+    storage.set_options(dict([storage.parse_option(tight)]))
+    try:
+        env = os.environ | storage.storage_environment() | storage.bounded_fsspec_environment()
+        assert fsspec.config.conf["s3"]["config_kwargs"]["read_timeout"] == 1  # forked children inherit it
+    finally:
+        storage.set_options({})
+        fsspec.config.conf.clear()
+        fsspec.config.conf.update(saved)
+    env |= {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    tool = "import fsspec; fs = fsspec.filesystem('s3'); fs.ls('bucket/images')"  # no options of its own
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", tool], env=env, capture_output=True, text=True, timeout=BOUND_S + 60
+    )
+    assert time.monotonic() - started < BOUND_S
+    assert result.returncode != 0 and "Timeout" in result.stderr, result.stderr[-2000:]
+    assert json.loads(env["FSSPEC_S3"])["config_kwargs"]["read_timeout"] == 1

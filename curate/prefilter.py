@@ -8,7 +8,9 @@ A row whose value is missing (null) for a requested threshold fails that rule.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +23,17 @@ from latentmill.curate.addresses import private_address_mask
 from latentmill.curate.funnel import format_funnel, funnel_steps
 from latentmill.curate.lineage import make_record, record_path
 from latentmill.curate.netguard import allow_hosts_field, parse_allow_hosts
-from latentmill.curate.storage import atomic_path, location, write_json
+from latentmill.curate.storage import (
+    atomic_path,
+    is_remote,
+    location,
+    remove_stale_temporaries,
+    temporary_name,
+    write_json,
+)
 from latentmill.curate.tables import UrlTable, columns_field
-from latentmill.curate.urlhash import SeenUrls, hash_urls
+from latentmill.curate.urldedup import SpilledDedup
+from latentmill.curate.urlhash import hash_urls
 from latentmill.errors import InputError, invariant, nothing_left
 from latentmill.schema import StageConfig, opt
 
@@ -150,22 +160,39 @@ def prefilter(source: str | Path, output: str | Path, config: PrefilterConfig, p
     """Filter `source` into `output` (parquet, every column kept) and return the funnel.
 
     Also writes `OUTPUT.dropped.parquet` (dropped rows with a `reason` column) and
-    `OUTPUT.funnel.json`, all atomically. `progress(rows)` is called after each batch.
+    `OUTPUT.funnel.json`, all atomically. `progress(rows)` is called after each batch. Repeated URLs are
+    found in bounded memory (curate/urldedup.py): the rows that pass every other rule are spilled beside
+    the output, and a second pass over them drops the later copies.
     """
     output = location(output)
     table = UrlTable.open(source, config.columns)
     rules = build_rules(config, table)
     names = [name for name, _ in rules] + (["duplicate_url"] if not config.keep_duplicates else [])
     dropped = dict.fromkeys(names, 0)
-    seen = SeenUrls()
     input_rows = kept_rows = 0
     dropped_schema = table.schema.append(pa.field("reason", pa.string()))
     dropped_path = output.with_name(output.stem + ".dropped.parquet")
-    with atomic_path(output) as tmp_kept, atomic_path(dropped_path) as tmp_dropped:
+
+    def drop(writer, batch, mask, reason):
+        if mask.any():
+            lost = batch.filter(pa.array(mask))
+            reasons = pa.array(reason[mask] if isinstance(reason, np.ndarray) else [reason] * lost.num_rows)
+            writer.write_batch(
+                pa.RecordBatch.from_arrays([*lost.columns, reasons.cast(pa.string())], schema=dropped_schema)
+            )
+
+    with (
+        atomic_path(output) as tmp_kept,
+        atomic_path(dropped_path) as tmp_dropped,
+        _spill_folder(output, not config.keep_duplicates) as spill,
+    ):
         with (
             pq.ParquetWriter(tmp_kept, table.schema) as kept_writer,
             pq.ParquetWriter(tmp_dropped, dropped_schema) as dropped_writer,
         ):
+            dedup = SpilledDedup(spill) if spill else None
+            candidates = pq.ParquetWriter(spill / "candidates.parquet", table.schema) if spill else None
+            passed = 0  # rows that passed every other rule: the candidates' row numbers
             for batch in table.batches(batch_rows=config.batch_rows):
                 input_rows += batch.num_rows
                 alive = np.ones(batch.num_rows, dtype=bool)
@@ -176,25 +203,30 @@ def prefilter(source: str | Path, output: str | Path, config: PrefilterConfig, p
                     dropped[name] += int(fails.sum())
                     reason[fails] = name
                     alive &= ~fails
-                if not config.keep_duplicates:
-                    idx = np.flatnonzero(alive)
-                    first = seen.first_seen(hash_urls(_col(batch, table.columns["url"]).take(idx)))
-                    duplicates = idx[~first]
-                    dropped["duplicate_url"] += len(duplicates)
-                    reason[duplicates] = "duplicate_url"
-                    alive[duplicates] = False
-                kept = batch.filter(pa.array(alive))
-                kept_rows += kept.num_rows
-                kept_writer.write_batch(kept)
-                if not alive.all():
-                    lost = batch.filter(pa.array(~alive))
-                    dropped_writer.write_batch(
-                        pa.RecordBatch.from_arrays(
-                            [*lost.columns, pa.array(reason[~alive], type=pa.string())], schema=dropped_schema
-                        )
-                    )
+                drop(dropped_writer, batch, ~alive, reason)
+                survivors = batch.filter(pa.array(alive))
+                if dedup is None:
+                    kept_rows += survivors.num_rows
+                    kept_writer.write_batch(survivors)
+                elif survivors.num_rows:
+                    hashes = hash_urls(_col(survivors, table.columns["url"]))
+                    dedup.add(hashes, np.arange(passed, passed + survivors.num_rows))
+                    candidates.write_batch(survivors)
+                    passed += survivors.num_rows
                 if progress:
                     progress(batch.num_rows)
+            if dedup is not None:  # pass 2: the later copies out, in the order the rows came
+                candidates.close()
+                dropped["duplicate_url"] = dedup.finish()
+                start = 0
+                for batch in pq.ParquetFile(spill / "candidates.parquet").iter_batches(config.batch_rows):
+                    later = np.zeros(batch.num_rows, dtype=bool)
+                    later[dedup.duplicates(start, start + batch.num_rows) - start] = True
+                    start += batch.num_rows
+                    drop(dropped_writer, batch, later, "duplicate_url")
+                    kept = batch.filter(pa.array(~later))
+                    kept_rows += kept.num_rows
+                    kept_writer.write_batch(kept)
     steps = funnel_steps(input_rows, {name: dropped[name] for name in names})
     funnel = {
         "source": str(source),
@@ -211,6 +243,28 @@ def prefilter(source: str | Path, output: str | Path, config: PrefilterConfig, p
     write_json(output.with_name(output.stem + ".funnel.json"), funnel)
     write_json(record_path(output), make_record("prefilter", config, inputs={"table": source}))
     return check_kept(funnel)
+
+
+@contextmanager
+def _spill_folder(output, needed: bool):
+    """Where the de-duplication spills: beside a local output (the disk the user chose for it, named as
+    a temporary a later run clears if this one is killed), or the scratch folder for one in a store."""
+    if not needed:
+        yield None
+        return
+    if is_remote(output):
+        from latentmill.curate.scratch import temporary_folder
+
+        with temporary_folder(f"prefilter {output}") as folder:
+            yield Path(folder)
+        return
+    folder = temporary_name(Path(output).with_name(Path(output).name + ".dedup"))
+    remove_stale_temporaries(folder.parent, recursive=False)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_kept(funnel: dict) -> dict:

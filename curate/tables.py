@@ -38,10 +38,13 @@ BATCH_ROWS = 65_536
 
 def table_files(path: str | Path) -> list[Path]:
     """The table files at `path`: the file itself, or the supported files in a folder, sorted."""
+    if any(c in str(path) for c in "*?[") and not location(path).exists():  # a glob of parts: one table
+        return _glob_files(str(path))
     path = location(path)
     if not path.exists():
         raise InputError(
-            f"{path}: no such file or folder. Give a parquet, csv, tsv or jsonl file, or a folder of them."
+            f"{path}: no such file or folder. Give a parquet, csv, tsv or jsonl file, a folder of them, or a "
+            f"glob of parts (parts/*.parquet)."
         )
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
@@ -51,6 +54,24 @@ def table_files(path: str | Path) -> list[Path]:
     if path.suffix.lower() not in FORMATS:
         raise InputError(f"{path}: unknown table format '{path.suffix}'. Use .parquet, .csv, .tsv or .jsonl.")
     return [path]
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    """The table files a glob names (on disk or in a store), sorted: the parts of one table."""
+    import glob
+
+    from latentmill.curate.storage import is_remote
+
+    if is_remote(pattern):
+        found = location(pattern.split("*")[0].rsplit("/", 1)[0])
+        names = sorted(found.fs.glob(location(pattern).path))
+        files = [location(f"{found.protocol}://{name}") for name in names]
+    else:
+        files = [Path(p) for p in sorted(glob.glob(pattern))]
+    files = [f for f in files if f.suffix.lower() in FORMATS]
+    if not files:
+        raise InputError(f"{pattern}: the glob matches no .parquet, .csv, .tsv or .jsonl file.")
+    return files
 
 
 def _open_batches(file: Path, columns: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:

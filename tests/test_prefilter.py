@@ -224,3 +224,48 @@ def test_sizes_that_are_nan_infinite_or_huge_fail_the_size_rules(tmp_path):
         prefilter(huge, tmp_path / "kept2.parquet", PrefilterConfig(max_aspect=2.0, min_side=10))
     funnel = json.loads((tmp_path / "kept2.funnel.json").read_text())  # the funnel is written all the same
     assert funnel["kept_rows"] == 0 and funnel["input_rows"] == 1
+
+
+def test_the_spilled_dedup_keeps_exactly_the_rows_the_in_memory_set_keeps(tmp_path, monkeypatch):
+    """Bounded memory changes nothing: on a table with repeats across files and batches, the kept rows (in
+    order), the dropped rows and the funnel equal those of the in-memory set, with spills and row ranges
+    made tiny so every partition and range path runs."""
+    import numpy as np
+    import pyarrow as pa
+
+    from latentmill.curate import urldedup
+    from latentmill.curate.urlhash import SeenUrls, hash_urls
+
+    monkeypatch.setattr(urldedup, "SPILL_PAIRS", 500)
+    monkeypatch.setattr(urldedup.SpilledDedup.__init__, "__defaults__", (500, 700))
+    rng = np.random.default_rng(0)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    urls = [f"https://ok.com/{n}.jpg" for n in rng.integers(0, 3000, 6000)]
+    urls[::97] = ["not a url"] * len(urls[::97])
+    for p in range(3):  # three parquet parts, read as one table through a glob
+        write_table(
+            parts / f"part-{p}.parquet", [row(u, text=f"caption {i}") for i, u in enumerate(urls[p::3])]
+        )
+    funnel = prefilter(
+        str(parts / "part-*.parquet"), tmp_path / "kept.parquet", PrefilterConfig(batch_rows=333)
+    )
+    ordered = [u for p in range(3) for u in urls[p::3]]  # the stream: file by file
+    valid = [u for u in ordered if u.startswith("https://")]
+    seen, expected = SeenUrls(), []
+    for start in range(0, len(valid), 333):
+        chunk = np.array(valid[start : start + 333], dtype=object)
+        first = seen.first_seen(hash_urls(pa.array(chunk)))
+        expected += list(chunk[first])
+    kept = pq.read_table(tmp_path / "kept.parquet").column("URL").to_pylist()
+    assert kept == expected and funnel["kept_rows"] == len(expected) == len(set(valid))
+    dropped = pq.read_table(tmp_path / "kept.dropped.parquet")
+    assert sorted(dropped.column("reason").to_pylist()) == sorted(
+        ["invalid_url"] * (len(ordered) - len(valid)) + ["duplicate_url"] * (len(valid) - len(expected))
+    )
+    assert funnel["steps"][-1] == {
+        "rule": "duplicate_url",
+        "dropped": len(valid) - len(expected),
+        "remaining": len(expected),
+    }
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the spill folder is gone

@@ -191,3 +191,25 @@ def test_status_marks_every_stage_downstream_of_a_stale_one(tmp_path):
     assert "images was made again by the download stage" in marked["score"]
     assert "scores comes from the score stage, which is stale" in marked["select"]
     assert "download" not in marked
+
+
+@pytest.mark.parametrize("damage", ["cut", "list", "empty"])
+def test_a_damaged_stats_file_of_a_shard_stage_is_exit_2_naming_it(tmp_path, run_cli, damage):
+    from tests.conftest import image_entry, make_shard
+
+    (tmp_path / "images").mkdir()
+    make_shard(tmp_path / "images" / "00000.tar", [image_entry("000000000", 64, 64)])
+    stats = tmp_path / "scores" / "00000.stats.json"
+    _write(stats, DAMAGES[damage]({"shard": "00000", "images": 1}))
+    result = run_cli(
+        "score",
+        tmp_path / "images",
+        "-o",
+        tmp_path / "scores",
+        "--clip-model",
+        "tiny",
+        "--pretrained",
+        "none",
+    )
+    assert result.exit_code == 2, result.output
+    assert str(stats) in result.output and "Fix: remove 00000.stats.json and run again" in result.output

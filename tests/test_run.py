@@ -84,9 +84,25 @@ def _run_cmd(work):
     return [sys.executable, "-m", "latentmill", "run", "demo", "-w", str(work), *SMALL]
 
 
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One fresh `run demo` (SMALL) for the module, in a process of its own: the reference a killed run
+    must equal, and the work folder the make-like test starts from (as a copy). Read, never changed."""
+    work = tmp_path_factory.mktemp("demo-run") / "work"
+    subprocess.run(_run_cmd(work), check=True, capture_output=True)
+    return work
+
+
+def _same_port(work, reference):
+    """`work` will serve the sample images on `reference`'s port: the same URLs in the metadata."""
+    (work / "urls").mkdir(parents=True)
+    (work / "urls" / "server-port.txt").write_text((reference / "urls" / "server-port.txt").read_text())
+
+
 @pytest.mark.slow
-def test_the_demo_recipe_killed_midway_finishes_with_the_same_outputs(tmp_path, run_cli):
-    killed, reference = tmp_path / "killed", tmp_path / "reference"
+def test_the_demo_recipe_killed_midway_finishes_with_the_same_outputs(tmp_path, run_cli, demo_run):
+    killed, reference = tmp_path / "killed", demo_run
+    _same_port(killed, reference)
     process = subprocess.Popen(
         _run_cmd(killed), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -100,9 +116,6 @@ def test_the_demo_recipe_killed_midway_finishes_with_the_same_outputs(tmp_path, 
         "training was not stopped mid-way"
     )
     subprocess.run(_run_cmd(killed), check=True, capture_output=True)
-    (reference / "urls").mkdir(parents=True)  # the same server port, so the same URLs in the metadata
-    (reference / "urls" / "server-port.txt").write_text((killed / "urls" / "server-port.txt").read_text())
-    subprocess.run(_run_cmd(reference), check=True, capture_output=True)
 
     def outputs(work):
         files = sorted((work / "latents-128").glob("*.tar")) + sorted((work / "scores").glob("*.parquet"))
@@ -172,9 +185,11 @@ def _mtimes(work):
 
 
 @pytest.mark.slow
-def test_run_works_like_make_and_a_moved_work_folder_is_a_no_op(tmp_path, run_cli, monkeypatch):
+def test_run_works_like_make_and_a_moved_work_folder_is_a_no_op(tmp_path, run_cli, monkeypatch, demo_run):
+    import shutil
+
     work, reference = tmp_path / "work", tmp_path / "reference"
-    subprocess.run(_run_cmd(work), check=True, capture_output=True)
+    shutil.copytree(demo_run, work, symlinks=True)  # a finished run, copied: the moves below are of a copy
     before = _mtimes(work)
 
     # the same recipe again, then from a moved folder: every stage kept, not a file touched
@@ -233,8 +248,7 @@ def test_run_works_like_make_and_a_moved_work_folder_is_a_no_op(tmp_path, run_cl
     )
 
     # the same bytes as a fresh run with that threshold
-    (reference / "urls").mkdir(parents=True)  # the same server port, so the same URLs in the metadata
-    (reference / "urls" / "server-port.txt").write_text((work / "urls" / "server-port.txt").read_text())
+    _same_port(reference, work)
     subprocess.run(_run_cmd(reference) + where, check=True, capture_output=True)
 
     def outputs(folder):

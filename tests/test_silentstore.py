@@ -18,9 +18,9 @@ from tests.test_storage import _digests, _encode_cmd, _images, _S3Marker, _uploa
 # the bound shortened through the option users change it with (the default's two minutes are checked above)
 FAST = [
     "--storage-option",
-    'config_kwargs={"read_timeout": 2, "connect_timeout": 2, "retries": {"max_attempts": 2}}',
+    'config_kwargs={"read_timeout": 2, "connect_timeout": 2, "retries": {"max_attempts": 1}}',
 ]
-BOUND_S = 2 * 2 * (2 + 2) + 30  # tries x attempts x (connect + read), plus start-up and backoff
+BOUND_S = 2 * 1 * (2 + 2) + 30  # tries x attempts x (connect + read), plus start-up and backoff
 
 
 class SilentProxy:

@@ -233,7 +233,7 @@ class TrainingEval:
         states, empty = encode_prompts(self.prompts)
         pixels = generate_from_manifest(
             unet, states, empty, manifest, config.vae, steps=config.sample_steps, seed=config.seed,
-            prediction=config.prediction,
+            prediction=config.prediction, family=config.family,
         )  # fmt: skip
         images = [Image.fromarray(p) for p in pixels]
         with torch.inference_mode():

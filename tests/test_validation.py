@@ -123,9 +123,10 @@ def test_the_validation_loss_equals_a_hand_computation(data):
 
     from latentmill.curate.textencoder import load_text_encoder
     from latentmill.train.latentspace import to_unet_space
+    from latentmill.train.objective import VALIDATION_TIMESTEPS as TIMESTEPS
     from latentmill.train.objective import Objective
     from latentmill.train.schedule import training_scheduler
-    from latentmill.train.validation import TIMESTEPS, ValidationSet
+    from latentmill.train.validation import ValidationSet
 
     root, _ = data
     manifest = read_manifest(root / "latents")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from latentmill.errors import InputError
 from latentmill.schema import StageConfig, opt
 
+FAMILY_NAMES = ("sd-unet",)  # train/families FAMILIES (named here: the config loads without torch)
+
 SAMPLE_PROMPTS = [
     "a photograph of a cat",
     "a red circle on a blue background",
@@ -65,6 +67,13 @@ class TrainConfig(StageConfig):
         "tiny, sd15, sd2-base (a new U-Net of that architecture, random weights), or a pretrained diffusers "
         "pipeline or U-Net folder or model id.",
         model=True,
+    )
+    family: str = opt(
+        "sd-unet",
+        "The model family (train/families): sd-unet, the Stable Diffusion U-Nets (1.x, 2.x, tiny; SDXL-shaped with "
+        "--size-conditioning).",
+        choices=FAMILY_NAMES,
+        since="0.4",
     )
     text_encoder: str | None = opt(
         None, "openclip:NAME[:PRETRAINED] or a pipeline folder; default: text_emb in the shards.", model=True

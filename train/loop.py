@@ -31,13 +31,11 @@ from latentmill.train.checkpoint import (
     training_files,
     truncate_log,
 )
-from latentmill.train.conditioning import text_conditioning
 from latentmill.train.config import TrainConfig
 from latentmill.train.data import TrainingData, latent_sets, loader_workers, shard_cache
+from latentmill.train.families import family_of
 from latentmill.train.inpainting import check_inpainting_data, conditioning, grid_examples
 from latentmill.train.latentspace import to_unet_space
-from latentmill.train.models import build_unet
-from latentmill.train.objective import Objective
 from latentmill.train.remoterun import RunMirror, mirror_of
 from latentmill.train.resumeconfig import resume_differences
 from latentmill.train.runlog import RunLog, check_reporting, rank_report
@@ -81,7 +79,7 @@ class Training:
     encode_prompts: Callable | None  # prompts -> (states, empty state), for sample grids
     weights: FullWeights | LoraWeights | FrozenUnet | WithText
     optimizer: torch.optim.Optimizer
-    objective: Objective
+    objective: object  # the family's (train/families): loss, error, fixed_levels, step_loss
     model: torch.nn.Module  # the U-Net, wrapped in DDP and torch.compile where asked
     start: int  # the first step to run (0, or the resumed checkpoint's step)
     changes: list  # settings changed on resume: {step, key, from, to}, kept in every later state.json
@@ -241,8 +239,6 @@ def _finish(t: Training) -> dict:
 def _set_up(config: TrainConfig, mirror: RunMirror | None) -> Training:
     """Everything the loop needs, checked before the run folder is touched where it can be: the device,
     the data, the text conditioning, the U-Net and what of it trains, the optimizer, the resume point."""
-    from latentmill.train.schedule import training_scheduler
-
     rank, world = _distributed()
     device, precision = resolve_device_precision(config.device, config.precision)  # fp16: refused by validate
     if device == "cuda" and world > 1:
@@ -282,8 +278,9 @@ def _set_up(config: TrainConfig, mirror: RunMirror | None) -> Training:
         config = replace(
             config, steps=data.steps_of_epochs(config.epochs, config.batch_size * config.grad_accum * world)
         )
+    family = family_of(config.family)  # the denoiser, its conditioning, its objective and its sampler
     text = TrainableText(config, device, config.seed) if config.trains_text else None
-    encode_text, text_width, encode_prompts = text_conditioning(
+    encode_text, text_width, encode_prompts = family.conditioning(
         config, manifest, data.folder, device, precision, text
     )
     if config.vae:
@@ -291,17 +288,7 @@ def _set_up(config: TrainConfig, mirror: RunMirror | None) -> Training:
         from latentmill.curate.vae import load_vae
 
         check_vae(manifest, load_vae(config.vae).fingerprint, data.folder)
-    sample_size = manifest["resolution"] // manifest["downsample_factor"]
-    unet = build_unet(
-        config.model,
-        manifest["latent_channels"],
-        text_width,
-        sample_size,
-        config.seed,
-        config.size_conditioning,
-        config.inpainting,
-        frozen=bool(config.lora_rank and not config.init_from),
-    ).to(device)
+    unet = family.build(config, manifest, text_width).to(device)
     check_resume_point(run, config)
     check_reporting(config)
     run.mkdir(parents=True, exist_ok=True)
@@ -331,14 +318,7 @@ def _set_up(config: TrainConfig, mirror: RunMirror | None) -> Training:
         weight_decay=config.weight_decay,
         fused=device.startswith("cuda"),
     )
-    objective = Objective(
-        training_scheduler(config.prediction),
-        config.prediction,
-        config.min_snr_gamma,
-        config.noise_offset,
-        config.size_conditioning,
-        device,
-    )
+    objective = family.objective(config, device)
     start, changes = 0, []
     if rank == 0:
         remove_stale_temporaries(run)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from latentmill.train.conditioning import size_condition
 
+VALIDATION_TIMESTEPS = tuple(int((i + 0.5) * 1000 / 8) for i in range(8))
+
 
 @dataclass
 class Objective:
@@ -43,14 +45,7 @@ class Objective:
                 device
             )
         timesteps = torch.randint(0, 1000, (b,), generator=generator).to(device)
-        noisy = self.schedule.add_noise(latents, noise, timesteps)
-        target = (
-            noise if self.prediction == "epsilon" else self.schedule.get_velocity(latents, noise, timesteps)
-        )
-        extra = {"added_cond_kwargs": size_condition(text, metas)} if self.size_conditioning else {}
-        inputs = noisy if inpaint is None else torch.cat([noisy, inpaint.to(noisy.dtype)], dim=1)
-        prediction = model(inputs, timesteps, encoder_hidden_states=text, **extra).sample
-        error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        error = self.error(model, latents, text, metas, noise, timesteps, inpaint)
         if mask is None:
             per_sample = error.mean(dim=(1, 2, 3))
         else:
@@ -64,6 +59,22 @@ class Objective:
             )
             per_sample = per_sample * weight
         return per_sample.mean()
+
+    def error(self, model, latents, text, metas, noise, timesteps, inpaint=None) -> torch.Tensor:
+        """The element-wise squared error (float32) of `model`'s prediction at `timesteps` with `noise`: the
+        part of the loss every caller shares (training draws noise and timesteps; validation fixes them)."""
+        noisy = self.schedule.add_noise(latents, noise, timesteps)
+        target = (
+            noise if self.prediction == "epsilon" else self.schedule.get_velocity(latents, noise, timesteps)
+        )
+        extra = {"added_cond_kwargs": size_condition(text, metas)} if self.size_conditioning else {}
+        inputs = noisy if inpaint is None else torch.cat([noisy, inpaint.to(noisy.dtype)], dim=1)
+        prediction = model(inputs, timesteps, encoder_hidden_states=text, **extra).sample
+        return F.mse_loss(prediction.float(), target.float(), reduction="none")
+
+    def fixed_levels(self, batch: int, device) -> list[torch.Tensor]:
+        """The noise levels validation measures at: 8 timesteps spread over the schedule, one tensor each."""
+        return [torch.full((batch,), t, device=device, dtype=torch.long) for t in VALIDATION_TIMESTEPS]
 
     def step_loss(self, model, instance: tuple, class_images: tuple | None, prior_weight: float, generator):
         """One micro-step's loss: the batch's, plus `prior_weight` times the class batch's (DreamBooth's

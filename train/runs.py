@@ -110,10 +110,10 @@ class Run:
         return self._record("unet_config.json")
 
     def unet(self):
-        """The U-Net, built from the saved config, with the checkpoint's (EMA) weights."""
-        from diffusers import UNet2DConditionModel
+        """The denoiser, built by the run's family from the saved config, with the checkpoint's (EMA) weights."""
+        from latentmill.train.families import family_of
 
-        unet = UNet2DConditionModel.from_config(self.unet_config())
+        unet = family_of(self.config.get("family")).from_config(self.unet_config())
         unet.load_state_dict(self.weights())
         return unet.eval()
 

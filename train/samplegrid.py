@@ -20,7 +20,9 @@ def sample_grid(
     from latentmill.train.inpainting import conditioning, masked_inputs
     from latentmill.train.sampling import generate_from_manifest, save_grid
 
-    options = dict(steps=config.sample_steps, seed=config.seed, prediction=config.prediction)
+    options = dict(
+        steps=config.sample_steps, seed=config.seed, prediction=config.prediction, family=config.family
+    )
     target = run / "samples" / f"step-{step:07d}.png"
     if examples is None:
         prompts = config.sample_prompts

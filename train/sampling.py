@@ -1,5 +1,6 @@
-"""Images from a U-Net: DDIM with classifier-free guidance, decoded by the VAE the latents were made with.
-Used for the periodic sample grid during training and by `latentmill sample`."""
+"""Images from a run or a pipeline folder, through the run's model family (train/families: each owns its
+sampler), decoded by the VAE the latents were made with. Used for the periodic sample grid during training,
+by `eval` and by `latentmill sample`."""
 
 from __future__ import annotations
 
@@ -9,70 +10,6 @@ import numpy as np
 import torch
 
 from latentmill.errors import InputError
-from latentmill.train.latentspace import from_unet_space
-
-
-@torch.no_grad()
-def generate(
-    unet,
-    text_states,
-    empty_state,
-    vae,
-    scaling_factor: float,
-    shift_factor: float,
-    size: tuple[int, int],
-    steps: int = 20,
-    guidance: float = 5.0,
-    seed: int = 0,
-    prediction: str = "epsilon",
-    inpaint: torch.Tensor | None = None,
-    seeds: list[int] | None = None,
-) -> np.ndarray:
-    """(N, H, W, 3) uint8 images for N prompts' text states; `size` is (width, height) in pixels. An
-    inpainting U-Net takes `inpaint` (N, 1 + C, h, w: the mask and the masked image's latents in the
-    U-Net's space) beside the latents; without it, everything is masked (plain text-to-image). `seeds`: one
-    per image, each image's starting noise drawn from its own (so an image does not depend on its batch)."""
-    from latentmill.train.schedule import sampling_scheduler
-
-    scheduler = sampling_scheduler(prediction)
-    scheduler.set_timesteps(steps)
-    device = next(unet.parameters()).device
-    n = text_states.shape[0]
-    channels = unet.config.out_channels
-    shape = (channels, size[1] // 8, size[0] // 8)
-    if seeds is not None:
-        latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    else:
-        latents = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
-    latents = latents.to(device)
-    context = torch.cat([empty_state.expand(n, -1, -1), text_states]).to(device)
-    if unet.config.in_channels > channels:  # an inpainting U-Net
-        from latentmill.train.inpainting import unconditioned
-
-        if inpaint is None:
-            inpaint = unconditioned(unet, vae, n, size, scaling_factor, shift_factor, device)
-        inpaint = torch.cat([inpaint, inpaint]).to(device)
-    extra = {}
-    if (
-        getattr(unet.config, "addition_embed_type", None) == "text_time"
-    ):  # size-conditioned: ask for an uncropped image
-        h, w = size[1], size[0]
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]] * (2 * n), dtype=context.dtype, device=device)
-        extra = {"added_cond_kwargs": {"text_embeds": context.mean(dim=1), "time_ids": time_ids}}
-    for t in scheduler.timesteps:
-        inputs = torch.cat([latents, latents])
-        if inpaint is not None:
-            inputs = torch.cat([inputs, inpaint.to(inputs.dtype)], dim=1)
-        prediction_both = unet(inputs, t, encoder_hidden_states=context, **extra).sample
-        unconditional, conditional = prediction_both.chunk(2)
-        guided = unconditional + guidance * (conditional - unconditional)
-        latents = scheduler.step(guided, t, latents).prev_sample
-    if vae is None:  # no VAE: show the first three latent channels
-        pixels = latents[:, :3]
-        pixels = (pixels - pixels.amin()) / (pixels.amax() - pixels.amin() + 1e-6) * 2 - 1
-    else:
-        pixels = vae.decode(from_unet_space(latents, scaling_factor, shift_factor)).sample
-    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def generate_from_manifest(
@@ -82,15 +19,17 @@ def generate_from_manifest(
     manifest: dict,
     vae: str | None = None,
     size: tuple[int, int] | None = None,
+    family: str | None = None,
     **options,
 ) -> np.ndarray:
-    """`generate` with what the latents' manifest records: their VAE (or `vae`), scaling and shift
-    factors, and resolution (or `size`)."""
+    """The family's sampler (train/families) with what the latents' manifest records: their VAE (or
+    `vae`), scaling and shift factors, and resolution (or `size`)."""
     from latentmill.curate.vae import load_vae
+    from latentmill.train.families import family_of
 
     decoder = load_vae(vae or manifest["encode_config"]["vae"]).model.to(next(unet.parameters()).device)
     size = size or (manifest["resolution"], manifest["resolution"])
-    return generate(
+    return family_of(family).generate(
         unet,
         text_states,
         empty_state,
@@ -177,6 +116,7 @@ def sampler(source: str | Path, use_ema: bool = True, text_encoder: str | None =
             manifest,
             config.get("vae"),
             size,
+            config.get("family"),  # runs from before families were recorded: the default (sd-unet)
             steps=steps,
             guidance=guidance,
             seed=seed,

@@ -19,7 +19,6 @@ import torch
 
 from latentmill.errors import InputError
 
-TIMESTEPS = tuple(int((i + 0.5) * 1000 / 8) for i in range(8))
 BATCH = 16
 
 
@@ -81,7 +80,6 @@ class ValidationSet:
     @torch.no_grad()
     def loss(self, unet, objective, encode_prompts, inpainting: bool) -> float:
         """The mean loss of `unet` over the samples and the fixed timesteps."""
-        from latentmill.train.conditioning import size_condition
         from latentmill.train.inpainting import conditioning
         from latentmill.train.latentspace import to_unet_space
 
@@ -96,27 +94,15 @@ class ValidationSet:
             else:
                 text = encode_prompts([s["caption"] for s in batch])[0]
             text = text.to(self.device)
-            extra = (
-                {"added_cond_kwargs": size_condition(text, [s["meta"] for s in batch])}
-                if objective.size_conditioning
-                else {}
-            )
+            metas = [s["meta"] for s in batch]
             inpaint = None
             if inpainting:  # each sample's first stored variant
                 masks = torch.from_numpy(np.stack([s["inpaint_mask"][0] for s in batch]).astype(np.float32))
                 masked = torch.from_numpy(np.stack([s["masked_latent"][0] for s in batch]).astype(np.float32))
                 inpaint = conditioning(masks, masked, scale, shift).to(self.device)
-            for t in TIMESTEPS:
-                steps = torch.full((len(batch),), t, device=self.device, dtype=torch.long)
-                noisy = objective.schedule.add_noise(latents, noise, steps)
-                inputs = noisy if inpaint is None else torch.cat([noisy, inpaint], dim=1)
-                target = (
-                    noise
-                    if objective.prediction == "epsilon"
-                    else objective.schedule.get_velocity(latents, noise, steps)
-                )
-                prediction = unet(inputs, steps, encoder_hidden_states=text, **extra).sample.float()
-                total += float(((prediction - target) ** 2).mean(dim=(1, 2, 3)).sum())
+            for level in objective.fixed_levels(len(batch), self.device):
+                error = objective.error(unet, latents, text, metas, noise, level, inpaint)
+                total += float(error.mean(dim=(1, 2, 3)).sum())
                 count += len(batch)
         return total / count
 

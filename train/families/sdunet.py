@@ -1,0 +1,123 @@
+"""The Stable Diffusion U-Nets: SD 1.x and 2.x, the tiny config, and SDXL-shaped U-Nets with size and crop
+conditioning (`--size-conditioning`). A diffusers `UNet2DConditionModel` (train/models.py builds or loads
+it), DDPM training with the epsilon or v objective and optional min-SNR weighting (train/objective.py),
+DDIM sampling with classifier-free guidance, all over Stable Diffusion's scaled-linear schedule
+(train/schedule.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from latentmill.train.latentspace import from_unet_space
+from latentmill.train.schedule import sampling_scheduler
+
+
+class SdUnet:
+    name = "sd-unet"
+    patch_size = 1  # buckets are multiples of the VAE's factor alone
+
+    def build(self, config, manifest: dict, text_width: int):
+        """A named config with fresh weights (config.seed) or the pretrained U-Net config.model names."""
+        from latentmill.train.models import build_unet
+
+        return build_unet(
+            config.model,
+            manifest["latent_channels"],
+            text_width,
+            manifest["resolution"] // manifest["downsample_factor"],
+            config.seed,
+            config.size_conditioning,
+            config.inpainting,
+            frozen=bool(config.lora_rank and not config.init_from),
+        )
+
+    def from_config(self, saved: dict):
+        """The model a checkpoint's saved config describes (its weights loaded after)."""
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_config(saved)
+
+    def conditioning(self, config, manifest: dict, folder, device: str, precision: str, text=None):
+        """(encode_text(batch, generator) -> caption states with dropout, their width, encode_prompts(prompts)
+        -> (states, empty state) or None): one text encoder's last hidden states, on the device or stored in
+        the shards (train/conditioning.py)."""
+        from latentmill.train.conditioning import text_conditioning
+
+        return text_conditioning(config, manifest, folder, device, precision, text)
+
+    def objective(self, config, device: str):
+        from latentmill.train.objective import Objective
+        from latentmill.train.schedule import training_scheduler
+
+        return Objective(
+            training_scheduler(config.prediction),
+            config.prediction,
+            config.min_snr_gamma,
+            config.noise_offset,
+            config.size_conditioning,
+            device,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        unet,
+        text_states,
+        empty_state,
+        vae,
+        scaling_factor: float,
+        shift_factor: float,
+        size: tuple[int, int],
+        steps: int = 20,
+        guidance: float = 5.0,
+        seed: int = 0,
+        prediction: str = "epsilon",
+        inpaint: torch.Tensor | None = None,
+        seeds: list[int] | None = None,
+    ) -> np.ndarray:
+        """(N, H, W, 3) uint8 images for N prompts' text states; `size` is (width, height) in pixels. An
+        inpainting U-Net takes `inpaint` (N, 1 + C, h, w: the mask and the masked image's latents in the
+        U-Net's space) beside the latents; without it, everything is masked (plain text-to-image). `seeds`: one
+        per image, each image's starting noise drawn from its own (so an image does not depend on its batch)."""
+        scheduler = sampling_scheduler(prediction)
+        scheduler.set_timesteps(steps)
+        device = next(unet.parameters()).device
+        n = text_states.shape[0]
+        channels = unet.config.out_channels
+        shape = (channels, size[1] // 8, size[0] // 8)
+        if seeds is not None:
+            latents = torch.stack(
+                [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+            )
+        else:
+            latents = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+        latents = latents.to(device)
+        context = torch.cat([empty_state.expand(n, -1, -1), text_states]).to(device)
+        if unet.config.in_channels > channels:  # an inpainting U-Net
+            from latentmill.train.inpainting import unconditioned
+
+            if inpaint is None:
+                inpaint = unconditioned(unet, vae, n, size, scaling_factor, shift_factor, device)
+            inpaint = torch.cat([inpaint, inpaint]).to(device)
+        extra = {}
+        if (
+            getattr(unet.config, "addition_embed_type", None) == "text_time"
+        ):  # size-conditioned: ask for an uncropped image
+            h, w = size[1], size[0]
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]] * (2 * n), dtype=context.dtype, device=device)
+            extra = {"added_cond_kwargs": {"text_embeds": context.mean(dim=1), "time_ids": time_ids}}
+        for t in scheduler.timesteps:
+            inputs = torch.cat([latents, latents])
+            if inpaint is not None:
+                inputs = torch.cat([inputs, inpaint.to(inputs.dtype)], dim=1)
+            prediction_both = unet(inputs, t, encoder_hidden_states=context, **extra).sample
+            unconditional, conditional = prediction_both.chunk(2)
+            guided = unconditional + guidance * (conditional - unconditional)
+            latents = scheduler.step(guided, t, latents).prev_sample
+        if vae is None:  # no VAE: show the first three latent channels
+            pixels = latents[:, :3]
+            pixels = (pixels - pixels.amin()) / (pixels.amax() - pixels.amin() + 1e-6) * 2 - 1
+        else:
+            pixels = vae.decode(from_unet_space(latents, scaling_factor, shift_factor)).sample
+        return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()

@@ -170,7 +170,7 @@ def _dedup_section(lay: Layout, groups_shown: int = 5) -> Markup:
 
     from latentmill.curate.imageshards import iter_image_shard, list_image_shards
 
-    funnel = _record(lay.dedup / "funnel.json", duplicates=int, groups=int)
+    funnel = _record(lay.dedup / "funnel.json")  # its values shown as text, escaped
     groups: dict[str, list[tuple[str, float]]] = {}
     for path in sorted(lay.dedup.glob("*.parquet")):
         table = read_parquet(path).to_pydict()

@@ -694,7 +694,7 @@ def test_clip_weights_load_from_a_local_checkpoint_and_missing_ones_say_what_to_
     loaded = load_clip("latentmill-tiny", str(tmp_path / "tiny-shifted.pt"))
     pixels = reference.preprocess(Image.new("RGB", (80, 60), (200, 30, 30)))[None]
     np.testing.assert_allclose(loaded.embed_images(pixels), reference.embed_images(pixels), atol=1e-5)
-    with pytest.raises(InputError, match="pass its path: --pretrained"):
+    with pytest.raises(InputError, match="pass the checkpoint file: --pretrained"):
         load_clip("ViT-B-32", "laion2b_s34b_b79k")  # not cached, and HF_HUB_OFFLINE is set
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from latentmill.curate.raycluster import scale_wait_field
 from latentmill.curate.storage import location, set_options
 from latentmill.curate.storage import options as storage_options
 from latentmill.schema import StageConfig, opt
@@ -81,13 +82,7 @@ class ExecutorConfig(StageConfig):
         low=1.0,
         since="0.3",
     )
-    ray_scale_wait: float = opt(
-        600.0,
-        "Ray: on a cluster that autoscales, seconds to wait for nodes to start when the work does not fit yet "
-        "(a cluster that launches none is refused at once).",
-        low=0.0,
-        since="0.3",
-    )
+    ray_scale_wait: float = scale_wait_field()
     actors: int | None = opt(None, "Ray: actors (default: one per GPU, or 2 on CPUs).", low=1)
     shard_retries: int = opt(2, "Ray: retries of a failed shard on another actor.", low=0, old_key="retries")
 

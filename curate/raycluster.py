@@ -144,6 +144,19 @@ SCALE_WAIT_S = 600.0  # a cloud node takes minutes to start
 SCALE_GRACE_S = 6.0  # how long an autoscaler has to show a launch after the request
 
 
+def scale_wait_field():
+    """The `ray_scale_wait` option of every config that places work on a cluster (shard stages, training)."""
+    from latentmill.schema import opt
+
+    return opt(
+        SCALE_WAIT_S,
+        "Ray: on a cluster that autoscales, seconds to wait for nodes to start when the work does not fit yet "
+        "(a cluster that launches none is refused at once).",
+        low=0.0,
+        since="0.3",
+    )
+
+
 def check_fits(
     count: int,
     need: dict[str, float],

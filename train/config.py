@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from latentmill.curate.raycluster import scale_wait_field
 from latentmill.errors import InputError
 from latentmill.schema import StageConfig, opt
 
@@ -165,13 +166,7 @@ class TrainConfig(StageConfig):
         low=1.0,
         since="0.3",
     )
-    ray_scale_wait: float = opt(
-        600.0,
-        "Ray: on a cluster that autoscales, seconds to wait for nodes to start when the work does not fit yet "
-        "(a cluster that launches none is refused at once).",
-        low=0.0,
-        since="0.3",
-    )
+    ray_scale_wait: float = scale_wait_field()
     num_workers: int = opt(1, "--launcher ray: training workers (one per GPU), across the nodes.", low=1)
     gpus_per_worker: float = opt(
         0.0, "--launcher ray: GPUs each worker takes (0: CPU workers, gloo).", low=0.0

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from latentmill.train.objective import PriorLoss
+
 DENSITIES = ("logit_normal", "mode", "uniform")
 WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
@@ -60,7 +62,7 @@ def dynamic_mu(tokens: int, base_shift: float = 0.5, max_shift: float = 1.15) ->
 
 
 @dataclass
-class FlowMatching:
+class FlowMatching(PriorLoss):
     """The flow-matching objective of one family. `predict(model, noisy, timesteps, text, metas, inpaint)`
     is the family's forward call (its packing, position ids, pooled and guidance inputs)."""
 
@@ -117,13 +119,3 @@ class FlowMatching:
     def fixed_levels(self, batch: int, device) -> list[torch.Tensor]:
         """8 sigmas spread over (0, 1), for the validation loss."""
         return [torch.full((batch,), (i + 0.5) / 8, device=device) for i in range(8)]
-
-    def step_loss(self, model, instance: tuple, class_images: tuple | None, prior_weight: float, generator):
-        loss = self.batch_loss(model, instance, generator)
-        if class_images is not None:
-            loss = loss + prior_weight * self.batch_loss(model, class_images, generator)
-        return loss
-
-    def batch_loss(self, model, batch: tuple, generator) -> torch.Tensor:
-        latents, text, metas, mask, inpaint = batch
-        return self.loss(model, latents, text, metas, mask, generator, inpaint)

@@ -17,8 +17,26 @@ from latentmill.train.conditioning import size_condition
 VALIDATION_TIMESTEPS = tuple(int((i + 0.5) * 1000 / 8) for i in range(8))
 
 
+class PriorLoss:
+    """DreamBooth's step loss over an objective's `loss`, for every objective (DDPM here, flow matching)."""
+
+    def step_loss(self, model, instance: tuple, class_images: tuple | None, prior_weight: float, generator):
+        """One micro-step's loss: the batch's, plus `prior_weight` times the class batch's (DreamBooth's
+        prior preservation). Each batch is (latents, text states, metas, loss mask or None, inpainting
+        conditioning or None); they may come
+        from different buckets, so they take separate forward passes."""
+        loss = self.batch_loss(model, instance, generator)
+        if class_images is not None:
+            loss = loss + prior_weight * self.batch_loss(model, class_images, generator)
+        return loss
+
+    def batch_loss(self, model, batch: tuple, generator) -> torch.Tensor:
+        latents, text, metas, mask, inpaint = batch
+        return self.loss(model, latents, text, metas, mask, generator, inpaint)
+
+
 @dataclass
-class Objective:
+class Objective(PriorLoss):
     schedule: object  # a diffusers DDPMScheduler (training_scheduler)
     prediction: str = "epsilon"  # or "v_prediction"
     min_snr_gamma: float | None = None
@@ -75,17 +93,3 @@ class Objective:
     def fixed_levels(self, batch: int, device) -> list[torch.Tensor]:
         """The noise levels validation measures at: 8 timesteps spread over the schedule, one tensor each."""
         return [torch.full((batch,), t, device=device, dtype=torch.long) for t in VALIDATION_TIMESTEPS]
-
-    def step_loss(self, model, instance: tuple, class_images: tuple | None, prior_weight: float, generator):
-        """One micro-step's loss: the batch's, plus `prior_weight` times the class batch's (DreamBooth's
-        prior preservation). Each batch is (latents, text states, metas, loss mask or None, inpainting
-        conditioning or None); they may come
-        from different buckets, so they take separate forward passes."""
-        loss = self.batch_loss(model, instance, generator)
-        if class_images is not None:
-            loss = loss + prior_weight * self.batch_loss(model, class_images, generator)
-        return loss
-
-    def batch_loss(self, model, batch: tuple, generator) -> torch.Tensor:
-        latents, text, metas, mask, inpaint = batch
-        return self.loss(model, latents, text, metas, mask, generator, inpaint)

@@ -224,6 +224,8 @@ class TrainingEval:
             )
 
     def __call__(self, unet, encode_prompts, manifest: dict, config) -> dict:
+        from dataclasses import asdict
+
         import torch
         from PIL import Image
 
@@ -233,7 +235,7 @@ class TrainingEval:
         states, empty = encode_prompts(self.prompts)
         pixels = generate_from_manifest(
             unet, states, empty, manifest, config.vae, steps=config.sample_steps, seed=config.seed,
-            prediction=config.prediction, family=config.family,
+            prediction=config.prediction, family=config.family, config=asdict(config),
         )  # fmt: skip
         images = [Image.fromarray(p) for p in pixels]
         with torch.inference_mode():

@@ -80,17 +80,19 @@ def _vae(key: str, spec: str | None) -> list[str]:
 
 
 def _unet(key: str, spec: str) -> list[str]:
-    from latentmill.train.models import UNET_CONFIGS
+    """The denoiser: a fresh config, a local folder, or a model id whose U-Net or transformer is cached."""
+    from latentmill.train.families import fresh_models
 
-    if spec in UNET_CONFIGS or Path(spec).exists():
+    if spec in fresh_models() or Path(spec).exists():
         return []
-    return _hub(key, spec, ("unet/config.json", "config.json"))
+    return _hub(key, spec, ("unet/config.json", "transformer/config.json", "config.json"))
 
 
 def _text_encoder(key: str, spec: str | None) -> list[str]:
     from latentmill.curate.textencoder import TINY_CLIP
+    from latentmill.train.pipelinetext import TINY
 
-    if not spec or spec == TINY_CLIP or Path(spec).exists():
+    if not spec or spec == TINY_CLIP or spec in TINY or Path(spec).exists():
         return []
     if spec.startswith("openclip:"):
         name, _, pretrained = spec[len("openclip:") :].partition(":")

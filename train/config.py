@@ -9,7 +9,7 @@ from latentmill.curate.raycluster import scale_wait_field
 from latentmill.errors import InputError
 from latentmill.schema import StageConfig, opt
 
-FAMILY_NAMES = ("sd-unet",)  # train/families FAMILIES (named here: the config loads without torch)
+FAMILY_NAMES = ("sd-unet", "sd3", "flux")  # train/families FAMILIES (named here: the config loads without torch)
 
 SAMPLE_PROMPTS = [
     "a photograph of a cat",
@@ -69,10 +69,11 @@ class TrainConfig(StageConfig):
         "pipeline or U-Net folder or model id.",
         model=True,
     )
-    family: str = opt(
-        "sd-unet",
+    family: str | None = opt(
+        None,
         "The model family (train/families): sd-unet, the Stable Diffusion U-Nets (1.x, 2.x, tiny; SDXL-shaped with "
-        "--size-conditioning).",
+        "--size-conditioning); sd3, SD3/3.5's MMDiT (tiny-sd3); flux, Flux.1 dev and schnell (tiny-flux, "
+        "tiny-flux-schnell). Default: --model's (a tiny config's, or a pipeline folder's model_index.json).",
         choices=FAMILY_NAMES,
         since="0.4",
     )
@@ -108,6 +109,48 @@ class TrainConfig(StageConfig):
     prediction: str = opt("epsilon", "What the U-Net predicts.", choices=("epsilon", "v_prediction"))
     min_snr_gamma: float | None = opt(5.0, "Min-SNR loss weighting (0: off).", low=0.0)
     noise_offset: float = opt(0.0, "Noise offset (darker darks, brighter brights).", low=0.0)
+    flow_shift: float | None = opt(
+        None,
+        "Flow-matching families: the shift of the training sigmas (default: the family's, SD3 3.0, Flux 1.0 as "
+        "diffusers' scripts train).",
+        low=0.0,
+        low_open=True,
+        since="0.4",
+    )
+    timestep_density: str = opt(
+        "logit_normal",
+        "Flow-matching families: how noise levels are drawn (SD3 paper): logit_normal, mode or uniform.",
+        choices=("logit_normal", "mode", "uniform"),
+        since="0.4",
+    )
+    logit_mean: float = opt(0.0, "--timestep-density logit_normal: its mean.", since="0.4")
+    logit_std: float = opt(1.0, "--timestep-density logit_normal: its std.", low=0.0, low_open=True, since="0.4")
+    mode_scale: float = opt(1.29, "--timestep-density mode: its scale.", since="0.4")
+    loss_weighting: str = opt(
+        "none",
+        "Flow-matching families: SD3's loss weighting by noise level: none, sigma_sqrt or cosmap.",
+        choices=("none", "sigma_sqrt", "cosmap"),
+        since="0.4",
+    )
+    dynamic_shift: bool = opt(
+        False,
+        "Flow-matching families: move each sample's sigma by its image's token count (Flux's resolution-dependent "
+        "shift) instead of --flow-shift.",
+        since="0.4",
+    )
+    guidance_scale: float = opt(
+        3.5,
+        "Guidance-distilled families (Flux.1 dev): the guidance value the transformer is told while training.",
+        low=0.0,
+        since="0.4",
+    )
+    max_sequence_length: int | None = opt(
+        None,
+        "Transformer families: T5 tokens per caption (default: SD3 77, as diffusers' training script; Flux 512; "
+        "at most the tokenizer's length).",
+        low=1,
+        since="0.4",
+    )
     caption_dropout: float = opt(
         0.1, "Share of captions replaced by the empty one (for classifier-free guidance).", low=0.0, high=1.0
     )

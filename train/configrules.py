@@ -35,9 +35,9 @@ def check_rules(config: TrainConfig) -> None:
         )
     if not config.model:
         raise InputError(
-            f"train: give --model: {', '.join(UNET_CONFIGS)} (a new U-Net of that architecture, random "
-            f"weights: `tiny` for a first look on a CPU), or a pretrained diffusers pipeline or U-Net folder "
-            f"or model id (fine-tuning)."
+            f"train: give --model: {', '.join(UNET_CONFIGS)}, tiny-sd3, tiny-flux (a new denoiser of that "
+            f"architecture, random weights: `tiny` for a first look on a CPU), or a pretrained diffusers "
+            f"pipeline, U-Net or transformer folder or model id (fine-tuning)."
         )
     if config.instance and config.shards:
         raise InputError(
@@ -66,9 +66,11 @@ def check_rules(config: TrainConfig) -> None:
         raise InputError(
             f"{config.name('lora_alpha')} is set but LoRA is off: give {config.name('lora_rank')} too."
         )
-    if config.lora_rank and config.model in UNET_CONFIGS and not config.init_from:
+    from latentmill.train.families import fresh_models
+
+    if config.lora_rank and config.model in fresh_models() and not config.init_from:
         raise InputError(
-            f"{config.name('lora_rank')} {config.lora_rank}: LoRA adapts a trained U-Net, and --model "
+            f"{config.name('lora_rank')} {config.lora_rank}: LoRA adapts a trained model, and --model "
             f"{config.model} is a fresh one. Give --model PIPELINE_FOLDER (e.g. Stable Diffusion 1.5) or "
             f"--init-from RUN."
         )

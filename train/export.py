@@ -26,6 +26,11 @@ def export_single_file(run: str | Path, output: Path, use_ema: bool = True, vae:
     from latentmill.train.singlefile import to_single_file
 
     pipeline = pipeline_of_run(run, use_ema, vae)
+    if not hasattr(pipeline, "unet"):
+        raise InputError(
+            f"--format single-file: {run} is a {type(pipeline).__name__}; the single-file layout latentmill "
+            f"writes is Stable Diffusion's. Export it as a pipeline folder (--format pipeline) or its LoRA."
+        )
     target = export_target(Path(run), output, "single-file")
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
@@ -34,54 +39,13 @@ def export_single_file(run: str | Path, output: Path, use_ema: bool = True, vae:
 
 
 def pipeline_of_run(run: str | Path, use_ema: bool = True, vae: str | None = None):
-    """A run as a StableDiffusionPipeline (a StableDiffusionInpaintPipeline for an inpainting run). The
-    text encoder must be a CLIPTextModel pipeline folder (the run's `--text-encoder`); the VAE is the one
-    the latents were made with (the manifest's), or `vae`."""
-    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
-
-    from latentmill.curate.vae import load_vae
+    """A run as its family's diffusers pipeline (train/families: StableDiffusionPipeline,
+    StableDiffusion3Pipeline, FluxPipeline), with the VAE the latents were made with, or `vae`."""
+    from latentmill.train.families import family_of
     from latentmill.train.runs import load_run
-    from latentmill.train.schedule import sampling_scheduler
 
-    run = Path(run)
-    loaded = load_run(run, use_ema)
-    config = loaded.config
-    text_spec = config.get("text_encoder")
-    if not text_spec or text_spec.startswith("openclip:"):
-        raise InputError(
-            f"{run} was trained with text encoder {text_spec!r}; a StableDiffusionPipeline needs a "
-            f"transformers CLIPTextModel: train with --text-encoder PIPELINE_FOLDER to export."
-        )
-    if config.get("size_conditioning"):
-        raise InputError(
-            f"{run} was trained with size/crop conditioning, which StableDiffusionPipeline cannot feed; "
-            f"use `latentmill sample {run}` to generate."
-        )
-    manifest = loaded.manifest()
-    unet = loaded.unet()
-    vae_model = load_vae(vae or manifest["encode_config"]["vae"]).model
-    if loaded.text_file("token.json") or loaded.text_file("text_adapter.json"):
-        from latentmill.train.textexport import trained_text_model
-
-        text_encoder, tokenizer = trained_text_model(loaded)  # its LoRA baked in, its token added
-    else:
-        from latentmill.curate.textencoder import clip_text_parts
-
-        text_encoder, tokenizer = clip_text_parts(text_spec)
-    scheduler = sampling_scheduler(config["prediction"])
-    inpainting = unet.config.in_channels > unet.config.out_channels
-    kind = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
-    pipeline = kind(
-        vae=vae_model,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return pipeline
+    loaded = load_run(Path(run), use_ema)
+    return family_of(loaded.config.get("family")).pipeline(loaded, vae)
 
 
 def export_format(format: str, lora: bool, token: bool = False) -> str:
@@ -184,6 +148,7 @@ def export_lora(loaded, output: Path, format: str) -> Path:
     from safetensors.torch import save_file
 
     from latentmill.curate.storage import atomic_path
+    from latentmill.train.families import family_of
     from latentmill.train.lora import kohya_metadata, to_diffusers, to_kohya
 
     adapter, tensors = loaded.adapter, loaded.adapter_weights()
@@ -199,7 +164,7 @@ def export_lora(loaded, output: Path, format: str) -> Path:
         export_embeddings(loaded, target.parent)
     if format == "diffusers":
         with atomic_path(target) as tmp:
-            out = to_diffusers(tensors, adapter["alpha"])
+            out = to_diffusers(tensors, adapter["alpha"], prefix=family_of(loaded.config.get("family")).lora_prefix)
             if text:
                 out |= to_diffusers(text_tensors, text["alpha"], prefix="text_encoder")
             save_file(out, str(tmp), metadata={"format": "pt"})

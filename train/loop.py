@@ -108,6 +108,10 @@ def train(config: TrainConfig, progress=None, log=None, evaluate=None) -> dict:
     --eval-every steps, rank 0 calls it with the EMA U-Net, the prompt encoder and the manifest for more
     numbers to log (latentmill/evaluation.py `TrainingEval`: CLIP score, FID)."""
     config.validate()
+    if not config.family:  # --model's (a tiny config's, a pipeline folder's), recorded as such
+        from latentmill.train.families import infer_family
+
+        config = replace(config, family=infer_family(config.model))
     mirror = mirror_of(config.output)  # a run in an object store trains through a local copy
     try:
         return _train(config, mirror, progress, log, evaluate)
@@ -279,6 +283,7 @@ def _set_up(config: TrainConfig, mirror: RunMirror | None) -> Training:
             config, steps=data.steps_of_epochs(config.epochs, config.batch_size * config.grad_accum * world)
         )
     family = family_of(config.family)  # the denoiser, its conditioning, its objective and its sampler
+    family.check_latents(manifest, manifest["buckets"])
     text = TrainableText(config, device, config.seed) if config.trains_text else None
     encode_text, text_width, encode_prompts = family.conditioning(
         config, manifest, data.folder, device, precision, text

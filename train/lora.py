@@ -22,7 +22,8 @@ import torch
 
 from latentmill.errors import InputError
 
-ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+# the image stream's projections, and the text stream's of the joint (MMDiT) attention of SD3 and Flux
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
 LORA_TARGETS = ("attention", "attention+ff", "all-linear")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"

@@ -42,9 +42,9 @@ def check_modes(config) -> None:
                 "--ti-templates object|style (captions from templates), not both."
             )
         _trainable_text_encoder(config, "--textual-inversion")
-        from latentmill.train.models import UNET_CONFIGS
+        from latentmill.train.families import fresh_models
 
-        if config.model in UNET_CONFIGS and not config.init_from:
+        if config.model in fresh_models() and not config.init_from:
             raise InputError(
                 f"--textual-inversion teaches a word to a trained U-Net, and --model {config.model} is a fresh "
                 f"one. Give --model PIPELINE_FOLDER (e.g. Stable Diffusion 1.5) or --init-from RUN."

@@ -80,10 +80,10 @@ class Run:
         if Path(base).is_dir() and checkpoints(Path(base)):
             state = load_run(base, True, "the adapter's base run").weights()
         else:
-            from latentmill.train.models import load_pretrained_unet
+            from latentmill.train.families import family_of
 
             what = f"{self.path}: its LoRA adapter was trained on {base}, which is not"
-            state = load_pretrained_unet(base, what).state_dict()
+            state = family_of(self.config.get("family")).pretrained(base, what).state_dict()
         self.check_base(state, base, force)
         return state
 

@@ -4,6 +4,7 @@ what the model fills in, prompted by their captions."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,11 @@ def sample_grid(
     from latentmill.train.sampling import generate_from_manifest, save_grid
 
     options = dict(
-        steps=config.sample_steps, seed=config.seed, prediction=config.prediction, family=config.family
+        steps=config.sample_steps,
+        seed=config.seed,
+        prediction=config.prediction,
+        family=config.family,
+        config=asdict(config),
     )
     target = run / "samples" / f"step-{step:07d}.png"
     if examples is None:

@@ -67,9 +67,14 @@ def sampler(source: str | Path, use_ema: bool = True, text_encoder: str | None =
     that made them (default: the one the latents' manifest names)."""
 
     if (Path(source) / "model_index.json").exists():
-        from diffusers import StableDiffusionPipeline
+        from diffusers import DiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, safety_checker=None)
+        import json
+
+        index = json.loads((Path(source) / "model_index.json").read_text())
+        extra = {"safety_checker": None} if "safety_checker" in index else {}
+        # its family's pipeline class (StableDiffusionPipeline, StableDiffusion3Pipeline, FluxPipeline)
+        pipe = DiffusionPipeline.from_pretrained(source, local_files_only=True, **extra)
         pipe.set_progress_bar_config(disable=True)
 
         def from_pipeline(prompts, seed, steps, guidance, size, seeds=None):
@@ -101,10 +106,9 @@ def sampler(source: str | Path, use_ema: bool = True, text_encoder: str | None =
 
         encode = prompt_encoder(loaded)  # the run's trained text encoder
     else:
-        encoder = _text_encoder_of(source, config, manifest, text_encoder)
+        from latentmill.train.families import family_of
 
-        def encode(texts):
-            return torch.from_numpy(encoder.encode(texts))
+        encode = family_of(config.get("family")).prompt_encoder(source, config, manifest, text_encoder)
 
     empty = encode([negative])[0]
 
@@ -122,12 +126,13 @@ def sampler(source: str | Path, use_ema: bool = True, text_encoder: str | None =
             seed=seed,
             prediction=config["prediction"],
             seeds=seeds,
+            config=config,
         )
 
     return from_run
 
 
-def _text_encoder_of(source, config: dict, manifest: dict, given: str | None):
+def text_encoder_of(source, config: dict, manifest: dict, given: str | None):
     """The text encoder prompts are encoded with: the run's own (it encoded captions as it trained), else
     for a run trained on caption states stored in the shards the one given, or the one that stored them
     (the manifest names it); one whose fingerprint differs from the stored states' is refused."""

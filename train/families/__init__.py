@@ -16,11 +16,22 @@ A run records its family (`train.family`, in state.json and the run's lineage); 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from latentmill.errors import InputError
+from latentmill.train.families.flux import Flux
+from latentmill.train.families.sd3 import Sd3
 from latentmill.train.families.sdunet import SdUnet
 
-FAMILIES = {family.name: family for family in (SdUnet(),)}
+FAMILIES = {family.name: family for family in (SdUnet(), Sd3(), Flux())}
 DEFAULT = "sd-unet"
+# a pretrained folder's denoiser class (model_index.json, or its own config.json) -> its family
+BY_CLASS = {
+    "UNet2DConditionModel": "sd-unet",
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+}
 
 
 def family_of(name: str | None):
@@ -29,3 +40,32 @@ def family_of(name: str | None):
     if name not in FAMILIES:
         raise InputError(f"family {name!r}: not one latentmill trains ({', '.join(FAMILIES)}).")
     return FAMILIES[name]
+
+
+def fresh_models() -> set[str]:
+    """Every --model name that is a new denoiser with random weights (not something to fine-tune)."""
+    from latentmill.train.models import UNET_CONFIGS
+
+    return set(UNET_CONFIGS) | {name for f in FAMILIES.values() for name in getattr(f, "tiny_configs", {})}
+
+
+def infer_family(model: str | None) -> str:
+    """The family of --model: a tiny config's, or a local pipeline (or denoiser) folder's by the class its
+    model_index.json (or config.json) names; anything else (a model id, a U-Net config name) is the default."""
+    for family in FAMILIES.values():
+        if model in getattr(family, "tiny_configs", {}):
+            return family.name
+    path = Path(str(model or ""))
+    for record, key in (
+        (path / "model_index.json", "transformer"),
+        (path / "model_index.json", "unet"),
+        (path / "config.json", None),
+    ):
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        name = (data.get(key) or [None, None])[1] if key else data.get("_class_name")
+        if name in BY_CLASS:
+            return BY_CLASS[name]
+    return DEFAULT

@@ -16,6 +16,10 @@ from latentmill.train.schedule import sampling_scheduler
 class SdUnet:
     name = "sd-unet"
     patch_size = 1  # buckets are multiples of the VAE's factor alone
+    lora_prefix = "unet"  # diffusers' LoRA file keys: unet.<module>.lora_A.weight
+
+    def check_latents(self, manifest: dict, buckets) -> None:
+        """Any bucket the VAE's factor divides (the U-Net's down-sampling pads odd sizes itself)."""
 
     def build(self, config, manifest: dict, text_width: int):
         """A named config with fresh weights (config.seed) or the pretrained U-Net config.model names."""
@@ -31,6 +35,12 @@ class SdUnet:
             config.inpainting,
             frozen=bool(config.lora_rank and not config.init_from),
         )
+
+    def pretrained(self, spec: str, what: str = ""):
+        """The U-Net of a pipeline folder, U-Net folder or cached model id; `what` starts the message."""
+        from latentmill.train.models import load_pretrained_unet
+
+        return load_pretrained_unet(spec, what or f"--model {spec}: not")
 
     def from_config(self, saved: dict):
         """The model a checkpoint's saved config describes (its weights loaded after)."""
@@ -75,11 +85,13 @@ class SdUnet:
         prediction: str = "epsilon",
         inpaint: torch.Tensor | None = None,
         seeds: list[int] | None = None,
+        config: dict | None = None,
     ) -> np.ndarray:
         """(N, H, W, 3) uint8 images for N prompts' text states; `size` is (width, height) in pixels. An
         inpainting U-Net takes `inpaint` (N, 1 + C, h, w: the mask and the masked image's latents in the
         U-Net's space) beside the latents; without it, everything is masked (plain text-to-image). `seeds`: one
-        per image, each image's starting noise drawn from its own (so an image does not depend on its batch)."""
+        per image, each image's starting noise drawn from its own (so an image does not depend on its batch).
+        `config`: the run's (the transformer families read it; the U-Net's sampler needs `prediction` alone)."""
         scheduler = sampling_scheduler(prediction)
         scheduler.set_timesteps(steps)
         device = next(unet.parameters()).device
@@ -121,3 +133,57 @@ class SdUnet:
         else:
             pixels = vae.decode(from_unet_space(latents, scaling_factor, shift_factor)).sample
         return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    def prompt_encoder(self, source, config: dict, manifest: dict, given: str | None):
+        """texts -> caption states on the host: the run's text encoder, or for a run trained on states stored
+        in its shards the one that stored them (or `given`, checked against them)."""
+        from latentmill.train.sampling import text_encoder_of
+
+        encoder = text_encoder_of(source, config, manifest, given)
+        return lambda texts: torch.from_numpy(encoder.encode(list(texts)))
+
+    def pipeline(self, loaded, vae: str | None = None):
+        """The run as a StableDiffusionPipeline (a StableDiffusionInpaintPipeline for an inpainting run). The
+        text encoder must be a CLIPTextModel pipeline folder (the run's `--text-encoder`); the VAE is the one
+        the latents were made with (the manifest's), or `vae`."""
+        from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+        from latentmill.curate.vae import load_vae
+        from latentmill.errors import InputError
+        from latentmill.train.schedule import sampling_scheduler
+
+        run, config = loaded.path, loaded.config
+        text_spec = config.get("text_encoder")
+        if not text_spec or text_spec.startswith("openclip:"):
+            raise InputError(
+                f"{run} was trained with text encoder {text_spec!r}; a StableDiffusionPipeline needs a "
+                f"transformers CLIPTextModel: train with --text-encoder PIPELINE_FOLDER to export."
+            )
+        if config.get("size_conditioning"):
+            raise InputError(
+                f"{run} was trained with size/crop conditioning, which StableDiffusionPipeline cannot feed; "
+                f"use `latentmill sample {run}` to generate."
+            )
+        manifest = loaded.manifest()
+        unet = loaded.unet()
+        vae_model = load_vae(vae or manifest["encode_config"]["vae"]).model
+        if loaded.text_file("token.json") or loaded.text_file("text_adapter.json"):
+            from latentmill.train.textexport import trained_text_model
+
+            text_encoder, tokenizer = trained_text_model(loaded)  # its LoRA baked in, its token added
+        else:
+            from latentmill.curate.textencoder import clip_text_parts
+
+            text_encoder, tokenizer = clip_text_parts(text_spec)
+        inpainting = unet.config.in_channels > unet.config.out_channels
+        kind = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+        return kind(
+            vae=vae_model,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=sampling_scheduler(config["prediction"]),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )

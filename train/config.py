@@ -9,7 +9,11 @@ from latentmill.curate.raycluster import scale_wait_field
 from latentmill.errors import InputError
 from latentmill.schema import StageConfig, opt
 
-FAMILY_NAMES = ("sd-unet", "sd3", "flux")  # train/families FAMILIES (named here: the config loads without torch)
+FAMILY_NAMES = (
+    "sd-unet",
+    "sd3",
+    "flux",
+)  # train/families FAMILIES (named here: the config loads without torch)
 
 SAMPLE_PROMPTS = [
     "a photograph of a cat",
@@ -124,7 +128,9 @@ class TrainConfig(StageConfig):
         since="0.4",
     )
     logit_mean: float = opt(0.0, "--timestep-density logit_normal: its mean.", since="0.4")
-    logit_std: float = opt(1.0, "--timestep-density logit_normal: its std.", low=0.0, low_open=True, since="0.4")
+    logit_std: float = opt(
+        1.0, "--timestep-density logit_normal: its std.", low=0.0, low_open=True, since="0.4"
+    )
     mode_scale: float = opt(1.29, "--timestep-density mode: its scale.", since="0.4")
     loss_weighting: str = opt(
         "none",

@@ -164,7 +164,9 @@ def export_lora(loaded, output: Path, format: str) -> Path:
         export_embeddings(loaded, target.parent)
     if format == "diffusers":
         with atomic_path(target) as tmp:
-            out = to_diffusers(tensors, adapter["alpha"], prefix=family_of(loaded.config.get("family")).lora_prefix)
+            out = to_diffusers(
+                tensors, adapter["alpha"], prefix=family_of(loaded.config.get("family")).lora_prefix
+            )
             if text:
                 out |= to_diffusers(text_tensors, text["alpha"], prefix="text_encoder")
             save_file(out, str(tmp), metadata={"format": "pt"})

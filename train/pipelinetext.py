@@ -74,7 +74,13 @@ def write_tiny_text(folder: str | Path, family: str) -> Path:
     text_encoder_3 (T5EncoderModel, 64-d); flux -> text_encoder (CLIPTextModel, 32-d) and text_encoder_2
     (T5EncoderModel, 64-d); each with its tokenizer (letters and digits)."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
 
     from latentmill.curate.storage import atomic_path
 
@@ -136,9 +142,9 @@ def _clip_tokenizer(folder: Path) -> None:
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77).save_pretrained(
-        folder
-    )
+    CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
+    ).save_pretrained(folder)
 
 
 def _t5_tokenizer(folder: Path) -> None:

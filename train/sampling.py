@@ -67,9 +67,9 @@ def sampler(source: str | Path, use_ema: bool = True, text_encoder: str | None =
     that made them (default: the one the latents' manifest names)."""
 
     if (Path(source) / "model_index.json").exists():
-        from diffusers import DiffusionPipeline
-
         import json
+
+        from diffusers import DiffusionPipeline
 
         index = json.loads((Path(source) / "model_index.json").read_text())
         extra = {"safety_checker": None} if "safety_checker" in index else {}

@@ -60,7 +60,11 @@ class FlowFamily:
                 local_files_only=True,
             )
         except (OSError, ValueError) as err:
-            fetch = f" Fetch it first: `hf download {spec}`." if not path.exists() and spec.count("/") == 1 else ""
+            fetch = (
+                f" Fetch it first: `hf download {spec}`."
+                if not path.exists() and spec.count("/") == 1
+                else ""
+            )
             raise InputError(
                 f"{what} {spec}: no {self.transformer_class} found locally ({str(err).splitlines()[0][:160]}); "
                 f"give a {self.name} pipeline folder (with transformer/) or one of {', '.join(self.tiny_configs)}."
@@ -162,15 +166,19 @@ class FlowFamily:
         def prompts(texts):
             return states(texts).cpu(), empty.cpu()
 
-        widths = {name: tensor.shape[-1] for name, tensor in empty.items() if name in ("prompt_embeds", "pooled")}
+        widths = {
+            name: tensor.shape[-1] for name, tensor in empty.items() if name in ("prompt_embeds", "pooled")
+        }
         return encode, widths, prompts
 
     def prompt_encoder(self, source, config: dict, manifest: dict, given: str | None):
         """texts -> Conditioning on the host, with the text encoders the run trained with (or `given`)."""
         from types import SimpleNamespace
 
-        spec = given or config.get("text_encoder") or (
-            self.tiny_text if config.get("model") in self.tiny_configs else config.get("model")
+        spec = (
+            given
+            or config.get("text_encoder")
+            or (self.tiny_text if config.get("model") in self.tiny_configs else config.get("model"))
         )
         pipe = self.text_pipeline(spec, "cpu")
         max_tokens = self.max_sequence_length(pipe, SimpleNamespace(**config))
@@ -252,7 +260,9 @@ class FlowFamily:
         factor = 8 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
         shape = (self.out_channels(model), size[1] // factor, size[0] // factor)
         if seeds is not None:
-            latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+            latents = torch.stack(
+                [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+            )
         else:
             latents = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
         latents = latents.to(device)
@@ -292,4 +302,6 @@ class FlowFamily:
         )
         parts = load_parts(spec, self.text_parts, self.optional_text)
         cls = getattr(diffusers, self.pipeline_class)
-        return cls(transformer=loaded.unet(), vae=vae_model, scheduler=self.sampling_scheduler(config), **parts)
+        return cls(
+            transformer=loaded.unet(), vae=vae_model, scheduler=self.sampling_scheduler(config), **parts
+        )

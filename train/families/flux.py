@@ -73,7 +73,9 @@ class Flux(FlowFamily):
         return min(wanted, pipe.tokenizer_2.model_max_length)
 
     def encode_prompts(self, pipe, prompts: list[str], device: str, max_tokens: int) -> Conditioning:
-        embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, device=device, max_sequence_length=max_tokens)
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompts, prompts, device=device, max_sequence_length=max_tokens
+        )
         return Conditioning(prompt_embeds=embeds, pooled=pooled)
 
     def predict(self, model, noisy, timesteps, text: Conditioning, guidance: float) -> torch.Tensor:
@@ -85,7 +87,9 @@ class Flux(FlowFamily):
         image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, dtype)
         states = text["prompt_embeds"].to(dtype)
         text_ids = torch.zeros(states.shape[1], 3, device=noisy.device, dtype=dtype)
-        told = torch.full((b,), float(guidance), device=noisy.device) if model.config.guidance_embeds else None
+        told = (
+            torch.full((b,), float(guidance), device=noisy.device) if model.config.guidance_embeds else None
+        )
         out = model(
             hidden_states=packed,
             timestep=timesteps / 1000,

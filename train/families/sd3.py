@@ -57,7 +57,9 @@ class Sd3(FlowFamily):
             from types import SimpleNamespace
 
             width = 4096 if spec != self.tiny_text else 64
-            object.__setattr__(pipe, "transformer", SimpleNamespace(config=SimpleNamespace(joint_attention_dim=width)))
+            object.__setattr__(
+                pipe, "transformer", SimpleNamespace(config=SimpleNamespace(joint_attention_dim=width))
+            )
         return pipe
 
     def max_sequence_length(self, pipe, config) -> int:
@@ -68,7 +70,12 @@ class Sd3(FlowFamily):
 
     def encode_prompts(self, pipe, prompts: list[str], device: str, max_tokens: int) -> Conditioning:
         embeds, _, pooled, _ = pipe.encode_prompt(
-            prompts, prompts, prompts, device=device, do_classifier_free_guidance=False, max_sequence_length=max_tokens
+            prompts,
+            prompts,
+            prompts,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_tokens,
         )
         return Conditioning(prompt_embeds=embeds, pooled=pooled)
 

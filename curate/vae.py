@@ -15,13 +15,25 @@ import numpy as np
 from latentmill.curate.fingerprints import weights_fingerprint
 from latentmill.errors import InputError
 
-# diffusers AutoencoderKL configs; "sd15" is Stable Diffusion 1.x/2.x's VAE architecture
+# diffusers AutoencoderKL configs; "sd15" is Stable Diffusion 1.x/2.x's VAE architecture, "tiny16" a tiny one
+# with the 16-channel latents of SD3 and Flux
 ARCHITECTURES = {
     "tiny": dict(
         block_out_channels=(8, 16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8
     ),
     "sd15": dict(
         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32
+    ),
+    # SD3's and Flux's shape of latent space: 16 channels, no quant convs, a shift factor (SD3's factors)
+    "tiny16": dict(
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     ),
 }
 

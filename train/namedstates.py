@@ -24,9 +24,12 @@ class Conditioning(dict):
     def batch(self) -> int:
         return next(iter(self.values())).shape[0]
 
-    def first(self) -> Conditioning:
-        """The first sample's tensors, batch dimension kept (an empty caption's, for dropout)."""
-        return Conditioning({name: tensor[:1] for name, tensor in self.items()})
+    def __getitem__(self, key):
+        """A tensor by name; an int picks one sample, its batch dimension kept (as `states[0]` of a tensor
+        picks one caption's states for the samplers' empty caption)."""
+        if isinstance(key, int):
+            return Conditioning({name: tensor[key].unsqueeze(0) for name, tensor in self.items()})
+        return super().__getitem__(key)
 
     def expand(self, n: int) -> Conditioning:
         """A one-sample conditioning repeated `n` times."""

@@ -100,7 +100,15 @@ class FlowFamily:
         return getattr(diffusers, self.transformer_class).from_config(saved)
 
     def check_latents(self, manifest: dict, buckets) -> None:
-        """Every bucket a multiple of the VAE's factor x the patch size (the transformer's tokens)."""
+        """16-channel latents (the family's VAE's), every bucket a multiple of the VAE's factor x the patch
+        size (the transformer's tokens)."""
+        if manifest["latent_channels"] != 16:
+            vae = (manifest.get("encode_config") or {}).get("vae")
+            raise InputError(
+                f"the shards hold {manifest['latent_channels']}-channel latents (VAE {vae}); {self.name} "
+                f"denoises the 16-channel latents of its VAE. Encode them with its VAE (`latentmill encode "
+                f"--vae MODEL_FOLDER`, or --vae tiny16 for a tiny model)."
+            )
         step = manifest["downsample_factor"] * self.patch_size
         for width, height in buckets:
             if width % step or height % step:

@@ -37,6 +37,8 @@ def test_every_shipped_recipe_validates_and_is_listed(run_cli):
         "sd-v1-stages",
         "finetune-sd15",
         "lora-sd15",
+        "sd35-finetune",
+        "flux-lora",
     } <= set(names)
     for name in names:
         load_recipe(name)

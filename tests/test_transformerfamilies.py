@@ -15,7 +15,8 @@ PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
 @pytest.fixture(scope="module")
 def latents16(tmp_path_factory):
-    """8 pictures at 64 px as tiny16 latents (16 channels, SD3's scaling and shift), 2 of them held out."""
+    """8 pictures at 64 px as tiny16 latents (16 channels, SD3's scaling and shift), 2 of them held out, and
+    2 more in a second folder."""
     from latentmill.curate.encode import EncodeConfig, encode
     from tests.conftest import SMALL_ENCODE, small_image_shards
 
@@ -25,6 +26,10 @@ def latents16(tmp_path_factory):
         root / "images",
         root / "latents",
         EncodeConfig(**(SMALL_ENCODE | {"vae": "tiny16", "step": 32, "validation_share": 0.25})),
+    )
+    small_image_shards(root / "more-images", shards=1, per_shard=2)  # class images, a second folder
+    encode(
+        root / "more-images", root / "more", EncodeConfig(**(SMALL_ENCODE | {"vae": "tiny16", "step": 32}))
     )
     return root
 
@@ -239,3 +244,49 @@ def test_shards_of_another_latent_space_are_refused_by_name(tmp_path, run_cli):
     assert out.exit_code == 2
     assert "4-channel" in out.output and "sd3" in out.output and "tiny16" in out.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dreambooth_a_mixture_and_eval_run_for_the_family(family, latents16, tmp_path, run_cli, monkeypatch):
+    """DreamBooth (a second folder as class images), a two-folder mixture and `eval run` of the result
+    go through the family like a plain run."""
+    from latentmill.train.loop import train
+
+    monkeypatch.setenv("LATENTMILL_CACHE", str(tmp_path / "cache"))
+    latents, held_out = str(latents16 / "latents"), str(latents16 / "more")
+    train(_config(latents16, tmp_path / "db", FAMILIES[family], shards=[], instance=latents, class_data=held_out,
+                  steps=1, prior_loss_weight=0.5))  # fmt: skip
+    train(
+        _config(
+            latents16, tmp_path / "mix", FAMILIES[family], shards=[latents, held_out], mix=[0.5, 0.5], steps=1
+        )
+    )
+    for run in ("db", "mix"):
+        state = json.loads(
+            sorted((tmp_path / run / "checkpoints").iterdir())[-1].joinpath("state.json").read_text()
+        )
+        assert state["step"] == 1 and state["config"]["family"] == family
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    out = run_cli("eval", "run", tmp_path / "mix", "--prompts", tmp_path / "prompts.txt", "--count", "2",
+                  "--sampler-steps", "2", "--clip-model", "tiny-rn", "-o", tmp_path / "eval.json")  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert 0 <= json.loads((tmp_path / "eval.json").read_text())["clip_score"] <= 100
+
+
+def test_the_family_recipes_name_the_real_models_and_fail_in_preflight_offline(
+    tmp_path, run_cli, monkeypatch
+):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # what a fresh machine has
+    (tmp_path / "mine").mkdir()
+    for recipe, model in (
+        ("sd35-finetune", "stabilityai/stable-diffusion-3.5-medium"),
+        ("flux-lora", "black-forest-labs/FLUX.1-dev"),
+    ):
+        out = run_cli("run", recipe, "--urls", tmp_path / "mine", "-w", tmp_path / recipe)
+        assert out.exit_code == 2, out.output
+        assert (
+            f"train.model: {model} is not in the local Hugging Face cache: `hf download {model}`"
+            in out.output
+        )
+        assert f"encode.vae: {model} is not in the local Hugging Face cache" in out.output
+        assert not (tmp_path / recipe).exists()

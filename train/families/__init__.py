@@ -56,11 +56,13 @@ def infer_family(model: str | None) -> str:
         if model in getattr(family, "tiny_configs", {}):
             return family.name
     path = Path(str(model or ""))
-    for record, key in (
-        (path / "model_index.json", "transformer"),
-        (path / "model_index.json", "unet"),
-        (path / "config.json", None),
-    ):
+    index = path / "model_index.json"
+    if not path.exists() and str(model or "").count("/") == 1:  # a model id: its files in the local cache
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(model), "model_index.json")
+        index = Path(cached) if isinstance(cached, str) else index
+    for record, key in ((index, "transformer"), (index, "unet"), (path / "config.json", None)):
         try:
             data = json.loads(record.read_text())
         except (OSError, ValueError):

@@ -142,10 +142,12 @@ class PreparePool:
         if workers > 0:
             from concurrent.futures import ProcessPoolExecutor
 
-            from latentmill.curate.workerprocesses import worker_context
+            from latentmill.curate.workerprocesses import worker_context, worker_environment
 
             # never forked from this process: it may hold torch's thread pools and a store's client
-            self._pool = ProcessPoolExecutor(workers, mp_context=worker_context())
+            self._pool = ProcessPoolExecutor(
+                workers, mp_context=worker_context(), initializer=worker_environment()
+            )
 
     def _ensure_slots(self, settings: PrepareSettings) -> None:
         from multiprocessing import shared_memory

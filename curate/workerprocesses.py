@@ -39,6 +39,29 @@ def worker_context():
     return _context
 
 
+class Environment:
+    """The command's environment variables as they are when its workers start, given to each worker (a
+    DataLoader's worker_init_fn, a pool's initializer): the fork server keeps the environment it started
+    with, so credentials or an endpoint set after it (AWS_*, HF_*, a library caller's os.environ) would
+    otherwise never reach a worker."""
+
+    def __init__(self, then: dict | None = None):
+        import os
+
+        self.variables = dict(os.environ) if then is None else then
+
+    def __call__(self, *_):
+        import os
+
+        for name in set(os.environ) - set(self.variables):
+            del os.environ[name]
+        os.environ.update(self.variables)
+
+
+def worker_environment() -> Environment:
+    return Environment()
+
+
 def _keep_temporaries_in_scratch() -> None:
     """multiprocessing's own temporary folder (the fork server's socket) inside latentmill's scratch folder,
     not at `$TMPDIR/pymp-*`: a killed command's is then swept by the next one like any other temporary."""

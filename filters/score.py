@@ -25,7 +25,7 @@ from latentmill.curate.imageshards import (
     list_image_shards,
 )
 from latentmill.curate.storage import atomic_path, location, make_folder, remove_stale_temporaries, write_json
-from latentmill.curate.workerprocesses import worker_context
+from latentmill.curate.workerprocesses import worker_context, worker_environment
 from latentmill.devices import PRECISIONS
 from latentmill.errors import InputError, nothing_left
 from latentmill.filters.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED
@@ -199,6 +199,7 @@ def score_shard(
         num_workers=config.workers,
         collate_fn=_collate,
         multiprocessing_context=worker_context() if config.workers else None,
+        worker_init_fn=worker_environment() if config.workers else None,
     )
     rows, damage = [], {"damaged": False, "incomplete": 0, "duplicate_key": 0, "bad_metadata": 0}
     embeddings: dict[int, np.ndarray] = {}

@@ -97,3 +97,35 @@ def test_an_actor_that_dies_is_replaced_and_the_run_equals_a_local_one(image_sha
     for shard in ("00000", "00001"):
         assert done[shard]["sha256"] == local["shards"][shard]["sha256"]
         assert (out / f"{shard}.tar").read_bytes() == (tmp_path / "local" / f"{shard}.tar").read_bytes()
+
+
+class _Probe:
+    """A dataset of one item: the worker's value of LATENTMILL_PROBE."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        import os
+
+        return os.environ.get("LATENTMILL_PROBE", "unset")
+
+
+def test_a_variable_set_after_the_fork_server_started_reaches_every_worker(monkeypatch):
+    """The fork server keeps the environment it started with: credentials set later (a library caller's
+    os.environ, a test's S3 keys) reach the workers only because each gets the command's environment."""
+    import torch
+
+    from latentmill.curate.workerprocesses import worker_context, worker_environment
+
+    def read(**options):
+        loader = torch.utils.data.DataLoader(
+            _Probe(), batch_size=None, num_workers=1, multiprocessing_context=worker_context(), **options
+        )
+        return list(loader)[0]
+
+    monkeypatch.delenv("LATENTMILL_PROBE", raising=False)
+    assert read() == "unset"  # the fork server runs now, without the variable
+    monkeypatch.setenv("LATENTMILL_PROBE", "seen")
+    assert read() == "unset"  # what a worker had without the environment handed over
+    assert read(worker_init_fn=worker_environment()) == "seen"

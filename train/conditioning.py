@@ -11,6 +11,12 @@ from latentmill.train.config import TrainConfig
 
 def size_condition(text: torch.Tensor, metas: list[dict]) -> dict:
     """SDXL's added conditions: the pooled caption, and (original h, w, crop top, left, target h, w) per sample."""
+    return {"text_embeds": text.mean(dim=1), "time_ids": time_ids(metas, text.dtype, text.device)}
+
+
+def time_ids(metas: list[dict], dtype, device) -> torch.Tensor:
+    """SDXL's micro-conditioning per sample, from what encode recorded: (original h, w, crop top, left,
+    target h, w), the order of StableDiffusionXLPipeline's `_get_add_time_ids`."""
     rows = [
         [
             m["original_size"][1],
@@ -22,10 +28,7 @@ def size_condition(text: torch.Tensor, metas: list[dict]) -> dict:
         ]
         for m in metas
     ]
-    return {
-        "text_embeds": text.mean(dim=1),
-        "time_ids": torch.tensor(rows, dtype=text.dtype, device=text.device),
-    }
+    return torch.tensor(rows, dtype=dtype, device=device)
 
 
 def caption_variants(captions: list[str], config: TrainConfig, generator: torch.Generator) -> list[str]:

@@ -24,7 +24,7 @@ import torch
 
 from latentmill.curate.latentshards import is_url, iter_latent_shard, read_manifest
 from latentmill.curate.storage import is_remote, location
-from latentmill.curate.workerprocesses import worker_context
+from latentmill.curate.workerprocesses import worker_context, worker_environment
 from latentmill.errors import InputError, warn
 from latentmill.train.inpainting import draw_variants
 from latentmill.train.latentspace import posterior_sample
@@ -334,6 +334,7 @@ class LatentLoader:
             pin_memory=self.pin_memory,
             persistent_workers=False,
             multiprocessing_context=worker_context(),
+            worker_init_fn=worker_environment(),
         )
         yield from loader
 

@@ -7,6 +7,7 @@ is a pure function of its batches and its generator's seed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,8 @@ class Objective(PriorLoss):
     noise_offset: float = 0.0
     size_conditioning: bool = False
     device: str = "cpu"
+    # a family's forward call (model, inputs, timesteps, text, metas) -> prediction; default: the U-Net's
+    predict: Callable | None = None
 
     def __post_init__(self):
         # on the device once, not copied there every step
@@ -85,9 +88,12 @@ class Objective(PriorLoss):
         target = (
             noise if self.prediction == "epsilon" else self.schedule.get_velocity(latents, noise, timesteps)
         )
-        extra = {"added_cond_kwargs": size_condition(text, metas)} if self.size_conditioning else {}
         inputs = noisy if inpaint is None else torch.cat([noisy, inpaint.to(noisy.dtype)], dim=1)
-        prediction = model(inputs, timesteps, encoder_hidden_states=text, **extra).sample
+        if self.predict is not None:
+            prediction = self.predict(model, inputs, timesteps, text, metas)
+        else:
+            extra = {"added_cond_kwargs": size_condition(text, metas)} if self.size_conditioning else {}
+            prediction = model(inputs, timesteps, encoder_hidden_states=text, **extra).sample
         return F.mse_loss(prediction.float(), target.float(), reduction="none")
 
     def fixed_levels(self, batch: int, device) -> list[torch.Tensor]:

@@ -1,6 +1,6 @@
-"""The text encoders of a transformer family's diffusers pipeline folder (SD3: CLIP-L, CLIP-G and T5; Flux:
-CLIP-L and T5), loaded from disk or the local Hugging Face cache and never downloaded, and the tiny ones
-(`sd3-text-tiny`, `flux-text-tiny`) written from configs with seeded random weights for tests and the demo.
+"""The text encoders of a family's diffusers pipeline folder (SDXL: CLIP-L and CLIP-G; SD3: CLIP-L, CLIP-G
+and T5; Flux: CLIP-L and T5), loaded from disk or the local Hugging Face cache and never downloaded, and the
+tiny ones (`sdxl-text-tiny`, `sd3-text-tiny`, `flux-text-tiny`) written from configs with seeded random weights for tests and the demo.
 
 The families run these through their pipeline's own `encode_prompt` (train/families), so the states a run
 trains on are the ones the exported pipeline computes at generation time.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from latentmill.errors import InputError
 
-TINY = {"sd3-text-tiny": "sd3", "flux-text-tiny": "flux"}
+TINY = {"sdxl-text-tiny": "sdxl", "sd3-text-tiny": "sd3", "flux-text-tiny": "flux"}
 TINY_T5_TOKENS = 32  # the tiny T5 tokenizer's max length (SD3 reads 256 T5 tokens, Flux dev 512)
 
 
@@ -70,7 +70,7 @@ def tiny_folder(spec: str) -> Path:
 
 def write_tiny_text(folder: str | Path, family: str) -> Path:
     """A family's text encoders and tokenizers with tiny random weights (seeded), in its pipeline's layout:
-    sd3 -> text_encoder, text_encoder_2 (CLIPTextModelWithProjection, 32-d, projecting to 32) and
+    sdxl -> text_encoder (CLIPTextModel, 32-d) and text_encoder_2 (CLIPTextModelWithProjection, 32-d); sd3 -> text_encoder, text_encoder_2 (CLIPTextModelWithProjection, 32-d, projecting to 32) and
     text_encoder_3 (T5EncoderModel, 64-d); flux -> text_encoder (CLIPTextModel, 32-d) and text_encoder_2
     (T5EncoderModel, 64-d); each with its tokenizer (letters and digits)."""
     import torch
@@ -113,7 +113,11 @@ def write_tiny_text(folder: str | Path, family: str) -> Path:
     )
     with atomic_path(folder) as tmp:
         torch.manual_seed(0)
-        if family == "sd3":
+        if family == "sdxl":
+            CLIPTextModel(CLIPTextConfig(**clip)).save_pretrained(tmp / "text_encoder")
+            CLIPTextModelWithProjection(CLIPTextConfig(**clip)).save_pretrained(tmp / "text_encoder_2")
+            names = {"tokenizer": "clip", "tokenizer_2": "clip"}
+        elif family == "sd3":
             CLIPTextModelWithProjection(CLIPTextConfig(**clip)).save_pretrained(tmp / "text_encoder")
             CLIPTextModelWithProjection(CLIPTextConfig(**clip)).save_pretrained(tmp / "text_encoder_2")
             T5EncoderModel(t5).save_pretrained(tmp / "text_encoder_3")

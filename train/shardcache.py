@@ -27,7 +27,7 @@ from pathlib import Path
 
 from latentmill.curate.scratch import new_folder
 from latentmill.curate.storage import file_version, location, options, set_options
-from latentmill.curate.workerprocesses import worker_context
+from latentmill.curate.workerprocesses import worker_context, worker_environment
 from latentmill.errors import InputError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -181,7 +181,7 @@ class ShardCache:
                 self._processes = ProcessPoolExecutor(
                     max(1, self.ahead),
                     mp_context=worker_context(),
-                    initializer=_lower_priority,
+                    initializer=_FetcherStart(worker_environment()),
                 )
             return self._processes
 
@@ -224,9 +224,16 @@ def _fetch(shard: str, target: str, storage_options: dict) -> None:
     source.fs.get_file(source.path, target)
 
 
-def _lower_priority() -> None:
-    """Fetch processes yield the cores to the training process: they only need to stay one shard ahead."""
-    try:
-        os.nice(5)
-    except OSError:
-        pass
+class _FetcherStart:
+    """Each fetch process: the command's environment (its store's credentials), then a lower priority: fetch
+    processes yield the cores to the training process, as they only need to stay one shard ahead."""
+
+    def __init__(self, environment):
+        self.environment = environment
+
+    def __call__(self) -> None:
+        self.environment()
+        try:
+            os.nice(5)
+        except OSError:
+            pass

@@ -13,18 +13,15 @@ import numpy as np
 import torch
 
 from latentmill.errors import InputError
+from latentmill.train.families.pipelinetext import PipelineText
 from latentmill.train.latentspace import from_unet_space
 from latentmill.train.namedstates import Conditioning
 
 
-class FlowFamily:
+class FlowFamily(PipelineText):
     name = ""
     patch_size = 2
     transformer_class = ""  # diffusers class name
-    pipeline_class = ""
-    text_parts: dict[str, str] = {}  # the pipeline's text components -> transformers class names
-    optional_text: tuple = ()
-    tiny_text = ""  # the tiny text encoders' spec (train/pipelinetext.py)
     tiny_configs: dict[str, dict] = {}  # --model names -> transformer config (latent channels filled in)
     default_shift = 3.0  # the training sigmas' shift (--flow-shift)
     default_scheduler: dict = {}  # FlowMatchEulerDiscreteScheduler's config the family's pipeline samples with
@@ -117,85 +114,6 @@ class FlowFamily:
                     f"multiples of {step} (VAE factor {manifest['downsample_factor']} x patch {self.patch_size}). "
                     f"Encode with `latentmill encode --step {step}` (or a multiple of it)."
                 )
-
-    # -- conditioning ----------------------------------------------------------------------------------------
-    def text_spec(self, config) -> str:
-        """The text encoders: --text-encoder, else --model's pipeline folder, else (a tiny model) the tiny ones."""
-        if config.text_encoder:
-            return config.text_encoder
-        return self.tiny_text if config.model in self.tiny_configs else config.model
-
-    def text_pipeline(self, spec: str, device: str, dtype=torch.float32):
-        """The family's pipeline with only its text encoders and tokenizers, for its `encode_prompt`."""
-        import diffusers
-
-        from latentmill.train.pipelinetext import load_parts
-
-        parts = load_parts(spec, self.text_parts, self.optional_text)
-        for component, module in parts.items():
-            if isinstance(module, torch.nn.Module):
-                parts[component] = module.to(device, dtype).eval().requires_grad_(False)
-        cls = getattr(diffusers, self.pipeline_class)
-        pipe = cls(transformer=None, vae=None, scheduler=None, **parts)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def encode_prompts(self, pipe, prompts: list[str], device: str, max_tokens: int) -> Conditioning:
-        raise NotImplementedError
-
-    def max_sequence_length(self, pipe, config) -> int:
-        raise NotImplementedError
-
-    def conditioning(self, config, manifest: dict, folder, device: str, precision: str, text=None):
-        """(encode(batch, generator) -> Conditioning with caption dropout to the empty caption, the text
-        widths, prompts(texts) -> (states, empty states)): the text encoders run on the device, frozen."""
-        from latentmill.train.conditioning import caption_variants
-
-        if text is not None:
-            raise InputError(
-                f"--family {self.name}: training its text encoders (--lora-text-encoder, --textual-inversion) is "
-                f"not supported yet; train the transformer (or LoRA on it) with the text encoders frozen."
-            )
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        pipe = self.text_pipeline(self.text_spec(config), device, dtype)
-        max_tokens = self.max_sequence_length(pipe, config)
-
-        def states(captions):
-            with torch.inference_mode():
-                return self.encode_prompts(pipe, list(captions), device, max_tokens).float()
-
-        empty = states([""])
-
-        def encode(batch, generator):
-            captions = caption_variants(batch["captions"], config, generator)
-            drop = torch.rand(len(captions), generator=generator) < config.caption_dropout
-            return states(captions).where(drop, empty)
-
-        def prompts(texts):
-            return states(texts).cpu(), empty.cpu()
-
-        widths = {
-            name: tensor.shape[-1] for name, tensor in empty.items() if name in ("prompt_embeds", "pooled")
-        }
-        return encode, widths, prompts
-
-    def prompt_encoder(self, source, config: dict, manifest: dict, given: str | None):
-        """texts -> Conditioning on the host, with the text encoders the run trained with (or `given`)."""
-        from types import SimpleNamespace
-
-        spec = (
-            given
-            or config.get("text_encoder")
-            or (self.tiny_text if config.get("model") in self.tiny_configs else config.get("model"))
-        )
-        pipe = self.text_pipeline(spec, "cpu")
-        max_tokens = self.max_sequence_length(pipe, SimpleNamespace(**config))
-
-        def encode(texts):
-            with torch.inference_mode():
-                return self.encode_prompts(pipe, list(texts), "cpu", max_tokens).float()
-
-        return encode
 
     # -- the objective ---------------------------------------------------------------------------------------
     def objective(self, config, device: str):

@@ -9,11 +9,8 @@ from latentmill.curate.raycluster import scale_wait_field
 from latentmill.errors import InputError
 from latentmill.schema import StageConfig, opt
 
-FAMILY_NAMES = (
-    "sd-unet",
-    "sd3",
-    "flux",
-)  # train/families FAMILIES (named here: the config loads without torch)
+# train/families FAMILIES (named here: the config loads without torch)
+FAMILY_NAMES = ("sd-unet", "sdxl", "sd3", "flux")
 
 SAMPLE_PROMPTS = [
     "a photograph of a cat",
@@ -76,7 +73,8 @@ class TrainConfig(StageConfig):
     family: str | None = opt(
         None,
         "The model family (train/families): sd-unet, the Stable Diffusion U-Nets (1.x, 2.x, tiny; SDXL-shaped with "
-        "--size-conditioning); sd3, SD3/3.5's MMDiT (tiny-sd3); flux, Flux.1 dev and schnell (tiny-flux, "
+        "--size-conditioning, one text encoder); sdxl, SDXL's U-Net with both its CLIPs and micro-conditioning "
+        "(tiny-sdxl); sd3, SD3/3.5's MMDiT (tiny-sd3); flux, Flux.1 dev and schnell (tiny-flux, "
         "tiny-flux-schnell). Default: --model's (a tiny config's, or a pipeline folder's model_index.json).",
         choices=FAMILY_NAMES,
         since="0.4",

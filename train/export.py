@@ -20,13 +20,14 @@ def export_pipeline(
 def export_single_file(run: str | Path, output: Path, use_ema: bool = True, vae: str | None = None) -> Path:
     """The whole model (U-Net, VAE, text encoder) as one .safetensors file in the original Stable
     Diffusion layout (train/singlefile.py), what A1111, ComfyUI and diffusers' `from_single_file` load."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from safetensors.torch import save_file
 
     from latentmill.curate.storage import atomic_path
     from latentmill.train.singlefile import to_single_file
 
     pipeline = pipeline_of_run(run, use_ema, vae)
-    if not hasattr(pipeline, "unet"):
+    if not isinstance(pipeline, StableDiffusionPipeline | StableDiffusionInpaintPipeline):
         raise InputError(
             f"--format single-file: {run} is a {type(pipeline).__name__}; the single-file layout latentmill "
             f"writes is Stable Diffusion's. Export it as a pipeline folder (--format pipeline) or its LoRA."

@@ -23,10 +23,20 @@ from latentmill.errors import InputError
 from latentmill.train.families.flux import Flux
 from latentmill.train.families.sd3 import Sd3
 from latentmill.train.families.sdunet import SdUnet
+from latentmill.train.families.sdxl import Sdxl
 
-FAMILIES = {family.name: family for family in (SdUnet(), Sd3(), Flux())}
+FAMILIES = {family.name: family for family in (SdUnet(), Sdxl(), Sd3(), Flux())}
 DEFAULT = "sd-unet"
-# a pretrained folder's denoiser class (model_index.json, or its own config.json) -> its family
+# a pipeline folder's class (model_index.json) -> its family
+BY_PIPELINE = {
+    "StableDiffusionPipeline": "sd-unet",
+    "StableDiffusionInpaintPipeline": "sd-unet",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLInpaintPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+# else its denoiser's class (model_index.json, or a denoiser folder's config.json)
 BY_CLASS = {
     "UNet2DConditionModel": "sd-unet",
     "SD3Transformer2DModel": "sd3",
@@ -67,6 +77,8 @@ def infer_family(model: str | None) -> str:
             data = json.loads(record.read_text())
         except (OSError, ValueError):
             continue
+        if key and data.get("_class_name") in BY_PIPELINE:
+            return BY_PIPELINE[data["_class_name"]]
         name = (data.get(key) or [None, None])[1] if key else data.get("_class_name")
         if name in BY_CLASS:
             return BY_CLASS[name]

@@ -223,10 +223,7 @@ class FlowFamily(PipelineText):
         vae_model.register_to_config(
             scaling_factor=manifest["scaling_factor"], shift_factor=manifest.get("shift_factor")
         )
-        spec = config.get("text_encoder") or (
-            self.tiny_text if config.get("model") in self.tiny_configs else config.get("model")
-        )
-        parts = load_parts(spec, self.text_parts, self.optional_text)
+        parts = load_parts(self.text_spec_of(config), self.text_parts, self.optional_text)
         cls = getattr(diffusers, self.pipeline_class)
         return cls(
             transformer=loaded.unet(), vae=vae_model, scheduler=self.sampling_scheduler(config), **parts

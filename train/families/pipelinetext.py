@@ -27,6 +27,12 @@ class PipelineText:
             return config.text_encoder
         return self.tiny_text if config.model in self.tiny_configs else config.model
 
+    def text_spec_of(self, config: dict) -> str:
+        """The same for a run's saved config."""
+        if config.get("text_encoder"):
+            return config["text_encoder"]
+        return self.tiny_text if config.get("model") in self.tiny_configs else config.get("model")
+
     def text_pipeline(self, spec: str, device: str, dtype=torch.float32):
         """The family's pipeline with only its text encoders and tokenizers, for its `encode_prompt`."""
         import diffusers
@@ -85,12 +91,7 @@ class PipelineText:
         """texts -> Conditioning on the host, with the text encoders the run trained with (or `given`)."""
         from types import SimpleNamespace
 
-        spec = (
-            given
-            or config.get("text_encoder")
-            or (self.tiny_text if config.get("model") in self.tiny_configs else config.get("model"))
-        )
-        pipe = self.text_pipeline(spec, "cpu")
+        pipe = self.text_pipeline(given or self.text_spec_of(config), "cpu")
         max_tokens = self.max_sequence_length(pipe, SimpleNamespace(**config))
 
         def encode(texts):
@@ -98,4 +99,3 @@ class PipelineText:
                 return self.encode_prompts(pipe, list(texts), "cpu", max_tokens).float()
 
         return encode
-

@@ -307,3 +307,29 @@ def test_the_family_recipes_name_the_real_models_and_fail_in_preflight_offline(
         )
         assert f"encode.vae: {model} is not in the local Hugging Face cache" in out.output
         assert not (tmp_path / recipe).exists()
+
+
+@pytest.mark.slow
+def test_a_flux_run_under_torchrun_with_2_ranks_resumes_exactly(latents16, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def torchrun(run, steps, *more):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+             "latentmill", "train", str(latents16 / "latents"), "--model", "tiny-flux", "-o", str(run),
+             "--steps", str(steps), "--batch-size", "2", "--checkpoint-every", "1", "--warmup-steps", "0", *more],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    torchrun(tmp_path / "straight", 2)
+    torchrun(tmp_path / "resumed", 1)
+    torchrun(tmp_path / "resumed", 2, "--resume")
+    state = json.loads((tmp_path / "resumed" / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert len(state["loader"]["ranks"]) == 2 and state["config"]["family"] == "flux"
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-0000002" / "unet.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-0000002" / "unet.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -82,13 +82,15 @@ class Flux(FlowFamily):
         from diffusers import FluxPipeline
 
         b, c, h, w = noisy.shape
-        dtype = model.dtype if noisy.dtype == torch.float32 else noisy.dtype
+        dtype = noisy.dtype
+        base = getattr(model, "module", model)  # DDP's wrapped model (and torch.compile's original)
+        base = getattr(base, "_orig_mod", base)
         packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
         image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, dtype)
         states = text["prompt_embeds"].to(dtype)
         text_ids = torch.zeros(states.shape[1], 3, device=noisy.device, dtype=dtype)
         told = (
-            torch.full((b,), float(guidance), device=noisy.device) if model.config.guidance_embeds else None
+            torch.full((b,), float(guidance), device=noisy.device) if base.config.guidance_embeds else None
         )
         out = model(
             hidden_states=packed,

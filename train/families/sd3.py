@@ -80,7 +80,7 @@ class Sd3(FlowFamily):
         return Conditioning(prompt_embeds=embeds, pooled=pooled)
 
     def predict(self, model, noisy, timesteps, text: Conditioning, guidance: float) -> torch.Tensor:
-        dtype = model.dtype if noisy.dtype == torch.float32 else noisy.dtype
+        dtype = noisy.dtype  # (the model may be wrapped: DDP, torch.compile)
         return model(
             hidden_states=noisy,
             timestep=timesteps,

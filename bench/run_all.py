@@ -23,6 +23,7 @@ for script, args in (
     ("bench_checksum.py", ["--images", "512", "--rounds", "7"]),
     ("bench_inpaint.py", ["--images", "48"]),
     ("bench_eval.py", ["--steps", "12"]),
+    ("bench_families.py", ["--steps", "20"]),
 ):
     print(f"== {script} {' '.join(args)}", flush=True)
     module = f"bench.{script.removesuffix('.py')}"  # as modules: they share helpers through `bench.`

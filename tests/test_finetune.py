@@ -260,7 +260,7 @@ def test_a_lora_run_samples_resumes_exactly_and_is_refused_without_a_pretrained_
     assert (tmp_path / "grid.png").stat().st_size > 0
     with pytest.raises(InputError, match=r"other settings \(lora_rank \(--lora-rank\): 2 -> 0"):
         train(config(data, resumed, steps=6, resume=True))
-    with pytest.raises(InputError, match="LoRA adapts a trained U-Net"):
+    with pytest.raises(InputError, match="LoRA adapts a trained model"):
         config(data, tmp_path / "x", model="tiny", lora_rank=4).validate()
     result = run_cli("export", tmp_path / "straight", "--format", "kohya", "-o", tmp_path / "k.safetensors")
     assert result.exit_code == 0

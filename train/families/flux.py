@@ -89,9 +89,7 @@ class Flux(FlowFamily):
         image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, dtype)
         states = text["prompt_embeds"].to(dtype)
         text_ids = torch.zeros(states.shape[1], 3, device=noisy.device, dtype=dtype)
-        told = (
-            torch.full((b,), float(guidance), device=noisy.device) if base.config.guidance_embeds else None
-        )
+        told = torch.full((b,), float(guidance), device=noisy.device) if base.config.guidance_embeds else None
         out = model(
             hidden_states=packed,
             timestep=timesteps / 1000,

@@ -80,7 +80,10 @@ class TrainConfig(StageConfig):
         since="0.4",
     )
     text_encoder: str | None = opt(
-        None, "openclip:NAME[:PRETRAINED] or a pipeline folder; default: text_emb in the shards.", model=True
+        None,
+        "openclip:NAME[:PRETRAINED] or a pipeline folder; default: text_emb in the shards (sd-unet), --model's "
+        "pipeline folder or the tiny config's tiny encoders (sdxl, sd3, flux).",
+        model=True,
     )
     vae: str | None = opt(
         None,

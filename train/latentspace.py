@@ -34,6 +34,27 @@ def from_unet_space(latents, scaling_factor: float, shift_factor: float | None =
     return latents / scaling_factor + (shift_factor or 0.0)
 
 
+def starting_noise(shape: tuple, n: int, seed: int, seeds: list[int] | None = None):
+    """The samplers' starting latents: one draw of (n, *shape) from `seed`, or each image's from its own seed
+    (so an image does not depend on its batch)."""
+    import torch
+
+    if seeds is not None:
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+def to_images(latents, vae, scaling_factor: float, shift_factor: float | None):
+    """(N, H, W, 3) uint8 images of sampled latents: decoded by `vae`, or without one the first three latent
+    channels, stretched to the full range."""
+    if vae is None:
+        pixels = latents[:, :3]
+        pixels = (pixels - pixels.amin()) / (pixels.amax() - pixels.amin() + 1e-6) * 2 - 1
+    else:
+        pixels = vae.decode(from_unet_space(latents, scaling_factor, shift_factor).to(vae.dtype)).sample
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def unet_input(sample: dict, manifest: dict, rng: np.random.Generator | None = None) -> np.ndarray:
     """One stored sample (from `iter_latent_shard` or webdataset: `latent`, optional `latent_std`) as the
     float32 (C, H/8, W/8) array diffusers' scripts feed the U-Net; `rng` draws the posterior sample where the

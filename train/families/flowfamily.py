@@ -14,7 +14,7 @@ import torch
 
 from latentmill.errors import InputError
 from latentmill.train.families.pipelinetext import PipelineText
-from latentmill.train.latentspace import from_unet_space
+from latentmill.train.latentspace import starting_noise, to_images
 from latentmill.train.namedstates import Conditioning
 
 
@@ -185,12 +185,7 @@ class FlowFamily(PipelineText):
         n = text_states.batch
         factor = 8 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
         shape = (self.out_channels(model), size[1] // factor, size[0] // factor)
-        if seeds is not None:
-            latents = torch.stack(
-                [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-            )
-        else:
-            latents = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+        latents = starting_noise(shape, n, seed, seeds)
         latents = latents.to(device)
         text, empty = text_states.to(device), empty_state.to(device)
         scheduler = self.sampling_scheduler(config or {})
@@ -198,12 +193,7 @@ class FlowFamily(PipelineText):
         for t in scheduler.timesteps:
             velocity = self.guided(model, latents, t.to(device), text, empty, guidance)
             latents = scheduler.step(velocity, t, latents).prev_sample
-        if vae is None:
-            pixels = latents[:, :3]
-            pixels = (pixels - pixels.amin()) / (pixels.amax() - pixels.amin() + 1e-6) * 2 - 1
-        else:
-            pixels = vae.decode(from_unet_space(latents, scaling_factor, shift_factor).to(vae.dtype)).sample
-        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return to_images(latents, vae, scaling_factor, shift_factor)
 
     def out_channels(self, model) -> int:
         return model.config.out_channels

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from latentmill.train.latentspace import from_unet_space
+from latentmill.train.latentspace import starting_noise, to_images
 from latentmill.train.schedule import sampling_scheduler
 
 
@@ -98,12 +98,7 @@ class SdUnet:
         n = text_states.shape[0]
         channels = unet.config.out_channels
         shape = (channels, size[1] // 8, size[0] // 8)
-        if seeds is not None:
-            latents = torch.stack(
-                [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-            )
-        else:
-            latents = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+        latents = starting_noise(shape, n, seed, seeds)
         latents = latents.to(device)
         context = torch.cat([empty_state.expand(n, -1, -1), text_states]).to(device)
         if unet.config.in_channels > channels:  # an inpainting U-Net
@@ -127,12 +122,7 @@ class SdUnet:
             unconditional, conditional = prediction_both.chunk(2)
             guided = unconditional + guidance * (conditional - unconditional)
             latents = scheduler.step(guided, t, latents).prev_sample
-        if vae is None:  # no VAE: show the first three latent channels
-            pixels = latents[:, :3]
-            pixels = (pixels - pixels.amin()) / (pixels.amax() - pixels.amin() + 1e-6) * 2 - 1
-        else:
-            pixels = vae.decode(from_unet_space(latents, scaling_factor, shift_factor)).sample
-        return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return to_images(latents, vae, scaling_factor, shift_factor)
 
     def prompt_encoder(self, source, config: dict, manifest: dict, given: str | None):
         """texts -> caption states on the host: the run's text encoder, or for a run trained on states stored

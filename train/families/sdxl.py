@@ -18,7 +18,7 @@ from latentmill.errors import InputError
 from latentmill.train.conditioning import time_ids
 from latentmill.train.families.pipelinetext import PipelineText
 from latentmill.train.families.sdunet import SdUnet
-from latentmill.train.latentspace import from_unet_space
+from latentmill.train.latentspace import starting_noise, to_images
 from latentmill.train.namedstates import Conditioning
 
 TIME_EMBED = 8  # the tiny config's addition_time_embed_dim (SDXL: 256)
@@ -140,12 +140,7 @@ class Sdxl(PipelineText, SdUnet):
         n = text_states.batch
         factor = 8 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
         shape = (unet.config.out_channels, size[1] // factor, size[0] // factor)
-        if seeds is not None:
-            latents = torch.stack(
-                [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-            )
-        else:
-            latents = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+        latents = starting_noise(shape, n, seed, seeds)
         latents = latents.to(device)
         both = Conditioning.cat([empty_state.expand(n), text_states]).to(device)
         h, w = size[1], size[0]
@@ -156,12 +151,7 @@ class Sdxl(PipelineText, SdUnet):
             latents = scheduler.step(
                 unconditional + guidance * (conditional - unconditional), t, latents
             ).prev_sample
-        if vae is None:
-            pixels = latents[:, :3]
-            pixels = (pixels - pixels.amin()) / (pixels.amax() - pixels.amin() + 1e-6) * 2 - 1
-        else:
-            pixels = vae.decode(from_unet_space(latents, scaling_factor, shift_factor).to(vae.dtype)).sample
-        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return to_images(latents, vae, scaling_factor, shift_factor)
 
     def pipeline(self, loaded, vae: str | None = None):
         """A StableDiffusionXLPipeline with the DDIM scheduler latentmill samples with, the VAE of the latents,

@@ -247,6 +247,27 @@ def test_lora_on_the_exported_pipeline_trains_adapters_only_and_loads_in_diffuse
     base.load_lora_weights(str(lora_file))
     adapted = run()
     assert torch.isfinite(adapted).all() and not torch.equal(plain, adapted)
+    kohya = run_cli("export", tmp_path / "lora", "--format", "kohya", "-o", tmp_path / "kohya.safetensors")
+    if family == "sd3":  # sd-scripts has no SD3 layout diffusers reads: refused, nothing written
+        assert kohya.exit_code == 2 and "--format diffusers" in kohya.output
+        assert not (tmp_path / "kohya.safetensors").exists()
+        return
+    assert kohya.exit_code == 0, kohya.output
+    keys = load_file(tmp_path / "kohya.safetensors")
+    assert all(key.startswith("lora_unet_") for key in keys)
+    if (
+        family == "flux"
+    ):  # BFL's names, q/k/v fused (read back by diffusers at FLUX.1's width: test_kohyalayouts)
+        assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
+        assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in keys
+        return
+    assert any(key.startswith("lora_unet_input_blocks_") for key in keys)  # SDXL: ldm names, as sd-scripts
+    base.unload_lora_weights()
+    assert torch.equal(run(), plain)
+    base.load_lora_weights(str(tmp_path / "kohya.safetensors"))
+    torch.testing.assert_close(
+        run(), adapted, rtol=1e-4, atol=1e-5
+    )  # the same adapter, read from kohya's keys
 
 
 def test_shards_of_another_latent_space_are_refused_by_name(tmp_path, run_cli):

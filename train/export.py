@@ -152,29 +152,36 @@ def export_lora(loaded, output: Path, format: str) -> Path:
     from latentmill.train.families import family_of
     from latentmill.train.lora import kohya_metadata, to_diffusers, to_kohya
 
+    family = family_of(loaded.config.get("family"))
     adapter, tensors = loaded.adapter, loaded.adapter_weights()
     target = export_target(loaded.path, output, format)
     text = loaded.text_file("text_adapter.json")  # the text encoder's adapters go in the same file
+    text_tensors = {}
     if text:
         from latentmill.train.textexport import text_lora_keys
 
         text_tensors = text_lora_keys(loaded.text_tensors("text_lora"))  # text_model.encoder.layers...
+    # made before anything is written: a layout the family has not refuses with nothing left behind
+    if format == "diffusers":
+        out = to_diffusers(tensors, adapter["alpha"], prefix=family.lora_prefix)
+        if text:
+            out |= to_diffusers(text_tensors, text["alpha"], prefix="text_encoder")
+        metadata = {"format": "pt"}
+    else:
+        out = family.kohya_lora(tensors, adapter["alpha"], loaded)
+        if text:
+            out |= to_kohya(text_tensors, text["alpha"], prefix="lora_te_")
+        metadata = kohya_metadata(adapter["rank"], adapter["alpha"], adapter["base"])
     if loaded.text_file("token.json"):  # pivotal tuning: the token's files beside the adapter's
         from latentmill.train.textexport import export_embeddings
 
         export_embeddings(loaded, target.parent)
-    if format == "diffusers":
-        with atomic_path(target) as tmp:
-            out = to_diffusers(
-                tensors, adapter["alpha"], prefix=family_of(loaded.config.get("family")).lora_prefix
-            )
-            if text:
-                out |= to_diffusers(text_tensors, text["alpha"], prefix="text_encoder")
-            save_file(out, str(tmp), metadata={"format": "pt"})
-        return target
+    with atomic_path(target) as tmp:
+        save_file(out, str(tmp), metadata=metadata)
+    return target
     with atomic_path(target) as tmp:
         save_file(
-            to_kohya(tensors, adapter["alpha"])
+            family.kohya_lora(tensors, adapter["alpha"], loaded)
             | (to_kohya(text_tensors, text["alpha"], prefix="lora_te_") if text else {}),
             str(tmp),
             metadata=kohya_metadata(adapter["rank"], adapter["alpha"], adapter["base"]),

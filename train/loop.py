@@ -1,4 +1,4 @@
-"""The training loop, top to bottom: setup, then one optimizer step per iteration.
+"""The training loop, top to bottom: setup (train/runsetup.py), then one optimizer step per iteration.
 
 Every random draw of a step (noise, timesteps, caption dropout) comes from a generator seeded by
 (seed, step, micro-step, rank), and the loader's position is saved with each checkpoint, so a resumed
@@ -9,49 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, replace
 
 import torch
 
-from latentmill.devices import resolve_device_precision, torch_dtype
-from latentmill.train.checkpoint import (
-    check_resume_point,
-    checkpoints,
-    latest_checkpoint,
-    load_checkpoint,
-    loader_state_of,
-    record_start,
-    remove_stale_temporaries,
-    save_checkpoint,
-    stop_on_nonfinite,
-    training_files,
-    truncate_log,
-)
+from latentmill.devices import torch_dtype
+from latentmill.train.checkpoint import save_checkpoint, stop_on_nonfinite
 from latentmill.train.config import TrainConfig
-from latentmill.train.data import TrainingData, latent_sets, loader_workers, shard_cache
-from latentmill.train.families import family_of
-from latentmill.train.inpainting import check_inpainting_data, conditioning, grid_examples
-from latentmill.train.latentspace import to_unet_space
 from latentmill.train.remoterun import RunMirror, mirror_of
-from latentmill.train.resumeconfig import resume_differences
-from latentmill.train.runlog import RunLog, check_reporting, rank_report
-from latentmill.train.runs import init_from
+from latentmill.train.runlog import RunLog, rank_report
+from latentmill.train.runsetup import Training, set_up
 from latentmill.train.samplegrid import sample_grid
-from latentmill.train.texttraining import TrainableText, average_gradients
-from latentmill.train.validation import ValidationSet, validation_set
-from latentmill.train.weights import FrozenUnet, FullWeights, LoraWeights, WithText, param_groups
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size), initialising torch.distributed when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ.get("RANK", "0")), world
+from latentmill.train.texttraining import average_gradients
 
 
 def _lr_factor(step: int, config: TrainConfig) -> float:
@@ -61,45 +31,6 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
         progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return 1.0
-
-
-@dataclass
-class Training:
-    """What the loop works with, built by `_set_up`: where it runs, the data, what trains, the objective."""
-
-    config: TrainConfig
-    run: Path
-    rank: int
-    world: int
-    device: str
-    precision: str
-    data: TrainingData
-    manifest: dict
-    encode_text: Callable  # (batch, generator) -> caption states, with caption dropout
-    encode_prompts: Callable | None  # prompts -> (states, empty state), for sample grids
-    weights: FullWeights | LoraWeights | FrozenUnet | WithText
-    optimizer: torch.optim.Optimizer
-    objective: object  # the family's (train/families): loss, error, fixed_levels, step_loss
-    model: torch.nn.Module  # the U-Net, wrapped in DDP and torch.compile where asked
-    start: int  # the first step to run (0, or the resumed checkpoint's step)
-    changes: list  # settings changed on resume: {step, key, from, to}, kept in every later state.json
-    mirror: RunMirror | None = None  # the run folder is in an object store: `run` is its local copy
-    examples: dict | None = None  # an inpainting run's sample-grid inputs (train/inpainting.py)
-    text: TrainableText | None = None  # the text encoder, where part of it trains
-    validation: ValidationSet | None = None  # rank 0's held-out latents (--eval-every)
-
-    def prepared(self, batch: dict, generator) -> tuple:
-        """(latents in the U-Net's space, caption states with dropout, metas, the loss mask or None, the
-        inpainting conditioning or None) on the device."""
-        scale, shift = self.manifest["scaling_factor"], self.manifest.get("shift_factor") or 0.0
-        latents = to_unet_space(batch["latents"].to(self.device, non_blocking=True), scale, shift)
-        mask = batch.get("mask") if self.config.masked_loss else None  # class images may have none
-        mask = mask.to(self.device, non_blocking=True) if mask is not None else None
-        inpaint = None
-        if self.config.inpainting:
-            inpaint = conditioning(batch["inpaint_mask"], batch["masked_latent"], scale, shift)
-            inpaint = inpaint.to(self.device, non_blocking=True)
-        return latents, self.encode_text(batch, generator), batch["meta"], mask, inpaint
 
 
 def train(config: TrainConfig, progress=None, log=None, evaluate=None) -> dict:
@@ -121,7 +52,7 @@ def train(config: TrainConfig, progress=None, log=None, evaluate=None) -> dict:
 
 
 def _train(config: TrainConfig, mirror: RunMirror | None, progress, log, evaluate) -> dict:
-    t = _set_up(config, mirror)
+    t = set_up(config, mirror)  # train/runsetup.py
     config = t.config  # with --epochs: the steps they come to
     if log and t.rank == 0 and config.epochs:
         log(f"{config.epochs} epoch(s) of the data: {config.steps} steps")
@@ -238,136 +169,6 @@ def _finish(t: Training) -> dict:
             torch.distributed.barrier()  # no rank of this node still uses the copy
         t.mirror.release(remove_copy=True)
     return report
-
-
-def _set_up(config: TrainConfig, mirror: RunMirror | None) -> Training:
-    """Everything the loop needs, checked before the run folder is touched where it can be: the device,
-    the data, the text conditioning, the U-Net and what of it trains, the optimizer, the resume point."""
-    rank, world = _distributed()
-    device, precision = resolve_device_precision(config.device, config.precision)  # fp16: refused by validate
-    if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    run = mirror.local if mirror else Path(config.output)
-    if mirror and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        mirror.pull()  # held by this process: a second trainer of the URL here is refused
-    if mirror and world > 1:
-        torch.distributed.barrier()  # the node's other ranks use the copy its rank 0 pulled
-    # the latent folders (a mixture, DreamBooth's class images beside), read before anything is written:
-    # bad input leaves no run folder
-    sets = latent_sets(config.sources())
-    data = TrainingData(
-        sets,
-        config.mix,
-        config.class_data,
-        repeats=config.repeats,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        rank=rank,
-        world_size=world,
-        mode=config.mode,
-        shuffle_buffer=config.shuffle_buffer,
-        flip=config.flip,
-        workers=loader_workers(config.workers, device, min(len(shards) for _, shards in sets) // world),
-        pin_memory=device.startswith("cuda"),
-        cache=shard_cache(config, sets),
-        strict=config.strict,
-    )
-    manifest = data.manifest
-    if config.masked_loss:
-        data.check_masks([name for name, _ in sets])
-    if config.inpainting:
-        check_inpainting_data(data.manifests, data.names)
-    validation = validation_set(config, sets, manifest, device, rank)  # --eval-every's held-out latents
-    if config.epochs:
-        config = replace(
-            config, steps=data.steps_of_epochs(config.epochs, config.batch_size * config.grad_accum * world)
-        )
-    family = family_of(config.family)  # the denoiser, its conditioning, its objective and its sampler
-    family.check_latents(manifest, manifest["buckets"])
-    text = TrainableText(config, device, config.seed) if config.trains_text else None
-    encode_text, text_width, encode_prompts = family.conditioning(
-        config, manifest, data.folder, device, precision, text
-    )
-    if config.vae:
-        from latentmill.curate.latentshards import check_vae
-        from latentmill.curate.vae import load_vae
-
-        check_vae(manifest, load_vae(config.vae).fingerprint, data.folder)
-    unet = family.build(config, manifest, text_width).to(device)
-    check_resume_point(run, config)
-    check_reporting(config)
-    run.mkdir(parents=True, exist_ok=True)
-    if rank == 0 and not config.resume:
-        record_start(run, config, sets)
-        if mirror:  # in the store at once: a run killed before its first checkpoint resumes from there
-            mirror.push(only=["lineage.json", "started.json"])
-    if config.init_from:
-        init_from(unet, config.init_from)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if device.startswith("cuda"):
-        unet.to(memory_format=torch.channels_last)
-    # what trains: the whole U-Net, LoRA adapters on the frozen one, or none of it (textual inversion); and
-    # of the text encoder, a new token's vectors and/or adapters (EMA and checkpoints alike)
-    base = config.init_from or config.model
-    if config.lora_rank:
-        alpha = config.lora_alpha or config.lora_rank
-        weights = LoraWeights(unet, config.lora_rank, alpha, config.lora_targets, config.seed, base=base)
-    else:
-        weights = FrozenUnet(unet, base) if config.textual_inversion else FullWeights(unet)
-    if text is not None:
-        weights = WithText(weights, text)
-    optimizer = torch.optim.AdamW(
-        param_groups(weights, config.learning_rate, config.text_encoder_lr),
-        lr=config.learning_rate,
-        weight_decay=config.weight_decay,
-        fused=device.startswith("cuda"),
-    )
-    objective = family.objective(config, device)
-    start, changes = 0, []
-    if rank == 0:
-        remove_stale_temporaries(run)
-    if rank == 0 and not checkpoints(run):  # a new run, or one stopped before its first checkpoint
-        truncate_log(run, 0)
-    if config.resume and checkpoints(run):
-        state = load_checkpoint(
-            latest_checkpoint(run, training_files(weights.files), fallback=True), weights, optimizer
-        )
-        start = state["step"]
-        _, allowed = resume_differences(state.get("config") or {}, config)
-        changes = list(state.get("changes") or []) + [{"step": start} | change for change in allowed]
-        data.load_state_dict(loader_state_of(state["loader"], rank, world))
-        if rank == 0:
-            truncate_log(run, start)
-    unet_trains = any(p.requires_grad for p in unet.parameters())
-    model = torch.nn.parallel.DistributedDataParallel(unet) if world > 1 and unet_trains else unet
-    if config.compile:
-        model = torch.compile(model)
-    examples = None
-    if config.inpainting and rank == 0 and config.sample_every and encode_prompts:
-        examples = grid_examples(data.loaders[0].shards[0], manifest, min(4, len(config.sample_prompts)))
-    return Training(
-        config,
-        run,
-        rank,
-        world,
-        device,
-        precision,
-        data,
-        manifest,
-        encode_text,
-        encode_prompts,
-        weights,
-        optimizer,
-        objective,
-        model,
-        start,
-        changes,
-        mirror,
-        examples,
-        text,
-        validation,
-    )
 
 
 def _checkpoint(t: Training, step: int) -> None:

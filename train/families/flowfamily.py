@@ -199,6 +199,14 @@ class FlowFamily(PipelineText):
         return model.config.out_channels
 
     # -- export ----------------------------------------------------------------------------------------------
+    def kohya_lora(self, lora: dict, alpha: float, loaded) -> dict:
+        from latentmill.errors import InputError
+
+        raise InputError(
+            f"export --format kohya: sd-scripts has no {self.name} LoRA layout that diffusers reads back; export "
+            f"with --format diffusers (pytorch_lora_weights.safetensors, which diffusers and ComfyUI load)."
+        )
+
     def pipeline(self, loaded, vae: str | None = None):
         """The run as the family's diffusers pipeline: its transformer, the latents' VAE (or `vae`), the text
         encoders it trained with, the scheduler it samples with."""

@@ -55,6 +55,12 @@ class Flux(FlowFamily):
             **self.tiny_configs[spec],
         )
 
+    def kohya_lora(self, lora: dict, alpha: float, loaded) -> dict:
+        """The transformer's adapters in sd-scripts' (and ComfyUI's) Flux keys, q/k/v fused (train/kohyalayouts.py)."""
+        from latentmill.train.kohyalayouts import flux_kohya
+
+        return flux_kohya(lora, alpha)
+
     def latent_channels(self, model) -> int:
         return model.config.in_channels // 4
 

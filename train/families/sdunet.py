@@ -132,6 +132,12 @@ class SdUnet:
         encoder = text_encoder_of(source, config, manifest, given)
         return lambda texts: torch.from_numpy(encoder.encode(list(texts)))
 
+    def kohya_lora(self, lora: dict, alpha: float, loaded) -> dict:
+        """The U-Net's adapters in sd-scripts' SD 1.x/2.x keys (diffusers' module names, train/lora.py)."""
+        from latentmill.train.lora import to_kohya
+
+        return to_kohya(lora, alpha)
+
     def pipeline(self, loaded, vae: str | None = None):
         """The run as a StableDiffusionPipeline (a StableDiffusionInpaintPipeline for an inpainting run). The
         text encoder must be a CLIPTextModel pipeline folder (the run's `--text-encoder`); the VAE is the one

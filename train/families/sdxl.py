@@ -153,6 +153,12 @@ class Sdxl(PipelineText, SdUnet):
             ).prev_sample
         return to_images(latents, vae, scaling_factor, shift_factor)
 
+    def kohya_lora(self, lora: dict, alpha: float, loaded) -> dict:
+        """The U-Net's adapters in sd-scripts' SDXL keys (ldm module names, train/kohyalayouts.py)."""
+        from latentmill.train.kohyalayouts import sdxl_kohya
+
+        return sdxl_kohya(lora, alpha, loaded.unet_config())
+
     def pipeline(self, loaded, vae: str | None = None):
         """A StableDiffusionXLPipeline with the DDIM scheduler latentmill samples with, the VAE of the latents,
         and the empty prompt encoded (not zeroed) for guidance, as the run's caption dropout trained it."""

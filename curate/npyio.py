@@ -17,8 +17,8 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def checked_npy(data: bytes, shape: tuple, what: str, why: str) -> np.ndarray:
-    """A float16 .npy of exactly `shape`, its header checked before anything is allocated (a header may
+def checked_npy(data: bytes, shape: tuple, what: str, why: str, dtype=LATENT_DTYPE) -> np.ndarray:
+    """A .npy of exactly `shape` and `dtype` (float16: latents), its header checked before anything is allocated (a header may
     claim any shape; numpy would allocate it before noticing the data is short)."""
     stream = io.BytesIO(data)
     try:
@@ -29,13 +29,14 @@ def checked_npy(data: bytes, shape: tuple, what: str, why: str) -> np.ndarray:
         header = read_header(stream)
     except (ValueError, SyntaxError, TypeError, EOFError) as err:
         raise InputError(f"{what}: not a .npy array ({err}).") from None
-    found_shape, fortran, dtype = header
-    if tuple(found_shape) != tuple(shape) or dtype != LATENT_DTYPE or fortran:
+    expected = np.dtype(dtype)
+    found_shape, fortran, found = header
+    if tuple(found_shape) != tuple(shape) or found != expected or fortran:
         raise InputError(
-            f"{what} is {dtype}{list(found_shape)}{' (Fortran order)' if fortran else ''}, expected "
-            f"float16{list(shape)} {why}."
+            f"{what} is {found}{list(found_shape)}{' (Fortran order)' if fortran else ''}, expected "
+            f"{expected}{list(shape)} {why}."
         )
     offset = stream.tell()
-    if len(data) - offset != int(np.prod(shape)) * np.dtype(LATENT_DTYPE).itemsize:
-        raise InputError(f"{what}: {len(data) - offset} bytes of data for float16{list(shape)}.")
-    return np.frombuffer(data, dtype=LATENT_DTYPE, offset=offset).reshape(shape).copy()  # one copy: writable
+    if len(data) - offset != int(np.prod(shape)) * expected.itemsize:
+        raise InputError(f"{what}: {len(data) - offset} bytes of data for {expected}{list(shape)}.")
+    return np.frombuffer(data, dtype=expected, offset=offset).reshape(shape).copy()  # one copy: writable

@@ -354,3 +354,59 @@ def test_a_flux_run_under_torchrun_with_2_ranks_resumes_exactly(latents16, tmp_p
     a = load_file(tmp_path / "straight" / "checkpoints" / "step-0000002" / "unet.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoints" / "step-0000002" / "unet.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_stored_text_states_train_as_the_encoders_on_the_device_do(family, latents16, tmp_path, run_cli):
+    """`encode-text` writes one shard of states per latent shard, listed in its manifest; `train --text-states`
+    joins them by key and trains as the run with the encoders on the device (float32 states: the same
+    numbers); a second encode-text run has nothing to do, and a shard whose marker is gone is made again."""
+    from safetensors.torch import load_file
+
+    from latentmill.train.loop import train
+
+    model, latents = FAMILIES[family], latents16 / _folders(family)[0]
+    states = tmp_path / "text"
+    out = run_cli("encode-text", latents, "-o", states, "--model", model, "--dtype", "float32")
+    assert out.exit_code == 0, out.output
+    manifest = json.loads((states / "manifest.json").read_text())
+    assert manifest["family"] == family and set(manifest["tensors"]) >= {"prompt_embeds", "pooled"}
+    assert all(spec["dtype"] == "float32" for spec in manifest["tensors"].values())
+    shards = sorted(p.stem for p in latents.glob("*.tar"))
+    assert sorted(p.stem for p in states.glob("*.tar")) == shards
+    again = run_cli("encode-text", latents, "-o", states, "--model", model, "--dtype", "float32")
+    assert again.exit_code == 0 and f"0 shard(s) encoded (0 captions), {len(shards)} already" in again.output
+    (states / f"{shards[0]}.json").unlink()
+    once = run_cli("encode-text", latents, "-o", states, "--model", model, "--dtype", "float32")
+    assert "1 shard(s) encoded" in once.output, once.output
+    train(_config(latents16, tmp_path / "device", model, steps=2))
+    train(_config(latents16, tmp_path / "stored", model, steps=2, text_states=str(states)))
+    logs = [
+        [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        for run in ("device", "stored")
+    ]
+    # step 2's loss is of the weights step 1 made: the same states gave the same update (Adam's normalised
+    # steps amplify the last bits of near-zero gradients, so single weights are not compared)
+    assert len(logs[0]) == 2 and logs[0] == pytest.approx(logs[1], rel=1e-4)
+    assert load_file(states / "empty.safetensors").keys() == manifest["tensors"].keys()
+
+
+def test_text_states_of_another_family_or_missing_shards_are_refused_by_name(latents16, tmp_path, run_cli):
+    from latentmill.errors import InputError
+    from latentmill.train.loop import train
+
+    states = tmp_path / "text"
+    assert run_cli("encode-text", latents16 / "latents", "-o", states, "--model", "tiny-flux").exit_code == 0
+    with pytest.raises(
+        InputError, match=r"states of the flux family's text encoders, and this run trains sd3"
+    ):
+        train(_config(latents16, tmp_path / "sd3", "tiny-sd3", steps=1, text_states=str(states)))
+    (victim,) = sorted(states.glob("*.json"))[:1]
+    victim.unlink()
+    with pytest.raises(InputError, match=rf"no states for .*{victim.stem}.*encode-text"):
+        train(_config(latents16, tmp_path / "flux", "tiny-flux", steps=1, text_states=str(states)))
+    assert (
+        not (tmp_path / "sd3").exists() and not (tmp_path / "flux").exists()
+    )  # refused before the run folder
+    unet = run_cli("encode-text", latents16 / "latents4", "-o", tmp_path / "u", "--model", "tiny")
+    assert unet.exit_code == 2 and "encode --text-encoder" in unet.output

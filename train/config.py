@@ -83,6 +83,13 @@ class TrainConfig(*SECTIONS, StageConfig):
         "pipeline folder or the tiny config's tiny encoders (sdxl, sd3, flux).",
         model=True,
     )
+    text_states: str | None = opt(
+        None,
+        "Text states stored by `latentmill encode-text` for the latent folder (sdxl, sd3, flux): the run reads each "
+        "caption's states from there instead of running the text encoders at every step.",
+        path=True,
+        since="0.4",
+    )
     vae: str | None = opt(
         None,
         "VAE for sample grids and export; checked against the one the latents were made with "
@@ -200,6 +207,14 @@ class TrainConfig(*SECTIONS, StageConfig):
         # one weight per folder is checked where shard files are grouped into folders (train/data.py)
         if self.mix is not None and (any(w < 0 for w in self.mix) or sum(self.mix) <= 0):
             raise InputError(f"{self.name('mix')} {self.mix}: weights are >= 0 and not all 0.")
+        if self.text_states and (
+            self.shuffle_tags or self.tag_dropout or len(self.sources()) > 1 or self.class_data
+        ):
+            raise InputError(
+                f"{self.name('text_states')}: stored states are of one latent folder's captions as they are; "
+                f"--shuffle-tags, --tag-dropout, a mixture and DreamBooth's class images need the text encoders "
+                f"on the device (leave out --text-states)."
+            )
         if (self.shuffle_tags or self.tag_dropout) and not self.text_encoder:
             raise InputError(
                 "train: --shuffle-tags and --tag-dropout change caption text, which needs --text-encoder (captions "

@@ -117,6 +117,7 @@ class LatentLoader:
     prefetch: int = 4  # batches each worker prepares ahead
     cache: ShardCache | None = None  # local copies of shards in an object store, read ahead
     strict: bool = False  # a damaged shard or sample stops training (InputError) instead of being skipped
+    text_states: object | None = None  # train/textstates.py TextStateShards: stored states joined by key
     state: LoaderState = field(default_factory=LoaderState)
     skipped: dict = field(default_factory=dict)  # this process's reader: reason -> samples or shards skipped
     _worker_skipped: dict = field(default_factory=dict)
@@ -193,9 +194,10 @@ class LatentLoader:
     def _read(self, shard: str, upcoming: list[str] = ()) -> Iterator[dict]:
         try:
             stream = self.cache.open(shard, upcoming) if self.cache and is_remote(shard) else None
-            yield from iter_latent_shard(
+            samples = iter_latent_shard(
                 shard, self.manifest, errors=None if self.strict else self.skipped, stream=stream, verify=True
             )
+            yield from self.text_states.join(shard, samples) if self.text_states else samples
         except OSError as err:  # the shard cannot be opened at all (gone since the start, URL down)
             message = f"{shard}: cannot be read ({err})."
             if self.strict:
@@ -210,7 +212,8 @@ class LatentLoader:
             wanted.setdefault(shard, set()).add(key)
         found: dict[tuple[str, str], dict] = {}
         for shard, keys in wanted.items():
-            for sample in iter_latent_shard(shard, self.manifest, errors={}, verify=True):
+            samples = iter_latent_shard(shard, self.manifest, errors={}, verify=True)
+            for sample in self.text_states.join(shard, samples) if self.text_states else samples:
                 if sample["key"] in keys and (shard, sample["key"]) not in found:
                     sample["shard"] = shard
                     found[(shard, sample["key"])] = sample
@@ -304,6 +307,11 @@ class LatentLoader:
         if len(masks) == len(samples):
             batch["mask"] = torch.from_numpy(np.stack(masks).astype(np.float32))
         batch |= draw_variants(samples, rng)  # inpainting: one stored mask variant per sample
+        if all("text_states" in s for s in samples):  # float16 or float32, as encode-text stored them
+            names = samples[0]["text_states"]
+            batch["text_states"] = {
+                n: torch.from_numpy(np.stack([s["text_states"][n] for s in samples])) for n in names
+            }
         if all("text_emb" in s for s in samples):
             batch["text_emb"] = torch.from_numpy(
                 np.stack([s["text_emb"] for s in samples])

@@ -88,13 +88,13 @@ def set_up(config: TrainConfig, mirror: RunMirror | None) -> Training:
     run = _local_run_folder(config, mirror, world)
     # the latent folders (a mixture, DreamBooth's class images beside), read before anything is written
     sets = latent_sets(config.sources())
-    data = _training_data(config, sets, rank, world, device)
+    family = family_of(config.family)  # the denoiser, its conditioning, its objective and its sampler
+    data = _training_data(config, sets, rank, world, device, _text_states(config, family, sets))
     manifest = data.manifest
     validation = validation_set(config, sets, manifest, device, rank)  # --eval-every's held-out latents
     if config.epochs:
         per_step = config.batch_size * config.grad_accum * world
         config = replace(config, steps=data.steps_of_epochs(config.epochs, per_step))
-    family = family_of(config.family)  # the denoiser, its conditioning, its objective and its sampler
     family.check_latents(manifest, manifest["buckets"])
     text = TrainableText(config, device, config.seed) if config.trains_text else None
     encode_text, text_width, encode_prompts = family.conditioning(
@@ -166,7 +166,27 @@ def _local_run_folder(config: TrainConfig, mirror: RunMirror | None, world: int)
     return mirror.local if mirror else Path(config.output)
 
 
-def _training_data(config: TrainConfig, sets, rank: int, world: int, device: str) -> TrainingData:
+def _text_states(config: TrainConfig, family, sets):
+    """--text-states: the stored states, checked to be this family's, of its text encoders, for every shard."""
+    if not config.text_states:
+        return None
+    from latentmill.errors import InputError
+    from latentmill.train.families.pipelinetext import PipelineText
+    from latentmill.train.textstates import TextStateShards
+
+    if not isinstance(family, PipelineText):
+        raise InputError(
+            f"--text-states: the {family.name} family reads caption states stored in its latent shards (`encode "
+            f"--text-encoder`) or runs its text encoder; text-state folders are for sdxl, sd3 and flux."
+        )
+    states = TextStateShards(config.text_states)
+    states.check_fits(family.name, family.text_spec(config), sets[0][1])
+    return states
+
+
+def _training_data(
+    config: TrainConfig, sets, rank: int, world: int, device: str, text_states
+) -> TrainingData:
     data = TrainingData(
         sets,
         config.mix,
@@ -183,6 +203,7 @@ def _training_data(config: TrainConfig, sets, rank: int, world: int, device: str
         pin_memory=device.startswith("cuda"),
         cache=shard_cache(config, sets),
         strict=config.strict,
+        text_states=text_states,
     )
     if config.masked_loss:
         data.check_masks([name for name, _ in sets])

@@ -30,6 +30,10 @@ COMMANDS = {
         "latentmill.cli.encode:encode",
         "Bucket, resize, crop and VAE-encode images into latent shards.",
     ),
+    "encode-text": (
+        "latentmill.cli.latents:encode_text",
+        "Store each caption's text states beside a latent folder (sdxl, sd3, flux), for train --text-states.",
+    ),
     "score": (
         "latentmill.cli.filters:score",
         "Score images with CLIP and predictor heads (aesthetic, unsafe, watermark).",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from latentmill.cli.options import Location
+from latentmill.cli.options import Location, click_options, config_from
 from latentmill.progress import progress_bar
+from latentmill.train.textstates import TextStatesConfig
 
 
 @click.group()
@@ -43,4 +44,31 @@ def verify(folder):
         )
     click.echo(
         f"{folder}: {report['shards']} shard(s), {report['samples']:,} samples: all match the manifest."
+    )
+
+
+@click.command("encode-text")
+@click.argument("latents", type=Location(exists=True))
+@click.option("-o", "--output", required=True, type=Location(), help="The text-state folder to write.")
+@click_options(TextStatesConfig)
+def encode_text(latents, output, **options):
+    """Store each caption's text states beside a latent folder, for `train --text-states`.
+
+    One shard of states per latent shard, keyed like the latents, made by the family's pipeline's own
+    text encoders (SDXL's CLIPs; SD3's CLIPs and T5; Flux's CLIP and T5). Run it again after captions
+    change: only the shards whose captions changed are encoded again; the latents are not touched.
+
+    \b
+    Example:
+      latentmill encode-text latents-512/ -o text-512/ --model black-forest-labs/FLUX.1-dev
+      latentmill train latents-512/ --text-states text-512/ --model black-forest-labs/FLUX.1-dev -o runs/flux
+    """
+    from latentmill.train.textstates import encode_text_states
+
+    config = config_from(TextStatesConfig, options)
+    with progress_bar(None, "encode-text", unit="caption") as bar:
+        totals = encode_text_states(latents, output, config, progress=bar.update)
+    click.echo(
+        f"{output}: {totals['encoded']} shard(s) encoded ({totals['captions']:,} captions), "
+        f"{totals['skipped']} already up to date."
     )

@@ -65,19 +65,33 @@ class PipelineText:
                 f"not supported yet; train the denoiser (or LoRA on it) with the text encoders frozen."
             )
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        pipe = self.text_pipeline(self.text_spec(config), device, dtype)
-        max_tokens = self.max_sequence_length(pipe, config)
+        loaded = {}
 
         def states(captions):
+            if not loaded:  # with --text-states, only for sample grids and validation prompts
+                loaded["pipe"] = pipe = self.text_pipeline(self.text_spec(config), device, dtype)
+                loaded["max_tokens"] = self.max_sequence_length(pipe, config)
             with torch.inference_mode():
-                return self.encode_prompts(pipe, list(captions), device, max_tokens).float()
+                return self.encode_prompts(
+                    loaded["pipe"], list(captions), device, loaded["max_tokens"]
+                ).float()
 
-        empty = states([""])
+        if config.text_states:  # train/textstates.py: each caption's states stored, joined to its latents
+            from latentmill.train.textstates import TextStateShards
 
-        def encode(batch, generator):
-            captions = caption_variants(batch["captions"], config, generator)
-            drop = torch.rand(len(captions), generator=generator) < config.caption_dropout
-            return states(captions).where(drop, empty)
+            empty = Conditioning(TextStateShards(config.text_states).empty()).to(device).float()
+
+            def encode(batch, generator):
+                stored = Conditioning(batch["text_states"]).to(device, non_blocking=True).float()
+                drop = torch.rand(stored.batch, generator=generator) < config.caption_dropout
+                return stored.where(drop, empty)
+        else:
+            empty = states([""])
+
+            def encode(batch, generator):
+                captions = caption_variants(batch["captions"], config, generator)
+                drop = torch.rand(len(captions), generator=generator) < config.caption_dropout
+                return states(captions).where(drop, empty)
 
         def prompts(texts):
             return states(texts).cpu(), empty.cpu()

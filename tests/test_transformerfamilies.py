@@ -410,3 +410,28 @@ def test_text_states_of_another_family_or_missing_shards_are_refused_by_name(lat
     )  # refused before the run folder
     unet = run_cli("encode-text", latents16 / "latents4", "-o", tmp_path / "u", "--model", "tiny")
     assert unet.exit_code == 2 and "encode --text-encoder" in unet.output
+
+
+def test_an_sdxl_run_exports_as_one_file_that_from_single_file_reads_as_the_same_model(
+    trained, tmp_path, run_cli
+):
+    """SDXL's single file: the U-Net and VAE in the ldm layout, CLIP-L under conditioner.embedders.0, CLIP-G
+    in open_clip's layout under conditioner.embedders.1; the flow families' files are refused by name."""
+    from diffusers import StableDiffusionXLPipeline
+
+    family, straight, _ = trained
+    out = run_cli("export", straight, "--format", "single-file", "-o", tmp_path / "model.safetensors")
+    if family != "sdxl":
+        assert out.exit_code == 2 and "--format pipeline" in out.output
+        return
+    assert out.exit_code == 0, out.output
+    assert run_cli("export", straight, "-o", tmp_path / "pipe").exit_code == 0
+    folder = StableDiffusionXLPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
+    single = StableDiffusionXLPipeline.from_single_file(
+        str(tmp_path / "model.safetensors"), config=str(tmp_path / "pipe"), local_files_only=True
+    )
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(folder, part).state_dict(), getattr(single, part).state_dict()
+        assert ours.keys() == theirs.keys(), part
+        for name, tensor in ours.items():
+            assert torch.equal(tensor, theirs[name]), (part, name)

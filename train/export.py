@@ -20,22 +20,24 @@ def export_pipeline(
 def export_single_file(run: str | Path, output: Path, use_ema: bool = True, vae: str | None = None) -> Path:
     """The whole model (U-Net, VAE, text encoder) as one .safetensors file in the original Stable
     Diffusion layout (train/singlefile.py), what A1111, ComfyUI and diffusers' `from_single_file` load."""
-    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
     from latentmill.curate.storage import atomic_path
     from latentmill.train.singlefile import to_single_file
 
     pipeline = pipeline_of_run(run, use_ema, vae)
-    if not isinstance(pipeline, StableDiffusionPipeline | StableDiffusionInpaintPipeline):
+    sd = StableDiffusionPipeline | StableDiffusionInpaintPipeline | StableDiffusionXLPipeline
+    if not isinstance(pipeline, sd):
         raise InputError(
             f"--format single-file: {run} is a {type(pipeline).__name__}; the single-file layout latentmill "
-            f"writes is Stable Diffusion's. Export it as a pipeline folder (--format pipeline) or its LoRA."
+            f"writes is Stable Diffusion's and SDXL's. Export it as a pipeline folder (--format pipeline) or its LoRA."
         )
     target = export_target(Path(run), output, "single-file")
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
-        save_file(to_single_file(pipeline.unet, pipeline.vae, pipeline.text_encoder), str(tmp))
+        second = getattr(pipeline, "text_encoder_2", None)  # SDXL's CLIP-G
+        save_file(to_single_file(pipeline.unet, pipeline.vae, pipeline.text_encoder, second), str(tmp))
     return target
 
 

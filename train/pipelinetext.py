@@ -14,6 +14,7 @@ from pathlib import Path
 from latentmill.errors import InputError
 
 TINY = {"sdxl-text-tiny": "sdxl", "sd3-text-tiny": "sd3", "flux-text-tiny": "flux"}
+TINY_VERSION = 2  # in the cached folder's name: a change to the tiny configs writes them anew
 TINY_T5_TOKENS = 32  # the tiny T5 tokenizer's max length (SD3 reads 256 T5 tokens, Flux dev 512)
 
 
@@ -65,12 +66,12 @@ def _load(path, spec, local, parts, optional, what, found):
 def tiny_folder(spec: str) -> Path:
     from latentmill.curate.scratch import root
 
-    return write_tiny_text(root() / f"model-{spec}", TINY[spec])
+    return write_tiny_text(root() / f"model-{spec}-{TINY_VERSION}", TINY[spec])
 
 
 def write_tiny_text(folder: str | Path, family: str) -> Path:
     """A family's text encoders and tokenizers with tiny random weights (seeded), in its pipeline's layout:
-    sdxl -> text_encoder (CLIPTextModel, 32-d) and text_encoder_2 (CLIPTextModelWithProjection, 32-d); sd3 -> text_encoder, text_encoder_2 (CLIPTextModelWithProjection, 32-d, projecting to 32) and
+    sdxl -> text_encoder (CLIPTextModel, 32-d) and text_encoder_2 (CLIPTextModelWithProjection, 48-d); sd3 -> text_encoder, text_encoder_2 (CLIPTextModelWithProjection, 32-d, projecting to 32) and
     text_encoder_3 (T5EncoderModel, 64-d); flux -> text_encoder (CLIPTextModel, 32-d) and text_encoder_2
     (T5EncoderModel, 64-d); each with its tokenizer (letters and digits)."""
     import torch
@@ -115,7 +116,9 @@ def write_tiny_text(folder: str | Path, family: str) -> Path:
         torch.manual_seed(0)
         if family == "sdxl":
             CLIPTextModel(CLIPTextConfig(**clip)).save_pretrained(tmp / "text_encoder")
-            CLIPTextModelWithProjection(CLIPTextConfig(**clip)).save_pretrained(tmp / "text_encoder_2")
+            # CLIP-G is wider than CLIP-L, as in SDXL (1280 and 768): single-file readers tell them apart so
+            wide = clip | {"hidden_size": 48, "intermediate_size": 96, "projection_dim": 48}
+            CLIPTextModelWithProjection(CLIPTextConfig(**wide)).save_pretrained(tmp / "text_encoder_2")
             names = {"tokenizer": "clip", "tokenizer_2": "clip"}
         elif family == "sd3":
             CLIPTextModelWithProjection(CLIPTextConfig(**clip)).save_pretrained(tmp / "text_encoder")

@@ -1,6 +1,7 @@
 """A whole Stable Diffusion model in one `.safetensors` file, in the original (CompVis/ldm) layout that
 AUTOMATIC1111, ComfyUI and `diffusers`' `from_single_file` load: the U-Net under `model.diffusion_model.`,
-the VAE under `first_stage_model.`, the CLIP text model under `cond_stage_model.transformer.`.
+the VAE under `first_stage_model.`, the CLIP text model under `cond_stage_model.transformer.` (SDXL's two
+under `conditioner.embedders.0.transformer.` and, in open_clip's layout, `conditioner.embedders.1.model.`).
 
 The names are made from the diffusers model configs (block counts, layers per block, which blocks have
 attention), the inverse of diffusers' own `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint`.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+SDXL_TEXT, SDXL_TEXT_2 = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 RESNET = {  # diffusers ResnetBlock2D -> ldm ResBlock
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
@@ -37,6 +39,8 @@ def unet_names(config: dict) -> dict[str, str]:
         "mid_block.resnets.0": "middle_block.0",
         "mid_block.attentions.0": "middle_block.1",
         "mid_block.resnets.1": "middle_block.2",
+        "add_embedding.linear_1": "label_emb.0.0",  # SDXL's micro-conditioning embedding
+        "add_embedding.linear_2": "label_emb.0.2",
     }
     for b, kind in enumerate(down):
         for layer in range(per):
@@ -93,8 +97,10 @@ def _rename(key: str, names: dict[str, str], inner: dict[str, str]) -> str:
     return key
 
 
-def to_single_file(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
-    """The three models' weights under their ldm names, ready for `safetensors.torch.save_file`."""
+def to_single_file(unet, vae, text_encoder, text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """The models' weights under their ldm names, ready for `safetensors.torch.save_file`. With
+    `text_encoder_2` (SDXL's CLIP-G), the text encoders go where SDXL's file keeps them: CLIP-L under
+    `conditioner.embedders.0.transformer.`, CLIP-G in open_clip's layout under `conditioner.embedders.1.model.`."""
     out: dict[str, torch.Tensor] = {}
     unet_map = unet_names(dict(unet.config))
     for key, tensor in unet.state_dict().items():
@@ -107,7 +113,39 @@ def to_single_file(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
         if ".attn_1." in name and name.rsplit(".", 1)[-1] == "weight" and tensor.ndim == 2:
             tensor = tensor[:, :, None, None]  # ldm's attention projections are 1x1 convolutions
         out[VAE + name] = tensor
+    text = SDXL_TEXT if text_encoder_2 is not None else TEXT
     for key, tensor in text_encoder.state_dict().items():
         # the original layout has transformers' older names (text_model.*), which newer versions flatten
-        out[TEXT + (key if key.startswith("text_model.") else "text_model." + key)] = tensor
+        out[text + (key if key.startswith("text_model.") else "text_model." + key)] = tensor
+    if text_encoder_2 is not None:
+        out |= {SDXL_TEXT_2 + key: tensor for key, tensor in open_clip_names(text_encoder_2).items()}
     return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def open_clip_names(model) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModelWithProjection in open_clip's layout (SDXL's CLIP-G as its file holds it):
+    q, k, v as one `in_proj`, `text_projection` as open_clip applies it (x @ P, so the Linear's weight
+    transposed); the inverse of diffusers' `convert_open_clip_checkpoint`."""
+    state = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
+    out = {
+        "token_embedding.weight": state["embeddings.token_embedding.weight"],
+        "positional_embedding": state["embeddings.position_embedding.weight"],
+        "ln_final.weight": state["final_layer_norm.weight"],
+        "ln_final.bias": state["final_layer_norm.bias"],
+        "text_projection": state["text_projection.weight"].T,
+    }
+    for i in range(model.config.num_hidden_layers):
+        hf, oc = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{oc}attn.in_proj_{kind}"] = torch.cat(
+                [state[f"{hf}self_attn.{p}_proj.{kind}"] for p in ("q", "k", "v")]
+            )
+            for ours, theirs in (
+                ("self_attn.out_proj", "attn.out_proj"),
+                ("layer_norm1", "ln_1"),
+                ("layer_norm2", "ln_2"),
+                ("mlp.fc1", "mlp.c_fc"),
+                ("mlp.fc2", "mlp.c_proj"),
+            ):
+                out[f"{oc}{theirs}.{kind}"] = state[f"{hf}{ours}.{kind}"]
+    return out

@@ -134,9 +134,11 @@ def validate(recipe: dict, source: str) -> None:
         )
 
 
-def load_section_file(path: str | Path, name: str) -> dict:
+def load_section_file(path: str | Path, name: str, given: dict | None = None) -> dict:
     """A YAML file of one section's keys (`train --config FILE`: the keys of a recipe's `train:`),
-    checked as the recipe's section is: unknown keys named with the nearest, values validated."""
+    checked as the recipe's section is: unknown keys named with the nearest, values validated, with the
+    options `given` on the command line over the file's (they override it, so a rule such as "give --model"
+    counts them)."""
     try:
         body = load_yaml(Path(path).read_text(), str(path)) or {}
     except OSError as err:
@@ -145,11 +147,11 @@ def load_section_file(path: str | Path, name: str) -> dict:
         raise InputError(f"{path}: not valid YAML ({err}).") from None
     if isinstance(body, dict) and set(body) == {name}:  # a recipe-shaped file: {train: {...}}
         body = body[name] or {}
-    _check_mapping(SECTIONS[name](), body, str(path), name)
+    _check_mapping(SECTIONS[name](), body, str(path), name, given)
     return body
 
 
-def _check_mapping(schema, body, source: str, where: str) -> None:
+def _check_mapping(schema, body, source: str, where: str, given: dict | None = None) -> None:
     fields = {f.name: f for f in dataclasses.fields(schema)}
     allowed = set(fields) - RUN_MANAGED.get(where, set())
     if not isinstance(body or {}, dict):
@@ -172,7 +174,7 @@ def _check_mapping(schema, body, source: str, where: str) -> None:
                 f"Valid keys of {where}: {', '.join(sorted(allowed))}."
             )
     try:
-        from_section(schema, body or {}, **PLACEHOLDERS.get(where, {}))
+        from_section(schema, (body or {}) | (given or {}), **PLACEHOLDERS.get(where, {}))
     except InputError as err:
         raise InputError(f"{source}: {str(err).replace(f'{schema.SECTION}.', f'{where}.', 1)}") from None
     except TypeError as err:  # a required key missing

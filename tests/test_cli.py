@@ -84,3 +84,23 @@ def test_the_report_loss_chart_reads_past_a_cut_off_log_line(tmp_path):
     )
     chart = _loss_chart(log)
     assert chart is not None
+
+
+def test_options_on_the_command_line_count_for_a_config_files_rules(tmp_path, run_cli):
+    """`train --config FILE --model M`: the file has no `model:`, the command line gives it; the rules between
+    settings see both (the next refusal is about the latents, not "give --model")."""
+    (tmp_path / "style.yaml").write_text("steps: 3\nlearning_rate: 5.0e-5\n")
+    (tmp_path / "none").mkdir()
+    given = run_cli(
+        "train",
+        tmp_path / "none",
+        "-o",
+        tmp_path / "r",
+        "--config",
+        tmp_path / "style.yaml",
+        "--model",
+        "tiny",
+    )
+    assert given.exit_code == 2 and "no latent shards" in given.output, given.output
+    missing = run_cli("train", tmp_path / "none", "-o", tmp_path / "r", "--config", tmp_path / "style.yaml")
+    assert missing.exit_code == 2 and "give --model" in missing.output

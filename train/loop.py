@@ -33,11 +33,12 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
     return 1.0
 
 
-def train(config: TrainConfig, progress=None, log=None, evaluate=None) -> dict:
+def train(config: TrainConfig, progress=None, log=None, evaluate=None, steps_known=None) -> dict:
     """Train a U-Net on latent shards into `config.output`; return the last step's metrics. `log`: where
     to say what a resumed run does (resuming from step N of M, or nothing left to train). `evaluate`: at
     --eval-every steps, rank 0 calls it with the EMA U-Net, the prompt encoder and the manifest for more
-    numbers to log (latentmill/evaluation.py `TrainingEval`: CLIP score, FID)."""
+    numbers to log (latentmill/evaluation.py `TrainingEval`: CLIP score, FID). `steps_known(steps)`: told the
+    steps --epochs come to, once the data is read (a progress bar's total)."""
     config.validate()
     if not config.family:  # --model's (a tiny config's, a pipeline folder's), recorded as such
         from latentmill.train.families import infer_family
@@ -45,15 +46,17 @@ def train(config: TrainConfig, progress=None, log=None, evaluate=None) -> dict:
         config = replace(config, family=infer_family(config.model))
     mirror = mirror_of(config.output)  # a run in an object store trains through a local copy
     try:
-        return _train(config, mirror, progress, log, evaluate)
+        return _train(config, mirror, progress, log, evaluate, steps_known)
     finally:
         if mirror:  # given up on every way out (a finished run has removed it already)
             mirror.release()
 
 
-def _train(config: TrainConfig, mirror: RunMirror | None, progress, log, evaluate) -> dict:
+def _train(config: TrainConfig, mirror: RunMirror | None, progress, log, evaluate, steps_known) -> dict:
     t = set_up(config, mirror)  # train/runsetup.py
     config = t.config  # with --epochs: the steps they come to
+    if steps_known and config.epochs:
+        steps_known(config.steps)
     if log and t.rank == 0 and config.epochs:
         log(f"{config.epochs} epoch(s) of the data: {config.steps} steps")
     if config.resume and log and t.rank == 0:
@@ -116,10 +119,13 @@ def _train(config: TrainConfig, mirror: RunMirror | None, progress, log, evaluat
             t.optimizer.zero_grad(set_to_none=True)
             t.weights.update_ema(config.ema_decay, step)
 
-            evaluating = bool(config.eval_every) and (step + 1) % config.eval_every == 0
-            logging = (step + 1) % config.log_every == 0 or step == t.start or evaluating
-            checkpointing = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
-            if not (logging or checkpointing):
+            # each cadence on its own step multiples, and all of them at the last step
+            last = step + 1 == config.steps
+            evaluating = bool(config.eval_every) and ((step + 1) % config.eval_every == 0 or last)
+            sampling = bool(config.sample_every) and ((step + 1) % config.sample_every == 0 or last)
+            logging = (step + 1) % config.log_every == 0 or step == t.start or evaluating or last
+            checkpointing = (step + 1) % config.checkpoint_every == 0 or last
+            if not (logging or checkpointing or sampling):
                 continue
             # before any checkpoint could save damaged weights
             stop_on_nonfinite(first_bad, recent_keys, t.run, metrics.get("loss"))
@@ -145,12 +151,7 @@ def _train(config: TrainConfig, mirror: RunMirror | None, progress, log, evaluat
                 run_log.write(metrics)
                 if progress:
                     progress(metrics)
-            if (
-                t.rank == 0
-                and t.encode_prompts
-                and config.sample_every
-                and (step + 1) % config.sample_every == 0
-            ):
+            if sampling and t.rank == 0 and t.encode_prompts:  # every rank took this branch: no rank waits
                 with t.weights.ema_unet() as ema:
                     grid = sample_grid(t.run, step + 1, ema, t.encode_prompts, t.manifest, config, t.examples)
                 run_log.image(step + 1, grid)

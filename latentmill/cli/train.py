@@ -54,13 +54,21 @@ def train(ctx, shards, output, config_file, **kwargs):
     if config_file:  # the file's settings, under the options typed now
         from latentmill.recipe import load_section_file
 
-        kwargs |= {k: v for k, v in load_section_file(config_file, "train").items() if k not in typed}
-        typed = typed + list(load_section_file(config_file, "train"))
+        given = {
+            k: list(kwargs[k]) if isinstance(kwargs[k], tuple) else kwargs[k] for k in typed if k in kwargs
+        }
+        body = load_section_file(config_file, "train", given)
+        kwargs |= {k: v for k, v in body.items() if k not in typed}
+        typed = typed + list(body)
     kwargs |= resumed_values(saved_config, typed)
     shards = list(shards) or list(saved_config.get("shards") or [])  # resume: the run's own shards
     config = config_from(TrainConfig, kwargs, shards=shards, output=output)
     total = None if config.epochs else config.steps  # epochs: the steps are known once the data is read
     with tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, leave=False) as bar:
+
+        def steps_known(steps: int) -> None:  # --epochs: the loop says how many steps they come to
+            bar.total = steps
+            bar.refresh()
 
         def progress(metrics):
             bar.n = int(metrics.get("step", bar.n))
@@ -77,7 +85,13 @@ def train(ctx, shards, output, config_file, **kwargs):
         else:
             from latentmill.evaluation import training_eval
 
-            metrics = run_train(config, progress=progress, log=click.echo, evaluate=training_eval(config))
+            metrics = run_train(
+                config,
+                progress=progress,
+                log=click.echo,
+                evaluate=training_eval(config),
+                steps_known=steps_known,
+            )
     if metrics.get("rank", 0) == 0 and not metrics.get("finished_before"):
         click.echo(
             f"step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}; checkpoints in {output}/checkpoints"

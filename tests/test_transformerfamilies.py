@@ -435,3 +435,17 @@ def test_an_sdxl_run_exports_as_one_file_that_from_single_file_reads_as_the_same
         assert ours.keys() == theirs.keys(), part
         for name, tensor in ours.items():
             assert torch.equal(tensor, theirs[name]), (part, name)
+
+
+def test_logging_sampling_and_checkpoints_each_fire_on_their_own_steps_and_at_the_last(latents16, tmp_path):
+    from latentmill.train.loop import train
+
+    run = tmp_path / "run"
+    cadences = dict(steps=5, log_every=10, sample_every=2, sample_steps=1, checkpoint_every=4)
+    train(_config(latents16, run, "tiny-sdxl", sample_prompts=["a cat"], **cadences))
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == [
+        f"step-{s:07d}.png" for s in (2, 4, 5)
+    ]  # not only where a log line is written
+    logged = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 5]  # the first step, then the last
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-0000004", "step-0000005"]

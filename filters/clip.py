@@ -116,9 +116,12 @@ def hub_reachable(url: str = "", timeout: float = 3.0) -> bool:
     return True
 
 
-def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision: str = "fp32") -> ClipModel:
+def load_clip(
+    name: str, pretrained: str | None, device: str = "cpu", precision: str = "fp32", option: str = ""
+) -> ClipModel:
     """An open_clip model ready to embed. `pretrained`: a tag, a local checkpoint file, or None/'none'
-    for random weights (tests, speed runs)."""
+    for random weights (tests, speed runs). `option`: how the command that asked spells the weights, for
+    messages (default `--pretrained FILE`; eval's is `--clip-model NAME:FILE`)."""
     import open_clip
     import torch
 
@@ -140,7 +143,7 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision:
         and pretrained not in open_clip.list_pretrained_tags_by_model(name)
     ):
         raise InputError(
-            f"--pretrained {pretrained!r}: neither a file nor a pretrained tag of {name} "
+            f"{option or '--pretrained '}{pretrained!r}: neither a file nor a pretrained tag of {name} "
             f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'})."
         )
     missing = missing_weights(name, pretrained) if pretrained and not Path(pretrained).exists() else None
@@ -148,7 +151,7 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision:
     if missing and not hub_reachable(url):  # local cache first; offline, no minute of hub retries
         raise InputError(
             f"{missing}. The model hub cannot be reached from here, so nothing was downloaded; fetch the weights "
-            f"where it can be, or pass the checkpoint file: --pretrained /path/to/open_clip_pytorch_model.bin."
+            f"where it can be, or pass the checkpoint file: {option or '--pretrained '}/path/to/open_clip_pytorch_model.bin."
         )
     torch.manual_seed(0)
     try:
@@ -158,7 +161,7 @@ def load_clip(name: str, pretrained: str | None, device: str = "cpu", precision:
     except (RuntimeError, OSError) as err:
         raise InputError(
             f"CLIP weights {name}/{pretrained} could not be loaded ({str(err).splitlines()[0]}). Offline, "
-            f"download the checkpoint elsewhere and pass its path: --pretrained /path/to/open_clip_pytorch_model.bin."
+            f"download the checkpoint elsewhere and pass its path: {option or '--pretrained '}/path/to/open_clip_pytorch_model.bin."
         ) from None
     model.eval().requires_grad_(False)
     dtype = torch_dtype(precision)

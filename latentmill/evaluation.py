@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latentmill.errors import InputError
+from latentmill.errors import InputError, warn
 from latentmill.filters.clip import DEFAULT_SPEC as CLIP_DEFAULT  # score's model: MODEL:PRETRAINED
 
 
@@ -134,6 +134,23 @@ def evaluate_run(
     features = features or f"clip:{clip_model}"
     space = feature_space(features, device) if reference else None
     reference_features, reference_stats = set_features(reference, space) if reference else (None, None)
+    skipped = {}
+    if reference and not kid_only:  # known before any image is made: FID needs more images than dimensions
+        too_few = [
+            (n, s)
+            for n, s in ((str(reference), reference_stats["count"]), ("--count", count))
+            if s <= space.dim
+        ]
+        if too_few:
+            why = (
+                f"FID needs more images than the {space.dim} dimensions of --features {space.spec}, and "
+                + ", ".join(f"{n} has {s}" for n, s in too_few)
+            )
+            if reference_features is None:  # statistics alone: nothing else to compare with
+                why += f"; {reference} is statistics, so no KID either"
+            warn(f"eval: {why}; measuring what can be measured (more images for FID).")
+            skipped["fid"] = why
+            kid_only = True
     make = sampler(source, text_encoder=text_encoder, negative=negative)  # no checkpoint: refused here, first
     jobs = [prompts[i % len(prompts)] for i in range(count)]
     images = []
@@ -144,12 +161,12 @@ def evaluate_run(
         if progress:
             progress(len(chunk))
     name, _, pretrained = clip_model.partition(":")
-    clip = load_clip(name, pretrained or None, device)
+    clip = load_clip(name, pretrained or None, device, option=f"--clip-model {name}:")
     with torch.inference_mode():
         image_embeddings = torch.cat([clip.embed_images(torch.stack([clip.preprocess(im)])) for im in images])
         text_embeddings = clip.embed_texts(jobs)
     result: dict = {"clip_score": clip_score(image_embeddings.numpy(), text_embeddings.numpy())}
-    if reference:
+    if reference and not (kid_only and reference_features is None):
         generated = space.features(images)
         mu, sigma = statistics(generated)
         stats = {"mu": mu, "sigma": sigma, "count": len(generated)}
@@ -162,6 +179,8 @@ def evaluate_run(
             (str(reference), "the generated images"),
             kid_only,
         )
+    if skipped:
+        result["skipped"] = skipped
     result |= {
         "count": count,
         "settings": {

@@ -177,6 +177,12 @@ def test_eval_of_a_run_is_repeatable_and_writes_eval_json(tmp_path, run_cli, mon
     assert empty.exit_code == 2 and "holds no prompt" in empty.output
     odd = run_cli(*args, "--width", "60", "--height", "64")
     assert odd.exit_code == 2 and "multiples of 8" in odd.output
+    # 6 images in a 64-d space: no FID, said before any image is made; the rest is measured and kept
+    few = run_cli(*[a for a in args if a != "--kid-only"], "-o", tmp_path / "few.json")
+    assert few.exit_code == 0, few.output
+    kept = json.loads((tmp_path / "few.json").read_text())
+    assert "fid" not in kept and "FID needs more images than the" in kept["skipped"]["fid"]
+    assert kept["clip_score"] == numbers["clip_score"] and kept["kid"] == numbers["kid"]
 
 
 def test_dinov2_features_come_from_a_local_transformers_folder(tmp_path):

@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 import torch
 
 from latentmill.devices import torch_dtype
+from latentmill.errors import warn
 from latentmill.train.checkpoint import save_checkpoint, stop_on_nonfinite
 from latentmill.train.config import TrainConfig
 from latentmill.train.remoterun import RunMirror, mirror_of
@@ -57,6 +58,12 @@ def _train(config: TrainConfig, mirror: RunMirror | None, progress, log, evaluat
     config = t.config  # with --epochs: the steps they come to
     if steps_known and config.epochs:
         steps_known(config.steps)
+    if t.rank == 0 and not config.resume and config.warmup_steps >= config.steps:
+        warn(
+            f"--warmup-steps {config.warmup_steps} is not shorter than the run ({config.steps} steps): the learning "
+            f"rate never reaches --learning-rate {config.learning_rate:g}; give --warmup-steps (e.g. "
+            f"{max(0, config.steps // 10)})."
+        )
     if log and t.rank == 0 and config.epochs:
         log(f"{config.epochs} epoch(s) of the data: {config.steps} steps")
     if config.resume and log and t.rank == 0:

@@ -4,6 +4,7 @@ Biases as `--report-to` says."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,8 +30,11 @@ class RunLog:
         elif self.config.report_to == "wandb":
             import wandb
 
-            self.wandb = wandb.init(
-                project="latentmill", name=self.run.name, dir=str(self.run), config=asdict(self.config)
+            self.wandb = wandb.init(  # WANDB_PROJECT and WANDB_DIR, where set, as wandb users expect
+                project=os.environ.get("WANDB_PROJECT") or "latentmill",
+                name=self.run.name,
+                dir=os.environ.get("WANDB_DIR") or str(self.run),
+                config=asdict(self.config),
             )
         return self
 

@@ -179,8 +179,8 @@ def evaluate_run(
             (str(reference), "the generated images"),
             kid_only,
         )
-    if skipped:
-        result["skipped"] = skipped
+    if skipped:  # what could not be measured: null, with the reason beside
+        result |= {name: None for name in skipped} | {f"{name}_refused": why for name, why in skipped.items()}
     result |= {
         "count": count,
         "settings": {

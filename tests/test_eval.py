@@ -181,7 +181,7 @@ def test_eval_of_a_run_is_repeatable_and_writes_eval_json(tmp_path, run_cli, mon
     few = run_cli(*[a for a in args if a != "--kid-only"], "-o", tmp_path / "few.json")
     assert few.exit_code == 0, few.output
     kept = json.loads((tmp_path / "few.json").read_text())
-    assert "fid" not in kept and "FID needs more images than the" in kept["skipped"]["fid"]
+    assert kept["fid"] is None and "FID needs more images than the" in kept["fid_refused"]
     assert kept["clip_score"] == numbers["clip_score"] and kept["kid"] == numbers["kid"]
 
 

@@ -113,7 +113,11 @@ class TrainConfig(*SECTIONS, StageConfig):
     grad_accum: int = opt(1, "Micro-steps per optimizer step.", low=1)
     learning_rate: float = opt(1e-4, "AdamW learning rate.", low=0.0, low_open=True, old=("--lr",))
     weight_decay: float = opt(1e-2, "AdamW weight decay.", low=0.0)
-    warmup_steps: int = opt(100, "Linear warm-up steps.", low=0)
+    warmup_steps: int | None = opt(
+        None,
+        "Linear warm-up steps (default: 100, or a tenth of the run's steps when the run is shorter than 1,000).",
+        low=0,
+    )
     schedule: str = opt("constant", "Learning rate after warm-up.", choices=("constant", "cosine"))
     max_grad_norm: float = opt(1.0, "Gradient norm clip.", low=0.0, low_open=True)
     prediction: str = opt("epsilon", "What the U-Net predicts.", choices=("epsilon", "v_prediction"))
@@ -220,6 +224,11 @@ class TrainConfig(*SECTIONS, StageConfig):
                 "train: --shuffle-tags and --tag-dropout change caption text, which needs --text-encoder (captions "
                 "encoded as they train); latents encoded with --text-encoder hold fixed caption embeddings."
             )
+
+    @property
+    def warmup(self) -> int:
+        """The warm-up steps: --warmup-steps, or 100 (a tenth of a run shorter than 1,000 steps)."""
+        return self.warmup_steps if self.warmup_steps is not None else min(100, self.steps // 10)
 
     @property
     def trains_text(self) -> bool:

@@ -26,10 +26,11 @@ from latentmill.train.texttraining import average_gradients
 
 
 def _lr_factor(step: int, config: TrainConfig) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
+    warmup = config.warmup
+    if step < warmup:
+        return (step + 1) / warmup
     if config.schedule == "cosine":
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        progress = (step - warmup) / max(1, config.steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return 1.0
 
@@ -58,7 +59,7 @@ def _train(config: TrainConfig, mirror: RunMirror | None, progress, log, evaluat
     config = t.config  # with --epochs: the steps they come to
     if steps_known and config.epochs:
         steps_known(config.steps)
-    if t.rank == 0 and not config.resume and config.warmup_steps >= config.steps:
+    if t.rank == 0 and not config.resume and config.warmup >= config.steps > 1:
         warn(
             f"--warmup-steps {config.warmup_steps} is not shorter than the run ({config.steps} steps): the learning "
             f"rate never reaches --learning-rate {config.learning_rate:g}; give --warmup-steps (e.g. "

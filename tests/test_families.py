@@ -2,6 +2,7 @@
 what reads a run (sample, export, eval) builds the model through it."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,59 @@ def test_a_run_records_its_family_and_is_read_back_through_it(tmp_path, run_cli)
         "train", tmp_path / "latents", "-o", tmp_path / "r2", "--model", "tiny", "--family", "sd-9"
     )
     assert wrong.exit_code == 2 and "sd-unet" in wrong.output
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PRESEAM_RUNS = {"epsilon": {}, "v": {"prediction": "v_prediction", "noise_offset": 0.1}}
+
+
+def machine() -> dict:
+    """What float results depend on: the torch build and the CPU's vector instructions."""
+    import platform
+
+    import torch
+
+    flags = set()
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    vector = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+    return {"torch": torch.__version__, "arch": platform.machine(), "vector": vector}
+
+
+def _preseam_inputs(root: Path) -> None:
+    from latentmill.curate.encode import EncodeConfig, encode
+    from tests.conftest import SMALL_ENCODE, small_image_shards, tiny_clip_text_pipeline
+
+    small_image_shards(root / "images", shards=2, per_shard=4)
+    encode(root / "images", root / "latents", EncodeConfig(**SMALL_ENCODE))
+    tiny_clip_text_pipeline(root / "text")
+
+
+def test_a_unet_run_gives_the_weights_the_code_before_the_family_seam_gave(tmp_path):
+    """tests/fixtures/preseam_unet.json holds what latentmill made before train/families existed, on these
+    inputs: the weights' fingerprint after 3 steps (epsilon; v-prediction with a noise offset) and the losses.
+    On the machine it was made on (the same torch, the same vector instructions) the weights are
+    bit-identical; elsewhere float results may differ in the last bits, and the losses are compared."""
+    from safetensors.torch import load_file
+
+    from latentmill.curate.fingerprints import weights_fingerprint
+    from latentmill.train.config import TrainConfig
+    from latentmill.train.loop import train
+
+    recorded = json.loads((FIXTURES / "preseam_unet.json").read_text())
+    _preseam_inputs(tmp_path)
+    for name, extra in PRESEAM_RUNS.items():
+        run = tmp_path / f"run-{name}"
+        train(TrainConfig(shards=str(tmp_path / "latents"), output=str(run), model="tiny", text_encoder=str(tmp_path / "text"),
+                          batch_size=4, steps=3, learning_rate=1e-3, warmup_steps=1, checkpoint_every=3, log_every=1,
+                          **extra))  # fmt: skip
+        weights = load_file(next((run / "checkpoints").iterdir()) / "unet.safetensors")
+        losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+        if recorded["machine"] == machine():
+            assert weights_fingerprint(weights) == recorded["runs"][name]["fingerprint"], name
+            assert losses == recorded["runs"][name]["losses"], name
+        else:
+            assert losses == pytest.approx(recorded["runs"][name]["losses"], rel=1e-4), name

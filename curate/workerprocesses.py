@@ -21,6 +21,9 @@ PRELOAD = [
     "latentmill.train.loader",
     "latentmill.filters.score",
     "latentmill.curate.prepare",
+    # score's DataLoader workers unpickle open_clip's preprocessing: imported here once, not for 5 s in every
+    # worker of every shard (score 2.7x faster on 2 cores, BENCHMARKS.md)
+    "open_clip",
 ]
 
 _context = None
@@ -49,6 +52,7 @@ class Environment:
         import os
 
         self.variables = dict(os.environ) if then is None else then
+        self.command = os.getpid()  # the process whose workers these are
 
     def __call__(self, *_):
         import os
@@ -56,6 +60,42 @@ class Environment:
         for name in set(os.environ) - set(self.variables):
             del os.environ[name]
         os.environ.update(self.variables)
+        end_with(self.command)
+
+
+def end_with(command: int) -> None:
+    """This worker ends when `command` (the process that asked for it) ends: a command killed with SIGKILL
+    leaves no pool or loader worker waiting forever on its queue. (The fork server cannot do it: every worker
+    holds its lifeline, so the server lives as long as they do.) A daemon thread waits on the command's
+    pidfd (Linux), or looks every second where there is none."""
+    import os
+    import threading
+
+    if command == os.getpid():
+        return  # called in the command itself (workers=0)
+
+    def watch():
+        import select
+        import time
+
+        try:
+            handle = os.pidfd_open(command)
+        except (AttributeError, OSError):
+            handle = None
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while True:
+                try:
+                    os.kill(command, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+                time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="latentmill-end-with-command", daemon=True).start()
 
 
 def worker_environment() -> Environment:

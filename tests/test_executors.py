@@ -129,3 +129,46 @@ def test_a_variable_set_after_the_fork_server_started_reaches_every_worker(monke
     monkeypatch.setenv("LATENTMILL_PROBE", "seen")
     assert read() == "unset"  # what a worker had without the environment handed over
     assert read(worker_init_fn=worker_environment()) == "seen"
+
+
+CHILD = """
+import os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from latentmill.curate.workerprocesses import worker_context, worker_environment
+if __name__ == "__main__":
+    with ProcessPoolExecutor(1, mp_context=worker_context(), initializer=worker_environment()) as pool:
+        print(pool.submit(os.getpid).result(), flush=True)
+        time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "\\tZ" not in next(
+            line for line in status.read_text().splitlines() if line.startswith("State")
+        )
+    except (FileNotFoundError, StopIteration):
+        return False
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_command_killed_with_sigkill_leaves_no_pool_worker_behind(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "child.py").write_text(CHILD)
+    child = subprocess.Popen([sys.executable, str(tmp_path / "child.py")], stdout=subprocess.PIPE, text=True)
+    worker = int(child.stdout.readline())
+    assert _alive(worker)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    deadline = time.monotonic() + 20
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(worker), "the pool worker outlived the killed command"

@@ -22,7 +22,7 @@ PRELOAD = [
     "latentmill.filters.score",
     "latentmill.curate.prepare",
     # score's DataLoader workers unpickle open_clip's preprocessing: imported here once, not for 5 s in every
-    # worker of every shard (score 2.7x faster on 2 cores, BENCHMARKS.md)
+    # worker of every shard (the demo's score stage 33 s -> 9 s on 2 cores, BENCHMARKS.md)
     "open_clip",
 ]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from latentmill.curate.raycluster import scale_wait_field
+from latentmill.curate.raycluster import scale_wait_field, timeout_field
 from latentmill.curate.storage import location, set_options
 from latentmill.curate.storage import options as storage_options
 from latentmill.schema import StageConfig, opt
@@ -76,12 +76,7 @@ class ExecutorConfig(StageConfig):
         old=("--address",),
         old_key="address",
     )
-    ray_timeout: float = opt(
-        30.0,
-        "Ray: seconds to wait for the cluster to answer before giving up with exit 2.",
-        low=1.0,
-        since="0.3",
-    )
+    ray_timeout: float = timeout_field()
     ray_scale_wait: float = scale_wait_field()
     actors: int | None = opt(None, "Ray: actors (default: one per GPU, or 2 on CPUs).", low=1)
     shard_retries: int = opt(2, "Ray: retries of a failed shard on another actor.", low=0, old_key="retries")

@@ -144,6 +144,18 @@ SCALE_WAIT_S = 600.0  # a cloud node takes minutes to start
 SCALE_GRACE_S = 6.0  # how long an autoscaler has to show a launch after the request
 
 
+def timeout_field():
+    """The `ray_timeout` option of every config that reaches a cluster (shard stages, training)."""
+    from latentmill.schema import opt
+
+    return opt(
+        30.0,
+        "Ray: seconds to wait for the cluster to answer before giving up with exit 2.",
+        low=1.0,
+        since="0.3",
+    )
+
+
 def scale_wait_field():
     """The `ray_scale_wait` option of every config that places work on a cluster (shard stages, training)."""
     from latentmill.schema import opt

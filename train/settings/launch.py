@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentmill.curate.raycluster import scale_wait_field
+from latentmill.curate.raycluster import scale_wait_field, timeout_field
 from latentmill.errors import InputError
 from latentmill.schema import opt
 
@@ -19,12 +19,7 @@ class LaunchSettings:
         choices=("local", "ray"),
     )
     ray_address: str | None = opt(None, "--launcher ray: the cluster ('auto', HOST:6379); default: Ray here.")
-    ray_timeout: float = opt(
-        30.0,
-        "Ray: seconds to wait for the cluster to answer before giving up with exit 2.",
-        low=1.0,
-        since="0.3",
-    )
+    ray_timeout: float = timeout_field()
     ray_scale_wait: float = scale_wait_field()
     num_workers: int = opt(1, "--launcher ray: training workers (one per GPU), across the nodes.", low=1)
     gpus_per_worker: float = opt(

@@ -321,6 +321,19 @@ def test_folders_mixed_together_must_share_the_latent_space(data, tmp_path, run_
         "train", data / "photos", data / "paintings", "--mix", "0.5", "-o", tmp_path / "r", "--model", "tiny"
     )
     assert result.exit_code == 2 and "one weight per folder" in result.output
+    # stored caption embeddings of another text encoder matter only where the run reads them (no --text-encoder)
+    manifest = json.loads((data / "paintings" / "manifest.json").read_text())
+    texts = tmp_path / "other-text"
+    texts.mkdir()
+    for shard in (data / "paintings").glob("*.tar"):
+        (texts / shard.name).write_bytes(shard.read_bytes())
+    (texts / "manifest.json").write_text(
+        json.dumps(manifest | {"text_encoder": {"name": "clip-x", "shape": [77, 32]}})
+    )
+    sets = latent_sets([str(data / "photos"), str(texts)])
+    with pytest.raises(InputError, match=r"stored caption embeddings \(clip-x\) differ"):
+        TrainingData(sets, None, None, batch_size=2)
+    assert len(TrainingData(sets, None, None, batch_size=2, stored_text=False).loaders) == 2
 
 
 def test_shard_files_of_one_folder_count_as_one_latent_set(data):

@@ -37,8 +37,10 @@ def latent_sets(sources: list[str]) -> list[tuple[str, list[str]]]:
     return [(name, expand_shards(items[0] if len(items) == 1 else items)) for name, items in groups.items()]
 
 
-def check_same_latent_space(manifests: list[dict], names: list[str]) -> None:
-    """Refuse folders whose latents mean different things, naming the two folders and what differs."""
+def check_same_latent_space(manifests: list[dict], names: list[str], stored_text: bool = True) -> None:
+    """Refuse folders whose latents mean different things, naming the two folders and what differs.
+    `stored_text`: the run reads the caption embeddings stored in the shards (no --text-encoder), so they
+    must agree too."""
     first = manifests[0]
     for manifest, name in zip(manifests[1:], names[1:], strict=True):
         if manifest["vae"]["fingerprint"] != first["vae"]["fingerprint"]:
@@ -55,7 +57,9 @@ def check_same_latent_space(manifests: list[dict], names: list[str]) -> None:
                     f"together must share it (encode both with the same --resolution and --vae)."
                 )
         mine, theirs = manifest.get("text_encoder") or {}, first.get("text_encoder") or {}
-        if mine.get("shape") != theirs.get("shape") or mine.get("name") != theirs.get("name"):
+        if stored_text and (
+            mine.get("shape") != theirs.get("shape") or mine.get("name") != theirs.get("name")
+        ):
             raise InputError(
                 f"{name}: its stored caption embeddings ({mine.get('name') or 'none'}) differ from "
                 f"{names[0]}'s ({theirs.get('name') or 'none'}); encode both with the same --text-encoder, "
@@ -99,6 +103,7 @@ class TrainingData:
         seed: int = 0,
         rank: int = 0,
         repeats: list[int] | None = None,
+        stored_text: bool = True,
         **loader_options,
     ):
         for option, values, what in (("--mix", mix, "weight"), ("--repeats", repeats, "count")):
@@ -112,7 +117,7 @@ class TrainingData:
             LatentLoader(expand_shards(class_data), seed=seed + 1, **options) if class_data else None
         )
         self.names = [name for name, _ in sets] + ([class_data] if class_data else [])
-        check_same_latent_space(self.manifests, self.names)
+        check_same_latent_space(self.manifests, self.names, stored_text)
         for name, manifest in zip(self.names, self.manifests, strict=True):
             if manifest.get("split") == "validation":
                 raise InputError(

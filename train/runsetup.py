@@ -89,7 +89,7 @@ def set_up(config: TrainConfig, mirror: RunMirror | None) -> Training:
     # the latent folders (a mixture, DreamBooth's class images beside), read before anything is written
     sets = latent_sets(config.sources())
     family = family_of(config.family)  # the denoiser, its conditioning, its objective and its sampler
-    data = _training_data(config, sets, rank, world, device, _text_states(config, family, sets))
+    data = _training_data(config, sets, rank, world, device, _text_states(config, family, sets), family)
     manifest = data.manifest
     validation = validation_set(config, sets, manifest, device, rank)  # --eval-every's held-out latents
     if config.epochs:
@@ -185,7 +185,7 @@ def _text_states(config: TrainConfig, family, sets):
 
 
 def _training_data(
-    config: TrainConfig, sets, rank: int, world: int, device: str, text_states
+    config: TrainConfig, sets, rank: int, world: int, device: str, text_states, family
 ) -> TrainingData:
     data = TrainingData(
         sets,
@@ -204,6 +204,7 @@ def _training_data(
         cache=shard_cache(config, sets),
         strict=config.strict,
         text_states=text_states,
+        stored_text=family.reads_stored_text(config),
     )
     if config.masked_loss:
         data.check_masks([name for name, _ in sets])

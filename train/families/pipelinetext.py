@@ -21,6 +21,9 @@ class PipelineText:
     tiny_configs: dict[str, dict] = {}
     denoiser_component = "transformer"  # the pipeline's name for the denoiser (SDXL's: unet)
 
+    def reads_stored_text(self, config) -> bool:
+        return False  # its own text encoders, or --text-states: never a shard's text_emb
+
     def text_spec(self, config) -> str:
         """The text encoders: --text-encoder, else --model's pipeline folder, else (a tiny model) the tiny ones."""
         if config.text_encoder:

@@ -18,6 +18,10 @@ class SdUnet:
     patch_size = 1  # buckets are multiples of the VAE's factor alone
     lora_prefix = "unet"  # diffusers' LoRA file keys: unet.<module>.lora_A.weight
 
+    def reads_stored_text(self, config) -> bool:
+        """Whether the run conditions on the caption embeddings stored in the shards (no --text-encoder)."""
+        return not config.text_encoder
+
     def check_latents(self, manifest: dict, buckets) -> None:
         """Any bucket the VAE's factor divides (the U-Net's down-sampling pads odd sizes itself)."""
 

@@ -53,6 +53,7 @@ PRESEAM_RUNS = {"epsilon": {}, "v": {"prediction": "v_prediction", "noise_offset
 
 def machine() -> dict:
     """What float results depend on: the torch build and the CPU's vector instructions."""
+    import os
     import platform
 
     import torch
@@ -64,7 +65,7 @@ def machine() -> dict:
                 flags = set(line.split(":", 1)[1].split())
                 break
     vector = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
-    return {"torch": torch.__version__, "arch": platform.machine(), "vector": vector}
+    return {"torch": torch.__version__, "arch": platform.machine(), "vector": vector, "cores": os.cpu_count()}
 
 
 def _preseam_inputs(root: Path) -> None:
@@ -81,14 +82,26 @@ def test_a_unet_run_gives_the_weights_the_code_before_the_family_seam_gave(tmp_p
     inputs: the weights' fingerprint after 3 steps (epsilon; v-prediction with a noise offset) and the losses.
     On the machine it was made on (the same torch, the same vector instructions) the weights are
     bit-identical; elsewhere float results may differ in the last bits, and the losses are compared."""
+
+    import torch
+
+    recorded = json.loads((FIXTURES / "preseam_unet.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recorded["threads"])  # float sums depend on it; an earlier test may have changed it
+    try:
+        _preseam_inputs(tmp_path)
+        _compare_preseam_runs(tmp_path, recorded)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_preseam_runs(tmp_path: Path, recorded: dict) -> None:
     from safetensors.torch import load_file
 
     from latentmill.curate.fingerprints import weights_fingerprint
     from latentmill.train.config import TrainConfig
     from latentmill.train.loop import train
 
-    recorded = json.loads((FIXTURES / "preseam_unet.json").read_text())
-    _preseam_inputs(tmp_path)
     for name, extra in PRESEAM_RUNS.items():
         run = tmp_path / f"run-{name}"
         train(TrainConfig(shards=str(tmp_path / "latents"), output=str(run), model="tiny", text_encoder=str(tmp_path / "text"),

@@ -79,7 +79,9 @@ class PipelineText:
                     loaded["pipe"], list(captions), device, loaded["max_tokens"]
                 ).float()
 
-        if config.text_states:  # train/textstates.py: each caption's states stored, joined to its latents
+        if getattr(
+            config, "text_states", None
+        ):  # train/textstates.py: each caption's states stored, joined to its latents
             from latentmill.train.textstates import TextStateShards
 
             empty = Conditioning(TextStateShards(config.text_states).empty()).to(device).float()

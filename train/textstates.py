@@ -53,21 +53,6 @@ class TextStatesConfig(StageConfig):
     batch_size: int = opt(16, "Captions encoded at once.", low=1)
     device: str = opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
 
-    def settings(self) -> SimpleSettings:
-        """What `train`'s conditioning reads of a config: the same fields by the same names."""
-        return SimpleSettings(
-            model=self.model,
-            text_encoder=self.text_encoder,
-            max_sequence_length=self.max_sequence_length,
-        )
-
-
-@dataclass
-class SimpleSettings:
-    model: str
-    text_encoder: str | None
-    max_sequence_length: int | None
-
 
 def same_place(spec: str) -> str:
     """A model spec as compared: a local folder by its absolute path, anything else as given."""
@@ -130,12 +115,11 @@ def encode_text_states(latents: str, output: str | Path, config: TextStatesConfi
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output, recursive=False)
-    settings = config.settings()
-    spec = family.text_spec(settings)
+    spec = family.text_spec(config)  # the fields `train` reads by the same names
     device, precision = resolve_device_precision(config.device, "auto")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     pipe = family.text_pipeline(spec, device, dtype)
-    max_tokens = family.max_sequence_length(pipe, settings)
+    max_tokens = family.max_sequence_length(pipe, config)
 
     def states(captions: list[str]) -> Conditioning:
         with torch.inference_mode():
@@ -175,7 +159,7 @@ def encode_text_states(latents: str, output: str | Path, config: TextStatesConfi
             for tensor_name, tensor in batch.items():
                 parts.setdefault(tensor_name, []).append(tensor.numpy().astype(np_dtype))
             if progress:
-                progress(len(batch["prompt_embeds"]) if "prompt_embeds" in batch else batch.batch)
+                progress(batch.batch)
         arrays = {n: np.concatenate(p) for n, p in parts.items()}
         with atomic_path(output / f"{name}.tar") as tmp:
             _write_tar(tmp, [key for key, _ in samples], arrays)

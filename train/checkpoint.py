@@ -15,6 +15,7 @@ from latentmill.schema import check_saved
 from latentmill.train.config import TrainConfig
 from latentmill.train.resumeconfig import RESUME_MAY_CHANGE, resume_differences
 
+LATENTS_MANIFEST = "latents.json"  # the manifest of the latents trained on: sample and export need no latents
 STATE_FILES = ("optimizer.safetensors", "optimizer.json", "state.json", "unet_config.json")
 
 
@@ -49,10 +50,14 @@ def save_checkpoint(
     config: dict,
     keep: int,
     changes: list[dict] = (),
+    manifest: dict | None = None,
 ) -> Path:
     """Write `weights` (FullWeights or LoraWeights: their safetensors files and small JSON files), the
     optimizer and state.json (step, loader position, config, the settings changed on resume and the step
-    they changed at) into checkpoints/step-NNNNNNN, atomically; keep the last `keep`."""
+    they changed at; its paths absolute, and where the run was written: train/runinputs.py) and the latents'
+    `manifest` into checkpoints/step-NNNNNNN, atomically; keep the last `keep`."""
+    from latentmill.train.runinputs import recorded_state
+
     from safetensors.torch import save_file
 
     folder = run / "checkpoints" / f"step-{step:07d}"
@@ -66,11 +71,15 @@ def save_checkpoint(
     tensors, rest = _optimizer_tensors(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(rest))
-    (tmp / "state.json").write_text(
-        json.dumps(
-            {"step": step, "loader": loader_state, "config": config, "changes": list(changes)}, indent=2
-        )
-    )
+    state = {"step": step, "loader": loader_state, "config": config, "changes": list(changes)}
+    (tmp / "state.json").write_text(json.dumps(recorded_state(state, run), indent=2))
+    if manifest is not None:  # its VAE, where a folder, absolute as the run's own paths
+        from latentmill.train.runinputs import absolute
+
+        encoded = dict(manifest.get("encode_config") or {})
+        encoded["vae"] = absolute(encoded.get("vae"))
+        manifest = dict(manifest) | {"encode_config": encoded}
+        (tmp / LATENTS_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     (tmp / "unet_config.json").write_text(json.dumps(dict(weights.unet.config), default=list, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
@@ -96,9 +105,11 @@ def last_state(run: Path) -> dict | None:
     found = checkpoints(location(run))
     for folder in reversed(found):  # a damaged newest one: resume falls back past it (and says so)
         if damage(folder, ("state.json",)) is None:
+            from latentmill.train.runinputs import input_paths
+
             state = json.loads((folder / "state.json").read_text())
             check_saved(TrainConfig, state["config"], folder / "state.json", _REMOVE.format(folder=folder))
-            return state
+            return state | {"config": input_paths(location(run), state).config(state["config"])}
     if found:
         newest = found[-1] / "state.json"
         read_record(newest, fields={"step": int, "config": dict}, fix=_REMOVE.format(folder=found[-1]))
@@ -124,11 +135,14 @@ def record_start(run: Path, config: TrainConfig, sets: list) -> None:
     from latentmill.curate.lineage import make_record, record_path
     from latentmill.curate.storage import write_json
 
-    inputs = {f"latents[{i}]": folder for i, (folder, _) in enumerate(sets)}
+    from latentmill.train.runinputs import absolute, recorded_config
+
+    inputs = {f"latents[{i}]": absolute(str(folder)) for i, (folder, _) in enumerate(sets)}
     models = {"model": config.model, "text_encoder": config.text_encoder, "vae": config.vae}
     models["init_from"] = config.init_from
+    models = {key: absolute(value) for key, value in models.items()}
     write_json(record_path(run), make_record("train", config, inputs=inputs, models=models))
-    write_json(run / STARTED, asdict(config))
+    write_json(run / STARTED, recorded_config(asdict(config)))
 
 
 def remove_stale_temporaries(run: Path) -> list[Path]:

@@ -205,6 +205,18 @@ class LatentLoader:
             self.skipped["unreadable_shard"] = self.skipped.get("unreadable_shard", 0) + 1
             warn(f"{message} Skipped (unreadable_shard); with `train --strict` it stops the run.")
 
+    def _shards_here(self):
+        """[shard, key] -> the same with the shard where this run reads it now: a run resumed from another
+        directory, or with its latent folder moved, names its shards by another path (same file name)."""
+        by_name = {str(s).rsplit("/", 1)[-1]: s for s in self.shards}
+        current = set(by_name.values())
+
+        def here(ref: list) -> list:
+            shard, key = ref
+            return [shard if shard in current else by_name.get(str(shard).rsplit("/", 1)[-1], shard), key]
+
+        return here
+
     def _fetch(self, refs: list) -> dict[tuple[str, str], dict]:
         """The samples named by [shard, key] pairs, each shard read once (resume only)."""
         wanted: dict[str, set] = {}
@@ -231,6 +243,9 @@ class LatentLoader:
         pending: dict[str, list[dict]] = {}
         if start:
             rng = _rng_from(position.rng)
+            here = self._shards_here()
+            position.buffer = [here(ref) for ref in position.buffer]
+            position.pending = {b: [here(r) for r in refs] for b, refs in position.pending.items()}
             found = self._fetch(position.buffer + [ref for refs in position.pending.values() for ref in refs])
             buffer = [found[tuple(ref)] for ref in position.buffer if tuple(ref) in found]
             pending = {

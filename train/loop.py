@@ -197,6 +197,7 @@ def _checkpoint(t: Training, step: int) -> None:
             asdict(t.config),
             t.config.keep_checkpoints,
             t.changes,
+            manifest=t.manifest,
         )
         if t.mirror:
             t.mirror.push()

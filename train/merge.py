@@ -16,7 +16,8 @@ from pathlib import Path
 
 from latentmill.curate.storage import is_remote, location, publish_folder, temporary_name
 from latentmill.errors import InputError
-from latentmill.train.checkpoint import checkpoints
+from latentmill.train.checkpoint import LATENTS_MANIFEST, checkpoints
+from latentmill.train.runinputs import recorded_state
 from latentmill.train.runs import Run, load_run
 
 
@@ -168,7 +169,8 @@ def _write_run(output: Path, merged: dict, donor: Run, recipe: dict) -> Path:
             shutil.copy(donor.checkpoint / name, folder / name)
     config = dict(donor.config) | {"lora_rank": 0, "lora_alpha": None}
     state = dict(donor.state) | {"config": config, "merge": recipe}
-    (folder / "state.json").write_text(json.dumps(state, indent=2))
+    (folder / "state.json").write_text(json.dumps(recorded_state(state, output), indent=2))
+    (folder / LATENTS_MANIFEST).write_text(json.dumps(donor.manifest(), indent=2))
     (tmp / "merge.json").write_text(json.dumps(recipe, indent=2))
     if output.exists():  # an empty or stale folder (no checkpoints): replaced
         shutil.rmtree(output)

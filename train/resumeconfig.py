@@ -19,13 +19,19 @@ RESUME_MAY_CHANGE = tuple(key for key in TrainConfig.RUNTIME if key not in RESUM
 def resume_differences(saved: dict, config: TrainConfig) -> tuple[list[str], list[dict]]:
     """(refused, allowed) differences between a run's saved configuration and the one given to resume it:
     refused as `key: saved -> given` lines, allowed as {key, from, to} records."""
+    from dataclasses import asdict
+
+    from latentmill.train.runinputs import recorded_config
+
     defaults = {f.name: f.default for f in fields(TrainConfig)}
+    # paths compared where they lead: a folder given relative to another directory is the same folder
+    saved, given = recorded_config(saved), recorded_config(asdict(config))
     refused, allowed = [], []
     for f in fields(TrainConfig):
         if f.name in RESUME_PATHS:
             continue
         before = saved.get(f.name, defaults[f.name])
-        now = getattr(config, f.name)
+        now = given[f.name]
         if isinstance(before, (list, tuple)) or isinstance(now, (list, tuple)):
             before, now = list(before or []), list(now or [])
         if before == now:

@@ -3,13 +3,21 @@ and `--init-from` all read a run's last checkpoint through `load_run`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from latentmill.curate.records import read_record
 from latentmill.curate.storage import is_remote, location
 from latentmill.errors import InputError, warn
-from latentmill.train.checkpoint import checkpoints, is_lora, latest_checkpoint, unet_kind, weights_needed
+from latentmill.train.checkpoint import (
+    LATENTS_MANIFEST,
+    checkpoints,
+    is_lora,
+    latest_checkpoint,
+    unet_kind,
+    weights_needed,
+)
+from latentmill.train.runinputs import InputPaths, input_paths
 
 
 @dataclass
@@ -18,10 +26,16 @@ class Run:
     checkpoint: Path  # its last intact checkpoint folder
     state: dict  # state.json: step, loader position, the TrainConfig it was trained with
     use_ema: bool
+    paths: InputPaths = field(default=None)  # how the recorded input paths are found from where the run is now
+
+    def __post_init__(self):
+        if self.paths is None:
+            self.paths = input_paths(self.path, self.state)
 
     @property
     def config(self) -> dict:
-        return self.state["config"]
+        """The settings it was trained with, each recorded path where it is now (train/runinputs.py)."""
+        return self.paths.config(self.state["config"])
 
     @property
     def is_lora(self) -> bool:
@@ -32,7 +46,8 @@ class Run:
         """A LoRA run's adapter.json: rank, alpha, targets, base, base_fingerprint (a textual-inversion run's
         frozen_unet.json: base, base_fingerprint)."""
         name = "frozen_unet.json" if unet_kind(self.checkpoint) == "frozen" else "adapter.json"
-        return self._record(name)
+        record = self._record(name)
+        return record | {"base": self.paths.find(record.get("base"))}
 
     def text_file(self, name: str) -> dict | None:
         """token.json or text_adapter.json where the run trained part of its text encoder, else None."""
@@ -77,6 +92,13 @@ class Run:
         the fingerprint the adapter was trained on (`check_base`)."""
         adapter = self.adapter
         base = adapter["base"]
+        if isinstance(base, str) and Path(base).is_absolute():  # a folder, not a model id: it must be there
+            base = self.paths.require(
+                base,
+                "the base its weights were trained on",
+                f"bake the adapter into it where it is now: `latentmill merge --lora {self.path} NEW_PLACE -o "
+                f"BAKED`, then use BAKED",
+            )
         if Path(base).is_dir() and checkpoints(Path(base)):
             state = load_run(base, True, "the adapter's base run").weights()
         else:
@@ -119,13 +141,28 @@ class Run:
 
     def manifest(self) -> dict:
         """The manifest of the latents it was trained on (VAE, scaling, resolution; the first folder's for
-        a mixture, the subject's for DreamBooth: they share them)."""
-        from latentmill.curate.latentshards import read_manifest
-        from latentmill.train.loader import expand_shards
+        a mixture, the subject's for DreamBooth: they share them): the copy in the checkpoint, so that the
+        run needs no latents to sample or export; a run from before the copy reads it from the latents."""
+        import json
 
-        config = self.config
-        sources = [config["instance"]] if config.get("instance") else config["shards"]
-        return read_manifest(location(expand_shards(sources)[0]).parent)
+        copy = self.checkpoint / LATENTS_MANIFEST
+        if copy.exists():
+            manifest = read_record(copy, fix=f"delete {self.checkpoint} to use the checkpoint before it")
+        else:
+            from latentmill.curate.latentshards import read_manifest
+            from latentmill.train.loader import expand_shards
+
+            config = self.state["config"]
+            source = (config.get("instance") or (config.get("shards") or [None])[0]) or ""
+            if not is_remote(source) and not any(c in source for c in "{*?"):
+                source = self.paths.require(
+                    source, "the latent folder it trained on", "copy it back beside the run"
+                )
+            manifest = read_manifest(location(expand_shards([source])[0]).parent)
+        encoded = dict(manifest.get("encode_config") or {})
+        if encoded.get("vae"):
+            encoded["vae"] = self.paths.find(encoded["vae"])
+        return json.loads(json.dumps(manifest)) | {"encode_config": encoded}
 
 
 def load_run(run: str | Path, use_ema: bool = True, what: str = "") -> Run:

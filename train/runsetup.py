@@ -33,6 +33,7 @@ from latentmill.train.inpainting import check_inpainting_data, conditioning, gri
 from latentmill.train.latentspace import to_unet_space
 from latentmill.train.remoterun import RunMirror
 from latentmill.train.resumeconfig import resume_differences
+from latentmill.train.runinputs import absolute
 from latentmill.train.runlog import check_reporting
 from latentmill.train.runs import init_from
 from latentmill.train.texttraining import TrainableText
@@ -242,7 +243,7 @@ def _prepare_denoiser(denoiser: torch.nn.Module, config: TrainConfig, device: st
 def _what_trains(config: TrainConfig, denoiser: torch.nn.Module, text: TrainableText | None):
     """The whole denoiser, LoRA adapters on the frozen one, or none of it (textual inversion); and of the
     text encoder, a new token's vectors and/or adapters (EMA and checkpoints alike)."""
-    base = config.init_from or config.model
+    base = absolute(config.init_from or config.model)  # recorded absolute: the run opens from anywhere
     if config.lora_rank:
         alpha = config.lora_alpha or config.lora_rank
         weights = LoraWeights(denoiser, config.lora_rank, alpha, config.lora_targets, config.seed, base=base)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from latentmill.errors import InputError
+from latentmill.train.runinputs import absolute
 
 TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 TEXT_MLP = ("fc1", "fc2")
@@ -124,7 +125,7 @@ class TrainableText:
                 "rank": config.lora_rank,
                 "alpha": alpha,
                 "targets": config.text_encoder_targets,
-                "base": config.text_encoder,
+                "base": absolute(config.text_encoder),
                 "base_fingerprint": self.fingerprint,
             }
             named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]

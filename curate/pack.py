@@ -50,6 +50,22 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
+SAMPLE_INDEX = ".latentmill-samples.json"  # `latentmill sample --to-folder`'s index (train/samplefolder.py)
+
+
+def sampled_files(folder: Path, files: list[Path]) -> tuple[list[Path], int]:
+    """For a folder `latentmill sample --to-folder` filled: the images its index lists (the set or sets it
+    holds, in their order) and how many other images lie there; else `files` as they are and 0."""
+    from latentmill.curate.records import read_optional
+
+    index = read_optional(folder / SAMPLE_INDEX, fix=f"delete {folder / SAMPLE_INDEX} and sample again")
+    if not isinstance(index, dict) or not isinstance(index.get("files"), dict):
+        return files, 0
+    listed = [folder / f"{name}.png" for name in sorted(index["files"])]
+    listed = [p for p in listed if p.exists()]
+    return listed, len(set(files) - set(listed))
+
+
 def _is_mask(path: Path) -> bool:
     return path.name.lower().endswith(MASK_SUFFIX)
 
@@ -99,7 +115,7 @@ def pack_images(
 
     config = (config or PackConfig()).validate()
     folder, output = Path(folder), location(output)
-    files = image_files(folder)
+    files, unlisted = sampled_files(folder, image_files(folder))
     _check_inputs(files, output)
     if config.caption is None:
         missing = [p for p in files if not p.with_suffix(".txt").exists()]
@@ -114,7 +130,7 @@ def pack_images(
         output, record, overwrite, clear=lambda: remove_files(output, ("*.tar", "*.parquet", "*_stats.json"))
     )
     remove_stale_temporaries(output)  # of an earlier run killed mid-write
-    totals = {"packed": 0, "dropped": {}}
+    totals = {"packed": 0, "dropped": {"not_in_sample_index": unlisted} if unlisted else {}}
     for index in range(0, len(files), config.shard_size):
         shard = f"{index // config.shard_size:05d}"
         if (output / f"{shard}_stats.json").exists():  # done in an earlier run

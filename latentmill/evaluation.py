@@ -113,8 +113,9 @@ def evaluate_run(
     batch_size: int = 8,
     text_encoder: str | None = None,
     negative: str = "",
+    method: str | None = None,
 ) -> dict:
-    """Generate `count` images of the prompts from a run or pipeline; their CLIP score, and FID/KID against
+    """Generate `count` images of the prompts from a run or pipeline (denoised by `method`, the sampler); their CLIP score, and FID/KID against
     `reference` (a folder of images or image shards, or a .npz of its statistics) in `features` (default:
     CLIP space of `clip_model`)."""
     import torch
@@ -151,7 +152,9 @@ def evaluate_run(
             warn(f"eval: {why}; measuring what can be measured (more images for FID).")
             skipped["fid"] = why
             kid_only = True
-    make = sampler(source, text_encoder=text_encoder, negative=negative)  # no checkpoint: refused here, first
+    make = sampler(
+        source, text_encoder=text_encoder, negative=negative, method=method
+    )  # no checkpoint: refused here, first
     jobs = [prompts[i % len(prompts)] for i in range(count)]
     images = []
     for start in range(0, count, batch_size):  # batched, each image from its own seed
@@ -191,6 +194,7 @@ def evaluate_run(
             "features": features if reference else None,
             "seed": seed,
             "sampler_steps": steps,
+            "sampler": method or "default",
             "guidance": guidance,
             "size": list(size) if size else None,
         },

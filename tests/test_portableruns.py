@@ -31,7 +31,19 @@ def work(tmp_path_factory):
         for args in (
             ["train", "latents", "-o", "runs/full", "--model", "tiny", "--steps", "2", *common],
             ["export", "runs/full", "-o", "base"],
-            ["train", "latents", "-o", "runs/lora", "--model", "base", "--lora-rank", "2", "--steps", "2", *common],
+            [
+                "train",
+                "latents",
+                "-o",
+                "runs/lora",
+                "--model",
+                "base",
+                "--lora-rank",
+                "2",
+                "--steps",
+                "2",
+                *common,
+            ],
         ):
             result = run_cli(*args)
             assert result.exit_code == 0, result.output
@@ -46,13 +58,19 @@ def test_a_run_records_its_inputs_absolute_and_its_own_place(work):
     assert state["config"]["shards"] == [str((work / "latents").resolve())]
     assert state["config"]["model"] == str((work / "base").resolve())
     assert state["config"]["text_encoder"] == str((work / "text").resolve())
-    adapter = json.loads((work / "runs" / "lora" / "checkpoints" / "step-0000002" / "adapter.json").read_text())
+    adapter = json.loads(
+        (work / "runs" / "lora" / "checkpoints" / "step-0000002" / "adapter.json").read_text()
+    )
     assert adapter["base"] == str((work / "base").resolve())
-    manifest = json.loads((work / "runs" / "full" / "checkpoints" / "step-0000002" / "latents.json").read_text())
+    manifest = json.loads(
+        (work / "runs" / "full" / "checkpoints" / "step-0000002" / "latents.json").read_text()
+    )
     assert manifest == json.loads((work / "latents" / "manifest.json").read_text())
 
 
-def test_sample_export_merge_eval_and_init_from_work_from_another_directory(work, tmp_path, run_cli, monkeypatch):
+def test_sample_export_merge_eval_and_init_from_work_from_another_directory(
+    work, tmp_path, run_cli, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     runs = work / "runs"
     prompts = tmp_path / "prompts.txt"
@@ -91,7 +109,9 @@ def test_a_moved_work_folder_and_a_copied_run_sample_export_and_resume(work, tmp
         ):  # fmt: skip
             result = run_cli(*args)
             assert result.exit_code == 0, (args, result.output)
-        state = json.loads((moved / "runs" / "lora" / "checkpoints" / "step-0000004" / "state.json").read_text())
+        state = json.loads(
+            (moved / "runs" / "lora" / "checkpoints" / "step-0000004" / "state.json").read_text()
+        )
         assert state["written_at"] == str((moved / "runs" / "lora").resolve())
     finally:
         hidden.rename(work)
@@ -108,7 +128,9 @@ def test_a_missing_input_names_what_was_recorded_and_how_to_point_to_it(work, tm
     base, away = work / "base", work.with_name("base-away")
     base.rename(away)
     try:
-        result = run_cli("sample", copy, "--prompt", "a dog", "--sampler-steps", "2", "-o", tmp_path / "x.png")
+        result = run_cli(
+            "sample", copy, "--prompt", "a dog", "--sampler-steps", "2", "-o", tmp_path / "x.png"
+        )
     finally:
         away.rename(base)
     recorded = str(base.resolve())

@@ -165,14 +165,14 @@ def test_a_damaged_statistics_cache_is_computed_again(tmp_path, run_cli, monkeyp
 @pytest.mark.parametrize("damage", ["cut", "list", "not-text"])
 def test_a_damaged_sample_index_is_exit_2_naming_it(tmp_path, damage, monkeypatch):
     from latentmill.errors import InputError
-    from latentmill.train import sampling
+    from latentmill.train import samplefolder, sampling
 
     folder = tmp_path / "samples"
-    _write(folder / sampling.SAMPLE_INDEX, DAMAGES[damage]({"000000": "abc"}))
-    monkeypatch.setattr(sampling, "sampler", lambda source: pytest.fail("sampled before the index was read"))
+    _write(folder / samplefolder.SAMPLE_INDEX, DAMAGES[damage]({"000000": "abc"}))
+    monkeypatch.setattr(sampling, "sampler", lambda *a, **k: pytest.fail("sampled before the index was read"))
     with pytest.raises(InputError, match="Fix:") as caught:
-        sampling.sample_to_folder(tmp_path / "run", ["a cat"], folder, 1)
-    assert str(folder / sampling.SAMPLE_INDEX) in str(caught.value)
+        samplefolder.sample_to_folder(tmp_path / "run", ["a cat"], folder, 1)
+    assert str(folder / samplefolder.SAMPLE_INDEX) in str(caught.value)
 
 
 def test_status_marks_every_stage_downstream_of_a_stale_one(tmp_path):

@@ -56,9 +56,9 @@ def save_checkpoint(
     optimizer and state.json (step, loader position, config, the settings changed on resume and the step
     they changed at; its paths absolute, and where the run was written: train/runinputs.py) and the latents'
     `manifest` into checkpoints/step-NNNNNNN, atomically; keep the last `keep`."""
-    from latentmill.train.runinputs import recorded_state
-
     from safetensors.torch import save_file
+
+    from latentmill.train.runinputs import recorded_state
 
     folder = run / "checkpoints" / f"step-{step:07d}"
     tmp = temporary_name(folder)
@@ -134,7 +134,6 @@ def record_start(run: Path, config: TrainConfig, sets: list) -> None:
 
     from latentmill.curate.lineage import make_record, record_path
     from latentmill.curate.storage import write_json
-
     from latentmill.train.runinputs import absolute, recorded_config
 
     inputs = {f"latents[{i}]": absolute(str(folder)) for i, (folder, _) in enumerate(sets)}

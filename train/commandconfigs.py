@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from latentmill.errors import InputError
 from latentmill.schema import StageConfig, opt
+from latentmill.train.schedule import SAMPLER_NAMES
 
 
 @dataclass
@@ -37,9 +38,24 @@ class SampleConfig(StageConfig):
 
     SECTION = "sample"
     prompts: list[str] = opt(factory=list, help="A prompt (repeatable): one image each.", flag="--prompt")
-    sampler_steps: int = opt(20, "Denoising steps of the DDIM sampler.", low=1, old=("--steps",))
+    sampler: str | None = opt(
+        None,
+        "The sampler, diffusers' scheduler: ddim, euler, euler-a (Euler ancestral), dpm++2m-karras (DPM++ 2M with "
+        "Karras sigmas), unipc; the flow-matching families (sd3, flux) their own euler (default: the family's: "
+        "ddim, or euler).",
+        choices=SAMPLER_NAMES,
+        since="0.4",
+    )
+    sampler_steps: int = opt(20, "Denoising steps.", low=1, old=("--steps",))
     guidance: float = opt(5.0, "Classifier-free guidance scale.")
-    seed: int = opt(0, "Seed of the starting noise.")
+    seed: int = opt(0, "Seed of the starting noise: image j of a prompt is drawn from seed + j.")
+    seeds: list[int] | None = opt(
+        None,
+        "One seed per --prompt, comma-separated (3,7): prompt i's images are drawn from seeds[i], seeds[i] + 1, ... "
+        "(default: every prompt from --seed).",
+        separated=True,
+        since="0.4",
+    )
     width: int | None = opt(None, "Image width in px (default: the training resolution).", low=1)
     height: int | None = opt(None, "Image height in px (default: the training resolution).", low=1)
     count: int = opt(1, "Images per prompt.", low=1)
@@ -51,9 +67,20 @@ class SampleConfig(StageConfig):
         model=True,
     )
 
+    add: bool = opt(
+        False,
+        "--to-folder: add these images to the folder's sets (default: the folder holds this set alone; the files "
+        "of any other set are removed first).",
+        since="0.4",
+    )
+
     def check_more(self) -> None:
         if not self.prompts:
             raise InputError("sample: give at least one --prompt.")
+        if self.seeds is not None and len(self.seeds) != len(self.prompts):
+            raise InputError(
+                f"sample --seeds: {len(self.seeds)} seed(s) for {len(self.prompts)} --prompt(s); give one per prompt."
+            )
         if (self.width is None) != (self.height is None):
             raise InputError("sample: give both --width and --height, or neither (the training resolution).")
 

@@ -47,6 +47,8 @@ class TrainConfig(*SECTIONS, StageConfig):
         "sample_every",
         "sample_prompts",
         "sample_steps",
+        "sample_sampler",
+        "sample_negative_prompt",
         "epochs",
         "report_to",
         "eval_every",

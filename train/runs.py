@@ -26,7 +26,9 @@ class Run:
     checkpoint: Path  # its last intact checkpoint folder
     state: dict  # state.json: step, loader position, the TrainConfig it was trained with
     use_ema: bool
-    paths: InputPaths = field(default=None)  # how the recorded input paths are found from where the run is now
+    paths: InputPaths = field(
+        default=None
+    )  # how the recorded input paths are found from where the run is now
 
     def __post_init__(self):
         if self.paths is None:

@@ -1,5 +1,5 @@
-"""The sample grids a run writes every `--sample-every` steps, from the EMA weights at a fixed seed: the
-sample prompts; for an inpainting run, the first training samples' masked images (red: to fill in) above
+"""The sample grids a run writes every `--sample-every` steps, from the EMA weights at fixed seeds: the
+sample prompts, each image's prompt and seed under it; for an inpainting run, the first training samples' masked images (red: to fill in) above
 what the model fills in, prompted by their captions."""
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ def sample_grid(
     options = dict(
         steps=config.sample_steps,
         seed=config.seed,
+        seeds=None,
+        sampler=config.sample_sampler,
         prediction=config.prediction,
         family=config.family,
         config=asdict(config),
@@ -33,9 +35,16 @@ def sample_grid(
         prompts = config.sample_prompts
         if config.textual_inversion and prompts == SAMPLE_PROMPTS:  # the defaults know nothing of the token
             prompts = ti_prompts(config)
-        states, empty = encode_prompts(prompts)
-        return save_grid(generate_from_manifest(ema, states, empty, manifest, config.vae, **options), target)
-    states, empty = encode_prompts(examples["captions"])
+        states, empty = _encoded(encode_prompts, prompts, config.sample_negative_prompt)
+        seeds = [
+            config.seed + i for i in range(len(prompts))
+        ]  # each image from its own: step to step comparable
+        images = generate_from_manifest(
+            ema, states, empty, manifest, config.vae, **options | {"seeds": seeds}
+        )
+        captions = [{"prompt": p, "seed": s} for p, s in zip(prompts, seeds, strict=True)]
+        return save_grid(images, target, captions=captions)
+    states, empty = _encoded(encode_prompts, examples["captions"], config.sample_negative_prompt)
     scale, shift = manifest["scaling_factor"], manifest.get("shift_factor") or 0.0
     inpaint = conditioning(examples["mask"], examples["masked_latent"], scale, shift)
     results = generate_from_manifest(
@@ -44,3 +53,10 @@ def sample_grid(
     vae = load_vae(config.vae or manifest["encode_config"]["vae"]).model
     inputs = masked_inputs(examples, vae)
     return save_grid(np.concatenate([inputs, results]), target, columns=len(results))
+
+
+def _encoded(encode_prompts, prompts: list[str], negative: str):
+    """The prompts' states, and the caption guidance steers away from: --sample-negative-prompt, or the
+    empty one."""
+    states, empty = encode_prompts(prompts)
+    return states, (encode_prompts([negative])[0][0] if negative else empty)

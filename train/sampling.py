@@ -41,26 +41,88 @@ def generate_from_manifest(
     )
 
 
-def save_grid(images: np.ndarray, path: str | Path, columns: int = 4) -> Path:
-    """Tile images into one PNG."""
-    from PIL import Image
+GRID_TEXT_KEY = "latentmill:samples"  # the PNG text chunk of a grid: [{"prompt", "seed"}, ...], one per image
+
+
+def save_grid(
+    images: np.ndarray, path: str | Path, columns: int = 4, captions: list[dict] | None = None
+) -> Path:
+    """Tile images into one PNG; with `captions` (one {"prompt", "seed"} per image) each image's prompt
+    and seed are written under it and kept in the PNG's text (GRID_TEXT_KEY) for the report."""
+    import json
+
+    from PIL import Image, PngImagePlugin
 
     n, h, w, _ = images.shape
     columns = min(columns, n)
     rows = (n + columns - 1) // columns
-    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    band = _caption_height(captions, w)
+    grid = Image.new("RGB", (columns * w, rows * (h + band)), "white")
     for i, image in enumerate(images):
-        grid.paste(Image.fromarray(image), ((i % columns) * w, (i // columns) * h))
+        x, y = (i % columns) * w, (i // columns) * (h + band)
+        grid.paste(Image.fromarray(image), (x, y))
+        if captions:
+            _draw_caption(grid, captions[i], (x, y + h), w)
+    info = PngImagePlugin.PngInfo()
+    if captions:
+        info.add_text(GRID_TEXT_KEY, json.dumps(captions))
     from latentmill.curate.storage import atomic_path, location
 
     path = location(path)
     with atomic_path(path) as tmp:
-        grid.save(tmp, format="PNG")
+        grid.save(tmp, format="PNG", pnginfo=info)
     return path
 
 
-def sampler(source: str | Path, use_ema: bool = True, text_encoder: str | None = None, negative: str = ""):
-    """make(prompts, seed, steps, guidance, size) -> (N, H, W, 3) uint8 images, from a run's last checkpoint
+def grid_captions(path: str | Path) -> list[dict] | None:
+    """The prompts and seeds a grid PNG records (save_grid), or None for a grid without them."""
+    import json
+
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            text = image.text.get(GRID_TEXT_KEY) if hasattr(image, "text") else None
+        return json.loads(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+_LINE = 11  # px per caption line (PIL's default bitmap font)
+
+
+def _caption_lines(caption: dict, width: int) -> list[str]:
+    import textwrap
+
+    text = f"{caption.get('prompt', '')} · seed {caption.get('seed')}"
+    lines = textwrap.wrap(text, max(8, width // 6)) or [""]
+    return lines[:3] if len(lines) <= 3 else lines[:2] + [lines[2][:-1] + "…"]
+
+
+def _caption_height(captions: list[dict] | None, width: int) -> int:
+    if not captions:
+        return 0
+    return 4 + _LINE * max(len(_caption_lines(c, width)) for c in captions)
+
+
+def _draw_caption(grid, caption: dict, at: tuple[int, int], width: int) -> None:
+    from PIL import ImageDraw, ImageFont
+
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for k, line in enumerate(_caption_lines(caption, width)):
+        draw.text((at[0] + 2, at[1] + 2 + k * _LINE), line, fill="black", font=font)
+
+
+def sampler(
+    source: str | Path,
+    use_ema: bool = True,
+    text_encoder: str | None = None,
+    negative: str = "",
+    method: str | None = None,
+):
+    """make(prompts, seed, steps, guidance, size) -> (N, H, W, 3) uint8 images, denoised by `method`
+    (train/schedule.py: ddim, euler, euler-a, dpm++2m-karras, unipc; the flow families' euler; default: the
+    family's, as its pipeline has it), from a run's last checkpoint
     (its text encoder, the latents' VAE) or from a diffusers pipeline folder (e.g. the base model whose
     class images DreamBooth preserves). `negative`: the caption guidance steers away from (default: the
     empty one). `text_encoder`: for a run trained on caption states stored in its shards, the encoder
@@ -76,6 +138,14 @@ def sampler(source: str | Path, use_ema: bool = True, text_encoder: str | None =
         # its family's pipeline class (StableDiffusionPipeline, StableDiffusion3Pipeline, FluxPipeline)
         pipe = DiffusionPipeline.from_pretrained(source, local_files_only=True, **extra)
         pipe.set_progress_bar_config(disable=True)
+        if type(pipe.scheduler).__name__.startswith("FlowMatch"):
+            from latentmill.train.families.flowfamily import check_flow_sampler
+
+            check_flow_sampler(method, type(pipe).__name__)
+        elif method is not None:
+            from latentmill.train.schedule import with_sampler
+
+            pipe.scheduler = with_sampler(pipe.scheduler, method, type(pipe).__name__)
 
         def from_pipeline(prompts, seed, steps, guidance, size, seeds=None):
             width, height = size or (None, None)
@@ -127,6 +197,7 @@ def sampler(source: str | Path, use_ema: bool = True, text_encoder: str | None =
             prediction=config["prediction"],
             seeds=seeds,
             config=config,
+            sampler=method,
         )
 
     return from_run
@@ -167,80 +238,20 @@ def sample_run(
     use_ema: bool = True,
     text_encoder: str | None = None,
     negative: str = "",
-) -> Path:
-    """One image per prompt from a run (or a pipeline folder), as one grid PNG."""
-    make = sampler(run, use_ema, text_encoder, negative)
-    return save_grid(make(prompts, seed, steps, guidance, size), output)
-
-
-SAMPLE_INDEX = ".latentmill-samples.json"
-
-
-def sample_to_folder(
-    source: str | Path,
-    prompts: list[str],
-    folder: str | Path,
     count: int = 1,
-    steps: int = 20,
-    guidance: float = 5.0,
-    seed: int = 0,
-    size: tuple[int, int] | None = None,
-    batch_size: int = 4,
-    progress=None,
-    text_encoder: str | None = None,
-    negative: str = "",
-) -> tuple[int, int]:
-    """`count` images of each prompt as folder/NNNNNN.png with the prompt in NNNNNN.txt, what
-    `latentmill images pack` reads (DreamBooth's class images); returns (images in the folder for these
-    prompts and settings, images made by this call). Batch b is drawn with seed + b and files are written
-    atomically; an index beside them (.latentmill-samples.json) records what made each file, so a stopped
-    call, run again, keeps what it made and makes the rest, and another prompt or setting makes anew.
-    Files this command did not write are never taken as its own, nor overwritten."""
-    import hashlib
-    import json
-
-    from PIL import Image
-
-    from latentmill.curate.lineage import model_fingerprint
-    from latentmill.curate.records import read_optional
-    from latentmill.curate.storage import atomic_path, write_json
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    index_path = folder / SAMPLE_INDEX
-    fix = f"delete {index_path} and the images beside it, or give another --to-folder"
-    index = read_optional(index_path, fix=fix) or {}
-    jobs = [prompt for prompt in prompts for _ in range(count)]
-    settings = [model_fingerprint(str(source)), steps, guidance, seed, list(size or []), batch_size]
-    settings += [negative] if negative else []  # (so folders made before --negative-prompt keep their keys)
-    make, made = None, 0
-    for batch, start in enumerate(range(0, len(jobs), batch_size)):
-        chunk = jobs[start : start + batch_size]
-        names = [f"{start + i:06d}" for i in range(len(chunk))]
-        keys = [
-            hashlib.sha256(json.dumps([*settings, batch, i, prompt]).encode()).hexdigest()[:16]
-            for i, prompt in enumerate(chunk)
-        ]
-        foreign = [n for n in names if (folder / f"{n}.png").exists() and n not in index]
-        if foreign:
-            raise InputError(
-                f"{folder}: {foreign[0]}.png was not written by `latentmill sample`; give an empty folder "
-                f"(or one this command filled) to --to-folder."
-            )
-        done = all(
-            index.get(n) == k and (folder / f"{n}.png").exists() for n, k in zip(names, keys, strict=True)
+    seeds: list[int] | None = None,
+    method: str | None = None,
+) -> Path:
+    """`count` images per prompt from a run (or a pipeline folder) as one grid PNG, a row per prompt, each
+    image's prompt and seed under it. Image j of prompt i is drawn from seed `seeds[i] + j` (default: every
+    prompt from `seed`): a prompt's row is the same whatever other prompts are beside it."""
+    starts = list(seeds) if seeds else [seed] * len(prompts)
+    if len(starts) != len(prompts):
+        raise InputError(
+            f"sample: {len(starts)} seed(s) for {len(prompts)} prompt(s): give one per --prompt."
         )
-        if not done:
-            make = make or sampler(source, text_encoder=text_encoder, negative=negative)
-            for name, key, prompt, image in zip(
-                names, keys, chunk, make(chunk, seed + batch, steps, guidance, size), strict=True
-            ):
-                (folder / f"{name}.txt").write_text(prompt + "\n")
-                with atomic_path(folder / f"{name}.png") as tmp:
-                    Image.fromarray(image).save(tmp, format="PNG")
-                index[name] = key
-                made += 1
-            write_json(index_path, index)
-        if progress:
-            progress(len(chunk))
-    return len(jobs), made
+    jobs = [(prompt, start + j) for prompt, start in zip(prompts, starts, strict=True) for j in range(count)]
+    make = sampler(run, use_ema, text_encoder, negative, method)
+    images = make([p for p, _ in jobs], seed, steps, guidance, size, seeds=[s for _, s in jobs])
+    captions = [{"prompt": p, "seed": s} for p, s in jobs]
+    return save_grid(images, output, columns=count if len(prompts) > 1 else min(count, 4), captions=captions)

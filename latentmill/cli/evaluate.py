@@ -8,6 +8,7 @@ import click
 
 from latentmill.cli.options import Location
 from latentmill.evaluation import CLIP_DEFAULT
+from latentmill.train.schedule import SAMPLER_NAMES
 
 FEATURES_HELP = (
     "Feature space: clip:MODEL[:PRETRAINED] (FID in CLIP space; default clip:<--clip-model>), "
@@ -82,6 +83,12 @@ def fid(a, b, features, device, kid_only, as_json):
 )
 @click.option("--features", default=None, help=FEATURES_HELP)
 @click.option("--seed", default=0, show_default=True, type=int, help="Image i is drawn with seed + i.")
+@click.option(
+    "--sampler",
+    type=click.Choice(SAMPLER_NAMES),
+    default=None,
+    help="As `latentmill sample --sampler` (default: the family's: ddim, or euler).",
+)
 @click.option("--sampler-steps", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--guidance", default=5.0, show_default=True, type=float)
 @click.option("--width", type=click.IntRange(min=8), default=None)
@@ -105,7 +112,7 @@ def fid(a, b, features, device, kid_only, as_json):
     type=Location(exists=False, dir_okay=False),
     help="Write the numbers and settings as JSON here.",
 )
-def run(source, prompts_file, reference, count, clip_model, features, seed, sampler_steps,
+def run(source, prompts_file, reference, count, clip_model, features, seed, sampler, sampler_steps,
         guidance, width, height, device, kid_only, negative_prompt, text_encoder, output):  # fmt: skip
     """Generate COUNT images of the prompts from a run (its last checkpoint) or a pipeline folder; their
     CLIP score, and FID/KID against --reference."""
@@ -121,7 +128,7 @@ def run(source, prompts_file, reference, count, clip_model, features, seed, samp
         numbers = evaluate_run(
             str(source), prompts, str(reference) if reference else None, count, clip_model,
             features, seed, sampler_steps, guidance, (width, height) if width else None, device, kid_only,
-            progress=bar.update, text_encoder=text_encoder, negative=negative_prompt,
+            progress=bar.update, text_encoder=text_encoder, negative=negative_prompt, method=sampler,
         )  # fmt: skip
     if output:
         write_json(output, numbers)

@@ -186,33 +186,33 @@ def sample(source, output, to_folder, **kwargs):
     \b
     Examples:
       latentmill sample runs/stage2 --prompt "a lighthouse at dusk" --prompt "a bowl of fruit" -o grid.png
+      latentmill sample runs/stage2 --prompt "a cat" --prompt "a dog" --seeds 1,2 --count 4 --sampler euler-a
       latentmill sample sd15-pipeline/ --prompt "a photo of a dog" --count 200 --to-folder class-images/
+      latentmill sample sd15-pipeline/ --prompt "a photo of a puppy" --count 100 --to-folder class-images/ --add
     """
-    from latentmill.train.sampling import sample_run, sample_to_folder
+    from latentmill.train.samplefolder import sample_to_folder
+    from latentmill.train.sampling import sample_run
 
     c = config_from(SampleConfig, kwargs)
     if to_folder:
         from latentmill.progress import progress_bar
 
+        if c.seeds:
+            raise click.UsageError(
+                "--seeds makes grids; --to-folder draws image k of the set from --seed + k."
+            )
         with progress_bar(len(c.prompts) * c.count, "sample", "img") as bar:
             total, made = sample_to_folder(
-                source,
-                c.prompts,
-                to_folder,
-                c.count,
-                c.sampler_steps,
-                c.guidance,
-                c.seed,
-                c.size,
-                progress=bar.update,
-                text_encoder=c.text_encoder,
-                negative=c.negative_prompt,
-            )
+                source, c.prompts, to_folder, c.count, c.sampler_steps, c.guidance, c.seed, c.size,
+                progress=bar.update, text_encoder=c.text_encoder, negative=c.negative_prompt, add=c.add,
+                method=c.sampler,
+            )  # fmt: skip
         click.echo(f"{total} image(s) of these prompts in {to_folder} ({made} made now)")
         return
-    prompts = [p for p in c.prompts for _ in range(c.count)]
+    if c.add:
+        raise click.UsageError("--add applies to --to-folder.")
     path = sample_run(
-        source, prompts, output, steps=c.sampler_steps, guidance=c.guidance, seed=c.seed, size=c.size,
-        text_encoder=c.text_encoder, negative=c.negative_prompt,
+        source, c.prompts, output, steps=c.sampler_steps, guidance=c.guidance, seed=c.seed, size=c.size,
+        text_encoder=c.text_encoder, negative=c.negative_prompt, count=c.count, seeds=c.seeds, method=c.sampler,
     )  # fmt: skip
     click.echo(f"wrote {path}")

@@ -179,8 +179,11 @@ class FlowFamily(PipelineText):
         inpaint=None,
         seeds: list[int] | None = None,
         config: dict | None = None,
+        sampler: str | None = None,
     ) -> np.ndarray:
-        """(N, H, W, 3) uint8 images: Euler steps of the family's scheduler from seeded noise."""
+        """(N, H, W, 3) uint8 images: Euler steps of the family's scheduler from seeded noise (`sampler`:
+        euler, the one flow matching's families have)."""
+        check_flow_sampler(sampler, self.name)
         device = next(model.parameters()).device
         n = text_states.batch
         factor = 8 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
@@ -225,4 +228,14 @@ class FlowFamily(PipelineText):
         cls = getattr(diffusers, self.pipeline_class)
         return cls(
             transformer=loaded.unet(), vae=vae_model, scheduler=self.sampling_scheduler(config), **parts
+        )
+
+
+def check_flow_sampler(sampler: str | None, family: str) -> None:
+    from latentmill.train.schedule import FLOW_SAMPLERS, SAMPLERS
+
+    if sampler not in (None, *FLOW_SAMPLERS):
+        raise InputError(
+            f"--sampler {sampler}: the {family} family samples with its own Euler (--sampler euler); "
+            f"{', '.join(SAMPLERS)} are the U-Net families' (sd-unet, sdxl)."
         )

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from latentmill.train.latentspace import starting_noise, to_images
-from latentmill.train.schedule import sampling_scheduler
+from latentmill.train.schedule import sampling_scheduler, step_options
 
 
 class SdUnet:
@@ -90,20 +90,22 @@ class SdUnet:
         inpaint: torch.Tensor | None = None,
         seeds: list[int] | None = None,
         config: dict | None = None,
+        sampler: str | None = None,
     ) -> np.ndarray:
-        """(N, H, W, 3) uint8 images for N prompts' text states; `size` is (width, height) in pixels. An
+        """(N, H, W, 3) uint8 images for N prompts' text states, denoised by `sampler` (train/schedule.py
+        SAMPLERS; default DDIM); `size` is (width, height) in pixels. An
         inpainting U-Net takes `inpaint` (N, 1 + C, h, w: the mask and the masked image's latents in the
         U-Net's space) beside the latents; without it, everything is masked (plain text-to-image). `seeds`: one
         per image, each image's starting noise drawn from its own (so an image does not depend on its batch).
         `config`: the run's (the transformer families read it; the U-Net's sampler needs `prediction` alone)."""
-        scheduler = sampling_scheduler(prediction)
+        scheduler = sampling_scheduler(prediction, sampler)
         scheduler.set_timesteps(steps)
         device = next(unet.parameters()).device
         n = text_states.shape[0]
         channels = unet.config.out_channels
         shape = (channels, size[1] // 8, size[0] // 8)
-        latents = starting_noise(shape, n, seed, seeds)
-        latents = latents.to(device)
+        latents = starting_noise(shape, n, seed, seeds).to(device) * scheduler.init_noise_sigma
+        options = step_options(scheduler, seed)
         context = torch.cat([empty_state.expand(n, -1, -1), text_states]).to(device)
         if unet.config.in_channels > channels:  # an inpainting U-Net
             from latentmill.train.inpainting import unconditioned
@@ -119,13 +121,13 @@ class SdUnet:
             time_ids = torch.tensor([[h, w, 0, 0, h, w]] * (2 * n), dtype=context.dtype, device=device)
             extra = {"added_cond_kwargs": {"text_embeds": context.mean(dim=1), "time_ids": time_ids}}
         for t in scheduler.timesteps:
-            inputs = torch.cat([latents, latents])
+            inputs = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             if inpaint is not None:
                 inputs = torch.cat([inputs, inpaint.to(inputs.dtype)], dim=1)
             prediction_both = unet(inputs, t, encoder_hidden_states=context, **extra).sample
             unconditional, conditional = prediction_both.chunk(2)
             guided = unconditional + guidance * (conditional - unconditional)
-            latents = scheduler.step(guided, t, latents).prev_sample
+            latents = scheduler.step(guided, t, latents, **options).prev_sample
         return to_images(latents, vae, scaling_factor, shift_factor)
 
     def prompt_encoder(self, source, config: dict, manifest: dict, given: str | None):

@@ -129,27 +129,29 @@ class Sdxl(PipelineText, SdUnet):
         inpaint=None,
         seeds: list[int] | None = None,
         config: dict | None = None,
+        sampler: str | None = None,
     ) -> np.ndarray:
-        """DDIM with classifier-free guidance, asking for an uncropped image of `size` (the pipeline's
+        """DDIM (or `sampler`: train/schedule.py SAMPLERS) with classifier-free guidance, asking for an uncropped image of `size` (the pipeline's
         default add_time_ids)."""
-        from latentmill.train.schedule import sampling_scheduler
+        from latentmill.train.schedule import sampling_scheduler, step_options
 
-        scheduler = sampling_scheduler(prediction)
+        scheduler = sampling_scheduler(prediction, sampler)
         scheduler.set_timesteps(steps)
+        options = step_options(scheduler, seed)
         device = next(unet.parameters()).device
         n = text_states.batch
         factor = 8 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
         shape = (unet.config.out_channels, size[1] // factor, size[0] // factor)
-        latents = starting_noise(shape, n, seed, seeds)
-        latents = latents.to(device)
+        latents = starting_noise(shape, n, seed, seeds).to(device) * scheduler.init_noise_sigma
         both = Conditioning.cat([empty_state.expand(n), text_states]).to(device)
         h, w = size[1], size[0]
         metas = [{"original_size": [w, h], "crop": [0, 0], "bucket": [w, h]}] * (2 * n)
         for t in scheduler.timesteps:
-            predicted = self.predict(unet, torch.cat([latents, latents]), t, both, metas)
+            inputs = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            predicted = self.predict(unet, inputs, t, both, metas)
             unconditional, conditional = predicted.chunk(2)
             latents = scheduler.step(
-                unconditional + guidance * (conditional - unconditional), t, latents
+                unconditional + guidance * (conditional - unconditional), t, latents, **options
             ).prev_sample
         return to_images(latents, vae, scaling_factor, shift_factor)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from latentmill.errors import InputError
 from latentmill.schema import opt
+from latentmill.train.schedule import SAMPLER_NAMES
 
 SAMPLE_PROMPTS = [
     "a photograph of a cat",
@@ -24,7 +25,16 @@ class EvaluationSettings:
         flag="--sample-prompt",
         help="A prompt of the sample grids (repeatable).",
     )
-    sample_steps: int = opt(20, "DDIM steps of the sample grids.", low=1)
+    sample_steps: int = opt(20, "Denoising steps of the sample grids.", low=1)
+    sample_sampler: str | None = opt(
+        None,
+        "The sample grids' sampler, as `latentmill sample --sampler` (default: the family's: ddim, or euler).",
+        choices=SAMPLER_NAMES,
+        since="0.4",
+    )
+    sample_negative_prompt: str = opt(
+        "", "What the sample grids' guidance steers away from (default: the empty caption).", since="0.4"
+    )
     eval_every: int = opt(
         0,
         "Every N steps, the validation loss: the denoising loss on held-out latents at 8 fixed timesteps with "

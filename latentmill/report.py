@@ -17,6 +17,7 @@ from latentmill.layout import Layout
 from latentmill.reportevals import eval_section
 from latentmill.reporthtml import Markup, concat, figure, html, image, page
 from latentmill.reportmasks import mask_section
+from latentmill.reportruns import runs_section, settings_section
 from latentmill.reporttokens import token_section
 
 THUMBS_PER_GROUP = 8
@@ -44,6 +45,10 @@ def _record(path: Path, **fields) -> dict:
 def funnel_rows(work: Path) -> list[tuple[str, int]]:
     """(stage, rows remaining) from URLs to latents."""
     rows, lay = [], Layout(work)
+    from latentmill.reportruns import folder_input
+
+    if (packed := folder_input(lay)) is not None:  # a folder source: the images that went in
+        rows.append(("images in the folder", packed))
     prefilter = lay.kept_funnel
     if prefilter.exists():
         f = _record(prefilter, input_rows=int, kept_rows=int)
@@ -88,7 +93,19 @@ def _loss_chart(log: Path) -> str | None:
     ]
     if not entries:
         return None
-    fig, ax = plt.subplots(figsize=(7, 3))
+    # the loss, and beside it what drives it: the learning rate (warm-up, schedule) and the gradient norm
+    curves = [k for k in ("lr", "grad_norm") if any(isinstance(e.get(k), NUMBER) for e in entries)]
+    fig, axes = plt.subplots(1, 1 + len(curves), figsize=(7 + 3.5 * len(curves), 3), squeeze=False)
+    ax = axes[0][0]
+    for side, key in zip(axes[0][1:], curves, strict=True):
+        points = [e for e in entries if isinstance(e.get(key), NUMBER)]
+        side.plot([e["step"] for e in points], [e[key] for e in points], color="#8172B2", linewidth=1)
+        side.set_xlabel("step")
+        side.set_ylabel({"lr": "learning rate", "grad_norm": "gradient norm (before clipping)"}[key])
+    for key, color in (("instance_loss", "#DD8452"), ("prior_loss", "#937860")):  # DreamBooth's terms
+        terms = [e for e in entries if isinstance(e.get(key), NUMBER)]
+        if terms:
+            ax.plot([e["step"] for e in terms], [e[key] for e in terms], color=color, linewidth=1, label=key)
     ax.plot(
         [e["step"] for e in entries], [e["loss"] for e in entries], color="#C44E52", linewidth=1, label="loss"
     )
@@ -99,6 +116,8 @@ def _loss_chart(log: Path) -> str | None:
                 [e["step"] for e in held], [e[key] for e in held], "o-", color=color, markersize=3, label=key
             )
             ax.legend(fontsize=8)
+    if len(ax.get_lines()) > 1:
+        ax.legend(fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
@@ -269,6 +288,10 @@ def _funnel_section(lay: Layout) -> Markup:
     body = [html('<table class="funnel">{}</table>', table)]
     if rows:
         body.append(image("funnel", _funnel_chart(rows)))
+    from latentmill.reportruns import rules_table
+
+    if (rules := rules_table(lay)) is not None:
+        body.append(rules)
     if lay.download_summary.exists():
         failures = _record(lay.download_summary, failures=dict)["failures"]
         items = concat(html("<li>{}: {}</li>", k, v) for k, v in failures.items())
@@ -326,7 +349,12 @@ def _samples_section(lay: Layout) -> Markup:
     body = []
     for run in lay.run_folders():
         for grid in sorted((run / "samples").glob("*.png")) if (run / "samples").exists() else []:
-            body.append(figure(grid.stem, _png_uri(grid.read_bytes()), f"{run.name} {grid.stem}"))
+            from latentmill.train.gridcaptions import grid_captions
+
+            prompts = "; ".join(f"{c['prompt']} (seed {c['seed']})" for c in grid_captions(grid) or [])
+            caption = f"{run.name} {grid.stem}" + (f": {prompts}" if prompts else "")
+            body.append(html('<figure class="wide"><img alt="{}" src="{}"><figcaption>{}</figcaption></figure>',
+                             grid.stem, _png_uri(grid.read_bytes()), caption))  # fmt: skip
     body = concat(body) or Markup("<p>No sample grids yet.</p>")
     if (lay.vae / "fit.json").exists():  # the demo's tiny models: say what their grids can show
         body = TINY_MODELS_NOTE + body
@@ -356,7 +384,9 @@ SECTIONS = (
         "The demo's VAE: originals and reconstructions",
         lambda lay: _vae_section(lay.vae) if (lay.vae / "fit.json").exists() else None,
     ),
-    ("loss", "Training loss", _loss_section),
+    ("runs", "Training runs: steps, resumes, replaced runs", runs_section),
+    ("loss", "Training loss, learning rate and gradient norm", _loss_section),
     ("evals", "Evaluation: CLIP score, FID, KID", eval_section),
     ("samples", "Sample grids", _samples_section),
+    ("settings", "The resolved settings of every stage", settings_section),
 )

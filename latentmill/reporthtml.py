@@ -15,6 +15,7 @@ body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px;
 nav a { margin-right: 1rem; } section { margin-top: 2rem; } img { max-width: 100%; }
 .grid { display: flex; flex-wrap: wrap; gap: .5rem; } figure { margin: 0; display: inline-block; }
 figcaption { font-size: .75rem; max-width: 128px; color: #555; } table.funnel td { padding: .1rem .8rem; }
+figure.wide figcaption { max-width: none; } pre { font-size: .75rem; background: #f6f6f6; padding: .5rem; }
 """
 
 # no script, no frames, no requests: only data: images and the style sheet above, by its hash

@@ -123,6 +123,7 @@ def test_select_drops_the_duplicates_with_their_reason(tmp_path, run_cli):
         pq.write_table(table, shard)
     result = run_cli("dedup", tmp_path / "scores", "-o", tmp_path / "dedup", "--threshold", "0.95")
     assert result.exit_code == 0, result.output
+    assert "far more than real image sets hold" not in result.output  # a plausible share: no warning
     dups = duplicate_keys(tmp_path / "dedup")
     kept_by_dedup = pd_concat(tmp_path / "dedup")
     for key, of in zip(kept_by_dedup["key"], kept_by_dedup["duplicate_of"], strict=True):
@@ -143,6 +144,27 @@ def test_select_drops_the_duplicates_with_their_reason(tmp_path, run_cli):
     assert {"rule": "duplicate", "dropped": len(dups)}.items() <= next(
         s for s in funnel["steps"] if s["rule"] == "duplicate"
     ).items()
+
+
+def test_most_of_a_set_marked_duplicates_is_warned_with_its_likely_cause(tmp_path, run_cli):
+    from latentmill.curate.lineage import make_record, record_path
+    from latentmill.curate.storage import write_json
+
+    rng = np.random.default_rng(0)  # what an untrained CLIP gives: every picture's embedding nearly the same
+    matrix = np.ones((200, 64)) + rng.normal(0, 0.01, (200, 64))
+    matrix = (matrix / np.linalg.norm(matrix, axis=1, keepdims=True)).astype(np.float16)
+    write_scores(tmp_path, matrix, shards=2)
+    write_json(
+        record_path(tmp_path / "scores"),
+        make_record("score", settings={"clip_model": "tiny-rn", "pretrained": "none"}),
+    )
+    result = run_cli("dedup", tmp_path / "scores", "-o", tmp_path / "dedup")
+    assert result.exit_code == 0, result.output
+    funnel = json.loads((tmp_path / "dedup" / "funnel.json").read_text())
+    assert funnel["duplicates"] > 150
+    assert f"{funnel['duplicates']} of 200 images" in result.output and "far more than" in result.output
+    assert "tiny-rn, random weights" in result.output and "untrained CLIP" in result.output
+    assert funnel["warning"].startswith("dedup: ")
 
 
 @pytest.mark.parametrize("value", ["0", "1.5"])

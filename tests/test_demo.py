@@ -5,6 +5,8 @@ import shutil
 
 import pytest
 
+from tests.conftest import report_section
+
 pytestmark = pytest.mark.slow  # end to end: real downloads, Ray, training runs
 
 
@@ -46,8 +48,23 @@ def test_demo_runs_every_stage_offline(tmp_path, run_cli):
     result = run_cli("report", work)
     assert result.exit_code == 0, result.output
     page = (work / "report" / "index.html").read_text()
-    for section in ("funnel", "scores", "heads", "buckets", "thumbnails", "vae", "loss", "samples"):
+    for section in (
+        "funnel",
+        "scores",
+        "heads",
+        "buckets",
+        "thumbnails",
+        "vae",
+        "runs",
+        "loss",
+        "samples",
+        "settings",
+    ):
         assert f'<section id="{section}">' in page
+    assert "Dropped, by rule" in page and "<td>prefilter</td><td>min_side</td>" in page  # each rule's count
+    assert "<b>main</b>: step 4 of 4" in report_section(page, "runs")
+    assert "(seed 0)" in report_section(page, "samples")  # the prompts and seeds under the grids
+    assert "<summary>select</summary>" in report_section(page, "settings")
     assert "Dropped: min_side" in page and "Kept" in page and page.count("data:image/png;base64,") > 15
     assert (
         "aesthetic_fit from AESTHETIC_SCORE" in page and 'alt="aesthetic_fit against AESTHETIC_SCORE"' in page

@@ -11,7 +11,7 @@ from latentmill.errors import InputError
 from latentmill.train.config import TrainConfig
 from latentmill.train.data import TrainingData, latent_sets
 from latentmill.train.loop import train
-from tests.conftest import image_entry, make_shard, tiny_clip_text_pipeline
+from tests.conftest import image_entry, make_shard, report_section, tiny_clip_text_pipeline
 
 ENCODE = dict(vae="tiny", bucket_min_side=64, bucket_max_side=256, step=32, flip=True, std=True)
 
@@ -456,6 +456,11 @@ def test_dreambooth_trains_on_instance_and_class_batches_and_resumes_exactly(dat
     state = json.loads((last_checkpoint(straight) / "state.json").read_text())
     assert state["loader"]["class"]["batches"] == 4  # one class batch per step
     assert sum(s["batches"] for s in state["loader"]["sources"]) == 4
+    weight = TrainConfig.__dataclass_fields__["prior_loss_weight"].default
+    for line in (straight / "log.jsonl").read_text().splitlines():  # the two terms logged apart
+        m = json.loads(line)
+        assert m["prior_loss"] > 0 and m["instance_loss"] > 0
+        assert m["loss"] == pytest.approx(m["instance_loss"] + weight * m["prior_loss"], rel=1e-5)
     result = run_cli(
         "sample", straight, "--prompt", "a photo of sks", "-o", tmp_path / "g.png", "--sampler-steps", "2"
     )
@@ -574,7 +579,10 @@ def test_a_recipe_packs_a_folder_trains_a_lora_and_exports_it(data, tmp_path, ru
     assert not (tmp_path / "work" / "urls" / "kept.parquet").exists()  # no URL table, no prefilter
     result = run_cli("report", tmp_path / "work")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "work" / "report" / "index.html").exists()
+    page = (tmp_path / "work" / "report" / "index.html").read_text()
+    assert "<td>images in the folder</td><td>8</td>" in page  # a folder source: how many went in
+    assert "<summary>pack</summary>" in page and "<summary>train</summary>" in page  # each stage's settings
+    assert "lora_rank" in report_section(page, "settings")
     result = run_cli("status", tmp_path / "work")
     assert result.exit_code == 0 and "train" in result.output
 

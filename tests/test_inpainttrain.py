@@ -115,10 +115,11 @@ def test_inpainting_training_resumes_exactly_draws_grids_and_exports_an_inpaint_
     top = np.asarray(grid)[:64].astype(int)
     assert ((top[..., 0] - top[..., 1]) > 60).any()  # the part to fill in, tinted red
 
-    from latentmill.train.sampling import sample_run
+    from latentmill.train.sampling import grid_captions, sample_run
 
-    sampled = Image.open(sample_run(straight, ["a red circle"], tmp_path / "plain.png", steps=2))
-    assert sampled.size == (64, 64)  # text-to-image from an inpainting run: everything masked
+    plain = sample_run(straight, ["a red circle"], tmp_path / "plain.png", steps=2)
+    # text-to-image from an inpainting run (everything masked): one 64 px image, its prompt under it
+    assert Image.open(plain).size[0] == 64 and grid_captions(plain) == [{"prompt": "a red circle", "seed": 0}]
     export_run(straight, tmp_path / "pipeline")
     pipe = StableDiffusionInpaintPipeline.from_pretrained(tmp_path / "pipeline")
     assert pipe.unet.config.in_channels == 9

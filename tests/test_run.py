@@ -146,6 +146,9 @@ def test_the_demo_recipe_killed_midway_finishes_with_the_same_outputs(tmp_path, 
         "step-0000003.png",
         "step-0000006.png",
     ]
+    assert run_cli("report", killed).exit_code == 0  # the report tells the run was resumed, and where
+    page = (killed / "report" / "index.html").read_text()
+    assert "<b>main</b>: step 6 of 6; resumed at step 3" in page
 
 
 def test_a_stage_does_not_start_before_the_stage_that_writes_its_inputs(tmp_path):
@@ -244,6 +247,8 @@ def test_run_works_like_make_and_a_moved_work_folder_is_a_no_op(tmp_path, run_cl
     assert "[score] keep: up to date" in result.stdout and "[encode] redo" in result.stdout
     assert {k: v for k, v in _mtimes(work).items() if k in upstream} == upstream
     assert (work / "runs" / ".replaced" / "main").is_dir()  # the old run moved aside, not deleted
+    assert run_cli("report", work).exit_code == 0
+    assert "<b>main</b> (replaced by a changed recipe" in (work / "report" / "index.html").read_text()
     assert (
         f"moved the replaced run {work / 'runs' / 'main'} to {work / 'runs' / '.replaced' / 'main'}"
         in result.stdout

@@ -51,6 +51,7 @@ def save_checkpoint(
     keep: int,
     changes: list[dict] = (),
     manifest: dict | None = None,
+    resumed_at: list[int] = (),
 ) -> Path:
     """Write `weights` (FullWeights or LoraWeights: their safetensors files and small JSON files), the
     optimizer and state.json (step, loader position, config, the settings changed on resume and the step
@@ -72,6 +73,7 @@ def save_checkpoint(
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(rest))
     state = {"step": step, "loader": loader_state, "config": config, "changes": list(changes)}
+    state["resumed_at"] = list(resumed_at)
     (tmp / "state.json").write_text(json.dumps(recorded_state(state, run), indent=2))
     if manifest is not None:  # its VAE, where a folder, absolute as the run's own paths
         from latentmill.train.runinputs import absolute

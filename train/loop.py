@@ -94,7 +94,7 @@ def _train(config: TrainConfig, mirror: RunMirror | None, progress, log, evaluat
         for step in range(t.start, config.steps):
             for group in t.optimizer.param_groups:
                 group["lr"] = group.get("base_lr", config.learning_rate) * _lr_factor(step, config)
-            total_loss, keys = torch.zeros((), device=device), []
+            total_loss, keys, terms = torch.zeros((), device=device), [], {}
             for micro in range(config.grad_accum):
                 batch, class_batch = t.data.next()
                 generator = torch.Generator().manual_seed(
@@ -106,12 +106,14 @@ def _train(config: TrainConfig, mirror: RunMirror | None, progress, log, evaluat
                 with no_sync, torch.autocast(**autocast):
                     instance = t.prepared(batch, generator)
                     class_images = t.prepared(class_batch, generator) if class_batch is not None else None
-                    loss = t.objective.step_loss(
+                    losses = t.objective.step_losses(
                         t.model, instance, class_images, config.prior_loss_weight, generator
                     )
-                    loss = loss / config.grad_accum
+                    loss = losses.pop("loss") / config.grad_accum
                     loss.backward()
                 total_loss += loss.detach()
+                for name, term in losses.items():  # DreamBooth's instance and prior terms, logged apart
+                    terms[name] = terms.get(name, 0.0) + term.detach() / config.grad_accum
                 interval_samples += len(batch["keys"])
                 keys += batch["keys"]
             recent_keys[step + 1] = keys
@@ -144,6 +146,7 @@ def _train(config: TrainConfig, mirror: RunMirror | None, progress, log, evaluat
                 "loss": total_loss.item(),
                 "lr": t.optimizer.param_groups[0]["lr"],
                 "grad_norm": grad_norm.item(),
+                **{name: term.item() for name, term in terms.items()},
                 "samples_per_s": interval_samples * world / max(elapsed, 1e-9),
                 "epoch": t.data.epoch,
             }
@@ -198,6 +201,7 @@ def _checkpoint(t: Training, step: int) -> None:
             t.config.keep_checkpoints,
             t.changes,
             manifest=t.manifest,
+            resumed_at=t.resumed_at,
         )
         if t.mirror:
             t.mirror.push()

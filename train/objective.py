@@ -26,10 +26,16 @@ class PriorLoss:
         prior preservation). Each batch is (latents, text states, metas, loss mask or None, inpainting
         conditioning or None); they may come
         from different buckets, so they take separate forward passes."""
+        return self.step_losses(model, instance, class_images, prior_weight, generator)["loss"]
+
+    def step_losses(self, model, instance: tuple, class_images: tuple | None, prior_weight: float, generator):
+        """`step_loss` as {"loss": ...}, and with a class batch its two terms apart, logged as DreamBooth
+        runs log them: {"loss", "instance_loss", "prior_loss"} (the prior term before its weight)."""
         loss = self.batch_loss(model, instance, generator)
-        if class_images is not None:
-            loss = loss + prior_weight * self.batch_loss(model, class_images, generator)
-        return loss
+        if class_images is None:
+            return {"loss": loss}
+        prior = self.batch_loss(model, class_images, generator)
+        return {"loss": loss + prior_weight * prior, "instance_loss": loss, "prior_loss": prior}
 
     def batch_loss(self, model, batch: tuple, generator) -> torch.Tensor:
         latents, text, metas, mask, inpaint = batch

@@ -63,6 +63,7 @@ class Training:
     changes: list | None = (
         None  # settings changed on resume: {step, key, from, to}, kept in every later state.json
     )
+    resumed_at: list = ()  # the steps the run was resumed at, kept in every later state.json (the report)
     mirror: RunMirror | None = None  # the run folder is in an object store: `run` is its local copy
     examples: dict | None = None  # an inpainting run's sample-grid inputs (train/inpainting.py)
     text: TrainableText | None = None  # the text encoder, where part of it trains
@@ -115,7 +116,7 @@ def set_up(config: TrainConfig, mirror: RunMirror | None) -> Training:
         fused=device.startswith("cuda"),
     )
     objective = family.objective(config, device)
-    start, changes = _resume_point(config, run, weights, optimizer, data, rank, world)
+    start, changes, resumed_at = _resume_point(config, run, weights, optimizer, data, rank, world)
     examples = None
     if config.inpainting and rank == 0 and config.sample_every and encode_prompts:
         examples = grid_examples(data.loaders[0].shards[0], manifest, min(4, len(config.sample_prompts)))
@@ -136,6 +137,7 @@ def set_up(config: TrainConfig, mirror: RunMirror | None) -> Training:
         model=_wrapped(denoiser, config, world),
         start=start,
         changes=changes,
+        resumed_at=resumed_at,
         mirror=mirror,
         examples=examples,
         text=text,
@@ -253,9 +255,9 @@ def _what_trains(config: TrainConfig, denoiser: torch.nn.Module, text: Trainable
 
 
 def _resume_point(config: TrainConfig, run: Path, weights, optimizer, data, rank: int, world: int):
-    """(the first step to run, the settings changed on resume so far): 0 and none for a new run; a resumed
-    one loads its last checkpoint (weights, optimizer, each rank's loader position)."""
-    start, changes = 0, []
+    """(the first step to run, the settings changed on resume so far, the steps resumed at): 0 and none for
+    a new run; a resumed one loads its last checkpoint (weights, optimizer, each rank's loader position)."""
+    start, changes, resumed_at = 0, [], []
     if rank == 0:
         remove_stale_temporaries(run)
     if rank == 0 and not checkpoints(run):  # a new run, or one stopped before its first checkpoint
@@ -267,10 +269,11 @@ def _resume_point(config: TrainConfig, run: Path, weights, optimizer, data, rank
         start = state["step"]
         _, allowed = resume_differences(state.get("config") or {}, config)
         changes = list(state.get("changes") or []) + [{"step": start} | change for change in allowed]
+        resumed_at = [*(state.get("resumed_at") or []), start]
         data.load_state_dict(loader_state_of(state["loader"], rank, world))
         if rank == 0:
             truncate_log(run, start)
-    return start, changes
+    return start, changes, resumed_at
 
 
 def _wrapped(denoiser: torch.nn.Module, config: TrainConfig, world: int) -> torch.nn.Module:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from latentmill.errors import InputError
+from latentmill.train.gridcaptions import GRID_TEXT_KEY, grid_captions  # noqa: F401 (read back here too)
 
 
 def generate_from_manifest(
@@ -41,9 +42,6 @@ def generate_from_manifest(
     )
 
 
-GRID_TEXT_KEY = "latentmill:samples"  # the PNG text chunk of a grid: [{"prompt", "seed"}, ...], one per image
-
-
 def save_grid(
     images: np.ndarray, path: str | Path, columns: int = 4, captions: list[dict] | None = None
 ) -> Path:
@@ -72,20 +70,6 @@ def save_grid(
     with atomic_path(path) as tmp:
         grid.save(tmp, format="PNG", pnginfo=info)
     return path
-
-
-def grid_captions(path: str | Path) -> list[dict] | None:
-    """The prompts and seeds a grid PNG records (save_grid), or None for a grid without them."""
-    import json
-
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            text = image.text.get(GRID_TEXT_KEY) if hasattr(image, "text") else None
-        return json.loads(text) if text else None
-    except (OSError, ValueError):
-        return None
 
 
 _LINE = 11  # px per caption line (PIL's default bitmap font)

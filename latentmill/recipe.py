@@ -174,7 +174,8 @@ def _check_mapping(schema, body, source: str, where: str, given: dict | None = N
                 f"Valid keys of {where}: {', '.join(sorted(allowed))}."
             )
     try:
-        from_section(schema, (body or {}) | (given or {}), **PLACEHOLDERS.get(where, {}))
+        placeholders = {k: v for k, v in PLACEHOLDERS.get(where, {}).items() if k not in (given or {})}
+        from_section(schema, (body or {}) | (given or {}), **placeholders)
     except InputError as err:
         raise InputError(f"{source}: {str(err).replace(f'{schema.SECTION}.', f'{where}.', 1)}") from None
     except TypeError as err:  # a required key missing

@@ -581,7 +581,7 @@ def test_a_recipe_packs_a_folder_trains_a_lora_and_exports_it(data, tmp_path, ru
     assert result.exit_code == 0, result.output
     page = (tmp_path / "work" / "report" / "index.html").read_text()
     assert "<td>images in the folder</td><td>8</td>" in page  # a folder source: how many went in
-    assert "<summary>pack</summary>" in page and "<summary>train</summary>" in page  # each stage's settings
+    assert "<summary>encode</summary>" in page and "<summary>train</summary>" in page  # each stage's settings
     assert "lora_rank" in report_section(page, "settings")
     result = run_cli("status", tmp_path / "work")
     assert result.exit_code == 0 and "train" in result.output

@@ -57,7 +57,8 @@ def train(ctx, shards, output, config_file, **kwargs):
         given = {
             k: list(kwargs[k]) if isinstance(kwargs[k], tuple) else kwargs[k] for k in typed if k in kwargs
         }
-        body = load_section_file(config_file, "train", given)
+        # checked with the command's own latents (DreamBooth's --instance in the file needs none)
+        body = load_section_file(config_file, "train", given | {"shards": list(shards), "output": output})
         kwargs |= {k: v for k, v in body.items() if k not in typed}
         typed = typed + list(body)
     kwargs |= resumed_values(saved_config, typed)

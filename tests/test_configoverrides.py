@@ -16,7 +16,12 @@ from latentmill.train.config import TrainConfig
 NOT_IN_FILES = RUN_MANAGED.get("train", set())
 FIELDS = [f for f in TrainConfig.option_fields() if spec_of(f).cli and f.name not in NOT_IN_FILES]
 LORA = {"model": "org/a-pretrained-model", "lora_rank": 2}
-TI = {"model": "org/a-pretrained-model", "textual_inversion": "<tok>", "init_word": "cat", "text_encoder": "PIPELINE"}
+TI = {
+    "model": "org/a-pretrained-model",
+    "textual_inversion": "<tok>",
+    "init_word": "cat",
+    "text_encoder": "PIPELINE",
+}
 # the settings a key needs beside it to be valid at all (the rules between settings), in the file
 COMPANIONS = {
     "shuffle_tags": {"text_encoder": "clip-tiny"},
@@ -74,8 +79,12 @@ def test_every_config_key_is_overridden_by_its_option(field, tmp_path, monkeypat
     import latentmill.cli.train as cli_train
 
     file_value, cli_value, typed = _two_values(field, tmp_path)
-    companions = {k: str(tmp_path) if v == "PIPELINE" else v for k, v in COMPANIONS.get(field.name, {}).items()}
-    body = {"model": "tiny"} | {k: v for k, v in companions.items() if v is not None} | {field.name: file_value}
+    companions = {
+        k: str(tmp_path) if v == "PIPELINE" else v for k, v in COMPANIONS.get(field.name, {}).items()
+    }
+    body = (
+        {"model": "tiny"} | {k: v for k, v in companions.items() if v is not None} | {field.name: file_value}
+    )
     if field.name == "eval_reference":
         (tmp_path / "prompts.txt").write_text("a cat\n")
         body |= {"eval_every": 5, "eval_prompts": str(tmp_path / "prompts.txt")}
@@ -109,5 +118,7 @@ def _same(got, wanted) -> bool:
 
 
 def test_every_option_is_covered():
-    declared = {f.name for f in dataclasses.fields(TrainConfig) if spec_of(f) and spec_of(f).cli} - NOT_IN_FILES
+    declared = {
+        f.name for f in dataclasses.fields(TrainConfig) if spec_of(f) and spec_of(f).cli
+    } - NOT_IN_FILES
     assert {f.name for f in FIELDS} == declared and len(FIELDS) > 60

@@ -364,7 +364,8 @@ def implausible_share(funnel: dict, scores: Path) -> str | None:
     """A warning naming the likely cause when most of the set is marked duplicates, else None."""
     if funnel["input"] < 10 or funnel["duplicates"] <= IMPLAUSIBLE_SHARE * funnel["input"]:
         return None
-    settings = (read_record(record_path(scores)) or {}).get("settings") or {}
+    record = record_path(scores)
+    settings = ((read_record(record) if record.exists() else None) or {}).get("settings") or {}
     model, weights = settings.get("clip_model"), settings.get("pretrained")
     untrained = bool(model) and weights in (None, "none")
     shown = (

@@ -170,7 +170,10 @@ def _write_run(output: Path, merged: dict, donor: Run, recipe: dict) -> Path:
     config = dict(donor.config) | {"lora_rank": 0, "lora_alpha": None}
     state = dict(donor.state) | {"config": config, "merge": recipe}
     (folder / "state.json").write_text(json.dumps(recorded_state(state, output), indent=2))
-    (folder / LATENTS_MANIFEST).write_text(json.dumps(donor.manifest(), indent=2))
+    try:  # the latents' manifest comes along where the donor has it (sample and export need no latents)
+        (folder / LATENTS_MANIFEST).write_text(json.dumps(donor.manifest(), indent=2))
+    except InputError:
+        pass  # a donor whose latents are gone or unnamed: the merged run reads them where it is used
     (tmp / "merge.json").write_text(json.dumps(recipe, indent=2))
     if output.exists():  # an empty or stale folder (no checkpoints): replaced
         shutil.rmtree(output)

@@ -54,7 +54,8 @@ def recorded_config(config: dict) -> dict:
 
 def recorded_state(state: dict, run: Path) -> dict:
     """state.json's contents with the config's paths absolute and the run's own place recorded."""
-    return dict(state) | {"config": recorded_config(state["config"]), "written_at": str(Path(run).resolve())}
+    written_at = None if is_remote(str(run)) else str(Path(run).resolve())  # a run in a store: no local place
+    return dict(state) | {"config": recorded_config(state["config"]), "written_at": written_at}
 
 
 @dataclass
@@ -123,4 +124,4 @@ def input_paths(run: Path, state: dict) -> InputPaths:
                 label = (record.get("labels") or {}).get(f"{part}.{key}")
                 if label:
                     fingerprints[str(absolute(label))] = content
-    return InputPaths(Path(run), state.get("written_at"), fingerprints)
+    return InputPaths(run if is_remote(str(run)) else Path(run), state.get("written_at"), fingerprints)

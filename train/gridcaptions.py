@@ -14,8 +14,11 @@ def grid_captions(path: str | Path) -> list[dict] | None:
 
     from PIL import Image
 
-    try:
-        with Image.open(path) as image:
+    import io
+
+    try:  # by its bytes: a grid in an object store too (the report of s3://... work folders)
+        data = path.read_bytes() if hasattr(path, "read_bytes") else Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
             text = image.text.get(GRID_TEXT_KEY) if hasattr(image, "text") else None
         return json.loads(text) if text else None
     except (OSError, ValueError):

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from latentmill.curate.lineage import input_fingerprint, make_record, record_path
-from latentmill.curate.records import read_record
 from latentmill.curate.storage import (
     atomic_path,
     load_npy,
@@ -37,6 +36,7 @@ from latentmill.curate.storage import (
 )
 from latentmill.errors import InputError, warn
 from latentmill.filters.clusterpairs import AssignStage, PairStage, fit_centroids
+from latentmill.filters.dedupwarning import implausible_share
 from latentmill.filters.embeddings import checked_embeddings, embeddings_folder, embeddings_path
 from latentmill.schema import StageConfig, opt
 
@@ -353,36 +353,6 @@ def _keep_scores(shards: list[Path], column: str, wanted: set[str]) -> dict[str,
             {k: v for k, v in zip(table["key"], table[column], strict=True) if k in wanted and v is not None}
         )
     return out
-
-
-# more than this share of a set marked duplicates is not what real image sets hold (LAION-2B's SemDeDup
-# share is about a third at a loose threshold); it is what embeddings that cannot tell pictures apart give
-IMPLAUSIBLE_SHARE = 0.5
-
-
-def implausible_share(funnel: dict, scores: Path) -> str | None:
-    """A warning naming the likely cause when most of the set is marked duplicates, else None."""
-    if funnel["input"] < 10 or funnel["duplicates"] <= IMPLAUSIBLE_SHARE * funnel["input"]:
-        return None
-    record = record_path(scores)
-    settings = ((read_record(record) if record.exists() else None) or {}).get("settings") or {}
-    model, weights = settings.get("clip_model"), settings.get("pretrained")
-    untrained = bool(model) and weights in (None, "none")
-    shown = (
-        "random weights" if untrained else ("a checkpoint file" if "content:" in str(weights) else weights)
-    )
-    made = f" (the scores' CLIP: {model}, {shown})"
-    cause = (
-        "embeddings of an untrained CLIP (random weights: every picture looks alike)"
-        if untrained
-        else "embeddings that cannot tell these pictures apart (an untrained or tiny CLIP), or a --threshold too low"
-    )
-    return (
-        f"dedup: {funnel['duplicates']:,} of {funnel['input']:,} images "
-        f"({funnel['duplicates'] / funnel['input']:.0%}) marked duplicates at cosine >= {funnel['threshold']}"
-        f"{made if model else ''}: far more than real image sets hold. Likely cause: {cause}. Score with a "
-        f"pretrained CLIP (the default, `latentmill score`) or raise --threshold before `select --dedup` drops them."
-    )
 
 
 def duplicate_keys(folder: str | Path) -> set[str]:

@@ -10,11 +10,10 @@ GRID_TEXT_KEY = "latentmill:samples"  # the PNG text chunk of a grid: [{"prompt"
 
 def grid_captions(path: str | Path) -> list[dict] | None:
     """The prompts and seeds a grid PNG records (save_grid), or None for a grid without them."""
+    import io
     import json
 
     from PIL import Image
-
-    import io
 
     try:  # by its bytes: a grid in an object store too (the report of s3://... work folders)
         data = path.read_bytes() if hasattr(path, "read_bytes") else Path(path).read_bytes()
